@@ -1,0 +1,121 @@
+//! Helpers for the data-driven parity tests of every crate.
+//!
+//! Tests discover their cases in a fixtures directory: `DIFFUSE_FIXTURES` when set, else the
+//! repository's `fixtures/`. A case that cannot be run is a failure, never a skip.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+pub fn fixtures_dir() -> PathBuf {
+    match std::env::var_os("DIFFUSE_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"),
+    }
+}
+
+/// A sub-folder of the fixtures directory; its absence is an error, not a skip.
+pub fn fixture_subdir(name: &str) -> PathBuf {
+    let d = fixtures_dir().join(name);
+    assert!(
+        d.is_dir(),
+        "fixtures folder {} is missing (set DIFFUSE_FIXTURES?)",
+        d.display()
+    );
+    d
+}
+
+/// The case folders directly under `dir` (sorted); none at all is a failure.
+pub fn case_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no cases found in {}", dir.display());
+    v
+}
+
+pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("loading {}", path.display()))
+}
+
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&s).with_context(|| format!("parsing {}", path.display()))
+}
+
+pub fn get<'a>(m: &'a HashMap<String, Tensor>, k: &str) -> Result<&'a Tensor> {
+    m.get(k)
+        .with_context(|| format!("tensor `{k}` missing from fixture"))
+}
+
+pub fn to_vec_f64(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+}
+
+/// Checks `|a - b| <= atol + rtol * |b|` elementwise (NaN only matches NaN).
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) -> Result<()> {
+    if a.dims() != b.dims() {
+        bail!("{what}: shape {:?} != expected {:?}", a.dims(), b.dims());
+    }
+    let (av, bv) = (to_vec_f64(a)?, to_vec_f64(b)?);
+    let mut worst: Option<(f64, usize)> = None;
+    for (i, (x, y)) in av.iter().zip(&bv).enumerate() {
+        if x.is_nan() || y.is_nan() {
+            if x.is_nan() != y.is_nan() {
+                bail!("{what}: element {i} is {x}, expected {y}");
+            }
+            continue;
+        }
+        let excess = (x - y).abs() - (atol + rtol * y.abs());
+        if !(excess <= 0.0) && worst.is_none_or(|(w, _)| excess > w || excess.is_nan()) {
+            worst = Some((excess, i));
+        }
+    }
+    if let Some((_, i)) = worst {
+        bail!(
+            "{what}: element {i} is {}, expected {} (atol {atol}, rtol {rtol}; max |diff| {:e})",
+            av[i],
+            bv[i],
+            max_abs_diff(&av, &bv)
+        );
+    }
+    Ok(())
+}
+
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .filter(|d| !d.is_nan())
+        .fold(0.0, f64::max)
+}
+
+/// Runs every case, collecting failures, and fails naming each one.
+pub fn run_all<T>(
+    what: &str,
+    cases: &[T],
+    name: impl Fn(&T) -> String,
+    run: impl Fn(&T) -> Result<()>,
+) {
+    assert!(!cases.is_empty(), "{what}: no cases found");
+    let mut failures = Vec::new();
+    for c in cases {
+        if let Err(e) = run(c) {
+            failures.push(format!("  {}: {e:#}", name(c)));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    eprintln!("{what}: {} cases passed", cases.len());
+}
