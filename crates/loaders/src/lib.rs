@@ -1,1 +1,11 @@
-//! (in progress)
+//! Loading diffusers/transformers configs, safetensors weights and Hugging Face hub folders.
+
+pub mod config;
+pub mod hub;
+pub mod weights;
+
+pub use config::{parse_config, read_config};
+pub use hub::{hub_cache_dir, resolve_model, resolve_model_in};
+pub use weights::{
+    component_weight_files, load_model, save_safetensors, CheckedBackend, RecordingBackend,
+};

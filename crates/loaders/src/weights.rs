@@ -1,0 +1,598 @@
+//! Loading safetensors weights into models, with every mismatch reported at once.
+//!
+//! [`load_model`] builds a model through a [`VarBuilder`] whose backend reads memory-mapped
+//! safetensors files. The backend records every tensor the model asks for; a missing or
+//! mis-shaped tensor is recorded and replaced by zeros so that construction goes on, and at the
+//! end one [`Error::Weights`] lists every missing, mis-shaped and unexpected tensor.
+//!
+//! Names are aliased where real checkpoints differ from what diffusers/transformers ask for
+//! today: the legacy VAE attention names (`query`/`key`/`value`/`proj_attn`, sometimes stored as
+//! 1x1 conv weights) and CLIP files written with or without the `text_model.` prefix.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use diffuse_core::{Error, Result};
+
+/// Tensors stored in checkpoints that are buffers, not parameters: never reported as unexpected.
+const IGNORED_SUFFIXES: &[&str] = &["embeddings.position_ids"];
+
+/// One opened safetensors file.
+struct WeightFile {
+    path: PathBuf,
+    st: MmapedSafetensors,
+}
+
+/// Where a stored tensor lives and its shape.
+#[derive(Clone, Debug)]
+struct Stored {
+    file: usize,
+    shape: Vec<usize>,
+}
+
+#[derive(Default)]
+struct Log {
+    /// Model names asked for, with the requested shape.
+    requested: BTreeMap<String, Vec<usize>>,
+    /// File names that were used (after aliasing).
+    used: BTreeSet<String>,
+    missing: BTreeMap<String, Vec<usize>>,
+    /// model name -> (expected, found, file name)
+    misshaped: BTreeMap<String, (Vec<usize>, Vec<usize>, String)>,
+    /// Tensors found with the right shape that could not be read/converted.
+    unreadable: BTreeMap<String, String>,
+}
+
+struct Inner {
+    files: Vec<WeightFile>,
+    index: HashMap<String, Stored>,
+    log: Mutex<Log>,
+}
+
+/// A [`SimpleBackend`] over safetensors files that records what the model asks for.
+///
+/// Cheap to clone (shared state); keep a clone to inspect the record after building a model.
+#[derive(Clone)]
+pub struct CheckedBackend {
+    inner: Arc<Inner>,
+}
+
+/// Opens a safetensors file, mapping failures to errors that name the file.
+fn open_safetensors(path: &Path) -> Result<MmapedSafetensors> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::Weights(format!(
+            "{}: not a file (expected a .safetensors file)",
+            path.display()
+        )));
+    }
+    // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on it not being
+    // truncated by another process while the model is built.
+    unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
+        Error::Weights(format!(
+            "{}: not a valid safetensors file (truncated or corrupt?): {e}",
+            path.display()
+        ))
+    })
+}
+
+impl CheckedBackend {
+    /// Opens (memory-maps) the given safetensors files. A tensor name present in several files
+    /// is taken from the last one.
+    pub fn open(files: &[PathBuf]) -> Result<Self> {
+        let mut opened = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let st = open_safetensors(path)?;
+            for (name, view) in st.tensors() {
+                index.insert(
+                    name,
+                    Stored {
+                        file: i,
+                        shape: view.shape().to_vec(),
+                    },
+                );
+            }
+            opened.push(WeightFile {
+                path: path.clone(),
+                st,
+            });
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                files: opened,
+                index,
+                log: Mutex::new(Log::default()),
+            }),
+        })
+    }
+
+    /// Names of all tensors stored in the files.
+    pub fn stored_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.inner.index.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// A [`VarBuilder`] reading from this backend.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
+    }
+
+    /// The (model name, requested shape) of every tensor asked for so far.
+    pub fn requested(&self) -> Vec<(String, Vec<usize>)> {
+        let log = self.lock();
+        log.requested
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
+        // A poisoned lock only means a panic elsewhere; the record itself is still usable.
+        self.inner.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Finds the stored tensor for a model name, trying the known aliases.
+    fn resolve(&self, name: &str) -> Option<(String, &Stored)> {
+        aliases(name)
+            .into_iter()
+            .find_map(|n| self.inner.index.get(&n).map(|s| (n, s)))
+    }
+
+    fn read(
+        &self,
+        stored_name: &str,
+        stored: &Stored,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let file = &self.inner.files[stored.file];
+        let view = file.st.get(stored_name)?;
+        view.load(dev)?.to_dtype(dtype)
+    }
+
+    /// Checks the record: one error listing every missing, mis-shaped and unexpected tensor.
+    pub fn check(&self) -> Result<()> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Weights(self.report(&problems)))
+        }
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let log = self.lock();
+        let mut out = Vec::new();
+        for (name, shape) in &log.missing {
+            out.push(format!("missing: `{name}` (model expects shape {shape:?})"));
+        }
+        for (name, (expected, found, stored)) in &log.misshaped {
+            let alias = if stored != name {
+                format!(" (stored as `{stored}`)")
+            } else {
+                String::new()
+            };
+            out.push(format!(
+                "mis-shaped: `{name}`{alias}: model expects {expected:?}, file has {found:?}"
+            ));
+        }
+        for (name, why) in &log.unreadable {
+            out.push(format!("unreadable: `{name}`: {why}"));
+        }
+        let mut unexpected: Vec<(&String, &Stored)> = self
+            .inner
+            .index
+            .iter()
+            .filter(|(k, _)| !log.used.contains(*k))
+            .filter(|(k, _)| !IGNORED_SUFFIXES.iter().any(|s| k.ends_with(s)))
+            .collect();
+        unexpected.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, stored) in unexpected {
+            out.push(format!(
+                "unexpected: `{name}` {:?} in {} (the model has no such parameter)",
+                stored.shape,
+                self.inner.files[stored.file].path.display()
+            ));
+        }
+        out
+    }
+
+    fn report(&self, problems: &[String]) -> String {
+        let files: Vec<String> = self
+            .inner
+            .files
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect();
+        let log = self.lock();
+        format!(
+            "weights in {} do not fit the model ({} missing, {} mis-shaped, {} problems in all; \
+             the model asked for {} tensors):\n  {}",
+            files.join(", "),
+            log.missing.len(),
+            log.misshaped.len(),
+            problems.len(),
+            log.requested.len(),
+            problems.join("\n  ")
+        )
+    }
+}
+
+/// The names under which a tensor the model asks for may be stored, preferred first.
+fn aliases(name: &str) -> Vec<String> {
+    let mut out = vec![name.to_string()];
+    if let Some(legacy) = legacy_attention_name(name) {
+        out.push(legacy);
+    }
+    // transformers >= 5 writes CLIP text encoders without the `text_model.` prefix.
+    if let Some(rest) = name.strip_prefix("text_model.") {
+        out.push(rest.to_string());
+    } else if name.starts_with("embeddings.")
+        || name.starts_with("encoder.")
+        || name.starts_with("final_layer_norm.")
+    {
+        out.push(format!("text_model.{name}"));
+    }
+    out
+}
+
+/// `...attentions.N.to_q.weight` -> `...attentions.N.query.weight` (and key/value/proj_attn), the
+/// names used by the VAE of the original Stable Diffusion checkpoints.
+fn legacy_attention_name(name: &str) -> Option<String> {
+    const MAP: &[(&str, &str)] = &[
+        (".to_q.", ".query."),
+        (".to_k.", ".key."),
+        (".to_v.", ".value."),
+        (".to_out.0.", ".proj_attn."),
+    ];
+    if !name.contains("attentions.") {
+        return None;
+    }
+    MAP.iter().find_map(|(new, old)| {
+        let pos = name.rfind(new)?;
+        let suffix = &name[pos + new.len()..];
+        if suffix == "weight" || suffix == "bias" {
+            Some(format!("{}{}{}", &name[..pos], old, suffix))
+        } else {
+            None
+        }
+    })
+}
+
+/// A stored shape that may be read as the requested one: equal, or a `(out, in, 1, 1)` 1x1-conv
+/// weight read as the `(out, in)` linear weight of an attention projection.
+fn compatible(name: &str, requested: &[usize], stored: &[usize]) -> bool {
+    if requested == stored {
+        return true;
+    }
+    let is_attention_proj = legacy_attention_name(name).is_some();
+    is_attention_proj
+        && requested.len() == 2
+        && stored.len() == 4
+        && stored[..2] == requested[..]
+        && stored[2] == 1
+        && stored[3] == 1
+}
+
+impl SimpleBackend for CheckedBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let requested = s.dims().to_vec();
+        let resolved = self.resolve(name).map(|(n, st)| (n, st.clone()));
+        let mut log = self.lock();
+        log.requested.insert(name.to_string(), requested.clone());
+        match resolved {
+            None => {
+                log.missing.insert(name.to_string(), requested);
+            }
+            Some((stored_name, stored)) => {
+                log.used.insert(stored_name.clone());
+                if compatible(name, &requested, &stored.shape) {
+                    drop(log);
+                    match self
+                        .read(&stored_name, &stored, dtype, dev)
+                        .and_then(|t| t.reshape(s.clone()))
+                    {
+                        Ok(t) => return Ok(t),
+                        Err(e) => {
+                            self.lock()
+                                .unreadable
+                                .insert(name.to_string(), e.to_string());
+                        }
+                    }
+                } else {
+                    log.misshaped
+                        .insert(name.to_string(), (requested, stored.shape, stored_name));
+                }
+            }
+        }
+        Tensor::zeros(s, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some((stored_name, stored)) = self.resolve(name).map(|(n, s)| (n, s.clone())) else {
+            let mut log = self.lock();
+            log.missing.insert(name.to_string(), vec![]);
+            candle_core::bail!("tensor `{name}` not found in the weight files")
+        };
+        {
+            let mut log = self.lock();
+            log.requested.insert(name.to_string(), stored.shape.clone());
+            log.used.insert(stored_name.clone());
+        }
+        self.read(&stored_name, &stored, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+}
+
+/// Builds a model from safetensors files and checks that the weights fit it exactly.
+///
+/// The files are memory-mapped; tensors are converted to `dtype` (e.g. f16 files into f32
+/// compute) and moved to `device`. The returned error lists every missing tensor, every
+/// mis-shaped one (expected vs found) and every tensor in the files the model never asked for.
+pub fn load_model<M>(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> Result<M> {
+    if files.is_empty() {
+        return Err(Error::Weights("no weight files given".to_string()));
+    }
+    let backend = CheckedBackend::open(files)?;
+    let built = build(backend.var_builder(dtype, device));
+    let problems = backend.problems();
+    match built {
+        Ok(model) if problems.is_empty() => Ok(model),
+        Ok(_) => Err(Error::Weights(backend.report(&problems))),
+        Err(e) if problems.is_empty() => Err(Error::Candle(e)),
+        Err(e) => Err(Error::Weights(format!(
+            "{}\nbuilding the model then failed: {e}",
+            backend.report(&problems)
+        ))),
+    }
+}
+
+/// A backend that returns zeros and records every parameter asked for (for counting parameters
+/// and checking names/shapes without weight files).
+#[derive(Clone, Default)]
+pub struct RecordingBackend {
+    record: Arc<Mutex<BTreeMap<String, Vec<usize>>>>,
+}
+
+impl RecordingBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
+    }
+
+    /// Every (name, shape) asked for, sorted by name.
+    pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
+        let rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        rec.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Total number of scalar parameters asked for.
+    pub fn parameter_count(&self) -> usize {
+        self.parameters()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+}
+
+impl SimpleBackend for RecordingBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.record
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), s.dims().to_vec());
+        Tensor::zeros(s, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("the recording backend needs a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// The weight files of one component folder (`unet/`, `vae/`, `text_encoder/`, ...).
+///
+/// Looks for `diffusion_pytorch_model.safetensors` or `model.safetensors` (with `variant`, e.g.
+/// `fp16`: `diffusion_pytorch_model.fp16.safetensors`), else a sharded
+/// `*.safetensors.index.json` whose `weight_map` names the shard files.
+pub fn component_weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut present: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .collect();
+    present.sort();
+    const STEMS: &[&str] = &["diffusion_pytorch_model", "model"];
+    let single = |stem: &str| match variant {
+        Some(v) => format!("{stem}.{v}.safetensors"),
+        None => format!("{stem}.safetensors"),
+    };
+    let index = |stem: &str| match variant {
+        Some(v) => format!("{stem}.safetensors.index.{v}.json"),
+        None => format!("{stem}.safetensors.index.json"),
+    };
+    for stem in STEMS {
+        let name = single(stem);
+        if present.contains(&name) {
+            return Ok(vec![dir.join(name)]);
+        }
+    }
+    for stem in STEMS {
+        let name = index(stem);
+        if present.contains(&name) {
+            return shard_files(&dir.join(name));
+        }
+    }
+    let mut msg = match variant {
+        Some(v) => format!(
+            "{}: no `{v}` variant safetensors weights (looked for {}, {})",
+            dir.display(),
+            single(STEMS[0]),
+            single(STEMS[1])
+        ),
+        None => format!(
+            "{}: no safetensors weights (looked for {}, {} and their .index.json)",
+            dir.display(),
+            single(STEMS[0]),
+            single(STEMS[1])
+        ),
+    };
+    let others: Vec<&String> = present
+        .iter()
+        .filter(|n| {
+            n.ends_with(".safetensors")
+                || n.ends_with(".bin")
+                || n.ends_with(".ckpt")
+                || n.ends_with(".pt")
+        })
+        .collect();
+    if !others.is_empty() {
+        let names: Vec<&str> = others.iter().map(|s| s.as_str()).collect();
+        msg.push_str(&format!("; the folder has: {}", names.join(", ")));
+        if variant.is_some() && names.iter().any(|n| n.ends_with(".safetensors")) {
+            msg.push_str(" (try without the variant)");
+        } else if !names.iter().any(|n| n.ends_with(".safetensors")) {
+            msg.push_str(" (only PyTorch pickles: convert them to safetensors first)");
+        }
+    }
+    Err(Error::Weights(msg))
+}
+
+/// The distinct shard files named in a sharded checkpoint's index, in first-seen order.
+fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let index: Index = crate::config::read_config(index_path)?;
+    let dir = index_path.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<String> = index.weight_map.values().cloned().collect();
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err(Error::Weights(format!(
+            "{}: `weight_map` is empty",
+            index_path.display()
+        )));
+    }
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let p = dir.join(&f);
+        if f.contains('/') || f.contains('\\') || f.starts_with("..") {
+            return Err(Error::Weights(format!(
+                "{}: shard `{f}` is not a plain file name",
+                index_path.display()
+            )));
+        }
+        if !p.is_file() {
+            return Err(Error::Weights(format!(
+                "{}: shard `{f}` named in the index is missing ({})",
+                index_path.display(),
+                p.display()
+            )));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Writes tensors as a safetensors file atomically: to a temporary file next to `path`, then
+/// renamed over it, so that a crash never leaves a half-written file under the final name.
+pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let write = || -> Result<()> {
+        candle_core::safetensors::save(tensors, &tmp).map_err(|e| match e {
+            candle_core::Error::Io(io) => Error::io(&tmp, io),
+            other => Error::Weights(format!("writing {}: {other}", tmp.display())),
+        })?;
+        let f = std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    };
+    let result = write();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alias_names() {
+        assert_eq!(
+            legacy_attention_name("encoder.mid_block.attentions.0.to_q.weight").as_deref(),
+            Some("encoder.mid_block.attentions.0.query.weight")
+        );
+        assert_eq!(
+            legacy_attention_name("decoder.mid_block.attentions.0.to_out.0.bias").as_deref(),
+            Some("decoder.mid_block.attentions.0.proj_attn.bias")
+        );
+        assert_eq!(
+            legacy_attention_name("attentions.0.to_out.0.lora.weight"),
+            None
+        );
+        assert_eq!(legacy_attention_name("conv_in.weight"), None);
+        let a = aliases("text_model.encoder.layers.0.mlp.fc1.weight");
+        assert_eq!(a[1], "encoder.layers.0.mlp.fc1.weight");
+        assert!(compatible(
+            "a.attentions.0.to_q.weight",
+            &[4, 4],
+            &[4, 4, 1, 1]
+        ));
+        assert!(!compatible(
+            "a.attentions.0.to_q.weight",
+            &[4, 4],
+            &[4, 4, 1, 2]
+        ));
+        assert!(!compatible("conv.weight", &[4, 4], &[4, 4, 1, 1]));
+    }
+}
