@@ -374,11 +374,22 @@ pub fn load_model<M>(
 #[derive(Clone, Default)]
 pub struct RecordingBackend {
     record: Arc<Mutex<BTreeMap<String, Vec<usize>>>>,
+    shapes_only: bool,
 }
 
 impl RecordingBackend {
+    /// Returns real zero tensors: the model built can run.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Returns one zero broadcast to each shape, so that building even a full-size model costs
+    /// no memory. The model is only for inspecting names and shapes, not for running.
+    pub fn shapes_only() -> Self {
+        Self {
+            shapes_only: true,
+            ..Self::default()
+        }
     }
 
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
@@ -413,7 +424,11 @@ impl SimpleBackend for RecordingBackend {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string(), s.dims().to_vec());
-        Tensor::zeros(s, dtype, dev)
+        if self.shapes_only {
+            Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+        } else {
+            Tensor::zeros(s, dtype, dev)
+        }
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {

@@ -1,1 +1,3 @@
 //! (in progress)
+pub mod clip_text;
+pub mod clip_tokenizer;
