@@ -1,3 +1,21 @@
-//! (in progress)
+//! The diffusers models in Rust: `UNet2DModel`, `UNet2DConditionModel` and `AutoencoderKL`,
+//! with diffusers' config files and weight names.
+
+pub mod activations;
+pub mod attention;
+pub mod autoencoder_kl;
 pub mod clip_text;
 pub mod clip_tokenizer;
+pub mod config;
+pub mod embeddings;
+pub mod normalization;
+pub mod resnet;
+pub mod transformer_2d;
+pub mod unet_2d;
+pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
+pub mod vae;
+
+pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};
+pub use unet_2d::{UNet2DConfig, UNet2DModel};
+pub use unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};

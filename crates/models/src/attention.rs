@@ -1,0 +1,299 @@
+//! diffusers `Attention` (the `AttnProcessor2_0` maths), its feed-forward and the
+//! `BasicTransformerBlock` of the cross-attention UNets.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::normalization::{GroupNorm, LayerNorm};
+
+/// `softmax(q·kᵀ·scale)·v` over `(B*heads, N, d)` tensors.
+///
+/// Every attention of the models goes through here, so that a memory-efficient (tiled,
+/// online-softmax) kernel can replace it in one place. The softmax runs in f32 for half
+/// inputs; it is built from generic ops so that gradients flow.
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let probs = match scores.dtype() {
+        DType::F16 | DType::BF16 => {
+            candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+        }
+        _ => candle_nn::ops::softmax(&scores, D::Minus1)?,
+    };
+    probs.to_dtype(v.dtype())?.matmul(v)
+}
+
+/// Settings of one [`Attention`] layer.
+#[derive(Clone, Debug)]
+pub struct AttentionConfig {
+    pub query_dim: usize,
+    /// Width of the key/value input when it differs from `query_dim` (cross-attention).
+    pub cross_attention_dim: Option<usize>,
+    pub heads: usize,
+    pub dim_head: usize,
+    /// Bias on `to_q`/`to_k`/`to_v` (`to_out.0` always has one).
+    pub bias: bool,
+    /// Compute `q·kᵀ` in f32 when running in half precision (SD 2.x).
+    pub upcast_attention: bool,
+    /// A GroupNorm on the input (the UNet2DModel / VAE attention blocks).
+    pub norm_num_groups: Option<usize>,
+    pub eps: f64,
+    /// Add the input to the output (the UNet2DModel / VAE attention blocks).
+    pub residual_connection: bool,
+    pub rescale_output_factor: f64,
+}
+
+impl AttentionConfig {
+    /// The plain attention of a transformer block: no norm, no residual, no q/k/v bias.
+    pub fn transformer(
+        query_dim: usize,
+        cross_attention_dim: Option<usize>,
+        heads: usize,
+        dim_head: usize,
+        upcast_attention: bool,
+    ) -> Self {
+        Self {
+            query_dim,
+            cross_attention_dim,
+            heads,
+            dim_head,
+            bias: false,
+            upcast_attention,
+            norm_num_groups: None,
+            eps: 1e-5,
+            residual_connection: false,
+            rescale_output_factor: 1.0,
+        }
+    }
+
+    /// The self-attention over feature maps of `AttnDownBlock2D`, `UNetMidBlock2D` and the VAE:
+    /// input GroupNorm, biased projections, residual connection.
+    pub fn spatial(
+        channels: usize,
+        head_dim: usize,
+        norm_num_groups: Option<usize>,
+        eps: f64,
+        rescale_output_factor: f64,
+    ) -> Self {
+        Self {
+            query_dim: channels,
+            cross_attention_dim: None,
+            heads: (channels / head_dim.max(1)).max(1),
+            dim_head: head_dim,
+            bias: true,
+            upcast_attention: false,
+            norm_num_groups,
+            eps,
+            residual_connection: true,
+            rescale_output_factor,
+        }
+    }
+}
+
+/// diffusers `Attention` with weights `to_q`, `to_k`, `to_v`, `to_out.0` (and `group_norm`).
+#[derive(Clone, Debug)]
+pub struct Attention {
+    group_norm: Option<GroupNorm>,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+    upcast_attention: bool,
+    residual_connection: bool,
+    rescale_output_factor: f64,
+}
+
+impl Attention {
+    pub fn new(vb: VarBuilder, cfg: &AttentionConfig) -> Result<Self> {
+        let inner = cfg.heads * cfg.dim_head;
+        let kv_dim = cfg.cross_attention_dim.unwrap_or(cfg.query_dim);
+        let group_norm = match cfg.norm_num_groups {
+            Some(g) => Some(GroupNorm::new(
+                vb.pp("group_norm"),
+                g,
+                cfg.query_dim,
+                cfg.eps,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            group_norm,
+            to_q: candle_nn::linear_b(cfg.query_dim, inner, cfg.bias, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_b(kv_dim, inner, cfg.bias, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_b(kv_dim, inner, cfg.bias, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, cfg.query_dim, vb.pp("to_out").pp("0"))?,
+            heads: cfg.heads,
+            scale: 1.0 / (cfg.dim_head as f64).sqrt(),
+            upcast_attention: cfg.upcast_attention,
+            residual_connection: cfg.residual_connection,
+            rescale_output_factor: cfg.rescale_output_factor,
+        })
+    }
+
+    /// `(B, N, C)` → `(B*heads, N, C/heads)`.
+    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = xs.dims3()?;
+        xs.reshape((b, n, self.heads, c / self.heads))?
+            .transpose(1, 2)?
+            .reshape((b * self.heads, n, c / self.heads))
+    }
+
+    /// Attends `hidden_states` — `(B, N, C)`, or a `(B, C, H, W)` feature map — to
+    /// `encoder_hidden_states` `(B, M, C')`, or to itself when `None`.
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let residual = hidden_states;
+        let spatial = hidden_states.dims().to_vec();
+        let mut xs = match spatial.as_slice() {
+            [b, c, h, w] => {
+                let mut maps = hidden_states.reshape((*b, *c, h * w))?;
+                if let Some(norm) = &self.group_norm {
+                    maps = norm.forward(&maps)?;
+                }
+                // Contiguous tokens: candle 0.11 CPU matmul of a transposed batch view by a broadcast
+                // weight (what `Linear` does for non-contiguous input) returns wrong values.
+                maps.transpose(1, 2)?.contiguous()?
+            }
+            _ => hidden_states.clone(),
+        };
+        if let (Some(norm), 3) = (&self.group_norm, spatial.len()) {
+            xs = norm
+                .forward(&xs.transpose(1, 2)?)?
+                .transpose(1, 2)?
+                .contiguous()?;
+        }
+        let context = encoder_hidden_states.unwrap_or(&xs);
+        let (b, n, _) = xs.dims3()?;
+        let mut q = self.split_heads(&self.to_q.forward(&xs)?)?;
+        let mut k = self.split_heads(&self.to_k.forward(context)?)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        if self.upcast_attention {
+            q = q.to_dtype(DType::F32)?;
+            k = k.to_dtype(DType::F32)?;
+        }
+        let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
+        let d = out.dim(2)?;
+        let out = out
+            .reshape((b, self.heads, n, d))?
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * d))?;
+        let mut out = self.to_out.forward(&out)?;
+        if let [b, c, h, w] = spatial.as_slice() {
+            out = out.transpose(1, 2)?.reshape((*b, *c, *h, *w))?;
+        }
+        if self.residual_connection {
+            out = (out + residual)?;
+        }
+        if self.rescale_output_factor != 1.0 {
+            out = (out / self.rescale_output_factor)?;
+        }
+        Ok(out)
+    }
+}
+
+/// diffusers `FeedForward` with the GEGLU activation: `net.0.proj` → `a * gelu(gate)` → `net.2`.
+#[derive(Clone, Debug)]
+pub struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(vb: VarBuilder, dim: usize, mult: usize) -> Result<Self> {
+        let inner = dim * mult;
+        Ok(Self {
+            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(xs)?;
+        let parts = h.chunk(2, D::Minus1)?;
+        let h = (&parts[0] * parts[1].gelu_erf()?)?;
+        self.out.forward(&h)
+    }
+}
+
+/// diffusers `BasicTransformerBlock` (layer-norm variant): self-attention, cross-attention,
+/// GEGLU feed-forward, each pre-normed and residual.
+#[derive(Clone, Debug)]
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    cross: Option<(LayerNorm, Attention)>,
+    norm3: LayerNorm,
+    ff: FeedForward,
+    /// `attn1` attends to the encoder states too (no self-attention at all).
+    only_cross_attention: bool,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        dim_head: usize,
+        cross_attention_dim: Option<usize>,
+        only_cross_attention: bool,
+        upcast_attention: bool,
+    ) -> Result<Self> {
+        let attn1_kv = if only_cross_attention {
+            cross_attention_dim
+        } else {
+            None
+        };
+        let attn1 = Attention::new(
+            vb.pp("attn1"),
+            &AttentionConfig::transformer(dim, attn1_kv, heads, dim_head, upcast_attention),
+        )?;
+        let cross = match cross_attention_dim {
+            Some(cd) => Some((
+                LayerNorm::new(vb.pp("norm2"), dim, 1e-5, true)?,
+                Attention::new(
+                    vb.pp("attn2"),
+                    &AttentionConfig::transformer(dim, Some(cd), heads, dim_head, upcast_attention),
+                )?,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5, true)?,
+            attn1,
+            cross,
+            norm3: LayerNorm::new(vb.pp("norm3"), dim, 1e-5, true)?,
+            ff: FeedForward::new(vb.pp("ff"), dim, 4)?,
+            only_cross_attention,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, encoder_hidden_states: Option<&Tensor>) -> Result<Tensor> {
+        let attn1_context = if self.only_cross_attention {
+            encoder_hidden_states
+        } else {
+            None
+        };
+        let xs = (self
+            .attn1
+            .forward(&self.norm1.forward(xs)?, attn1_context)?
+            + xs)?;
+        let xs = match &self.cross {
+            Some((norm2, attn2)) => {
+                (attn2.forward(&norm2.forward(&xs)?, encoder_hidden_states)? + xs)?
+            }
+            None => xs,
+        };
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}

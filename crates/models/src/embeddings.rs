@@ -1,0 +1,318 @@
+//! Timestep and class embeddings (diffusers `embeddings.py`).
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use crate::activations::Activation;
+
+/// Sinusoidal embedding of (possibly fractional) timesteps, `(N,)` → `(N, dim)` in f32.
+///
+/// Same maths as diffusers `get_timestep_embedding`, evaluated in f32 in the same order as torch
+/// (frequencies `exp(-ln(max_period) * i / (half - shift))`), because a one-ulp difference in a
+/// frequency becomes ~1e-4 in `sin(999 * f)`.
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    downscale_freq_shift: f64,
+    scale: f64,
+    max_period: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let log_period = -(max_period.ln() as f32);
+    let denom = (half as f64 - downscale_freq_shift) as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((log_period * i as f32) / denom).exp())
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
+    let t = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let mut args = t.broadcast_mul(&freqs)?;
+    if scale != 1.0 {
+        args = (args * scale)?;
+    }
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], D::Minus1)?
+    } else {
+        Tensor::cat(&[sin, cos], D::Minus1)?
+    };
+    if dim % 2 == 1 {
+        emb.pad_with_zeros(D::Minus1, 0, 1)
+    } else {
+        Ok(emb)
+    }
+}
+
+/// diffusers `Timesteps`: the parameter-free sinusoidal projection.
+#[derive(Clone, Debug)]
+pub struct Timesteps {
+    pub num_channels: usize,
+    pub flip_sin_to_cos: bool,
+    pub downscale_freq_shift: f64,
+}
+
+impl Timesteps {
+    pub fn forward(&self, timesteps: &Tensor) -> Result<Tensor> {
+        timestep_embedding(
+            timesteps,
+            self.num_channels,
+            self.flip_sin_to_cos,
+            self.downscale_freq_shift,
+            1.0,
+            10000.0,
+        )
+    }
+}
+
+/// diffusers `GaussianFourierProjection`: `[sin(2π·t·w), cos(2π·t·w)]` with fixed random `w`.
+#[derive(Clone, Debug)]
+pub struct GaussianFourierProjection {
+    weight: Tensor,
+    /// UNet2DModel feeds `log(sigma)`; UNet2DConditionModel the raw timestep.
+    log: bool,
+    flip_sin_to_cos: bool,
+}
+
+impl GaussianFourierProjection {
+    pub fn new(
+        vb: VarBuilder,
+        embedding_size: usize,
+        log: bool,
+        flip_sin_to_cos: bool,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            embedding_size,
+            "weight",
+            candle_nn::Init::Randn {
+                mean: 0.,
+                stdev: 1.,
+            },
+        )?;
+        Ok(Self {
+            weight,
+            log,
+            flip_sin_to_cos,
+        })
+    }
+
+    /// `(N,)` → `(N, 2 * embedding_size)` in f32.
+    pub fn forward(&self, timesteps: &Tensor) -> Result<Tensor> {
+        let mut t = timesteps.to_dtype(DType::F32)?;
+        if self.log {
+            t = t.log()?;
+        }
+        let w = self.weight.to_dtype(DType::F32)?.unsqueeze(0)?;
+        let proj = (t.unsqueeze(1)?.broadcast_mul(&w)? * (2.0 * std::f64::consts::PI))?;
+        let (sin, cos) = (proj.sin()?, proj.cos()?);
+        if self.flip_sin_to_cos {
+            Tensor::cat(&[cos, sin], D::Minus1)
+        } else {
+            Tensor::cat(&[sin, cos], D::Minus1)
+        }
+    }
+}
+
+/// How a UNet turns its timestep into features before the MLP.
+#[derive(Clone, Debug)]
+pub enum TimeProjection {
+    Positional(Timesteps),
+    Fourier(GaussianFourierProjection),
+}
+
+impl TimeProjection {
+    pub fn forward(&self, timesteps: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Positional(p) => p.forward(timesteps),
+            Self::Fourier(p) => p.forward(timesteps),
+        }
+    }
+}
+
+/// diffusers `TimestepEmbedding`: `linear_1 → act → linear_2 (→ post_act)`.
+#[derive(Clone, Debug)]
+pub struct TimestepEmbedding {
+    linear_1: Linear,
+    act: Activation,
+    linear_2: Linear,
+    post_act: Option<Activation>,
+}
+
+impl TimestepEmbedding {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        time_embed_dim: usize,
+        act: Activation,
+        post_act: Option<Activation>,
+    ) -> Result<Self> {
+        Ok(Self {
+            linear_1: candle_nn::linear(in_channels, time_embed_dim, vb.pp("linear_1"))?,
+            act,
+            linear_2: candle_nn::linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
+            post_act,
+        })
+    }
+}
+
+impl Module for TimestepEmbedding {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.act.forward(&self.linear_1.forward(xs)?)?;
+        let h = self.linear_2.forward(&h)?;
+        match self.post_act {
+            Some(a) => a.forward(&h),
+            None => Ok(h),
+        }
+    }
+}
+
+/// The optional class conditioning added to the time embedding (`class_embed_type`).
+#[derive(Clone, Debug)]
+pub enum ClassEmbedding {
+    /// `num_class_embeds` set, no type: a learned table indexed by integer labels.
+    Table(Embedding),
+    /// `"timestep"`: labels are projected like timesteps, then through their own MLP.
+    Timestep(TimestepEmbedding),
+    /// `"identity"`: labels already are `(B, time_embed_dim)` embeddings.
+    Identity,
+    /// `"projection"`: an MLP over `(B, projection_class_embeddings_input_dim)` inputs.
+    Projection(TimestepEmbedding),
+    /// `"simple_projection"`: one linear layer over such inputs.
+    SimpleProjection(Linear),
+}
+
+impl ClassEmbedding {
+    /// Embeds `labels` to `(B, time_embed_dim)` in `dtype`; `time_proj` serves the
+    /// `"timestep"` kind.
+    pub fn forward(
+        &self,
+        labels: &Tensor,
+        time_proj: &TimeProjection,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Table(e) => {
+                let ids = match labels.dtype() {
+                    DType::U8 | DType::U32 | DType::I64 => labels.clone(),
+                    _ => labels.to_dtype(DType::U32)?,
+                };
+                e.forward(&ids)?.to_dtype(dtype)
+            }
+            Self::Timestep(mlp) => mlp.forward(&time_proj.forward(labels)?.to_dtype(dtype)?),
+            Self::Identity => labels.to_dtype(dtype),
+            Self::Projection(mlp) => mlp.forward(&labels.to_dtype(dtype)?),
+            Self::SimpleProjection(l) => l.forward(&labels.to_dtype(dtype)?),
+        }
+    }
+}
+
+/// A timestep argument as `(batch,)` f32: a scalar or one-element tensor is repeated, as
+/// diffusers broadcasts it.
+pub fn batch_timesteps(timestep: &Tensor, batch: usize, device: &Device) -> Result<Tensor> {
+    let t = timestep.to_device(device)?.to_dtype(DType::F32)?;
+    match t.elem_count() {
+        n if n == batch && t.rank() == 1 => Ok(t),
+        1 => t.flatten_all()?.broadcast_as(batch)?.contiguous(),
+        _ => candle_core::bail!(
+            "timestep must be a scalar or have shape ({batch},), got {:?}",
+            t.dims()
+        ),
+    }
+}
+
+impl ClassEmbedding {
+    /// The class embedding a UNet config asks for (diffusers `_set_class_embedding`), under
+    /// `vb` (`class_embedding`). `projection_input_dim` serves the projection kinds.
+    pub fn from_config(
+        vb: VarBuilder,
+        class_embed_type: Option<&str>,
+        num_class_embeds: Option<usize>,
+        time_input_dim: usize,
+        time_embed_dim: usize,
+        act: Activation,
+        projection_input_dim: Option<usize>,
+    ) -> Result<Option<Self>> {
+        let needs_dim = |kind: &str| {
+            projection_input_dim.ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "class_embed_type `{kind}` needs projection_class_embeddings_input_dim"
+                ))
+            })
+        };
+        Ok(match (class_embed_type, num_class_embeds) {
+            (None, Some(k)) => Some(Self::Table(candle_nn::embedding(k, time_embed_dim, vb)?)),
+            (None, None) => None,
+            (Some("timestep"), _) => Some(Self::Timestep(TimestepEmbedding::new(
+                vb,
+                time_input_dim,
+                time_embed_dim,
+                act,
+                None,
+            )?)),
+            (Some("identity"), _) => Some(Self::Identity),
+            (Some("projection"), _) => Some(Self::Projection(TimestepEmbedding::new(
+                vb,
+                needs_dim("projection")?,
+                time_embed_dim,
+                Activation::Silu,
+                None,
+            )?)),
+            (Some("simple_projection"), _) => Some(Self::SimpleProjection(candle_nn::linear(
+                needs_dim("simple_projection")?,
+                time_embed_dim,
+                vb,
+            )?)),
+            (Some(other), _) => candle_core::bail!("unsupported class_embed_type `{other}`"),
+        })
+    }
+}
+
+/// The conditioning vector of a UNet: timestep projection → MLP, plus the optional class
+/// embedding (added, or concatenated with `class_embeddings_concat`), then the optional
+/// `time_embedding_act_fn`.
+#[derive(Clone, Debug)]
+pub struct UNetTimeEmbedding {
+    pub time_proj: TimeProjection,
+    pub time_embedding: TimestepEmbedding,
+    pub class_embedding: Option<ClassEmbedding>,
+    pub class_embeddings_concat: bool,
+    pub time_embed_act: Option<Activation>,
+}
+
+impl UNetTimeEmbedding {
+    /// `timestep`: scalar or `(batch,)`; `class_labels` required exactly when the model has a
+    /// class embedding. Returns `(batch, dim)` in `dtype`.
+    pub fn forward(
+        &self,
+        timestep: &Tensor,
+        batch: usize,
+        class_labels: Option<&Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let t = batch_timesteps(timestep, batch, device)?;
+        let mut emb = self
+            .time_embedding
+            .forward(&self.time_proj.forward(&t)?.to_dtype(dtype)?)?;
+        match (&self.class_embedding, class_labels) {
+            (Some(ce), Some(labels)) => {
+                let class_emb = ce.forward(&labels.to_device(device)?, &self.time_proj, dtype)?;
+                emb = if self.class_embeddings_concat {
+                    Tensor::cat(&[&emb, &class_emb], D::Minus1)?
+                } else {
+                    (emb + class_emb)?
+                };
+            }
+            (Some(_), None) => {
+                candle_core::bail!("this model is class-conditional: class labels are required")
+            }
+            (None, Some(_)) => {
+                candle_core::bail!("class labels given but the model has no class embedding")
+            }
+            (None, None) => {}
+        }
+        match self.time_embed_act {
+            Some(a) => a.forward(&emb),
+            None => Ok(emb),
+        }
+    }
+}

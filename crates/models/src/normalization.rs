@@ -1,0 +1,131 @@
+//! LayerNorm and GroupNorm written with generic tensor ops.
+//!
+//! candle's fused `layer_norm`/`rms_norm` kernels have no backward pass (gradients would be
+//! silently dropped in training), so the norms here are composed from mean/sub/sqrt ops that
+//! autograd understands. Half-precision inputs are normalised in f32, as torch does.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::activations::Activation;
+
+fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last dimension.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Weights `weight`/`bias` of shape `(dim,)` when `affine`.
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64, affine: bool) -> Result<Self> {
+        let (weight, bias) = if affine {
+            (
+                Some(vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?),
+                Some(vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let x = xs.to_dtype(compute_dtype(dtype))?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let mut y = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        if let Some(w) = &self.weight {
+            y = y.broadcast_mul(&w.to_dtype(y.dtype())?)?;
+        }
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
+        }
+        y.to_dtype(dtype)
+    }
+}
+
+/// `torch.nn.GroupNorm` (affine) over `(B, C, *)` inputs.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    num_groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if num_groups == 0 || !channels.is_multiple_of(num_groups) {
+            candle_core::bail!(
+                "GroupNorm `{}`: {num_groups} groups do not divide {channels} channels",
+                vb.prefix()
+            )
+        }
+        let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self {
+            weight,
+            bias,
+            num_groups,
+            eps,
+        })
+    }
+
+    /// The norm followed by an activation: the `norm → act` pair every ResNet block starts with.
+    pub fn forward_act(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
+        act.forward(&self.forward(xs)?)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims();
+        if dims.len() < 3 {
+            candle_core::bail!("GroupNorm expects (B, C, ...) input, got shape {dims:?}")
+        }
+        let (b, c) = (dims[0], dims[1]);
+        if c != self.weight.dim(0)? {
+            candle_core::bail!(
+                "GroupNorm over {} channels got input {dims:?}",
+                self.weight.dim(0)?
+            )
+        }
+        let dtype = xs.dtype();
+        let x = xs
+            .reshape((b, self.num_groups, ()))?
+            .to_dtype(compute_dtype(dtype))?;
+        let mean = x.mean_keepdim(2)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(2)?;
+        let normed = centered
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .reshape(dims)?;
+        let mut affine_shape = vec![1; dims.len()];
+        affine_shape[1] = c;
+        let w = self
+            .weight
+            .to_dtype(normed.dtype())?
+            .reshape(affine_shape.as_slice())?;
+        let bias = self
+            .bias
+            .to_dtype(normed.dtype())?
+            .reshape(affine_shape.as_slice())?;
+        normed
+            .broadcast_mul(&w)?
+            .broadcast_add(&bias)?
+            .to_dtype(dtype)
+    }
+}

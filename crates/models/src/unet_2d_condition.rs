@@ -1,0 +1,589 @@
+//! diffusers `UNet2DConditionModel`: the text-conditioned UNet of Stable Diffusion.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use diffuse_core::Error;
+use serde::{Deserialize, Serialize};
+
+use crate::activations::Activation;
+use crate::config::{to_candle, PerBlock, SampleSize};
+use crate::embeddings::{
+    ClassEmbedding, GaussianFourierProjection, TimeProjection, TimestepEmbedding, Timesteps,
+    UNetTimeEmbedding,
+};
+use crate::normalization::GroupNorm;
+use crate::resnet::TimeEmbeddingNorm;
+use crate::unet_2d_blocks::{
+    up_block_channels, BlockConfig, CrossAttentionSettings, DownBlock, DownBlockType, MidAttention,
+    MidBlock, MidBlockConfig, MidBlockType, ResnetSettings, UNetBlocks, UpBlock, UpBlockType,
+};
+
+const CONTEXT: &str = "UNet2DConditionModel config";
+
+/// `config.json` of a `UNet2DConditionModel`; absent fields take the diffusers defaults.
+/// Fields that only matter to block types or features this crate does not implement are
+/// either rejected by [`UNet2DConditionConfig::validate`] when set, or (when diffusers itself
+/// ignores them for the supported blocks) not read at all.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UNet2DConditionConfig {
+    pub sample_size: Option<SampleSize>,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub center_input_sample: bool,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    pub down_block_types: Vec<String>,
+    /// `UNetMidBlock2DCrossAttn`, `UNetMidBlock2D` or null.
+    pub mid_block_type: Option<String>,
+    pub up_block_types: Vec<String>,
+    pub only_cross_attention: PerBlock<bool>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: PerBlock<usize>,
+    pub downsample_padding: usize,
+    pub mid_block_scale_factor: f64,
+    /// Accepted; dropout is not applied.
+    pub dropout: f64,
+    pub act_fn: String,
+    pub norm_num_groups: Option<usize>,
+    pub norm_eps: f64,
+    pub cross_attention_dim: PerBlock<usize>,
+    pub transformer_layers_per_block: PerBlock<usize>,
+    /// Must be null (asymmetric UNets are not supported).
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    pub encoder_hid_dim: Option<usize>,
+    pub encoder_hid_dim_type: Option<String>,
+    /// Legacy naming: the NUMBER of attention heads per block (unless `num_attention_heads`
+    /// is given).
+    pub attention_head_dim: PerBlock<usize>,
+    pub num_attention_heads: Option<PerBlock<usize>>,
+    pub dual_cross_attention: bool,
+    /// SD 2.x: linear `proj_in`/`proj_out` in the transformers.
+    pub use_linear_projection: bool,
+    /// null (with `num_class_embeds`: a label table), `timestep`, `identity`, `projection`,
+    /// `simple_projection`.
+    pub class_embed_type: Option<String>,
+    pub addition_embed_type: Option<String>,
+    pub num_class_embeds: Option<usize>,
+    pub upcast_attention: bool,
+    pub resnet_time_scale_shift: String,
+    /// `positional` or `fourier`.
+    pub time_embedding_type: String,
+    pub time_embedding_dim: Option<usize>,
+    pub time_embedding_act_fn: Option<String>,
+    pub timestep_post_act: Option<String>,
+    pub time_cond_proj_dim: Option<usize>,
+    pub conv_in_kernel: usize,
+    pub conv_out_kernel: usize,
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    pub attention_type: String,
+    pub class_embeddings_concat: bool,
+}
+
+impl Default for UNet2DConditionConfig {
+    fn default() -> Self {
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        Self {
+            sample_size: None,
+            in_channels: 4,
+            out_channels: 4,
+            center_input_sample: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_block_types: s(&[
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]),
+            mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
+            up_block_types: s(&[
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ]),
+            only_cross_attention: PerBlock::All(false),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: PerBlock::All(2),
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            dropout: 0.0,
+            act_fn: "silu".into(),
+            norm_num_groups: Some(32),
+            norm_eps: 1e-5,
+            cross_attention_dim: PerBlock::All(1280),
+            transformer_layers_per_block: PerBlock::All(1),
+            reverse_transformer_layers_per_block: None,
+            encoder_hid_dim: None,
+            encoder_hid_dim_type: None,
+            attention_head_dim: PerBlock::All(8),
+            num_attention_heads: None,
+            dual_cross_attention: false,
+            use_linear_projection: false,
+            class_embed_type: None,
+            addition_embed_type: None,
+            num_class_embeds: None,
+            upcast_attention: false,
+            resnet_time_scale_shift: "default".into(),
+            time_embedding_type: "positional".into(),
+            time_embedding_dim: None,
+            time_embedding_act_fn: None,
+            timestep_post_act: None,
+            time_cond_proj_dim: None,
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+            projection_class_embeddings_input_dim: None,
+            attention_type: "default".into(),
+            class_embeddings_concat: false,
+        }
+    }
+}
+
+/// The parsed, checked form of the string-valued settings.
+struct Resolved {
+    down: Vec<DownBlockType>,
+    up: Vec<UpBlockType>,
+    mid: Option<MidBlockType>,
+    act: Activation,
+    time_embedding_act: Option<Activation>,
+    timestep_post_act: Option<Activation>,
+    time_norm: TimeEmbeddingNorm,
+    fourier: bool,
+    groups: usize,
+}
+
+fn unsupported(field: &str, value: impl std::fmt::Display, supported: &str) -> Error {
+    Error::config(
+        CONTEXT,
+        field,
+        format!("unsupported value `{value}` (supported: {supported})"),
+    )
+}
+
+impl UNet2DConditionConfig {
+    /// The number of attention heads of each block (`num_attention_heads`, else the legacy
+    /// `attention_head_dim`).
+    pub fn heads(&self) -> &PerBlock<usize> {
+        self.num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+    }
+
+    /// Checks every setting this implementation depends on; the error names the field and the
+    /// unsupported value.
+    pub fn validate(&self) -> diffuse_core::Result<()> {
+        self.resolve().map(|_| ())
+    }
+
+    fn resolve(&self) -> diffuse_core::Result<Resolved> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            return Err(Error::config(
+                CONTEXT,
+                "block_out_channels",
+                "must not be empty",
+            ));
+        }
+        for (field, len) in [
+            ("down_block_types", self.down_block_types.len()),
+            ("up_block_types", self.up_block_types.len()),
+        ] {
+            if len != n {
+                return Err(Error::config(
+                    CONTEXT,
+                    field,
+                    format!("has {len} entries but block_out_channels has {n}"),
+                ));
+            }
+        }
+        let fits = [
+            ("only_cross_attention", self.only_cross_attention.fits(n)),
+            ("layers_per_block", self.layers_per_block.fits(n)),
+            ("cross_attention_dim", self.cross_attention_dim.fits(n)),
+            (
+                "transformer_layers_per_block",
+                self.transformer_layers_per_block.fits(n),
+            ),
+            ("attention_head_dim", self.attention_head_dim.fits(n)),
+            (
+                "num_attention_heads",
+                self.num_attention_heads.as_ref().is_none_or(|h| h.fits(n)),
+            ),
+        ];
+        if let Some((field, _)) = fits.iter().find(|(_, ok)| !ok) {
+            return Err(Error::config(
+                CONTEXT,
+                *field,
+                format!("a per-block list must have {n} entries, one per block"),
+            ));
+        }
+        if self.heads().values().contains(&0) {
+            return Err(Error::config(
+                CONTEXT,
+                "attention_head_dim",
+                "the number of heads must be positive",
+            ));
+        }
+        let down = self
+            .down_block_types
+            .iter()
+            .enumerate()
+            .map(|(i, name)| match DownBlockType::from_name(name) {
+                Some(t) if t != DownBlockType::DownEncoderBlock2D => Ok(t),
+                _ => Err(unsupported(
+                    &format!("down_block_types[{i}]"),
+                    format!("block type {name}"),
+                    "DownBlock2D, AttnDownBlock2D, CrossAttnDownBlock2D",
+                )),
+            })
+            .collect::<diffuse_core::Result<Vec<_>>>()?;
+        let up = self
+            .up_block_types
+            .iter()
+            .enumerate()
+            .map(|(i, name)| match UpBlockType::from_name(name) {
+                Some(t) if t != UpBlockType::UpDecoderBlock2D => Ok(t),
+                _ => Err(unsupported(
+                    &format!("up_block_types[{i}]"),
+                    format!("block type {name}"),
+                    "UpBlock2D, AttnUpBlock2D, CrossAttnUpBlock2D",
+                )),
+            })
+            .collect::<diffuse_core::Result<Vec<_>>>()?;
+        let mid = match &self.mid_block_type {
+            None => None,
+            Some(name) => Some(MidBlockType::from_name(name).ok_or_else(|| {
+                unsupported(
+                    "mid_block_type",
+                    format!("block type {name}"),
+                    &format!("{}, null", MidBlockType::supported()),
+                )
+            })?),
+        };
+        let fourier = match self.time_embedding_type.as_str() {
+            "positional" => false,
+            "fourier" => true,
+            other => {
+                return Err(unsupported(
+                    "time_embedding_type",
+                    other,
+                    "positional, fourier",
+                ))
+            }
+        };
+        let time_norm =
+            TimeEmbeddingNorm::from_name(&self.resnet_time_scale_shift).ok_or_else(|| {
+                unsupported(
+                    "resnet_time_scale_shift",
+                    &self.resnet_time_scale_shift,
+                    "default, scale_shift",
+                )
+            })?;
+        let groups = self.norm_num_groups.ok_or_else(|| {
+            Error::config(
+                CONTEXT,
+                "norm_num_groups",
+                "null (no output norm) is not supported",
+            )
+        })?;
+        let class_types = ["timestep", "identity", "projection", "simple_projection"];
+        if let Some(t) = self
+            .class_embed_type
+            .as_deref()
+            .filter(|t| !class_types.contains(t))
+        {
+            return Err(unsupported(
+                "class_embed_type",
+                t,
+                "null, timestep, identity, projection, simple_projection",
+            ));
+        }
+        if let Some(t) = self
+            .class_embed_type
+            .as_deref()
+            .filter(|t| t.ends_with("projection"))
+        {
+            if self.projection_class_embeddings_input_dim.is_none() {
+                return Err(Error::config(
+                    CONTEXT,
+                    "projection_class_embeddings_input_dim",
+                    format!("required by class_embed_type `{t}`"),
+                ));
+            }
+        }
+        if self.dual_cross_attention {
+            return Err(unsupported("dual_cross_attention", true, "false"));
+        }
+        if self.attention_type != "default" {
+            return Err(unsupported(
+                "attention_type",
+                &self.attention_type,
+                "default",
+            ));
+        }
+        let must_be_null = [
+            ("addition_embed_type", self.addition_embed_type.is_some()),
+            ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
+            ("encoder_hid_dim_type", self.encoder_hid_dim_type.is_some()),
+            ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
+            (
+                "reverse_transformer_layers_per_block",
+                self.reverse_transformer_layers_per_block.is_some(),
+            ),
+        ];
+        if let Some((field, _)) = must_be_null.iter().find(|(_, set)| *set) {
+            return Err(Error::config(
+                CONTEXT,
+                *field,
+                "is not supported: must be null",
+            ));
+        }
+        for (field, k) in [
+            ("conv_in_kernel", self.conv_in_kernel),
+            ("conv_out_kernel", self.conv_out_kernel),
+        ] {
+            if k % 2 == 0 {
+                return Err(Error::config(
+                    CONTEXT,
+                    field,
+                    format!("must be odd, got {k}"),
+                ));
+            }
+        }
+        let optional_act = |field: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(|a| Activation::parse(a, CONTEXT, field))
+                .transpose()
+        };
+        Ok(Resolved {
+            down,
+            up,
+            mid,
+            act: Activation::parse(&self.act_fn, CONTEXT, "act_fn")?,
+            time_embedding_act: optional_act("time_embedding_act_fn", &self.time_embedding_act_fn)?,
+            timestep_post_act: optional_act("timestep_post_act", &self.timestep_post_act)?,
+            time_norm,
+            fourier,
+            groups,
+        })
+    }
+}
+
+/// diffusers `UNet2DConditionModel`.
+#[derive(Clone, Debug)]
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time: UNetTimeEmbedding,
+    blocks: UNetBlocks,
+    conv_norm_out: GroupNorm,
+    act: Activation,
+    conv_out: Conv2d,
+    dtype: DType,
+    config: UNet2DConditionConfig,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vb: VarBuilder, cfg: &UNet2DConditionConfig) -> Result<Self> {
+        let r = cfg.resolve().map_err(to_candle)?;
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+
+        let (time_proj, time_input_dim, time_embed_dim) = if r.fourier {
+            let dim = cfg.time_embedding_dim.unwrap_or(ch[0] * 2);
+            let p = GaussianFourierProjection::new(
+                vb.pp("time_proj"),
+                dim / 2,
+                false,
+                cfg.flip_sin_to_cos,
+            )?;
+            (TimeProjection::Fourier(p), dim, dim)
+        } else {
+            let p = Timesteps {
+                num_channels: ch[0],
+                flip_sin_to_cos: cfg.flip_sin_to_cos,
+                downscale_freq_shift: cfg.freq_shift,
+            };
+            (
+                TimeProjection::Positional(p),
+                ch[0],
+                cfg.time_embedding_dim.unwrap_or(ch[0] * 4),
+            )
+        };
+        let time = UNetTimeEmbedding {
+            time_proj,
+            time_embedding: TimestepEmbedding::new(
+                vb.pp("time_embedding"),
+                time_input_dim,
+                time_embed_dim,
+                r.act,
+                r.timestep_post_act,
+            )?,
+            class_embedding: ClassEmbedding::from_config(
+                vb.pp("class_embedding"),
+                cfg.class_embed_type.as_deref(),
+                cfg.num_class_embeds,
+                time_input_dim,
+                time_embed_dim,
+                r.act,
+                cfg.projection_class_embeddings_input_dim,
+            )?,
+            class_embeddings_concat: cfg.class_embeddings_concat,
+            time_embed_act: r.time_embedding_act,
+        };
+        let has_class = time.class_embedding.is_some();
+        let blocks_temb = if cfg.class_embeddings_concat && has_class {
+            2 * time_embed_dim
+        } else {
+            time_embed_dim
+        };
+
+        let resnet = ResnetSettings {
+            temb_channels: Some(blocks_temb),
+            eps: cfg.norm_eps,
+            act: r.act,
+            groups: r.groups,
+            time_embedding_norm: r.time_norm,
+            output_scale_factor: 1.0,
+        };
+        let heads = cfg.heads();
+        let cross = |i: usize, only_cross: bool| CrossAttentionSettings {
+            num_attention_heads: heads.get(i),
+            cross_attention_dim: cfg.cross_attention_dim.get(i),
+            transformer_layers: cfg.transformer_layers_per_block.get(i),
+            use_linear_projection: cfg.use_linear_projection,
+            only_cross_attention: only_cross,
+            upcast_attention: cfg.upcast_attention,
+        };
+        // Per-block settings of block `i`, and `j` for the lists diffusers reverses on the way
+        // up (it does not reverse `attention_head_dim`, which only the `Attn*` blocks use).
+        let block = |i: usize,
+                     j: usize,
+                     num_layers: usize,
+                     (cin, prev, cout): (usize, usize, usize),
+                     add_sample: bool| BlockConfig {
+            num_layers,
+            in_channels: cin,
+            out_channels: cout,
+            prev_output_channel: prev,
+            add_sample,
+            resnet: resnet.clone(),
+            downsample_padding: cfg.downsample_padding,
+            resample_with_resnet: false,
+            attention_head_dim: cfg.attention_head_dim.get(i),
+            cross: Some(cross(j, cfg.only_cross_attention.get(j))),
+        };
+        let down = r
+            .down
+            .iter()
+            .enumerate()
+            .map(|(i, &kind)| {
+                let bcfg = block(
+                    i,
+                    i,
+                    cfg.layers_per_block.get(i),
+                    (ch[i.saturating_sub(1)], 0, ch[i]),
+                    i + 1 < n,
+                );
+                DownBlock::new(vb.pp("down_blocks").pp(i), kind, &bcfg)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mid = match r.mid {
+            None => None,
+            Some(kind) => {
+                let (num_layers, attention) = match kind {
+                    // The attention-free variant: a single ResNet.
+                    MidBlockType::UNetMidBlock2D => (0, MidAttention::None),
+                    MidBlockType::UNetMidBlock2DCrossAttn => {
+                        (1, MidAttention::Cross(cross(n - 1, false)))
+                    }
+                };
+                let mcfg = MidBlockConfig {
+                    in_channels: ch[n - 1],
+                    num_layers,
+                    resnet: ResnetSettings {
+                        output_scale_factor: cfg.mid_block_scale_factor,
+                        ..resnet.clone()
+                    },
+                    attention,
+                };
+                Some(MidBlock::new(vb.pp("mid_block"), &mcfg)?)
+            }
+        };
+        let up =
+            r.up.iter()
+                .enumerate()
+                .map(|(i, &kind)| {
+                    let j = n - 1 - i;
+                    let bcfg = block(
+                        i,
+                        j,
+                        cfg.layers_per_block.get(j) + 1,
+                        up_block_channels(ch, i),
+                        i + 1 < n,
+                    );
+                    UpBlock::new(vb.pp("up_blocks").pp(i), kind, &bcfg)
+                })
+                .collect::<Result<Vec<_>>>()?;
+        let conv = |vb: VarBuilder, cin, cout, k: usize| {
+            let c = Conv2dConfig {
+                padding: (k - 1) / 2,
+                ..Default::default()
+            };
+            candle_nn::conv2d(cin, cout, k, c, vb)
+        };
+        Ok(Self {
+            conv_in: conv(vb.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel)?,
+            time,
+            blocks: UNetBlocks::new(down, mid, up),
+            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), r.groups, ch[0], cfg.norm_eps)?,
+            act: r.act,
+            conv_out: conv(
+                vb.pp("conv_out"),
+                ch[0],
+                cfg.out_channels,
+                cfg.conv_out_kernel,
+            )?,
+            dtype: vb.dtype(),
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &UNet2DConditionConfig {
+        &self.config
+    }
+
+    /// `sample` `(B, C, H, W)` (any H, W), `timestep` scalar or `(B,)`, `encoder_hidden_states`
+    /// `(B, L, cross_attention_dim)` → the predicted noise (or v), shaped like `sample`.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_with_class(sample, timestep, encoder_hidden_states, None)
+    }
+
+    /// [`UNet2DConditionModel::forward`] with class labels for class-conditional configs.
+    pub fn forward_with_class(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        class_labels: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, _, _, _) = sample.dims4()?;
+        let mut sample = sample.to_dtype(self.dtype)?;
+        if self.config.center_input_sample {
+            sample = ((sample * 2.0)? - 1.0)?;
+        }
+        let ehs = encoder_hidden_states.to_dtype(self.dtype)?;
+        let emb = self
+            .time
+            .forward(timestep, b, class_labels, self.dtype, sample.device())?;
+        let xs = self.conv_in.forward(&sample)?;
+        let xs = self.blocks.forward(&xs, &emb, Some(&ehs))?;
+        let xs = self.conv_norm_out.forward_act(&xs, self.act)?;
+        self.conv_out.forward(&xs)
+    }
+}

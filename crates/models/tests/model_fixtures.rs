@@ -1,0 +1,162 @@
+//! Parity with Python diffusers on every `<fixtures>/models/<name>_io.safetensors`.
+//!
+//! The model folder `<name>/` holds `config.json` and the weights; its `_class_name` picks the
+//! harness. Every case prefix in the io file (`a_sample`, `odd_sample`, ... → `a`, `odd`) is
+//! run. `CLIPTextModel` folders belong to the CLIP test (`clip_*`); any other class this
+//! harness cannot run fails.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use diffuse_core::testing::*;
+use diffuse_models::{
+    AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel, UNet2DConfig,
+    UNet2DModel,
+};
+
+const ATOL: f64 = 1e-4;
+const RTOL: f64 = 1e-4;
+
+/// The model class of a folder: diffusers `_class_name`, or transformers `architectures[0]`.
+fn class_of(dir: &Path) -> Result<String> {
+    let cfg = read_json(&dir.join("config.json"))?;
+    cfg.get("_class_name")
+        .or_else(|| cfg.get("architectures").and_then(|a| a.get(0)))
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .with_context(|| format!("{}: config.json names no class", dir.display()))
+}
+
+fn config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(dir.join("config.json"))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn weights(dir: &Path) -> Result<VarBuilder<'static>> {
+    let file = dir.join("diffusion_pytorch_model.safetensors");
+    // Safety: the fixture files are not modified while the test runs.
+    Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[file], DType::F32, &Device::Cpu)? })
+}
+
+/// The case prefixes of an io file: `<case>_sample` → `<case>`.
+fn case_prefixes(io: &HashMap<String, Tensor>) -> Vec<String> {
+    let mut v: Vec<String> = io
+        .keys()
+        .filter_map(|k| k.strip_suffix("_sample"))
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+fn check(what: &str, ours: &Tensor, expected: &Tensor) -> Result<()> {
+    assert_close(what, ours, expected, ATOL, RTOL)?;
+    let diff = max_abs_diff(&to_vec_f64(ours)?, &to_vec_f64(expected)?);
+    eprintln!("  {what}: ok, max |diff| {diff:.2e}");
+    Ok(())
+}
+
+fn run_unet_cases(
+    io: &HashMap<String, Tensor>,
+    forward: impl Fn(&str) -> Result<Tensor>,
+) -> Result<()> {
+    let cases = case_prefixes(io);
+    if cases.is_empty() {
+        bail!("no `<case>_sample` tensors in the io file");
+    }
+    for c in cases {
+        let out = forward(&c).with_context(|| format!("case {c}"))?;
+        check(&format!("case {c}"), &out, get(io, &format!("{c}_out"))?)?;
+    }
+    Ok(())
+}
+
+fn run_case(models: &Path, name: &str) -> Result<()> {
+    let dir = models.join(name);
+    let io = load_tensors(&models.join(format!("{name}_io.safetensors")))?;
+    let t = |k: String| get(&io, &k).cloned();
+    match class_of(&dir)?.as_str() {
+        "UNet2DModel" => {
+            let model = UNet2DModel::new(weights(&dir)?, &config::<UNet2DConfig>(&dir)?)?;
+            run_unet_cases(&io, |c| {
+                Ok(model.forward(&t(format!("{c}_sample"))?, &t(format!("{c}_timestep"))?)?)
+            })
+        }
+        "UNet2DConditionModel" => {
+            let model =
+                UNet2DConditionModel::new(weights(&dir)?, &config::<UNet2DConditionConfig>(&dir)?)?;
+            run_unet_cases(&io, |c| {
+                let ehs = t(format!("{c}_encoder_hidden_states"))?;
+                Ok(model.forward(
+                    &t(format!("{c}_sample"))?,
+                    &t(format!("{c}_timestep"))?,
+                    &ehs,
+                )?)
+            })
+        }
+        "AutoencoderKL" => {
+            let vae = AutoencoderKL::new(weights(&dir)?, &config::<AutoencoderKLConfig>(&dir)?)?;
+            let posterior = vae.encode(&t("image".into())?)?;
+            check(
+                "posterior_mean",
+                &posterior.mean,
+                &t("posterior_mean".into())?,
+            )?;
+            check(
+                "posterior_logvar",
+                &posterior.logvar,
+                &t("posterior_logvar".into())?,
+            )?;
+            check("posterior_std", &posterior.std, &t("posterior_std".into())?)?;
+            check(
+                "decode_out",
+                &vae.decode(&t("decode_latent".into())?)?,
+                &t("decode_out".into())?,
+            )?;
+            let recon = vae.decode(&t("posterior_mean".into())?)?;
+            check(
+                "reconstruct_from_mean",
+                &recon,
+                &t("reconstruct_from_mean".into())?,
+            )
+        }
+        other => bail!("no harness for model class `{other}`"),
+    }
+}
+
+#[test]
+fn diffusers_models_match_python() {
+    let models = fixture_subdir("models");
+    let mut names: Vec<String> = std::fs::read_dir(&models)
+        .expect("reading the models fixtures")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix("_io.safetensors")
+                .map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    // CLIP text encoders are the CLIP test's cases; everything else is ours.
+    let ours: Vec<String> = names
+        .into_iter()
+        .filter(|n| {
+            class_of(&models.join(n))
+                .map(|c| c != "CLIPTextModel")
+                .unwrap_or(true)
+        })
+        .collect();
+    run_all(
+        "diffusers models",
+        &ours,
+        |n| n.clone(),
+        |n| {
+            eprintln!("{n}:");
+            run_case(&models, n)
+        },
+    );
+}
