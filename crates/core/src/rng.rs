@@ -143,7 +143,7 @@ impl Generator {
         for block in data.chunks_exact_mut(16) {
             box_muller_16(block);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             // torch redraws the whole last block of 16 and transforms it again.
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
@@ -199,7 +199,7 @@ fn cephes_logf(x: f32) -> f32 {
     let bits = x.to_bits();
     let mut e = ((bits >> 23) as i32 - 0x7f) as f32 + 1.0;
     let mut x = f32::from_bits((bits & !0x7f80_0000) | 0.5f32.to_bits());
-    let below = x < 0.707106781186547524;
+    let below = x < std::f32::consts::FRAC_1_SQRT_2;
     let tmp = if below { x } else { 0.0 };
     x -= 1.0;
     if below {

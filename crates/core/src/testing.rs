@@ -73,7 +73,8 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) ->
             continue;
         }
         let excess = (x - y).abs() - (atol + rtol * y.abs());
-        if !(excess <= 0.0) && worst.is_none_or(|(w, _)| excess > w || excess.is_nan()) {
+        let fails = excess.is_nan() || excess > 0.0;
+        if fails && worst.is_none_or(|(w, _)| excess > w || excess.is_nan()) {
             worst = Some((excess, i));
         }
     }

@@ -1,0 +1,582 @@
+//! Pieces shared by the schedulers: noise schedules, timestep spacings, sigma schedules,
+//! predictions and small tensor helpers.
+//!
+//! diffusers mixes float32 torch tensors (betas, alphas_cumprod, sigmas) with float64 numpy
+//! and Python arithmetic. We round to f32 exactly where diffusers stores f32 values, and do
+//! host-side maths in f64 elsewhere, so schedules match to the last bit or two.
+
+use candle_core::{DType, Tensor};
+use diffuse_core::{Error, Result};
+
+use crate::config::ConfigReader;
+
+/// What the model predicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+impl PredictionType {
+    pub fn read(r: &mut ConfigReader) -> Result<Self> {
+        Ok(
+            match r
+                .choice(
+                    "prediction_type",
+                    "epsilon",
+                    &["epsilon", "v_prediction", "sample"],
+                )?
+                .as_str()
+            {
+                "v_prediction" => Self::VPrediction,
+                "sample" => Self::Sample,
+                _ => Self::Epsilon,
+            },
+        )
+    }
+}
+
+/// How inference timesteps are spread over the training range (Table 2 of arXiv:2305.08891).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spacing {
+    Linspace,
+    Leading,
+    Trailing,
+}
+
+impl Spacing {
+    pub fn read(r: &mut ConfigReader, default: &str) -> Result<Self> {
+        Ok(
+            match r
+                .choice(
+                    "timestep_spacing",
+                    default,
+                    &["linspace", "leading", "trailing"],
+                )?
+                .as_str()
+            {
+                "linspace" => Self::Linspace,
+                "leading" => Self::Leading,
+                _ => Self::Trailing,
+            },
+        )
+    }
+}
+
+/// The training noise schedule: betas and alphas_cumprod, both f32 as diffusers stores them.
+#[derive(Clone, Debug)]
+pub struct NoiseSchedule {
+    pub betas: Vec<f32>,
+    pub alphas_cumprod: Vec<f32>,
+}
+
+impl NoiseSchedule {
+    /// Reads `num_train_timesteps`, `beta_start`, `beta_end`, `beta_schedule`, `trained_betas`
+    /// and `rescale_betas_zero_snr` (when `allow_zero_snr`) with the given class defaults.
+    pub fn read(
+        r: &mut ConfigReader,
+        beta_start: f64,
+        beta_end: f64,
+        schedule: &str,
+        allow_zero_snr: bool,
+    ) -> Result<Self> {
+        let n = r.usize("num_train_timesteps", 1000)?;
+        r.ensure(n >= 2, "num_train_timesteps", "must be at least 2")?;
+        let start = r.f64("beta_start", beta_start)?;
+        let end = r.f64("beta_end", beta_end)?;
+        let kind = r.choice(
+            "beta_schedule",
+            schedule,
+            &["linear", "scaled_linear", "squaredcos_cap_v2"],
+        )?;
+        let trained = r.opt_f64_list("trained_betas")?;
+        let zero_snr = if allow_zero_snr {
+            r.bool("rescale_betas_zero_snr", false)?
+        } else {
+            false
+        };
+        let mut betas: Vec<f32> = match (&trained, kind.as_str()) {
+            (Some(t), _) => {
+                r.ensure(
+                    t.len() == n,
+                    "trained_betas",
+                    "length must equal num_train_timesteps",
+                )?;
+                t.iter().map(|&b| b as f32).collect()
+            }
+            (None, "linear") => torch_linspace_f32(start as f32, end as f32, n),
+            (None, "scaled_linear") => {
+                torch_linspace_f32(start.sqrt() as f32, end.sqrt() as f32, n)
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect()
+            }
+            (None, _) => betas_for_alpha_bar(n),
+        };
+        r.ensure(
+            betas.iter().all(|b| b.is_finite() && *b > 0.0 && *b < 1.0) || zero_snr,
+            "beta_schedule",
+            "betas must lie in (0, 1)",
+        )?;
+        if zero_snr {
+            betas = rescale_zero_terminal_snr(&betas);
+        }
+        let alphas_cumprod = cumprod_of_alphas(&betas);
+        Ok(Self {
+            betas,
+            alphas_cumprod,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.betas.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.betas.is_empty()
+    }
+
+    /// `alphas_cumprod[t]` for an integer timestep, with `final` for t < 0.
+    pub fn acp(&self, t: i64, final_alpha: f32) -> f32 {
+        if t >= 0 {
+            self.alphas_cumprod[t as usize]
+        } else {
+            final_alpha
+        }
+    }
+
+    /// Karras-style sigmas `sqrt((1 - acp) / acp)` per training timestep, as f32 torch computes.
+    pub fn train_sigmas(&self) -> Vec<f32> {
+        self.alphas_cumprod
+            .iter()
+            .map(|&a| ((1.0 - a) / a).sqrt())
+            .collect()
+    }
+}
+
+/// `torch.linspace(start, end, n, dtype=float32)`: torch fills the two halves from each end.
+fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    let step = (end - start) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (n - 1 - i) as f32
+            }
+        })
+        .collect()
+}
+
+/// torch's CPU cumprod accumulates in double and stores float.
+fn cumprod_of_alphas(betas: &[f32]) -> Vec<f32> {
+    let mut acc = 1.0f64;
+    betas
+        .iter()
+        .map(|&b| {
+            acc *= (1.0f32 - b) as f64;
+            acc as f32
+        })
+        .collect()
+}
+
+/// The cosine ("squaredcos_cap_v2") schedule, computed in f64 like diffusers, stored as f32.
+fn betas_for_alpha_bar(n: usize) -> Vec<f32> {
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
+    (0..n)
+        .map(|i| {
+            let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
+            (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999) as f32
+        })
+        .collect()
+}
+
+/// Zero terminal SNR rescaling (arXiv:2305.08891, Algorithm 1), in f32 like diffusers.
+fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    let acp = cumprod_of_alphas(betas);
+    let mut s: Vec<f32> = acp.iter().map(|a| a.sqrt()).collect();
+    let (s0, st) = (s[0], s[s.len() - 1]);
+    for v in s.iter_mut() {
+        *v = (*v - st) * (s0 / (s0 - st));
+    }
+    let bar: Vec<f32> = s.iter().map(|v| v * v).collect();
+    let mut out = Vec::with_capacity(bar.len());
+    out.push(1.0 - bar[0]);
+    for i in 1..bar.len() {
+        out.push(1.0 - bar[i] / bar[i - 1]);
+    }
+    out
+}
+
+/// Integer inference timesteps for the alphas_cumprod schedulers (DDPM, DDIM, PNDM-style),
+/// descending.
+pub fn int_timesteps(spacing: Spacing, n_train: usize, n: usize, steps_offset: usize) -> Vec<f64> {
+    match spacing {
+        Spacing::Linspace => linspace(0.0, (n_train - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(round_half_even)
+            .collect(),
+        Spacing::Leading => {
+            let ratio = n_train / n;
+            (0..n)
+                .rev()
+                .map(|i| (i * ratio + steps_offset) as f64)
+                .collect()
+        }
+        Spacing::Trailing => trailing(n_train, n)
+            .into_iter()
+            .map(|t| t.round() - 1.0)
+            .collect(),
+    }
+}
+
+/// Float inference timesteps of the sigma schedulers (Euler, Heun, LMS, KDPM2), descending and
+/// rounded to f32 like numpy's float32 arrays.
+pub fn float_timesteps(
+    spacing: Spacing,
+    n_train: usize,
+    n: usize,
+    steps_offset: usize,
+) -> Vec<f64> {
+    let v: Vec<f64> = match spacing {
+        Spacing::Linspace => linspace(0.0, (n_train - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .collect(),
+        Spacing::Leading => {
+            let ratio = n_train / n;
+            (0..n)
+                .rev()
+                .map(|i| (i * ratio) as f64 + steps_offset as f64)
+                .collect()
+        }
+        Spacing::Trailing => trailing(n_train, n)
+            .into_iter()
+            .map(|t| t.round() - 1.0)
+            .collect(),
+    };
+    v.into_iter().map(|t| t as f32 as f64).collect()
+}
+
+/// Timesteps of the multistep solvers (DPM-Solver, UniPC): n+1 points, the last dropped.
+pub fn solver_timesteps(
+    spacing: Spacing,
+    last_timestep: usize,
+    n_train: usize,
+    n: usize,
+    steps_offset: usize,
+) -> Vec<f64> {
+    match spacing {
+        Spacing::Linspace => {
+            let mut v: Vec<f64> = linspace(0.0, (last_timestep - 1) as f64, n + 1)
+                .into_iter()
+                .rev()
+                .map(round_half_even)
+                .collect();
+            v.pop();
+            v
+        }
+        Spacing::Leading => {
+            let ratio = last_timestep / (n + 1);
+            (1..=n)
+                .rev()
+                .map(|i| (i * ratio + steps_offset) as f64)
+                .collect()
+        }
+        Spacing::Trailing => {
+            let ratio = n_train as f64 / n as f64;
+            let mut v = vec![];
+            let mut t = last_timestep as f64;
+            while t > 0.0 {
+                v.push(round_half_even(t) - 1.0);
+                t -= ratio;
+            }
+            v
+        }
+    }
+}
+
+/// `np.arange(n_train, 0, -n_train / n)`.
+fn trailing(n_train: usize, n: usize) -> Vec<f64> {
+    let ratio = n_train as f64 / n as f64;
+    let count = (n_train as f64 / ratio).ceil() as usize;
+    (0..count)
+        .map(|i| n_train as f64 - i as f64 * ratio)
+        .map(round_half_even)
+        .collect()
+}
+
+/// numpy rounds half to even.
+pub fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - x.signum()
+    } else {
+        r
+    }
+}
+
+/// `np.linspace(a, b, n)` (float64, endpoint included).
+pub fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
+    match n {
+        0 => vec![],
+        1 => vec![a],
+        _ => {
+            let step = (b - a) / (n - 1) as f64;
+            let mut v: Vec<f64> = (0..n).map(|i| a + i as f64 * step).collect();
+            v[n - 1] = b;
+            v
+        }
+    }
+}
+
+/// `np.interp(x, arange(len(fp)), fp)` in f64.
+pub fn interp_index(x: f64, fp: &[f32]) -> f64 {
+    if x <= 0.0 {
+        return fp[0] as f64;
+    }
+    let last = fp.len() - 1;
+    if x >= last as f64 {
+        return fp[last] as f64;
+    }
+    let i = x.floor() as usize;
+    let w = x - i as f64;
+    let (a, b) = (fp[i] as f64, fp[i + 1] as f64);
+    // numpy's formula: slope * (x - xp[i]) + fp[i]
+    (b - a) * w + a
+}
+
+/// diffusers' `_sigma_to_t`: the fractional training timestep of a sigma, by interpolating
+/// in log-sigma space (`log_sigmas` ascending with t).
+pub fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let n = log_sigmas.len();
+    let count = log_sigmas.iter().filter(|&&l| log_sigma - l >= 0.0).count();
+    // argmax of the cumulative count is the last index where dists >= 0 (first max), 0 if none.
+    let low = if count == 0 { 0 } else { count - 1 }.min(n - 2);
+    let (lo, hi) = (log_sigmas[low], log_sigmas[low + 1]);
+    let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
+    (1.0 - w) * low as f64 + w * (low + 1) as f64
+}
+
+/// Karras et al. (2022) sigmas between `sigma_max` and `sigma_min`, rho = 7.
+pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    let rho = 7.0;
+    let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
+    linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
+}
+
+// ---- tensor helpers -------------------------------------------------------------------------
+
+/// `a * ca + b * cb` with scalar coefficients.
+pub fn lin2(a: &Tensor, ca: f64, b: &Tensor, cb: f64) -> Result<Tensor> {
+    Ok((a.affine(ca, 0.0)? + b.affine(cb, 0.0)?)?)
+}
+
+pub fn scale(a: &Tensor, c: f64) -> Result<Tensor> {
+    Ok(a.affine(c, 0.0)?)
+}
+
+/// `original * ca[b] + noise * cb[b]` with per-batch-element coefficients.
+pub fn per_batch_lin2(original: &Tensor, noise: &Tensor, ca: &[f64], cb: &[f64]) -> Result<Tensor> {
+    let b = original.dim(0)?;
+    if ca.len() != b {
+        return Err(Error::invalid(format!(
+            "add_noise: {} timesteps for a batch of {b}",
+            ca.len()
+        )));
+    }
+    if noise.dims() != original.dims() {
+        return Err(Error::invalid(format!(
+            "add_noise: noise shape {:?} differs from sample shape {:?}",
+            noise.dims(),
+            original.dims()
+        )));
+    }
+    let mut shape = vec![1usize; original.rank()];
+    shape[0] = b;
+    let dev = original.device();
+    let to_t = |v: &[f64]| -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+            shape.as_slice(),
+            dev,
+        )?
+        .to_dtype(original.dtype())?)
+    };
+    Ok((original.broadcast_mul(&to_t(ca)?)? + noise.broadcast_mul(&to_t(cb)?)?)?)
+}
+
+/// The denoised estimate of k-diffusion style (sigma-parameterised) schedulers.
+pub fn sigma_denoised(
+    pred: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f64,
+) -> Result<Tensor> {
+    match pred {
+        PredictionType::Epsilon => lin2(sample, 1.0, model_output, -sigma),
+        PredictionType::VPrediction => {
+            let s2 = sigma * sigma + 1.0;
+            lin2(model_output, -sigma / s2.sqrt(), sample, 1.0 / s2)
+        }
+        PredictionType::Sample => Ok(model_output.clone()),
+    }
+}
+
+/// `t * c` for an f32 scalar: exactly torch's tensor-times-float32-scalar.
+pub fn mul_s(t: &Tensor, c: f32) -> Result<Tensor> {
+    Ok(t.affine(c as f64, 0.0)?)
+}
+
+/// `t / c` for an f32 scalar, as a true division (multiplying by 1/c rounds differently, and
+/// some schedules cancel large terms, so torch's exact operation order matters).
+pub fn div_s(t: &Tensor, c: f32) -> Result<Tensor> {
+    let c = Tensor::new(c, t.device())?.to_dtype(t.dtype())?;
+    Ok(t.broadcast_div(&c)?)
+}
+
+/// x0 and epsilon predictions of the alphas_cumprod (DDPM-style) schedulers, in torch's
+/// operation order with f32 scalars.
+pub fn alpha_x0_eps(
+    pred: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    acp: f32,
+) -> Result<(Tensor, Tensor)> {
+    let (a, b) = (acp.sqrt(), (1.0 - acp).sqrt());
+    Ok(match pred {
+        PredictionType::Epsilon => (
+            div_s(&(sample - mul_s(model_output, b)?)?, a)?,
+            model_output.clone(),
+        ),
+        PredictionType::Sample => (
+            model_output.clone(),
+            div_s(&(sample - mul_s(model_output, a)?)?, b)?,
+        ),
+        PredictionType::VPrediction => (
+            (mul_s(sample, a)? - mul_s(model_output, b)?)?,
+            (mul_s(model_output, a)? + mul_s(sample, b)?)?,
+        ),
+    })
+}
+
+/// Clipping or dynamic thresholding (Imagen) of a predicted x0.
+#[derive(Clone, Copy, Debug)]
+pub struct X0Clip {
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    pub thresholding: bool,
+    pub dynamic_thresholding_ratio: f64,
+    pub sample_max_value: f64,
+}
+
+impl X0Clip {
+    pub fn read(r: &mut ConfigReader, clip_default: bool, has_clip: bool) -> Result<Self> {
+        let clip_sample = if has_clip {
+            r.bool("clip_sample", clip_default)?
+        } else {
+            false
+        };
+        let clip_sample_range = if has_clip {
+            r.f64("clip_sample_range", 1.0)?
+        } else {
+            1.0
+        };
+        Ok(Self {
+            clip_sample,
+            clip_sample_range,
+            thresholding: r.bool("thresholding", false)?,
+            dynamic_thresholding_ratio: r.f64("dynamic_thresholding_ratio", 0.995)?,
+            sample_max_value: r.f64("sample_max_value", 1.0)?,
+        })
+    }
+
+    pub fn apply(&self, x0: Tensor) -> Result<Tensor> {
+        if self.thresholding {
+            threshold_sample(&x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+        } else if self.clip_sample {
+            Ok(x0.clamp(-self.clip_sample_range, self.clip_sample_range)?)
+        } else {
+            Ok(x0)
+        }
+    }
+}
+
+/// Dynamic thresholding: per sample, clamp to the `ratio` quantile s of |x| (s in [1, max]),
+/// then divide by s.
+fn threshold_sample(x: &Tensor, ratio: f64, max_value: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let dims = x.dims().to_vec();
+    let b = dims[0];
+    let flat = x.to_dtype(DType::F32)?.reshape((b, ()))?;
+    let rows = flat.to_vec2::<f32>()?;
+    let mut out = Vec::with_capacity(rows.len() * rows.first().map_or(0, |r| r.len()));
+    for row in rows {
+        let mut abs: Vec<f64> = row.iter().map(|v| v.abs() as f64).collect();
+        abs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        // torch.quantile's linear interpolation.
+        let pos = ratio * (abs.len() - 1) as f64;
+        let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+        let q = abs[lo] + (abs[hi] - abs[lo]) * (pos - lo as f64);
+        let s = q.clamp(1.0, max_value.max(1.0)) as f32;
+        out.extend(row.iter().map(|v| v.clamp(-s, s) / s));
+    }
+    Ok(Tensor::from_vec(out, dims, x.device())?.to_dtype(dtype)?)
+}
+
+/// Position of a timestep in a schedule; with duplicates (Heun, KDPM2, PNDM) the second one,
+/// so that img2img starting mid-schedule does not skip a step (diffusers' `index_for_timestep`).
+pub fn index_for_timestep(timesteps: &[f64], t: f64) -> Option<usize> {
+    let mut hits = timesteps
+        .iter()
+        .enumerate()
+        .filter(|(_, &x)| x == t)
+        .map(|(i, _)| i);
+    let first = hits.next()?;
+    Some(hits.next().unwrap_or(first))
+}
+
+pub fn timestep_not_found(class: &str, t: f64) -> Error {
+    Error::invalid(format!(
+        "{class}: timestep {t} is not in the current schedule (call set_timesteps first?)"
+    ))
+}
+
+/// An integer training timestep from the f64 the trait carries.
+pub fn int_timestep(class: &str, t: f64, n_train: usize) -> Result<i64> {
+    if t.fract() != 0.0 || t < -1.0 || t >= n_train as f64 {
+        return Err(Error::invalid(format!(
+            "{class}: timestep {t} is not an integer in [0, {n_train})"
+        )));
+    }
+    Ok(t as i64)
+}
+
+/// `sqrt(acp[t]) * x + sqrt(1 - acp[t]) * noise` (variance-preserving forward process).
+pub fn add_noise_vp(
+    class: &str,
+    acp: &[f32],
+    original: &Tensor,
+    noise: &Tensor,
+    timesteps: &[f64],
+) -> Result<Tensor> {
+    let mut ca = Vec::with_capacity(timesteps.len());
+    let mut cb = Vec::with_capacity(timesteps.len());
+    for &t in timesteps {
+        let a = acp[int_timestep(class, t, acp.len())?.max(0) as usize];
+        ca.push(a.sqrt() as f64);
+        cb.push((1.0 - a).sqrt() as f64);
+    }
+    per_batch_lin2(original, noise, &ca, &cb)
+}

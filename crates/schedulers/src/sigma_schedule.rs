@@ -1,0 +1,302 @@
+//! State shared by the sigma-parameterised schedulers (Euler, Euler ancestral, Heun, LMS,
+//! KDPM2, DPM-Solver, UniPC): the current timesteps and sigmas and where the loop stands.
+
+use candle_core::Tensor;
+use diffuse_core::Result;
+
+use crate::common::{self, karras_sigmas, sigma_to_t, NoiseSchedule, Spacing};
+
+#[derive(Clone, Debug)]
+pub(crate) struct SigmaState {
+    pub timesteps: Vec<f64>,
+    pub sigmas: Vec<f32>,
+    pub step_index: Option<usize>,
+    pub begin_index: Option<usize>,
+    /// DPM-Solver and UniPC map a timestep that is not in the schedule to the last step.
+    pub missing_is_last: bool,
+}
+
+impl SigmaState {
+    pub fn new(timesteps: Vec<f64>, sigmas: Vec<f32>, missing_is_last: bool) -> Self {
+        Self {
+            timesteps,
+            sigmas,
+            step_index: None,
+            begin_index: None,
+            missing_is_last,
+        }
+    }
+
+    pub fn reset(&mut self, timesteps: Vec<f64>, sigmas: Vec<f32>) {
+        self.timesteps = timesteps;
+        self.sigmas = sigmas;
+        self.step_index = None;
+        self.begin_index = None;
+    }
+
+    fn index_of(&self, class: &str, t: f64) -> Result<usize> {
+        match common::index_for_timestep(&self.timesteps, t) {
+            Some(i) => Ok(i),
+            None if self.missing_is_last => Ok(self.timesteps.len().saturating_sub(1)),
+            None => Err(common::timestep_not_found(class, t)),
+        }
+    }
+
+    /// The current step index, found from the timestep on the first call of a loop.
+    pub fn step_index(&mut self, class: &str, t: f64) -> Result<usize> {
+        if let Some(i) = self.step_index {
+            return Ok(i);
+        }
+        let i = match self.begin_index {
+            Some(b) => b,
+            None => self.index_of(class, t)?,
+        };
+        self.step_index = Some(i);
+        Ok(i)
+    }
+
+    pub fn advance(&mut self) {
+        if let Some(i) = self.step_index.as_mut() {
+            *i += 1;
+        }
+    }
+
+    pub fn sigma(&self, i: usize) -> f64 {
+        self.sigmas.get(i).copied().unwrap_or(0.0) as f64
+    }
+
+    /// The sigma of each timestep for `add_noise`, as diffusers picks them: by lookup in a fresh
+    /// loop, else the current step (inpainting), else the begin index (img2img).
+    pub fn noise_sigmas(&self, class: &str, timesteps: &[f64]) -> Result<Vec<f64>> {
+        timesteps
+            .iter()
+            .map(|&t| {
+                let i = match (self.begin_index, self.step_index) {
+                    (None, _) => self.index_of(class, t)?,
+                    (Some(_), Some(s)) => s,
+                    (Some(b), None) => b,
+                };
+                Ok(self.sigma(i))
+            })
+            .collect()
+    }
+
+    /// `x + sigma(t) * noise` (variance-exploding parameterisation).
+    pub fn add_noise_ve(
+        &self,
+        class: &str,
+        original: &Tensor,
+        noise: &Tensor,
+        timesteps: &[f64],
+    ) -> Result<Tensor> {
+        let s = self.noise_sigmas(class, timesteps)?;
+        common::per_batch_lin2(original, noise, &vec![1.0; s.len()], &s)
+    }
+
+    /// `init_noise_sigma` of the k-diffusion schedulers.
+    pub fn k_init_noise_sigma(&self, spacing: Spacing) -> f64 {
+        let max = self.sigmas.iter().copied().fold(f32::MIN, f32::max);
+        match spacing {
+            Spacing::Linspace | Spacing::Trailing => max as f64,
+            Spacing::Leading => (max * max + 1.0).sqrt() as f64,
+        }
+    }
+}
+
+/// The training-timestep sigmas and their logs as numpy computes them (float32 arrays).
+pub(crate) fn train_sigmas_and_logs(noise: &NoiseSchedule) -> (Vec<f32>, Vec<f64>) {
+    let s = noise.train_sigmas();
+    let logs = s.iter().map(|v| v.ln() as f64).collect();
+    (s, logs)
+}
+
+/// The initial state of the k-diffusion schedulers before `set_timesteps`: every training
+/// timestep, descending, with its sigma, and a final 0.
+pub(crate) fn k_initial(noise: &NoiseSchedule) -> (Vec<f64>, Vec<f32>) {
+    let n = noise.len();
+    let ts = common::linspace(0.0, (n - 1) as f64, n)
+        .into_iter()
+        .rev()
+        .map(|t| t as f32 as f64)
+        .collect();
+    let mut sig: Vec<f32> = noise.train_sigmas().into_iter().rev().collect();
+    sig.push(0.0);
+    (ts, sig)
+}
+
+/// Timesteps and sigmas (without the final one) of Euler, Heun, LMS and KDPM2 for `n` steps:
+/// sigmas interpolated at the (fractional) timesteps, or Karras sigmas whose timesteps are
+/// recovered by interpolation in log-sigma space.
+pub(crate) fn k_schedule(
+    noise: &NoiseSchedule,
+    spacing: Spacing,
+    n: usize,
+    steps_offset: usize,
+    karras: bool,
+    round_karras_timesteps: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let timesteps = common::float_timesteps(spacing, noise.len(), n, steps_offset);
+    let (train, logs) = train_sigmas_and_logs(noise);
+    let sigmas: Vec<f64> = timesteps
+        .iter()
+        .map(|&t| common::interp_index(t, &train))
+        .collect();
+    if !karras {
+        return (timesteps, sigmas);
+    }
+    let ks = karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], n);
+    let ts = ks
+        .iter()
+        .map(|&s| {
+            let t = sigma_to_t(s, &logs);
+            let t = if round_karras_timesteps {
+                common::round_half_even(t)
+            } else {
+                t
+            };
+            t as f32 as f64
+        })
+        .collect();
+    (ts, ks)
+}
+
+/// The config fields every k-diffusion scheduler (Euler, Euler ancestral, Heun, LMS, KDPM2) reads.
+pub(crate) struct KConfig {
+    pub noise: NoiseSchedule,
+    pub prediction: crate::common::PredictionType,
+    pub spacing: Spacing,
+    pub steps_offset: usize,
+    pub use_karras_sigmas: bool,
+}
+
+impl KConfig {
+    pub fn read(
+        r: &mut crate::config::ConfigReader,
+        zero_snr: bool,
+        has_karras: bool,
+    ) -> Result<Self> {
+        let noise = NoiseSchedule::read(r, 0.0001, 0.02, "linear", zero_snr)?;
+        let prediction = crate::common::PredictionType::read(r)?;
+        let use_karras_sigmas = if has_karras {
+            for unsupported in ["use_exponential_sigmas", "use_beta_sigmas"] {
+                let v = r.bool(unsupported, false)?;
+                r.ensure(!v, unsupported, "is not supported; use use_karras_sigmas")?;
+            }
+            r.bool("use_karras_sigmas", false)?
+        } else {
+            false
+        };
+        let spacing = Spacing::read(r, "linspace")?;
+        let steps_offset = r.usize("steps_offset", 0)?;
+        Ok(Self {
+            noise,
+            prediction,
+            spacing,
+            steps_offset,
+            use_karras_sigmas,
+        })
+    }
+
+    /// Timesteps and sigmas (with a final 0) for `n` steps.
+    pub fn schedule(&self, n: usize, round_karras_timesteps: bool) -> (Vec<f64>, Vec<f32>) {
+        let (ts, sig) = k_schedule(
+            &self.noise,
+            self.spacing,
+            n,
+            self.steps_offset,
+            self.use_karras_sigmas,
+            round_karras_timesteps,
+        );
+        (
+            ts,
+            sig.into_iter()
+                .map(|s| s as f32)
+                .chain(std::iter::once(0.0))
+                .collect(),
+        )
+    }
+}
+
+/// `cat([head, middle.repeat_interleave(2), tail])`.
+pub(crate) fn interleave<T: Copy>(head: &[T], middle: &[T], tail: &[T]) -> Vec<T> {
+    head.iter()
+        .copied()
+        .chain(middle.iter().flat_map(|&x| [x, x]))
+        .chain(tail.iter().copied())
+        .collect()
+}
+
+/// alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t) of a (variance-exploding) sigma, in
+/// f32 as diffusers' multistep solvers compute them.
+pub(crate) fn vp_alpha_sigma_lambda(sigma: f32) -> (f32, f32, f32) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    let sigma_t = sigma * alpha;
+    (alpha, sigma_t, alpha.ln() - sigma_t.ln())
+}
+
+/// The initial state of DPM-Solver and UniPC: every training timestep descending, and the
+/// training sigmas in *ascending* order (a diffusers quirk that `add_noise` before
+/// `set_timesteps` exposes).
+pub(crate) fn solver_initial(noise: &NoiseSchedule) -> (Vec<f64>, Vec<f32>) {
+    let n = noise.len();
+    let ts = common::linspace(0.0, (n - 1) as f64, n)
+        .into_iter()
+        .rev()
+        .map(|t| t as f32 as f64)
+        .collect();
+    (ts, noise.train_sigmas())
+}
+
+/// Timesteps and sigmas (with the final one) of DPM-Solver and UniPC for `n` steps.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn solver_schedule(
+    noise: &NoiseSchedule,
+    spacing: Spacing,
+    last_timestep: usize,
+    n: usize,
+    steps_offset: usize,
+    karras: bool,
+    round_karras: bool,
+    final_sigma_min: bool,
+) -> (Vec<f64>, Vec<f32>) {
+    let mut timesteps =
+        common::solver_timesteps(spacing, last_timestep, noise.len(), n, steps_offset);
+    let (train, logs) = train_sigmas_and_logs(noise);
+    let sigmas: Vec<f64> = if karras {
+        let ks = karras_sigmas(train[0] as f64, train[train.len() - 1] as f64, n);
+        timesteps = ks
+            .iter()
+            .map(|&s| {
+                let t = sigma_to_t(s, &logs);
+                // Stored as int64: rounded, or truncated for the cosine schedule.
+                if round_karras {
+                    common::round_half_even(t)
+                } else {
+                    t.trunc()
+                }
+            })
+            .collect();
+        ks
+    } else {
+        timesteps
+            .iter()
+            .map(|&t| common::interp_index(t, &train))
+            .collect()
+    };
+    let last = if !final_sigma_min {
+        0.0
+    } else if karras {
+        sigmas[sigmas.len() - 1] as f32
+    } else {
+        let a0 = noise.alphas_cumprod[0];
+        ((1.0 - a0) / a0).sqrt()
+    };
+    (
+        timesteps,
+        sigmas
+            .into_iter()
+            .map(|s| s as f32)
+            .chain(std::iter::once(last))
+            .collect(),
+    )
+}

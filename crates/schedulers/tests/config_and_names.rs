@@ -1,0 +1,132 @@
+//! Building schedulers from configs and names: defaults, swaps between classes, and errors.
+
+use diffuse_core::Generator;
+use diffuse_schedulers::{from_config, from_name, resolve_name, SchedulerConfig, CLASS_NAMES};
+
+fn cfg(json: &str) -> SchedulerConfig {
+    SchedulerConfig::from_json_str(json).unwrap()
+}
+
+/// SD 1.5's PNDM config, as shipped.
+const SD15: &str = r#"{"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+  "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1, "trained_betas": null,
+  "clip_sample": false}"#;
+
+#[test]
+fn every_class_builds_from_another_classes_config_and_runs() {
+    let base = cfg(SD15);
+    let sample = candle_core::Tensor::ones(
+        (1, 4, 2, 2),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for class in CLASS_NAMES {
+        let mut s = from_config(class, &base).unwrap_or_else(|e| panic!("{class}: {e}"));
+        assert_eq!(s.class_name(), *class);
+        s.set_timesteps(8).unwrap();
+        assert!(!s.timesteps().is_empty());
+        // The training schedule comes from the shared keys, whatever the class.
+        assert!(
+            (s.alphas_cumprod()[999] - 0.004_660_3).abs() < 1e-6,
+            "{class}"
+        );
+        let mut g = Generator::manual_seed(0);
+        let mut x = sample.affine(s.init_noise_sigma(), 0.0).unwrap();
+        for t in s.timesteps().to_vec() {
+            let inp = s.scale_model_input(&x, t).unwrap();
+            let eps = inp.affine(0.1, 0.0).unwrap();
+            x = s.step(&eps, t, &x, &mut g).unwrap().prev_sample;
+        }
+        let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{class} produced {v:?}");
+        // The resolved config records the class and the values used.
+        assert_eq!(s.config().class_name(), Some(*class));
+        assert_eq!(s.config().map["beta_schedule"], "scaled_linear");
+    }
+}
+
+#[test]
+fn absent_keys_take_the_built_classes_defaults() {
+    let base = cfg(SD15);
+    let euler = from_config("EulerDiscreteScheduler", &base).unwrap();
+    assert_eq!(euler.config().map["timestep_spacing"], "linspace");
+    let ddim = from_config("DDIMScheduler", &base).unwrap();
+    assert_eq!(ddim.config().map["timestep_spacing"], "leading");
+}
+
+#[test]
+fn bad_values_are_errors_naming_the_field() {
+    let cases = [
+        (r#"{"beta_schedule": "cosine"}"#, "beta_schedule"),
+        (r#"{"num_train_timesteps": -5}"#, "num_train_timesteps"),
+        (r#"{"beta_start": "0.1"}"#, "beta_start"),
+        (r#"{"prediction_type": "noise"}"#, "prediction_type"),
+        (r#"{"timestep_spacing": "even"}"#, "timestep_spacing"),
+        (r#"{"trained_betas": [0.1, 0.2]}"#, "trained_betas"),
+    ];
+    for (json, field) in cases {
+        for class in [
+            "DDIMScheduler",
+            "EulerDiscreteScheduler",
+            "DPMSolverMultistepScheduler",
+        ] {
+            let err = match from_config(class, &cfg(json)) {
+                Ok(_) => panic!("{class} accepted {json}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(field), "{class} {json}: {err}");
+        }
+    }
+    let err = SchedulerConfig::from_json_str("{not json")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("invalid JSON"), "{err}");
+}
+
+#[test]
+fn impossible_step_counts_are_errors() {
+    for class in CLASS_NAMES {
+        let mut s = from_config(class, &cfg("{}")).unwrap();
+        assert!(s.set_timesteps(0).is_err(), "{class} accepted 0 steps");
+        assert!(
+            s.set_timesteps(1001).is_err(),
+            "{class} accepted more steps than training timesteps"
+        );
+    }
+}
+
+#[test]
+fn a1111_and_class_names_resolve() {
+    let base = cfg(SD15);
+    let s = from_name("DPM++ 2M Karras", &base).unwrap();
+    assert_eq!(s.class_name(), "DPMSolverMultistepScheduler");
+    assert_eq!(s.config().map["use_karras_sigmas"], true);
+    assert_eq!(s.config().map["algorithm_type"], "dpmsolver++");
+    for (name, class) in [
+        ("Euler a", "EulerAncestralDiscreteScheduler"),
+        ("euler", "EulerDiscreteScheduler"),
+        ("DDIM", "DDIMScheduler"),
+        ("UniPC", "UniPCMultistepScheduler"),
+        ("LMS", "LMSDiscreteScheduler"),
+        ("Heun", "HeunDiscreteScheduler"),
+        ("DPM2", "KDPM2DiscreteScheduler"),
+        ("LCM", "LCMScheduler"),
+        ("PLMS", "PNDMScheduler"),
+        ("EulerDiscreteScheduler", "EulerDiscreteScheduler"),
+        ("ddpm", "DDPMScheduler"),
+    ] {
+        assert_eq!(resolve_name(name).unwrap().0, class, "{name}");
+    }
+    let err = resolve_name("Euler b").unwrap_err().to_string();
+    assert!(err.contains("Euler b") && err.contains("DPM++ 2M"), "{err}");
+}
+
+#[test]
+fn heun_counts_two_evaluations_per_step() {
+    let mut s = from_name("Heun", &cfg(SD15)).unwrap();
+    s.set_timesteps(10).unwrap();
+    assert_eq!(s.order(), 2);
+    assert_eq!(s.timesteps().len(), 19);
+}
