@@ -1,6 +1,8 @@
 //! diffusers `AutoencoderKL`: the Stable Diffusion VAE.
 
-use candle_core::{DType, Module, Result, Tensor};
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2d, VarBuilder};
 use diffuse_core::{Error, Generator};
 use serde::{Deserialize, Serialize};
@@ -195,6 +197,33 @@ impl AutoencoderKL {
                 .transpose()?,
             config: cfg.clone(),
         })
+    }
+
+    /// Loads `config.json` and the safetensors weights of a `vae/` folder (old checkpoints' `query`/`key`/`value`/`proj_attn` attention names are accepted).
+    pub fn from_pretrained(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> diffuse_core::Result<Self> {
+        Self::from_pretrained_variant(dir, None, dtype, device)
+    }
+
+    /// [`AutoencoderKL::from_pretrained`] with a weight variant (`fp16` picks
+    /// `diffusion_pytorch_model.fp16.safetensors`).
+    pub fn from_pretrained_variant(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> diffuse_core::Result<Self> {
+        crate::config::from_pretrained(
+            dir,
+            variant,
+            dtype,
+            device,
+            AutoencoderKLConfig::validate,
+            |vb, cfg| Self::new(vb, cfg),
+        )
     }
 
     pub fn config(&self) -> &AutoencoderKLConfig {

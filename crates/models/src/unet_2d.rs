@@ -1,6 +1,8 @@
 //! diffusers `UNet2DModel`: the unconditional (optionally class-conditional) DDPM UNet.
 
-use candle_core::{DType, Module, Result, Tensor};
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use diffuse_core::Error;
 use serde::{Deserialize, Serialize};
@@ -399,6 +401,33 @@ impl UNet2DModel {
             dtype: vb.dtype(),
             config: cfg.clone(),
         })
+    }
+
+    /// Loads `config.json` and the safetensors weights of a `unet/`-style folder of a `UNet2DModel` (e.g. `google/ddpm-cat-256`).
+    pub fn from_pretrained(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> diffuse_core::Result<Self> {
+        Self::from_pretrained_variant(dir, None, dtype, device)
+    }
+
+    /// [`UNet2DModel::from_pretrained`] with a weight variant (`fp16` picks
+    /// `diffusion_pytorch_model.fp16.safetensors`).
+    pub fn from_pretrained_variant(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> diffuse_core::Result<Self> {
+        crate::config::from_pretrained(
+            dir,
+            variant,
+            dtype,
+            device,
+            UNet2DConfig::validate,
+            |vb, cfg| Self::new(vb, cfg),
+        )
     }
 
     pub fn config(&self) -> &UNet2DConfig {

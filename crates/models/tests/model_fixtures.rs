@@ -1,7 +1,8 @@
 //! Parity with Python diffusers on every `<fixtures>/models/<name>_io.safetensors`.
 //!
 //! The model folder `<name>/` holds `config.json` and the weights; its `_class_name` picks the
-//! harness. Every case prefix in the io file (`a_sample`, `odd_sample`, ... → `a`, `odd`) is
+//! harness; the model is loaded with `from_pretrained` (checked loading: a missing or
+//! unexpected tensor fails). Every case prefix in the io file (`a_sample`, `odd_sample`, ... → `a`, `odd`) is
 //! run. `CLIPTextModel` folders belong to the CLIP test (`clip_*`); any other class this
 //! harness cannot run fails.
 
@@ -10,12 +11,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use diffuse_core::testing::*;
-use diffuse_models::{
-    AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel, UNet2DConfig,
-    UNet2DModel,
-};
+use diffuse_models::{AutoencoderKL, UNet2DConditionModel, UNet2DModel};
 
 const ATOL: f64 = 1e-4;
 const RTOL: f64 = 1e-4;
@@ -28,17 +25,6 @@ fn class_of(dir: &Path) -> Result<String> {
         .and_then(|v| v.as_str())
         .map(str::to_string)
         .with_context(|| format!("{}: config.json names no class", dir.display()))
-}
-
-fn config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(dir.join("config.json"))?;
-    Ok(serde_json::from_str(&text)?)
-}
-
-fn weights(dir: &Path) -> Result<VarBuilder<'static>> {
-    let file = dir.join("diffusion_pytorch_model.safetensors");
-    // Safety: the fixture files are not modified while the test runs.
-    Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[file], DType::F32, &Device::Cpu)? })
 }
 
 /// The case prefixes of an io file: `<case>_sample` → `<case>`.
@@ -80,14 +66,13 @@ fn run_case(models: &Path, name: &str) -> Result<()> {
     let t = |k: String| get(&io, &k).cloned();
     match class_of(&dir)?.as_str() {
         "UNet2DModel" => {
-            let model = UNet2DModel::new(weights(&dir)?, &config::<UNet2DConfig>(&dir)?)?;
+            let model = UNet2DModel::from_pretrained(&dir, DType::F32, &Device::Cpu)?;
             run_unet_cases(&io, |c| {
                 Ok(model.forward(&t(format!("{c}_sample"))?, &t(format!("{c}_timestep"))?)?)
             })
         }
         "UNet2DConditionModel" => {
-            let model =
-                UNet2DConditionModel::new(weights(&dir)?, &config::<UNet2DConditionConfig>(&dir)?)?;
+            let model = UNet2DConditionModel::from_pretrained(&dir, DType::F32, &Device::Cpu)?;
             run_unet_cases(&io, |c| {
                 let ehs = t(format!("{c}_encoder_hidden_states"))?;
                 Ok(model.forward(
@@ -98,7 +83,7 @@ fn run_case(models: &Path, name: &str) -> Result<()> {
             })
         }
         "AutoencoderKL" => {
-            let vae = AutoencoderKL::new(weights(&dir)?, &config::<AutoencoderKLConfig>(&dir)?)?;
+            let vae = AutoencoderKL::from_pretrained(&dir, DType::F32, &Device::Cpu)?;
             let posterior = vae.encode(&t("image".into())?)?;
             check(
                 "posterior_mean",
