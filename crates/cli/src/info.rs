@@ -1,0 +1,162 @@
+//! `diffuse info`: what a model folder holds, read from its JSON files and safetensors headers
+//! (no weights are loaded).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+#[derive(clap::Args, Debug)]
+pub struct InfoArgs {
+    /// A diffusers folder (with model_index.json), one component folder (with config.json), or a
+    /// Hugging Face hub id found in the local cache.
+    pub model: String,
+}
+
+pub fn run(args: InfoArgs) -> Result<()> {
+    let dir = diffuse_loaders::hub::resolve_model(&args.model, None)?;
+    print!("{}", describe(&dir)?);
+    Ok(())
+}
+
+/// A text report of the folder.
+pub fn describe(dir: &Path) -> Result<String> {
+    let mut out = String::new();
+    let index = dir.join("model_index.json");
+    if index.is_file() {
+        let v = read_json(&index)?;
+        let class = v["_class_name"].as_str().unwrap_or("?");
+        out += &format!("{}: {class}\n", dir.display());
+        let obj = v
+            .as_object()
+            .context("model_index.json is not a JSON object")?;
+        let mut total = 0u64;
+        for (name, entry) in obj.iter().filter(|(k, _)| !k.starts_with('_')) {
+            let Some(pair) = entry.as_array().filter(|a| a.len() == 2 && !a[1].is_null()) else {
+                continue;
+            };
+            let comp_class = pair[1].as_str().unwrap_or("?");
+            let comp_dir = dir.join(name);
+            if !comp_dir.is_dir() {
+                out += &format!(
+                    "  {name:<14} {comp_class:<32} MISSING folder {}\n",
+                    comp_dir.display()
+                );
+                continue;
+            }
+            let (line, n) = component_line(&comp_dir)?;
+            total += n;
+            out += &format!("  {name:<14} {comp_class:<32} {line}\n");
+        }
+        out += &format!("  total parameters: {}\n", thousands(total));
+    } else if dir.join("config.json").is_file() {
+        let (line, _) = component_line(dir)?;
+        out += &format!("{}: {line}\n", dir.display());
+    } else if dir.join("scheduler_config.json").is_file() {
+        let cfg = read_json(&dir.join("scheduler_config.json"))?;
+        out += &format!(
+            "{}: scheduler {}\n",
+            dir.display(),
+            cfg["_class_name"].as_str().unwrap_or("?")
+        );
+    } else {
+        bail!(
+            "{} holds neither model_index.json nor config.json: not a diffusers model folder",
+            dir.display()
+        );
+    }
+    Ok(out)
+}
+
+/// "<params> params, <dtypes>, <files>" for one component, and its parameter count.
+fn component_line(dir: &Path) -> Result<(String, u64)> {
+    if dir.join("scheduler_config.json").is_file() {
+        let cfg = read_json(&dir.join("scheduler_config.json"))?;
+        let n = cfg["num_train_timesteps"].as_u64().unwrap_or(1000);
+        return Ok((format!("{n} training timesteps"), 0));
+    }
+    if dir.join("vocab.json").is_file() {
+        let vocab = read_json(&dir.join("vocab.json"))?;
+        return Ok((
+            format!("{} tokens", vocab.as_object().map_or(0, |m| m.len())),
+            0,
+        ));
+    }
+    let files: Vec<PathBuf> = match diffuse_loaders::weights::component_weight_files(dir, None) {
+        Ok(f) => f,
+        Err(e) => return Ok((format!("no weights ({e})"), 0)),
+    };
+    let mut params = 0u64;
+    let mut dtypes: BTreeMap<String, u64> = BTreeMap::new();
+    for f in &files {
+        for (name, dtype, numel) in safetensors_header(f)? {
+            // Non-parameter buffers stored by transformers.
+            if name.ends_with("position_ids") {
+                continue;
+            }
+            params += numel;
+            *dtypes.entry(dtype).or_default() += numel;
+        }
+    }
+    let dt: Vec<String> = dtypes.keys().cloned().collect();
+    let names: Vec<String> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    Ok((
+        format!(
+            "{} params, {}, {}",
+            thousands(params),
+            dt.join("+"),
+            names.join(", ")
+        ),
+        params,
+    ))
+}
+
+/// (name, dtype, element count) of every tensor in a safetensors file, from its header only.
+pub fn safetensors_header(path: &Path) -> Result<Vec<(String, String, u64)>> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file_len = f.metadata()?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
+    let n = u64::from_le_bytes(len);
+    if n > file_len.saturating_sub(8) || n > 100 << 20 {
+        bail!(
+            "{}: corrupt safetensors file (header of {n} bytes in a {file_len}-byte file)",
+            path.display()
+        );
+    }
+    let mut buf = vec![0u8; n as usize];
+    f.read_exact(&mut buf)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&buf)
+        .with_context(|| format!("{}: corrupt safetensors header", path.display()))?;
+    let mut out = vec![];
+    for (name, v) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let dtype = v["dtype"].as_str().unwrap_or("?").to_string();
+        let numel = v["shape"]
+            .as_array()
+            .map_or(0, |s| s.iter().map(|d| d.as_u64().unwrap_or(0)).product());
+        out.push((name.clone(), dtype, numel));
+    }
+    Ok(out)
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&s).with_context(|| format!("{}: invalid JSON", path.display()))
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

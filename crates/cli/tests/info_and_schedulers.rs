@@ -1,0 +1,71 @@
+//! The `info` and `schedulers` subcommands, run as a user would.
+
+use std::path::Path;
+use std::process::Command;
+
+fn diffuse(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(args)
+        .output()
+        .expect("run diffuse");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn tiny_sd() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/pipelines/tiny_sd")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let (ok, out, _) = diffuse(&["--help"]);
+    assert!(ok);
+    for cmd in ["info", "schedulers"] {
+        assert!(out.contains(cmd), "{out}");
+    }
+}
+
+#[test]
+fn info_reports_components_and_parameter_counts() {
+    let (ok, out, err) = diffuse(&["info", &tiny_sd()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("StableDiffusionPipeline"), "{out}");
+    // Counts from the safetensors headers of the tiny pipeline (see fixtures/README.md).
+    assert!(
+        out.contains("UNet2DConditionModel") && out.contains("361,892 params"),
+        "{out}"
+    );
+    assert!(
+        out.contains("CLIPTextModel") && out.contains("1,597,162 params"),
+        "{out}"
+    );
+    assert!(out.contains("49408 tokens"), "{out}");
+}
+
+#[test]
+fn info_on_a_missing_folder_fails_with_a_message() {
+    let (ok, _, err) = diffuse(&["info", "/no/such/folder"]);
+    assert!(!ok);
+    assert!(err.contains("/no/such/folder"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn schedulers_show_prints_the_schedule() {
+    let (ok, out, err) = diffuse(&["schedulers", "--show", "Euler a", "--steps", "10"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("EulerAncestralDiscreteScheduler (10 model evaluations"),
+        "{out}"
+    );
+    // SD 1.5's largest sigma.
+    assert!(out.contains("14.6146"), "{out}");
+    let (ok, _, err) = diffuse(&["schedulers", "--show", "Euler b"]);
+    assert!(!ok && err.contains("unknown scheduler"), "{err}");
+}
