@@ -4,11 +4,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2d, VarBuilder};
-use diffuse_core::{Error, Generator};
+use diffuse_core::Generator;
 use serde::{Deserialize, Serialize};
 
 use crate::activations::Activation;
-use crate::config::{to_candle, SampleSize};
+use crate::config::{block_types, check_block_counts, to_candle, SampleSize};
 use crate::unet_2d_blocks::{DownBlockType, UpBlockType};
 use crate::vae::{Decoder, Encoder, VaeSettings};
 
@@ -73,45 +73,28 @@ impl AutoencoderKLConfig {
     }
 
     fn settings(&self) -> diffuse_core::Result<VaeSettings> {
-        let n = self.block_out_channels.len();
-        if n == 0 {
-            return Err(Error::config(
-                CONTEXT,
-                "block_out_channels",
-                "must not be empty",
-            ));
-        }
-        for (field, types, supported) in [
-            (
-                "down_block_types",
-                &self.down_block_types,
-                DownBlockType::DownEncoderBlock2D.name(),
-            ),
-            (
-                "up_block_types",
-                &self.up_block_types,
-                UpBlockType::UpDecoderBlock2D.name(),
-            ),
-        ] {
-            if types.len() != n {
-                return Err(Error::config(
-                    CONTEXT,
-                    field,
-                    format!("has {} entries but block_out_channels has {n}", types.len()),
-                ));
-            }
-            if let Some((i, t)) = types
-                .iter()
-                .enumerate()
-                .find(|(_, t)| t.as_str() != supported)
-            {
-                return Err(Error::config(
-                    CONTEXT,
-                    format!("{field}[{i}]"),
-                    format!("unsupported block type `{t}` (supported: {supported})"),
-                ));
-            }
-        }
+        check_block_counts(
+            CONTEXT,
+            &self.block_out_channels,
+            &self.down_block_types,
+            &self.up_block_types,
+        )?;
+        let encoder_block = DownBlockType::DownEncoderBlock2D;
+        block_types(
+            CONTEXT,
+            "down_block_types",
+            &self.down_block_types,
+            &[encoder_block],
+            DownBlockType::name,
+        )?;
+        let decoder_block = UpBlockType::UpDecoderBlock2D;
+        block_types(
+            CONTEXT,
+            "up_block_types",
+            &self.up_block_types,
+            &[decoder_block],
+            UpBlockType::name,
+        )?;
         Ok(VaeSettings {
             block_out_channels: self.block_out_channels.clone(),
             layers_per_block: self.layers_per_block,
@@ -175,6 +158,8 @@ pub struct AutoencoderKL {
     decoder: Decoder,
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
+    dtype: DType,
+    device: Device,
     config: AutoencoderKLConfig,
 }
 
@@ -195,6 +180,8 @@ impl AutoencoderKL {
                 .use_post_quant_conv
                 .then(|| conv1("post_quant_conv", l))
                 .transpose()?,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
             config: cfg.clone(),
         })
     }
@@ -230,9 +217,18 @@ impl AutoencoderKL {
         &self.config
     }
 
+    /// The dtype of the weights; inputs are converted to it.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Images `(B, C, H, W)` in `[-1, 1]` → the latent posterior (unscaled latents).
     pub fn encode(&self, xs: &Tensor) -> Result<DiagonalGaussian> {
-        let h = self.encoder.forward(xs)?;
+        let h = self.encoder.forward(&xs.to_dtype(self.dtype)?)?;
         let moments = match &self.quant_conv {
             Some(c) => c.forward(&h)?,
             None => h,
@@ -242,9 +238,10 @@ impl AutoencoderKL {
 
     /// Unscaled latents → images in about `[-1, 1]`.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let z = z.to_dtype(self.dtype)?;
         let z = match &self.post_quant_conv {
-            Some(c) => c.forward(z)?,
-            None => z.clone(),
+            Some(c) => c.forward(&z)?,
+            None => z,
         };
         self.decoder.forward(&z)
     }

@@ -81,3 +81,87 @@ pub(crate) fn from_pretrained<C: serde::de::DeserializeOwned, M>(
     let files = diffuse_loaders::component_weight_files(dir, variant)?;
     diffuse_loaders::load_model(&files, dtype, device, |vb| build(vb, &cfg))
 }
+
+/// The option named `value`, or an error naming `field`, the value and the supported names.
+/// `what` says what the value is (`value`, `block type`).
+pub(crate) fn choose<T: Copy>(
+    context: &str,
+    field: &str,
+    what: &str,
+    value: &str,
+    options: &[(&str, T)],
+) -> diffuse_core::Result<T> {
+    options
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+            diffuse_core::Error::config(
+                context,
+                field,
+                format!(
+                    "unsupported {what} `{value}` (supported: {})",
+                    names.join(", ")
+                ),
+            )
+        })
+}
+
+/// Parses the block type names of `field` (`down_block_types`, ...) into `allowed` types,
+/// erroring on `field[i]` for the first unsupported one. The `UNetRes` prefix of old configs is
+/// dropped, as diffusers does.
+pub(crate) fn block_types<T: Copy>(
+    context: &str,
+    field: &str,
+    names: &[String],
+    allowed: &[T],
+    name_of: fn(&T) -> &'static str,
+) -> diffuse_core::Result<Vec<T>> {
+    let options: Vec<(&str, T)> = allowed.iter().map(|t| (name_of(t), *t)).collect();
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let bare = n.strip_prefix("UNetRes").unwrap_or(n);
+            choose(
+                context,
+                &format!("{field}[{i}]"),
+                "block type",
+                bare,
+                &options,
+            )
+        })
+        .collect()
+}
+
+/// Errors unless `down_block_types`, `up_block_types` and `block_out_channels` have the same,
+/// non-zero length.
+pub(crate) fn check_block_counts(
+    context: &str,
+    block_out_channels: &[usize],
+    down: &[String],
+    up: &[String],
+) -> diffuse_core::Result<()> {
+    let n = block_out_channels.len();
+    if n == 0 {
+        return Err(diffuse_core::Error::config(
+            context,
+            "block_out_channels",
+            "must not be empty",
+        ));
+    }
+    for (field, len) in [
+        ("down_block_types", down.len()),
+        ("up_block_types", up.len()),
+    ] {
+        if len != n {
+            return Err(diffuse_core::Error::config(
+                context,
+                field,
+                format!("has {len} entries but block_out_channels has {n}"),
+            ));
+        }
+    }
+    Ok(())
+}

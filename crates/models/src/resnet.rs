@@ -32,16 +32,6 @@ pub enum TimeEmbeddingNorm {
     ScaleShift,
 }
 
-impl TimeEmbeddingNorm {
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "default" => Some(Self::Default),
-            "scale_shift" => Some(Self::ScaleShift),
-            _ => None,
-        }
-    }
-}
-
 /// Nearest-neighbour resize of `(B, C, H, W)` to `(h, w)` with torch's index rule
 /// (`src = min(floor(dst * (in / out)), in - 1)`, the ratio in f32).
 pub fn interpolate_nearest(xs: &Tensor, h: usize, w: usize) -> Result<Tensor> {

@@ -8,7 +8,7 @@ use diffuse_core::Error;
 use serde::{Deserialize, Serialize};
 
 use crate::activations::Activation;
-use crate::config::{to_candle, SampleSize};
+use crate::config::{block_types, check_block_counts, choose, to_candle, SampleSize};
 use crate::embeddings::{
     batch_timesteps, ClassEmbedding, GaussianFourierProjection, TimeProjection, TimestepEmbedding,
     Timesteps, UNetTimeEmbedding,
@@ -119,18 +119,6 @@ struct Resolved {
     resample_with_resnet: (bool, bool),
 }
 
-fn resample_kind(value: &str, field: &str) -> diffuse_core::Result<bool> {
-    match value {
-        "conv" => Ok(false),
-        "resnet" => Ok(true),
-        other => Err(Error::config(
-            CONTEXT,
-            field,
-            format!("unsupported value `{other}` (supported: conv, resnet)"),
-        )),
-    }
-}
-
 impl UNet2DConfig {
     /// Checks every setting this implementation depends on; the error names the field and the
     /// unsupported value.
@@ -139,96 +127,58 @@ impl UNet2DConfig {
     }
 
     fn resolve(&self) -> diffuse_core::Result<Resolved> {
-        let n = self.block_out_channels.len();
-        if n == 0 {
-            return Err(Error::config(
-                CONTEXT,
-                "block_out_channels",
-                "must not be empty",
-            ));
-        }
-        for (field, len) in [
-            ("down_block_types", self.down_block_types.len()),
-            ("up_block_types", self.up_block_types.len()),
-        ] {
-            if len != n {
-                return Err(Error::config(
-                    CONTEXT,
-                    field,
-                    format!("has {len} entries but block_out_channels has {n}"),
-                ));
-            }
-        }
-        let down = self
-            .down_block_types
-            .iter()
-            .enumerate()
-            .map(|(i, name)| match DownBlockType::from_name(name) {
-                Some(t @ (DownBlockType::DownBlock2D | DownBlockType::AttnDownBlock2D)) => Ok(t),
-                _ => Err(Error::config(
-                    CONTEXT,
-                    format!("down_block_types[{i}]"),
-                    format!(
-                        "unsupported block type `{name}` (supported: DownBlock2D, AttnDownBlock2D)"
-                    ),
-                )),
-            })
-            .collect::<diffuse_core::Result<Vec<_>>>()?;
-        let up = self
-            .up_block_types
-            .iter()
-            .enumerate()
-            .map(|(i, name)| match UpBlockType::from_name(name) {
-                Some(t @ (UpBlockType::UpBlock2D | UpBlockType::AttnUpBlock2D)) => Ok(t),
-                _ => Err(Error::config(
-                    CONTEXT,
-                    format!("up_block_types[{i}]"),
-                    format!(
-                        "unsupported block type `{name}` (supported: UpBlock2D, AttnUpBlock2D)"
-                    ),
-                )),
-            })
-            .collect::<diffuse_core::Result<Vec<_>>>()?;
+        use DownBlockType::*;
+        use UpBlockType::*;
+        let ch = &self.block_out_channels;
+        check_block_counts(CONTEXT, ch, &self.down_block_types, &self.up_block_types)?;
+        let down = block_types(
+            CONTEXT,
+            "down_block_types",
+            &self.down_block_types,
+            &[DownBlock2D, AttnDownBlock2D],
+            DownBlockType::name,
+        )?;
+        let up = block_types(
+            CONTEXT,
+            "up_block_types",
+            &self.up_block_types,
+            &[UpBlock2D, AttnUpBlock2D],
+            UpBlockType::name,
+        )?;
         if let Some(mid) = &self.mid_block_type {
-            if mid != "UNetMidBlock2D" {
-                return Err(Error::config(
-                    CONTEXT,
-                    "mid_block_type",
-                    format!("unsupported mid block `{mid}` (supported: UNetMidBlock2D, null)"),
-                ));
-            }
+            choose(
+                CONTEXT,
+                "mid_block_type",
+                "block type",
+                mid,
+                &[("UNetMidBlock2D", ())],
+            )?;
         }
-        let fourier = match self.time_embedding_type.as_str() {
-            "positional" => false,
-            "fourier" => true,
-            other => {
-                return Err(Error::config(
-                    CONTEXT,
-                    "time_embedding_type",
-                    format!("unsupported value `{other}` (supported: positional, fourier)"),
-                ))
-            }
+        let value = |field: &str, v: &str, options: &[(&str, bool)]| {
+            choose(CONTEXT, field, "value", v, options)
         };
-        let time_norm =
-            TimeEmbeddingNorm::from_name(&self.resnet_time_scale_shift).ok_or_else(|| {
-                Error::config(
-                    CONTEXT,
-                    "resnet_time_scale_shift",
-                    format!(
-                        "unsupported value `{}` (supported: default, scale_shift)",
-                        self.resnet_time_scale_shift
-                    ),
-                )
-            })?;
-        match (self.class_embed_type.as_deref(), self.num_class_embeds) {
-            (None | Some("timestep") | Some("identity"), _) => {}
-            (Some(other), _) => {
-                return Err(Error::config(
-                    CONTEXT,
-                    "class_embed_type",
-                    format!("unsupported value `{other}` (supported: null, timestep, identity)"),
-                ))
-            }
+        let fourier = value(
+            "time_embedding_type",
+            &self.time_embedding_type,
+            &[("positional", false), ("fourier", true)],
+        )?;
+        let resample = [("conv", false), ("resnet", true)];
+        let time_norm = choose(
+            CONTEXT,
+            "resnet_time_scale_shift",
+            "value",
+            &self.resnet_time_scale_shift,
+            &[
+                ("default", TimeEmbeddingNorm::Default),
+                ("scale_shift", TimeEmbeddingNorm::ScaleShift),
+            ],
+        )?;
+        if let Some(kind) = &self.class_embed_type {
+            value(
+                "class_embed_type",
+                kind,
+                &[("timestep", true), ("identity", true)],
+            )?;
         }
         if self.attention_head_dim == Some(0) {
             return Err(Error::config(
@@ -244,8 +194,8 @@ impl UNet2DConfig {
             time_norm,
             fourier,
             resample_with_resnet: (
-                resample_kind(&self.downsample_type, "downsample_type")?,
-                resample_kind(&self.upsample_type, "upsample_type")?,
+                value("downsample_type", &self.downsample_type, &resample)?,
+                value("upsample_type", &self.upsample_type, &resample)?,
             ),
         })
     }
@@ -432,6 +382,15 @@ impl UNet2DModel {
 
     pub fn config(&self) -> &UNet2DConfig {
         &self.config
+    }
+
+    /// The dtype of the weights; inputs are converted to it.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        self.conv_in.weight().device()
     }
 
     /// `sample` `(B, C, H, W)`, `timestep` scalar or `(B,)` (fractional values allowed) →

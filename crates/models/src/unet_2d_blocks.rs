@@ -28,18 +28,6 @@ macro_rules! block_types {
             pub fn name(&self) -> &'static str {
                 match self { $($name::$variant => stringify!($variant)),* }
             }
-
-            /// The supported names, for error messages.
-            pub fn supported() -> String {
-                Self::ALL.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
-            }
-
-            /// Parses a diffusers class name (the `UNetRes` prefix of old configs is dropped, as
-            /// diffusers does); `None` when unsupported.
-            pub fn from_name(name: &str) -> Option<Self> {
-                let name = name.strip_prefix("UNetRes").unwrap_or(name);
-                Self::ALL.iter().copied().find(|t| t.name() == name)
-            }
         }
     };
 }

@@ -8,7 +8,7 @@ use diffuse_core::Error;
 use serde::{Deserialize, Serialize};
 
 use crate::activations::Activation;
-use crate::config::{to_candle, PerBlock, SampleSize};
+use crate::config::{block_types, check_block_counts, choose, to_candle, PerBlock, SampleSize};
 use crate::embeddings::{
     ClassEmbedding, GaussianFourierProjection, TimeProjection, TimestepEmbedding, Timesteps,
     UNetTimeEmbedding,
@@ -155,14 +155,6 @@ struct Resolved {
     groups: usize,
 }
 
-fn unsupported(field: &str, value: impl std::fmt::Display, supported: &str) -> Error {
-    Error::config(
-        CONTEXT,
-        field,
-        format!("unsupported value `{value}` (supported: {supported})"),
-    )
-}
-
 impl UNet2DConditionConfig {
     /// The number of attention heads of each block (`num_attention_heads`, else the legacy
     /// `attention_head_dim`).
@@ -179,26 +171,15 @@ impl UNet2DConditionConfig {
     }
 
     fn resolve(&self) -> diffuse_core::Result<Resolved> {
+        use DownBlockType::*;
+        use UpBlockType::*;
         let n = self.block_out_channels.len();
-        if n == 0 {
-            return Err(Error::config(
-                CONTEXT,
-                "block_out_channels",
-                "must not be empty",
-            ));
-        }
-        for (field, len) in [
-            ("down_block_types", self.down_block_types.len()),
-            ("up_block_types", self.up_block_types.len()),
-        ] {
-            if len != n {
-                return Err(Error::config(
-                    CONTEXT,
-                    field,
-                    format!("has {len} entries but block_out_channels has {n}"),
-                ));
-            }
-        }
+        check_block_counts(
+            CONTEXT,
+            &self.block_out_channels,
+            &self.down_block_types,
+            &self.up_block_types,
+        )?;
         let fits = [
             ("only_cross_attention", self.only_cross_attention.fits(n)),
             ("layers_per_block", self.layers_per_block.fits(n)),
@@ -227,61 +208,46 @@ impl UNet2DConditionConfig {
                 "the number of heads must be positive",
             ));
         }
-        let down = self
-            .down_block_types
+        let down = block_types(
+            CONTEXT,
+            "down_block_types",
+            &self.down_block_types,
+            &[DownBlock2D, AttnDownBlock2D, CrossAttnDownBlock2D],
+            DownBlockType::name,
+        )?;
+        let up = block_types(
+            CONTEXT,
+            "up_block_types",
+            &self.up_block_types,
+            &[UpBlock2D, AttnUpBlock2D, CrossAttnUpBlock2D],
+            UpBlockType::name,
+        )?;
+        let mid_types = MidBlockType::ALL
             .iter()
-            .enumerate()
-            .map(|(i, name)| match DownBlockType::from_name(name) {
-                Some(t) if t != DownBlockType::DownEncoderBlock2D => Ok(t),
-                _ => Err(unsupported(
-                    &format!("down_block_types[{i}]"),
-                    format!("block type {name}"),
-                    "DownBlock2D, AttnDownBlock2D, CrossAttnDownBlock2D",
-                )),
-            })
-            .collect::<diffuse_core::Result<Vec<_>>>()?;
-        let up = self
-            .up_block_types
-            .iter()
-            .enumerate()
-            .map(|(i, name)| match UpBlockType::from_name(name) {
-                Some(t) if t != UpBlockType::UpDecoderBlock2D => Ok(t),
-                _ => Err(unsupported(
-                    &format!("up_block_types[{i}]"),
-                    format!("block type {name}"),
-                    "UpBlock2D, AttnUpBlock2D, CrossAttnUpBlock2D",
-                )),
-            })
-            .collect::<diffuse_core::Result<Vec<_>>>()?;
-        let mid = match &self.mid_block_type {
-            None => None,
-            Some(name) => Some(MidBlockType::from_name(name).ok_or_else(|| {
-                unsupported(
-                    "mid_block_type",
-                    format!("block type {name}"),
-                    &format!("{}, null", MidBlockType::supported()),
-                )
-            })?),
-        };
-        let fourier = match self.time_embedding_type.as_str() {
-            "positional" => false,
-            "fourier" => true,
-            other => {
-                return Err(unsupported(
-                    "time_embedding_type",
-                    other,
-                    "positional, fourier",
-                ))
-            }
-        };
-        let time_norm =
-            TimeEmbeddingNorm::from_name(&self.resnet_time_scale_shift).ok_or_else(|| {
-                unsupported(
-                    "resnet_time_scale_shift",
-                    &self.resnet_time_scale_shift,
-                    "default, scale_shift",
-                )
-            })?;
+            .map(|t| (t.name(), *t))
+            .collect::<Vec<_>>();
+        let mid = self
+            .mid_block_type
+            .as_deref()
+            .map(|name| choose(CONTEXT, "mid_block_type", "block type", name, &mid_types))
+            .transpose()?;
+        let fourier = choose(
+            CONTEXT,
+            "time_embedding_type",
+            "value",
+            &self.time_embedding_type,
+            &[("positional", false), ("fourier", true)],
+        )?;
+        let time_norm = choose(
+            CONTEXT,
+            "resnet_time_scale_shift",
+            "value",
+            &self.resnet_time_scale_shift,
+            &[
+                ("default", TimeEmbeddingNorm::Default),
+                ("scale_shift", TimeEmbeddingNorm::ScaleShift),
+            ],
+        )?;
         let groups = self.norm_num_groups.ok_or_else(|| {
             Error::config(
                 CONTEXT,
@@ -289,41 +255,32 @@ impl UNet2DConditionConfig {
                 "null (no output norm) is not supported",
             )
         })?;
-        let class_types = ["timestep", "identity", "projection", "simple_projection"];
-        if let Some(t) = self
-            .class_embed_type
-            .as_deref()
-            .filter(|t| !class_types.contains(t))
-        {
-            return Err(unsupported(
-                "class_embed_type",
-                t,
-                "null, timestep, identity, projection, simple_projection",
-            ));
-        }
-        if let Some(t) = self
-            .class_embed_type
-            .as_deref()
-            .filter(|t| t.ends_with("projection"))
-        {
-            if self.projection_class_embeddings_input_dim.is_none() {
+        if let Some(kind) = self.class_embed_type.as_deref() {
+            let kinds = ["timestep", "identity", "projection", "simple_projection"]
+                .map(|k| (k, k.ends_with("projection")));
+            let needs_dim = choose(CONTEXT, "class_embed_type", "value", kind, &kinds)?;
+            if needs_dim && self.projection_class_embeddings_input_dim.is_none() {
                 return Err(Error::config(
                     CONTEXT,
                     "projection_class_embeddings_input_dim",
-                    format!("required by class_embed_type `{t}`"),
+                    format!("required by class_embed_type `{kind}`"),
                 ));
             }
         }
         if self.dual_cross_attention {
-            return Err(unsupported("dual_cross_attention", true, "false"));
-        }
-        if self.attention_type != "default" {
-            return Err(unsupported(
-                "attention_type",
-                &self.attention_type,
-                "default",
+            return Err(Error::config(
+                CONTEXT,
+                "dual_cross_attention",
+                "is not supported: must be false",
             ));
         }
+        choose(
+            CONTEXT,
+            "attention_type",
+            "value",
+            &self.attention_type,
+            &[("default", ())],
+        )?;
         let must_be_null = [
             ("addition_embed_type", self.addition_embed_type.is_some()),
             ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
@@ -580,6 +537,15 @@ impl UNet2DConditionModel {
 
     pub fn config(&self) -> &UNet2DConditionConfig {
         &self.config
+    }
+
+    /// The dtype of the weights; inputs are converted to it.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        self.conv_in.weight().device()
     }
 
     /// `sample` `(B, C, H, W)` (any H, W), `timestep` scalar or `(B,)`, `encoder_hidden_states`
