@@ -1,1 +1,193 @@
-//! (in progress)
+//! Diffusion pipelines at parity with Hugging Face diffusers: unconditional DDPM/DDIM,
+//! Stable Diffusion text-to-image, image-to-image and inpainting.
+//!
+//! [`load_pipeline`] reads a diffusers folder (`model_index.json` + one folder per component)
+//! and returns the [`Pipeline`] its `_class_name` names. Each pipeline is one file whose
+//! `__call__`-like method reads as the diffusers loop does.
+
+pub mod ddpm;
+pub mod image_processor;
+pub mod img2img;
+pub mod inpaint;
+pub mod stable_diffusion;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use diffuse_core::{Error, Result};
+use diffuse_schedulers::{Scheduler, SchedulerConfig};
+
+pub use ddpm::{UnconditionalOutput, UnconditionalPipeline, UnconditionalRequest};
+pub use img2img::Img2ImgRequest;
+pub use inpaint::InpaintRequest;
+pub use stable_diffusion::{
+    EncodedPrompt, GenerationParams, ImageOutput, PromptEmbeds, StableDiffusionPipeline,
+    Text2ImageRequest,
+};
+
+/// The `_class_name`s [`load_pipeline`] understands.
+pub const SUPPORTED_PIPELINES: &[&str] = &[
+    "DDPMPipeline",
+    "DDIMPipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+];
+
+/// How to load a pipeline folder.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+    /// Replaces the folder's scheduler: a diffusers class (`EulerDiscreteScheduler`) or an
+    /// AUTOMATIC1111 name (`Euler a`), built on the folder's scheduler config as diffusers'
+    /// `Cls.from_config(pipe.scheduler.config)` does.
+    pub scheduler: Option<String>,
+    /// Weight variant, e.g. `fp16` for `*.fp16.safetensors`.
+    pub variant: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            scheduler: None,
+            variant: None,
+        }
+    }
+}
+
+/// What a step callback sees after each scheduler step.
+pub struct StepInfo<'a> {
+    /// 0-based index of the step just done.
+    pub step: usize,
+    /// Steps in this run (UNet calls, e.g. n+1 for PNDM).
+    pub num_steps: usize,
+    pub timestep: f64,
+    /// Latents after the step (after the mask blend for legacy inpainting).
+    pub latents: &'a Tensor,
+}
+
+/// Called after every denoising step, for progress bars and previews; an error stops the run.
+pub type StepCallback<'a> = dyn FnMut(StepInfo<'_>) -> Result<()> + 'a;
+
+/// Wall-clock time spent in each phase of a run.
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    pub text_encode: Duration,
+    /// Image preprocessing and VAE encoding (img2img, inpaint).
+    pub image_encode: Duration,
+    pub denoise: Duration,
+    pub decode: Duration,
+}
+
+/// Every tensor that enters and leaves the denoising loop, for parity checks and debugging.
+#[derive(Clone, Debug, Default)]
+pub struct Trace {
+    pub start_latents: Option<Tensor>,
+    /// Exact UNet `sample` input per call (with CFG: the `[uncond, cond]` batch).
+    pub unet_inputs: Vec<Tensor>,
+    pub unet_timesteps: Vec<f64>,
+    /// Raw UNet output per call, before guidance.
+    pub unet_outputs: Vec<Tensor>,
+    /// Latents after each step (the callback's latents).
+    pub step_latents: Vec<Tensor>,
+}
+
+/// A loaded pipeline, as `DiffusionPipeline.from_pretrained` returns it.
+pub enum Pipeline {
+    /// `DDPMPipeline` / `DDIMPipeline`: an unconditional `UNet2DModel`.
+    Unconditional(Box<UnconditionalPipeline>),
+    /// `StableDiffusion{,Img2Img,Inpaint}Pipeline`: the same components, any of the three tasks.
+    StableDiffusion(Box<StableDiffusionPipeline>),
+}
+
+impl Pipeline {
+    /// The `_class_name` of the folder it was loaded from.
+    pub fn class_name(&self) -> &str {
+        match self {
+            Pipeline::Unconditional(p) => &p.class_name,
+            Pipeline::StableDiffusion(p) => &p.class_name,
+        }
+    }
+
+    /// The scheduler class in use.
+    pub fn scheduler_name(&self) -> &str {
+        match self {
+            Pipeline::Unconditional(p) => p.scheduler.class_name(),
+            Pipeline::StableDiffusion(p) => p.scheduler.class_name(),
+        }
+    }
+}
+
+/// Loads a diffusers pipeline folder, dispatching on `model_index.json`'s `_class_name`.
+pub fn load_pipeline(dir: &Path, opts: &LoadOptions) -> Result<Pipeline> {
+    let index_path = dir.join("model_index.json");
+    let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+    let index: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::invalid(format!("{}: not valid JSON: {e}", index_path.display())))?;
+    let class = index
+        .get("_class_name")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| {
+            Error::config(
+                index_path.display().to_string(),
+                "_class_name",
+                "missing or not a string",
+            )
+        })?
+        .to_string();
+    match class.as_str() {
+        "DDPMPipeline" | "DDIMPipeline" => Ok(Pipeline::Unconditional(Box::new(
+            UnconditionalPipeline::load(dir, class, opts)?,
+        ))),
+        "StableDiffusionPipeline"
+        | "StableDiffusionImg2ImgPipeline"
+        | "StableDiffusionInpaintPipeline" => Ok(Pipeline::StableDiffusion(Box::new(
+            StableDiffusionPipeline::load(dir, class, opts)?,
+        ))),
+        other => Err(Error::invalid(format!(
+            "{}: unsupported pipeline class {other:?}; supported: {}",
+            index_path.display(),
+            SUPPORTED_PIPELINES.join(", ")
+        ))),
+    }
+}
+
+/// A component folder of a pipeline; its absence is an error naming it.
+pub(crate) fn component_dir(dir: &Path, name: &str) -> Result<PathBuf> {
+    let d = dir.join(name);
+    if d.is_dir() {
+        Ok(d)
+    } else {
+        Err(Error::invalid(format!(
+            "{}: component folder `{name}` is missing (the pipeline needs it)",
+            dir.display()
+        )))
+    }
+}
+
+/// The folder's scheduler, or the one `opts.scheduler` names built on the folder's config.
+pub(crate) fn load_scheduler(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Scheduler>> {
+    let sdir = component_dir(dir, "scheduler")?;
+    let cfg = SchedulerConfig::from_file(&sdir.join("scheduler_config.json"))?;
+    match &opts.scheduler {
+        Some(name) => diffuse_schedulers::from_name(name, &cfg),
+        None => diffuse_schedulers::from_own_config(&cfg),
+    }
+}
+
+/// A fresh copy of a scheduler (no state left from an earlier run, e.g. PNDM's history).
+pub(crate) fn fresh_scheduler(s: &dyn Scheduler) -> Result<Box<dyn Scheduler>> {
+    diffuse_schedulers::from_config(s.class_name(), s.config())
+}
+
+/// `num_inference_steps` must be at least one.
+pub(crate) fn check_steps(steps: usize) -> Result<()> {
+    if steps == 0 {
+        return Err(Error::invalid("the number of steps must be at least 1"));
+    }
+    Ok(())
+}

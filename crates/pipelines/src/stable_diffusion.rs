@@ -1,0 +1,469 @@
+//! `StableDiffusionPipeline`: text-to-image with classifier-free guidance, and the pieces the
+//! img2img and inpaint pipelines share (prompt encoding, the guided denoising loop, decoding).
+//!
+//! ```text
+//! embeds  = encode_prompt(prompt, negative_prompt)             # [uncond, cond] when CFG
+//! latents = randn(B, 4, h/8, w/8) * init_noise_sigma
+//! for t in timesteps:
+//!     eps = unet(scale_model_input(cat([latents] * 2), t), t, embeds)
+//!     eps = eps_uncond + g * (eps_cond - eps_uncond)
+//!     latents = scheduler.step(eps, t, latents)
+//! image = clamp(vae.decode(latents / scaling_factor) / 2 + 0.5, 0, 1)
+//! ```
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use diffuse_core::{Error, Generator, Result};
+use diffuse_models::clip_text::ClipTextModel;
+use diffuse_models::clip_tokenizer::ClipTokenizer;
+use diffuse_models::{AutoencoderKL, UNet2DConditionModel};
+use diffuse_schedulers::Scheduler;
+use image::RgbImage;
+
+use crate::{check_steps, fresh_scheduler, LoadOptions};
+use crate::{component_dir, load_scheduler, StepCallback, StepInfo, Timings, Trace};
+
+/// The Stable Diffusion components; one value serves text2img, img2img and inpainting.
+pub struct StableDiffusionPipeline {
+    pub class_name: String,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub text_encoder: ClipTextModel,
+    pub tokenizer: ClipTokenizer,
+    /// The configured scheduler; each run works on a fresh copy of it.
+    pub scheduler: Box<dyn Scheduler>,
+    pub device: Device,
+    /// The UNet/text encoder dtype.
+    pub dtype: DType,
+    /// The VAE's dtype (f32 when the config asks to upcast an f16 pipeline).
+    pub vae_dtype: DType,
+}
+
+/// Precomputed prompt embeddings (`prompt_embeds` / `negative_prompt_embeds` of diffusers),
+/// one row per prompt; they are repeated `num_images_per_prompt` times.
+#[derive(Clone, Debug)]
+pub struct PromptEmbeds {
+    pub cond: Tensor,
+    /// With guidance and none given, the negative prompts are encoded.
+    pub uncond: Option<Tensor>,
+}
+
+/// Settings every Stable Diffusion task shares.
+#[derive(Clone, Debug)]
+pub struct GenerationParams {
+    pub prompts: Vec<String>,
+    /// Empty (= ""), one for all prompts, or one per prompt.
+    pub negative_prompts: Vec<String>,
+    /// Replaces `prompts` when set.
+    pub prompt_embeds: Option<PromptEmbeds>,
+    /// Classifier-free guidance is off (no unconditional pass) when <= 1.
+    pub guidance_scale: f64,
+    pub num_images_per_prompt: usize,
+    pub steps: usize,
+    /// DDIM's eta (ignored by other schedulers).
+    pub eta: f64,
+    /// Seed of the torch-compatible generator all noise is drawn from.
+    pub seed: u64,
+    /// Use the output of the layer `clip_skip` layers before the last (then the final layer norm).
+    pub clip_skip: Option<usize>,
+    /// Record every loop tensor in [`ImageOutput::trace`].
+    pub record_trace: bool,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            prompts: vec![String::new()],
+            negative_prompts: vec![],
+            prompt_embeds: None,
+            guidance_scale: 7.5,
+            num_images_per_prompt: 1,
+            steps: 50,
+            eta: 0.0,
+            seed: 0,
+            clip_skip: None,
+            record_trace: false,
+        }
+    }
+}
+
+/// A text-to-image request.
+#[derive(Clone, Debug, Default)]
+pub struct Text2ImageRequest {
+    pub params: GenerationParams,
+    /// Default: the UNet's `sample_size * 8`; must be a multiple of 8.
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+    /// Initial latents (B, 4, h/8, w/8) instead of drawing them; still scaled by
+    /// `init_noise_sigma`.
+    pub latents: Option<Tensor>,
+}
+
+/// Generated images.
+pub struct ImageOutput {
+    /// (N, H, W, 3) f32 in [0, 1].
+    pub images: Tensor,
+    /// The same images as 8-bit RGB (`round(x * 255)`).
+    pub rgb: Vec<RgbImage>,
+    pub timings: Timings,
+    /// Things the user should know (e.g. a truncated prompt).
+    pub warnings: Vec<String>,
+    pub trace: Option<Trace>,
+}
+
+/// Prompt embeddings ready for the UNet: `[uncond; cond]` stacked on the batch when guided
+/// (diffusers `encode_prompt` + the concatenation `__call__` does).
+pub struct EncodedPrompt {
+    pub embeds: Tensor,
+    pub guided: bool,
+    /// Images in the batch (prompts × images per prompt).
+    pub batch: usize,
+}
+
+/// Extra inputs of the loop that differ between the tasks.
+#[derive(Default)]
+pub(crate) struct LoopExtras<'a> {
+    /// Concatenated after the (scaled) latents on the channel axis (9-channel inpainting),
+    /// already repeated for the guidance batch.
+    pub extra_channels: Option<Tensor>,
+    /// Applied to the latents after each step: `(step index, latents, scheduler)` (legacy
+    /// inpainting's mask blend).
+    #[allow(clippy::type_complexity)]
+    pub post_step: Option<Box<dyn Fn(usize, &Tensor, &dyn Scheduler) -> Result<Tensor> + 'a>>,
+}
+
+impl StableDiffusionPipeline {
+    /// Loads `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/` of a folder.
+    pub fn load(dir: &Path, class_name: String, opts: &LoadOptions) -> Result<Self> {
+        let variant = opts.variant.as_deref();
+        let (dtype, device) = (opts.dtype, &opts.device);
+        let unet_dir = component_dir(dir, "unet")?;
+        let vae_dir = component_dir(dir, "vae")?;
+        let te_dir = component_dir(dir, "text_encoder")?;
+        let tok_dir = component_dir(dir, "tokenizer")?;
+        let scheduler = load_scheduler(dir, opts)?;
+        let tokenizer = ClipTokenizer::from_dir(&tok_dir)?;
+        let text_encoder = ClipTextModel::from_pretrained_variant(&te_dir, variant, dtype, device)?;
+        let unet =
+            UNet2DConditionModel::from_pretrained_variant(&unet_dir, variant, dtype, device)?;
+        // SD's VAE overflows in f16; its config says so with `force_upcast`.
+        let vae_cfg: diffuse_models::AutoencoderKLConfig =
+            diffuse_loaders::read_config(&vae_dir.join("config.json"))?;
+        let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vae = AutoencoderKL::from_pretrained_variant(&vae_dir, variant, vae_dtype, device)?;
+        Ok(Self {
+            class_name,
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            scheduler,
+            device: device.clone(),
+            dtype,
+            vae_dtype,
+        })
+    }
+
+    /// `2 ** (len(vae.block_out_channels) - 1)`.
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << self.vae.config().block_out_channels.len().saturating_sub(1)
+    }
+
+    /// The UNet's native image size `(height, width)`.
+    pub fn default_size(&self) -> (usize, usize) {
+        let (h, w) = self
+            .unet
+            .config()
+            .sample_size
+            .map(|s| s.hw())
+            .unwrap_or((64, 64));
+        (h * self.vae_scale_factor(), w * self.vae_scale_factor())
+    }
+
+    /// Text-to-image.
+    pub fn text_to_image(
+        &self,
+        req: &Text2ImageRequest,
+        callback: Option<&mut StepCallback<'_>>,
+    ) -> Result<ImageOutput> {
+        let p = &req.params;
+        check_steps(p.steps)?;
+        let (dh, dw) = self.default_size();
+        let (height, width) = (req.height.unwrap_or(dh), req.width.unwrap_or(dw));
+        self.check_size(height, width)?;
+        let mut timings = Timings::default();
+        let mut warnings = Vec::new();
+
+        let t0 = Instant::now();
+        let prompt = self.encode_prompt(p, &mut warnings)?;
+        timings.text_encode = t0.elapsed();
+
+        let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
+        scheduler.set_eta(p.eta);
+        scheduler.set_timesteps(p.steps)?;
+        let mut generator = Generator::manual_seed(p.seed);
+        let f = self.vae_scale_factor();
+        let shape = (
+            prompt.batch,
+            self.vae.config().latent_channels,
+            height / f,
+            width / f,
+        );
+        // diffusers' prepare_latents: drawn (or given) noise times init_noise_sigma.
+        let noise = match &req.latents {
+            Some(l) => {
+                if l.dims() != [shape.0, shape.1, shape.2, shape.3] {
+                    return Err(Error::invalid(format!(
+                        "latents have shape {:?}, expected {:?}",
+                        l.dims(),
+                        shape
+                    )));
+                }
+                l.to_device(&self.device)?.to_dtype(DType::F32)?
+            }
+            None => generator.randn(shape, &self.device)?,
+        };
+        let latents = (noise * scheduler.init_noise_sigma())?;
+
+        let timesteps = scheduler.timesteps().to_vec();
+        let t1 = Instant::now();
+        let mut trace = p.record_trace.then(Trace::default);
+        let latents = self.denoise(
+            scheduler.as_mut(),
+            &timesteps,
+            latents,
+            &prompt,
+            p.guidance_scale,
+            LoopExtras::default(),
+            &mut generator,
+            callback,
+            trace.as_mut(),
+        )?;
+        timings.denoise = t1.elapsed();
+        self.finish(latents, timings, warnings, trace)
+    }
+
+    pub(crate) fn check_size(&self, height: usize, width: usize) -> Result<()> {
+        let f = self.vae_scale_factor();
+        if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
+            return Err(Error::invalid(format!(
+                "height and width must be positive multiples of {f}, got {width}x{height}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// diffusers `encode_prompt`: token ids padded/truncated to the model length, text encoder
+    /// output (or an earlier layer with clip skip), repeated per image, and with guidance the
+    /// negative prompts' embeddings stacked before them.
+    pub fn encode_prompt(
+        &self,
+        p: &GenerationParams,
+        warnings: &mut Vec<String>,
+    ) -> Result<EncodedPrompt> {
+        if p.num_images_per_prompt == 0 {
+            return Err(Error::invalid("num_images_per_prompt must be at least 1"));
+        }
+        let guided = p.guidance_scale > 1.0;
+        let n = p.num_images_per_prompt;
+        let cond = match &p.prompt_embeds {
+            Some(e) => e.cond.to_device(&self.device)?,
+            None => {
+                if p.prompts.is_empty() {
+                    return Err(Error::invalid("no prompt given"));
+                }
+                self.embed_texts(&p.prompts, p.clip_skip, warnings)?
+            }
+        };
+        let prompts = cond.dim(0)?;
+        if !guided {
+            return Ok(EncodedPrompt {
+                embeds: repeat_batch(&cond, n)?,
+                guided,
+                batch: prompts * n,
+            });
+        }
+        let uncond = match p.prompt_embeds.as_ref().and_then(|e| e.uncond.as_ref()) {
+            Some(u) => u.to_device(&self.device)?,
+            None => {
+                let negs: Vec<String> = match p.negative_prompts.len() {
+                    0 => vec![String::new(); prompts],
+                    1 => vec![p.negative_prompts[0].clone(); prompts],
+                    k if k == prompts => p.negative_prompts.clone(),
+                    k => {
+                        return Err(Error::invalid(format!(
+                            "{k} negative prompts for {prompts} prompts; give one or one per prompt"
+                        )))
+                    }
+                };
+                // diffusers applies clip skip to the prompt only, not to the negative prompt.
+                self.embed_texts(&negs, None, warnings)?
+            }
+        };
+        if uncond.dims() != cond.dims() {
+            return Err(Error::invalid(format!(
+                "negative prompt embeddings {:?} do not match prompt embeddings {:?}",
+                uncond.dims(),
+                cond.dims()
+            )));
+        }
+        let (uncond, cond) = (repeat_batch(&uncond, n)?, repeat_batch(&cond, n)?);
+        Ok(EncodedPrompt {
+            embeds: Tensor::cat(&[&uncond, &cond], 0)?,
+            guided,
+            batch: prompts * n,
+        })
+    }
+
+    /// Text encoder embeddings (B, 77, hidden) of `texts`.
+    fn embed_texts(
+        &self,
+        texts: &[String],
+        clip_skip: Option<usize>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Tensor> {
+        let max_len = self.tokenizer.max_length();
+        let mut rows = Vec::with_capacity(texts.len() * max_len);
+        for text in texts {
+            let (ids, truncated) = self.tokenizer.encode_padded(text, max_len)?;
+            if truncated {
+                let all = self.tokenizer.encode(text);
+                let removed = self.tokenizer.decode(&all[max_len - 1..all.len() - 1]);
+                warnings.push(format!(
+                    "The following part of your input was truncated because CLIP can only handle \
+                     sequences up to {max_len} tokens: {removed}"
+                ));
+            }
+            rows.extend(ids.into_iter().map(i64::from));
+        }
+        let ids = Tensor::from_vec(rows, (texts.len(), max_len), &self.device)?;
+        let out = self.text_encoder.forward(&ids)?;
+        match clip_skip {
+            None => Ok(out.last_hidden_state),
+            Some(k) => {
+                let layers = out.hidden_states.len() - 1;
+                if k > layers {
+                    return Err(Error::invalid(format!(
+                        "clip_skip {k} is more than the text encoder's {layers} layers"
+                    )));
+                }
+                self.text_encoder
+                    .final_layer_norm(&out.hidden_states[layers - k])
+            }
+        }
+    }
+
+    /// The guided denoising loop every Stable Diffusion task runs.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn denoise(
+        &self,
+        scheduler: &mut dyn Scheduler,
+        timesteps: &[f64],
+        mut latents: Tensor,
+        prompt: &EncodedPrompt,
+        guidance_scale: f64,
+        extras: LoopExtras<'_>,
+        generator: &mut Generator,
+        mut callback: Option<&mut StepCallback<'_>>,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.start_latents = Some(latents.clone());
+        }
+        let num_steps = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let doubled = if prompt.guided {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let mut input = scheduler.scale_model_input(&doubled, t)?;
+            if let Some(extra) = &extras.extra_channels {
+                input = Tensor::cat(&[&input, extra], 1)?;
+            }
+            let t_tensor = Tensor::new(t as f32, &self.device)?;
+            let out = self
+                .unet
+                .forward(&input, &t_tensor, &prompt.embeds)?
+                .to_dtype(DType::F32)?;
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.unet_inputs.push(input.clone());
+                tr.unet_timesteps.push(t);
+                tr.unet_outputs.push(out.clone());
+            }
+            let eps = if prompt.guided {
+                let b = prompt.batch;
+                let (u, c) = (out.i(..b)?, out.i(b..)?);
+                (&u + ((c - &u)? * guidance_scale)?)?
+            } else {
+                out
+            };
+            latents = scheduler.step(&eps, t, &latents, generator)?.prev_sample;
+            if let Some(post) = &extras.post_step {
+                latents = post(i, &latents, scheduler)?;
+            }
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.step_latents.push(latents.clone());
+            }
+            if let Some(cb) = callback.as_deref_mut() {
+                cb(StepInfo {
+                    step: i,
+                    num_steps,
+                    timestep: t,
+                    latents: &latents,
+                })?;
+            }
+        }
+        Ok(latents)
+    }
+
+    /// Decodes latents and builds the output (`output_type="np"` and `"pil"` at once).
+    pub(crate) fn finish(
+        &self,
+        latents: Tensor,
+        mut timings: Timings,
+        warnings: Vec<String>,
+        trace: Option<Trace>,
+    ) -> Result<ImageOutput> {
+        let t = Instant::now();
+        let z = (latents / self.vae.config().scaling_factor)?.to_dtype(self.vae_dtype)?;
+        let decoded = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+        let (images, rgb) = crate::image_processor::postprocess(&decoded)?;
+        timings.decode = t.elapsed();
+        Ok(ImageOutput {
+            images,
+            rgb,
+            timings,
+            warnings,
+            trace,
+        })
+    }
+
+    /// `scaling_factor * sample(vae.encode(image))` with the posterior noise drawn from
+    /// `generator` (diffusers' `retrieve_latents(..., generator)`).
+    pub(crate) fn encode_image(&self, image: &Tensor, generator: &mut Generator) -> Result<Tensor> {
+        let posterior = self.vae.encode(&image.to_dtype(self.vae_dtype)?)?;
+        let noise = generator.randn(posterior.mean.shape().clone(), &self.device)?;
+        let z = posterior.sample(&noise)?.to_dtype(DType::F32)?;
+        Ok((z * self.vae.config().scaling_factor)?)
+    }
+}
+
+/// Each batch row repeated `n` times in place (`repeat(1, n, 1).view(B * n, ...)`).
+pub(crate) fn repeat_batch(t: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(t.clone());
+    }
+    let b = t.dim(0)?;
+    let rows: Vec<Tensor> = (0..b)
+        .flat_map(|i| std::iter::repeat_n(i, n))
+        .map(|i| t.i(i..i + 1))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
+}

@@ -1,0 +1,159 @@
+//! Bad requests and broken pipeline folders give clear errors, never panics.
+
+use std::path::{Path, PathBuf};
+
+use diffuse_core::testing::fixtures_dir;
+use diffuse_pipelines::{
+    load_pipeline, GenerationParams, LoadOptions, Pipeline, StableDiffusionPipeline,
+    Text2ImageRequest,
+};
+
+fn tiny_sd() -> PathBuf {
+    fixtures_dir().join("pipelines/tiny_sd")
+}
+
+fn load_sd() -> StableDiffusionPipeline {
+    match load_pipeline(&tiny_sd(), &LoadOptions::default()).expect("tiny_sd loads") {
+        Pipeline::StableDiffusion(p) => *p,
+        _ => panic!("tiny_sd is a Stable Diffusion pipeline"),
+    }
+}
+
+fn request(steps: usize, width: usize) -> Text2ImageRequest {
+    Text2ImageRequest {
+        params: GenerationParams {
+            prompts: vec!["a photo".into()],
+            steps,
+            ..Default::default()
+        },
+        height: Some(64),
+        width: Some(width),
+        latents: None,
+    }
+}
+
+/// A copy of the tiny pipeline (without weights where not needed) in a fresh temp folder.
+fn temp_copy(name: &str, skip: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("diffuse-bad-input-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    copy_dir(&tiny_sd(), &dst, skip);
+    dst
+}
+
+fn copy_dir(src: &Path, dst: &Path, skip: &str) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() == skip {
+            continue;
+        }
+        let to = dst.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to, skip);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+#[test]
+fn width_not_multiple_of_8_is_rejected() {
+    let err = load_sd()
+        .text_to_image(&request(3, 65), None)
+        .err()
+        .expect("65 wide must fail")
+        .to_string();
+    assert!(
+        err.contains("multiples of 8") && err.contains("65x64"),
+        "{err}"
+    );
+}
+
+#[test]
+fn zero_steps_is_rejected() {
+    let err = load_sd()
+        .text_to_image(&request(0, 64), None)
+        .err()
+        .expect("0 steps must fail")
+        .to_string();
+    assert!(err.contains("steps"), "{err}");
+}
+
+#[test]
+fn missing_component_folder_is_named() {
+    let dir = temp_copy("missing-vae", "vae");
+    let err = load_pipeline(&dir, &LoadOptions::default())
+        .err()
+        .expect("no vae/ must fail")
+        .to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(err.contains("`vae`"), "{err}");
+}
+
+#[test]
+fn unknown_class_name_lists_the_supported_ones() {
+    let dir = temp_copy("unknown-class", "unet");
+    let index = dir.join("model_index.json");
+    let text = std::fs::read_to_string(&index)
+        .unwrap()
+        .replace("\"StableDiffusionPipeline\"", "\"KandinskyPipeline\"");
+    std::fs::write(&index, text).unwrap();
+    let err = load_pipeline(&dir, &LoadOptions::default())
+        .err()
+        .expect("unknown class must fail")
+        .to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        err.contains("KandinskyPipeline") && err.contains("StableDiffusionImg2ImgPipeline"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_scheduler_is_an_error() {
+    let opts = LoadOptions {
+        scheduler: Some("NoSuchSampler".into()),
+        ..Default::default()
+    };
+    let err = load_pipeline(&tiny_sd(), &opts)
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(err.contains("NoSuchSampler"), "{err}");
+}
+
+#[test]
+fn seeded_generation_is_deterministic_and_batches() {
+    let pipe = load_sd();
+    let mut req = request(2, 64);
+    req.params.num_images_per_prompt = 2;
+    req.params.seed = 7;
+    let mut steps_seen = 0;
+    let mut cb = |info: diffuse_pipelines::StepInfo<'_>| {
+        steps_seen += 1;
+        assert_eq!(info.latents.dims(), [2, 4, 8, 8]);
+        Ok(())
+    };
+    let a = pipe.text_to_image(&req, Some(&mut cb)).unwrap();
+    assert!(steps_seen >= 2);
+    let b = pipe.text_to_image(&req, None).unwrap();
+    assert_eq!(a.images.dims(), [2, 64, 64, 3]);
+    assert_eq!(a.rgb.len(), 2);
+    let diff = (&a.images - &b.images)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+}
+
+#[test]
+fn long_prompts_are_truncated_with_a_warning() {
+    let pipe = load_sd();
+    let mut req = request(1, 64);
+    req.params.prompts = vec!["horse ".repeat(100)];
+    let out = pipe.text_to_image(&req, None).unwrap();
+    assert_eq!(out.warnings.len(), 1, "{:?}", out.warnings);
+    assert!(out.warnings[0].contains("truncated"));
+}
