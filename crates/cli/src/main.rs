@@ -1,5 +1,6 @@
 //! `diffuse`: diffusion models from the command line.
 
+mod generate;
 mod info;
 mod schedulers_cmd;
 
@@ -24,6 +25,12 @@ enum Command {
     Info(info::InfoArgs),
     /// List the schedulers, or show the schedule one of them runs.
     Schedulers(schedulers_cmd::SchedulersArgs),
+    /// Text-to-image with a Stable Diffusion folder (or unconditional DDPM/DDIM sampling).
+    Generate(generate::GenerateArgs),
+    /// Image-to-image: redraw an init image following a prompt.
+    Img2img(generate::Img2ImgArgs),
+    /// Inpainting: repaint the white part of a mask.
+    Inpaint(generate::InpaintArgs),
 }
 
 fn main() {
@@ -31,6 +38,9 @@ fn main() {
     let result = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Schedulers(a) => schedulers_cmd::run(a),
+        Command::Generate(a) => generate::run_generate(a),
+        Command::Img2img(a) => generate::run_img2img(a),
+        Command::Inpaint(a) => generate::run_inpaint(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

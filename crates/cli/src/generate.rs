@@ -1,0 +1,529 @@
+//! `diffuse generate | img2img | inpaint`: run a pipeline folder and write PNGs.
+//!
+//! Each PNG carries the settings in an AUTOMATIC1111-style `parameters` text chunk, so tools
+//! that read A1111 images show them, and a run can be reproduced from its file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use diffuse_pipelines::{
+    load_pipeline, GenerationParams, Img2ImgRequest, InpaintRequest, LoadOptions, Pipeline,
+    StableDiffusionPipeline, StepCallback, StepInfo, Text2ImageRequest, Timings,
+    UnconditionalRequest,
+};
+use image::RgbImage;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Weight and compute precision.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DtypeArg> for DType {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Settings shared by every generating subcommand.
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Pipeline folder (diffusers layout with model_index.json) or a hub id in the local
+    /// Hugging Face cache. Default: the tiny test pipeline bundled with the repository.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// What to draw.
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    /// What to steer away from.
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 25)]
+    pub steps: usize,
+    /// Classifier-free guidance scale; 1 or less disables guidance (and halves the work).
+    #[arg(long, alias = "cfg-scale", default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    /// Scheduler: a diffusers class (EulerDiscreteScheduler) or an A1111 name ("Euler a",
+    /// "DPM++ 2M Karras"). Default: the model folder's own.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Seed of the torch-compatible generator (same seed, same image as diffusers on CPU).
+    /// Random when absent; it is printed either way.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Images to generate.
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+    /// DDIM eta: 0 is deterministic, 1 adds DDPM-like noise. Other schedulers ignore it.
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// `cpu`, or `cuda:N` (needs a build with CUDA support).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Precision of the weights and the compute.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// A PNG file, or an existing folder to write `diffuse-<seed>-<n>.png` into. With several
+    /// images a file name gets `-<n>` before its extension.
+    #[arg(long, short, default_value = "output.png")]
+    pub output: PathBuf,
+    /// Overwrite existing output files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `diffuse generate`: text-to-image (or unconditional sampling for DDPM/DDIM folders).
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Image width in pixels (a multiple of 8). Default: the model's native size.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (a multiple of 8). Default: the model's native size.
+    #[arg(long)]
+    pub height: Option<usize>,
+}
+
+/// `diffuse img2img`: redraw an image following a prompt.
+#[derive(Args, Debug, Clone)]
+pub struct Img2ImgArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The image to start from (its size is rounded down to a multiple of 8).
+    #[arg(long)]
+    pub init_image: PathBuf,
+    /// How much to change it, in (0, 1]: the share of the schedule that runs.
+    #[arg(long, default_value_t = 0.75)]
+    pub strength: f64,
+}
+
+/// `diffuse inpaint`: repaint the white part of a mask.
+#[derive(Args, Debug, Clone)]
+pub struct InpaintArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The image to repaint.
+    #[arg(long)]
+    pub init_image: PathBuf,
+    /// Mask image, white = repaint, black = keep (converted to grayscale, thresholded at 50%).
+    #[arg(long)]
+    pub mask: PathBuf,
+    /// 1 starts from pure noise under the mask; lower keeps more of the original.
+    #[arg(long, default_value_t = 1.0)]
+    pub strength: f64,
+}
+
+pub fn run_generate(args: GenerateArgs) -> Result<()> {
+    let session = Session::open(&args.common)?;
+    match &session.pipeline {
+        Pipeline::Unconditional(p) => {
+            if !args.common.prompt.is_empty() {
+                eprintln!(
+                    "note: {} is unconditional; the prompt is ignored",
+                    p.class_name
+                );
+            }
+            if args.width.is_some() || args.height.is_some() {
+                bail!(
+                    "{} generates {}x{} images only; drop --width/--height",
+                    p.class_name,
+                    p.image_shape().2,
+                    p.image_shape().1
+                );
+            }
+            let (_, h, w) = p.image_shape();
+            let outputs = session.output_paths(w, h)?;
+            let req = UnconditionalRequest {
+                batch_size: args.common.num_images,
+                steps: args.common.steps,
+                eta: args.common.eta,
+                seed: session.seed,
+            };
+            let bar = progress_bar("denoising");
+            let out = p.generate(&req, Some(&mut step_callback(&bar)))?;
+            bar.finish_and_clear();
+            if out.rgb.is_empty() {
+                bail!(
+                    "the model makes {}-channel images; only RGB can be saved",
+                    p.image_shape().0
+                );
+            }
+            session.save(&out.rgb, &outputs)?;
+            let timings = Timings {
+                denoise: out.denoise,
+                ..Default::default()
+            };
+            print_timings(&timings, args.common.steps);
+            Ok(())
+        }
+        Pipeline::StableDiffusion(p) => {
+            let (dh, dw) = p.default_size();
+            let (h, w) = (args.height.unwrap_or(dh), args.width.unwrap_or(dw));
+            let outputs = session.output_paths(w, h)?;
+            let req = Text2ImageRequest {
+                params: session.params(),
+                height: Some(h),
+                width: Some(w),
+                latents: None,
+            };
+            session.run_sd(p, &outputs, |p, cb| p.text_to_image(&req, cb))
+        }
+    }
+}
+
+pub fn run_img2img(args: Img2ImgArgs) -> Result<()> {
+    let session = Session::open(&args.common)?;
+    let p = session.stable_diffusion("img2img")?;
+    let image = read_image(&args.init_image)?.to_rgb8();
+    let f = p.vae_scale_factor() as u32;
+    let outputs = session.output_paths(
+        (image.width() - image.width() % f) as usize,
+        (image.height() - image.height() % f) as usize,
+    )?;
+    let req = Img2ImgRequest {
+        params: session.params(),
+        image,
+        strength: args.strength,
+    };
+    session.run_sd(p, &outputs, |p, cb| p.img2img(&req, cb))
+}
+
+pub fn run_inpaint(args: InpaintArgs) -> Result<()> {
+    let session = Session::open(&args.common)?;
+    let p = session.stable_diffusion("inpaint")?;
+    let image = read_image(&args.init_image)?.to_rgb8();
+    let mask = read_image(&args.mask)?.to_luma8();
+    let f = p.vae_scale_factor() as u32;
+    let outputs = session.output_paths(
+        (image.width() - image.width() % f) as usize,
+        (image.height() - image.height() % f) as usize,
+    )?;
+    let req = InpaintRequest {
+        params: session.params(),
+        image,
+        mask,
+        strength: args.strength,
+        height: None,
+        width: None,
+        latents: None,
+    };
+    session.run_sd(p, &outputs, |p, cb| p.inpaint(&req, cb))
+}
+
+/// A loaded pipeline with the settings of one command.
+struct Session {
+    args: CommonArgs,
+    pipeline: Pipeline,
+    seed: u64,
+    /// Shown in the PNG metadata.
+    model_name: String,
+}
+
+impl Session {
+    fn open(args: &CommonArgs) -> Result<Self> {
+        if args.num_images == 0 {
+            bail!("--num-images must be at least 1");
+        }
+        if args.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        // Fail on a bad output path before the (slow) model load.
+        check_output_parent(&args.output)?;
+        let device = parse_device(&args.device)?;
+        let dir = match &args.model {
+            Some(spec) => diffuse_loaders::resolve_model(spec, None)?,
+            None => default_model(),
+        };
+        let opts = LoadOptions {
+            dtype: args.dtype.into(),
+            device,
+            scheduler: args.scheduler.clone(),
+            variant: None,
+        };
+        let pipeline = load_pipeline(&dir, &opts)
+            .with_context(|| format!("loading the pipeline in {}", dir.display()))?;
+        let seed = args.seed.unwrap_or_else(random_seed);
+        eprintln!("seed: {seed}");
+        let model_name = match &args.model {
+            Some(spec) if !Path::new(spec).is_dir() => spec.clone(),
+            _ => dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| dir.display().to_string()),
+        };
+        Ok(Self {
+            args: args.clone(),
+            pipeline,
+            seed,
+            model_name,
+        })
+    }
+
+    fn stable_diffusion(&self, task: &str) -> Result<&StableDiffusionPipeline> {
+        match &self.pipeline {
+            Pipeline::StableDiffusion(p) => Ok(p),
+            other => bail!(
+                "{task} needs a Stable Diffusion pipeline; this folder holds a {}",
+                other.class_name()
+            ),
+        }
+    }
+
+    fn params(&self) -> GenerationParams {
+        GenerationParams {
+            prompts: vec![self.args.prompt.clone()],
+            negative_prompts: vec![self.args.negative_prompt.clone()],
+            guidance_scale: self.args.guidance_scale,
+            num_images_per_prompt: self.args.num_images,
+            steps: self.args.steps,
+            eta: self.args.eta,
+            seed: self.seed,
+            ..Default::default()
+        }
+    }
+
+    /// Runs a Stable Diffusion task with a progress bar, then saves and reports.
+    fn run_sd(
+        &self,
+        p: &StableDiffusionPipeline,
+        outputs: &[OutputFile],
+        run: impl FnOnce(
+            &StableDiffusionPipeline,
+            Option<&mut StepCallback<'_>>,
+        ) -> diffuse_core::Result<diffuse_pipelines::ImageOutput>,
+    ) -> Result<()> {
+        let bar = progress_bar("denoising");
+        let out = run(p, Some(&mut step_callback(&bar)))?;
+        bar.finish_and_clear();
+        for w in &out.warnings {
+            eprintln!("warning: {w}");
+        }
+        self.save(&out.rgb, outputs)?;
+        print_timings(&out.timings, self.args.steps);
+        Ok(())
+    }
+
+    /// Where each image goes, checked before any work: no overwriting without `--force`.
+    fn output_paths(&self, width: usize, height: usize) -> Result<Vec<OutputFile>> {
+        let n = self.args.num_images;
+        let out = &self.args.output;
+        let paths: Vec<PathBuf> = if out.is_dir() {
+            (0..n)
+                .map(|i| out.join(format!("diffuse-{}-{i}.png", self.seed)))
+                .collect()
+        } else if n == 1 {
+            vec![out.clone()]
+        } else {
+            let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+            let ext = out
+                .extension()
+                .map(|e| e.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "png".into());
+            (0..n)
+                .map(|i| out.with_file_name(format!("{stem}-{i}.{ext}")))
+                .collect()
+        };
+        for p in &paths {
+            if p.exists() && !self.args.force {
+                bail!("{} exists; pass --force to overwrite it", p.display());
+            }
+        }
+        let params = self.parameters_text(width, height);
+        Ok(paths
+            .into_iter()
+            .map(|path| OutputFile {
+                path,
+                parameters: params.clone(),
+            })
+            .collect())
+    }
+
+    /// The A1111 `parameters` text.
+    fn parameters_text(&self, width: usize, height: usize) -> String {
+        let a = &self.args;
+        let sampler = a
+            .scheduler
+            .clone()
+            .unwrap_or_else(|| self.pipeline.scheduler_name().to_string());
+        format!(
+            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, CFG scale: {}, Seed: {}, Size: {width}x{height}, Model: {}",
+            a.prompt, a.negative_prompt, a.steps, a.guidance_scale, self.seed, self.model_name
+        )
+    }
+
+    fn save(&self, images: &[RgbImage], outputs: &[OutputFile]) -> Result<()> {
+        if images.len() != outputs.len() {
+            bail!(
+                "the pipeline returned {} images, {} were expected",
+                images.len(),
+                outputs.len()
+            );
+        }
+        for (img, out) in images.iter().zip(outputs) {
+            write_png(img, out, self.args.force)?;
+            println!("wrote {}", out.path.display());
+        }
+        Ok(())
+    }
+}
+
+struct OutputFile {
+    path: PathBuf,
+    parameters: String,
+}
+
+/// The tiny pipeline in the repository's fixtures (works from a source checkout).
+fn default_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/pipelines/tiny_sd")
+}
+
+fn parse_device(spec: &str) -> Result<Device> {
+    let s = spec.trim().to_ascii_lowercase();
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match s.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .with_context(|| format!("bad device `{spec}`; use cpu or cuda:N"))?,
+        None => bail!("unknown device `{spec}`; use cpu or cuda:N"),
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!(
+            "device `{spec}`: this diffuse binary was built without CUDA support; use --device cpu"
+        );
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("opening {spec}"))
+}
+
+fn check_output_parent(out: &Path) -> Result<()> {
+    if out.is_dir() {
+        return Ok(());
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "output folder {} does not exist; create it first",
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
+/// A seed from the OS-seeded hasher (no rand dependency), kept below 2^32 as A1111 seeds are.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() & 0xffff_ffff
+}
+
+fn read_image(path: &Path) -> Result<image::DynamicImage> {
+    image::open(path).with_context(|| format!("reading image {}", path.display()))
+}
+
+fn progress_bar(what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Advances the bar once per denoising step.
+fn step_callback(bar: &ProgressBar) -> impl FnMut(StepInfo<'_>) -> diffuse_core::Result<()> + '_ {
+    move |info| {
+        bar.set_length(info.num_steps as u64);
+        bar.set_position(info.step as u64 + 1);
+        Ok(())
+    }
+}
+
+fn print_timings(t: &Timings, steps: usize) {
+    let s = |d: Duration| d.as_secs_f64();
+    let rate = if t.denoise.is_zero() {
+        0.0
+    } else {
+        steps as f64 / s(t.denoise)
+    };
+    eprintln!(
+        "time: text encode {:.2}s, image encode {:.2}s, denoise {:.2}s ({rate:.2} it/s), decode {:.2}s",
+        s(t.text_encode),
+        s(t.image_encode),
+        s(t.denoise),
+        s(t.decode)
+    );
+}
+
+/// Writes the PNG with its `parameters` chunk to a temp file, then renames it into place, so
+/// an interrupted run never leaves a partial PNG behind.
+fn write_png(img: &RgbImage, out: &OutputFile, force: bool) -> Result<()> {
+    let dir = match out.path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = out
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output.png".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| -> Result<()> {
+        let file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        {
+            let mut enc = png::Encoder::new(&mut w, img.width(), img.height());
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            // tEXt is Latin-1 only; other prompts go in an (UTF-8) iTXt chunk.
+            if out.parameters.chars().all(|c| (c as u32) < 256) {
+                enc.add_text_chunk("parameters".into(), out.parameters.clone())?;
+            } else {
+                enc.add_itxt_chunk("parameters".into(), out.parameters.clone())?;
+            }
+            let mut writer = enc.write_header()?;
+            writer.write_image_data(img.as_raw())?;
+            writer.finish()?;
+        }
+        w.flush()?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        if out.path.exists() && !force {
+            bail!(
+                "{} appeared meanwhile; pass --force to overwrite it",
+                out.path.display()
+            );
+        }
+        std::fs::rename(&tmp, &out.path)
+            .with_context(|| format!("moving the image to {}", out.path.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", out.path.display()))
+}
