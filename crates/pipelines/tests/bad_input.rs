@@ -157,3 +157,54 @@ fn long_prompts_are_truncated_with_a_warning() {
     assert_eq!(out.warnings.len(), 1, "{:?}", out.warnings);
     assert!(out.warnings[0].contains("truncated"));
 }
+
+/// A DDPM/DDIM pipeline folder assembled from the model and scheduler fixtures.
+fn unconditional_folder(class: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("diffuse-uncond-{class}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    copy_dir(&fixtures_dir().join("models/unet2d"), &dst.join("unet"), "");
+    copy_dir(
+        &fixtures_dir().join("schedulers/ddpm_linear_eps"),
+        &dst.join("scheduler"),
+        "",
+    );
+    std::fs::write(
+        dst.join("model_index.json"),
+        format!(r#"{{"_class_name": "{class}", "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}}"#),
+    )
+    .unwrap();
+    dst
+}
+
+#[test]
+fn unconditional_pipelines_generate_images_in_range() {
+    for (class, scheduler) in [
+        ("DDPMPipeline", "DDPMScheduler"),
+        ("DDIMPipeline", "DDIMScheduler"),
+    ] {
+        let dir = unconditional_folder(class);
+        let pipe = match load_pipeline(&dir, &LoadOptions::default()).unwrap() {
+            Pipeline::Unconditional(p) => p,
+            _ => panic!("{class} is unconditional"),
+        };
+        assert_eq!(pipe.scheduler.class_name(), scheduler);
+        let req = diffuse_pipelines::UnconditionalRequest {
+            batch_size: 2,
+            steps: 3,
+            ..Default::default()
+        };
+        let out = pipe.generate(&req, None).unwrap();
+        let (c, h, w) = pipe.image_shape();
+        assert_eq!(out.images.dims(), [2, h, w, c]);
+        let min = out.images.min_all().unwrap().to_scalar::<f32>().unwrap();
+        let max = out.images.max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((0.0..=1.0).contains(&min) && (0.0..=1.0).contains(&max));
+        assert!(pipe
+            .generate(
+                &diffuse_pipelines::UnconditionalRequest { steps: 0, ..req },
+                None
+            )
+            .is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

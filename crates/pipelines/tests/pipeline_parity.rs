@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
-use diffuse_core::testing::{assert_close, fixtures_dir, get, load_tensors, read_json, run_all};
+use diffuse_core::testing::{
+    assert_close, fixtures_dir, get, load_tensors, max_abs_diff, read_json, run_all, to_vec_f64,
+};
 use diffuse_pipelines::{
     load_pipeline, GenerationParams, Img2ImgRequest, InpaintRequest, LoadOptions, Pipeline,
     StableDiffusionPipeline, Text2ImageRequest, Trace,
@@ -23,7 +25,8 @@ const IMAGE_ATOL: f64 = 2e-3;
 /// Files of `outputs/` that are inputs or auxiliary data, not runs.
 const AUXILIARY: &[&str] = &["prompt_embeds", "text2img_latents"];
 
-type Runner = fn(&str, &HashMap<String, Tensor>, &serde_json::Value) -> Result<Trace>;
+/// A runner returns the loop trace and the final (N, H, W, 3) images.
+type Runner = fn(&str, &HashMap<String, Tensor>, &serde_json::Value) -> Result<(Trace, Tensor)>;
 
 /// Run-file prefix → runner.
 const RUNNERS: &[(&str, Runner)] = &[
@@ -80,7 +83,7 @@ fn run_text2img(
     name: &str,
     data: &HashMap<String, Tensor>,
     info: &serde_json::Value,
-) -> Result<Trace> {
+) -> Result<(Trace, Tensor)> {
     let class = info[name]["scheduler"]
         .as_str()
         .context("scheduler class")?;
@@ -109,7 +112,7 @@ fn run_text2img(
     };
     let out = pipe.text_to_image(&req, None)?;
     assert_close("image", &out.images, get(data, "image")?, IMAGE_ATOL, 0.0)?;
-    out.trace.context("no trace recorded")
+    Ok((out.trace.context("no trace recorded")?, out.images))
 }
 
 fn init_image() -> Result<image::RgbImage> {
@@ -123,7 +126,7 @@ fn run_img2img(
     name: &str,
     data: &HashMap<String, Tensor>,
     info: &serde_json::Value,
-) -> Result<Trace> {
+) -> Result<(Trace, Tensor)> {
     let run = &info[name];
     let pipe = load_sd("tiny_sd", None)?;
     let req = Img2ImgRequest {
@@ -136,14 +139,14 @@ fn run_img2img(
     };
     let out = pipe.img2img(&req, None)?;
     assert_close("image", &out.images, get(data, "image")?, IMAGE_ATOL, 0.0)?;
-    out.trace.context("no trace recorded")
+    Ok((out.trace.context("no trace recorded")?, out.images))
 }
 
 fn run_inpaint(
     name: &str,
     data: &HashMap<String, Tensor>,
     info: &serde_json::Value,
-) -> Result<Trace> {
+) -> Result<(Trace, Tensor)> {
     let run = &info[name];
     let folder = run["pipeline_folder"].as_str().context("pipeline_folder")?;
     let pipe = load_sd(folder, None)?;
@@ -165,7 +168,7 @@ fn run_inpaint(
     };
     let out = pipe.inpaint(&req, None)?;
     assert_close("image", &out.images, get(data, "image")?, IMAGE_ATOL, 0.0)?;
-    out.trace.context("no trace recorded")
+    Ok((out.trace.context("no trace recorded")?, out.images))
 }
 
 /// Compares the recorded loop with the fixture's `start_latents`, `unet_*` and `step_*`.
@@ -239,13 +242,18 @@ fn every_reference_run_matches_diffusers() {
                 );
             };
             let data = load_tensors(p)?;
-            let trace = runner(name, &data, &info)?;
+            let (trace, images) = runner(name, &data, &info)?;
             check_trace(&trace, &data)?;
-            let (img, _) = (get(&data, "image")?, ());
+            let max_diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                Ok(max_abs_diff(&to_vec_f64(a)?, &to_vec_f64(b)?))
+            };
+            let last = trace.step_latents.last().context("no steps")?;
+            let want_last = get(&data, "step_latents")?.get(trace.step_latents.len() - 1)?;
             eprintln!(
-                "{name}: ok ({} UNet calls, image {:?})",
+                "{name}: ok ({} UNet calls; max |diff| final latents {:.1e}, image {:.1e})",
                 trace.unet_inputs.len(),
-                img.dims()
+                max_diff(last, &want_last)?,
+                max_diff(&images, get(&data, "image")?)?
             );
             Ok(())
         },
