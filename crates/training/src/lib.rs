@@ -1,1 +1,17 @@
-//! (in progress)
+//! Training `UNet2DModel`s (DDPM) from scratch on image datasets: data loading, AdamW with
+//! warm-up + cosine schedule, EMA, atomic checkpoints with exact resumption, sample grids,
+//! metrics and a loss curve, and export as a diffusers `DDPMPipeline` folder.
+
+pub mod checkpoint;
+pub mod dataset;
+pub mod ema;
+pub mod optimizer;
+pub mod plot;
+pub mod sample;
+pub mod trainer;
+
+pub use dataset::{Dataset, DatasetKind, DatasetOptions, Fit};
+pub use ema::EmaConfig;
+pub use optimizer::{AdamWConfig, LrScheduleKind};
+pub use sample::SampleSettings;
+pub use trainer::{Event, StepStats, TrainConfig, Trainer};

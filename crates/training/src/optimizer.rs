@@ -1,0 +1,229 @@
+//! AdamW (as `torch.optim.AdamW`), the warm-up + cosine / constant learning-rate schedules of
+//! diffusers' `get_scheduler`, and gradient-norm clipping (`torch.nn.utils.clip_grad_norm_`).
+//!
+//! The optimizer is ours rather than candle-nn's so that its moments can be read out and
+//! restored for checkpoints.
+
+use candle_core::{Tensor, Var};
+use diffuse_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// `torch.optim.AdamW` hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// diffusers' `train_unconditional.py` defaults.
+    fn default() -> Self {
+        Self {
+            lr: 1e-4,
+            beta1: 0.95,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-6,
+        }
+    }
+}
+
+impl AdamWConfig {
+    pub fn validate(&self) -> Result<()> {
+        let ok = self.lr >= 0.0
+            && (0.0..1.0).contains(&self.beta1)
+            && (0.0..1.0).contains(&self.beta2)
+            && self.eps > 0.0
+            && self.weight_decay >= 0.0;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "invalid AdamW settings {self:?}: need lr >= 0, betas in [0, 1), eps > 0, weight decay >= 0"
+            )))
+        }
+    }
+}
+
+/// AdamW with decoupled weight decay and bias correction.
+#[derive(Debug)]
+pub struct AdamW {
+    config: AdamWConfig,
+    /// Updates done so far (torch's per-parameter `step`, shared here).
+    step: u64,
+    exp_avg: Vec<Tensor>,
+    exp_avg_sq: Vec<Tensor>,
+}
+
+impl AdamW {
+    /// Zero moments shaped like `params`.
+    pub fn new(config: AdamWConfig, params: &[Var]) -> Result<Self> {
+        config.validate()?;
+        let zeros = params
+            .iter()
+            .map(|p| p.as_tensor().zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            config,
+            step: 0,
+            exp_avg: zeros.clone(),
+            exp_avg_sq: zeros,
+        })
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// First and second moments, in the order of the parameters.
+    pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
+        (&self.exp_avg, &self.exp_avg_sq)
+    }
+
+    /// Restores a checkpointed state; shapes must match the current moments.
+    pub fn restore(
+        &mut self,
+        step: u64,
+        exp_avg: Vec<Tensor>,
+        exp_avg_sq: Vec<Tensor>,
+    ) -> Result<()> {
+        for (old, new) in self
+            .exp_avg
+            .iter()
+            .zip(&exp_avg)
+            .chain(self.exp_avg_sq.iter().zip(&exp_avg_sq))
+        {
+            if old.dims() != new.dims() {
+                return Err(Error::invalid(format!(
+                    "optimizer state shape {:?} does not match parameter shape {:?}",
+                    new.dims(),
+                    old.dims()
+                )));
+            }
+        }
+        if exp_avg.len() != self.exp_avg.len() || exp_avg_sq.len() != self.exp_avg_sq.len() {
+            return Err(Error::invalid(format!(
+                "optimizer state has {} / {} moments for {} parameters",
+                exp_avg.len(),
+                exp_avg_sq.len(),
+                self.exp_avg.len()
+            )));
+        }
+        self.step = step;
+        self.exp_avg = exp_avg;
+        self.exp_avg_sq = exp_avg_sq;
+        Ok(())
+    }
+
+    /// One update of every parameter with its gradient, at learning rate `lr`.
+    pub fn step(&mut self, params: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
+        if params.len() != self.exp_avg.len() || grads.len() != params.len() {
+            return Err(Error::invalid(format!(
+                "AdamW: {} parameters and {} gradients for an optimizer of {}",
+                params.len(),
+                grads.len(),
+                self.exp_avg.len()
+            )));
+        }
+        let c = self.config;
+        self.step += 1;
+        let t = self.step as i32;
+        let bias1 = 1.0 - c.beta1.powi(t);
+        let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        let step_size = lr / bias1;
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let m = ((&self.exp_avg[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            let v = ((&self.exp_avg_sq[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let denom = ((v.sqrt()? / bias2_sqrt)? + c.eps)?;
+            let decayed = (p.as_tensor().detach() * (1.0 - lr * c.weight_decay))?;
+            let update = ((m.div(&denom))? * step_size)?;
+            p.set(&(decayed - update)?)?;
+            self.exp_avg[i] = m;
+            self.exp_avg_sq[i] = v;
+        }
+        Ok(())
+    }
+}
+
+/// The learning-rate curve after warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScheduleKind {
+    /// Half a cosine from the peak down to 0 at the last step.
+    Cosine,
+    Constant,
+}
+
+impl LrScheduleKind {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "cosine" => Ok(Self::Cosine),
+            "constant" => Ok(Self::Constant),
+            other => Err(Error::invalid(format!(
+                "unknown learning-rate schedule {other:?}; expected cosine or constant"
+            ))),
+        }
+    }
+}
+
+/// diffusers' `get_cosine_schedule_with_warmup` / `get_constant_schedule_with_warmup`:
+/// the learning rate of optimizer step `step` (0-based) is `base * factor(step)`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LrSchedule {
+    pub kind: LrScheduleKind,
+    pub base_lr: f64,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+}
+
+impl LrSchedule {
+    pub fn lr_at(&self, step: usize) -> f64 {
+        let s = step as f64;
+        let factor = if step < self.warmup_steps {
+            s / self.warmup_steps.max(1) as f64
+        } else {
+            match self.kind {
+                LrScheduleKind::Constant => 1.0,
+                LrScheduleKind::Cosine => {
+                    let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+                    let progress = (s - self.warmup_steps as f64) / span;
+                    (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+                }
+            }
+        };
+        self.base_lr * factor
+    }
+}
+
+/// Scales `grads` in place so that their joint L2 norm is at most `max_norm`; returns the norm
+/// before clipping (torch's `clip_grad_norm_`, including its 1e-6 guard).
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads)?;
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// The joint L2 norm of all gradients.
+pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sum = 0f64;
+    for g in grads {
+        sum += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(sum.sqrt())
+}
