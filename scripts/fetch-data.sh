@@ -33,7 +33,6 @@ for tool in apt-get dpkg-deb sha256sum; do
 done
 
 work=$(mktemp -d)
-chmod 755 "$work"  # apt-get download drops privileges to _apt, which must reach it
 trap 'rm -rf "$work"' EXIT
 (
     cd "$work"
