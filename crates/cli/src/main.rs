@@ -1,5 +1,6 @@
 //! `diffuse`: diffusion models from the command line.
 
+mod bench;
 mod generate;
 mod info;
 mod schedulers_cmd;
@@ -31,6 +32,9 @@ enum Command {
     Img2img(generate::Img2ImgArgs),
     /// Inpainting: repaint the white part of a mask.
     Inpaint(generate::InpaintArgs),
+    /// Time the real SD 1.5 / DDPM architectures and hot ops (random weights), optionally
+    /// against PyTorch on the same machine.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -41,6 +45,7 @@ fn main() {
         Command::Generate(a) => generate::run_generate(a),
         Command::Img2img(a) => generate::run_img2img(a),
         Command::Inpaint(a) => generate::run_inpaint(a),
+        Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,0 +1,364 @@
+//! `diffuse bench`: times the real Stable Diffusion / DDPM architectures (random weights) and
+//! the hot ops alone, median of several runs after a warm-up, in one process. With
+//! `--compare-torch` it runs `bench/torch_baseline.py` on the same machine and thread count
+//! and prints ours / PyTorch for each line. A benchmark program, not a test.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use diffuse_loaders::read_config;
+use diffuse_models::clip_text::{ClipTextConfig, ClipTextModel};
+use diffuse_models::{
+    AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel, UNet2DConfig,
+    UNet2DModel,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Folder of real model configs (fixtures_configs layout).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures_configs"))]
+    pub configs: PathBuf,
+    /// Timed runs per line (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Untimed warm-up runs per line.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Only the lines whose name starts with one of these (comma-separated), e.g. "op,vae".
+    #[arg(long, default_value = "")]
+    pub only: String,
+    /// Write the results as JSON here, to compare runs.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Also run bench/torch_baseline.py (needs torch + diffusers + transformers) and print
+    /// ours / PyTorch per line.
+    #[arg(long)]
+    pub compare_torch: bool,
+    /// The Python that has torch (default: $DIFFUSE_TORCH_PYTHON, else python3).
+    #[arg(long)]
+    pub python: Option<String>,
+    /// Device: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Random weights of the requested shapes (N(0, 0.02²); norm scales around 1), so models of
+/// the real size run without checkpoints.
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let is_norm_scale = name.ends_with("norm.weight")
+            || name.contains("norm") && name.ends_with(".weight") && s.rank() == 1;
+        let t = if is_norm_scale {
+            Tensor::ones(s, DType::F32, dev)?
+        } else {
+            Tensor::randn(0f32, 0.02, s, dev)?
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights: no shape for {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+fn random_vb(device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone())
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ord = s
+                .strip_prefix("cuda")
+                .map(|r| r.trim_start_matches(':'))
+                .map(|r| {
+                    if r.is_empty() {
+                        Ok(0)
+                    } else {
+                        r.parse::<usize>()
+                    }
+                })
+                .context("--device must be cpu or cuda:N")??;
+            Device::new_cuda(ord).with_context(|| {
+                format!("cannot use {s} (is this binary built with --features cuda?)")
+            })
+        }
+    }
+}
+
+/// Peak resident memory of this process so far (Linux), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+struct Line {
+    name: String,
+    ms: f64,
+    gflop: Option<f64>,
+}
+
+struct Bench<'a> {
+    args: &'a BenchArgs,
+    device: Device,
+    lines: Vec<Line>,
+}
+
+impl Bench<'_> {
+    fn wanted(&self, name: &str) -> bool {
+        let only: Vec<&str> = self
+            .args
+            .only
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        only.is_empty() || only.iter().any(|o| name.starts_with(o))
+    }
+
+    /// Times `f` (median of `runs` after `warmup`), synchronising the device after each run.
+    fn time(
+        &mut self,
+        name: &str,
+        gflop: Option<f64>,
+        mut f: impl FnMut() -> Result<Tensor>,
+    ) -> Result<()> {
+        for _ in 0..self.args.warmup {
+            f()?;
+        }
+        let mut times = vec![];
+        for _ in 0..self.args.runs.max(1) {
+            let t0 = Instant::now();
+            let out = f()?;
+            self.device.synchronize()?;
+            drop(out);
+            times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        let ms = times[times.len() / 2];
+        let rate = gflop
+            .map(|g| format!("{:>7.1} GFLOP/s", g / (ms / 1000.0)))
+            .unwrap_or_default();
+        let rss = peak_rss_mib()
+            .map(|m| format!("peak RSS {m:.0} MiB"))
+            .unwrap_or_default();
+        println!("{name:<34} {ms:>10.1} ms {rate:>16}   {rss}");
+        self.lines.push(Line {
+            name: name.to_string(),
+            ms,
+            gflop,
+        });
+        Ok(())
+    }
+
+    fn ops(&mut self) -> Result<()> {
+        let dev = self.device.clone();
+        let conv = |n: usize, c: usize, h: usize| -> Result<(Tensor, Tensor, f64)> {
+            let x = Tensor::randn(0f32, 1.0, (n, c, h, h), &dev)?;
+            let w = Tensor::randn(0f32, 0.02, (c, c, 3, 3), &dev)?;
+            Ok((x, w, 2.0 * (n * c * h * h * c * 9) as f64 / 1e9))
+        };
+        for (n, c, h) in [(2, 320, 64), (1, 128, 256)] {
+            let name = format!("op conv3x3 {n}x{c}x{h}x{h}");
+            if self.wanted(&name) {
+                let (x, w, g) = conv(n, c, h)?;
+                self.time(&name, Some(g), || Ok(x.conv2d(&w, 1, 1, 1, 1)?))?;
+            }
+        }
+        for (tokens, heads, d) in [(4096usize, 16usize, 40usize), (1024, 16, 80)] {
+            let name = format!("op attention {heads}x{tokens}x{d}");
+            if self.wanted(&name) {
+                let q = Tensor::randn(0f32, 1.0, (heads, tokens, d), &dev)?;
+                let (k, v) = (
+                    q.clone(),
+                    Tensor::randn(0f32, 1.0, (heads, tokens, d), &dev)?,
+                );
+                let g = 4.0 * (heads * tokens * tokens * d) as f64 / 1e9;
+                let scale = 1.0 / (d as f64).sqrt();
+                self.time(&name, Some(g), || {
+                    Ok(diffuse_models::attention::scaled_dot_product_attention(
+                        &q, &k, &v, scale,
+                    )?)
+                })?;
+            }
+        }
+        let name = "op groupnorm+silu 2x320x64x64";
+        if self.wanted(name) {
+            let gn = diffuse_models::normalization::GroupNorm::new(random_vb(&dev), 32, 320, 1e-5)?;
+            let x = Tensor::randn(0f32, 1.0, (2, 320, 64, 64), &dev)?;
+            self.time(name, None, || {
+                Ok(gn.forward_act(&x, diffuse_models::activations::Activation::Silu)?)
+            })?;
+        }
+        let name = "op matmul 8192x320x1280";
+        if self.wanted(name) {
+            let a = Tensor::randn(0f32, 1.0, (8192, 320), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, (320, 1280), &dev)?;
+            self.time(name, Some(2.0 * 8192.0 * 320.0 * 1280.0 / 1e9), || {
+                Ok(a.matmul(&b)?)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn models(&mut self) -> Result<()> {
+        let dev = self.device.clone();
+        let sd = self.args.configs.join("runwayml_stable_diffusion_v1_5");
+        let cfg_path = |p: &Path| p.join("config.json");
+        if self.wanted("unet sd15 step") {
+            let cfg: UNet2DConditionConfig = read_config(&cfg_path(&sd.join("unet")))?;
+            let unet = UNet2DConditionModel::new(random_vb(&dev), &cfg)?;
+            let lat = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &dev)?;
+            let ctx = Tensor::randn(0f32, 1.0, (2, 77, 768), &dev)?;
+            let t = Tensor::new(&[999f32, 999.0], &dev)?;
+            self.time("unet sd15 step", None, || Ok(unet.forward(&lat, &t, &ctx)?))?;
+        }
+        if self.wanted("vae sd15 decode") {
+            let cfg: AutoencoderKLConfig = read_config(&cfg_path(&sd.join("vae")))?;
+            let vae = AutoencoderKL::new(random_vb(&dev), &cfg)?;
+            let z = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev)?;
+            self.time("vae sd15 decode", None, || Ok(vae.decode(&z)?))?;
+        }
+        if self.wanted("clip sd15 encode") {
+            let cfg: ClipTextConfig = read_config(&cfg_path(&sd.join("text_encoder")))?;
+            let clip = ClipTextModel::new(random_vb(&dev), &cfg)?;
+            let ids: Vec<u32> = (0..154u32).map(|i| (i * 7919) % 49408).collect();
+            let ids = Tensor::from_vec(ids, (2, 77), &dev)?;
+            self.time("clip sd15 encode", None, || {
+                Ok(clip.forward(&ids)?.last_hidden_state)
+            })?;
+        }
+        if self.wanted("unet ddpm-cat-256 step") {
+            let p = self.args.configs.join("google_ddpm_cat_256/unet");
+            let cfg: UNet2DConfig = read_config(&cfg_path(&p))?;
+            let unet = UNet2DModel::new(random_vb(&dev), &cfg)?;
+            let x = Tensor::randn(0f32, 1.0, (1, 3, 256, 256), &dev)?;
+            let t = Tensor::new(&[500f32], &dev)?;
+            self.time("unet ddpm-cat-256 step", None, || Ok(unet.forward(&x, &t)?))?;
+        }
+        Ok(())
+    }
+}
+
+fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
+    let python = args
+        .python
+        .clone()
+        .or_else(|| std::env::var("DIFFUSE_TORCH_PYTHON").ok())
+        .unwrap_or_else(|| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/torch_baseline.py");
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "\nPyTorch baseline: {python} {} ({threads} threads)",
+        script.display()
+    );
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .args(["--configs", &args.configs.to_string_lossy()])
+        .args([
+            "--threads",
+            &threads.to_string(),
+            "--runs",
+            &args.runs.to_string(),
+        ])
+        .args(["--warmup", &args.warmup.to_string(), "--only", &args.only])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {python}"))?;
+    if !out.status.success() {
+        bail!("the PyTorch baseline failed (pip install torch diffusers transformers, or set --python)");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or("{}");
+    serde_json::from_str(last).context("parsing the baseline's JSON")
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    if !args.configs.is_dir() {
+        bail!(
+            "configs folder {} not found (--configs)",
+            args.configs.display()
+        );
+    }
+    println!(
+        "diffuse bench on {:?}, {} threads, f32, median of {} runs after {} warm-up",
+        device,
+        rayon_threads(),
+        args.runs,
+        args.warmup
+    );
+    let mut b = Bench {
+        args: &args,
+        device,
+        lines: vec![],
+    };
+    b.ops()?;
+    b.models()?;
+    let ours: BTreeMap<String, f64> = b.lines.iter().map(|l| (l.name.clone(), l.ms)).collect();
+    let torch = if args.compare_torch {
+        Some(torch_baseline(&args)?)
+    } else {
+        None
+    };
+    if let Some(t) = &torch {
+        println!(
+            "\n{:<34} {:>10} {:>10} {:>8}",
+            "line", "ours ms", "torch ms", "ratio"
+        );
+        for l in &b.lines {
+            match t.get(&l.name) {
+                Some(tm) => println!(
+                    "{:<34} {:>10.1} {:>10.1} {:>7.2}x",
+                    l.name,
+                    l.ms,
+                    tm,
+                    l.ms / tm
+                ),
+                None => println!("{:<34} {:>10.1} {:>10} {:>8}", l.name, l.ms, "-", "-"),
+            }
+        }
+    }
+    if let Some(path) = &args.json {
+        let lines: Vec<serde_json::Value> = b
+            .lines
+            .iter()
+            .map(|l| serde_json::json!({"name": l.name, "ms": l.ms, "gflop": l.gflop, "torch_ms": torch.as_ref().and_then(|t| t.get(&l.name))}))
+            .collect();
+        let doc = serde_json::json!({"device": args.device, "threads": rayon_threads(), "peak_rss_mib": peak_rss_mib(), "lines": lines, "ours_ms": ours});
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
