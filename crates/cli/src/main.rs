@@ -4,6 +4,7 @@ mod bench;
 mod generate;
 mod info;
 mod schedulers_cmd;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,8 @@ enum Command {
     Img2img(generate::Img2ImgArgs),
     /// Inpainting: repaint the white part of a mask.
     Inpaint(generate::InpaintArgs),
+    /// Train a UNet2DModel (DDPM) on an image dataset and save a diffusers DDPMPipeline folder.
+    Train(train::TrainArgs),
     /// Time the real SD 1.5 / DDPM architectures and hot ops (random weights), optionally
     /// against PyTorch on the same machine.
     Bench(bench::BenchArgs),
@@ -45,6 +48,7 @@ fn main() {
         Command::Generate(a) => generate::run_generate(a),
         Command::Img2img(a) => generate::run_img2img(a),
         Command::Inpaint(a) => generate::run_inpaint(a),
+        Command::Train(a) => train::run(a),
         Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {

@@ -1,0 +1,159 @@
+//! `diffuse train` run as a user would, on eight 8×8 images: train, resume, clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn diffuse<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(args)
+        .output()
+        .expect("run diffuse");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// A fresh folder under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("diffuse-train-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn write_two_classes(dir: &Path) {
+    for (class, vertical) in [("a", false), ("b", true)] {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..4u32 {
+            let img = image::GrayImage::from_fn(8, 8, |x, y| {
+                let k = if vertical { x } else { y };
+                image::Luma([if (k + i) % 4 < 2 { 255 } else { 0 }])
+            });
+            img.save(dir.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
+
+#[test]
+fn trains_resumes_and_reports_errors() {
+    let tmp = TempDir::new("run");
+    let data = tmp.0.join("data");
+    write_two_classes(&data);
+    let out = tmp.0.join("out");
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let common = [
+        "train",
+        "--data",
+        d,
+        "--grayscale",
+        "--resolution",
+        "8",
+        "--channels",
+        "8,16",
+        "--layers-per-block",
+        "1",
+        "--warmup",
+        "0",
+        "--sample-steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--log-every",
+        "1",
+        "--output",
+        o,
+    ];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        common.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+
+    let (ok, err) = diffuse(&with(&[
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--classes",
+        "2",
+    ]));
+    assert!(ok, "{err}");
+    assert!(err.contains("trained steps 0..2"), "{err}");
+    for f in [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        "loss.png",
+        "checkpoints/checkpoint-2/state.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let unet: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("unet/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(unet["num_class_embeds"], 3);
+
+    let (ok, err) = diffuse(&with(&[
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--classes",
+        "2",
+        "--resume",
+        "latest",
+    ]));
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("at step 2") && err.contains("trained steps 2..3"),
+        "{err}"
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+
+    let (ok, err) = diffuse(&with(&[
+        "--steps",
+        "3",
+        "--batch-size",
+        "0",
+        "--classes",
+        "2",
+    ]));
+    assert!(
+        !ok && err.contains("batch size must be at least 1"),
+        "{err}"
+    );
+    let (ok, err) = diffuse(&with(&[
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--classes",
+        "5",
+    ]));
+    assert!(
+        !ok && err.contains("--classes 5 does not match") && err.contains("2 classes"),
+        "{err}"
+    );
+    let missing = tmp.0.join("nothing");
+    let (ok, err) = diffuse(&[
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--data",
+        missing.to_str().unwrap(),
+        "--output",
+        o,
+    ]);
+    assert!(!ok && err.contains("scripts/fetch-data.sh"), "{err}");
+}
