@@ -13,13 +13,15 @@ import sys
 import time
 
 
-def median_ms(fn, runs, warmup):
+def median_ms(fn, runs, warmup, sync):
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - t0) * 1000.0)
     return statistics.median(times)
 
@@ -31,6 +33,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated name prefixes to run")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
 
     import torch
@@ -38,6 +41,9 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    randn = lambda *shape: torch.randn(*shape, device=dev)
     only = [o.strip() for o in args.only.split(",") if o.strip()]
     want = lambda name: not only or any(name.startswith(o) for o in only)
     out = {}
@@ -46,51 +52,51 @@ def main():
     def run(name, fn, runs=args.runs):
         if want(name):
             with torch.inference_mode():
-                out[name] = median_ms(fn, runs, args.warmup)
+                out[name] = median_ms(fn, runs, args.warmup, sync)
             print(f"{name}: {out[name]:.1f} ms", file=sys.stderr)
 
     # Ops.
-    x = torch.randn(2, 320, 64, 64)
-    w = torch.randn(320, 320, 3, 3) * 0.02
+    x = randn(2, 320, 64, 64)
+    w = randn(320, 320, 3, 3) * 0.02
     run("op conv3x3 2x320x64x64", lambda: F.conv2d(x, w, padding=1))
-    x2 = torch.randn(1, 128, 256, 256)
-    w2 = torch.randn(128, 128, 3, 3) * 0.02
+    x2 = randn(1, 128, 256, 256)
+    w2 = randn(128, 128, 3, 3) * 0.02
     run("op conv3x3 1x128x256x256", lambda: F.conv2d(x2, w2, padding=1))
     for tokens, heads, d in [(4096, 16, 40), (1024, 16, 80)]:
-        q, k, v = (torch.randn(1, heads, tokens, d) for _ in range(3))
+        q, k, v = (randn(1, heads, tokens, d) for _ in range(3))
         run(f"op attention {heads}x{tokens}x{d}", lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
-    gn = torch.nn.GroupNorm(32, 320)
+    gn = torch.nn.GroupNorm(32, 320).to(dev)
     run("op groupnorm+silu 2x320x64x64", lambda: F.silu(gn(x)))
-    a, b = torch.randn(8192, 320), torch.randn(320, 1280)
+    a, b = randn(8192, 320), randn(320, 1280)
     run("op matmul 8192x320x1280", lambda: a @ b)
 
     # Models.
     from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 
     if want("unet sd15 step"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(sd, "unet"))).eval()
-        lat = torch.randn(2, 4, 64, 64)
-        ctx = torch.randn(2, 77, 768)
-        t = torch.tensor([999.0, 999.0])
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(sd, "unet"))).eval().to(dev)
+        lat = randn(2, 4, 64, 64)
+        ctx = randn(2, 77, 768)
+        t = torch.tensor([999.0, 999.0], device=dev)
         run("unet sd15 step", lambda: unet(lat, t, encoder_hidden_states=ctx).sample)
         del unet
     if want("vae sd15 decode"):
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(sd, "vae"))).eval()
-        z = torch.randn(1, 4, 64, 64)
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(sd, "vae"))).eval().to(dev)
+        z = randn(1, 4, 64, 64)
         run("vae sd15 decode", lambda: vae.decode(z).sample)
         del vae
     if want("clip sd15 encode"):
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        clip = CLIPTextModel(CLIPTextConfig.from_json_file(os.path.join(sd, "text_encoder", "config.json"))).eval()
-        ids = torch.randint(0, 49408, (2, 77))
+        clip = CLIPTextModel(CLIPTextConfig.from_json_file(os.path.join(sd, "text_encoder", "config.json"))).eval().to(dev)
+        ids = torch.randint(0, 49408, (2, 77), device=dev)
         run("clip sd15 encode", lambda: clip(ids).last_hidden_state)
         del clip
     if want("unet ddpm-cat-256 step"):
         cat = os.path.join(args.configs, "google_ddpm_cat_256", "unet")
-        unet = UNet2DModel.from_config(UNet2DModel.load_config(cat)).eval()
-        img = torch.randn(1, 3, 256, 256)
-        run("unet ddpm-cat-256 step", lambda: unet(img, torch.tensor([500.0])).sample)
+        unet = UNet2DModel.from_config(UNet2DModel.load_config(cat)).eval().to(dev)
+        img = randn(1, 3, 256, 256)
+        run("unet ddpm-cat-256 step", lambda: unet(img, torch.tensor([500.0], device=dev)).sample)
     print(json.dumps(out))
 
 

@@ -288,6 +288,14 @@ fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
             &args.runs.to_string(),
         ])
         .args(["--warmup", &args.warmup.to_string(), "--only", &args.only])
+        .args([
+            "--device",
+            if args.device.starts_with("cuda") {
+                "cuda"
+            } else {
+                "cpu"
+            },
+        ])
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("running {python}"))?;

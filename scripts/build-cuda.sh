@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds `diffuse` with the CUDA backend on a machine without a CUDA toolkit: nvcc, the CUDA
+# headers and the libraries candle links against come from NVIDIA's PyPI wheels, pinned to
+# CUDA 13.0 (the PTX must not be newer than the driver of the GPU machine that runs it).
+# Output: target-cuda/release/diffuse. Run it on the GPU machine with LD_LIBRARY_PATH holding
+# the CUDA 13 libraries (e.g. those of a PyTorch cu13x install).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${CUDA_VENV:-$PWD/.cuda-venv}
+if [ ! -x "$VENV/bin/pip" ]; then python3 -m venv "$VENV"; fi
+"$VENV/bin/pip" install -q nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-nvvm==13.0.88 \
+    nvidia-cuda-crt==13.0.88 nvidia-cublas==13.0.0.19 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
+CU=$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
+# The linker wants unversioned names; the CUDA driver (libcuda) is only a link-time stub here.
+LINK=$PWD/target-cuda/link; mkdir -p "$LINK"
+for l in "$CU"/lib/lib*.so.*; do b=$(basename "$l"); ln -sf "$l" "$LINK/${b%%.so.*}.so"; done
+if [ ! -e "$LINK/libcuda.so" ]; then
+    # Every cu* symbol cudarc references, as empty functions: enough to link, never called here.
+    cargo fetch
+    python3 scripts/cuda_stub.py "$LINK/libcuda_stub.c"
+    gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LINK/libcuda.so" "$LINK/libcuda_stub.c"
+fi
+export PATH="$CU/bin:$PATH" CUDA_ROOT="$CU" CUDA_PATH="$CU" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+export LIBRARY_PATH="$LINK:$CU/lib:${LIBRARY_PATH:-}" RUSTFLAGS="-L $LINK ${RUSTFLAGS:-}"
+cargo build --release -p diffuse-cli --features cuda --target-dir target-cuda
