@@ -8,10 +8,28 @@ use crate::normalization::{GroupNorm, LayerNorm};
 
 /// `softmax(q·kᵀ·scale)·v` over `(B*heads, N, d)` tensors.
 ///
-/// Every attention of the models goes through here, so that a memory-efficient (tiled,
-/// online-softmax) kernel can replace it in one place. The softmax runs in f32 for half
-/// inputs; it is built from generic ops so that gradients flow.
+/// Every attention of the models goes through here. On the CPU it runs the tiled
+/// online-softmax kernel of [`crate::ops::attention`] (half inputs computed in f32), which
+/// never builds the `N × M` score matrix; elsewhere [`scaled_dot_product_attention_reference`].
 pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let same_dtype = q.dtype() == k.dtype() && k.dtype() == v.dtype();
+    if q.device().is_cpu() && same_dtype && crate::ops::kernel_dtype(q.dtype()) && q.rank() == 3 {
+        let op = crate::ops::attention::FlashAttention { scale };
+        return q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    scaled_dot_product_attention_reference(q, k, v, scale)
+}
+
+/// Attention with the full score matrix, from generic ops: the reference for the fused kernel
+/// and the path on other devices. The softmax runs in f32 for half inputs.
+pub fn scaled_dot_product_attention_reference(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

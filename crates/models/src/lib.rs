@@ -9,6 +9,7 @@ pub mod clip_tokenizer;
 pub mod config;
 pub mod embeddings;
 pub mod normalization;
+pub mod ops;
 pub mod resnet;
 pub mod transformer_2d;
 pub mod unet_2d;

@@ -1,0 +1,114 @@
+//! Fused CPU kernels behind candle custom ops. Each has a generic-op backward pass so that training works,
+//! and falls back to plain candle ops off the CPU.
+//!
+//! The build targets baseline x86-64 (SSE2), so hot loops are compiled a second time with
+//! AVX2+FMA and picked at run time ([`simd_fn!`]).
+
+pub mod attention;
+// pub mod conv;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Result};
+use std::borrow::Cow;
+
+/// Whether the AVX2+FMA copies of the hot loops may run on this CPU.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// Defines a function whose body is compiled twice — for the baseline target and with
+/// AVX2+FMA — and dispatched on the running CPU. Everything the body calls in its inner loops
+/// must be `#[inline(always)]` to be compiled with the wider instructions too.
+macro_rules! simd_fn {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                if $crate::ops::has_avx2_fma() {
+                    // SAFETY: the CPU has the features `wide` is compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
+/// Lanes of the manual reductions: wide enough for one AVX2 register (the compiler does not
+/// reorder float sums by itself).
+const LANES: usize = 8;
+
+/// `exp(x)` to about 2 ulp for any finite `x` (flushes to 0 below -87), written so that loops
+/// over it vectorise: range reduction by rounding with the 1.5·2²³ trick, a degree-6 Taylor
+/// polynomial of 2^f on |f| ≤ ½, and the exponent assembled from integer bits.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    const LN2: f32 = std::f32::consts::LN_2;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E;
+    let r = t + MAGIC;
+    let n = r - MAGIC;
+    let f = (t - n) * LN2;
+    // exp(f) for |f| ≤ ln2/2.
+    let p = 1.0
+        + f * (1.0
+            + f * (0.5
+                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
+    // r's low mantissa bits hold round(t) as an integer offset from MAGIC's bits.
+    let bits = r.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// Largest element (−∞ for an empty slice), in lanes so that it vectorises.
+#[inline(always)]
+pub(crate) fn max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let tail = chunks.remainder().iter().copied();
+    acc.into_iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The input of a CPU kernel as f32, borrowed when it already is f32. Bails on a layout that is
+/// not contiguous (the ops make their inputs contiguous before dispatch).
+pub(crate) fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Cow<'a, [f32]>> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: the CPU kernel needs a contiguous input")
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => Cow::Borrowed(&v[start..end]),
+        CpuStorage::F16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::BF16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
+        other => candle_core::bail!("{what}: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+/// An f32 result as storage of `dtype` (the dtype of the kernel's input).
+pub(crate) fn f32_output(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        d => candle_core::bail!("unsupported dtype {d:?}"),
+    })
+}
+
+/// Whether the fused CPU kernels handle tensors of this dtype (computed in f32).
+pub(crate) fn kernel_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
