@@ -85,24 +85,54 @@ impl GroupNorm {
     }
 
     /// The norm followed by an activation: the `norm → act` pair every ResNet block starts with.
+    /// SiLU is fused into the CPU kernel.
     pub fn forward_act(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
+        if act == Activation::Silu {
+            if let Some(ys) = self.forward_fused(xs, true)? {
+                return Ok(ys);
+            }
+        }
         act.forward(&self.forward(xs)?)
     }
-}
 
-impl Module for GroupNorm {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn check_input(&self, xs: &Tensor) -> Result<()> {
         let dims = xs.dims();
         if dims.len() < 3 {
             candle_core::bail!("GroupNorm expects (B, C, ...) input, got shape {dims:?}")
         }
-        let (b, c) = (dims[0], dims[1]);
-        if c != self.weight.dim(0)? {
+        if dims[1] != self.weight.dim(0)? {
             candle_core::bail!(
                 "GroupNorm over {} channels got input {dims:?}",
                 self.weight.dim(0)?
             )
         }
+        Ok(())
+    }
+
+    /// The fused CPU kernel ([`crate::ops::group_norm`]); `None` where it does not apply.
+    fn forward_fused(&self, xs: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+        self.check_input(xs)?;
+        if !xs.device().is_cpu() || !crate::ops::kernel_dtype(xs.dtype()) {
+            return Ok(None);
+        }
+        let op = crate::ops::group_norm::GroupNormOp {
+            num_groups: self.num_groups,
+            eps: self.eps,
+            silu,
+        };
+        let (w, b) = (
+            self.weight.to_dtype(xs.dtype())?,
+            self.bias.to_dtype(xs.dtype())?,
+        );
+        Ok(Some(xs.contiguous()?.apply_op3(&w, &b, op)?))
+    }
+
+    /// The norm from generic ops: the reference for the fused kernel and the path on other
+    /// devices.
+    pub fn forward_reference(&self, xs: &Tensor) -> Result<Tensor> {
+        self.check_input(xs)?;
+        let dims = xs.dims();
+        let (b, c) = (dims[0], dims[1]);
         let dtype = xs.dtype();
         let x = xs
             .reshape((b, self.num_groups, ()))?
@@ -127,5 +157,14 @@ impl Module for GroupNorm {
             .broadcast_mul(&w)?
             .broadcast_add(&bias)?
             .to_dtype(dtype)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self.forward_fused(xs, false)? {
+            Some(ys) => Ok(ys),
+            None => self.forward_reference(xs),
+        }
     }
 }

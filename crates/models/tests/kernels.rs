@@ -2,10 +2,13 @@
 //! candle ops: values (f32 and half inputs) and gradients.
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::VarMap;
+use diffuse_models::activations::Activation;
 use diffuse_models::attention::{
     scaled_dot_product_attention, scaled_dot_product_attention_reference,
 };
+use diffuse_models::normalization::GroupNorm;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     let a = a.to_dtype(DType::F32)?;
@@ -96,6 +99,99 @@ fn attention_gradients_match_reference() -> Result<()> {
     let want = grads(scaled_dot_product_attention_reference)?;
     for ((name, g), w) in ["q", "k", "v"].iter().zip(&got).zip(&want) {
         assert_close(&format!("d{name}"), g, w, 1e-4)?;
+    }
+    Ok(())
+}
+
+fn group_norm(vb: candle_nn::VarBuilder, groups: usize, channels: usize) -> Result<GroupNorm> {
+    Ok(GroupNorm::new(vb, groups, channels, 1e-5)?)
+}
+
+/// A GroupNorm whose affine parameters are random, not the 1/0 initialisation.
+fn random_group_norm(varmap: &VarMap, groups: usize, channels: usize) -> Result<GroupNorm> {
+    let vb = candle_nn::VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+    let gn = group_norm(vb, groups, channels)?;
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let std = if name.ends_with("weight") { 0.5 } else { 1.0 };
+        var.set(&(randn(var.dims(), std)? + 1.0)?)?;
+    }
+    Ok(gn)
+}
+
+#[test]
+fn group_norm_matches_reference() -> Result<()> {
+    let varmap = VarMap::new();
+    let gn = random_group_norm(&varmap, 4, 12)?;
+    // Feature maps, token sequences, an offset mean (cancellation in the variance).
+    for (shape, shift) in [
+        (&[2, 12, 9, 7][..], 0.0),
+        (&[3, 12, 33][..], 0.0),
+        (&[1, 12, 16, 16][..], 100.0),
+    ] {
+        let x = (randn(shape, 2.0)? + shift)?;
+        let want = gn.forward_reference(&x)?;
+        assert_close(
+            &format!("group norm {shape:?}"),
+            &gn.forward(&x)?,
+            &want,
+            1e-5,
+        )?;
+        let got = gn.forward_act(&x, Activation::Silu)?;
+        assert_close(
+            &format!("group norm + silu {shape:?}"),
+            &got,
+            &want.silu()?,
+            1e-5,
+        )?;
+        let x16 = x.to_dtype(DType::F16)?;
+        let got = gn.forward_act(&x16, Activation::Silu)?;
+        assert_eq!(got.dtype(), DType::F16);
+        let want = gn.forward_reference(&x16.to_dtype(DType::F32)?)?.silu()?;
+        assert_close(
+            &format!("group norm + silu f16 {shape:?}"),
+            &got,
+            &want,
+            2e-3,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn group_norm_gradients_match_reference() -> Result<()> {
+    let varmap = VarMap::new();
+    let gn = random_group_norm(&varmap, 3, 6)?;
+    let x = Var::from_tensor(&randn(&[2, 6, 5, 4], 1.5)?)?;
+    let weights = randn(&[2, 6, 5, 4], 1.0)?;
+    let params: Vec<Tensor> = varmap
+        .all_vars()
+        .iter()
+        .map(|v| v.as_tensor().clone())
+        .collect();
+    for silu in [false, true] {
+        let grads = |y: Tensor| -> Result<Vec<Tensor>> {
+            let g = (y * &weights)?.sum_all()?.backward()?;
+            Ok(std::iter::once(x.as_tensor())
+                .chain(&params)
+                .map(|t| g.get(t).expect("gradient").clone())
+                .collect())
+        };
+        let (got, want) = if silu {
+            (
+                gn.forward_act(&x, Activation::Silu)?,
+                gn.forward_reference(&x)?.silu()?,
+            )
+        } else {
+            (gn.forward(&x)?, gn.forward_reference(&x)?)
+        };
+        for (i, (g, w)) in grads(got)?.iter().zip(&grads(want)?).enumerate() {
+            assert_close(
+                &format!("group norm (silu {silu}) gradient {i}"),
+                g,
+                w,
+                1e-4,
+            )?;
+        }
     }
     Ok(())
 }

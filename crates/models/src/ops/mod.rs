@@ -1,4 +1,5 @@
-//! Fused CPU kernels behind candle custom ops. Each has a generic-op backward pass so that training works,
+//! Fused CPU kernels behind candle custom ops: flash attention, GroupNorm(+SiLU) and
+//! Winograd 3×3 convolution. Each has a generic-op backward pass so that training works,
 //! and falls back to plain candle ops off the CPU.
 //!
 //! The build targets baseline x86-64 (SSE2), so hot loops are compiled a second time with
@@ -6,6 +7,7 @@
 
 pub mod attention;
 // pub mod conv;
+pub mod group_norm;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result};
@@ -66,6 +68,12 @@ pub(crate) fn exp(x: f32) -> f32 {
     // r's low mantissa bits hold round(t) as an integer offset from MAGIC's bits.
     let bits = r.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23;
     p * f32::from_bits(bits)
+}
+
+/// `x · sigmoid(x)`.
+#[inline(always)]
+pub(crate) fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
 }
 
 /// Largest element (−∞ for an empty slice), in lanes so that it vectorises.
