@@ -369,6 +369,8 @@ fn fit_with_progress(trainer: &mut Trainer, output: &Path) -> Result<()> {
     bar.set_position(start_step);
     let started = Instant::now();
     let mut images = 0usize;
+    // Time spent in training steps only (not checkpoints or sample grids).
+    let mut step_secs = 0.0;
     let mut smoothed: Option<f64> = None;
     let mut last_loss = f64::NAN;
     trainer.fit(output, &mut |event| match event {
@@ -377,6 +379,7 @@ fn fit_with_progress(trainer: &mut Trainer, output: &Path) -> Result<()> {
             images_per_s,
         } => {
             images += stats.images;
+            step_secs += stats.images as f64 / images_per_s.max(1e-9);
             last_loss = stats.loss;
             let s = smoothed.map_or(stats.loss, |s| 0.95 * s + 0.05 * stats.loss);
             smoothed = Some(s);
@@ -393,9 +396,9 @@ fn fit_with_progress(trainer: &mut Trainer, output: &Path) -> Result<()> {
     bar.finish();
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "trained steps {start_step}..{} in {secs:.1}s ({:.1} images/s), last loss {last_loss:.4}",
+        "trained steps {start_step}..{} in {secs:.1}s ({:.1} images/s in training steps), last loss {last_loss:.4}",
         trainer.step(),
-        images as f64 / secs.max(1e-9)
+        images as f64 / step_secs.max(1e-9)
     );
     Ok(())
 }
