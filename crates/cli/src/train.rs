@@ -269,13 +269,14 @@ pub struct RunArgs {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    if let Some(n) = args.run.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // candle and gemm size their thread pools from this variable on first use.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    // candle sizes its thread pools from RAYON_NUM_THREADS, and without it re-derives the core
+    // count on every matmul by reading /proc/cpuinfo (a few % of a training step): always set it.
+    let threads = match args.run.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => candle_core::utils::get_num_threads(),
+    };
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let device = Device::Cpu;
     let kind = dataset_kind(&args)?;
     let data_path = match (&args.data.data, kind.default_path()) {

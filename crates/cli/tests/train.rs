@@ -65,6 +65,10 @@ fn trains_resumes_and_reports_errors() {
         "1",
         "--warmup",
         "0",
+        // A constant rate does not depend on --steps, so a run extended with --resume matches
+        // an uninterrupted one.
+        "--lr-schedule",
+        "constant",
         "--sample-steps",
         "2",
         "--checkpoint-every",
@@ -118,8 +122,28 @@ fn trains_resumes_and_reports_errors() {
         err.contains("at step 2") && err.contains("trained steps 2..3"),
         "{err}"
     );
-    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().count(), 3);
+    let losses = |dir: &Path| -> Vec<f64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let resumed = losses(&out);
+    assert_eq!(resumed.len(), 3);
+
+    // The same 3 steps in one process, with the same seed: the same losses, bit for bit.
+    let straight = tmp.0.join("straight");
+    let mut args = with(&["--steps", "3", "--batch-size", "4", "--classes", "2"]);
+    let at = args.iter().position(|a| a == "--output").unwrap();
+    args[at + 1] = straight.to_string_lossy().into_owned();
+    let (ok, err) = diffuse(&args);
+    assert!(ok, "{err}");
+    assert_eq!(losses(&straight), resumed);
 
     let (ok, err) = diffuse(&with(&[
         "--steps",
