@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::{Args, ValueEnum};
 use diffuse_models::UNet2DConfig;
 use diffuse_schedulers::SchedulerConfig;
@@ -263,6 +262,9 @@ pub struct RunArgs {
     /// Append a line to metrics.jsonl every N steps.
     #[arg(long, default_value_t = 10)]
     pub log_every: u64,
+    /// cpu, or cuda:N (needs a build with --features cuda, see scripts/build-cuda.sh).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// CPU threads for the tensor maths. Default: all cores.
     #[arg(long)]
     pub threads: Option<usize>,
@@ -277,7 +279,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => candle_core::utils::get_num_threads(),
     };
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let device = Device::Cpu;
+    let device = crate::bench::parse_device(&args.run.device)?;
     let kind = dataset_kind(&args)?;
     let data_path = match (&args.data.data, kind.default_path()) {
         (Some(p), _) => p.clone(),
