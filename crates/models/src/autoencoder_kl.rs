@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
+use crate::ops::conv::Conv2d;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 use diffuse_core::Generator;
 use serde::{Deserialize, Serialize};
 
@@ -167,8 +168,7 @@ impl AutoencoderKL {
     pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
         let s = cfg.settings().map_err(to_candle)?;
         let l = cfg.latent_channels;
-        let conv1 =
-            |name: &str, c: usize| candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name));
+        let conv1 = |name: &str, c: usize| Conv2d::new(c, c, 1, Default::default(), vb.pp(name));
         Ok(Self {
             encoder: Encoder::new(vb.pp("encoder"), &s, cfg.in_channels, l)?,
             decoder: Decoder::new(vb.pp("decoder"), &s, l, cfg.out_channels)?,

@@ -1,8 +1,9 @@
 //! ResNet block and the down/up samplers of the diffusers UNets and VAE (`resnet.py`,
 //! `downsampling.py`, `upsampling.py`).
 
+use crate::ops::conv::Conv2d;
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
 use crate::activations::Activation;
 use crate::normalization::GroupNorm;
@@ -20,7 +21,7 @@ fn conv2d(
         stride,
         ..Default::default()
     };
-    candle_nn::conv2d(cin, cout, k, cfg, vb)
+    Conv2d::new(cin, cout, k, cfg, vb)
 }
 
 /// How the time embedding conditions a ResNet block (`resnet_time_scale_shift`).

@@ -1,8 +1,9 @@
 //! diffusers `Transformer2DModel` for continuous (feature-map) inputs, as used inside the
 //! cross-attention UNet blocks.
 
+use crate::ops::conv::Conv2d;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use crate::attention::BasicTransformerBlock;
 use crate::normalization::GroupNorm;
@@ -34,7 +35,7 @@ impl Projection {
         Ok(if linear {
             Self::Linear(candle_nn::linear(cin, cout, vb)?)
         } else {
-            Self::Conv(candle_nn::conv2d(cin, cout, 1, Default::default(), vb)?)
+            Self::Conv(Conv2d::new(cin, cout, 1, Default::default(), vb)?)
         })
     }
 

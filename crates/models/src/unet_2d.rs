@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
+use crate::ops::conv::Conv2d;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use diffuse_core::Error;
 use serde::{Deserialize, Serialize};
 
@@ -335,7 +336,7 @@ impl UNet2DModel {
                 padding: 1,
                 ..Default::default()
             };
-            candle_nn::conv2d(cin, cout, 3, c, vb)
+            Conv2d::new(cin, cout, 3, c, vb)
         };
         Ok(Self {
             conv_in: conv3(vb.pp("conv_in"), cfg.in_channels, ch[0])?,

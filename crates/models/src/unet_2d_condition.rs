@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
+use crate::ops::conv::Conv2d;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use diffuse_core::Error;
 use serde::{Deserialize, Serialize};
 
@@ -489,7 +490,7 @@ impl UNet2DConditionModel {
                 padding: (k - 1) / 2,
                 ..Default::default()
             };
-            candle_nn::conv2d(cin, cout, k, c, vb)
+            Conv2d::new(cin, cout, k, c, vb)
         };
         Ok(Self {
             conv_in: conv(vb.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel)?,

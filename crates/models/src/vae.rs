@@ -1,7 +1,8 @@
 //! The encoder and decoder of `AutoencoderKL` (diffusers `autoencoders/vae.py`).
 
+use crate::ops::conv::Conv2d;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::activations::Activation;
 use crate::normalization::GroupNorm;
@@ -81,7 +82,7 @@ fn conv3(vb: VarBuilder, cin: usize, cout: usize) -> Result<Conv2d> {
         padding: 1,
         ..Default::default()
     };
-    candle_nn::conv2d(cin, cout, 3, cfg, vb)
+    Conv2d::new(cin, cout, 3, cfg, vb)
 }
 
 /// Image → the moments of the latent distribution (`2 * latent_channels` channels).

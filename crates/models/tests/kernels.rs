@@ -9,6 +9,7 @@ use diffuse_models::attention::{
     scaled_dot_product_attention, scaled_dot_product_attention_reference,
 };
 use diffuse_models::normalization::GroupNorm;
+use diffuse_models::ops::conv::Conv2d;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     let a = a.to_dtype(DType::F32)?;
@@ -191,6 +192,98 @@ fn group_norm_gradients_match_reference() -> Result<()> {
                 w,
                 1e-4,
             )?;
+        }
+    }
+    Ok(())
+}
+
+/// A convolution with random weights and bias; frozen (plain tensors) or training variables.
+fn random_conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    pad: usize,
+    frozen: bool,
+) -> Result<(Conv2d, VarMap)> {
+    let cfg = candle_nn::Conv2dConfig {
+        padding: pad,
+        ..Default::default()
+    };
+    let varmap = VarMap::new();
+    let conv = if frozen {
+        let tensors = std::collections::HashMap::from([
+            ("weight".to_string(), randn(&[cout, cin, k, k], 0.2)?),
+            ("bias".to_string(), randn(&[cout], 1.0)?),
+        ]);
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        Conv2d::new(cin, cout, k, cfg, vb)?
+    } else {
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let conv = Conv2d::new(cin, cout, k, cfg, vb)?;
+        for var in varmap.all_vars() {
+            var.set(&randn(var.dims(), 0.2)?)?;
+        }
+        conv
+    };
+    Ok((conv, varmap))
+}
+
+#[test]
+fn conv_matches_candle() -> Result<()> {
+    // 3×3 maps large enough for Winograd (partial edge tiles, one channel, twice through the
+    // cached kernels), a small one (candle's path), 1×1 convolutions.
+    for &(n, cin, cout, h, w, k, frozen) in &[
+        (2, 8, 12, 37, 45, 3, true),
+        (1, 1, 3, 64, 48, 3, true),
+        (1, 5, 7, 50, 50, 3, false),
+        (2, 4, 6, 10, 10, 3, true),
+        (2, 12, 20, 9, 11, 1, true),
+    ] {
+        let (conv, _) = random_conv(cin, cout, k, k / 2, frozen)?;
+        for _ in 0..2 {
+            let x = randn(&[n, cin, h, w], 1.0)?;
+            let want = conv.forward_reference(&x)?;
+            let what = format!("conv{k}x{k} {n}x{cin}x{h}x{w} -> {cout}");
+            assert_close(&what, &conv.forward(&x)?, &want, 1e-4)?;
+            let x16 = x.to_dtype(DType::F16)?;
+            let c16 = Conv2d::from_candle(candle_nn::Conv2d::new(
+                conv.weight().to_dtype(DType::F16)?,
+                Some(conv.bias().expect("bias").to_dtype(DType::F16)?),
+                candle_nn::Conv2dConfig {
+                    padding: k / 2,
+                    ..Default::default()
+                },
+            ));
+            let got = c16.forward(&x16)?;
+            assert_eq!(got.dtype(), DType::F16);
+            assert_close(&format!("{what} f16"), &got, &want, 1e-2)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn conv_gradients_match_candle() -> Result<()> {
+    for (k, h) in [(3, 48), (1, 7)] {
+        let (conv, varmap) = random_conv(3, 5, k, k / 2, false)?;
+        let x = Var::from_tensor(&randn(&[2, 3, h, h + 3], 1.0)?)?;
+        let weights = randn(&[2, 5, h, h + 3], 1.0)?;
+        let params: Vec<Tensor> = varmap
+            .all_vars()
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect();
+        let grads = |y: Tensor| -> Result<Vec<Tensor>> {
+            let g = (y * &weights)?.sum_all()?.backward()?;
+            Ok(std::iter::once(x.as_tensor())
+                .chain(&params)
+                .map(|t| g.get(t).expect("gradient").clone())
+                .collect())
+        };
+        let got = grads(conv.forward(&x)?)?;
+        let want = grads(conv.forward_reference(&x)?)?;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_close(&format!("conv{k}x{k} gradient {i}"), g, w, 1e-4)?;
         }
     }
     Ok(())

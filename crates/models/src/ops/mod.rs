@@ -6,7 +6,7 @@
 //! AVX2+FMA and picked at run time ([`simd_fn!`]).
 
 pub mod attention;
-// pub mod conv;
+pub mod conv;
 pub mod group_norm;
 
 use candle_core::backend::BackendStorage;
@@ -46,7 +46,7 @@ pub(crate) use simd_fn;
 
 /// Lanes of the manual reductions: wide enough for one AVX2 register (the compiler does not
 /// reorder float sums by itself).
-const LANES: usize = 8;
+pub(crate) const LANES: usize = 8;
 
 /// `exp(x)` to about 2 ulp for any finite `x` (flushes to 0 below -87), written so that loops
 /// over it vectorise: range reduction by rounding with the 1.5·2²³ trick, a degree-6 Taylor

@@ -1,0 +1,496 @@
+//! The models' `Conv2d`: 3×3 stride-1 padding-1 convolutions on the CPU by Winograd
+//! F(4×4, 3×3), 1×1 convolutions as one matmul, everything else candle's `conv2d`.
+//!
+//! Winograd turns the 3×3 convolution of each 4×4 output tile into 36 element-wise products
+//! of transformed 6×6 input tiles and transformed kernels, i.e. 36 GEMMs
+//! `(Cout × Cin)·(Cin × tiles)`: 4× fewer multiplications than direct convolution. The
+//! transformed kernels (4× the weight size) are computed once and cached in the layer, for
+//! the layers that take this path, unless the weight is a training variable.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use rayon::prelude::*;
+
+use super::attention::gemm_rows;
+use super::{f32_input, f32_output, kernel_dtype, simd_fn, LANES};
+
+/// Output tile side, input tile side (m + r − 1) and transformed points per tile.
+const M: usize = 4;
+const A: usize = 6;
+const POINTS: usize = A * A;
+/// Tiles per task: the task's 36 GEMMs get `TILES` columns, enough to amortise packing the
+/// transformed kernels, while the task's transformed tiles stay a few MiB.
+const TILES: usize = 96;
+/// Below this many tiles the 36 thin GEMMs re-read 4× the weights for little work; the
+/// direct (im2col) convolution is faster there.
+const MIN_TILES: usize = 128;
+
+/// Eight tiles side by side: the input and output transforms run on all eight at once, one
+/// tile per SIMD lane.
+#[derive(Clone, Copy)]
+struct Lanes([f32; LANES]);
+
+impl std::ops::Add for Lanes {
+    type Output = Self;
+    #[inline(always)]
+    fn add(mut self, o: Self) -> Self {
+        for i in 0..LANES {
+            self.0[i] += o.0[i];
+        }
+        self
+    }
+}
+
+impl std::ops::Sub for Lanes {
+    type Output = Self;
+    #[inline(always)]
+    fn sub(mut self, o: Self) -> Self {
+        for i in 0..LANES {
+            self.0[i] -= o.0[i];
+        }
+        self
+    }
+}
+
+impl std::ops::Mul<f32> for Lanes {
+    type Output = Self;
+    #[inline(always)]
+    fn mul(mut self, k: f32) -> Self {
+        for x in &mut self.0 {
+            *x *= k;
+        }
+        self
+    }
+}
+
+/// What the 1-d transforms compute on: single values (kernels) or [`Lanes`] (tiles).
+trait Num:
+    Copy
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<f32, Output = Self>
+{
+    const ZERO: Self;
+}
+
+impl Num for f32 {
+    const ZERO: Self = 0.0;
+}
+
+impl Num for Lanes {
+    const ZERO: Self = Lanes([0.0; LANES]);
+}
+
+/// `Bᵀ·d` for one column (or row) of a 6×6 input tile.
+#[inline(always)]
+fn input_1d<T: Num>(d: [T; A]) -> [T; A] {
+    [
+        d[0] * 4.0 - d[2] * 5.0 + d[4],
+        d[3] + d[4] - (d[1] + d[2]) * 4.0,
+        (d[1] - d[2]) * 4.0 - d[3] + d[4],
+        (d[3] - d[1]) * 2.0 - d[2] + d[4],
+        (d[1] - d[3]) * 2.0 - d[2] + d[4],
+        d[1] * 4.0 - d[3] * 5.0 + d[5],
+    ]
+}
+
+/// `Aᵀ·m` for one column (or row) of a 6×6 product tile.
+#[inline(always)]
+fn output_1d<T: Num>(m: [T; A]) -> [T; M] {
+    let (s12, d12, s34, d34) = (m[1] + m[2], m[1] - m[2], m[3] + m[4], m[3] - m[4]);
+    [
+        m[0] + s12 + s34,
+        d12 + d34 * 2.0,
+        s12 + s34 * 4.0,
+        d12 + d34 * 8.0 + m[5],
+    ]
+}
+
+/// `G·g` for one column (or row) of a 3×3 kernel.
+#[inline(always)]
+fn kernel_1d<T: Num>(g: [T; 3]) -> [T; A] {
+    [
+        g[0] * (1.0 / 4.0),
+        (g[0] + g[1] + g[2]) * (-1.0 / 6.0),
+        (g[0] - g[1] + g[2]) * (-1.0 / 6.0),
+        g[0] * (1.0 / 24.0) + g[1] * (1.0 / 12.0) + g[2] * (1.0 / 6.0),
+        g[0] * (1.0 / 24.0) - g[1] * (1.0 / 12.0) + g[2] * (1.0 / 6.0),
+        g[2],
+    ]
+}
+
+/// Applies a 1-d transform to the columns, then to the rows, of a row-major tile.
+#[inline(always)]
+fn transform_2d<T: Num, const I: usize, const O: usize>(
+    tile: &[[T; I]; I],
+    f: impl Fn([T; I]) -> [T; O],
+) -> [[T; O]; O] {
+    let mut cols = [[T::ZERO; I]; O]; // cols[o][i]: transformed column i, transposed
+    for i in 0..I {
+        let mut col = [T::ZERO; I];
+        for r in 0..I {
+            col[r] = tile[r][i];
+        }
+        let t = f(col);
+        for o in 0..O {
+            cols[o][i] = t[o];
+        }
+    }
+    let mut out = [[T::ZERO; O]; O];
+    for o in 0..O {
+        out[o] = f(cols[o]);
+    }
+    out
+}
+
+/// Kernels `(Cout, Cin, 3, 3)` → `G·g·Gᵀ` laid out `[point][Cout][Cin]` for the GEMMs.
+fn transform_kernels(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let mut u = vec![0f32; POINTS * cout * cin];
+    let per_point = cout * cin;
+    for (oc_ic, g) in w.chunks_exact(9).enumerate() {
+        let tile = [[g[0], g[1], g[2]], [g[3], g[4], g[5]], [g[6], g[7], g[8]]];
+        let t = transform_2d(&tile, kernel_1d);
+        for (p, v) in t.iter().flatten().enumerate() {
+            u[p * per_point + oc_ic] = *v;
+        }
+    }
+    u
+}
+
+/// Where tile `t` of the batch sits: image, output row and column of its corner.
+#[derive(Clone, Copy)]
+struct Grid {
+    h: usize,
+    w: usize,
+    tiles_x: usize,
+    tiles_per_image: usize,
+}
+
+impl Grid {
+    fn new(h: usize, w: usize) -> Self {
+        let tiles_x = w.div_ceil(M);
+        Self {
+            h,
+            w,
+            tiles_x,
+            tiles_per_image: h.div_ceil(M) * tiles_x,
+        }
+    }
+
+    #[inline(always)]
+    fn locate(&self, t: usize) -> (usize, usize, usize) {
+        let (n, i) = (t / self.tiles_per_image, t % self.tiles_per_image);
+        (n, (i / self.tiles_x) * M, (i % self.tiles_x) * M)
+    }
+}
+
+simd_fn! {
+    /// Transformed input tiles `[point][Cin][tile]` of a chunk of tiles; pixels outside the image (padding 1, partial
+    /// tiles) and lanes past `nt` are zeros.
+    fn transform_inputs(x: &[f32], v: &mut [f32], grid: Grid, cin: usize, chunk: Chunk) {
+        let Chunk { t0, nt, stride } = chunk;
+        let plane = grid.h * grid.w;
+        // Channel-major so that each channel plane is read tile after tile and the 36 point
+        // rows of `v` are written sequentially, eight tiles per store.
+        for c in 0..cin {
+            for tl in (0..nt).step_by(LANES) {
+                let mut d = [[Lanes::ZERO; A]; A];
+                for l in 0..LANES.min(nt - tl) {
+                    let (n, y0, x0) = grid.locate(t0 + tl + l);
+                    let img = &x[(n * cin + c) * plane..(n * cin + c + 1) * plane];
+                    for (r, row) in d.iter_mut().enumerate() {
+                        let y = (y0 + r).wrapping_sub(1);
+                        if y >= grid.h {
+                            continue;
+                        }
+                        let src = &img[y * grid.w..(y + 1) * grid.w];
+                        for (k, px) in row.iter_mut().enumerate() {
+                            let xx = (x0 + k).wrapping_sub(1);
+                            if xx < grid.w {
+                                px.0[l] = src[xx];
+                            }
+                        }
+                    }
+                }
+                let tv = transform_2d(&d, input_1d);
+                for (p, val) in tv.iter().flatten().enumerate() {
+                    let at = (p * cin + c) * stride + tl;
+                    v[at..at + LANES].copy_from_slice(&val.0);
+                }
+            }
+        }
+    }
+}
+
+/// Tiles `t0..t0 + nt` of one task, stored in rows of `stride` (a multiple of [`LANES`]).
+#[derive(Clone, Copy)]
+struct Chunk {
+    t0: usize,
+    nt: usize,
+    stride: usize,
+}
+
+/// A raw output pointer shared by the tasks, which write disjoint tiles.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only used for writes to disjoint elements (each task owns its tiles).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+simd_fn! {
+    /// Inverse transform of the products `[point][Cout][tile]` of a chunk of tiles, plus the bias, into the `(N, Cout, H, W)` output.
+    fn transform_outputs(m: &[f32], out: OutPtr, bias: &[f32], grid: Grid, chunk: Chunk) {
+        let Chunk { t0, nt, stride } = chunk;
+        let cout = bias.len();
+        let plane = grid.h * grid.w;
+        for (c, &b) in bias.iter().enumerate() {
+            for tl in (0..nt).step_by(LANES) {
+                let mut tile = [[Lanes::ZERO; A]; A];
+                for (p, val) in tile.iter_mut().flatten().enumerate() {
+                    let at = (p * cout + c) * stride + tl;
+                    val.0.copy_from_slice(&m[at..at + LANES]);
+                }
+                let y = transform_2d(&tile, output_1d);
+                for l in 0..LANES.min(nt - tl) {
+                    let (n, y0, x0) = grid.locate(t0 + tl + l);
+                    let base = (n * cout + c) * plane;
+                    for (r, row) in y.iter().enumerate().take(grid.h - y0) {
+                        for (k, val) in row.iter().enumerate().take(grid.w - x0) {
+                            // SAFETY: in bounds (rows/cols clipped to the image); tile
+                            // `t0 + tl + l` belongs to this task alone.
+                            unsafe { *out.0.add(base + (y0 + r) * grid.w + x0 + k) = val.0[l] + b };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Winograd convolution of tiles `t0..t0 + nt`: input transform, 36 GEMMs, output transform.
+#[allow(clippy::too_many_arguments)]
+fn convolve_tiles(
+    x: &[f32],
+    u: &[f32],
+    bias: &[f32],
+    out: OutPtr,
+    grid: Grid,
+    (cin, cout): (usize, usize),
+    t0: usize,
+    nt: usize,
+) {
+    // Rows padded to whole lane groups; the pad columns are zeros in and ignored out.
+    let stride = nt.next_multiple_of(LANES);
+    thread_local! {
+        // Both buffers are overwritten in full each time, so a thread's scratch is reused
+        // as is instead of allocating (and zeroing) megabytes per task.
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let mut scratch = SCRATCH.take();
+    scratch.resize(scratch.len().max(POINTS * (cin + cout) * stride), 0.0);
+    let (v, m) = scratch.split_at_mut(POINTS * cin * stride);
+    let m = &mut m[..POINTS * cout * stride];
+    let chunk = Chunk { t0, nt, stride };
+    transform_inputs(x, v, grid, cin, chunk);
+    for p in 0..POINTS {
+        gemm_rows(
+            cout,
+            stride,
+            cin,
+            &mut m[p * cout * stride..(p + 1) * cout * stride],
+            &u[p * cout * cin..(p + 1) * cout * cin],
+            &v[p * cin * stride..(p + 1) * cin * stride],
+            stride,
+            1,
+            0.0,
+            1.0,
+        );
+    }
+    transform_outputs(m, out, bias, grid, chunk);
+    SCRATCH.set(scratch);
+}
+
+/// The Winograd op over `(x, weight, bias)`; `cache` holds the transformed kernels of a frozen
+/// weight.
+struct Winograd {
+    cache: Option<Arc<OnceLock<Vec<f32>>>>,
+}
+
+impl CustomOp3 for Winograd {
+    fn name(&self) -> &'static str {
+        "winograd-conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, cin, h, w) = lx.shape().dims4()?;
+        let (cout, ..) = lw.shape().dims4()?;
+        let x = f32_input(sx, lx, "conv input")?;
+        let bias = f32_input(sb, lb, "conv bias")?;
+        let transform = || -> Result<Vec<f32>> {
+            Ok(transform_kernels(
+                &f32_input(sw, lw, "conv weight")?,
+                cout,
+                cin,
+            ))
+        };
+        let fresh;
+        let u = match &self.cache {
+            Some(cache) => match cache.get() {
+                Some(u) => u,
+                None => {
+                    let u = transform()?;
+                    cache.get_or_init(|| u)
+                }
+            },
+            None => {
+                fresh = transform()?;
+                &fresh
+            }
+        };
+        let grid = Grid::new(h, w);
+        let tiles = n * grid.tiles_per_image;
+        let mut out = vec![0f32; n * cout * h * w];
+        let ptr = OutPtr(out.as_mut_ptr());
+        // Equal chunks of about TILES tiles, at least one per thread where there are enough
+        // tiles, so that both cores finish together.
+        let chunks = tiles
+            .div_ceil(TILES)
+            .max(rayon::current_num_threads())
+            .min(tiles.div_ceil(LANES));
+        let chunk = tiles.div_ceil(chunks).next_multiple_of(LANES);
+        (0..tiles.div_ceil(chunk)).into_par_iter().for_each(|i| {
+            let t0 = i * chunk;
+            convolve_tiles(
+                &x,
+                u,
+                &bias,
+                ptr,
+                grid,
+                (cin, cout),
+                t0,
+                chunk.min(tiles - t0),
+            );
+        });
+        Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, h, w))))
+    }
+
+    /// candle's own convolution gradients (as in its backprop of `conv2d`).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_x = grad.conv_transpose2d(w, 1, 0, 1, 1)?;
+        let grad_w = x
+            .transpose(0, 1)?
+            .conv2d(&grad.transpose(0, 1)?, 1, 1, 1, 1)?
+            .transpose(0, 1)?;
+        let grad_b = grad.sum((0, 2, 3))?;
+        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+    }
+}
+
+/// `torch.nn.Conv2d` with the fast CPU paths described in the module docs.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+    /// Transformed Winograd kernels, filled by the first Winograd forward (frozen weights only).
+    winograd: Arc<OnceLock<Vec<f32>>>,
+}
+
+impl Conv2d {
+    /// Weights `weight` `(out, in/groups, k, k)` and `bias` `(out,)`, like `candle_nn::conv2d`.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel_size: usize,
+        cfg: Conv2dConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self::from_candle(candle_nn::conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            cfg,
+            vb,
+        )?))
+    }
+
+    pub fn from_candle(inner: candle_nn::Conv2d) -> Self {
+        Self {
+            inner,
+            winograd: Arc::default(),
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
+    /// The plain candle convolution: the reference for the fast paths.
+    pub fn forward_reference(&self, xs: &Tensor) -> Result<Tensor> {
+        self.inner.forward(xs)
+    }
+
+    fn plain(&self) -> bool {
+        let c = self.inner.config();
+        c.groups == 1 && c.stride == 1 && c.dilation == 1
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let w = self.inner.weight();
+        let (cout, cin, kh, kw) = w.dims4()?;
+        let Some(bias) = self.inner.bias() else {
+            return self.inner.forward(xs);
+        };
+        let Ok((n, xc, h, wd)) = xs.dims4() else {
+            return self.inner.forward(xs);
+        };
+        if !self.plain() || xc != cin || !xs.device().is_cpu() {
+            return self.inner.forward(xs);
+        }
+        let pad = self.inner.config().padding;
+        // (candle's CPU matmul has no bf16.)
+        if (kh, kw, pad) == (1, 1, 0) && xs.dtype() != candle_core::DType::BF16 {
+            // A 1×1 convolution is `W·x` per image: one batched matmul, output already NCHW.
+            let x = xs.reshape((n, cin, h * wd))?;
+            let w = w.reshape((cout, cin))?.broadcast_left(n)?;
+            return w
+                .matmul(&x)?
+                .reshape((n, cout, h, wd))?
+                .broadcast_add(&bias.reshape((1, cout, 1, 1))?);
+        }
+        let tiles = n * Grid::new(h, wd).tiles_per_image;
+        if (kh, kw, pad) == (3, 3, 1)
+            && tiles >= MIN_TILES
+            && kernel_dtype(xs.dtype())
+            && w.dtype() == xs.dtype()
+        {
+            let cache = (!w.is_variable()).then(|| self.winograd.clone());
+            return xs
+                .contiguous()?
+                .apply_op3(&w.contiguous()?, bias, Winograd { cache });
+        }
+        self.inner.forward(xs)
+    }
+}
