@@ -40,7 +40,29 @@ impl LayerNorm {
 }
 
 impl Module for LayerNorm {
+    /// On the CPU, the fused kernel of [`crate::ops::group_norm`] (rows as one-group maps).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let (Some(w), Some(b), true) = (&self.weight, &self.bias, xs.device().is_cpu()) {
+            if crate::ops::kernel_dtype(xs.dtype()) && xs.rank() > 0 {
+                let c = xs.dim(D::Minus1)?;
+                let op = crate::ops::group_norm::GroupNormOp {
+                    num_groups: 1,
+                    eps: self.eps,
+                    silu: false,
+                };
+                let rows = xs.contiguous()?.reshape(((), c, 1))?;
+                let (w, b) = (w.to_dtype(xs.dtype())?, b.to_dtype(xs.dtype())?);
+                return rows.apply_op3(&w, &b, op)?.reshape(xs.shape());
+            }
+        }
+        self.forward_reference(xs)
+    }
+}
+
+impl LayerNorm {
+    /// The norm from generic ops: the reference for the fused kernel and the path on other
+    /// devices and without affine parameters.
+    pub fn forward_reference(&self, xs: &Tensor) -> Result<Tensor> {
         let dtype = xs.dtype();
         let x = xs.to_dtype(compute_dtype(dtype))?;
         let mean = x.mean_keepdim(D::Minus1)?;

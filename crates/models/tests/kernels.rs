@@ -8,7 +8,7 @@ use diffuse_models::activations::Activation;
 use diffuse_models::attention::{
     scaled_dot_product_attention, scaled_dot_product_attention_reference,
 };
-use diffuse_models::normalization::GroupNorm;
+use diffuse_models::normalization::{GroupNorm, LayerNorm};
 use diffuse_models::ops::conv::Conv2d;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -104,19 +104,70 @@ fn attention_gradients_match_reference() -> Result<()> {
     Ok(())
 }
 
-fn group_norm(vb: candle_nn::VarBuilder, groups: usize, channels: usize) -> Result<GroupNorm> {
-    Ok(GroupNorm::new(vb, groups, channels, 1e-5)?)
-}
-
-/// A GroupNorm whose affine parameters are random, not the 1/0 initialisation.
-fn random_group_norm(varmap: &VarMap, groups: usize, channels: usize) -> Result<GroupNorm> {
-    let vb = candle_nn::VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
-    let gn = group_norm(vb, groups, channels)?;
+/// Affine parameters drawn at random instead of the 1/0 initialisation.
+fn randomise(varmap: &VarMap) -> Result<()> {
     for (name, var) in varmap.data().lock().unwrap().iter() {
         let std = if name.ends_with("weight") { 0.5 } else { 1.0 };
         var.set(&(randn(var.dims(), std)? + 1.0)?)?;
     }
+    Ok(())
+}
+
+fn varmap_vb(varmap: &VarMap) -> candle_nn::VarBuilder<'static> {
+    candle_nn::VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu)
+}
+
+/// A GroupNorm with random affine parameters.
+fn random_group_norm(varmap: &VarMap, groups: usize, channels: usize) -> Result<GroupNorm> {
+    let gn = GroupNorm::new(varmap_vb(varmap), groups, channels, 1e-5)?;
+    randomise(varmap)?;
     Ok(gn)
+}
+
+#[test]
+fn layer_norm_matches_reference() -> Result<()> {
+    let varmap = VarMap::new();
+    let ln = LayerNorm::new(varmap_vb(&varmap), 24, 1e-5, true)?;
+    randomise(&varmap)?;
+    for shape in [&[2, 37, 24][..], &[5, 24][..]] {
+        let x = (randn(shape, 2.0)? + 3.0)?;
+        assert_close(
+            &format!("layer norm {shape:?}"),
+            &ln.forward(&x)?,
+            &ln.forward_reference(&x)?,
+            1e-5,
+        )?;
+        let x16 = x.to_dtype(DType::F16)?;
+        let want = ln.forward_reference(&x16.to_dtype(DType::F32)?)?;
+        assert_close(
+            &format!("layer norm f16 {shape:?}"),
+            &ln.forward(&x16)?,
+            &want,
+            2e-3,
+        )?;
+    }
+    let x = Var::from_tensor(&randn(&[3, 7, 24], 1.0)?)?;
+    let weights = randn(&[3, 7, 24], 1.0)?;
+    let params: Vec<Tensor> = varmap
+        .all_vars()
+        .iter()
+        .map(|v| v.as_tensor().clone())
+        .collect();
+    let grads = |y: Tensor| -> Result<Vec<Tensor>> {
+        let g = (y * &weights)?.sum_all()?.backward()?;
+        Ok(std::iter::once(x.as_tensor())
+            .chain(&params)
+            .map(|t| g.get(t).expect("gradient").clone())
+            .collect())
+    };
+    for (i, (g, w)) in grads(ln.forward(&x)?)?
+        .iter()
+        .zip(&grads(ln.forward_reference(&x)?)?)
+        .enumerate()
+    {
+        assert_close(&format!("layer norm gradient {i}"), g, w, 1e-4)?;
+    }
+    Ok(())
 }
 
 #[test]

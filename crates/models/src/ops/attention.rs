@@ -11,7 +11,7 @@ use super::{exp, f32_input, f32_output, max, simd_fn};
 
 /// Query rows per task: enough rows to amortise `gemm`'s packing of the key block, few enough
 /// that a 4096-token head splits into many tasks for both cores.
-const BLOCK_Q: usize = 64;
+const BLOCK_Q: usize = 128;
 /// Keys per step: the `BLOCK_Q × BLOCK_K` score tile stays in L2.
 const BLOCK_K: usize = 256;
 

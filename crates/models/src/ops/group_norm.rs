@@ -2,7 +2,8 @@
 //! one for the variance (f64 accumulators; the group is still in cache), and one that
 //! normalises, applies the per-channel affine and the activation — instead of the seven
 //! full-tensor passes of the generic version. Groups are contiguous in NCHW, so the tasks
-//! write disjoint slices.
+//! write disjoint slices. A LayerNorm over rows of `C` is the same op on `(rows, C, 1)` with
+//! one group.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -41,6 +42,16 @@ simd_fn! {
 }
 
 simd_fn! {
+    /// `dst = (src − mean)·rstd·w + b` elementwise: one row of a LayerNorm (a GroupNorm whose
+    /// channels are single values).
+    fn normalise_row(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], mean: f32, rstd: f32) {
+        for (((d, &x), &w), &b) in dst.iter_mut().zip(src).zip(w).zip(b) {
+            *d = (x - mean) * rstd * w + b;
+        }
+    }
+}
+
+simd_fn! {
     /// `dst = act(src · a + b)` for one channel.
     fn affine_act(src: &[f32], dst: &mut [f32], a: f32, b: f32, with_silu: bool) {
         if with_silu {
@@ -74,12 +85,19 @@ impl CustomOp3 for GroupNormOp {
         let (cg, eps) = (c / g, self.eps);
         let mut out = vec![0f32; x.len()];
         if !out.is_empty() {
-            out.par_chunks_mut(cg * hw)
-                .zip(x.par_chunks(cg * hw))
+            let len = cg * hw;
+            out.par_chunks_mut(len)
+                .zip(x.par_chunks(len))
                 .enumerate()
+                // Short groups (LayerNorm rows) are batched into tasks of ≥ 16k elements.
+                .with_min_len(16384usize.div_ceil(len))
                 .for_each(|(i, (out_g, x_g))| {
                     let (mean, rstd) = stats(x_g, eps);
                     let ch0 = (i % g) * cg;
+                    if hw == 1 && !self.silu {
+                        let (w, b) = (&w[ch0..ch0 + cg], &b[ch0..ch0 + cg]);
+                        return normalise_row(x_g, out_g, w, b, mean, rstd);
+                    }
                     for ((o, xc), ch) in out_g.chunks_mut(hw).zip(x_g.chunks(hw)).zip(ch0..) {
                         let a = w[ch] * rstd;
                         affine_act(xc, o, a, b[ch] - mean * a, self.silu);
