@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 VENV=${CUDA_VENV:-$PWD/.cuda-venv}
 if [ ! -x "$VENV/bin/pip" ]; then python3 -m venv "$VENV"; fi
 "$VENV/bin/pip" install -q nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-nvvm==13.0.88 \
-    nvidia-cuda-crt==13.0.88 nvidia-cublas==13.0.0.19 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
+    nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.0.19 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
 CU=$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
 # The linker wants unversioned names; the CUDA driver (libcuda) is only a link-time stub here.
 LINK=$PWD/target-cuda/link; mkdir -p "$LINK"
