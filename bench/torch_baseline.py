@@ -34,6 +34,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated name prefixes to run")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--pipeline", action="store_true", help="also a 512x512 20-step SD 1.5 text-to-image run")
+    ap.add_argument("--fixtures", default=None, help="the repo's fixtures folder (tokenizer, scheduler config)")
     args = ap.parse_args()
 
     import torch
@@ -97,6 +99,32 @@ def main():
         unet = UNet2DModel.from_config(UNet2DModel.load_config(cat)).eval().to(dev)
         img = randn(1, 3, 256, 256)
         run("unet ddpm-cat-256 step", lambda: unet(img, torch.tensor([500.0], device=dev)).sample)
+    if args.pipeline:
+        import resource
+
+        from diffusers import PNDMScheduler, StableDiffusionPipeline
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        fx = args.fixtures
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(sd, "vae"))),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(os.path.join(sd, "text_encoder", "config.json"))),
+            tokenizer=CLIPTokenizer.from_pretrained(os.path.join(fx, "tokenizer")),
+            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(sd, "unet"))),
+            scheduler=PNDMScheduler.from_pretrained(os.path.join(fx, "pipelines", "tiny_sd", "scheduler")),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        ).to(dev)
+        pipe.set_progress_bar_config(disable=True)
+        name = "pipeline sd15 txt2img 512 20 steps"
+        gen = torch.Generator("cpu").manual_seed(0)
+        run_once = lambda: pipe("a photograph of an astronaut riding a horse", num_inference_steps=20, height=512,
+                                width=512, guidance_scale=7.5, generator=gen, output_type="np")
+        with torch.inference_mode():
+            out[name] = median_ms(run_once, 1, 0, sync)
+        out[name + " peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        print(f"{name}: {out[name]:.1f} ms, peak RSS {out[name + ' peak_rss_mib']:.0f} MiB", file=sys.stderr)
     print(json.dumps(out))
 
 

@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Also run a whole 512x512, 20-step SD 1.5 text-to-image generation (random weights of the
+    /// real architecture, PNDM, guidance 7.5) and report each phase; minutes on a CPU.
+    #[arg(long)]
+    pub pipeline: bool,
 }
 
 /// Random weights of the requested shapes (N(0, 0.02²); norm scales around 1), so models of
@@ -271,6 +275,73 @@ impl Bench<'_> {
     }
 }
 
+impl Bench<'_> {
+    /// One full text-to-image run, timed per phase by the pipeline itself.
+    fn pipeline(&mut self) -> Result<()> {
+        use diffuse_pipelines::stable_diffusion::{
+            GenerationParams, StableDiffusionPipeline, Text2ImageRequest,
+        };
+        let dev = self.device.clone();
+        let sd = self.args.configs.join("runwayml_stable_diffusion_v1_5");
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+        let tokenizer =
+            diffuse_models::clip_tokenizer::ClipTokenizer::from_dir(&fixtures.join("tokenizer"))?;
+        // SD 1.5's own scheduler config (the tiny pipeline carries an exact copy of its keys).
+        let sched_cfg = diffuse_schedulers::SchedulerConfig::from_file(
+            &fixtures.join("pipelines/tiny_sd/scheduler/scheduler_config.json"),
+        )?;
+        let pipe = StableDiffusionPipeline {
+            class_name: "StableDiffusionPipeline".into(),
+            unet: UNet2DConditionModel::new(
+                random_vb(&dev),
+                &read_config(&sd.join("unet/config.json"))?,
+            )?,
+            vae: AutoencoderKL::new(random_vb(&dev), &read_config(&sd.join("vae/config.json"))?)?,
+            text_encoder: ClipTextModel::new(
+                random_vb(&dev),
+                &read_config(&sd.join("text_encoder/config.json"))?,
+            )?,
+            tokenizer,
+            scheduler: diffuse_schedulers::from_own_config(&sched_cfg)?,
+            device: dev.clone(),
+            dtype: DType::F32,
+            vae_dtype: DType::F32,
+        };
+        let params = GenerationParams {
+            prompts: vec!["a photograph of an astronaut riding a horse".into()],
+            steps: 20,
+            guidance_scale: 7.5,
+            seed: 0,
+            ..Default::default()
+        };
+        let req = Text2ImageRequest {
+            params,
+            height: Some(512),
+            width: Some(512),
+            latents: None,
+        };
+        let t0 = Instant::now();
+        let out = pipe.text_to_image(&req, None)?;
+        let total = t0.elapsed().as_secs_f64() * 1000.0;
+        let t = &out.timings;
+        let rss = peak_rss_mib()
+            .map(|m| format!("peak RSS {m:.0} MiB"))
+            .unwrap_or_default();
+        println!(
+            "pipeline sd15 txt2img 512 20 steps {total:>10.1} ms   text encode {:.1} s, denoise {:.1} s, decode {:.1} s   {rss}",
+            t.text_encode.as_secs_f64(),
+            t.denoise.as_secs_f64(),
+            t.decode.as_secs_f64()
+        );
+        self.lines.push(Line {
+            name: "pipeline sd15 txt2img 512 20 steps".into(),
+            ms: total,
+            gflop: None,
+        });
+        Ok(())
+    }
+}
+
 fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
     let python = args
         .python
@@ -278,6 +349,10 @@ fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
         .or_else(|| std::env::var("DIFFUSE_TORCH_PYTHON").ok())
         .unwrap_or_else(|| "python3".into());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/torch_baseline.py");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .to_string_lossy()
+        .into_owned();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "\nPyTorch baseline: {python} {} ({threads} threads)",
@@ -301,6 +376,11 @@ fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
                 "cpu"
             },
         ])
+        .args(if args.pipeline {
+            vec!["--pipeline", "--fixtures", fixtures.as_str()]
+        } else {
+            vec![]
+        })
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("running {python}"))?;
@@ -334,6 +414,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     b.ops()?;
     b.models()?;
+    if args.pipeline {
+        b.pipeline()?;
+    }
     let ours: BTreeMap<String, f64> = b.lines.iter().map(|l| (l.name.clone(), l.ms)).collect();
     let torch = if args.compare_torch {
         Some(torch_baseline(&args)?)
