@@ -13,10 +13,12 @@ use clap::{Args, ValueEnum};
 use diffuse_pipelines::{
     load_pipeline, GenerationParams, Img2ImgRequest, InpaintRequest, LoadOptions, Pipeline,
     StableDiffusionPipeline, StepCallback, StepInfo, Text2ImageRequest, Timings,
-    UnconditionalRequest,
+    UnconditionalPipeline, UnconditionalRequest,
 };
-use image::RgbImage;
+use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::label_grid::labelled_grid;
 
 /// Weight and compute precision.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -40,21 +42,24 @@ impl From<DtypeArg> for DType {
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
     /// Pipeline folder (diffusers layout with model_index.json) or a hub id in the local
-    /// Hugging Face cache. Default: the tiny test pipeline bundled with the repository.
+    /// Hugging Face cache. Default: the repository's models/fashion-mnist-ddpm when it is
+    /// there, else the tiny test pipeline bundled with the repository.
     #[arg(long)]
     pub model: Option<String>,
-    /// What to draw.
+    /// What to draw. For a class-conditional DDPM model: a class name (any case) or index;
+    /// without it such a model draws a grid with one labelled row per class.
     #[arg(long, default_value = "")]
     pub prompt: String,
     /// What to steer away from.
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 25)]
-    pub steps: usize,
+    /// Denoising steps. Default: 50 for DDPM/DDIM models, 25 for Stable Diffusion.
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Classifier-free guidance scale; 1 or less disables guidance (and halves the work).
-    #[arg(long, alias = "cfg-scale", default_value_t = 7.5)]
-    pub guidance_scale: f64,
+    /// Default: 2 for class-conditional DDPM models, 7.5 for Stable Diffusion.
+    #[arg(long, alias = "cfg-scale")]
+    pub guidance_scale: Option<f64>,
     /// Scheduler: a diffusers class (EulerDiscreteScheduler) or an A1111 name ("Euler a",
     /// "DPM++ 2M Karras"). Default: the model folder's own.
     #[arg(long)]
@@ -63,9 +68,10 @@ pub struct CommonArgs {
     /// Random when absent; it is printed either way.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Images to generate.
-    #[arg(long, default_value_t = 1)]
-    pub num_images: usize,
+    /// Images to generate (per class in a class grid). Default: 8 per class in a class
+    /// grid, else 1.
+    #[arg(long)]
+    pub num_images: Option<usize>,
     /// DDIM eta: 0 is deterministic, 1 adds DDPM-like noise. Other schedulers ignore it.
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
@@ -129,46 +135,7 @@ pub struct InpaintArgs {
 pub fn run_generate(args: GenerateArgs) -> Result<()> {
     let session = Session::open(&args.common)?;
     match &session.pipeline {
-        Pipeline::Unconditional(p) => {
-            if !args.common.prompt.is_empty() {
-                eprintln!(
-                    "note: {} is unconditional; the prompt is ignored",
-                    p.class_name
-                );
-            }
-            if args.width.is_some() || args.height.is_some() {
-                bail!(
-                    "{} generates {}x{} images only; drop --width/--height",
-                    p.class_name,
-                    p.image_shape().2,
-                    p.image_shape().1
-                );
-            }
-            let (_, h, w) = p.image_shape();
-            let outputs = session.output_paths(w, h)?;
-            let req = UnconditionalRequest {
-                batch_size: args.common.num_images,
-                steps: args.common.steps,
-                eta: args.common.eta,
-                seed: session.seed,
-            };
-            let bar = progress_bar("denoising");
-            let out = p.generate(&req, Some(&mut step_callback(&bar)))?;
-            bar.finish_and_clear();
-            if out.rgb.is_empty() {
-                bail!(
-                    "the model makes {}-channel images; only RGB can be saved",
-                    p.image_shape().0
-                );
-            }
-            session.save(&out.rgb, &outputs)?;
-            let timings = Timings {
-                denoise: out.denoise,
-                ..Default::default()
-            };
-            print_timings(&timings, args.common.steps);
-            Ok(())
-        }
+        Pipeline::Unconditional(p) => generate_unconditional(&session, p, &args),
         Pipeline::StableDiffusion(p) => {
             let (dh, dw) = p.default_size();
             let (h, w) = (args.height.unwrap_or(dh), args.width.unwrap_or(dw));
@@ -182,6 +149,94 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
             session.run_sd(p, &outputs, |p, cb| p.text_to_image(&req, cb))
         }
     }
+}
+
+/// DDPM/DDIM sampling; a class-conditional model draws the `--prompt` class, or without one
+/// a grid with one labelled row per class.
+fn generate_unconditional(
+    session: &Session,
+    p: &UnconditionalPipeline,
+    args: &GenerateArgs,
+) -> Result<()> {
+    let (c, h, w) = p.image_shape();
+    if args.width.is_some() || args.height.is_some() {
+        bail!(
+            "{} generates {w}x{h} images only; drop --width/--height",
+            p.class_name
+        );
+    }
+    if c != 1 && c != 3 {
+        bail!("the model makes {c}-channel images; only grayscale and RGB can be saved");
+    }
+    let prompt = session.args.prompt.trim();
+    let n = session.num_images;
+    let grid = !p.class_names.is_empty() && prompt.is_empty();
+    let (class_labels, class_text) = if p.class_names.is_empty() {
+        if !prompt.is_empty() {
+            eprintln!(
+                "note: {} is unconditional; the prompt is ignored",
+                p.class_name
+            );
+        }
+        (None, None)
+    } else if grid {
+        let labels = (0..p.class_names.len())
+            .flat_map(|k| std::iter::repeat_n(k, n))
+            .collect();
+        (Some(labels), Some("all, one row per class".to_string()))
+    } else {
+        let k = parse_class(&p.class_names, prompt)?;
+        (Some(vec![k; n]), Some(p.class_names[k].clone()))
+    };
+    let parameters = session.parameters_text(w, h, class_text.as_deref());
+    let outputs = session.output_files(if grid { 1 } else { n }, parameters)?;
+    let req = UnconditionalRequest {
+        batch_size: class_labels.as_ref().map_or(n, Vec::len),
+        steps: session.steps,
+        eta: session.args.eta,
+        seed: session.seed,
+        class_labels,
+        guidance_scale: session.guidance_scale,
+    };
+    let bar = progress_bar("denoising");
+    let out = p.generate(&req, Some(&mut step_callback(&bar)))?;
+    bar.finish_and_clear();
+    let images: Vec<DynamicImage> = if c == 1 {
+        out.gray.into_iter().map(DynamicImage::ImageLuma8).collect()
+    } else {
+        out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect()
+    };
+    let images = if grid {
+        vec![labelled_grid(&p.class_names, &images, n)?]
+    } else {
+        images
+    };
+    session.save(images, &outputs)?;
+    let timings = Timings {
+        denoise: out.denoise,
+        ..Default::default()
+    };
+    print_timings(&timings, session.steps);
+    Ok(())
+}
+
+/// The class a `--prompt` names: a class name (any case) or a class index.
+fn parse_class(names: &[String], prompt: &str) -> Result<usize> {
+    if let Some(k) = names.iter().position(|n| n.eq_ignore_ascii_case(prompt)) {
+        return Ok(k);
+    }
+    if let Some(k) = prompt.parse::<usize>().ok().filter(|&k| k < names.len()) {
+        return Ok(k);
+    }
+    let valid: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{i} {n}"))
+        .collect();
+    bail!(
+        "unknown class `{prompt}`; the model's classes are: {}",
+        valid.join(", ")
+    )
 }
 
 pub fn run_img2img(args: Img2ImgArgs) -> Result<()> {
@@ -228,16 +283,20 @@ struct Session {
     args: CommonArgs,
     pipeline: Pipeline,
     seed: u64,
+    /// `--steps`, `--guidance-scale` and `--num-images` with the pipeline's defaults filled in.
+    steps: usize,
+    guidance_scale: f64,
+    num_images: usize,
     /// Shown in the PNG metadata.
     model_name: String,
 }
 
 impl Session {
     fn open(args: &CommonArgs) -> Result<Self> {
-        if args.num_images == 0 {
+        if args.num_images == Some(0) {
             bail!("--num-images must be at least 1");
         }
-        if args.steps == 0 {
+        if args.steps == Some(0) {
             bail!("--steps must be at least 1");
         }
         // Fail on a bad output path before the (slow) model load.
@@ -264,8 +323,24 @@ impl Session {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| dir.display().to_string()),
         };
+        let (uncond, class_grid) = match &pipeline {
+            Pipeline::Unconditional(p) => (
+                true,
+                !p.class_names.is_empty() && args.prompt.trim().is_empty(),
+            ),
+            Pipeline::StableDiffusion(_) => (false, false),
+        };
+        let class_cond =
+            matches!(&pipeline, Pipeline::Unconditional(p) if !p.class_names.is_empty());
         Ok(Self {
             args: args.clone(),
+            steps: args.steps.unwrap_or(if uncond { 50 } else { 25 }),
+            guidance_scale: args.guidance_scale.unwrap_or(match (uncond, class_cond) {
+                (_, true) => 2.0,
+                (true, false) => 1.0,
+                (false, _) => 7.5,
+            }),
+            num_images: args.num_images.unwrap_or(if class_grid { 8 } else { 1 }),
             pipeline,
             seed,
             model_name,
@@ -286,9 +361,9 @@ impl Session {
         GenerationParams {
             prompts: vec![self.args.prompt.clone()],
             negative_prompts: vec![self.args.negative_prompt.clone()],
-            guidance_scale: self.args.guidance_scale,
-            num_images_per_prompt: self.args.num_images,
-            steps: self.args.steps,
+            guidance_scale: self.guidance_scale,
+            num_images_per_prompt: self.num_images,
+            steps: self.steps,
             eta: self.args.eta,
             seed: self.seed,
             ..Default::default()
@@ -311,14 +386,21 @@ impl Session {
         for w in &out.warnings {
             eprintln!("warning: {w}");
         }
-        self.save(&out.rgb, outputs)?;
-        print_timings(&out.timings, self.args.steps);
+        self.save(
+            out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect(),
+            outputs,
+        )?;
+        print_timings(&out.timings, self.steps);
         Ok(())
     }
 
     /// Where each image goes, checked before any work: no overwriting without `--force`.
     fn output_paths(&self, width: usize, height: usize) -> Result<Vec<OutputFile>> {
-        let n = self.args.num_images;
+        self.output_files(self.num_images, self.parameters_text(width, height, None))
+    }
+
+    /// `n` output files, all with the `parameters` text.
+    fn output_files(&self, n: usize, parameters: String) -> Result<Vec<OutputFile>> {
         let out = &self.args.output;
         let paths: Vec<PathBuf> = if out.is_dir() {
             (0..n)
@@ -341,30 +423,30 @@ impl Session {
                 bail!("{} exists; pass --force to overwrite it", p.display());
             }
         }
-        let params = self.parameters_text(width, height);
         Ok(paths
             .into_iter()
             .map(|path| OutputFile {
                 path,
-                parameters: params.clone(),
+                parameters: parameters.clone(),
             })
             .collect())
     }
 
-    /// The A1111 `parameters` text.
-    fn parameters_text(&self, width: usize, height: usize) -> String {
+    /// The A1111 `parameters` text; `class` is the class of a class-conditional model.
+    fn parameters_text(&self, width: usize, height: usize, class: Option<&str>) -> String {
         let a = &self.args;
         let sampler = a
             .scheduler
             .clone()
             .unwrap_or_else(|| self.pipeline.scheduler_name().to_string());
+        let class = class.map(|c| format!(", Class: {c}")).unwrap_or_default();
         format!(
-            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, CFG scale: {}, Seed: {}, Size: {width}x{height}, Model: {}",
-            a.prompt, a.negative_prompt, a.steps, a.guidance_scale, self.seed, self.model_name
+            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, CFG scale: {}, Seed: {}, Size: {width}x{height}, Model: {}{class}",
+            a.prompt, a.negative_prompt, self.steps, self.guidance_scale, self.seed, self.model_name
         )
     }
 
-    fn save(&self, images: &[RgbImage], outputs: &[OutputFile]) -> Result<()> {
+    fn save(&self, images: Vec<DynamicImage>, outputs: &[OutputFile]) -> Result<()> {
         if images.len() != outputs.len() {
             bail!(
                 "the pipeline returned {} images, {} were expected",
@@ -385,9 +467,16 @@ struct OutputFile {
     parameters: String,
 }
 
-/// The tiny pipeline in the repository's fixtures (works from a source checkout).
+/// The repository's trained Fashion-MNIST model when it is there, else the tiny pipeline in
+/// its fixtures (both work from a source checkout).
 fn default_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/pipelines/tiny_sd")
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let trained = repo.join("models/fashion-mnist-ddpm");
+    if trained.join("model_index.json").is_file() {
+        trained
+    } else {
+        repo.join("fixtures/pipelines/tiny_sd")
+    }
 }
 
 fn parse_device(spec: &str) -> Result<Device> {
@@ -482,7 +571,12 @@ fn print_timings(t: &Timings, steps: usize) {
 
 /// Writes the PNG with its `parameters` chunk to a temp file, then renames it into place, so
 /// an interrupted run never leaves a partial PNG behind.
-fn write_png(img: &RgbImage, out: &OutputFile, force: bool) -> Result<()> {
+fn write_png(img: &DynamicImage, out: &OutputFile, force: bool) -> Result<()> {
+    let (color, raw) = match img {
+        DynamicImage::ImageLuma8(g) => (png::ColorType::Grayscale, g.as_raw()),
+        DynamicImage::ImageRgb8(rgb) => (png::ColorType::Rgb, rgb.as_raw()),
+        other => bail!("cannot save a {:?} image", other.color()),
+    };
     let dir = match out.path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -499,7 +593,7 @@ fn write_png(img: &RgbImage, out: &OutputFile, force: bool) -> Result<()> {
         let mut w = std::io::BufWriter::new(file);
         {
             let mut enc = png::Encoder::new(&mut w, img.width(), img.height());
-            enc.set_color(png::ColorType::Rgb);
+            enc.set_color(color);
             enc.set_depth(png::BitDepth::Eight);
             // tEXt is Latin-1 only; other prompts go in an (UTF-8) iTXt chunk.
             if out.parameters.chars().all(|c| (c as u32) < 256) {
@@ -508,7 +602,7 @@ fn write_png(img: &RgbImage, out: &OutputFile, force: bool) -> Result<()> {
                 enc.add_itxt_chunk("parameters".into(), out.parameters.clone())?;
             }
             let mut writer = enc.write_header()?;
-            writer.write_image_data(img.as_raw())?;
+            writer.write_image_data(raw)?;
             writer.finish()?;
         }
         w.flush()?;

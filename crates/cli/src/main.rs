@@ -3,6 +3,7 @@
 mod bench;
 mod generate;
 mod info;
+mod label_grid;
 mod schedulers_cmd;
 mod train;
 

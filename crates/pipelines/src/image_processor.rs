@@ -84,8 +84,20 @@ pub fn postprocess(decoded: &Tensor) -> Result<(Tensor, Vec<RgbImage>)> {
 
 /// (N, H, W, 3) in [0, 1] → 8-bit RGB images (`round(x * 255)`, as `numpy_to_pil`).
 pub fn to_rgb_images(images: &Tensor) -> Result<Vec<RgbImage>> {
+    to_u8_images(images)
+}
+
+/// `(B, H, W, 1)` f32 in `[0, 1]` → 8-bit grayscale images (1-channel `UNet2DModel`s).
+pub fn to_gray_images(images: &Tensor) -> Result<Vec<GrayImage>> {
+    to_u8_images(images)
+}
+
+/// Rounds `(B, H, W, C)` values in `[0, 1]` to 8-bit images of the pixel type `P`.
+fn to_u8_images<P: image::Pixel<Subpixel = u8>>(
+    images: &Tensor,
+) -> Result<Vec<image::ImageBuffer<P, Vec<u8>>>> {
     let (n, h, w, _) = images.dims4()?;
-    let mut rgb = Vec::with_capacity(n);
+    let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let px: Vec<u8> = images
             .get(i)?
@@ -94,11 +106,11 @@ pub fn to_rgb_images(images: &Tensor) -> Result<Vec<RgbImage>> {
             .into_iter()
             .map(|v| (v * 255.0).round() as u8)
             .collect();
-        let img = RgbImage::from_raw(w as u32, h as u32, px)
+        let img = image::ImageBuffer::from_raw(w as u32, h as u32, px)
             .ok_or_else(|| Error::invalid("decoded image has an unexpected size"))?;
-        rgb.push(img);
+        out.push(img);
     }
-    Ok(rgb)
+    Ok(out)
 }
 
 fn resize_rgb(img: &RgbImage, height: usize, width: usize) -> RgbImage {

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use diffuse_core::{Error, Result};
 use diffuse_schedulers::{Scheduler, SchedulerConfig};
 
-pub use ddpm::{UnconditionalOutput, UnconditionalPipeline, UnconditionalRequest};
+pub use ddpm::{ClassGuidance, UnconditionalOutput, UnconditionalPipeline, UnconditionalRequest};
 pub use img2img::Img2ImgRequest;
 pub use inpaint::InpaintRequest;
 pub use stable_diffusion::{
@@ -140,9 +140,22 @@ pub fn load_pipeline(dir: &Path, opts: &LoadOptions) -> Result<Pipeline> {
         })?
         .to_string();
     match class.as_str() {
-        "DDPMPipeline" | "DDIMPipeline" => Ok(Pipeline::Unconditional(Box::new(
-            UnconditionalPipeline::load(dir, class, opts)?,
-        ))),
+        "DDPMPipeline" | "DDIMPipeline" => {
+            // Written by `diffuse train`; diffusers ignores underscore keys it does not know.
+            let class_names = match index.get("_class_names") {
+                None => None,
+                Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
+                    Error::config(
+                        index_path.display().to_string(),
+                        "_class_names",
+                        format!("not a list of strings: {e}"),
+                    )
+                })?),
+            };
+            Ok(Pipeline::Unconditional(Box::new(
+                UnconditionalPipeline::load(dir, class, class_names, opts)?,
+            )))
+        }
         "StableDiffusionPipeline"
         | "StableDiffusionImg2ImgPipeline"
         | "StableDiffusionInpaintPipeline" => Ok(Pipeline::StableDiffusion(Box::new(

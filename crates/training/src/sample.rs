@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use diffuse_core::{Error, Generator, Result};
 use diffuse_models::UNet2DModel;
+use diffuse_pipelines::ClassGuidance;
 use diffuse_schedulers::{Scheduler, SchedulerConfig};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
@@ -17,7 +18,7 @@ pub struct SampleSettings {
     /// crate works), built from the training scheduler config.
     pub scheduler: String,
     pub steps: usize,
-    /// Classifier-free guidance scale for class-conditional models (1 = no guidance).
+    /// Classifier-free guidance scale for class-conditional models (1 or less = no guidance).
     pub guidance_scale: f64,
     pub seed: u64,
 }
@@ -60,54 +61,14 @@ pub fn sample(
     let mut rng = Generator::manual_seed(settings.seed);
     let mut x = (rng.randn((n, cfg.in_channels, h, w), device)? * scheduler.init_noise_sigma())?;
 
-    let cond = match (labels, cfg.num_class_embeds) {
-        (Some(l), Some(k)) => {
-            let null = (k - 1) as u32;
-            if let Some(&bad) = l.iter().find(|&&c| c >= null) {
-                return Err(Error::invalid(format!(
-                    "class {bad} out of range: the model has {} classes",
-                    k - 1
-                )));
-            }
-            let labels = Tensor::from_vec(l.to_vec(), n, device)?;
-            let guided = settings.guidance_scale != 1.0;
-            let both = if guided {
-                Tensor::cat(&[&labels, &Tensor::full(null, n, device)?], 0)?
-            } else {
-                labels
-            };
-            Some((both, guided))
-        }
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(Error::invalid(
-                "class labels given but the model is not class-conditional",
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(Error::invalid(
-                "the model is class-conditional: give one class label per image",
-            ))
-        }
-    };
+    let labels: Option<Vec<usize>> = labels.map(|l| l.iter().map(|&c| c as usize).collect());
+    let guidance =
+        ClassGuidance::new(model, labels.as_deref(), n, settings.guidance_scale, device)?;
     let timesteps = scheduler.timesteps().to_vec();
     for t in timesteps {
         let input = scheduler.scale_model_input(&x, t)?;
         let tt = Tensor::new(t as f32, device)?;
-        let eps = match &cond {
-            Some((labels, true)) => {
-                let out = model.forward_with_class(
-                    &Tensor::cat(&[&input, &input], 0)?,
-                    &tt,
-                    Some(labels),
-                )?;
-                let c = out.narrow(0, 0, n)?;
-                let u = out.narrow(0, n, n)?;
-                (&u + ((c - &u)? * settings.guidance_scale)?)?
-            }
-            Some((labels, false)) => model.forward_with_class(&input, &tt, Some(labels))?,
-            None => model.forward(&input, &tt)?,
-        };
+        let eps = ClassGuidance::predict(guidance.as_ref(), model, &input, &tt)?;
         x = scheduler.step(&eps, t, &x, &mut rng)?.prev_sample;
     }
     Ok(x.clamp(-1.0, 1.0)?)

@@ -569,7 +569,8 @@ impl Trainer {
 
     /// Writes the diffusers folder: `model_index.json` (DDPMPipeline), `unet/config.json`,
     /// `unet/diffusion_pytorch_model.safetensors` (the EMA weights when EMA is on) and
-    /// `scheduler/scheduler_config.json`.
+    /// `scheduler/scheduler_config.json`; a class-conditional model's index also lists the
+    /// dataset's class names under `_class_names`.
     pub fn save_pipeline(&self, output: &Path) -> Result<()> {
         let unet_dir = output.join("unet");
         let scheduler_dir = output.join("scheduler");
@@ -593,12 +594,17 @@ impl Trainer {
             &scheduler_dir.join("scheduler_config.json"),
             &scheduler.to_json_string(),
         )?;
-        let index = json!({
+        let mut index = json!({
             "_class_name": "DDPMPipeline",
             "_diffusers_version": DIFFUSERS_VERSION,
             "scheduler": ["diffusers", "DDPMScheduler"],
             "unet": ["diffusers", "UNet2DModel"],
         });
+        // The class of each label, for `diffuse generate --prompt <class>`; diffusers' loader
+        // skips underscore keys, so the folder still loads there.
+        if self.config.unet.num_class_embeds.is_some() && self.dataset.num_classes().is_some() {
+            index["_class_names"] = json!(self.dataset.class_names());
+        }
         write_text(&output.join("model_index.json"), &pretty(&index)?)
     }
 

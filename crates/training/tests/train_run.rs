@@ -97,6 +97,10 @@ fn checkpoint_resume_continues_exactly_and_output_reloads() {
     )
     .unwrap();
     assert_eq!(index["_class_name"], "DDPMPipeline");
+    assert_eq!(
+        index["_class_names"],
+        serde_json::json!(["horizontal", "vertical"])
+    );
     let unet = UNet2DModel::from_pretrained(&run_a.path().join("unet"), DType::F32, &dev).unwrap();
     assert_eq!(unet.config(), &cfg.unet);
     let sched =

@@ -1,0 +1,213 @@
+//! `diffuse generate` on a class-conditional DDPM folder trained here for a few steps.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use diffuse_pipelines::{load_pipeline, LoadOptions, Pipeline, UnconditionalRequest};
+
+fn diffuse<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(args)
+        .output()
+        .expect("running diffuse");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Two classes of 8×8 stripes in class sub-folders (sub-folder names are the class names).
+fn write_stripes(dir: &Path) {
+    for (class, vertical) in [("Rows", false), ("Columns", true)] {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..4u32 {
+            let img = image::GrayImage::from_fn(8, 8, |x, y| {
+                let k = if vertical { x } else { y };
+                image::Luma([if (k + i) % 4 < 2 { 255 } else { 0 }])
+            });
+            img.save(dir.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
+
+/// Trains a tiny class-conditional model for 3 steps; returns (temp root, model folder).
+fn trained_model(name: &str) -> (PathBuf, PathBuf) {
+    let root = std::env::temp_dir().join(format!("diffuse-cc-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let data = root.join("data");
+    write_stripes(&data);
+    let model = root.join("model");
+    let (ok, err) = diffuse(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--grayscale",
+        "--resolution",
+        "8",
+        "--channels",
+        "8,16",
+        "--layers-per-block",
+        "1",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--sample-steps",
+        "2",
+        "--classes",
+        "2",
+        "--output",
+        model.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    (root, model)
+}
+
+fn parameters(path: &Path) -> (png::ColorType, u32, u32, String) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = decoder.read_info().expect("a valid PNG");
+    let info = reader.info();
+    let text = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|c| c.keyword == "parameters")
+        .map(|c| c.text.clone())
+        .expect("a parameters chunk");
+    (info.color_type, info.width, info.height, text)
+}
+
+#[test]
+fn class_prompt_grid_and_errors() {
+    let (root, model) = trained_model("generate");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("model_index.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        index["_class_names"],
+        serde_json::json!(["Columns", "Rows"])
+    );
+    let m = model.to_str().unwrap();
+
+    // One class by name (any case): a grayscale image of the model's size.
+    let one = root.join("one.png");
+    let (ok, err) = diffuse(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "rows",
+        "--steps",
+        "3",
+        "--seed",
+        "7",
+        "--output",
+        one.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (color, w, h, text) = parameters(&one);
+    assert_eq!((color, w, h), (png::ColorType::Grayscale, 8, 8));
+    for want in ["Class: Rows", "Steps: 3", "CFG scale: 2", "Seed: 7"] {
+        assert!(text.contains(want), "{want:?} missing from {text:?}");
+    }
+
+    // A class index works too, with DDIM and another guidance.
+    let idx = root.join("idx.png");
+    let (ok, err) = diffuse(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "0",
+        "--steps",
+        "2",
+        "--scheduler",
+        "DDIMScheduler",
+        "--guidance-scale",
+        "3",
+        "--output",
+        idx.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let text = parameters(&idx).3;
+    assert!(
+        text.contains("Class: Columns") && text.contains("DDIMScheduler"),
+        "{text}"
+    );
+
+    // No prompt: one labelled row of `--num-images` tiles per class, in one PNG.
+    let grid = root.join("grid.png");
+    let (ok, err) = diffuse(&[
+        "generate",
+        "--model",
+        m,
+        "--steps",
+        "3",
+        "--num-images",
+        "3",
+        "--output",
+        grid.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (color, w, h, _) = parameters(&grid);
+    assert_eq!(color, png::ColorType::Grayscale);
+    // Rows of 8-pixel tiles with 2-pixel gaps; labels ("Columns", 7 glyphs of 6 pixels) left.
+    assert_eq!(h, 2 * (8 + 2) + 2);
+    assert_eq!(w, (2 * 2 + 7 * 6) + 3 * (8 + 2) + 2);
+
+    // An unknown class: non-zero exit naming the valid classes, nothing written.
+    let bad = root.join("bad.png");
+    let (ok, err) = diffuse(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "Sandal",
+        "--steps",
+        "1",
+        "--output",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("Sandal") && err.contains("0 Columns, 1 Rows"),
+        "{err}"
+    );
+    assert!(!bad.exists());
+
+    // The library API: labels are required and checked against the classes.
+    let p = match load_pipeline(&model, &LoadOptions::default()).unwrap() {
+        Pipeline::Unconditional(p) => p,
+        _ => panic!("a DDPM folder"),
+    };
+    assert_eq!(p.class_names, ["Columns", "Rows"]);
+    let req = UnconditionalRequest {
+        batch_size: 2,
+        steps: 2,
+        guidance_scale: 2.0,
+        ..Default::default()
+    };
+    let err = p.generate(&req, None).err().expect("labels are required");
+    assert!(err.to_string().contains("class-conditional"), "{err}");
+    let err = p
+        .generate(
+            &UnconditionalRequest {
+                class_labels: Some(vec![0, 2]),
+                ..req.clone()
+            },
+            None,
+        )
+        .err()
+        .expect("class 2 is out of range");
+    assert!(err.to_string().contains("0..=1"), "{err}");
+    let out = p
+        .generate(
+            &UnconditionalRequest {
+                class_labels: Some(vec![1, 0]),
+                ..req
+            },
+            None,
+        )
+        .unwrap();
+    assert_eq!((out.gray.len(), out.rgb.len()), (2, 0));
+    let _ = std::fs::remove_dir_all(&root);
+}
