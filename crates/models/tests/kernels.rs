@@ -211,10 +211,23 @@ fn group_norm_matches_reference() -> Result<()> {
 
 #[test]
 fn group_norm_gradients_match_reference() -> Result<()> {
+    // One channel per group, several, and a 32-group ResNet-like shape.
+    for (groups, shape) in [
+        (3, [2, 6, 5, 4]),
+        (6, [3, 6, 3, 7]),
+        (2, [2, 8, 1, 9]),
+        (32, [2, 64, 8, 8]),
+    ] {
+        group_norm_gradients_case(groups, &shape)?;
+    }
+    Ok(())
+}
+
+fn group_norm_gradients_case(groups: usize, shape: &[usize]) -> Result<()> {
     let varmap = VarMap::new();
-    let gn = random_group_norm(&varmap, 3, 6)?;
-    let x = Var::from_tensor(&randn(&[2, 6, 5, 4], 1.5)?)?;
-    let weights = randn(&[2, 6, 5, 4], 1.0)?;
+    let gn = random_group_norm(&varmap, groups, shape[1])?;
+    let x = Var::from_tensor(&randn(shape, 1.5)?)?;
+    let weights = randn(shape, 1.0)?;
     let params: Vec<Tensor> = varmap
         .all_vars()
         .iter()
@@ -238,7 +251,7 @@ fn group_norm_gradients_match_reference() -> Result<()> {
         };
         for (i, (g, w)) in grads(got)?.iter().zip(&grads(want)?).enumerate() {
             assert_close(
-                &format!("group norm (silu {silu}) gradient {i}"),
+                &format!("group norm {shape:?}/{groups} (silu {silu}) gradient {i}"),
                 g,
                 w,
                 1e-4,
@@ -315,10 +328,17 @@ fn conv_matches_candle() -> Result<()> {
 
 #[test]
 fn conv_gradients_match_candle() -> Result<()> {
-    for (k, h) in [(3, 48), (1, 7)] {
-        let (conv, varmap) = random_conv(3, 5, k, k / 2, false)?;
-        let x = Var::from_tensor(&randn(&[2, 3, h, h + 3], 1.0)?)?;
-        let weights = randn(&[2, 5, h, h + 3], 1.0)?;
+    // Winograd with its own backward (partial edge tiles, one input channel, more inputs
+    // than outputs), then 1×1.
+    for (k, n, cin, cout, h) in [
+        (3, 2, 3, 5, 48),
+        (3, 3, 1, 4, 37),
+        (3, 2, 9, 2, 30),
+        (1, 2, 3, 5, 7),
+    ] {
+        let (conv, varmap) = random_conv(cin, cout, k, k / 2, false)?;
+        let x = Var::from_tensor(&randn(&[n, cin, h, h + 3], 1.0)?)?;
+        let weights = randn(&[n, cout, h, h + 3], 1.0)?;
         let params: Vec<Tensor> = varmap
             .all_vars()
             .iter()

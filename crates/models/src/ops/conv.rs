@@ -385,7 +385,10 @@ impl CustomOp3 for Winograd {
         Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, h, w))))
     }
 
-    /// candle's own convolution gradients (as in its backprop of `conv2d`).
+    /// Exact gradients without candle's CPU `conv_transpose2d` (tens of times slower than
+    /// the forward): `dx` is itself a 3×3 "same" convolution of `dy` with the kernel
+    /// transposed (in ↔ out) and rotated 180°, so it takes this Winograd path too; `dw` is
+    /// one im2col GEMM per image ([`WeightGrad`]).
     fn bwd(
         &self,
         x: &Tensor,
@@ -394,13 +397,92 @@ impl CustomOp3 for Winograd {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad_x = grad.conv_transpose2d(w, 1, 0, 1, 1)?;
-        let grad_w = x
+        let (cout, cin, ..) = w.dims4()?;
+        let grad = grad.contiguous()?;
+        let rotate = Tensor::from_vec((0..9u32).rev().collect::<Vec<_>>(), 9, w.device())?;
+        let w_t = w
             .transpose(0, 1)?
-            .conv2d(&grad.transpose(0, 1)?, 1, 1, 1, 1)?
-            .transpose(0, 1)?;
+            .reshape((cin, cout, 9))?
+            .index_select(&rotate, 2)?
+            .reshape((cin, cout, 3, 3))?;
+        let zero_bias = Tensor::zeros(cin, grad.dtype(), grad.device())?;
+        let grad_x = grad.apply_op3_no_bwd(&w_t, &zero_bias, &Winograd { cache: None })?;
+        let grad_w = x.apply_op2_no_bwd(&grad, &WeightGrad)?;
         let grad_b = grad.sum((0, 2, 3))?;
         Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+    }
+}
+
+/// `dw` of a 3×3 stride-1 padding-1 convolution from `(x, dy)`: per image, the im2col matrix
+/// `(Cin·9, H·W)` of `x` and `dw += dy (Cout × H·W) · colᵀ`, accumulated per thread.
+struct WeightGrad;
+
+/// Rows `(c, ky, kx)` of the im2col matrix of one `(C, H, W)` image with padding 1.
+fn im2col(img: &[f32], col: &mut [f32], h: usize, w: usize) {
+    let plane = h * w;
+    for (j, row) in col.chunks_exact_mut(plane).enumerate() {
+        let (c, ky, kx) = (j / 9, j % 9 / 3, j % 3);
+        let src = &img[c * plane..(c + 1) * plane];
+        for (y, dst) in row.chunks_exact_mut(w).enumerate() {
+            let sy = (y + ky).wrapping_sub(1);
+            if sy >= h {
+                dst.fill(0.0);
+                continue;
+            }
+            let s = &src[sy * w..(sy + 1) * w];
+            match kx {
+                0 => {
+                    dst[0] = 0.0;
+                    dst[1..].copy_from_slice(&s[..w - 1]);
+                }
+                1 => dst.copy_from_slice(s),
+                _ => {
+                    dst[..w - 1].copy_from_slice(&s[1..]);
+                    dst[w - 1] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+impl candle_core::CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "conv3x3-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, cin, h, w) = lx.shape().dims4()?;
+        let (_, cout, ..) = lg.shape().dims4()?;
+        let x = f32_input(sx, lx, "conv input")?;
+        let g = f32_input(sg, lg, "conv output gradient")?;
+        let (plane, k) = (h * w, cin * 9);
+        let dw = (0..n)
+            .into_par_iter()
+            .fold(
+                || (vec![0f32; cout * k], vec![0f32; k * plane]),
+                |(mut dw, mut col), i| {
+                    im2col(&x[i * cin * plane..(i + 1) * cin * plane], &mut col, h, w);
+                    let dy = &g[i * cout * plane..(i + 1) * cout * plane];
+                    // colᵀ is read through strides (row stride 1, column stride H·W).
+                    gemm_rows(cout, k, plane, &mut dw, dy, &col, 1, plane, 1.0, 1.0);
+                    (dw, col)
+                },
+            )
+            .map(|(dw, _)| dw)
+            .reduce(
+                || vec![0f32; cout * k],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        Ok((f32_output(dw, sx.dtype())?, Shape::from((cout, cin, 3, 3))))
     }
 }
 
