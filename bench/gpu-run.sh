@@ -16,4 +16,24 @@ bin=target-cuda/release/diffuse
 chmod +x "$bin"
 "$bin" --version
 export DIFFUSE_TORCH_PYTHON=python3
-"$bin" bench --device cuda:0 --runs 10 --warmup 2 --compare-torch --json "$out/bench-cuda.json" 2>&1 | tee "$out/bench-cuda.log"
+"$bin" bench --device cuda:0 --runs 5 --warmup 1 --compare-torch --json "$out/bench-cuda.json" 2>&1 | tee "$out/bench-cuda.log"
+
+# Optional: train the bundled Fashion-MNIST model on this GPU when a dataset folder is given
+# (IDX files), sizing the run to TRAIN_SECONDS from a short probe.
+if [ -n "${TRAIN_DATA:-}" ]; then
+    secs=${TRAIN_SECONDS:-200}
+    common=(train --device cuda:0 --dataset fashion-mnist --data "$TRAIN_DATA" --classes 10 --resolution 32
+        --channels 32,64,64 --layers-per-block 1 --attention lowest --batch-size 128 --lr 5e-4 --warmup 200
+        --lr-schedule cosine --ema-decay 0.999 --sample-steps 50 --guidance-scale 2 --seed 0)
+    t0=$(date +%s.%N)
+    "$bin" "${common[@]}" --steps 40 --output /tmp/probe --sample-every 100000 --checkpoint-every 100000 > "$out/probe.log" 2>&1
+    t1=$(date +%s.%N)
+    steps=$(python3 -c "print(max(100, int($secs * 40 / ($t1 - $t0))))")
+    echo "probe: 40 steps in $(python3 -c "print(round($t1 - $t0, 1))") s; training $steps steps" | tee "$out/train-plan.txt"
+    "$bin" "${common[@]}" --steps "$steps" --output /tmp/fm --sample-every "$steps" --checkpoint-every 1000000 \
+        --log-every 100 > "$out/train.log" 2>&1
+    mkdir -p "$out/fm/unet" "$out/fm/scheduler"
+    cp /tmp/fm/model_index.json "$out/fm/"; cp /tmp/fm/unet/* "$out/fm/unet/"; cp /tmp/fm/scheduler/* "$out/fm/scheduler/"
+    cp /tmp/fm/metrics.jsonl "$out/" 2>/dev/null; ls -R /tmp/fm | head -30 > "$out/fm-files.txt"
+    find /tmp/fm -name "*.png" | sort | tail -1 | xargs -r -I{} cp {} "$out/samples.png"
+fi
