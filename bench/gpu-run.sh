@@ -6,7 +6,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 # candle links libcublas/libcublasLt/libcurand/libnvrtc (cu13): use PyTorch's copies.
 nv=$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])')
 export LD_LIBRARY_PATH="$(find "$nv" -maxdepth 3 -type d -name lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
@@ -26,14 +26,17 @@ if [ -n "${TRAIN_DATA:-}" ]; then
         --channels 32,64,64 --layers-per-block 1 --attention lowest --batch-size 128 --lr 5e-4 --warmup 200
         --lr-schedule cosine --ema-decay 0.999 --sample-steps 50 --guidance-scale 2 --seed 0)
     t0=$(date +%s.%N)
-    "$bin" "${common[@]}" --steps 40 --output /tmp/probe --sample-every 100000 --checkpoint-every 100000 > "$out/probe.log" 2>&1
+    "$bin" "${common[@]}" --steps 40 --output /tmp/probe --sample-every 100000 --checkpoint-every 100000 2>&1 | tail -3
     t1=$(date +%s.%N)
     steps=$(python3 -c "print(max(100, int($secs * 40 / ($t1 - $t0))))")
-    echo "probe: 40 steps in $(python3 -c "print(round($t1 - $t0, 1))") s; training $steps steps" | tee "$out/train-plan.txt"
+    echo "probe: 40 steps in $(python3 -c "print(round($t1 - $t0, 1))") s; training $steps steps"
     "$bin" "${common[@]}" --steps "$steps" --output /tmp/fm --sample-every "$steps" --checkpoint-every 1000000 \
         --log-every 100 > "$out/train.log" 2>&1
+    tail -5 "$out/train.log"; ls -R /tmp/fm | head -30
+    # At most 8 files come back: the diffusers folder, the last sample grid, the logs.
     mkdir -p "$out/fm/unet" "$out/fm/scheduler"
-    cp /tmp/fm/model_index.json "$out/fm/"; cp /tmp/fm/unet/* "$out/fm/unet/"; cp /tmp/fm/scheduler/* "$out/fm/scheduler/"
-    cp /tmp/fm/metrics.jsonl "$out/" 2>/dev/null; ls -R /tmp/fm | head -30 > "$out/fm-files.txt"
-    find /tmp/fm -name "*.png" | sort | tail -1 | xargs -r -I{} cp {} "$out/samples.png"
+    cp /tmp/fm/model_index.json "$out/fm/"
+    cp /tmp/fm/unet/config.json /tmp/fm/unet/diffusion_pytorch_model.safetensors "$out/fm/unet/"
+    cp /tmp/fm/scheduler/scheduler_config.json "$out/fm/scheduler/"
+    find /tmp/fm/samples -name "*.png" | sort | tail -1 | xargs -r -I{} cp {} "$out/samples.png"
 fi
