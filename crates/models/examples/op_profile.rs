@@ -58,6 +58,12 @@ fn main() -> candle_core::Result<()> {
                 .backward()
                 .map(|_| ())
         })?;
+        time(&format!("sum over (0, 2, 3) {tag}"), || {
+            x.sum((0, 2, 3)).map(|_| ())
+        })?;
+        time(&format!("add {tag}"), || {
+            (x.as_tensor() + x.as_tensor()).map(|_| ())
+        })?;
         time(&format!("sqr+sum fwd+bwd {tag}"), || {
             x.sqr()?.sum_all()?.backward().map(|_| ())
         })?;

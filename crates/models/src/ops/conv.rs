@@ -388,7 +388,7 @@ impl CustomOp3 for Winograd {
     /// Exact gradients without candle's CPU `conv_transpose2d` (tens of times slower than
     /// the forward): `dx` is itself a 3×3 "same" convolution of `dy` with the kernel
     /// transposed (in ↔ out) and rotated 180°, so it takes this Winograd path too; `dw` is
-    /// one im2col GEMM per image ([`WeightGrad`]).
+    /// one im2col GEMM per image, with `db` in the same pass ([`WeightGrad`]).
     fn bwd(
         &self,
         x: &Tensor,
@@ -407,14 +407,17 @@ impl CustomOp3 for Winograd {
             .reshape((cin, cout, 3, 3))?;
         let zero_bias = Tensor::zeros(cin, grad.dtype(), grad.device())?;
         let grad_x = grad.apply_op3_no_bwd(&w_t, &zero_bias, &Winograd { cache: None })?;
-        let grad_w = x.apply_op2_no_bwd(&grad, &WeightGrad)?;
-        let grad_b = grad.sum((0, 2, 3))?;
+        let dwb = x.apply_op2_no_bwd(&grad, &WeightGrad)?;
+        let grad_w = dwb.narrow(0, 0, cout * cin * 9)?.reshape(w.shape())?;
+        let grad_b = dwb.narrow(0, cout * cin * 9, cout)?;
         Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
     }
 }
 
-/// `dw` of a 3×3 stride-1 padding-1 convolution from `(x, dy)`: per image, the im2col matrix
-/// `(Cin·9, H·W)` of `x` and `dw += dy (Cout × H·W) · colᵀ`, accumulated per thread.
+/// `dw` and `db` of a 3×3 stride-1 padding-1 convolution from `(x, dy)`, flat one after the
+/// other: per image, the im2col matrix `(Cin·9, H·W)` of `x`, `dw += dy (Cout × H·W) · colᵀ`
+/// and `db += Σ dy` per channel (cheaper here than candle's strided sum), accumulated per
+/// thread.
 struct WeightGrad;
 
 /// Rows `(c, ky, kx)` of the im2col matrix of one `(C, H, W)` image with padding 1.
@@ -462,27 +465,32 @@ impl candle_core::CustomOp2 for WeightGrad {
         let x = f32_input(sx, lx, "conv input")?;
         let g = f32_input(sg, lg, "conv output gradient")?;
         let (plane, k) = (h * w, cin * 9);
-        let dw = (0..n)
+        let dwb = (0..n)
             .into_par_iter()
             .fold(
-                || (vec![0f32; cout * k], vec![0f32; k * plane]),
-                |(mut dw, mut col), i| {
+                || (vec![0f32; cout * (k + 1)], vec![0f32; k * plane]),
+                |(mut dwb, mut col), i| {
                     im2col(&x[i * cin * plane..(i + 1) * cin * plane], &mut col, h, w);
                     let dy = &g[i * cout * plane..(i + 1) * cout * plane];
+                    let (dw, db) = dwb.split_at_mut(cout * k);
                     // colᵀ is read through strides (row stride 1, column stride H·W).
-                    gemm_rows(cout, k, plane, &mut dw, dy, &col, 1, plane, 1.0, 1.0);
-                    (dw, col)
+                    gemm_rows(cout, k, plane, dw, dy, &col, 1, plane, 1.0, 1.0);
+                    for (b, row) in db.iter_mut().zip(dy.chunks_exact(plane)) {
+                        *b += super::sum(row);
+                    }
+                    (dwb, col)
                 },
             )
-            .map(|(dw, _)| dw)
+            .map(|(dwb, _)| dwb)
             .reduce(
-                || vec![0f32; cout * k],
+                || vec![0f32; cout * (k + 1)],
                 |mut a, b| {
                     a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
                     a
                 },
             );
-        Ok((f32_output(dw, sx.dtype())?, Shape::from((cout, cin, 3, 3))))
+        let len = dwb.len();
+        Ok((f32_output(dwb, sx.dtype())?, Shape::from(len)))
     }
 }
 

@@ -92,6 +92,19 @@ pub(crate) fn max(xs: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, f32::max)
 }
 
+/// Sum of the elements, in lanes so that it vectorises.
+#[inline(always)]
+pub(crate) fn sum(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
 /// The input of a CPU kernel as f32, borrowed when it already is f32. Bails on a layout that is
 /// not contiguous (the ops make their inputs contiguous before dispatch).
 pub(crate) fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Cow<'a, [f32]>> {
