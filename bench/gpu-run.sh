@@ -13,6 +13,11 @@ export LD_LIBRARY_PATH="$(find "$nv" -maxdepth 3 -type d -name lib | tr '\n' ':'
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 bin=target-cuda/release/diffuse
+if [ -f .gpu-bin/diffuse-cuda.xz ]; then
+    # The CUDA binary travels xz-compressed (the transfer limit is 64 MiB).
+    python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.gpu-bin/diffuse-cuda.xz'), open('/tmp/diffuse-cuda', 'wb'))"
+    bin=/tmp/diffuse-cuda
+fi
 chmod +x "$bin"
 "$bin" --version
 export DIFFUSE_TORCH_PYTHON=python3

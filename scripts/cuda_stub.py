@@ -19,7 +19,7 @@ names = set()
 for f in files:
     text = open(f, encoding="utf-8").read()
     names.update(re.findall(r'link_name\s*=\s*"(cu\w+)"', text))
-    names.update(re.findall(r"pub fn (cu\w+)\s*\(", text))
+    names.update(re.findall(r"\bfn (cu[A-Za-z0-9_]+)\s*\(", text))
 with open(out, "w") as fh:
     for n in sorted(names):
         fh.write(f"int {n}(void) {{ return 999; }}\n")
