@@ -21,7 +21,7 @@ fi
 chmod +x "$bin"
 "$bin" --version
 export DIFFUSE_TORCH_PYTHON=python3
-"$bin" bench --device cuda:0 --runs 5 --warmup 1 --compare-torch --json "$out/bench-cuda.json" 2>&1 | tee "$out/bench-cuda.log"
+[ -n "${SKIP_BENCH:-}" ] || "$bin" bench --device cuda:0 --runs 5 --warmup 1 --compare-torch --json "$out/bench-cuda.json" 2>&1 | tee "$out/bench-cuda.log"
 
 # Optional: train the bundled Fashion-MNIST model on this GPU when a dataset folder is given
 # (IDX files), sizing the run to TRAIN_SECONDS from a short probe.
@@ -33,7 +33,7 @@ if [ -n "${TRAIN_DATA:-}" ]; then
     t0=$(date +%s.%N)
     "$bin" "${common[@]}" --steps 40 --output /tmp/probe --sample-every 100000 --checkpoint-every 100000 2>&1 | tail -3
     t1=$(date +%s.%N)
-    steps=$(python3 -c "print(max(100, int($secs * 40 / ($t1 - $t0))))")
+    steps=${TRAIN_STEPS:-$(python3 -c "print(max(100, int($secs * 40 / ($t1 - $t0))))")}
     echo "probe: 40 steps in $(python3 -c "print(round($t1 - $t0, 1))") s; training $steps steps"
     "$bin" "${common[@]}" --steps "$steps" --output /tmp/fm --sample-every "$steps" --checkpoint-every 1000000 \
         --log-every 100 > "$out/train.log" 2>&1

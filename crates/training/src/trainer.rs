@@ -355,9 +355,13 @@ impl Trainer {
             let store = (loss / accum as f64)?.backward()?;
             for (acc, var) in grads.iter_mut().zip(&self.vars) {
                 if let Some(g) = store.get(var.as_tensor()) {
+                    // candle's gradients still reference this step's graph; detached, the
+                    // optimizer moments built from them don't chain every past step's graph
+                    // (unbounded memory).
+                    let g = g.detach();
                     *acc = Some(match acc.take() {
                         Some(a) => (a + g)?,
-                        None => g.clone(),
+                        None => g,
                     });
                 }
             }
