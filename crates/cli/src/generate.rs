@@ -42,8 +42,8 @@ impl From<DtypeArg> for DType {
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
     /// Pipeline folder (diffusers layout with model_index.json) or a hub id in the local
-    /// Hugging Face cache. Default: the repository's models/fashion-mnist-ddpm when it is
-    /// there, else the tiny test pipeline bundled with the repository.
+    /// Hugging Face cache. Default: the repository's models/fashion-mnist-ddpm for generate
+    /// (when it is there), else the tiny Stable Diffusion pipeline bundled with the repository.
     #[arg(long)]
     pub model: Option<String>,
     /// What to draw. For a class-conditional DDPM model: a class name (any case) or index;
@@ -133,7 +133,7 @@ pub struct InpaintArgs {
 }
 
 pub fn run_generate(args: GenerateArgs) -> Result<()> {
-    let session = Session::open(&args.common)?;
+    let session = Session::open(&args.common, false)?;
     match &session.pipeline {
         Pipeline::Unconditional(p) => generate_unconditional(&session, p, &args),
         Pipeline::StableDiffusion(p) => {
@@ -240,7 +240,7 @@ fn parse_class(names: &[String], prompt: &str) -> Result<usize> {
 }
 
 pub fn run_img2img(args: Img2ImgArgs) -> Result<()> {
-    let session = Session::open(&args.common)?;
+    let session = Session::open(&args.common, true)?;
     let p = session.stable_diffusion("img2img")?;
     let image = read_image(&args.init_image)?.to_rgb8();
     let f = p.vae_scale_factor() as u32;
@@ -257,7 +257,7 @@ pub fn run_img2img(args: Img2ImgArgs) -> Result<()> {
 }
 
 pub fn run_inpaint(args: InpaintArgs) -> Result<()> {
-    let session = Session::open(&args.common)?;
+    let session = Session::open(&args.common, true)?;
     let p = session.stable_diffusion("inpaint")?;
     let image = read_image(&args.init_image)?.to_rgb8();
     let mask = read_image(&args.mask)?.to_luma8();
@@ -292,7 +292,9 @@ struct Session {
 }
 
 impl Session {
-    fn open(args: &CommonArgs) -> Result<Self> {
+    /// `image_task`: img2img and inpainting, which need a Stable Diffusion pipeline (and so
+    /// default to the tiny one).
+    fn open(args: &CommonArgs, image_task: bool) -> Result<Self> {
         if args.num_images == Some(0) {
             bail!("--num-images must be at least 1");
         }
@@ -304,7 +306,7 @@ impl Session {
         let device = parse_device(&args.device)?;
         let dir = match &args.model {
             Some(spec) => diffuse_loaders::resolve_model(spec, None)?,
-            None => default_model(),
+            None => default_model(image_task),
         };
         let opts = LoadOptions {
             dtype: args.dtype.into(),
@@ -467,12 +469,13 @@ struct OutputFile {
     parameters: String,
 }
 
-/// The repository's trained Fashion-MNIST model when it is there, else the tiny pipeline in
-/// its fixtures (both work from a source checkout).
-fn default_model() -> PathBuf {
+/// The repository's trained Fashion-MNIST model when it is there (and the task is plain
+/// generation), else the tiny Stable Diffusion pipeline in its fixtures (both work from a
+/// source checkout).
+fn default_model(image_task: bool) -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let trained = repo.join("models/fashion-mnist-ddpm");
-    if trained.join("model_index.json").is_file() {
+    if !image_task && trained.join("model_index.json").is_file() {
         trained
     } else {
         repo.join("fixtures/pipelines/tiny_sd")
