@@ -6,7 +6,9 @@ use diffuse_core::{Error, NoiseSource, Result};
 
 use crate::common::{self, PredictionType};
 use crate::config::{ConfigReader, SchedulerConfig};
-use crate::sigma_schedule::{k_initial, train_sigmas_and_logs, KConfig, SigmaState};
+use crate::sigma_schedule::{
+    k_initial, k_scheduler_common, train_sigmas_and_logs, KConfig, SigmaState,
+};
 use crate::{check_steps, Scheduler, StepOutput};
 
 const CLASS: &str = "EulerDiscreteScheduler";
@@ -73,13 +75,7 @@ impl EulerDiscreteScheduler {
 }
 
 impl Scheduler for EulerDiscreteScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.config
-    }
+    k_scheduler_common!();
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(CLASS, n, self.k.noise.len())?;
@@ -103,22 +99,6 @@ impl Scheduler for EulerDiscreteScheduler {
             .collect();
         self.install(ts, sig);
         Ok(())
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.state.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.state.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.state.k_init_noise_sigma(self.k.spacing)
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.state.begin_index = Some(begin_index);
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, t: f64) -> Result<Tensor> {
@@ -163,14 +143,6 @@ impl Scheduler for EulerDiscreteScheduler {
             prev_sample: prev,
             pred_original_sample: Some(x0),
         })
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        self.state.add_noise_ve(CLASS, original, noise, timesteps)
-    }
-
-    fn alphas_cumprod(&self) -> &[f32] {
-        &self.k.noise.alphas_cumprod
     }
 }
 

@@ -9,7 +9,7 @@ use diffuse_core::{NoiseSource, Result};
 use crate::common;
 use crate::config::{ConfigReader, SchedulerConfig};
 use crate::euler_discrete::{derivative, k_scale_input};
-use crate::sigma_schedule::{k_initial, KConfig, SigmaState};
+use crate::sigma_schedule::{k_initial, k_scheduler_common, KConfig, SigmaState};
 use crate::{check_steps, Scheduler, StepOutput};
 
 const CLASS: &str = "LMSDiscreteScheduler";
@@ -62,13 +62,7 @@ impl LmsDiscreteScheduler {
 }
 
 impl Scheduler for LmsDiscreteScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.config
-    }
+    k_scheduler_common!();
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(CLASS, n, self.k.noise.len())?;
@@ -76,22 +70,6 @@ impl Scheduler for LmsDiscreteScheduler {
         self.state.reset(ts, sig);
         self.derivatives.clear();
         Ok(())
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.state.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.state.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.state.k_init_noise_sigma(self.k.spacing)
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.state.begin_index = Some(begin_index);
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, t: f64) -> Result<Tensor> {
@@ -123,13 +101,5 @@ impl Scheduler for LmsDiscreteScheduler {
             prev_sample: prev,
             pred_original_sample: Some(x0),
         })
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        self.state.add_noise_ve(CLASS, original, noise, timesteps)
-    }
-
-    fn alphas_cumprod(&self) -> &[f32] {
-        &self.k.noise.alphas_cumprod
     }
 }

@@ -300,3 +300,47 @@ pub(crate) fn solver_schedule(
             .collect(),
     )
 }
+
+/// The `Scheduler` methods every k-diffusion scheduler shares (fields `config`, `k`, `state`
+/// and a `CLASS` constant), so each file holds only what makes that sampler different.
+macro_rules! k_scheduler_common {
+    () => {
+        fn class_name(&self) -> &'static str {
+            CLASS
+        }
+
+        fn config(&self) -> &SchedulerConfig {
+            &self.config
+        }
+
+        fn timesteps(&self) -> &[f64] {
+            &self.state.timesteps
+        }
+
+        fn sigmas(&self) -> Option<&[f32]> {
+            Some(&self.state.sigmas)
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            self.state.k_init_noise_sigma(self.k.spacing)
+        }
+
+        fn set_begin_index(&mut self, begin_index: usize) {
+            self.state.begin_index = Some(begin_index);
+        }
+
+        fn add_noise(
+            &self,
+            original: &Tensor,
+            noise: &Tensor,
+            timesteps: &[f64],
+        ) -> Result<Tensor> {
+            self.state.add_noise_ve(CLASS, original, noise, timesteps)
+        }
+
+        fn alphas_cumprod(&self) -> &[f32] {
+            &self.k.noise.alphas_cumprod
+        }
+    };
+}
+pub(crate) use k_scheduler_common;
