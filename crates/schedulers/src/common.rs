@@ -580,3 +580,97 @@ pub fn add_noise_vp(
     }
     per_batch_lin2(original, noise, &ca, &cb)
 }
+
+/// The `Scheduler` methods the alphas_cumprod schedulers (DDPM, DDIM, PNDM, LCM) share: fields
+/// `config`, `noise`, `timesteps` and a `CLASS` constant; unit noise and unscaled inputs.
+macro_rules! alpha_scheduler_common {
+    () => {
+        fn class_name(&self) -> &'static str {
+            CLASS
+        }
+
+        fn config(&self) -> &SchedulerConfig {
+            &self.config
+        }
+
+        fn timesteps(&self) -> &[f64] {
+            &self.timesteps
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            1.0
+        }
+
+        fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
+            Ok(sample.clone())
+        }
+
+        fn add_noise(
+            &self,
+            original: &Tensor,
+            noise: &Tensor,
+            timesteps: &[f64],
+        ) -> Result<Tensor> {
+            common::add_noise_vp(
+                CLASS,
+                &self.noise.alphas_cumprod,
+                original,
+                noise,
+                timesteps,
+            )
+        }
+
+        fn alphas_cumprod(&self) -> &[f32] {
+            &self.noise.alphas_cumprod
+        }
+    };
+}
+pub(crate) use alpha_scheduler_common;
+
+/// The `Scheduler` methods the multistep solvers (DPM-Solver, UniPC) share: fields `config`,
+/// `noise`, `state` and a `CLASS` constant; unit noise and unscaled inputs.
+macro_rules! solver_scheduler_common {
+    () => {
+        fn class_name(&self) -> &'static str {
+            CLASS
+        }
+
+        fn config(&self) -> &SchedulerConfig {
+            &self.config
+        }
+
+        fn timesteps(&self) -> &[f64] {
+            &self.state.timesteps
+        }
+
+        fn sigmas(&self) -> Option<&[f32]> {
+            Some(&self.state.sigmas)
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            1.0
+        }
+
+        fn set_begin_index(&mut self, begin_index: usize) {
+            self.state.begin_index = Some(begin_index);
+        }
+
+        fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
+            Ok(sample.clone())
+        }
+
+        fn add_noise(
+            &self,
+            original: &Tensor,
+            noise: &Tensor,
+            timesteps: &[f64],
+        ) -> Result<Tensor> {
+            crate::dpmsolver_multistep::vp_add_noise(&self.state, CLASS, original, noise, timesteps)
+        }
+
+        fn alphas_cumprod(&self) -> &[f32] {
+            &self.noise.alphas_cumprod
+        }
+    };
+}
+pub(crate) use solver_scheduler_common;

@@ -59,13 +59,7 @@ impl DdimScheduler {
 }
 
 impl Scheduler for DdimScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.config
-    }
+    common::alpha_scheduler_common!();
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(CLASS, n, self.noise.len())?;
@@ -73,18 +67,6 @@ impl Scheduler for DdimScheduler {
             common::int_timesteps(self.spacing, self.noise.len(), n, self.steps_offset);
         self.num_inference_steps = Some(n);
         Ok(())
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn set_eta(&mut self, eta: f64) {
@@ -122,19 +104,5 @@ impl Scheduler for DdimScheduler {
             prev_sample: prev,
             pred_original_sample: Some(x0),
         })
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        common::add_noise_vp(
-            CLASS,
-            &self.noise.alphas_cumprod,
-            original,
-            noise,
-            timesteps,
-        )
-    }
-
-    fn alphas_cumprod(&self) -> &[f32] {
-        &self.noise.alphas_cumprod
     }
 }

@@ -119,13 +119,7 @@ impl DdpmScheduler {
 }
 
 impl Scheduler for DdpmScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.config
-    }
+    common::alpha_scheduler_common!();
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(CLASS, n, self.noise.len())?;
@@ -147,18 +141,6 @@ impl Scheduler for DdpmScheduler {
         self.timesteps = timesteps.to_vec();
         self.scheduled = true;
         Ok(())
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn step(
@@ -202,19 +184,5 @@ impl Scheduler for DdpmScheduler {
             prev_sample: prev,
             pred_original_sample: Some(x0),
         })
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        common::add_noise_vp(
-            CLASS,
-            &self.noise.alphas_cumprod,
-            original,
-            noise,
-            timesteps,
-        )
-    }
-
-    fn alphas_cumprod(&self) -> &[f32] {
-        &self.noise.alphas_cumprod
     }
 }

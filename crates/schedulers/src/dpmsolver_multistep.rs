@@ -211,13 +211,7 @@ pub(crate) fn vp_eps(
 }
 
 impl Scheduler for DpmSolverMultistepScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.config
-    }
+    crate::common::solver_scheduler_common!();
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(CLASS, n, self.noise.len())?;
@@ -253,26 +247,6 @@ impl Scheduler for DpmSolverMultistepScheduler {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.state.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.state.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.state.begin_index = Some(begin_index);
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -304,14 +278,6 @@ impl Scheduler for DpmSolverMultistepScheduler {
             prev_sample: prev,
             pred_original_sample: None,
         })
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        vp_add_noise(&self.state, CLASS, original, noise, timesteps)
-    }
-
-    fn alphas_cumprod(&self) -> &[f32] {
-        &self.noise.alphas_cumprod
     }
 }
 

@@ -74,13 +74,7 @@ impl LcmScheduler {
 }
 
 impl Scheduler for LcmScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.config
-    }
+    common::alpha_scheduler_common!();
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(CLASS, n, self.noise.len())?;
@@ -103,20 +97,8 @@ impl Scheduler for LcmScheduler {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
     fn set_begin_index(&mut self, begin_index: usize) {
         self.begin_index = Some(begin_index);
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn step(
@@ -159,19 +141,5 @@ impl Scheduler for LcmScheduler {
             prev_sample,
             pred_original_sample: Some(denoised),
         })
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        common::add_noise_vp(
-            CLASS,
-            &self.noise.alphas_cumprod,
-            original,
-            noise,
-            timesteps,
-        )
-    }
-
-    fn alphas_cumprod(&self) -> &[f32] {
-        &self.noise.alphas_cumprod
     }
 }

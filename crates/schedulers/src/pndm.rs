@@ -164,13 +164,7 @@ impl PndmScheduler {
 }
 
 impl Scheduler for PndmScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.config
-    }
+    common::alpha_scheduler_common!();
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(CLASS, n, self.noise.len())?;
@@ -219,18 +213,6 @@ impl Scheduler for PndmScheduler {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -248,19 +230,5 @@ impl Scheduler for PndmScheduler {
             prev_sample,
             pred_original_sample: None,
         })
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        common::add_noise_vp(
-            CLASS,
-            &self.noise.alphas_cumprod,
-            original,
-            noise,
-            timesteps,
-        )
-    }
-
-    fn alphas_cumprod(&self) -> &[f32] {
-        &self.noise.alphas_cumprod
     }
 }

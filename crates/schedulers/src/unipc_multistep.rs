@@ -6,7 +6,7 @@ use diffuse_core::{Error, NoiseSource, Result};
 
 use crate::common::{div_s, mul_s, NoiseSchedule, PredictionType, Spacing, X0Clip};
 use crate::config::{ConfigReader, SchedulerConfig};
-use crate::dpmsolver_multistep::{vp_add_noise, vp_eps, vp_x0};
+use crate::dpmsolver_multistep::{vp_eps, vp_x0};
 use crate::sigma_schedule::{solver_initial, solver_schedule, vp_alpha_sigma_lambda, SigmaState};
 use crate::{check_steps, Scheduler, StepOutput};
 
@@ -224,13 +224,7 @@ fn weighted_sum(w: &[f64], ts: &[Tensor]) -> Result<Tensor> {
 }
 
 impl Scheduler for UniPcMultistepScheduler {
-    fn class_name(&self) -> &'static str {
-        CLASS
-    }
-
-    fn config(&self) -> &SchedulerConfig {
-        &self.config
-    }
+    crate::common::solver_scheduler_common!();
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(CLASS, n, self.noise.len())?;
@@ -249,26 +243,6 @@ impl Scheduler for UniPcMultistepScheduler {
         self.lower_order_nums = 0;
         self.last_sample = None;
         Ok(())
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.state.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.state.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.state.begin_index = Some(begin_index);
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn step(
@@ -305,13 +279,5 @@ impl Scheduler for UniPcMultistepScheduler {
             prev_sample: prev,
             pred_original_sample: None,
         })
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        vp_add_noise(&self.state, CLASS, original, noise, timesteps)
-    }
-
-    fn alphas_cumprod(&self) -> &[f32] {
-        &self.noise.alphas_cumprod
     }
 }
