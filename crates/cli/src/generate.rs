@@ -336,9 +336,9 @@ impl Session {
             matches!(&pipeline, Pipeline::Unconditional(p) if !p.class_names.is_empty());
         Ok(Self {
             args: args.clone(),
-            steps: args.steps.unwrap_or(if uncond { 50 } else { 25 }),
+            steps: args.steps.unwrap_or(if uncond { DDPM_STEPS } else { 25 }),
             guidance_scale: args.guidance_scale.unwrap_or(match (uncond, class_cond) {
-                (_, true) => 2.0,
+                (_, true) => CLASS_GUIDANCE,
                 (true, false) => 1.0,
                 (false, _) => 7.5,
             }),
@@ -472,6 +472,19 @@ struct OutputFile {
 /// The repository's trained Fashion-MNIST model when it is there (and the task is plain
 /// generation), else the tiny Stable Diffusion pipeline in its fixtures (both work from a
 /// source checkout).
+/// Default steps for DDPM/DDIM models (`generate` and `eval`).
+pub const DDPM_STEPS: usize = 50;
+/// Default guidance scale for class-conditional DDPM models (`generate` and `eval`).
+pub const CLASS_GUIDANCE: f64 = 2.0;
+
+/// The bundled models (`models/...` in the repository).
+pub fn bundled(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models")
+        .join(name);
+    p.canonicalize().unwrap_or(p)
+}
+
 fn default_model(image_task: bool) -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let trained = repo.join("models/fashion-mnist-ddpm");
@@ -482,7 +495,7 @@ fn default_model(image_task: bool) -> PathBuf {
     }
 }
 
-fn parse_device(spec: &str) -> Result<Device> {
+pub(crate) fn parse_device(spec: &str) -> Result<Device> {
     let s = spec.trim().to_ascii_lowercase();
     if s == "cpu" {
         return Ok(Device::Cpu);
@@ -537,7 +550,7 @@ fn read_image(path: &Path) -> Result<image::DynamicImage> {
     image::open(path).with_context(|| format!("reading image {}", path.display()))
 }
 
-fn progress_bar(what: &str) -> ProgressBar {
+pub(crate) fn progress_bar(what: &str) -> ProgressBar {
     let bar = ProgressBar::new(0);
     let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())

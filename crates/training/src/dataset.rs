@@ -66,11 +66,30 @@ pub enum Fit {
     Crop,
 }
 
+/// Which part of an IDX dataset to read: `train-*` or `t10k-*` files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Split {
+    #[default]
+    Train,
+    Test,
+}
+
+impl Split {
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Test => "t10k",
+        }
+    }
+}
+
 /// What [`Dataset::load`] reads and how it prepares the images.
 #[derive(Clone, Debug)]
 pub struct DatasetOptions {
     pub kind: DatasetKind,
     pub path: PathBuf,
+    /// The training or test files of an IDX dataset (other kinds have only one part).
+    pub split: Split,
     pub resolution: usize,
     /// 1 (grayscale) or 3 (RGB): the model's `in_channels`.
     pub channels: usize,
@@ -113,6 +132,14 @@ impl Dataset {
             return Err(Error::invalid(format!(
                 "images can have 1 or 3 channels, the model has in_channels = {}",
                 opts.channels
+            )));
+        }
+        if opts.split == Split::Test
+            && !matches!(opts.kind, DatasetKind::FashionMnist | DatasetKind::MnistIdx)
+        {
+            return Err(Error::invalid(format!(
+                "{}: only IDX datasets have a test split (t10k-* files); give the test images as a dataset of their own",
+                opts.path.display()
             )));
         }
         let raw = match opts.kind {
@@ -226,6 +253,45 @@ impl Dataset {
 
     pub fn labels(&self) -> Option<&[u32]> {
         self.labels.as_deref()
+    }
+
+    /// The images at `indices` (in that order), with their labels and class names.
+    pub fn subset(&self, indices: &[usize]) -> Result<Self> {
+        let size = self.channels * self.resolution * self.resolution;
+        let n = self.len();
+        let mut pixels = Vec::with_capacity(indices.len() * size);
+        for &i in indices {
+            if i >= n {
+                return Err(Error::invalid(format!(
+                    "image index {i} out of range ({n} images)"
+                )));
+            }
+            pixels.extend_from_slice(&self.pixels[i * size..(i + 1) * size]);
+        }
+        Ok(Self {
+            resolution: self.resolution,
+            channels: self.channels,
+            pixels,
+            labels: self
+                .labels
+                .as_ref()
+                .map(|l| indices.iter().map(|&i| l[i]).collect()),
+            class_names: self.class_names.clone(),
+        })
+    }
+
+    /// Replaces the class names (e.g. with a model's), which must cover every label.
+    pub fn with_class_names(mut self, names: Vec<String>) -> Result<Self> {
+        if let Some(&max) = self.labels.as_ref().and_then(|l| l.iter().max()) {
+            if max as usize >= names.len() {
+                return Err(Error::invalid(format!(
+                    "label {max} is outside the {} class names given",
+                    names.len()
+                )));
+            }
+        }
+        self.class_names = names;
+        Ok(self)
     }
 
     /// The images at `indices` as a `(B, C, R, R)` f32 tensor in `[-1, 1]`, each mirrored left
@@ -406,12 +472,13 @@ fn missing_dataset(opts: &DatasetOptions, what: &str) -> Error {
 }
 
 /// The first existing file among the usual IDX names (`.gz` or not, `-idx3-` or `.idx3-`).
-fn find_idx_file(dir: &Path, kind: &str, dims: &str) -> Option<PathBuf> {
+fn find_idx_file(dir: &Path, split: Split, kind: &str, dims: &str) -> Option<PathBuf> {
+    let s = split.prefix();
     [
-        format!("train-{kind}-{dims}-ubyte.gz"),
-        format!("train-{kind}-{dims}-ubyte"),
-        format!("train-{kind}.{dims}-ubyte.gz"),
-        format!("train-{kind}.{dims}-ubyte"),
+        format!("{s}-{kind}-{dims}-ubyte.gz"),
+        format!("{s}-{kind}-{dims}-ubyte"),
+        format!("{s}-{kind}.{dims}-ubyte.gz"),
+        format!("{s}-{kind}.{dims}-ubyte"),
     ]
     .into_iter()
     .map(|n| dir.join(n))
@@ -420,11 +487,15 @@ fn find_idx_file(dir: &Path, kind: &str, dims: &str) -> Option<PathBuf> {
 
 fn read_idx_dir(opts: &DatasetOptions) -> Result<RawImages> {
     let dir = &opts.path;
-    let images_path = find_idx_file(dir, "images", "idx3")
-        .ok_or_else(|| missing_dataset(opts, "train-images-idx3-ubyte[.gz]"))?;
+    let images_path = find_idx_file(dir, opts.split, "images", "idx3").ok_or_else(|| {
+        missing_dataset(
+            opts,
+            &format!("{}-images-idx3-ubyte[.gz]", opts.split.prefix()),
+        )
+    })?;
     let (dims, bytes) = read_idx(&images_path, 3, opts.max_images)?;
     let (n, h, w) = (dims[0], dims[1], dims[2]);
-    let labels = match find_idx_file(dir, "labels", "idx1") {
+    let labels = match find_idx_file(dir, opts.split, "labels", "idx1") {
         Some(p) => {
             let (ldims, lbytes) = read_idx(&p, 1, opts.max_images)?;
             if ldims[0] != n {

@@ -170,6 +170,22 @@ pub fn build_trainable_unet(
     cfg.validate()?;
     let varmap = VarMap::new();
     let model = UNet2DModel::new(VarBuilder::from_varmap(&varmap, DType::F32, device), cfg)?;
+    let params = init_like_torch(&varmap, device, rng, |name| {
+        name.starts_with("class_embedding.")
+    })?;
+    Ok((model, params))
+}
+
+/// The parameters of `varmap` `(name, var)` sorted by name, set as PyTorch initialises the
+/// layers: uniform ±1/sqrt(fan_in) for convolution and linear weights and their biases,
+/// N(0, 1) for embedding tables (the names `is_embedding` accepts), 1 and 0 for norm weights
+/// and biases.
+pub(crate) fn init_like_torch(
+    varmap: &VarMap,
+    device: &Device,
+    rng: &mut Generator,
+    is_embedding: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, Var)>> {
     let mut params: Vec<(String, Var)> = varmap
         .data()
         .lock()
@@ -192,14 +208,14 @@ pub fn build_trainable_unet(
             }
         } else if dims.len() == 1 {
             vec![1.0; var.elem_count()]
-        } else if name.starts_with("class_embedding.") {
+        } else if is_embedding(name) {
             rng.randn_vec(var.elem_count())
         } else {
             uniform(rng, var.elem_count(), fan_in_bound(dims))
         };
         var.set(&Tensor::from_vec(values, dims, device)?)?;
     }
-    Ok((model, params))
+    Ok(params)
 }
 
 fn uniform(rng: &mut Generator, n: usize, bound: f64) -> Vec<f32> {
@@ -775,7 +791,7 @@ fn pretty(v: &Value) -> Result<String> {
 }
 
 /// Writes `text` to a temporary file and renames it over `path`.
-fn write_text(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write_text(path: &Path, text: &str) -> Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

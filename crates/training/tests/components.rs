@@ -16,6 +16,7 @@ fn options(kind: DatasetKind, path: &std::path::Path, resolution: usize) -> Data
     DatasetOptions {
         kind,
         path: path.to_path_buf(),
+        split: Default::default(),
         resolution,
         channels: 1,
         fit: kind.default_fit(),

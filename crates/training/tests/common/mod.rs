@@ -46,6 +46,7 @@ pub fn load_folder(dir: &Path) -> Dataset {
     Dataset::load(&DatasetOptions {
         kind: DatasetKind::Folder,
         path: dir.to_path_buf(),
+        split: Default::default(),
         resolution: 8,
         channels: 1,
         fit: Fit::Resize,
