@@ -291,6 +291,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let dataset = Dataset::load(&DatasetOptions {
         kind,
         path: data_path.clone(),
+        split: Default::default(),
         resolution: unet
             .sample_size
             .as_ref()
@@ -392,9 +393,12 @@ fn fit_with_progress(trainer: &mut Trainer, output: &Path) -> Result<()> {
                 stats.lr
             ));
         }
-        Event::Checkpoint(p) => bar.println(format!("checkpoint: {}", p.display())),
-        Event::Samples(p) => bar.println(format!("samples: {}", p.display())),
-        Event::Saved(p) => bar.println(format!("saved the DDPMPipeline folder: {}", p.display())),
+        // (`println` would print nothing when stderr is not a terminal.)
+        Event::Checkpoint(p) => bar.suspend(|| eprintln!("checkpoint: {}", p.display())),
+        Event::Samples(p) => bar.suspend(|| eprintln!("samples: {}", p.display())),
+        Event::Saved(p) => {
+            bar.suspend(|| eprintln!("saved the DDPMPipeline folder: {}", p.display()))
+        }
     })?;
     bar.finish();
     let secs = started.elapsed().as_secs_f64();

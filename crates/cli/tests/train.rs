@@ -181,3 +181,107 @@ fn trains_resumes_and_reports_errors() {
     ]);
     assert!(!ok && err.contains("scripts/fetch-data.sh"), "{err}");
 }
+
+/// `kill -9` in the middle of a run, then `--resume latest`: training goes on from the last
+/// complete checkpoint and the loss curve equals that of a run never interrupted.
+#[test]
+fn resumes_after_kill_9() {
+    let tmp = TempDir::new("kill");
+    let data = tmp.0.join("data");
+    write_two_classes(&data);
+    let args = |out: &Path, steps: u64| -> Vec<String> {
+        [
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--grayscale",
+            "--resolution",
+            "8",
+            "--channels",
+            "8,16",
+            "--layers-per-block",
+            "1",
+            "--warmup",
+            "0",
+            "--lr-schedule",
+            "constant",
+            "--batch-size",
+            "4",
+            "--sample-steps",
+            "1",
+            "--checkpoint-every",
+            "3",
+            "--log-every",
+            "1",
+            "--steps",
+            &steps.to_string(),
+            "--output",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let out = tmp.0.join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(args(&out, 1_000_000))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoints = out.join("checkpoints");
+    let started = std::time::Instant::now();
+    loop {
+        let has_one = std::fs::read_dir(&checkpoints).is_ok_and(|d| {
+            d.filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+        });
+        if has_one {
+            break;
+        }
+        assert!(
+            started.elapsed().as_secs() < 300,
+            "no checkpoint after 5 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    // The newest complete checkpoint is where training resumes.
+    let last = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("checkpoint-")?.parse::<u64>().ok()
+        })
+        .max()
+        .unwrap();
+    let target = last + 3;
+    let mut resume = args(&out, target);
+    resume.extend(["--resume".to_string(), "latest".to_string()]);
+    let (ok, err) = diffuse(&resume);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(&format!("trained steps {last}..{target}")),
+        "{err}"
+    );
+
+    let straight = tmp.0.join("straight");
+    let (ok, err) = diffuse(&args(&straight, target));
+    assert!(ok, "{err}");
+    let curve = |dir: &Path| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    let resumed = curve(&out);
+    assert_eq!(resumed.len() as u64, target, "{resumed:?}");
+    assert_eq!(resumed, curve(&straight));
+}
