@@ -185,16 +185,28 @@ impl Bench<'_> {
         let dev = self.device.clone();
         // The convolution layer the models use (Winograd for 3x3 at these sizes, weights
         // transformed once on the first call, which the warm-up absorbs).
-        for (n, c, h) in [(2usize, 320usize, 64usize), (1, 128, 256)] {
-            let name = format!("op conv3x3 {n}x{c}x{h}x{h}");
+        // The UNet's levels at 64², 16² and 8² (batch 2), the VAE decoder's 256², and a
+        // stride-2 downsampler.
+        for (n, c, h, stride) in [
+            (2usize, 320usize, 64usize, 1usize),
+            (1, 128, 256, 1),
+            (2, 1280, 16, 1),
+            (2, 1280, 8, 1),
+            (2, 640, 32, 2),
+        ] {
+            let name = match stride {
+                1 => format!("op conv3x3 {n}x{c}x{h}x{h}"),
+                s => format!("op conv3x3/{s} {n}x{c}x{h}x{h}"),
+            };
             if self.wanted(&name) {
                 let cfg = candle_nn::Conv2dConfig {
                     padding: 1,
+                    stride,
                     ..Default::default()
                 };
                 let conv = diffuse_models::ops::conv::Conv2d::new(c, c, 3, cfg, random_vb(&dev))?;
                 let x = Tensor::randn(0f32, 1.0, (n, c, h, h), &dev)?;
-                let g = 2.0 * (n * c * h * h * c * 9) as f64 / 1e9;
+                let g = 2.0 * (n * c * h * h * c * 9) as f64 / 1e9 / (stride * stride) as f64;
                 self.time(&name, Some(g), || {
                     Ok(candle_core::Module::forward(&conv, &x)?)
                 })?;
