@@ -37,7 +37,7 @@ pub struct EvalArgs {
     /// Denoising steps (default as `generate`: 50).
     #[arg(long, default_value_t = DDPM_STEPS)]
     pub steps: usize,
-    /// Classifier-free guidance scale (default as `generate`: 2).
+    /// Classifier-free guidance scale (default as `generate`: 3).
     #[arg(long, default_value_t = CLASS_GUIDANCE)]
     pub guidance_scale: f64,
     /// Replace the model's scheduler (a diffusers class or an A1111 name).

@@ -257,7 +257,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "ddim")]
     pub sample_scheduler: SamplerArg,
     /// Classifier-free guidance scale of the sample grids (class-conditional models).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 3.0)]
     pub guidance_scale: f64,
     /// Append a line to metrics.jsonl every N steps.
     #[arg(long, default_value_t = 10)]

@@ -28,7 +28,7 @@ impl Default for SampleSettings {
         Self {
             scheduler: "DDIMScheduler".into(),
             steps: 50,
-            guidance_scale: 2.0,
+            guidance_scale: 3.0,
             seed: 0,
         }
     }
