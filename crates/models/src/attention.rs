@@ -237,9 +237,7 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?;
-        let parts = h.chunk(2, D::Minus1)?;
-        let h = (&parts[0] * parts[1].gelu_erf()?)?;
+        let h = crate::ops::geglu::geglu(&self.proj.forward(xs)?)?;
         self.out.forward(&h)
     }
 }

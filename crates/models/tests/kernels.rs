@@ -269,8 +269,20 @@ fn random_conv(
     pad: usize,
     frozen: bool,
 ) -> Result<(Conv2d, VarMap)> {
+    random_conv_strided(cin, cout, k, pad, 1, frozen)
+}
+
+fn random_conv_strided(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    pad: usize,
+    stride: usize,
+    frozen: bool,
+) -> Result<(Conv2d, VarMap)> {
     let cfg = candle_nn::Conv2dConfig {
         padding: pad,
+        stride,
         ..Default::default()
     };
     let varmap = VarMap::new();
@@ -295,15 +307,20 @@ fn random_conv(
 #[test]
 fn conv_matches_candle() -> Result<()> {
     // 3×3 maps large enough for Winograd (partial edge tiles, one channel, twice through the
-    // cached kernels), a small one (candle's path), 1×1 convolutions.
-    for &(n, cin, cout, h, w, k, frozen) in &[
-        (2, 8, 12, 37, 45, 3, true),
-        (1, 1, 3, 64, 48, 3, true),
-        (1, 5, 7, 50, 50, 3, false),
-        (2, 4, 6, 10, 10, 3, true),
-        (2, 12, 20, 9, 11, 1, true),
+    // cached kernels), small ones (im2col + GEMM), stride 2 (even and odd sizes; im2col +
+    // GEMM when frozen, candle's path when trainable), 1×1 convolutions.
+    for &(n, cin, cout, h, w, k, frozen, stride) in &[
+        (2, 8, 12, 37, 45, 3, true, 1),
+        (1, 1, 3, 64, 48, 3, true, 1),
+        (1, 5, 7, 50, 50, 3, false, 1),
+        (2, 4, 6, 10, 10, 3, true, 1),
+        (1, 3, 5, 7, 13, 3, false, 1),
+        (2, 6, 5, 11, 9, 3, true, 2),
+        (1, 3, 4, 8, 8, 3, true, 2),
+        (1, 3, 4, 8, 8, 3, false, 2),
+        (2, 12, 20, 9, 11, 1, true, 1),
     ] {
-        let (conv, _) = random_conv(cin, cout, k, k / 2, frozen)?;
+        let (conv, _) = random_conv_strided(cin, cout, k, k / 2, stride, frozen)?;
         for _ in 0..2 {
             let x = randn(&[n, cin, h, w], 1.0)?;
             let want = conv.forward_reference(&x)?;
@@ -315,6 +332,7 @@ fn conv_matches_candle() -> Result<()> {
                 Some(conv.bias().expect("bias").to_dtype(DType::F16)?),
                 candle_nn::Conv2dConfig {
                     padding: k / 2,
+                    stride,
                     ..Default::default()
                 },
             ));
@@ -329,11 +347,12 @@ fn conv_matches_candle() -> Result<()> {
 #[test]
 fn conv_gradients_match_candle() -> Result<()> {
     // Winograd with its own backward (partial edge tiles, one input channel, more inputs
-    // than outputs), then 1×1.
+    // than outputs), a small map (im2col + GEMM, the same backward), then 1×1.
     for (k, n, cin, cout, h) in [
         (3, 2, 3, 5, 48),
         (3, 3, 1, 4, 37),
         (3, 2, 9, 2, 30),
+        (3, 2, 3, 5, 6),
         (1, 2, 3, 5, 7),
     ] {
         let (conv, varmap) = random_conv(cin, cout, k, k / 2, false)?;
@@ -357,5 +376,35 @@ fn conv_gradients_match_candle() -> Result<()> {
             assert_close(&format!("conv{k}x{k} gradient {i}"), g, w, 1e-4)?;
         }
     }
+    Ok(())
+}
+
+#[test]
+fn geglu_matches_reference_and_has_gradients() -> Result<()> {
+    use diffuse_models::ops::geglu::{geglu, geglu_reference};
+    // Values from −6 to 6 cover erf's tails; odd row lengths cover the SIMD remainder.
+    for shape in [[2usize, 33, 2 * 77], [1, 5, 2 * 1280]] {
+        let h = randn(&shape, 2.5)?;
+        assert_close("geglu f32", &geglu(&h)?, &geglu_reference(&h)?, 2e-6)?;
+        let half = h.to_dtype(DType::F16)?;
+        assert_close(
+            "geglu f16",
+            &geglu(&half)?,
+            &geglu_reference(&half.to_dtype(DType::F32)?)?,
+            2e-3,
+        )?;
+    }
+    let h = Var::from_tensor(&randn(&[3, 7, 2 * 19], 2.0)?)?;
+    let weights = randn(&[3, 7, 19], 1.0)?;
+    let grad = |f: fn(&Tensor) -> candle_core::Result<Tensor>| -> Result<Tensor> {
+        let loss = (f(&h)? * &weights)?.sum_all()?;
+        Ok(loss
+            .backward()?
+            .get(h.as_tensor())
+            .expect("gradient")
+            .clone())
+    };
+    assert_close("dgeglu", &grad(geglu)?, &grad(geglu_reference)?, 1e-5)?;
+    assert!(geglu(&randn(&[2, 3], 1.0)?).is_err(), "odd last dimension");
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The models' `Conv2d`: 3×3 stride-1 padding-1 convolutions on the CPU by Winograd
-//! F(4×4, 3×3), 1×1 convolutions as one matmul, everything else candle's `conv2d`.
+//! F(4×4, 3×3) (by im2col and one GEMM per image on small maps, and for stride 2 in
+//! inference), 1×1 convolutions as one matmul, everything else candle's `conv2d`.
 //!
 //! Winograd turns the 3×3 convolution of each 4×4 output tile into 36 element-wise products
 //! of transformed 6×6 input tiles and transformed kernels, i.e. 36 GEMMs
@@ -27,6 +28,9 @@ const TILES: usize = 96;
 /// Below this many tiles the 36 thin GEMMs re-read 4× the weights for little work; the
 /// direct (im2col) convolution is faster there.
 const MIN_TILES: usize = 128;
+/// The weight gradient sums the batch in at most this many groups (in parallel), then adds
+/// the groups in order.
+const WEIGHT_GRAD_GROUPS: usize = 8;
 
 /// Eight tiles side by side: the input and output transforms run on all eight at once, one
 /// tile per SIMD lane.
@@ -420,6 +424,29 @@ impl CustomOp3 for Winograd {
 /// thread.
 struct WeightGrad;
 
+/// Rows `(c, ky, kx)` of the im2col matrix of one `(C, H, W)` image with padding 1 and
+/// stride 2: row `j` holds `x[c, 2·oy + ky − 1, 2·ox + kx − 1]` (0 outside) for every output
+/// `(oy, ox)` of the `(ho, wo)` map.
+fn im2col_stride2(img: &[f32], col: &mut [f32], h: usize, w: usize, ho: usize, wo: usize) {
+    let plane = h * w;
+    for (j, row) in col.chunks_exact_mut(ho * wo).enumerate() {
+        let (c, ky, kx) = (j / 9, j % 9 / 3, j % 3);
+        let src = &img[c * plane..(c + 1) * plane];
+        for (oy, dst) in row.chunks_exact_mut(wo).enumerate() {
+            let sy = (2 * oy + ky).wrapping_sub(1);
+            if sy >= h {
+                dst.fill(0.0);
+                continue;
+            }
+            let s = &src[sy * w..(sy + 1) * w];
+            for (ox, d) in dst.iter_mut().enumerate() {
+                let sx = (2 * ox + kx).wrapping_sub(1);
+                *d = if sx < w { s[sx] } else { 0.0 };
+            }
+        }
+    }
+}
+
 /// Rows `(c, ky, kx)` of the im2col matrix of one `(C, H, W)` image with padding 1.
 fn im2col(img: &[f32], col: &mut [f32], h: usize, w: usize) {
     let plane = h * w;
@@ -465,11 +492,16 @@ impl candle_core::CustomOp2 for WeightGrad {
         let x = f32_input(sx, lx, "conv input")?;
         let g = f32_input(sg, lg, "conv output gradient")?;
         let (plane, k) = (h * w, cin * 9);
-        let dwb = (0..n)
+        // Images are summed in fixed groups, and the groups in order, so that the gradient
+        // does not depend on how rayon splits the work: training is reproducible bit for
+        // bit (a resumed run equals an uninterrupted one).
+        let per_group = n.div_ceil(WEIGHT_GRAD_GROUPS).max(1);
+        let partial: Vec<Vec<f32>> = (0..n.div_ceil(per_group))
             .into_par_iter()
-            .fold(
-                || (vec![0f32; cout * (k + 1)], vec![0f32; k * plane]),
-                |(mut dwb, mut col), i| {
+            .map(|grp| {
+                let mut dwb = vec![0f32; cout * (k + 1)];
+                let mut col = vec![0f32; k * plane];
+                for i in grp * per_group..((grp + 1) * per_group).min(n) {
                     im2col(&x[i * cin * plane..(i + 1) * cin * plane], &mut col, h, w);
                     let dy = &g[i * cout * plane..(i + 1) * cout * plane];
                     let (dw, db) = dwb.split_at_mut(cout * k);
@@ -478,19 +510,113 @@ impl candle_core::CustomOp2 for WeightGrad {
                     for (b, row) in db.iter_mut().zip(dy.chunks_exact(plane)) {
                         *b += super::sum(row);
                     }
-                    (dwb, col)
-                },
-            )
-            .map(|(dwb, _)| dwb)
-            .reduce(
-                || vec![0f32; cout * (k + 1)],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+                }
+                dwb
+            })
+            .collect();
+        let mut parts = partial.into_iter();
+        let mut dwb = parts.next().unwrap_or_else(|| vec![0f32; cout * (k + 1)]);
+        for p in parts {
+            dwb.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
         let len = dwb.len();
         Ok((f32_output(dwb, sx.dtype())?, Shape::from(len)))
+    }
+}
+
+/// A 3×3 padding-1 convolution (stride 1 or 2) as im2col and one multi-threaded GEMM per
+/// image, `out (Cout × Ho·Wo) = W (Cout × Cin·9) · col + b`, written straight into NCHW: for
+/// the small maps where Winograd's 36 thin GEMMs would re-read 4× the weights, and for the
+/// downsamplers. candle's own path (im2col in NHWC order, a batched matmul, then a transpose
+/// copy) ran at half the speed here.
+struct Im2colConv {
+    stride: usize,
+}
+
+impl CustomOp3 for Im2colConv {
+    fn name(&self) -> &'static str {
+        "im2col-conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, cin, h, w) = lx.shape().dims4()?;
+        let (cout, ..) = lw.shape().dims4()?;
+        let x = f32_input(sx, lx, "conv input")?;
+        let wt = f32_input(sw, lw, "conv weight")?;
+        let bias = f32_input(sb, lb, "conv bias")?;
+        let s = self.stride;
+        // PyTorch's output size for kernel 3, padding 1.
+        let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
+        let (plane, k) = (ho * wo, cin * 9);
+        let mut col = vec![0f32; k * plane];
+        let mut out = vec![0f32; n * cout * plane];
+        let threads = rayon::current_num_threads();
+        for (i, dst) in out.chunks_exact_mut(cout * plane).enumerate() {
+            let img = &x[i * cin * h * w..(i + 1) * cin * h * w];
+            // Rows of the im2col matrix in parallel: a channel's 9 rows per task.
+            col.par_chunks_mut(9 * plane)
+                .enumerate()
+                .for_each(|(c, rows)| {
+                    let src = &img[c * h * w..(c + 1) * h * w];
+                    if s == 1 {
+                        im2col(src, rows, h, w);
+                    } else {
+                        im2col_stride2(src, rows, h, w, ho, wo);
+                    }
+                });
+            for (row, &b) in dst.chunks_exact_mut(plane).zip(bias.iter()) {
+                row.fill(b);
+            }
+            // SAFETY: dst is cout × plane, wt cout × k, col k × plane, all row-major.
+            unsafe {
+                gemm::gemm(
+                    cout,
+                    plane,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    plane as isize,
+                    true,
+                    wt.as_ptr(),
+                    1,
+                    k as isize,
+                    col.as_ptr(),
+                    1,
+                    plane as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads),
+                )
+            }
+        }
+        Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, ho, wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.stride != 1 {
+            // Not taken: Conv2d only sends frozen stride-2 inputs here.
+            candle_core::bail!("im2col-conv3x3: no backward pass for stride 2");
+        }
+        // The gradients of a stride-1 "same" convolution, whichever kernel computed it.
+        Winograd { cache: None }.bwd(x, w, b, res, grad)
     }
 }
 
@@ -556,10 +682,22 @@ impl Module for Conv2d {
         let Ok((n, xc, h, wd)) = xs.dims4() else {
             return self.inner.forward(xs);
         };
+        let cfg = self.inner.config();
+        let pad = cfg.padding;
+        let fused_ok = xc == cin
+            && xs.device().is_cpu()
+            && kernel_dtype(xs.dtype())
+            && w.dtype() == xs.dtype()
+            && (kh, kw, pad, cfg.groups, cfg.dilation) == (3, 3, 1, 1, 1);
+        // Downsamplers (stride 2) in inference; in training candle's conv has the backward.
+        if fused_ok && cfg.stride == 2 && !xs.track_op() && !w.track_op() {
+            return xs
+                .contiguous()?
+                .apply_op3(&w.contiguous()?, bias, Im2colConv { stride: 2 });
+        }
         if !self.plain() || xc != cin || !xs.device().is_cpu() {
             return self.inner.forward(xs);
         }
-        let pad = self.inner.config().padding;
         // (candle's CPU matmul has no bf16.)
         if (kh, kw, pad) == (1, 1, 0) && xs.dtype() != candle_core::DType::BF16 {
             // A 1×1 convolution is `W·x` per image: one batched matmul, output already NCHW.
@@ -571,15 +709,13 @@ impl Module for Conv2d {
                 .broadcast_add(&bias.reshape((1, cout, 1, 1))?);
         }
         let tiles = n * Grid::new(h, wd).tiles_per_image;
-        if (kh, kw, pad) == (3, 3, 1)
-            && tiles >= MIN_TILES
-            && kernel_dtype(xs.dtype())
-            && w.dtype() == xs.dtype()
-        {
-            let cache = (!w.is_variable()).then(|| self.winograd.clone());
-            return xs
-                .contiguous()?
-                .apply_op3(&w.contiguous()?, bias, Winograd { cache });
+        if fused_ok {
+            let x = xs.contiguous()?;
+            if tiles >= MIN_TILES {
+                let cache = (!w.is_variable()).then(|| self.winograd.clone());
+                return x.apply_op3(&w.contiguous()?, bias, Winograd { cache });
+            }
+            return x.apply_op3(&w.contiguous()?, bias, Im2colConv { stride: 1 });
         }
         self.inner.forward(xs)
     }

@@ -1,4 +1,4 @@
-//! Fused CPU kernels behind candle custom ops: flash attention, GroupNorm(+SiLU) and
+//! Fused CPU kernels behind candle custom ops: flash attention, GroupNorm(+SiLU), GEGLU and
 //! Winograd 3×3 convolution. Each has a generic-op backward pass so that training works,
 //! and falls back to plain candle ops off the CPU.
 //!
@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod geglu;
 pub mod group_norm;
 
 use candle_core::backend::BackendStorage;
