@@ -106,7 +106,8 @@ fn class_prompt_grid_and_errors() {
     assert!(ok, "{err}");
     let (color, w, h, text) = parameters(&one);
     assert_eq!((color, w, h), (png::ColorType::Grayscale, 8, 8));
-    for want in ["Class: Rows", "Steps: 3", "CFG scale: 2", "Seed: 7"] {
+    // 3: the default guidance of class-conditional models.
+    for want in ["Class: Rows", "Steps: 3", "CFG scale: 3", "Seed: 7"] {
         assert!(text.contains(want), "{want:?} missing from {text:?}");
     }
 
