@@ -235,10 +235,39 @@ impl FeedForward {
     }
 }
 
-impl Module for FeedForward {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+/// The feed-forward runs on at most this many bytes of hidden activations at a time.
+const FF_CHUNK_BYTES: usize = 16 << 20;
+
+impl FeedForward {
+    fn forward_rows(&self, xs: &Tensor) -> Result<Tensor> {
         let h = crate::ops::geglu::geglu(&self.proj.forward(xs)?)?;
         self.out.forward(&h)
+    }
+}
+
+impl Module for FeedForward {
+    /// Tokens are independent here, so on the CPU they go through in chunks: the hidden
+    /// activations (8× the input at SD 1.5's 64×64 level, 84 MB) then stay below glibc's mmap
+    /// threshold and reuse heap memory instead of faulting in fresh pages on every call.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let (c, rows) = (
+            dims[dims.len() - 1],
+            xs.elem_count() / dims[dims.len() - 1].max(1),
+        );
+        let hidden = self.proj.weight().dim(0)?;
+        let per_chunk = (FF_CHUNK_BYTES / (hidden * xs.dtype().size_in_bytes()).max(1)).max(64);
+        if !xs.device().is_cpu() || rows <= per_chunk {
+            return self.forward_rows(xs);
+        }
+        let flat = xs.reshape((rows, c))?;
+        let parts = (0..rows)
+            .step_by(per_chunk)
+            .map(|r| self.forward_rows(&flat.narrow(0, r, per_chunk.min(rows - r))?))
+            .collect::<Result<Vec<_>>>()?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank ≥ 1") = parts[0].dim(1)?;
+        Tensor::cat(&parts, 0)?.reshape(out_dims)
     }
 }
 

@@ -5,9 +5,10 @@
 //! Winograd turns the 3×3 convolution of each 4×4 output tile into 36 element-wise products
 //! of transformed 6×6 input tiles and transformed kernels, i.e. 36 GEMMs
 //! `(Cout × Cin)·(Cin × tiles)`: 4× fewer multiplications than direct convolution. The
-//! transformed kernels (4× the weight size) are computed once and cached in the layer, for
-//! the layers that take this path, unless the weight is a training variable.
+//! transformed kernels (4× the weight size) are cached in the layer from its second call on
+//! (a layer run once keeps nothing), unless the weight is a training variable.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
@@ -317,10 +318,17 @@ fn convolve_tiles(
     SCRATCH.set(scratch);
 }
 
+/// A layer's transformed kernels, and whether the layer already ran once.
+#[derive(Debug, Default)]
+struct WinogradCache {
+    used: AtomicBool,
+    kernels: OnceLock<Vec<f32>>,
+}
+
 /// The Winograd op over `(x, weight, bias)`; `cache` holds the transformed kernels of a frozen
 /// weight.
 struct Winograd {
-    cache: Option<Arc<OnceLock<Vec<f32>>>>,
+    cache: Option<Arc<WinogradCache>>,
 }
 
 impl CustomOp3 for Winograd {
@@ -349,7 +357,7 @@ impl CustomOp3 for Winograd {
             ))
         };
         let fresh;
-        let u = match &self.cache {
+        let u = match self.cache.as_ref().map(|c| &c.kernels) {
             Some(cache) => match cache.get() {
                 Some(u) => u,
                 None => {
@@ -624,8 +632,9 @@ impl CustomOp3 for Im2colConv {
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
-    /// Transformed Winograd kernels, filled by the first Winograd forward (frozen weights only).
-    winograd: Arc<OnceLock<Vec<f32>>>,
+    /// Transformed Winograd kernels, kept from the second Winograd forward of a frozen weight
+    /// on: a layer run once (a VAE decode) does not keep 4× its weights for nothing.
+    winograd: Arc<WinogradCache>,
 }
 
 impl Conv2d {
@@ -712,7 +721,8 @@ impl Module for Conv2d {
         if fused_ok {
             let x = xs.contiguous()?;
             if tiles >= MIN_TILES {
-                let cache = (!w.is_variable()).then(|| self.winograd.clone());
+                let again = self.winograd.used.swap(true, Ordering::Relaxed);
+                let cache = (!w.is_variable() && again).then(|| self.winograd.clone());
                 return x.apply_op3(&w.contiguous()?, bias, Winograd { cache });
             }
             return x.apply_op3(&w.contiguous()?, bias, Im2colConv { stride: 1 });
