@@ -34,7 +34,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated name prefixes to run")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--pipeline", action="store_true", help="also a 512x512 20-step SD 1.5 text-to-image run")
+    ap.add_argument("--pipeline", action="store_true", help="also a 512x512 SD 1.5 text-to-image run")
+    ap.add_argument("--pipeline-steps", type=int, default=20, help="denoising steps of the --pipeline run")
     ap.add_argument("--fixtures", default=None, help="the repo's fixtures folder (tokenizer, scheduler config)")
     args = ap.parse_args()
 
@@ -120,9 +121,9 @@ def main():
             requires_safety_checker=False,
         ).to(dev)
         pipe.set_progress_bar_config(disable=True)
-        name = "pipeline sd15 txt2img 512 20 steps"
+        name = f"pipeline sd15 txt2img 512 {args.pipeline_steps} steps"
         gen = torch.Generator("cpu").manual_seed(0)
-        run_once = lambda: pipe("a photograph of an astronaut riding a horse", num_inference_steps=20, height=512,
+        run_once = lambda: pipe("a photograph of an astronaut riding a horse", num_inference_steps=args.pipeline_steps, height=512,
                                 width=512, guidance_scale=7.5, generator=gen, output_type="np")
         with torch.inference_mode():
             out[name] = median_ms(run_once, 1, 0, sync)

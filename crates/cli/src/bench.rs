@@ -45,10 +45,14 @@ pub struct BenchArgs {
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Also run a whole 512x512, 20-step SD 1.5 text-to-image generation (random weights of the
-    /// real architecture, PNDM, guidance 7.5) and report each phase; minutes on a CPU.
+    /// Also run a whole 512x512 SD 1.5 text-to-image generation (random weights of the real
+    /// architecture, PNDM, guidance 7.5) and report each phase and the peak RSS; minutes on a
+    /// CPU. `--only pipeline` runs it alone (so the peak RSS is the pipeline's).
     #[arg(long)]
     pub pipeline: bool,
+    /// Denoising steps of the --pipeline run (the peak memory does not depend on them).
+    #[arg(long, default_value_t = 20)]
+    pub pipeline_steps: usize,
 }
 
 /// Random weights of the requested shapes (N(0, 0.02²); norm scales around 1), so models of
@@ -319,9 +323,10 @@ impl Bench<'_> {
             dtype: DType::F32,
             vae_dtype: DType::F32,
         };
+        let steps = self.args.pipeline_steps;
         let params = GenerationParams {
             prompts: vec!["a photograph of an astronaut riding a horse".into()],
-            steps: 20,
+            steps,
             guidance_scale: 7.5,
             seed: 0,
             ..Default::default()
@@ -339,14 +344,15 @@ impl Bench<'_> {
         let rss = peak_rss_mib()
             .map(|m| format!("peak RSS {m:.0} MiB"))
             .unwrap_or_default();
+        let name = pipeline_name(steps);
         println!(
-            "pipeline sd15 txt2img 512 20 steps {total:>10.1} ms   text encode {:.1} s, denoise {:.1} s, decode {:.1} s   {rss}",
+            "{name} {total:>10.1} ms   text encode {:.1} s, denoise {:.1} s, decode {:.1} s   {rss}",
             t.text_encode.as_secs_f64(),
             t.denoise.as_secs_f64(),
             t.decode.as_secs_f64()
         );
         self.lines.push(Line {
-            name: "pipeline sd15 txt2img 512 20 steps".into(),
+            name,
             ms: total,
             gflop: None,
         });
@@ -389,7 +395,13 @@ fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
             },
         ])
         .args(if args.pipeline {
-            vec!["--pipeline", "--fixtures", fixtures.as_str()]
+            vec![
+                "--pipeline".to_string(),
+                "--fixtures".to_string(),
+                fixtures.clone(),
+                "--pipeline-steps".to_string(),
+                args.pipeline_steps.to_string(),
+            ]
         } else {
             vec![]
         })
@@ -452,6 +464,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 None => println!("{:<34} {:>10.1} {:>10} {:>8}", l.name, l.ms, "-", "-"),
             }
         }
+        let name = pipeline_name(args.pipeline_steps);
+        if let (true, Some(theirs), Some(ours)) = (
+            args.pipeline,
+            t.get(&format!("{name} peak_rss_mib")),
+            peak_rss_mib(),
+        ) {
+            println!(
+                "{:<34} {:>7.0} MiB {:>6.0} MiB {:>7.2}x",
+                "peak RSS (whole process)",
+                ours,
+                theirs,
+                ours / theirs
+            );
+        }
     }
     if let Some(path) = &args.json {
         let lines: Vec<serde_json::Value> = b
@@ -465,6 +491,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+fn pipeline_name(steps: usize) -> String {
+    format!("pipeline sd15 txt2img 512 {steps} steps")
 }
 
 fn rayon_threads() -> usize {
