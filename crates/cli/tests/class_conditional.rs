@@ -1,20 +1,11 @@
 //! `diffuse generate` on a class-conditional DDPM folder trained here for a few steps.
 
+mod common;
+use common::diffuse_err;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use diffuse_pipelines::{load_pipeline, LoadOptions, Pipeline, UnconditionalRequest};
-
-fn diffuse<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
-        .args(args)
-        .output()
-        .expect("running diffuse");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Two classes of 8×8 stripes in class sub-folders (sub-folder names are the class names).
 fn write_stripes(dir: &Path) {
@@ -37,7 +28,7 @@ fn trained_model(name: &str) -> (PathBuf, PathBuf) {
     let data = root.join("data");
     write_stripes(&data);
     let model = root.join("model");
-    let (ok, err) = diffuse(&[
+    let (ok, err) = diffuse_err(&[
         "train",
         "--data",
         data.to_str().unwrap(),
@@ -90,7 +81,7 @@ fn class_prompt_grid_and_errors() {
 
     // One class by name (any case): a grayscale image of the model's size.
     let one = root.join("one.png");
-    let (ok, err) = diffuse(&[
+    let (ok, err) = diffuse_err(&[
         "generate",
         "--model",
         m,
@@ -113,7 +104,7 @@ fn class_prompt_grid_and_errors() {
 
     // A class index works too, with DDIM and another guidance.
     let idx = root.join("idx.png");
-    let (ok, err) = diffuse(&[
+    let (ok, err) = diffuse_err(&[
         "generate",
         "--model",
         m,
@@ -137,7 +128,7 @@ fn class_prompt_grid_and_errors() {
 
     // No prompt: one labelled row of `--num-images` tiles per class, in one PNG.
     let grid = root.join("grid.png");
-    let (ok, err) = diffuse(&[
+    let (ok, err) = diffuse_err(&[
         "generate",
         "--model",
         m,
@@ -157,7 +148,7 @@ fn class_prompt_grid_and_errors() {
 
     // An unknown class: non-zero exit naming the valid classes, nothing written.
     let bad = root.join("bad.png");
-    let (ok, err) = diffuse(&[
+    let (ok, err) = diffuse_err(&[
         "generate",
         "--model",
         m,

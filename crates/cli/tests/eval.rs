@@ -1,20 +1,9 @@
 //! `diffuse classifier` and `diffuse eval` as a user runs them, on tiny IDX files written here.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
+use common::diffuse;
 
-/// (success, stdout, stderr)
-fn diffuse(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
-        .args(args)
-        .output()
-        .expect("running diffuse");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use std::path::Path;
 
 /// `{prefix}-images-idx3-ubyte` and `{prefix}-labels-idx1-ubyte`: 8×8 stripes, rows (label 0)
 /// and columns (label 1), `n` of each.

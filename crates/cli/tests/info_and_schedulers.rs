@@ -1,19 +1,9 @@
 //! The `info` and `schedulers` subcommands, run as a user would.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
+use common::diffuse;
 
-fn diffuse(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
-        .args(args)
-        .output()
-        .expect("run diffuse");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use std::path::Path;
 
 fn tiny_sd() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))

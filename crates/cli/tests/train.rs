@@ -1,18 +1,10 @@
 //! `diffuse train` run as a user would, on eight 8×8 images: train, resume, clear errors.
 
+mod common;
+use common::diffuse_err;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn diffuse<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
-        .args(args)
-        .output()
-        .expect("run diffuse");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
 
 /// A fresh folder under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -82,7 +74,7 @@ fn trains_resumes_and_reports_errors() {
         common.iter().chain(extra).map(|s| s.to_string()).collect()
     };
 
-    let (ok, err) = diffuse(&with(&[
+    let (ok, err) = diffuse_err(&with(&[
         "--steps",
         "2",
         "--batch-size",
@@ -107,7 +99,7 @@ fn trains_resumes_and_reports_errors() {
             .unwrap();
     assert_eq!(unet["num_class_embeds"], 3);
 
-    let (ok, err) = diffuse(&with(&[
+    let (ok, err) = diffuse_err(&with(&[
         "--steps",
         "3",
         "--batch-size",
@@ -141,11 +133,11 @@ fn trains_resumes_and_reports_errors() {
     let mut args = with(&["--steps", "3", "--batch-size", "4", "--classes", "2"]);
     let at = args.iter().position(|a| a == "--output").unwrap();
     args[at + 1] = straight.to_string_lossy().into_owned();
-    let (ok, err) = diffuse(&args);
+    let (ok, err) = diffuse_err(&args);
     assert!(ok, "{err}");
     assert_eq!(losses(&straight), resumed);
 
-    let (ok, err) = diffuse(&with(&[
+    let (ok, err) = diffuse_err(&with(&[
         "--steps",
         "3",
         "--batch-size",
@@ -157,7 +149,7 @@ fn trains_resumes_and_reports_errors() {
         !ok && err.contains("batch size must be at least 1"),
         "{err}"
     );
-    let (ok, err) = diffuse(&with(&[
+    let (ok, err) = diffuse_err(&with(&[
         "--steps",
         "3",
         "--batch-size",
@@ -170,7 +162,7 @@ fn trains_resumes_and_reports_errors() {
         "{err}"
     );
     let missing = tmp.0.join("nothing");
-    let (ok, err) = diffuse(&[
+    let (ok, err) = diffuse_err(&[
         "train",
         "--dataset",
         "fashion-mnist",
@@ -261,7 +253,7 @@ fn resumes_after_kill_9() {
     let target = last + 3;
     let mut resume = args(&out, target);
     resume.extend(["--resume".to_string(), "latest".to_string()]);
-    let (ok, err) = diffuse(&resume);
+    let (ok, err) = diffuse_err(&resume);
     assert!(ok, "{err}");
     assert!(
         err.contains(&format!("trained steps {last}..{target}")),
@@ -269,7 +261,7 @@ fn resumes_after_kill_9() {
     );
 
     let straight = tmp.0.join("straight");
-    let (ok, err) = diffuse(&args(&straight, target));
+    let (ok, err) = diffuse_err(&args(&straight, target));
     assert!(ok, "{err}");
     let curve = |dir: &Path| -> Vec<(u64, f64)> {
         std::fs::read_to_string(dir.join("metrics.jsonl"))
