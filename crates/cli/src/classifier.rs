@@ -71,8 +71,6 @@ impl IdxDataArgs {
 /// models. Writes config.json, model.safetensors and training.json.
 #[derive(Args, Debug)]
 pub struct ClassifierArgs {
-    #[command(flatten)]
-    pub data: IdxDataArgs,
     /// Output folder.
     #[arg(long, short)]
     pub output: PathBuf,
@@ -88,22 +86,30 @@ pub struct ClassifierArgs {
     /// Width of the hidden layer (the feature space of the Fréchet distance).
     #[arg(long, default_value_t = 128)]
     pub feature_dim: usize,
+    /// Passes over the training images.
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
+    /// Images per optimizer step.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// AdamW learning rate (constant).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// AdamW decoupled weight decay.
     #[arg(long, default_value_t = 1e-4)]
     pub weight_decay: f64,
     /// Random horizontal flips (true or false).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub random_flip: bool,
+    /// Seed of the initialisation, batch order and flips.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    // Last: the options after a flattened group would be listed under its heading.
+    #[command(flatten)]
+    pub data: IdxDataArgs,
 }
 
 pub fn run(args: ClassifierArgs) -> Result<()> {

@@ -30,8 +30,7 @@ pub struct EvalArgs {
     /// models/fashion-mnist-classifier.
     #[arg(long)]
     pub classifier: Option<PathBuf>,
-    #[command(flatten)]
-    pub data: IdxDataArgs,
+    /// Samples generated per class.
     #[arg(long, default_value_t = 100)]
     pub samples_per_class: usize,
     /// Denoising steps (default as `generate`: 50).
@@ -61,6 +60,9 @@ pub struct EvalArgs {
     /// Also save the first 10 samples of each class as a labelled grid PNG here.
     #[arg(long)]
     pub grid: Option<PathBuf>,
+    // Last: the options after a flattened group would be listed under its heading.
+    #[command(flatten)]
+    pub data: IdxDataArgs,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
