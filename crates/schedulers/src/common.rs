@@ -627,9 +627,10 @@ macro_rules! alpha_scheduler_common {
 }
 pub(crate) use alpha_scheduler_common;
 
-/// The `Scheduler` methods the multistep solvers (DPM-Solver, UniPC) share: fields `config`,
-/// `noise`, `state` and a `CLASS` constant; unit noise and unscaled inputs.
-macro_rules! solver_scheduler_common {
+/// The `Scheduler` accessors of the schedulers that keep a sigma schedule state (`state` with
+/// `timesteps`, `sigmas`, `begin_index`) next to `config` and a `CLASS` constant: the
+/// k-diffusion schedulers and the multistep solvers.
+macro_rules! sigma_state_accessors {
     () => {
         fn class_name(&self) -> &'static str {
             CLASS
@@ -647,12 +648,21 @@ macro_rules! solver_scheduler_common {
             Some(&self.state.sigmas)
         }
 
-        fn init_noise_sigma(&self) -> f64 {
-            1.0
-        }
-
         fn set_begin_index(&mut self, begin_index: usize) {
             self.state.begin_index = Some(begin_index);
+        }
+    };
+}
+pub(crate) use sigma_state_accessors;
+
+/// The `Scheduler` methods the multistep solvers (DPM-Solver, UniPC) share: fields `config`,
+/// `noise`, `state` and a `CLASS` constant; unit noise and unscaled inputs.
+macro_rules! solver_scheduler_common {
+    () => {
+        $crate::common::sigma_state_accessors!();
+
+        fn init_noise_sigma(&self) -> f64 {
+            1.0
         }
 
         fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {

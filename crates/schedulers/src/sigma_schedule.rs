@@ -305,28 +305,10 @@ pub(crate) fn solver_schedule(
 /// and a `CLASS` constant), so each file holds only what makes that sampler different.
 macro_rules! k_scheduler_common {
     () => {
-        fn class_name(&self) -> &'static str {
-            CLASS
-        }
-
-        fn config(&self) -> &SchedulerConfig {
-            &self.config
-        }
-
-        fn timesteps(&self) -> &[f64] {
-            &self.state.timesteps
-        }
-
-        fn sigmas(&self) -> Option<&[f32]> {
-            Some(&self.state.sigmas)
-        }
+        $crate::common::sigma_state_accessors!();
 
         fn init_noise_sigma(&self) -> f64 {
             self.state.k_init_noise_sigma(self.k.spacing)
-        }
-
-        fn set_begin_index(&mut self, begin_index: usize) {
-            self.state.begin_index = Some(begin_index);
         }
 
         fn add_noise(
