@@ -1,8 +1,9 @@
 //! diffusers `Attention` (the `AttnProcessor2_0` maths), its feed-forward and the
 //! `BasicTransformerBlock` of the cross-attention UNets.
 
+use crate::ops::linear::Linear;
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::normalization::{GroupNorm, LayerNorm};
 
@@ -142,10 +143,10 @@ impl Attention {
         };
         Ok(Self {
             group_norm,
-            to_q: candle_nn::linear_b(cfg.query_dim, inner, cfg.bias, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_b(kv_dim, inner, cfg.bias, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_b(kv_dim, inner, cfg.bias, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, cfg.query_dim, vb.pp("to_out").pp("0"))?,
+            to_q: crate::ops::linear::linear_b(cfg.query_dim, inner, cfg.bias, vb.pp("to_q"))?,
+            to_k: crate::ops::linear::linear_b(kv_dim, inner, cfg.bias, vb.pp("to_k"))?,
+            to_v: crate::ops::linear::linear_b(kv_dim, inner, cfg.bias, vb.pp("to_v"))?,
+            to_out: crate::ops::linear::linear(inner, cfg.query_dim, vb.pp("to_out").pp("0"))?,
             heads: cfg.heads,
             scale: 1.0 / (cfg.dim_head as f64).sqrt(),
             upcast_attention: cfg.upcast_attention,
@@ -229,8 +230,8 @@ impl FeedForward {
     pub fn new(vb: VarBuilder, dim: usize, mult: usize) -> Result<Self> {
         let inner = dim * mult;
         Ok(Self {
-            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: crate::ops::linear::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: crate::ops::linear::linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 }

@@ -5,8 +5,9 @@
 
 use std::path::Path;
 
+use crate::ops::linear::Linear;
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use diffuse_core::{Error, Result};
 use serde::Deserialize;
 
@@ -177,10 +178,10 @@ impl ClipAttention {
     fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q_proj: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q_proj: crate::ops::linear::linear(h, h, vb.pp("q_proj"))?,
+            k_proj: crate::ops::linear::linear(h, h, vb.pp("k_proj"))?,
+            v_proj: crate::ops::linear::linear(h, h, vb.pp("v_proj"))?,
+            out_proj: crate::ops::linear::linear(h, h, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
             head_dim: h / cfg.num_attention_heads,
         })
@@ -232,8 +233,8 @@ impl ClipEncoderLayer {
             self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
             layer_norm1: ClipLayerNorm::new(h, eps, vb.pp("layer_norm1"))?,
             layer_norm2: ClipLayerNorm::new(h, eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, i, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(i, h, vb.pp("mlp.fc2"))?,
+            fc1: crate::ops::linear::linear(h, i, vb.pp("mlp.fc1"))?,
+            fc2: crate::ops::linear::linear(i, h, vb.pp("mlp.fc2"))?,
             act,
         })
     }

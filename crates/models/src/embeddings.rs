@@ -1,7 +1,8 @@
 //! Timestep and class embeddings (diffusers `embeddings.py`).
 
+use crate::ops::linear::Linear;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use crate::activations::Activation;
 
@@ -146,9 +147,13 @@ impl TimestepEmbedding {
         post_act: Option<Activation>,
     ) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_channels, time_embed_dim, vb.pp("linear_1"))?,
+            linear_1: crate::ops::linear::linear(in_channels, time_embed_dim, vb.pp("linear_1"))?,
             act,
-            linear_2: candle_nn::linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
+            linear_2: crate::ops::linear::linear(
+                time_embed_dim,
+                time_embed_dim,
+                vb.pp("linear_2"),
+            )?,
             post_act,
         })
     }
@@ -256,11 +261,9 @@ impl ClassEmbedding {
                 Activation::Silu,
                 None,
             )?)),
-            (Some("simple_projection"), _) => Some(Self::SimpleProjection(candle_nn::linear(
-                needs_dim("simple_projection")?,
-                time_embed_dim,
-                vb,
-            )?)),
+            (Some("simple_projection"), _) => Some(Self::SimpleProjection(
+                crate::ops::linear::linear(needs_dim("simple_projection")?, time_embed_dim, vb)?,
+            )),
             (Some(other), _) => candle_core::bail!("unsupported class_embed_type `{other}`"),
         })
     }

@@ -2,8 +2,9 @@
 //! `downsampling.py`, `upsampling.py`).
 
 use crate::ops::conv::Conv2d;
+use crate::ops::linear::Linear;
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::activations::Activation;
 use crate::normalization::GroupNorm;
@@ -218,7 +219,7 @@ impl ResnetBlock2D {
                     TimeEmbeddingNorm::Default => cout,
                     TimeEmbeddingNorm::ScaleShift => 2 * cout,
                 };
-                Some(candle_nn::linear(t, n, vb.pp("time_emb_proj"))?)
+                Some(crate::ops::linear::linear(t, n, vb.pp("time_emb_proj"))?)
             }
             None => None,
         };

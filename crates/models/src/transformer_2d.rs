@@ -2,8 +2,9 @@
 //! cross-attention UNet blocks.
 
 use crate::ops::conv::Conv2d;
+use crate::ops::linear::Linear;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::attention::BasicTransformerBlock;
 use crate::normalization::GroupNorm;
@@ -33,7 +34,7 @@ enum Projection {
 impl Projection {
     fn new(vb: VarBuilder, cin: usize, cout: usize, linear: bool) -> Result<Self> {
         Ok(if linear {
-            Self::Linear(candle_nn::linear(cin, cout, vb)?)
+            Self::Linear(crate::ops::linear::linear(cin, cout, vb)?)
         } else {
             Self::Conv(Conv2d::new(cin, cout, 1, Default::default(), vb)?)
         })

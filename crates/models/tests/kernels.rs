@@ -408,3 +408,34 @@ fn geglu_matches_reference_and_has_gradients() -> Result<()> {
     assert!(geglu(&randn(&[2, 3], 1.0)?).is_err(), "odd last dimension");
     Ok(())
 }
+
+#[test]
+fn linear_matches_reference() -> Result<()> {
+    use diffuse_models::ops::linear::Linear;
+    // (input shape, out features, bias): rows ≥ outputs (the packed GEMM on AVX2 CPUs) with
+    // column and row remainders, rank 3, and fewer rows than outputs (candle's matmul).
+    for (shape, out, bias) in [
+        (vec![200, 40], 33, true),
+        (vec![2, 150, 64], 48, false),
+        (vec![2, 77, 24], 200, true),
+        (vec![700, 300], 320, true),
+    ] {
+        let k = *shape.last().unwrap();
+        let x = randn(&shape, 1.0)?;
+        let w = randn(&[out, k], 0.1)?;
+        let b = bias.then(|| randn(&[out], 1.0)).transpose()?;
+        let layer = Linear::new(w, b);
+        let got = layer.forward(&x)?;
+        let want = layer.forward_reference(&x)?;
+        assert_close(&format!("linear {shape:?} -> {out}"), &got, &want, 1e-5)?;
+        // A transposed (non-contiguous) input.
+        let xt = x.t()?.contiguous()?.t()?;
+        assert_close(
+            &format!("linear {shape:?}, strided input"),
+            &layer.forward(&xt)?,
+            &want,
+            1e-5,
+        )?;
+    }
+    Ok(())
+}

@@ -1,20 +1,25 @@
 //! Flash-attention style CPU kernel: `softmax(q·kᵀ·scale)·v` over `(B*heads, N, d)` without the
 //! `N × M` score matrix. Each task owns one block of query rows, streams the keys/values in
 //! blocks, and keeps a running max and sum per row (online softmax), so memory is
-//! `O(block_q × (block_k + d))` per thread. The two block products go through `gemm`.
+//! `O(block_q × (block_k + d))` per thread. The keys are packed (and scaled) once per head; the
+//! two block products run on the register tiles of [`super::microkernel`] (the `gemm` crate on
+//! CPUs without AVX2), and the exponentials on AVX2 too.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::microkernel::{pack_kt, Gemm, B, NR};
 use super::{exp, f32_input, f32_output, max, simd_fn};
 
-/// Query rows per task: enough rows to amortise `gemm`'s packing of the key block, few enough
-/// that a 4096-token head splits into many tasks for both cores.
+/// Query rows per task: enough rows to amortise streaming the head's keys and values, few
+/// enough that a 4096-token head splits into many tasks for both cores.
 const BLOCK_Q: usize = 128;
-/// Keys per step: the `BLOCK_Q × BLOCK_K` score tile (256 KiB) stays in L2; 512 measured a
-/// little faster than 256 and 1024 on the SD shapes (16 heads × 4096 × 40, 16 × 1024 × 80).
-const BLOCK_K: usize = 512;
+/// Keys per step (a multiple of the packed panel width): the `BLOCK_Q × BLOCK_K` score tile
+/// (72 KiB with its padding) and the key block (20 KiB at d = 40) stay close to L1. 128, 256
+/// and 512 measured within noise of each other on 16 heads × 4096 × 40; 128 is the smallest.
+const BLOCK_K: usize = 128;
+const _: () = assert!(BLOCK_K.is_multiple_of(NR));
 
 /// The fused attention op; see [`super::attention`] module docs.
 pub(crate) struct FlashAttention {
@@ -22,26 +27,15 @@ pub(crate) struct FlashAttention {
 }
 
 simd_fn! {
-    /// One key block of the online softmax: turns the scores `s` (rows × `kb`) into
-    /// probabilities relative to the updated running maxima, and rescales the running sums
-    /// and output rows by how much each maximum moved.
-    fn softmax_step(s: &mut [f32], kb: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) {
-        for (r, row) in s.chunks_exact_mut(kb).enumerate() {
+    /// One key block of the online softmax: turns the scores `s` (rows × `kb`, row stride
+    /// `lds`) into probabilities relative to the updated running maxima, and rescales the
+    /// running sums and output rows by how much each maximum moved.
+    fn softmax_step(s: &mut [f32], lds: usize, kb: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) {
+        for (r, row) in s.chunks_exact_mut(lds).enumerate() {
+            let row = &mut row[..kb];
             let m_new = m[r].max(max(row));
             let corr = exp(m[r] - m_new);
-            let mut sums = [0f32; super::LANES];
-            let mut chunks = row.chunks_exact_mut(super::LANES);
-            for c in &mut chunks {
-                for i in 0..super::LANES {
-                    c[i] = exp(c[i] - m_new);
-                    sums[i] += c[i];
-                }
-            }
-            let mut sum: f32 = sums.iter().sum();
-            for x in chunks.into_remainder() {
-                *x = exp(*x - m_new);
-                sum += *x;
-            }
+            let sum = exp_shifted_sum(row, m_new);
             l[r] = l[r] * corr + sum;
             m[r] = m_new;
             if corr != 1.0 {
@@ -49,6 +43,36 @@ simd_fn! {
             }
         }
     }
+}
+
+/// `row[i] = exp(row[i] − m)`; returns their sum.
+fn exp_shifted_sum(row: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        // SAFETY: the CPU has the features.
+        return unsafe { super::microkernel::avx2::exp_shifted_sum(row, m) };
+    }
+    exp_shifted_sum_portable(row, m)
+}
+
+fn exp_shifted_sum_portable(row: &mut [f32], m: f32) -> f32 {
+    let mut sums = [0f32; super::LANES];
+    let mut chunks = row.chunks_exact_mut(super::LANES);
+    for c in &mut chunks {
+        for i in 0..super::LANES {
+            c[i] = exp(c[i] - m);
+            sums[i] += c[i];
+        }
+    }
+    let tail: f32 = chunks
+        .into_remainder()
+        .iter_mut()
+        .map(|x| {
+            *x = exp(*x - m);
+            *x
+        })
+        .sum();
+    sums.iter().sum::<f32>() + tail
 }
 
 /// `dst (m×n) = alpha·dst + beta·lhs (m×k) · rhs`, row-major `lhs`/`dst`; `rhs` given by its
@@ -95,24 +119,53 @@ pub(crate) fn gemm_rows(
     }
 }
 
-/// Attention of one block of query rows `q` (rows × d) over all of `k` (M × d), `v` (M × dv),
-/// written to `out` (rows × dv).
-fn attend_block(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], d: usize, dv: usize, scale: f32) {
+/// Attention of one block of query rows `q` (rows × d) over the `m_keys` keys of one head,
+/// packed as `scale · kᵀ` by [`pack_kt`], with values `v` (M × dv), written to `out` (rows × dv).
+#[allow(clippy::too_many_arguments)]
+fn attend_block(
+    q: &[f32],
+    kt: &[f32],
+    m_keys: usize,
+    v: &[f32],
+    out: &mut [f32],
+    d: usize,
+    dv: usize,
+) {
     let rows = q.len() / d;
-    let m_keys = k.len() / d;
-    let bk = BLOCK_K.min(m_keys);
-    let mut s = vec![0f32; rows * bk];
+    let bk = BLOCK_K.min(m_keys.next_multiple_of(NR));
+    // Rows one panel longer than the block: 2 KiB-strided rows would share L1 sets.
+    let lds = bk + NR;
+    let mut s = vec![0f32; rows * lds];
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0f32; rows];
     out.fill(0.0);
     for k0 in (0..m_keys).step_by(bk) {
         let kb = bk.min(m_keys - k0);
-        let s = &mut s[..rows * kb];
-        // s = scale · q · k_blockᵀ: kᵀ read through strides (row stride 1, column stride d).
-        gemm_rows(rows, kb, d, s, q, &k[k0 * d..], 1, d, 0.0, scale);
-        softmax_step(s, kb, &mut m, &mut l, out, dv);
+        // s = q · (scale · k_block)ᵀ
+        let scores = Gemm {
+            m: rows,
+            n: kb,
+            k: d,
+            lda: d,
+            b: B::Packed,
+            rs_c: lds,
+            cs_c: 1,
+            accumulate: false,
+        };
+        scores.run(q, &kt[k0 * d..], &mut s, None);
+        softmax_step(&mut s, lds, kb, &mut m, &mut l, out, dv);
         // out += p · v_block
-        gemm_rows(rows, dv, kb, out, s, &v[k0 * dv..], dv, 1, 1.0, 1.0);
+        let values = Gemm {
+            m: rows,
+            n: dv,
+            k: kb,
+            lda: lds,
+            b: B::Rows { ld: dv },
+            rs_c: dv,
+            cs_c: 1,
+            accumulate: true,
+        };
+        values.run(&s, &v[k0 * dv..], out, None);
     }
     for (row, l) in out.chunks_exact_mut(dv).zip(&l) {
         let inv = 1.0 / l;
@@ -151,14 +204,20 @@ impl CustomOp3 for FlashAttention {
         let mut out = vec![0f32; bh * n * dv];
         if n * dv > 0 {
             let scale = self.scale as f32;
+            // Keys packed once per head, shared by all of its query blocks.
+            let per_head = m.div_ceil(NR) * NR * d;
+            let mut kt = vec![0f32; bh * per_head];
+            if per_head > 0 {
+                kt.par_chunks_mut(per_head)
+                    .zip(k.par_chunks(m * d))
+                    .for_each(|(kt, k)| pack_kt(k, m, d, scale, kt));
+            }
             // Tasks: every (batch·head, query block) pair, so both cores stay busy even for one head.
             out.par_chunks_mut(n * dv)
                 .enumerate()
                 .for_each(|(b, out_b)| {
-                    let (kb, vb) = (
-                        &k[b * m * d..(b + 1) * m * d],
-                        &v[b * m * dv..(b + 1) * m * dv],
-                    );
+                    let kt = &kt[b * per_head..(b + 1) * per_head];
+                    let vb = &v[b * m * dv..(b + 1) * m * dv];
                     out_b
                         .par_chunks_mut(BLOCK_Q * dv)
                         .enumerate()
@@ -170,7 +229,7 @@ impl CustomOp3 for FlashAttention {
                                 // torch gives NaN (0/0) for attention over no keys.
                                 out_blk.fill(f32::NAN);
                             } else {
-                                attend_block(qb, kb, vb, out_blk, d, dv, scale);
+                                attend_block(qb, kt, m, vb, out_blk, d, dv);
                             }
                         })
                 });
@@ -205,5 +264,46 @@ impl CustomOp3 for FlashAttention {
             Some(grad_k.to_dtype(k.dtype())?),
             Some(grad_v.to_dtype(v.dtype())?),
         ))
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// Both `exp(x − m)` row kernels against f64, over the whole range softmax feeds them
+    /// (down to the flush to zero), with a tail that is not a multiple of 8. Relative error
+    /// 4e-7, growing with |x − m| because the portable range reduction `x·log2e` loses the
+    /// low bits of large arguments (harmless: those probabilities are tiny), and below −87
+    /// both give 0 or e^−87 (1e-37 absolute).
+    #[test]
+    fn exp_shifted_sum_matches_f64() {
+        let xs: Vec<f32> = (0..1003).map(|i| -95.0 + i as f32 * 0.0973).collect();
+        let m = 2.5f32;
+        let want: Vec<f64> = xs.iter().map(|&x| (x as f64 - m as f64).exp()).collect();
+        let want_sum: f64 = want.iter().sum();
+        type Kernel = fn(&mut [f32], f32) -> f32;
+        let mut kernels: Vec<(&str, Kernel)> = vec![("portable", exp_shifted_sum_portable)];
+        if super::super::has_avx2_fma() {
+            // SAFETY: checked just above.
+            kernels.push(("avx2", |r, m| unsafe {
+                super::super::microkernel::avx2::exp_shifted_sum(r, m)
+            }));
+        }
+        for (name, f) in kernels {
+            let mut row = xs.clone();
+            let sum = f(&mut row, m);
+            for (x, (&got, &want)) in xs.iter().zip(row.iter().zip(&want)) {
+                let err = (got as f64 - want).abs();
+                assert!(
+                    err <= 1e-7 * (4.0 + (x - m).abs() as f64) * want + 1e-37,
+                    "{name} exp({x} - {m}): {got} vs {want}"
+                );
+            }
+            assert!(
+                (sum as f64 - want_sum).abs() <= 1e-6 * want_sum,
+                "{name} sum"
+            );
+        }
     }
 }

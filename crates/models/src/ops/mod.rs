@@ -9,6 +9,8 @@ pub mod attention;
 pub mod conv;
 pub mod geglu;
 pub mod group_norm;
+pub mod linear;
+mod microkernel;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result};

@@ -1,0 +1,171 @@
+//! `torch.nn.Linear` whose CPU inference runs the AVX2 GEMM of [`super::microkernel`].
+//!
+//! The weight (`out × in`) is packed into column panels on every call rather than kept packed:
+//! that costs one pass over the weight per call (well under 1% of the product at the UNet's
+//! token counts) and no second copy of every linear weight in memory. Products with fewer
+//! rows than output features (cross-attention keys over 77 tokens, time embeddings, CLIP)
+//! would spend a large share on that packing; they, training (the weight or input tracks
+//! gradients) and other devices take candle's matmul.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use super::microkernel::{gemm_parallel, pack_kt, Gemm, B, NR};
+use super::{f32_input, has_avx2_fma};
+
+/// `y = x·wᵀ + b`, like `candle_nn::Linear` (whose weights and names it keeps).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+/// A linear layer with a bias, weights `weight` `(out, in)` and `bias` `(out,)` under `vb`.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear::from_candle(candle_nn::linear(in_dim, out_dim, vb)?))
+}
+
+/// [`linear`], with or without the bias.
+pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear::from_candle(candle_nn::linear_b(
+        in_dim, out_dim, bias, vb,
+    )?))
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::from_candle(candle_nn::Linear::new(weight, bias))
+    }
+
+    pub fn from_candle(inner: candle_nn::Linear) -> Self {
+        Self { inner }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
+    /// candle's linear layer: the reference for the fast path.
+    pub fn forward_reference(&self, xs: &Tensor) -> Result<Tensor> {
+        self.inner.forward(xs)
+    }
+
+    /// Whether `xs` takes the packed AVX2 GEMM.
+    fn fast(&self, xs: &Tensor) -> bool {
+        let w = self.inner.weight();
+        let f32 = |t: &Tensor| t.dtype() == candle_core::DType::F32;
+        let Ok((n, k)) = w.dims2() else { return false };
+        let rows = xs.elem_count() / k.max(1);
+        xs.device().is_cpu()
+            && has_avx2_fma()
+            && f32(xs)
+            && f32(w)
+            && self.inner.bias().is_none_or(|b| f32(b) && b.dims() == [n])
+            && xs.dims().last() == Some(&k)
+            && rows >= n
+            && !xs.track_op()
+            && !w.track_op()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if !self.fast(xs) {
+            // Contiguous first: candle 0.11's batched CPU matmul gives wrong values for some
+            // strided inputs (a transposed-then-transposed-back batch, tests/kernels.rs).
+            return self.inner.forward(&xs.contiguous()?);
+        }
+        let (xs, w) = (xs.contiguous()?, self.inner.weight().contiguous()?);
+        match self.inner.bias() {
+            Some(b) => xs.apply_op3_no_bwd(&w, b, &LinearOp),
+            None => xs.apply_op2_no_bwd(&w, &LinearOp),
+        }
+    }
+}
+
+/// The op behind [`Linear`]'s fast path (inference only: it is applied without a backward).
+struct LinearOp;
+
+impl LinearOp {
+    fn forward(
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = w.1.shape().dims2()?;
+        let xs = f32_input(x.0, x.1, "linear input")?;
+        let ws = f32_input(w.0, w.1, "linear weight")?;
+        let bias = bias
+            .map(|(s, l)| f32_input(s, l, "linear bias"))
+            .transpose()?;
+        let m = xs.len().checked_div(k).unwrap_or(0);
+        let mut wt = vec![0f32; n.div_ceil(NR) * NR * k];
+        if k > 0 {
+            wt.par_chunks_mut(NR * k)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    let rows = p * NR..((p + 1) * NR).min(n);
+                    pack_kt(&ws[rows.start * k..rows.end * k], rows.len(), k, 1.0, panel)
+                });
+        }
+        let mut out = vec![0f32; m * n];
+        if let Some(bias) = &bias {
+            out.par_chunks_mut(n.max(1))
+                .for_each(|row| row.copy_from_slice(&bias[..n]));
+        }
+        let g = Gemm {
+            m,
+            n,
+            k,
+            lda: k,
+            b: B::Packed,
+            rs_c: n,
+            cs_c: 1,
+            accumulate: bias.is_some(),
+        };
+        gemm_parallel(&g, &xs, &wt, &mut out, None);
+        let mut dims = x.1.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::forward((s1, l1), (s2, l2), None)
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::forward((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+}
