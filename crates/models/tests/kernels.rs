@@ -412,13 +412,13 @@ fn geglu_matches_reference_and_has_gradients() -> Result<()> {
 #[test]
 fn linear_matches_reference() -> Result<()> {
     use diffuse_models::ops::linear::Linear;
-    // (input shape, out features, bias): rows ≥ outputs (the packed GEMM on AVX2 CPUs) with
-    // column and row remainders, rank 3, and fewer rows than outputs (candle's matmul).
+    // (input shape, out features, bias): ≥ 1,024 rows (the packed GEMM on AVX2 CPUs) with
+    // column and row remainders and rank 3, and fewer rows (candle's matmul).
     for (shape, out, bias) in [
-        (vec![200, 40], 33, true),
-        (vec![2, 150, 64], 48, false),
+        (vec![1100, 40], 33, true),
+        (vec![2, 515, 64], 48, false),
         (vec![2, 77, 24], 200, true),
-        (vec![700, 300], 320, true),
+        (vec![1030, 300], 320, true),
     ] {
         let k = *shape.last().unwrap();
         let x = randn(&shape, 1.0)?;

@@ -208,7 +208,9 @@ pub(crate) fn gemm_parallel(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias:
     let (row_blocks, col_blocks) = (g.m.div_ceil(rows), panels.div_ceil(pb));
     let c_ptr = SendPtr(c.as_mut_ptr());
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
-        let (r0, p0) = ((t / col_blocks) * rows, (t % col_blocks) * pb);
+        // Column-block-major: consecutive tasks (one thread's share of the range) reuse the
+        // same panels of `b` from cache.
+        let (r0, p0) = ((t % row_blocks) * rows, (t / row_blocks) * pb);
         let n0 = p0 * NR;
         let sub = Gemm {
             m: rows.min(g.m - r0),
