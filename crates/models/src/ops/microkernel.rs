@@ -322,6 +322,25 @@ pub(crate) mod avx2 {
         }
     }
 
+    /// One tile of `rows ≤ MR` rows and `cols ≤ NR` columns: picks the monomorphised kernel.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_at(
+        g: &Gemm,
+        (rows, cols, kc): (usize, usize, usize),
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        flags: (bool, *const f32),
+    ) {
+        match cols {
+            NR => with_rows!(rows, tile, [2, false], g, a, b, NR, kc, c, NR, flags),
+            8 => with_rows!(rows, tile, [1, false], g, a, b, NR, kc, c, 8, flags),
+            1..8 => with_rows!(rows, tile, [1, true], g, a, b, NR, kc, c, cols, flags),
+            _ => with_rows!(rows, tile, [2, true], g, a, b, NR, kc, c, cols, flags),
+        }
+    }
+
     /// Runs the product `g` on this thread: K-blocks, then row tiles (the tile's slice of `a`
     /// stays in L1), then column panels.
     ///
@@ -363,29 +382,21 @@ pub(crate) mod avx2 {
             };
             // Later K-blocks add to what the first wrote; the bias goes in once.
             let load_c = g.accumulate || k0 > 0;
-            for r0 in (0..m).step_by(MR) {
-                let rows = MR.min(m - r0);
-                let ar = a.add(r0 * g.lda + k0);
-                let cr = c.add(r0 * g.rs_c);
-                let bias = if bias.is_null() || k0 > 0 {
-                    std::ptr::null()
-                } else {
-                    bias.add(r0)
-                };
-                let flags = (load_c, bias);
-                for p in 0..full {
-                    let (bp, cp) = (bk.add(p * panel_stride), cr.add(p * NR * g.cs_c));
-                    with_rows!(rows, tile, [2, false], g, ar, bp, NR, kc, cp, NR, flags);
-                }
-                if rem > 0 {
-                    let (bp, cp) = (bk.add(full * panel_stride), cr.add(full * NR * g.cs_c));
-                    match rem {
-                        8 => with_rows!(rows, tile, [1, false], g, ar, bp, NR, kc, cp, 8, flags),
-                        1..8 => {
-                            with_rows!(rows, tile, [1, true], g, ar, bp, NR, kc, cp, rem, flags)
-                        }
-                        _ => with_rows!(rows, tile, [2, true], g, ar, bp, NR, kc, cp, rem, flags),
-                    }
+            let panels = full + usize::from(rem > 0);
+            // Panels outer: a panel's K-block slice (≤ 24 KiB) stays in L1 while every row
+            // tile passes over it, and `a` streams from L2 (6 rows at a time).
+            for p in 0..panels {
+                let cols = NR.min(n - p * NR);
+                for r0 in (0..m).step_by(MR) {
+                    let bias = if bias.is_null() || k0 > 0 { std::ptr::null() } else { bias.add(r0) };
+                    tile_at(
+                        g,
+                        (MR.min(m - r0), cols, kc),
+                        a.add(r0 * g.lda + k0),
+                        bk.add(p * panel_stride),
+                        c.add(r0 * g.rs_c + p * NR * g.cs_c),
+                        (load_c, bias),
+                    );
                 }
             }
             k0 += kc;
