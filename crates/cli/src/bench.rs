@@ -1,7 +1,9 @@
 //! `diffuse bench`: times the real Stable Diffusion / DDPM architectures (random weights) and
 //! the hot ops alone, median of several runs after a warm-up, in one process. With
 //! `--compare-torch` it runs `bench/torch_baseline.py` on the same machine and thread count
-//! and prints ours / PyTorch for each line. A benchmark program, not a test.
+//! and prints ours / PyTorch for each line; `--rounds N` alternates the two N times and reports
+//! the median ratio and its range, for machines whose speed drifts (shared VMs). A benchmark
+//! program, not a test.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,6 +55,11 @@ pub struct BenchArgs {
     /// Denoising steps of the --pipeline run (the peak memory does not depend on them).
     #[arg(long, default_value_t = 20)]
     pub pipeline_steps: usize,
+    /// With --compare-torch: run ours then PyTorch this many times, alternating, and report per
+    /// line the median of the per-round ratios and their range (a shared machine's speed
+    /// drifts over minutes; one round compares two different moments).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
 }
 
 /// Random weights of the requested shapes (N(0, 0.02²); norm scales around 1), so models of
@@ -431,37 +438,81 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.runs,
         args.warmup
     );
-    let mut b = Bench {
-        args: &args,
-        device,
-        lines: vec![],
-    };
-    b.ops()?;
-    b.models()?;
-    if args.pipeline {
-        b.pipeline()?;
+    let rounds = if args.compare_torch { args.rounds } else { 1 };
+    let mut lines: Vec<Line> = vec![];
+    // Per round: ours and PyTorch's ms per line.
+    let mut ours_rounds: Vec<BTreeMap<String, f64>> = vec![];
+    let mut torch_rounds: Vec<BTreeMap<String, f64>> = vec![];
+    for round in 1..=rounds {
+        if rounds > 1 {
+            println!("\nround {round} of {rounds}");
+        }
+        let mut b = Bench {
+            args: &args,
+            device: device.clone(),
+            lines: vec![],
+        };
+        b.ops()?;
+        b.models()?;
+        if args.pipeline {
+            b.pipeline()?;
+        }
+        ours_rounds.push(b.lines.iter().map(|l| (l.name.clone(), l.ms)).collect());
+        if lines.is_empty() {
+            lines = b.lines;
+        }
+        if args.compare_torch {
+            torch_rounds.push(torch_baseline(&args)?);
+        }
     }
-    let ours: BTreeMap<String, f64> = b.lines.iter().map(|l| (l.name.clone(), l.ms)).collect();
-    let torch = if args.compare_torch {
-        Some(torch_baseline(&args)?)
-    } else {
-        None
+    let median = |mut v: Vec<f64>| -> Option<f64> {
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[v.len() / 2])
     };
+    let across = |rounds: &[BTreeMap<String, f64>], key: &str| -> Option<f64> {
+        median(rounds.iter().filter_map(|r| r.get(key).copied()).collect())
+    };
+    let ours: BTreeMap<String, f64> = lines
+        .iter()
+        .filter_map(|l| Some((l.name.clone(), across(&ours_rounds, &l.name)?)))
+        .collect();
+    let torch: Option<BTreeMap<String, f64>> = args.compare_torch.then(|| {
+        let keys: std::collections::BTreeSet<&String> =
+            torch_rounds.iter().flat_map(|r| r.keys()).collect();
+        keys.into_iter()
+            .filter_map(|k| Some((k.clone(), across(&torch_rounds, k)?)))
+            .collect()
+    });
     if let Some(t) = &torch {
+        let what = if rounds > 1 {
+            format!("median of {rounds} alternating rounds; ratio range")
+        } else {
+            String::new()
+        };
         println!(
-            "\n{:<34} {:>10} {:>10} {:>8}",
+            "\n{:<34} {:>10} {:>10} {:>8}   {what}",
             "line", "ours ms", "torch ms", "ratio"
         );
-        for l in &b.lines {
-            match t.get(&l.name) {
-                Some(tm) => println!(
-                    "{:<34} {:>10.1} {:>10.1} {:>7.2}x",
-                    l.name,
-                    l.ms,
-                    tm,
-                    l.ms / tm
+        for l in &lines {
+            // Each round's ratio compares runs minutes apart, not hours.
+            let ratios: Vec<f64> = ours_rounds
+                .iter()
+                .zip(&torch_rounds)
+                .filter_map(|(o, t)| Some(o.get(&l.name)? / t.get(&l.name)?))
+                .collect();
+            let range = match (
+                ratios.iter().copied().reduce(f64::min),
+                ratios.iter().copied().reduce(f64::max),
+            ) {
+                (Some(lo), Some(hi)) if rounds > 1 => format!("{lo:.2}-{hi:.2}"),
+                _ => String::new(),
+            };
+            match (ours.get(&l.name), t.get(&l.name), median(ratios)) {
+                (Some(o), Some(tm), Some(ratio)) => println!(
+                    "{:<34} {:>10.1} {:>10.1} {:>7.2}x   {range}",
+                    l.name, o, tm, ratio
                 ),
-                None => println!("{:<34} {:>10.1} {:>10} {:>8}", l.name, l.ms, "-", "-"),
+                _ => println!("{:<34} {:>10} {:>10} {:>8}", l.name, "-", "-", "-"),
             }
         }
         let name = pipeline_name(args.pipeline_steps);
@@ -480,12 +531,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     if let Some(path) = &args.json {
-        let lines: Vec<serde_json::Value> = b
-            .lines
+        let lines: Vec<serde_json::Value> = lines
             .iter()
-            .map(|l| serde_json::json!({"name": l.name, "ms": l.ms, "gflop": l.gflop, "torch_ms": torch.as_ref().and_then(|t| t.get(&l.name))}))
+            .map(|l| serde_json::json!({"name": l.name, "ms": ours.get(&l.name), "gflop": l.gflop, "torch_ms": torch.as_ref().and_then(|t| t.get(&l.name))}))
             .collect();
-        let doc = serde_json::json!({"device": args.device, "threads": rayon_threads(), "peak_rss_mib": peak_rss_mib(), "lines": lines, "ours_ms": ours});
+        let doc = serde_json::json!({"device": args.device, "threads": rayon_threads(), "peak_rss_mib": peak_rss_mib(), "lines": lines, "ours_ms": ours, "rounds": {"ours_ms": ours_rounds, "torch_ms": torch_rounds}});
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());

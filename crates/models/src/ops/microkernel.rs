@@ -388,7 +388,11 @@ pub(crate) mod avx2 {
             for p in 0..panels {
                 let cols = NR.min(n - p * NR);
                 for r0 in (0..m).step_by(MR) {
-                    let bias = if bias.is_null() || k0 > 0 { std::ptr::null() } else { bias.add(r0) };
+                    let bias = if bias.is_null() || k0 > 0 {
+                        std::ptr::null()
+                    } else {
+                        bias.add(r0)
+                    };
                     tile_at(
                         g,
                         (MR.min(m - r0), cols, kc),
