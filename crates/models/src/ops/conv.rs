@@ -151,17 +151,31 @@ fn transform_2d<T: Num, const I: usize, const O: usize>(
     out
 }
 
-/// Kernels `(Cout, Cin, 3, 3)` → `G·g·Gᵀ` laid out `[point][Cout][Cin]` for the GEMMs.
+/// Kernels `(Cout, Cin, 3, 3)` → `G·g·Gᵀ` laid out `[point][Cout][Cin]` for the GEMMs, on
+/// every core: each (Cout, Cin) pair's 36 values first, then regrouped by point.
 fn transform_kernels(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let mut u = vec![0f32; POINTS * cout * cin];
     let per_point = cout * cin;
-    for (oc_ic, g) in w.chunks_exact(9).enumerate() {
-        let tile = [[g[0], g[1], g[2]], [g[3], g[4], g[5]], [g[6], g[7], g[8]]];
-        let t = transform_2d(&tile, kernel_1d);
-        for (p, v) in t.iter().flatten().enumerate() {
-            u[p * per_point + oc_ic] = *v;
-        }
-    }
+    let mut pairs = vec![0f32; per_point * POINTS];
+    pairs
+        .par_chunks_mut(POINTS * cin.max(1))
+        .zip(w.par_chunks(9 * cin.max(1)))
+        .for_each(|(dst, w)| {
+            for (d, g) in dst.chunks_exact_mut(POINTS).zip(w.chunks_exact(9)) {
+                let tile = [[g[0], g[1], g[2]], [g[3], g[4], g[5]], [g[6], g[7], g[8]]];
+                let t = transform_2d(&tile, kernel_1d);
+                for (d, v) in d.iter_mut().zip(t.iter().flatten()) {
+                    *d = *v;
+                }
+            }
+        });
+    let mut u = vec![0f32; POINTS * per_point];
+    u.par_chunks_mut(per_point.max(1))
+        .enumerate()
+        .for_each(|(p, dst)| {
+            for (d, pair) in dst.iter_mut().zip(pairs.chunks_exact(POINTS)) {
+                *d = pair[p];
+            }
+        });
     u
 }
 
