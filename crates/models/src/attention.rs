@@ -18,14 +18,24 @@ pub fn scaled_dot_product_attention(
     v: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    attention(q, k, v, scale, false)
+}
+
+/// [`scaled_dot_product_attention`] where query `i` attends to keys `0..=i` only
+/// (`is_causal=True` in torch; CLIP's text encoder).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention(q, k, v, scale, true)
+}
+
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     let same_dtype = q.dtype() == k.dtype() && k.dtype() == v.dtype();
     if q.device().is_cpu() && same_dtype && crate::ops::kernel_dtype(q.dtype()) && q.rank() == 3 {
-        let op = crate::ops::attention::FlashAttention { scale };
+        let op = crate::ops::attention::FlashAttention { scale, causal };
         return q
             .contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
-    scaled_dot_product_attention_reference(q, k, v, scale)
+    attention_reference(q, k, v, scale, causal)
 }
 
 /// Attention with the full score matrix, from generic ops: the reference for the fused kernel
@@ -36,13 +46,35 @@ pub fn scaled_dot_product_attention_reference(
     v: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let probs = match scores.dtype() {
-        DType::F16 | DType::BF16 => {
-            candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
-        }
-        _ => candle_nn::ops::softmax(&scores, D::Minus1)?,
-    };
+    attention_reference(q, k, v, scale, false)
+}
+
+/// The reference of [`causal_attention`]: an additive −∞ mask above the diagonal.
+pub fn causal_attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    attention_reference(q, k, v, scale, true)
+}
+
+fn attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if matches!(scores.dtype(), DType::F16 | DType::BF16) {
+        scores = scores.to_dtype(DType::F32)?;
+    }
+    if causal {
+        let (n, m) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
+        scores = scores.broadcast_add(&crate::ops::attention::causal_mask(n, m, q.device())?)?;
+    }
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
     probs.to_dtype(v.dtype())?.matmul(v)
 }
 

@@ -5,8 +5,9 @@
 
 use std::path::Path;
 
+use crate::normalization::LayerNorm;
 use crate::ops::linear::Linear;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use diffuse_core::{Error, Result};
 use serde::Deserialize;
@@ -127,43 +128,6 @@ impl ClipTextConfig {
     }
 }
 
-/// Layer norm over the last dimension from generic ops (differentiable). Half-precision inputs
-/// are normalized in f32.
-#[derive(Debug, Clone)]
-pub struct ClipLayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl ClipLayerNorm {
-    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self {
-            weight: vb.get(size, "weight")?,
-            bias: vb.get(size, "bias")?,
-            eps,
-        })
-    }
-}
-
-impl Module for ClipLayerNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        let work = match dtype {
-            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
-            _ => x.clone(),
-        };
-        let mean = work.mean_keepdim(D::Minus1)?;
-        let centered = work.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
-    }
-}
-
 #[derive(Debug, Clone)]
 struct ClipAttention {
     q_proj: Linear,
@@ -187,28 +151,22 @@ impl ClipAttention {
         })
     }
 
-    /// `x`: (B, T, H); `mask`: (T, T) additive causal mask.
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x`: (B, T, H); causal self-attention.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, h) = x.dims3()?;
+        // (B, T, H) → (B·heads, T, head_dim)
         let split = |y: Tensor| -> candle_core::Result<Tensor> {
             y.reshape((b, t, self.heads, self.head_dim))?
                 .transpose(1, 2)?
-                .contiguous()
+                .contiguous()?
+                .reshape((b * self.heads, t, self.head_dim))
         };
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = split((self.q_proj.forward(x)? * scale)?)?;
+        let q = split(self.q_proj.forward(x)?)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
-        let dtype = q.dtype();
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
-        let scores = match dtype {
-            DType::F16 | DType::BF16 => scores.to_dtype(DType::F32)?,
-            _ => scores,
-        };
-        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
-        let out = probs
-            .matmul(&v)?
+        let out = crate::attention::causal_attention(&q, &k, &v, scale)?
+            .reshape((b, self.heads, t, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, h))?;
@@ -219,8 +177,8 @@ impl ClipAttention {
 #[derive(Debug, Clone)]
 struct ClipEncoderLayer {
     self_attn: ClipAttention,
-    layer_norm1: ClipLayerNorm,
-    layer_norm2: ClipLayerNorm,
+    layer_norm1: LayerNorm,
+    layer_norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
     act: ClipActivation,
@@ -231,18 +189,16 @@ impl ClipEncoderLayer {
         let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         Ok(Self {
             self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
-            layer_norm1: ClipLayerNorm::new(h, eps, vb.pp("layer_norm1"))?,
-            layer_norm2: ClipLayerNorm::new(h, eps, vb.pp("layer_norm2"))?,
+            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), h, eps, true)?,
+            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), h, eps, true)?,
             fc1: crate::ops::linear::linear(h, i, vb.pp("mlp.fc1"))?,
             fc2: crate::ops::linear::linear(i, h, vb.pp("mlp.fc2"))?,
             act,
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self
-            .self_attn
-            .forward(&self.layer_norm1.forward(x)?, mask)?;
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.self_attn.forward(&self.layer_norm1.forward(x)?)?;
         let x = (x + y)?;
         let y = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let y = self.fc2.forward(&self.act.apply(&y)?)?;
@@ -268,7 +224,7 @@ pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Tensor,
     layers: Vec<ClipEncoderLayer>,
-    final_layer_norm: ClipLayerNorm,
+    final_layer_norm: LayerNorm,
     config: ClipTextConfig,
 }
 
@@ -292,10 +248,11 @@ impl ClipTextModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), cfg, act))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let final_layer_norm = ClipLayerNorm::new(
+        let final_layer_norm = LayerNorm::new(
+            vb.pp("final_layer_norm"),
             cfg.hidden_size,
             cfg.layer_norm_eps,
-            vb.pp("final_layer_norm"),
+            true,
         )?;
         Ok(Self {
             token_embedding,
@@ -369,11 +326,10 @@ impl ClipTextModel {
         let positions = self.position_embedding.narrow(0, 0, t)?;
         let mut x = tokens.broadcast_add(&positions)?;
 
-        let mask = causal_mask(t, device)?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(x.clone());
         for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x)?;
             hidden_states.push(x.clone());
         }
         let last_hidden_state = self.final_layer_norm.forward(&x)?;
@@ -414,12 +370,4 @@ impl ClipTextModel {
                 .unwrap_or(0)
         }
     }
-}
-
-/// (T, T) additive mask: 0 on and below the diagonal, -inf above.
-fn causal_mask(t: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let data: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(data, (t, t), device)
 }

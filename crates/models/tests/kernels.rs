@@ -6,7 +6,8 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarMap;
 use diffuse_models::activations::Activation;
 use diffuse_models::attention::{
-    scaled_dot_product_attention, scaled_dot_product_attention_reference,
+    causal_attention, causal_attention_reference, scaled_dot_product_attention,
+    scaled_dot_product_attention_reference,
 };
 use diffuse_models::normalization::{GroupNorm, LayerNorm};
 use diffuse_models::ops::conv::Conv2d;
@@ -66,6 +67,37 @@ fn attention_matches_reference_f32() -> Result<()> {
             &want,
             1e-5,
         )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn causal_attention_matches_reference() -> Result<()> {
+    // CLIP's 77 tokens; several query and key blocks (rows past the first key block).
+    for &(bh, n, d) in &[(4, 77, 64), (2, 300, 40), (1, 1, 8)] {
+        let (q, k, v) = (
+            randn(&[bh, n, d], 1.0)?,
+            randn(&[bh, n, d], 1.0)?,
+            randn(&[bh, n, d], 1.0)?,
+        );
+        let scale = 1.0 / (d as f64).sqrt();
+        let got = causal_attention(&q, &k, &v, scale)?;
+        let want = causal_attention_reference(&q, &k, &v, scale)?;
+        assert_close(&format!("causal attention {bh}x{n}x{d}"), &got, &want, 1e-5)?;
+    }
+    // The gradients too.
+    let q = Var::from_tensor(&randn(&[2, 150, 16], 1.0)?)?;
+    let k = Var::from_tensor(&randn(&[2, 150, 16], 1.0)?)?;
+    let v = Var::from_tensor(&randn(&[2, 150, 16], 1.0)?)?;
+    let weights = randn(&[2, 150, 16], 1.0)?;
+    let grads = |f: fn(&Tensor, &Tensor, &Tensor, f64) -> candle_core::Result<Tensor>| -> Result<Vec<Tensor>> {
+        let loss = (f(&q, &k, &v, 0.25)? * &weights)?.sum_all()?;
+        let g = loss.backward()?;
+        Ok([&q, &k, &v].iter().map(|x| g.get(x.as_tensor()).expect("gradient").clone()).collect())
+    };
+    let (got, want) = (grads(causal_attention)?, grads(causal_attention_reference)?);
+    for ((name, g), w) in ["q", "k", "v"].iter().zip(&got).zip(&want) {
+        assert_close(&format!("causal d{name}"), g, w, 1e-4)?;
     }
     Ok(())
 }

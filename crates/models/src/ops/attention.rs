@@ -24,6 +24,8 @@ const _: () = assert!(BLOCK_K.is_multiple_of(NR));
 /// The fused attention op; see [`super::attention`] module docs.
 pub(crate) struct FlashAttention {
     pub scale: f64,
+    /// Query `i` attends to keys `0..=i` only (CLIP's text encoder).
+    pub causal: bool,
 }
 
 simd_fn! {
@@ -121,15 +123,15 @@ pub(crate) fn gemm_rows(
 
 /// Attention of one block of query rows `q` (rows × d) over the `m_keys` keys of one head,
 /// packed as `scale · kᵀ` by [`pack_kt`], with values `v` (M × dv), written to `out` (rows × dv).
-#[allow(clippy::too_many_arguments)]
+/// `causal`: the index of the block's first row in its head, whose row `i` sees keys `0..=i`.
 fn attend_block(
     q: &[f32],
     kt: &[f32],
     m_keys: usize,
     v: &[f32],
     out: &mut [f32],
-    d: usize,
-    dv: usize,
+    (d, dv): (usize, usize),
+    causal: Option<usize>,
 ) {
     let rows = q.len() / d;
     let bk = BLOCK_K.min(m_keys.next_multiple_of(NR));
@@ -139,6 +141,8 @@ fn attend_block(
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0f32; rows];
     out.fill(0.0);
+    // The keys any row of the block may see.
+    let m_keys = causal.map_or(m_keys, |r0| m_keys.min(r0 + rows));
     for k0 in (0..m_keys).step_by(bk) {
         let kb = bk.min(m_keys - k0);
         // s = q · (scale · k_block)ᵀ
@@ -153,6 +157,14 @@ fn attend_block(
             accumulate: false,
         };
         scores.run(q, &kt[k0 * d..], &mut s, None);
+        if let Some(r0) = causal {
+            // Keys after each row's own position. Every row sees key 0 in the first block,
+            // so no row's running maximum stays −∞.
+            for (r, row) in s.chunks_exact_mut(lds).enumerate() {
+                let visible = (r0 + r + 1).saturating_sub(k0).min(kb);
+                row[visible..kb].fill(f32::NEG_INFINITY);
+            }
+        }
         softmax_step(&mut s, lds, kb, &mut m, &mut l, out, dv);
         // out += p · v_block
         let values = Gemm {
@@ -225,11 +237,12 @@ impl CustomOp3 for FlashAttention {
                             let r0 = b * n + i * BLOCK_Q;
                             let rows = out_blk.len() / dv;
                             let qb = &q[r0 * d..(r0 + rows) * d];
+                            let causal = self.causal.then_some(i * BLOCK_Q);
                             if m == 0 {
                                 // torch gives NaN (0/0) for attention over no keys.
                                 out_blk.fill(f32::NAN);
                             } else {
-                                attend_block(qb, kt, m, vb, out_blk, d, dv);
+                                attend_block(qb, kt, m, vb, out_blk, (d, dv), causal);
                             }
                         })
                 });
@@ -251,8 +264,12 @@ impl CustomOp3 for FlashAttention {
         let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
         let (qf, kf, vf, of, gof) = (f32(q)?, f32(k)?, f32(v)?, f32(o)?, f32(grad_o)?);
         // Transposes are made contiguous: candle's CPU matmul mishandles some transposed batches.
-        let p =
-            candle_nn::ops::softmax_last_dim(&(qf.matmul(&kf.t()?.contiguous()?)? * self.scale)?)?;
+        let mut scores = (qf.matmul(&kf.t()?.contiguous()?)? * self.scale)?;
+        if self.causal {
+            scores =
+                scores.broadcast_add(&causal_mask(scores.dim(1)?, scores.dim(2)?, q.device())?)?;
+        }
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
         let grad_v = p.t()?.contiguous()?.matmul(&gof)?;
         let dp = gof.matmul(&vf.t()?.contiguous()?)?;
         let delta = (&gof * &of)?.sum_keepdim(D::Minus1)?;
@@ -265,6 +282,14 @@ impl CustomOp3 for FlashAttention {
             Some(grad_v.to_dtype(v.dtype())?),
         ))
     }
+}
+
+/// `(n, m)` additive mask: 0 where key `j ≤` query `i`, −∞ after.
+pub(crate) fn causal_mask(n: usize, m: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..n)
+        .flat_map(|i| (0..m).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (n, m), device)
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
