@@ -208,9 +208,10 @@ pub(crate) fn gemm_parallel(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias:
     let (row_blocks, col_blocks) = (g.m.div_ceil(rows), panels.div_ceil(pb));
     let c_ptr = SendPtr(c.as_mut_ptr());
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
-        // Column-block-major: consecutive tasks (one thread's share of the range) reuse the
-        // same panels of `b` from cache.
-        let (r0, p0) = ((t % row_blocks) * rows, (t / row_blocks) * pb);
+        // Row-block-major: consecutive tasks (one thread's share of the range) reuse the same
+        // rows of `a` from cache. (Column-block-major made both threads stream all of a
+        // 8192-token activation and cost a UNet step about 10%.)
+        let (r0, p0) = ((t / col_blocks) * rows, (t % col_blocks) * pb);
         let n0 = p0 * NR;
         let sub = Gemm {
             m: rows.min(g.m - r0),
