@@ -86,18 +86,39 @@ fn causal_attention_matches_reference() -> Result<()> {
         assert_close(&format!("causal attention {bh}x{n}x{d}"), &got, &want, 1e-5)?;
     }
     // The gradients too.
-    let q = Var::from_tensor(&randn(&[2, 150, 16], 1.0)?)?;
-    let k = Var::from_tensor(&randn(&[2, 150, 16], 1.0)?)?;
-    let v = Var::from_tensor(&randn(&[2, 150, 16], 1.0)?)?;
-    let weights = randn(&[2, 150, 16], 1.0)?;
-    let grads = |f: fn(&Tensor, &Tensor, &Tensor, f64) -> candle_core::Result<Tensor>| -> Result<Vec<Tensor>> {
+    assert_attention_gradients(
+        "causal",
+        (2, 150, 150, 16, 16),
+        causal_attention,
+        causal_attention_reference,
+    )
+}
+
+type AttentionFn = fn(&Tensor, &Tensor, &Tensor, f64) -> candle_core::Result<Tensor>;
+
+/// Gradients of a weighted sum of `f`'s output with respect to q, k and v, against `reference`'s,
+/// for shapes `(batch·heads, queries, keys, d, dv)`.
+fn assert_attention_gradients(
+    what: &str,
+    (bh, n, m, d, dv): (usize, usize, usize, usize, usize),
+    f: AttentionFn,
+    reference: AttentionFn,
+) -> Result<()> {
+    let q = Var::from_tensor(&randn(&[bh, n, d], 1.0)?)?;
+    let k = Var::from_tensor(&randn(&[bh, m, d], 1.0)?)?;
+    let v = Var::from_tensor(&randn(&[bh, m, dv], 1.0)?)?;
+    let weights = randn(&[bh, n, dv], 1.0)?;
+    let grads = |f: AttentionFn| -> Result<Vec<Tensor>> {
         let loss = (f(&q, &k, &v, 0.25)? * &weights)?.sum_all()?;
         let g = loss.backward()?;
-        Ok([&q, &k, &v].iter().map(|x| g.get(x.as_tensor()).expect("gradient").clone()).collect())
+        Ok([&q, &k, &v]
+            .iter()
+            .map(|x| g.get(x.as_tensor()).expect("gradient").clone())
+            .collect())
     };
-    let (got, want) = (grads(causal_attention)?, grads(causal_attention_reference)?);
+    let (got, want) = (grads(f)?, grads(reference)?);
     for ((name, g), w) in ["q", "k", "v"].iter().zip(&got).zip(&want) {
-        assert_close(&format!("causal d{name}"), g, w, 1e-4)?;
+        assert_close(&format!("{what} d{name}"), g, w, 1e-4)?;
     }
     Ok(())
 }
@@ -119,21 +140,12 @@ fn attention_half_inputs_are_computed_in_f32() -> Result<()> {
 
 #[test]
 fn attention_gradients_match_reference() -> Result<()> {
-    let q = Var::from_tensor(&randn(&[3, 70, 16], 1.0)?)?;
-    let k = Var::from_tensor(&randn(&[3, 90, 16], 1.0)?)?;
-    let v = Var::from_tensor(&randn(&[3, 90, 12], 1.0)?)?;
-    let weights = randn(&[3, 70, 12], 1.0)?;
-    let grads = |f: fn(&Tensor, &Tensor, &Tensor, f64) -> candle_core::Result<Tensor>| -> Result<Vec<Tensor>> {
-        let loss = (f(&q, &k, &v, 0.25)? * &weights)?.sum_all()?;
-        let g = loss.backward()?;
-        Ok([&q, &k, &v].iter().map(|x| g.get(x.as_tensor()).expect("gradient").clone()).collect())
-    };
-    let got = grads(scaled_dot_product_attention)?;
-    let want = grads(scaled_dot_product_attention_reference)?;
-    for ((name, g), w) in ["q", "k", "v"].iter().zip(&got).zip(&want) {
-        assert_close(&format!("d{name}"), g, w, 1e-4)?;
-    }
-    Ok(())
+    assert_attention_gradients(
+        "attention",
+        (3, 70, 90, 16, 12),
+        scaled_dot_product_attention,
+        scaled_dot_product_attention_reference,
+    )
 }
 
 /// Affine parameters drawn at random instead of the 1/0 initialisation.

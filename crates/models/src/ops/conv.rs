@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
-use super::attention::gemm_rows;
+use super::microkernel::gemm_rows;
 use super::{f32_input, f32_output, kernel_dtype, simd_fn, LANES};
 
 /// Output tile side, input tile side (m + r − 1) and transformed points per tile.
