@@ -65,7 +65,7 @@ def main():
     x2 = randn(1, 128, 256, 256)
     w2 = randn(128, 128, 3, 3) * 0.02
     run("op conv3x3 1x128x256x256", lambda: F.conv2d(x2, w2, padding=1))
-    for c, h in [(1280, 16), (1280, 8)]:
+    for c, h in [(640, 32), (1280, 16), (1280, 8)]:
         xs, ws = randn(2, c, h, h), randn(c, c, 3, 3) * 0.02
         run(f"op conv3x3 2x{c}x{h}x{h}", lambda xs=xs, ws=ws: F.conv2d(xs, ws, padding=1))
     xd, wd = randn(2, 640, 32, 32), randn(640, 640, 3, 3) * 0.02

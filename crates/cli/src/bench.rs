@@ -60,6 +60,11 @@ pub struct BenchArgs {
     /// drifts over minutes; one round compares two different moments).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
+    /// After each line, where its time went: each kind of layer at each shape (convolution
+    /// path, linear, attention, norms), its ms per run, share and GFLOP/s; "other" is the rest
+    /// (candle's element-wise ops, copies). Timing each layer adds little overhead.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Random weights of the requested shapes (N(0, 0.02²); norm scales around 1), so models of
@@ -168,6 +173,7 @@ impl Bench<'_> {
             f()?;
         }
         let mut times = vec![];
+        diffuse_models::profile::enable(self.args.profile);
         for _ in 0..self.args.runs.max(1) {
             let t0 = Instant::now();
             let out = f()?;
@@ -184,6 +190,11 @@ impl Bench<'_> {
             .map(|m| format!("peak RSS {m:.0} MiB"))
             .unwrap_or_default();
         println!("{name:<34} {ms:>10.1} ms {rate:>16}   {rss}");
+        if self.args.profile {
+            diffuse_models::profile::enable(false);
+            let total: f64 = times.iter().sum();
+            print_profile(diffuse_models::profile::take(), total, times.len());
+        }
         self.lines.push(Line {
             name: name.to_string(),
             ms,
@@ -196,11 +207,12 @@ impl Bench<'_> {
         let dev = self.device.clone();
         // The convolution layer the models use (Winograd for 3x3 at these sizes, weights
         // transformed once on the first call, which the warm-up absorbs).
-        // The UNet's levels at 64², 16² and 8² (batch 2), the VAE decoder's 256², and a
+        // The UNet's levels at 64², 32², 16² and 8² (batch 2), the VAE decoder's 256², and a
         // stride-2 downsampler.
         for (n, c, h, stride) in [
             (2usize, 320usize, 64usize, 1usize),
             (1, 128, 256, 1),
+            (2, 640, 32, 1),
             (2, 1280, 16, 1),
             (2, 1280, 8, 1),
             (2, 640, 32, 2),
@@ -541,6 +553,38 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The per-layer table of `--profile`: per run, most time first, then the unprofiled rest.
+fn print_profile(rows: Vec<(String, diffuse_models::profile::Entry)>, total_ms: f64, runs: usize) {
+    if rows.is_empty() {
+        return;
+    }
+    let per_run = |ms: f64| ms / runs as f64;
+    let mut listed = 0.0;
+    for (name, e) in &rows {
+        let ms = e.time.as_secs_f64() * 1000.0;
+        listed += ms;
+        let rate = if e.flops > 0.0 {
+            format!("{:>7.1} GFLOP/s", e.flops / e.time.as_secs_f64() / 1e9)
+        } else {
+            String::new()
+        };
+        println!(
+            "    {name:<46} {:>4} calls {:>9.1} ms {:>5.1}% {rate}",
+            e.calls / runs as u64,
+            per_run(ms),
+            100.0 * ms / total_ms
+        );
+    }
+    let rest = total_ms - listed;
+    println!(
+        "    {:<46} {:>10} {:>9.1} ms {:>5.1}%",
+        "other",
+        "",
+        per_run(rest),
+        100.0 * rest / total_ms
+    );
 }
 
 fn pipeline_name(steps: usize) -> String {

@@ -28,6 +28,16 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 }
 
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    let (b, n, d) = q.dims3().unwrap_or((q.elem_count(), 1, 1));
+    let m = k.dim(k.rank().saturating_sub(2)).unwrap_or(1);
+    let dv = v.dims().last().copied().unwrap_or(1);
+    // QKᵀ and PV; a causal mask skips about half of both.
+    let flops = 2.0 * (b * n * m * (d + dv)) as f64 / if causal { 2.0 } else { 1.0 };
+    let name = || format!("attention {b}x{n}x{d} over {m} keys");
+    crate::profile::timed(name, flops, || attention_path(q, k, v, scale, causal))
+}
+
+fn attention_path(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     let same_dtype = q.dtype() == k.dtype() && k.dtype() == v.dtype();
     if q.device().is_cpu() && same_dtype && crate::ops::kernel_dtype(q.dtype()) && q.rank() == 3 {
         let op = crate::ops::attention::FlashAttention { scale, causal };
@@ -273,7 +283,9 @@ const FF_CHUNK_BYTES: usize = 16 << 20;
 
 impl FeedForward {
     fn forward_rows(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = crate::ops::geglu::geglu(&self.proj.forward(xs)?)?;
+        let h = self.proj.forward(xs)?;
+        let name = || format!("geglu {:?}", h.dims());
+        let h = crate::profile::timed(name, 0.0, || crate::ops::geglu::geglu(&h))?;
         self.out.forward(&h)
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod embeddings;
 pub mod normalization;
 pub mod ops;
+pub mod profile;
 pub mod resnet;
 pub mod transformer_2d;
 pub mod unet_2d;

@@ -146,7 +146,12 @@ impl GroupNorm {
             self.weight.to_dtype(xs.dtype())?,
             self.bias.to_dtype(xs.dtype())?,
         );
-        Ok(Some(xs.contiguous()?.apply_op3(&w, &b, op)?))
+        let name = || {
+            let act = if silu { "+silu" } else { "" };
+            format!("group_norm{act} {:?}", xs.dims())
+        };
+        let ys = crate::profile::timed(name, 0.0, || xs.contiguous()?.apply_op3(&w, &b, op))?;
+        Ok(Some(ys))
     }
 
     /// The norm from generic ops: the reference for the fused kernel and the path on other

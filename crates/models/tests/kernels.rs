@@ -350,14 +350,19 @@ fn random_conv_strided(
 
 #[test]
 fn conv_matches_candle() -> Result<()> {
-    // 3×3 maps large enough for Winograd (partial edge tiles, one channel, twice through the
-    // cached kernels), small ones (im2col + GEMM), stride 2 (even and odd sizes; im2col +
-    // GEMM when frozen, candle's path when trainable), 1×1 convolutions.
+    // 3×3 maps large enough for cached-kernel Winograd (partial edge tiles, one channel,
+    // channel counts off the 8-lane and 16-column multiples, twice through the cache), small
+    // maps (per-call kernel transform, more input channels than one block), tiny ones
+    // (im2col + GEMM), stride 2 (even and odd sizes; im2col + GEMM when frozen, candle's path
+    // when trainable), 1×1 convolutions.
     for &(n, cin, cout, h, w, k, frozen, stride) in &[
         (2, 8, 12, 37, 45, 3, true, 1),
+        (2, 19, 36, 33, 32, 3, true, 1),
         (1, 1, 3, 64, 48, 3, true, 1),
         (1, 5, 7, 50, 50, 3, false, 1),
         (2, 4, 6, 10, 10, 3, true, 1),
+        (1, 130, 20, 12, 11, 3, true, 1),
+        (1, 3, 4, 6, 6, 3, true, 1),
         (1, 3, 5, 7, 13, 3, false, 1),
         (2, 6, 5, 11, 9, 3, true, 2),
         (1, 3, 4, 8, 8, 3, true, 2),

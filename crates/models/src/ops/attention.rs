@@ -107,7 +107,7 @@ fn attend_block(
             n: kb,
             k: d,
             lda: d,
-            b: B::Packed,
+            b: B::packed(d),
             rs_c: lds,
             cs_c: 1,
             accumulate: false,

@@ -16,19 +16,24 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
-use super::microkernel::gemm_rows;
+use super::microkernel::{gemm_rows, Gemm, B, NR};
 use super::{f32_input, f32_output, kernel_dtype, simd_fn, LANES};
 
 /// Output tile side, input tile side (m + r − 1) and transformed points per tile.
 const M: usize = 4;
 const A: usize = 6;
 const POINTS: usize = A * A;
-/// Tiles per task: the task's 36 GEMMs get `TILES` columns, enough to amortise packing the
-/// transformed kernels, while the task's transformed tiles stay a few MiB.
+/// Tiles per task of the cached-kernel path: the task's 36 GEMMs get `TILES` rows, enough
+/// to amortise streaming the transformed kernels, while its transformed tiles stay a few MiB.
 const TILES: usize = 96;
-/// Below this many tiles the 36 thin GEMMs re-read 4× the weights for little work; the
-/// direct (im2col) convolution is faster there.
+/// From this many tiles on the transformed kernels are cached (from a layer's second call)
+/// and the tiles split among tasks; below it each call transforms the kernels itself
+/// ([`convolve_small`]).
 const MIN_TILES: usize = 128;
+/// Below this many tiles transforming the kernels costs more than the 4× fewer
+/// multiplications save, and the direct (im2col) convolution is faster (8 tiles, SD's 8×8
+/// level with guidance, measured about even).
+const MIN_SMALL_TILES: usize = 8;
 /// The weight gradient sums the batch in at most this many groups (in parallel), then adds
 /// the groups in order.
 const WEIGHT_GRAD_GROUPS: usize = 8;
@@ -151,32 +156,75 @@ fn transform_2d<T: Num, const I: usize, const O: usize>(
     out
 }
 
-/// Kernels `(Cout, Cin, 3, 3)` → `G·g·Gᵀ` laid out `[point][Cout][Cin]` for the GEMMs, on
-/// every core: each (Cout, Cin) pair's 36 values first, then regrouped by point.
-fn transform_kernels(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let per_point = cout * cin;
-    let mut pairs = vec![0f32; per_point * POINTS];
-    pairs
-        .par_chunks_mut(POINTS * cin.max(1))
-        .zip(w.par_chunks(9 * cin.max(1)))
-        .for_each(|(dst, w)| {
-            for (d, g) in dst.chunks_exact_mut(POINTS).zip(w.chunks_exact(9)) {
-                let tile = [[g[0], g[1], g[2]], [g[3], g[4], g[5]], [g[6], g[7], g[8]]];
-                let t = transform_2d(&tile, kernel_1d);
-                for (d, v) in d.iter_mut().zip(t.iter().flatten()) {
-                    *d = *v;
+/// Input channels per block of [`convolve_small`]: the block's 36 kernel panels (288 KiB)
+/// stay in L2 between their transform and their GEMMs.
+const SMALL_CIN_BLOCK: usize = 128;
+/// Input channels per block of [`transform_kernel_panel`]: the block's taps (18 KiB) stay in L1.
+const KERNEL_BLOCK: usize = 32;
+
+simd_fn! {
+    /// The transformed kernels `G·g·Gᵀ` of output channels `o0..o0 + NR` (those past `cout`
+    /// zero) and input channels `c0..c0 + nb`: point `p`'s packed `nb × NR` panel (output
+    /// channel fastest) at `dst[p · point_stride(nb)..]`. A block of input channels is first
+    /// regrouped (`taps[ci][tap][j]`) by plain copies, so that the transform runs on whole
+    /// vectors of output channels (gathering lane by lane into vectors stalled on store
+    /// forwarding).
+    fn transform_kernel_panel(w: &[f32], cout: usize, cin: usize, o0: usize, c0: usize, nb: usize, dst: &mut [f32]) {
+        let cols = NR.min(cout - o0);
+        let mut taps = [[[0f32; NR]; 9]; KERNEL_BLOCK];
+        for b0 in (c0..c0 + nb).step_by(KERNEL_BLOCK) {
+            let block = &mut taps[..KERNEL_BLOCK.min(c0 + nb - b0)];
+            for (ci, ci_taps) in block.iter_mut().enumerate() {
+                for j in 0..cols {
+                    let src = &w[((o0 + j) * cin + b0 + ci) * 9..][..9];
+                    for (tap, &x) in ci_taps.iter_mut().zip(src) {
+                        tap[j] = x;
+                    }
                 }
             }
-        });
-    let mut u = vec![0f32; POINTS * per_point];
-    u.par_chunks_mut(per_point.max(1))
-        .enumerate()
-        .for_each(|(p, dst)| {
-            for (d, pair) in dst.iter_mut().zip(pairs.chunks_exact(POINTS)) {
-                *d = pair[p];
+            for (ci, ci_taps) in block.iter().enumerate() {
+                for half in 0..NR / LANES {
+                    let lanes = |t: usize| {
+                        let mut v = Lanes::ZERO;
+                        v.0.copy_from_slice(&ci_taps[t][half * LANES..(half + 1) * LANES]);
+                        v
+                    };
+                    let g = [
+                        [lanes(0), lanes(1), lanes(2)],
+                        [lanes(3), lanes(4), lanes(5)],
+                        [lanes(6), lanes(7), lanes(8)],
+                    ];
+                    let t = transform_2d(&g, kernel_1d);
+                    for (p, val) in t.iter().flatten().enumerate() {
+                        let at = p * point_stride(nb) + (b0 - c0 + ci) * NR + half * LANES;
+                        dst[at..at + LANES].copy_from_slice(&val.0);
+                    }
+                }
             }
-        });
+        }
+    }
+}
+
+/// Kernels `(Cout, Cin, 3, 3)` → `G·g·Gᵀ` packed for the GEMMs' `b` operand: per panel of
+/// [`NR`] output channels, the 36 points' `Cin × NR` panels ([`transform_kernel_panel`]),
+/// one panel per task on every core: a point's panels are [`kernel_panels`] apart.
+fn transform_kernels(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let mut u = vec![0f32; cout.div_ceil(NR) * kernel_panels(cin)];
+    u.par_chunks_mut(kernel_panels(cin).max(1))
+        .enumerate()
+        .for_each(|(panel, dst)| transform_kernel_panel(w, cout, cin, panel * NR, 0, cin, dst));
     u
+}
+
+/// Length of the 36 transformed kernel panels of [`NR`] output channels.
+fn kernel_panels(cin: usize) -> usize {
+    POINTS * point_stride(cin)
+}
+
+/// How far apart the points' kernel panels of `nb` input channels are: one spare row, since
+/// panels a power of two apart map to the same few L1 sets.
+fn point_stride(nb: usize) -> usize {
+    (nb + 1) * NR
 }
 
 /// Where tile `t` of the batch sits: image, output row and column of its corner.
@@ -207,19 +255,20 @@ impl Grid {
 }
 
 simd_fn! {
-    /// Transformed input tiles `[point][Cin][tile]` of a chunk of tiles; pixels outside the image (padding 1, partial
-    /// tiles) and lanes past `nt` are zeros.
+    /// Transformed input tiles `[point][tile][Cin]` of a chunk of tiles (the GEMMs' `a`,
+    /// one row per tile); pixels outside the image (padding 1, partial tiles) are zeros.
     fn transform_inputs(x: &[f32], v: &mut [f32], grid: Grid, cin: usize, chunk: Chunk) {
-        let Chunk { t0, nt, stride } = chunk;
+        let Chunk { t0, nt } = chunk;
         let plane = grid.h * grid.w;
-        // Channel-major so that each channel plane is read tile after tile and the 36 point
-        // rows of `v` are written sequentially, eight tiles per store.
-        for c in 0..cin {
-            for tl in (0..nt).step_by(LANES) {
+        // Eight channels at a time, one per lane: each tile's 36 point values then go to
+        // `v` as 8-float runs, and the eight planes are read tile after tile.
+        for c0 in (0..cin).step_by(LANES) {
+            let lanes = LANES.min(cin - c0);
+            for t in 0..nt {
+                let (n, y0, x0) = grid.locate(t0 + t);
                 let mut d = [[Lanes::ZERO; A]; A];
-                for l in 0..LANES.min(nt - tl) {
-                    let (n, y0, x0) = grid.locate(t0 + tl + l);
-                    let img = &x[(n * cin + c) * plane..(n * cin + c + 1) * plane];
+                for l in 0..lanes {
+                    let img = &x[(n * cin + c0 + l) * plane..][..plane];
                     for (r, row) in d.iter_mut().enumerate() {
                         let y = (y0 + r).wrapping_sub(1);
                         if y >= grid.h {
@@ -236,20 +285,19 @@ simd_fn! {
                 }
                 let tv = transform_2d(&d, input_1d);
                 for (p, val) in tv.iter().flatten().enumerate() {
-                    let at = (p * cin + c) * stride + tl;
-                    v[at..at + LANES].copy_from_slice(&val.0);
+                    let at = (p * nt + t) * cin + c0;
+                    v[at..at + lanes].copy_from_slice(&val.0[..lanes]);
                 }
             }
         }
     }
 }
 
-/// Tiles `t0..t0 + nt` of one task, stored in rows of `stride` (a multiple of [`LANES`]).
+/// Tiles `t0..t0 + nt` of one task.
 #[derive(Clone, Copy)]
 struct Chunk {
     t0: usize,
     nt: usize,
-    stride: usize,
 }
 
 /// A raw output pointer shared by the tasks, which write disjoint tiles.
@@ -259,28 +307,38 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// (A method, so that closures capture the whole wrapper rather than its field.)
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 simd_fn! {
-    /// Inverse transform of the products `[point][Cout][tile]` of a chunk of tiles, plus the bias, into the `(N, Cout, H, W)` output.
-    fn transform_outputs(m: &[f32], out: OutPtr, bias: &[f32], grid: Grid, chunk: Chunk) {
-        let Chunk { t0, nt, stride } = chunk;
+    /// Inverse transform of the products `[point][tile][ld]` of a chunk of tiles for output
+    /// channels `couts` (column `c − couts.start` of each row), plus the bias, into the
+    /// `(N, Cout, H, W)` output (`Cout` = `bias.len()`).
+    fn transform_outputs(m: &[f32], ld: usize, couts: std::ops::Range<usize>, out: OutPtr, bias: &[f32], grid: Grid, chunk: Chunk) {
+        let Chunk { t0, nt } = chunk;
         let cout = bias.len();
         let plane = grid.h * grid.w;
-        for (c, &b) in bias.iter().enumerate() {
-            for tl in (0..nt).step_by(LANES) {
+        for c0 in couts.clone().step_by(LANES) {
+            let lanes = LANES.min(couts.end - c0);
+            for t in 0..nt {
                 let mut tile = [[Lanes::ZERO; A]; A];
                 for (p, val) in tile.iter_mut().flatten().enumerate() {
-                    let at = (p * cout + c) * stride + tl;
-                    val.0.copy_from_slice(&m[at..at + LANES]);
+                    let at = (p * nt + t) * ld + c0 - couts.start;
+                    val.0[..lanes].copy_from_slice(&m[at..at + lanes]);
                 }
                 let y = transform_2d(&tile, output_1d);
-                for l in 0..LANES.min(nt - tl) {
-                    let (n, y0, x0) = grid.locate(t0 + tl + l);
-                    let base = (n * cout + c) * plane;
+                let (n, y0, x0) = grid.locate(t0 + t);
+                for (l, &b) in bias[c0..c0 + lanes].iter().enumerate() {
+                    let base = (n * cout + c0 + l) * plane;
                     for (r, row) in y.iter().enumerate().take(grid.h - y0) {
                         for (k, val) in row.iter().enumerate().take(grid.w - x0) {
-                            // SAFETY: in bounds (rows/cols clipped to the image); tile
-                            // `t0 + tl + l` belongs to this task alone.
-                            unsafe { *out.0.add(base + (y0 + r) * grid.w + x0 + k) = val.0[l] + b };
+                            // SAFETY: in bounds (rows/cols clipped to the image); these
+                            // tiles and channels belong to this task alone.
+                            unsafe { *out.get().add(base + (y0 + r) * grid.w + x0 + k) = val.0[l] + b };
                         }
                     }
                 }
@@ -289,7 +347,8 @@ simd_fn! {
     }
 }
 
-/// Winograd convolution of tiles `t0..t0 + nt`: input transform, 36 GEMMs, output transform.
+/// Winograd convolution of tiles `t0..t0 + nt`: input transform, 36 GEMMs
+/// `(tiles × Cin)·(Cin × Cout)` on the register tiles, output transform.
 #[allow(clippy::too_many_arguments)]
 fn convolve_tiles(
     x: &[f32],
@@ -301,35 +360,103 @@ fn convolve_tiles(
     t0: usize,
     nt: usize,
 ) {
-    // Rows padded to whole lane groups; the pad columns are zeros in and ignored out.
-    let stride = nt.next_multiple_of(LANES);
     thread_local! {
         // Both buffers are overwritten in full each time, so a thread's scratch is reused
         // as is instead of allocating (and zeroing) megabytes per task.
         static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let mut scratch = SCRATCH.take();
-    scratch.resize(scratch.len().max(POINTS * (cin + cout) * stride), 0.0);
-    let (v, m) = scratch.split_at_mut(POINTS * cin * stride);
-    let m = &mut m[..POINTS * cout * stride];
-    let chunk = Chunk { t0, nt, stride };
+    scratch.resize(scratch.len().max(POINTS * (cin + cout) * nt), 0.0);
+    let (v, m) = scratch.split_at_mut(POINTS * cin * nt);
+    let m = &mut m[..POINTS * cout * nt];
+    let chunk = Chunk { t0, nt };
     transform_inputs(x, v, grid, cin, chunk);
+    let g = Gemm {
+        m: nt,
+        n: cout,
+        k: cin,
+        lda: cin,
+        b: B::Packed {
+            panel_stride: kernel_panels(cin),
+        },
+        rs_c: cout,
+        cs_c: 1,
+        accumulate: false,
+    };
     for p in 0..POINTS {
-        gemm_rows(
-            cout,
-            stride,
-            cin,
-            &mut m[p * cout * stride..(p + 1) * cout * stride],
-            &u[p * cout * cin..(p + 1) * cout * cin],
-            &v[p * cin * stride..(p + 1) * cin * stride],
-            stride,
-            1,
-            0.0,
-            1.0,
+        g.run(
+            &v[p * cin * nt..][..cin * nt],
+            &u[p * point_stride(cin)..],
+            &mut m[p * cout * nt..][..cout * nt],
+            None,
         );
     }
-    transform_outputs(m, out, bias, grid, chunk);
+    transform_outputs(m, cout, 0..cout, out, bias, grid, chunk);
     SCRATCH.set(scratch);
+}
+
+/// Winograd convolution of a small map (few tiles, e.g. SD's 16×16 and 8×8 levels), with
+/// no cached kernels: the input tiles of the whole batch are transformed once, then each task
+/// takes [`NR`] output channels and, per block of [`SMALL_CIN_BLOCK`] input channels,
+/// transforms their kernels (36 panels, in L2) and adds the block's 36 GEMMs
+/// `(tiles × block)·(block × NR)`, then runs the output transform. Caching the transformed
+/// kernels of these 1,280-channel layers would take gigabytes, and writing a whole panel's
+/// transform out to memory before its GEMMs cost more than the GEMMs at 8×8.
+fn convolve_small(
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    out: OutPtr,
+    grid: Grid,
+    (n, cin, cout): (usize, usize, usize),
+) {
+    let nt = n * grid.tiles_per_image;
+    let chunk = Chunk { t0: 0, nt };
+    thread_local! {
+        // The transformed tiles (on the calling thread), and each task's kernel panels and
+        // products: overwritten in full on every use, so reused as they are.
+        static TILES_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let mut v = TILES_SCRATCH.take();
+    v.resize(v.len().max(POINTS * nt * cin), 0.0);
+    transform_inputs(x, &mut v, grid, cin, chunk);
+    (0..cout.div_ceil(NR)).into_par_iter().for_each(|panel| {
+        let o0 = panel * NR;
+        let mut scratch = SCRATCH.take();
+        let block = SMALL_CIN_BLOCK.min(cin);
+        scratch.resize(
+            scratch.len().max(kernel_panels(block) + POINTS * NR * nt),
+            0.0,
+        );
+        let (u, m) = scratch.split_at_mut(kernel_panels(block));
+        for c0 in (0..cin).step_by(block) {
+            let nb = block.min(cin - c0);
+            transform_kernel_panel(w, cout, cin, o0, c0, nb, u);
+            let g = Gemm {
+                m: nt,
+                n: NR,
+                k: nb,
+                lda: cin,
+                b: B::packed(nb),
+                rs_c: NR,
+                cs_c: 1,
+                accumulate: c0 > 0,
+            };
+            for p in 0..POINTS {
+                g.run(
+                    &v[p * nt * cin + c0..],
+                    &u[p * point_stride(nb)..][..NR * nb],
+                    &mut m[p * nt * NR..][..nt * NR],
+                    None,
+                );
+            }
+        }
+        let couts = o0..(o0 + NR).min(cout);
+        transform_outputs(m, NR, couts, out, bias, grid, chunk);
+        SCRATCH.set(scratch);
+    });
+    TILES_SCRATCH.set(v);
 }
 
 /// A layer's transformed kernels, and whether the layer already ran once.
@@ -363,6 +490,15 @@ impl CustomOp3 for Winograd {
         let (cout, ..) = lw.shape().dims4()?;
         let x = f32_input(sx, lx, "conv input")?;
         let bias = f32_input(sb, lb, "conv bias")?;
+        let grid = Grid::new(h, w);
+        let tiles = n * grid.tiles_per_image;
+        let mut out = vec![0f32; n * cout * h * w];
+        let ptr = OutPtr(out.as_mut_ptr());
+        if tiles < MIN_TILES {
+            let wt = f32_input(sw, lw, "conv weight")?;
+            convolve_small(&x, &wt, &bias, ptr, grid, (n, cin, cout));
+            return Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, h, w))));
+        }
         let transform = || -> Result<Vec<f32>> {
             Ok(transform_kernels(
                 &f32_input(sw, lw, "conv weight")?,
@@ -384,17 +520,13 @@ impl CustomOp3 for Winograd {
                 &fresh
             }
         };
-        let grid = Grid::new(h, w);
-        let tiles = n * grid.tiles_per_image;
-        let mut out = vec![0f32; n * cout * h * w];
-        let ptr = OutPtr(out.as_mut_ptr());
         // Equal chunks of about TILES tiles, at least one per thread where there are enough
         // tiles, so that both cores finish together.
         let chunks = tiles
             .div_ceil(TILES)
             .max(rayon::current_num_threads())
             .min(tiles.div_ceil(LANES));
-        let chunk = tiles.div_ceil(chunks).next_multiple_of(LANES);
+        let chunk = tiles.div_ceil(chunks);
         (0..tiles.div_ceil(chunk)).into_par_iter().for_each(|i| {
             let t0 = i * chunk;
             convolve_tiles(
@@ -695,15 +827,28 @@ impl Conv2d {
     }
 }
 
-impl Module for Conv2d {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+/// Which kernel a [`Conv2d`] call takes.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Path {
+    Candle,
+    Im2col {
+        stride: usize,
+    },
+    Pointwise,
+    /// `small`: few tiles, kernels transformed per call ([`convolve_small`]).
+    Winograd {
+        small: bool,
+    },
+}
+
+impl Conv2d {
+    fn path(&self, xs: &Tensor) -> Path {
         let w = self.inner.weight();
-        let (cout, cin, kh, kw) = w.dims4()?;
-        let Some(bias) = self.inner.bias() else {
-            return self.inner.forward(xs);
+        let Ok((_, cin, kh, kw)) = w.dims4() else {
+            return Path::Candle;
         };
-        let Ok((n, xc, h, wd)) = xs.dims4() else {
-            return self.inner.forward(xs);
+        let (Some(_), Ok((n, xc, h, wd))) = (self.inner.bias(), xs.dims4()) else {
+            return Path::Candle;
         };
         let cfg = self.inner.config();
         let pad = cfg.padding;
@@ -714,33 +859,84 @@ impl Module for Conv2d {
             && (kh, kw, pad, cfg.groups, cfg.dilation) == (3, 3, 1, 1, 1);
         // Downsamplers (stride 2) in inference; in training candle's conv has the backward.
         if fused_ok && cfg.stride == 2 && !xs.track_op() && !w.track_op() {
-            return xs
-                .contiguous()?
-                .apply_op3(&w.contiguous()?, bias, Im2colConv { stride: 2 });
+            return Path::Im2col { stride: 2 };
         }
         if !self.plain() || xc != cin || !xs.device().is_cpu() {
-            return self.inner.forward(xs);
+            return Path::Candle;
         }
         // (candle's CPU matmul has no bf16.)
         if (kh, kw, pad) == (1, 1, 0) && xs.dtype() != candle_core::DType::BF16 {
-            // A 1×1 convolution is `W·x` per image: one batched matmul, output already NCHW.
-            let x = xs.reshape((n, cin, h * wd))?;
-            let w = w.reshape((cout, cin))?.broadcast_left(n)?;
-            return w
-                .matmul(&x)?
-                .reshape((n, cout, h, wd))?
-                .broadcast_add(&bias.reshape((1, cout, 1, 1))?);
+            return Path::Pointwise;
         }
-        let tiles = n * Grid::new(h, wd).tiles_per_image;
-        if fused_ok {
-            let x = xs.contiguous()?;
-            if tiles >= MIN_TILES {
+        match fused_ok {
+            true => match n * Grid::new(h, wd).tiles_per_image {
+                t if t >= MIN_TILES => Path::Winograd { small: false },
+                t if t >= MIN_SMALL_TILES => Path::Winograd { small: true },
+                _ => Path::Im2col { stride: 1 },
+            },
+            false => Path::Candle,
+        }
+    }
+
+    fn run(&self, path: Path, xs: &Tensor) -> Result<Tensor> {
+        let w = self.inner.weight();
+        let bias = match (path, self.inner.bias()) {
+            (Path::Candle, _) | (_, None) => return self.inner.forward(xs),
+            (_, Some(b)) => b,
+        };
+        let (n, cin, h, wd) = xs.dims4()?;
+        let cout = w.dim(0)?;
+        match path {
+            Path::Pointwise => {
+                // A 1×1 convolution is `W·x` per image: one batched matmul, output already NCHW.
+                let x = xs.reshape((n, cin, h * wd))?;
+                let w = w.reshape((cout, cin))?.broadcast_left(n)?;
+                w.matmul(&x)?
+                    .reshape((n, cout, h, wd))?
+                    .broadcast_add(&bias.reshape((1, cout, 1, 1))?)
+            }
+            Path::Winograd { small: true } => {
+                xs.contiguous()?
+                    .apply_op3(&w.contiguous()?, bias, Winograd { cache: None })
+            }
+            Path::Winograd { small: false } => {
                 let again = self.winograd.used.swap(true, Ordering::Relaxed);
                 let cache = (!w.is_variable() && again).then(|| self.winograd.clone());
-                return x.apply_op3(&w.contiguous()?, bias, Winograd { cache });
+                xs.contiguous()?
+                    .apply_op3(&w.contiguous()?, bias, Winograd { cache })
             }
-            return x.apply_op3(&w.contiguous()?, bias, Im2colConv { stride: 1 });
+            Path::Im2col { stride } => {
+                xs.contiguous()?
+                    .apply_op3(&w.contiguous()?, bias, Im2colConv { stride })
+            }
+            Path::Candle => unreachable!("handled above"),
         }
-        self.inner.forward(xs)
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let path = self.path(xs);
+        let (cout, cin_g, kh, kw) = self.inner.weight().dims4()?;
+        let Ok((n, cin, h, w)) = xs.dims4() else {
+            return self.run(path, xs);
+        };
+        let cfg = self.inner.config();
+        let out = |x: usize, k: usize| {
+            (x + 2 * cfg.padding).saturating_sub(cfg.dilation * (k - 1) + 1) / cfg.stride + 1
+        };
+        let (ho, wo) = (out(h, kh), out(w, kw));
+        let flops = 2.0 * (n * cout * ho * wo * cin_g * kh * kw) as f64;
+        let name = || {
+            let kind = match path {
+                Path::Candle => "candle",
+                Path::Im2col { .. } => "im2col",
+                Path::Pointwise => "matmul",
+                Path::Winograd { small: false } => "winograd",
+                Path::Winograd { small: true } => "winograd-small",
+            };
+            format!("conv{kh}x{kw}/{} {kind} {cin}->{cout} {h}x{w}", cfg.stride)
+        };
+        crate::profile::timed(name, flops, || self.run(path, xs))
     }
 }

@@ -77,7 +77,21 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if !self.fast(xs) {
+        let fast = self.fast(xs);
+        let (n, k) = self.inner.weight().dims2()?;
+        let rows = xs.elem_count() / k.max(1);
+        let name = || {
+            let kind = if fast { "packed" } else { "candle" };
+            format!("linear {kind} {k}->{n} x{rows}")
+        };
+        let flops = 2.0 * (rows * n * k) as f64;
+        crate::profile::timed(name, flops, || self.forward_path(xs, fast))
+    }
+}
+
+impl Linear {
+    fn forward_path(&self, xs: &Tensor, fast: bool) -> Result<Tensor> {
+        if !fast {
             // Contiguous first: candle 0.11's batched CPU matmul gives wrong values for some
             // strided inputs (a transposed-then-transposed-back batch, tests/kernels.rs).
             return self.inner.forward(&xs.contiguous()?);
@@ -125,7 +139,7 @@ impl LinearOp {
             n,
             k,
             lda: k,
-            b: B::Packed,
+            b: B::packed(k),
             rs_c: n,
             cs_c: 1,
             accumulate: bias.is_some(),

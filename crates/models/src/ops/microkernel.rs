@@ -52,8 +52,17 @@ fn even_split(len: usize, max: usize) -> usize {
 pub(crate) enum B {
     /// Row-major, rows `ld` apart.
     Rows { ld: usize },
-    /// [`pack_kt`] panels (`k × NR` each, contiguous).
-    Packed,
+    /// [`pack_kt`] panels (`k × NR` each, rows `NR` apart), `panel_stride` apart.
+    Packed { panel_stride: usize },
+}
+
+impl B {
+    /// Packed panels one after the other (`k` rows each).
+    pub(crate) fn packed(k: usize) -> Self {
+        B::Packed {
+            panel_stride: NR * k,
+        }
+    }
 }
 
 /// One product `c (+)= a (m × k, rows lda apart) · b (k × n) (+ bias[row])`, element `(i, j)`
@@ -82,7 +91,7 @@ impl Gemm {
         let b = match self.b {
             _ if k == 0 => 0,
             B::Rows { ld } => (k - 1) * ld + n,
-            B::Packed => n.div_ceil(NR) * NR * k,
+            B::Packed { panel_stride } => (n.div_ceil(NR) - 1) * panel_stride + NR * k,
         };
         (a, b, (m - 1) * self.rs_c + (n - 1) * self.cs_c + 1)
     }
@@ -142,7 +151,7 @@ impl Gemm {
         }
         let (ldb, panel_stride, panel) = match self.b {
             B::Rows { ld } => (ld, n, n),
-            B::Packed => (NR, NR * k, NR),
+            B::Packed { panel_stride } => (NR, panel_stride, NR),
         };
         for p0 in (0..n).step_by(panel) {
             gemm::gemm(
@@ -264,7 +273,7 @@ pub(crate) fn gemm_parallel(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias:
         };
         let b_off = match g.b {
             B::Rows { .. } => n0,
-            B::Packed => n0 * g.k,
+            B::Packed { panel_stride } => p0 * panel_stride,
         };
         let bias = bias.map_or(std::ptr::null(), |x| x[r0..].as_ptr());
         // SAFETY: the blocks are parts of the product checked above, and no two write the
@@ -418,7 +427,7 @@ pub(crate) mod avx2 {
             // straight from them would map to a few L1 sets and be re-read from L2 by every
             // row tile.
             let (bk, panel_stride) = match g.b {
-                B::Packed => (b.add(k0 * NR), NR * k),
+                B::Packed { panel_stride } => (b.add(k0 * NR), panel_stride),
                 B::Rows { ld } => {
                     scratch.resize(scratch.len().max((full + 1) * NR * kc), 0.0);
                     pack_rows(b.add(k0 * ld), ld, kc, n, &mut scratch);
@@ -569,8 +578,17 @@ mod tests {
                         let b_rows = rand(k * ld, &mut seed);
                         let bt: Vec<f32> =
                             (0..n * k).map(|i| b_rows[(i % k) * ld + i / k]).collect();
-                        let mut b_packed = vec![0f32; n.div_ceil(NR) * NR * k];
-                        pack_kt(&bt, n, k, 1.0, &mut b_packed);
+                        let mut dense = vec![0f32; n.div_ceil(NR) * NR * k];
+                        pack_kt(&bt, n, k, 1.0, &mut dense);
+                        // Panels with NaN gaps between them: the stride is honoured.
+                        let panel_stride = NR * k + 24;
+                        let mut b_packed = vec![f32::NAN; n.div_ceil(NR) * panel_stride];
+                        for (dst, src) in b_packed
+                            .chunks_mut(panel_stride)
+                            .zip(dense.chunks(NR * k.max(1)))
+                        {
+                            dst[..src.len()].copy_from_slice(src);
+                        }
                         let (rs_c, cs_c) = if transposed { (1, m) } else { (n, 1) };
                         let c0 = rand(m * n, &mut seed);
                         let g = Gemm {
@@ -578,7 +596,11 @@ mod tests {
                             n,
                             k,
                             lda,
-                            b: if packed { B::Packed } else { B::Rows { ld } },
+                            b: if packed {
+                                B::Packed { panel_stride }
+                            } else {
+                                B::Rows { ld }
+                            },
                             rs_c,
                             cs_c,
                             accumulate,

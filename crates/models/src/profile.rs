@@ -1,0 +1,87 @@
+//! An opt-in per-layer profile of the CPU forward passes: wall time, calls and FLOPs of each
+//! kind of layer at each shape (e.g. `conv3x3 winograd 320->320 64x64`), summed over a run.
+//! `diffuse bench --profile` prints it, to show where a UNet step's time goes.
+//!
+//! Off by default, and then each instrumented layer pays one relaxed atomic load. Layers are
+//! timed around the whole call, so time spent in candle ops between them (residual adds,
+//! reshapes, copies) is the run's total minus the table's sum.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static TABLE: Mutex<Option<HashMap<String, Entry>>> = Mutex::new(None);
+
+/// What one kind of layer at one shape cost over the profiled run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Entry {
+    pub calls: u64,
+    pub time: Duration,
+    /// Floating-point operations (a multiply-add counts two).
+    pub flops: f64,
+}
+
+/// Starts (clearing what was recorded) or stops recording.
+pub fn enable(on: bool) {
+    if on {
+        *TABLE.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
+    }
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// What was recorded since [`enable`]`(true)`, most time first.
+pub fn take() -> Vec<(String, Entry)> {
+    let table = TABLE.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let mut rows: Vec<_> = table.unwrap_or_default().into_iter().collect();
+    rows.sort_by(|a, b| b.1.time.cmp(&a.1.time).then_with(|| a.0.cmp(&b.0)));
+    rows
+}
+
+/// Runs `f`, and when profiling is on adds its wall time under the name `name()` returns.
+/// The name is only built when recording, so it may format shapes.
+pub(crate) fn timed<T>(name: impl FnOnce() -> String, flops: f64, f: impl FnOnce() -> T) -> T {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return f();
+    }
+    let start = Instant::now();
+    let out = f();
+    let time = start.elapsed();
+    if let Some(table) = TABLE.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        let e = table.entry(name()).or_default();
+        e.calls += 1;
+        e.time += time;
+        e.flops += flops;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_only_while_enabled() {
+        // One test owns the global switch, so the steps run in order.
+        assert_eq!(timed(|| unreachable!(), 1.0, || 7), 7);
+        enable(true);
+        for _ in 0..3 {
+            timed(
+                || "a".into(),
+                2.0,
+                || std::thread::sleep(Duration::from_millis(2)),
+            );
+        }
+        timed(|| "b".into(), 1.0, || ());
+        enable(false);
+        timed(|| unreachable!(), 1.0, || ());
+        let rows = take();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].0, "a");
+        assert_eq!((rows[0].1.calls, rows[0].1.flops), (3, 6.0));
+        assert!(rows[0].1.time >= Duration::from_millis(6));
+        assert_eq!((rows[1].0.as_str(), rows[1].1.calls), ("b", 1));
+        assert!(take().is_empty());
+    }
+}
