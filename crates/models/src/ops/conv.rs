@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
-use super::microkernel::{gemm_rows, Gemm, B, NR};
+use super::microkernel::{gemm_rows, transpose_rows8, Gemm, B, NR};
 use super::{f32_input, f32_output, kernel_dtype, simd_fn, LANES};
 
 /// Output tile side, input tile side (m + r − 1) and transformed points per tile.
@@ -159,6 +159,23 @@ fn transform_2d<T: Num, const I: usize, const O: usize>(
 /// Input channels per block of [`convolve_small`]: the block's 36 kernel panels (288 KiB)
 /// stay in L2 between their transform and their GEMMs.
 const SMALL_CIN_BLOCK: usize = 128;
+/// `G·g` for kernel column `c` of eight output channels (lanes from column `at` of `taps`).
+#[inline(always)]
+fn kernel_col(taps: &[[f32; NR]; 9], c: usize, at: usize) -> [Lanes; A] {
+    kernel_1d([
+        lanes_at(&taps[c], at),
+        lanes_at(&taps[3 + c], at),
+        lanes_at(&taps[6 + c], at),
+    ])
+}
+
+#[inline(always)]
+fn lanes_at(row: &[f32], at: usize) -> Lanes {
+    let mut v = Lanes::ZERO;
+    v.0.copy_from_slice(&row[at..at + LANES]);
+    v
+}
+
 /// Input channels per block of [`transform_kernel_panel`]: the block's taps (18 KiB) stay in L1.
 const KERNEL_BLOCK: usize = 32;
 
@@ -166,7 +183,7 @@ simd_fn! {
     /// The transformed kernels `G·g·Gᵀ` of output channels `o0..o0 + NR` (those past `cout`
     /// zero) and input channels `c0..c0 + nb`: point `p`'s packed `nb × NR` panel (output
     /// channel fastest) at `dst[p · point_stride(nb)..]`. A block of input channels is first
-    /// regrouped (`taps[ci][tap][j]`) by plain copies, so that the transform runs on whole
+    /// regrouped (`taps[ci][tap][j]`, 8 × 8 transposes), so that the transform runs on whole
     /// vectors of output channels (gathering lane by lane into vectors stalled on store
     /// forwarding).
     fn transform_kernel_panel(w: &[f32], cout: usize, cin: usize, o0: usize, c0: usize, nb: usize, dst: &mut [f32]) {
@@ -174,30 +191,37 @@ simd_fn! {
         let mut taps = [[[0f32; NR]; 9]; KERNEL_BLOCK];
         for b0 in (c0..c0 + nb).step_by(KERNEL_BLOCK) {
             let block = &mut taps[..KERNEL_BLOCK.min(c0 + nb - b0)];
-            for (ci, ci_taps) in block.iter_mut().enumerate() {
-                for j in 0..cols {
-                    let src = &w[((o0 + j) * cin + b0 + ci) * 9..][..9];
-                    for (tap, &x) in ci_taps.iter_mut().zip(src) {
-                        tap[j] = x;
+            // Each output channel's taps of the block are one contiguous run of `w`.
+            let len = block.len() * 9;
+            let run = |j: usize| &w[((o0 + j) * cin + b0) * 9..][..len];
+            let flat = block.as_flattened_mut().as_flattened_mut();
+            for j0 in (0..cols).step_by(LANES) {
+                if j0 + LANES <= cols {
+                    transpose_rows8(std::array::from_fn(|j| run(j0 + j)), len, &mut flat[j0..], NR);
+                } else {
+                    for j in j0..cols {
+                        for (e, &x) in run(j).iter().enumerate() {
+                            flat[e * NR + j] = x;
+                        }
                     }
                 }
             }
             for (ci, ci_taps) in block.iter().enumerate() {
                 for half in 0..NR / LANES {
-                    let lanes = |t: usize| {
-                        let mut v = Lanes::ZERO;
-                        v.0.copy_from_slice(&ci_taps[t][half * LANES..(half + 1) * LANES]);
-                        v
-                    };
-                    let g = [
-                        [lanes(0), lanes(1), lanes(2)],
-                        [lanes(3), lanes(4), lanes(5)],
-                        [lanes(6), lanes(7), lanes(8)],
+                    let at = half * LANES;
+                    // Plain calls, not closures: a closure is a function of its own, not
+                    // compiled into this AVX2 copy unless inlined.
+                    let [c0s, c1s, c2s] = [
+                        kernel_col(ci_taps, 0, at),
+                        kernel_col(ci_taps, 1, at),
+                        kernel_col(ci_taps, 2, at),
                     ];
-                    let t = transform_2d(&g, kernel_1d);
-                    for (p, val) in t.iter().flatten().enumerate() {
-                        let at = p * point_stride(nb) + (b0 - c0 + ci) * NR + half * LANES;
-                        dst[at..at + LANES].copy_from_slice(&val.0);
+                    let base = (b0 - c0 + ci) * NR + at;
+                    for (r, ((&x0, &x1), &x2)) in c0s.iter().zip(&c1s).zip(&c2s).enumerate() {
+                        for (k, val) in kernel_1d([x0, x1, x2]).iter().enumerate() {
+                            let at = (r * A + k) * point_stride(nb) + base;
+                            dst[at..at + LANES].copy_from_slice(&val.0);
+                        }
                     }
                 }
             }
@@ -286,10 +310,21 @@ simd_fn! {
                 let tv = transform_2d(&d, input_1d);
                 for (p, val) in tv.iter().flatten().enumerate() {
                     let at = (p * nt + t) * cin + c0;
-                    v[at..at + lanes].copy_from_slice(&val.0[..lanes]);
+                    copy_lanes(&mut v[at..], &val.0, lanes);
                 }
             }
         }
+    }
+}
+
+/// `dst[..lanes] = src[..lanes]` for `lanes ≤ LANES`: a whole group compiles to one vector
+/// move, where a run-time length would call `memcpy` for 32 bytes.
+#[inline(always)]
+fn copy_lanes(dst: &mut [f32], src: &[f32], lanes: usize) {
+    if lanes == LANES {
+        dst[..LANES].copy_from_slice(&src[..LANES]);
+    } else {
+        dst[..lanes].copy_from_slice(&src[..lanes]);
     }
 }
 
@@ -328,7 +363,7 @@ simd_fn! {
                 let mut tile = [[Lanes::ZERO; A]; A];
                 for (p, val) in tile.iter_mut().flatten().enumerate() {
                     let at = (p * nt + t) * ld + c0 - couts.start;
-                    val.0[..lanes].copy_from_slice(&m[at..at + lanes]);
+                    copy_lanes(&mut val.0, &m[at..], lanes);
                 }
                 let y = transform_2d(&tile, output_1d);
                 let (n, y0, x0) = grid.locate(t0 + t);

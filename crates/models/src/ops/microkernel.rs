@@ -223,6 +223,34 @@ pub(crate) fn gemm_rows(
     }
 }
 
+/// `dst[e · ld + j] = rows[j][e]` for `j < 8`, `e < len`: eight rows become the first eight
+/// columns of `len` rows of `dst`, 8 × 8 blocks at a time with AVX2 shuffles (scalar copies
+/// leave one store per element).
+pub(crate) fn transpose_rows8(rows: [&[f32]; 8], len: usize, dst: &mut [f32], ld: usize) {
+    assert!(rows.iter().all(|r| r.len() >= len) && ld >= 8);
+    assert!(len == 0 || dst.len() >= (len - 1) * ld + 8);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        done = len / 8 * 8;
+        for e0 in (0..done).step_by(8) {
+            // SAFETY: the CPU has AVX2; the asserts bound the 8 × 8 block read and written.
+            unsafe {
+                avx2::transpose8x8(
+                    std::array::from_fn(|j| rows[j].as_ptr().add(e0)),
+                    dst.as_mut_ptr().add(e0 * ld),
+                    ld,
+                )
+            }
+        }
+    }
+    for e in done..len {
+        for (j, row) in rows.iter().enumerate() {
+            dst[e * ld + j] = row[e];
+        }
+    }
+}
+
 /// A raw pointer the parallel tasks share; each writes its own disjoint part.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -512,6 +540,45 @@ pub(crate) mod avx2 {
         _mm256_mul_ps(p, _mm256_castsi256_ps(two_n))
     }
 
+    /// Reads an 8 × 8 block (row `j` at `src[j]`) and writes its transpose, row `i` at
+    /// `dst + i · ld`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; each `src[j]` is readable for 8 floats, `dst` writable for 8 rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn transpose8x8(src: [*const f32; 8], dst: *mut f32, ld: usize) {
+        let r: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(src[j]));
+        // Pairs of rows interleaved, then pairs of pairs: 4 × 4 transposes in each 128-bit half.
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        });
+        let s: [__m256; 8] = std::array::from_fn(|i| {
+            // s[0..4] from rows 0–3 (t[0..4]), s[4..8] from rows 4–7 (t[4..8]).
+            let base = i / 4 * 4;
+            let (a, b) = (t[base + (i % 4) / 2], t[base + 2 + (i % 4) / 2]);
+            if i % 2 == 0 {
+                _mm256_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm256_shuffle_ps::<0xEE>(a, b)
+            }
+        });
+        for i in 0..4 {
+            _mm256_storeu_ps(
+                dst.add(i * ld),
+                _mm256_permute2f128_ps::<0x20>(s[i], s[i + 4]),
+            );
+            _mm256_storeu_ps(
+                dst.add((i + 4) * ld),
+                _mm256_permute2f128_ps::<0x31>(s[i], s[i + 4]),
+            );
+        }
+    }
+
     /// `row[i] = exp(row[i] − m)`; returns their sum.
     ///
     /// # Safety
@@ -550,6 +617,23 @@ mod tests {
                 (*seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn transpose_rows8_matches_scalar() {
+        let mut seed = 3;
+        for len in [0, 5, 8, 27, 288] {
+            let src: Vec<Vec<f32>> = (0..8).map(|_| rand(len + 2, &mut seed)).collect();
+            let ld = 16;
+            let mut dst = vec![f32::NAN; len * ld + 8];
+            transpose_rows8(std::array::from_fn(|j| &src[j][..]), len, &mut dst, ld);
+            for e in 0..len {
+                for (j, row) in src.iter().enumerate() {
+                    assert_eq!(dst[e * ld + j], row[e], "len {len} element {e} row {j}");
+                }
+                assert!(dst[e * ld + 8].is_nan(), "wrote past the eight columns");
+            }
+        }
     }
 
     /// Every tile shape (row and column remainders, masked and whole panels, several
