@@ -1,12 +1,14 @@
 //! The models' `Conv2d`: 3×3 stride-1 padding-1 convolutions on the CPU by Winograd
-//! F(4×4, 3×3) (by im2col and one GEMM per image on small maps, and for stride 2 in
+//! F(4×4, 3×3) (by im2col and one GEMM per image on tiny maps, and for stride 2 in
 //! inference), 1×1 convolutions as one matmul, everything else candle's `conv2d`.
 //!
 //! Winograd turns the 3×3 convolution of each 4×4 output tile into 36 element-wise products
 //! of transformed 6×6 input tiles and transformed kernels, i.e. 36 GEMMs
-//! `(Cout × Cin)·(Cin × tiles)`: 4× fewer multiplications than direct convolution. The
-//! transformed kernels (4× the weight size) are cached in the layer from its second call on
-//! (a layer run once keeps nothing), unless the weight is a training variable.
+//! `(tiles × Cin)·(Cin × Cout)` on the register tiles of [`super::microkernel`]: 4× fewer
+//! multiplications than direct convolution. On large maps the transformed kernels (4× the
+//! weight size) are cached in the layer from its second call on (a layer run once keeps
+//! nothing), unless the weight is a training variable; on small maps each call transforms
+//! them block by block ([`convolve_small`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
