@@ -352,7 +352,7 @@ fn random_conv_strided(
 fn conv_matches_candle() -> Result<()> {
     // 3×3 maps large enough for cached-kernel Winograd (partial edge tiles, one channel,
     // channel counts off the 8-lane and 16-column multiples, twice through the cache), small
-    // maps (per-call kernel transform, more input channels than one block), tiny ones
+    // maps (per-call kernel transform, more input channels than one block, none at all), tiny ones
     // (im2col + GEMM), stride 2 (even and odd sizes; im2col + GEMM when frozen, candle's path
     // when trainable), 1×1 convolutions.
     for &(n, cin, cout, h, w, k, frozen, stride) in &[
@@ -362,6 +362,8 @@ fn conv_matches_candle() -> Result<()> {
         (1, 5, 7, 50, 50, 3, false, 1),
         (2, 4, 6, 10, 10, 3, true, 1),
         (1, 130, 20, 12, 11, 3, true, 1),
+        (2, 0, 5, 9, 9, 3, true, 1),
+        (1, 0, 3, 48, 48, 3, true, 1),
         (1, 3, 4, 6, 6, 3, true, 1),
         (1, 3, 5, 7, 13, 3, false, 1),
         (2, 6, 5, 11, 9, 3, true, 2),

@@ -461,12 +461,16 @@ fn convolve_small(
     (0..cout.div_ceil(NR)).into_par_iter().for_each(|panel| {
         let o0 = panel * NR;
         let mut scratch = SCRATCH.take();
-        let block = SMALL_CIN_BLOCK.min(cin);
+        let block = SMALL_CIN_BLOCK.min(cin).max(1);
         scratch.resize(
             scratch.len().max(kernel_panels(block) + POINTS * NR * nt),
             0.0,
         );
         let (u, m) = scratch.split_at_mut(kernel_panels(block));
+        if cin == 0 {
+            // No GEMM writes the products: the output is the bias alone.
+            m.fill(0.0);
+        }
         for c0 in (0..cin).step_by(block) {
             let nb = block.min(cin - c0);
             transform_kernel_panel(w, cout, cin, o0, c0, nb, u);
