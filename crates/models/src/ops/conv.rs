@@ -721,8 +721,8 @@ impl candle_core::CustomOp2 for WeightGrad {
 
 /// A 3×3 padding-1 convolution (stride 1 or 2) as im2col and one multi-threaded GEMM per
 /// image, `out (Cout × Ho·Wo) = W (Cout × Cin·9) · col + b`, written straight into NCHW: for
-/// the small maps where Winograd's 36 thin GEMMs would re-read 4× the weights, and for the
-/// downsamplers. candle's own path (im2col in NHWC order, a batched matmul, then a transpose
+/// maps of fewer than [`MIN_SMALL_TILES`] tiles, where transforming the kernels would cost more
+/// than Winograd saves, and for the downsamplers. candle's own path (im2col in NHWC order, a batched matmul, then a transpose
 /// copy) ran at half the speed here.
 struct Im2colConv {
     stride: usize,

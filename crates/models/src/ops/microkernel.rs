@@ -1,5 +1,6 @@
 //! Register-blocked AVX2+FMA matrix products for the hot paths: attention's two block
-//! products, linear layers, 1×1 convolutions and the Winograd/im2col convolution GEMMs.
+//! products, linear layers of 1,024 rows and more, and the Winograd convolution GEMMs (the
+//! `gemm` crate still serves im2col, 1×1 convolutions via candle, and smaller linears).
 //!
 //! The `gemm` crate packs both operands on every call. Our products have one operand that is
 //! already laid out for streaming (activations with tokens or pixels contiguous, or keys packed
