@@ -463,12 +463,15 @@ fn geglu_matches_reference_and_has_gradients() -> Result<()> {
 #[test]
 fn linear_matches_reference() -> Result<()> {
     use diffuse_models::ops::linear::Linear;
-    // (input shape, out features, bias): ≥ 1,024 rows (the packed GEMM on AVX2 CPUs) with
-    // column and row remainders and rank 3, and fewer rows (candle's matmul).
+    // (input shape, out features, bias): the weight packed (over 256 rows, with column and
+    // row remainders and rank 3) and the transposed product over few rows (154, and 2 like a
+    // time embedding).
     for (shape, out, bias) in [
         (vec![1100, 40], 33, true),
         (vec![2, 515, 64], 48, false),
+        (vec![300, 50], 70, true),
         (vec![2, 77, 24], 200, true),
+        (vec![2, 640], 96, true),
         (vec![1030, 300], 320, true),
     ] {
         let k = *shape.last().unwrap();

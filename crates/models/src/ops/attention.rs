@@ -9,7 +9,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::microkernel::{pack_kt, Gemm, B, NR};
+use super::microkernel::{pack_kt, pack_rows, Gemm, B, NR};
 use super::{exp, f32_input, f32_output, max, simd_fn};
 
 /// Query rows per task: enough rows to amortise streaming the head's keys and values, few
@@ -78,7 +78,8 @@ fn exp_shifted_sum_portable(row: &mut [f32], m: f32) -> f32 {
 }
 
 /// Attention of one block of query rows `q` (rows × d) over the `m_keys` keys of one head,
-/// packed as `scale · kᵀ` by [`pack_kt`], with values `v` (M × dv), written to `out` (rows × dv).
+/// packed as `scale · kᵀ` by [`pack_kt`], with values `v` (M × dv) packed by [`pack_rows`],
+/// written to `out` (rows × dv).
 /// `causal`: the index of the block's first row in its head, whose row `i` sees keys `0..=i`.
 fn attend_block(
     q: &[f32],
@@ -98,6 +99,7 @@ fn attend_block(
     let mut l = vec![0f32; rows];
     out.fill(0.0);
     // The keys any row of the block may see.
+    let all_keys = m_keys;
     let m_keys = causal.map_or(m_keys, |r0| m_keys.min(r0 + rows));
     for k0 in (0..m_keys).step_by(bk) {
         let kb = bk.min(m_keys - k0);
@@ -111,6 +113,7 @@ fn attend_block(
             rs_c: lds,
             cs_c: 1,
             accumulate: false,
+            bias_per_col: false,
         };
         scores.run(q, &kt[k0 * d..], &mut s, None);
         if let Some(r0) = causal {
@@ -128,12 +131,15 @@ fn attend_block(
             n: dv,
             k: kb,
             lda: lds,
-            b: B::Rows { ld: dv },
+            b: B::Packed {
+                panel_stride: all_keys * NR,
+            },
             rs_c: dv,
             cs_c: 1,
             accumulate: true,
+            bias_per_col: false,
         };
-        values.run(&s, &v[k0 * dv..], out, None);
+        values.run(&s, &v[k0 * NR..], out, None);
     }
     for (row, l) in out.chunks_exact_mut(dv).zip(&l) {
         let inv = 1.0 / l;
@@ -180,12 +186,22 @@ impl CustomOp3 for FlashAttention {
                     .zip(k.par_chunks(m * d))
                     .for_each(|(kt, k)| pack_kt(k, m, d, scale, kt));
             }
+            // Values packed once per head too: packing each key block's values for every
+            // query block cost about 4% of the op.
+            let v_per_head = dv.div_ceil(NR) * NR * m;
+            let mut vp = vec![0f32; bh * v_per_head];
+            if v_per_head > 0 {
+                vp.par_chunks_mut(v_per_head)
+                    .zip(v.par_chunks(m * dv))
+                    .for_each(|(vp, v)| pack_rows(v, dv, m, dv, vp));
+            }
+            let v = &vp;
             // Tasks: every (batch·head, query block) pair, so both cores stay busy even for one head.
             out.par_chunks_mut(n * dv)
                 .enumerate()
                 .for_each(|(b, out_b)| {
                     let kt = &kt[b * per_head..(b + 1) * per_head];
-                    let vb = &v[b * m * dv..(b + 1) * m * dv];
+                    let vb = &v[b * v_per_head..(b + 1) * v_per_head];
                     out_b
                         .par_chunks_mut(BLOCK_Q * dv)
                         .enumerate()

@@ -2,10 +2,12 @@
 //!
 //! The weight (`out × in`) is packed into column panels on every call rather than kept packed:
 //! that costs one pass over the weight per call (about 1% of the product at the UNet's 64×64
-//! and 32×32 token counts) and no second copy of every linear weight in memory. Below 1,024
-//! rows (the 16×16 level, cross-attention keys over 77 tokens, time embeddings, CLIP) the
-//! `gemm` crate measured faster (512 × 1280 → 10240: 117–131 vs 166–189 ms); those, training
-//! (the weight or input tracks gradients) and other devices take candle's matmul.
+//! and 32×32 token counts) and no second copy of every linear weight in memory. Up to 256
+//! rows (the 8×8 level, cross-attention keys over 77 tokens, time embeddings, CLIP) packing
+//! the weight would cost about as much as the product, so those compute `yᵀ = w·xᵀ` instead
+//! (measured in one process, alternating: 128 × 1280 → 1280 3.7 vs 4.7 ms, 154 × 3072 → 768
+//! 6.9 vs 9.2 ms; 154 × 768 → 3072 is the exception, 9.0 vs 8.1 ms). Training (the weight or
+//! input tracks gradients) and other devices take candle's matmul.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -14,8 +16,8 @@ use rayon::prelude::*;
 use super::microkernel::{gemm_parallel, pack_kt, Gemm, B, NR};
 use super::{f32_input, has_avx2_fma};
 
-/// Fewest rows (tokens) for the packed GEMM; see the module docs.
-const MIN_ROWS: usize = 1024;
+/// Most rows for [`LinearOp::transposed`]; more pack the weight.
+const TRANSPOSED_MAX_ROWS: usize = 256;
 
 /// `y = x·wᵀ + b`, like `candle_nn::Linear` (whose weights and names it keeps).
 #[derive(Clone, Debug)]
@@ -62,14 +64,12 @@ impl Linear {
         let w = self.inner.weight();
         let f32 = |t: &Tensor| t.dtype() == candle_core::DType::F32;
         let Ok((n, k)) = w.dims2() else { return false };
-        let rows = xs.elem_count() / k.max(1);
         xs.device().is_cpu()
             && has_avx2_fma()
             && f32(xs)
             && f32(w)
             && self.inner.bias().is_none_or(|b| f32(b) && b.dims() == [n])
             && xs.dims().last() == Some(&k)
-            && rows >= MIN_ROWS
             && !xs.track_op()
             && !w.track_op()
     }
@@ -120,6 +120,16 @@ impl LinearOp {
             .map(|(s, l)| f32_input(s, l, "linear bias"))
             .transpose()?;
         let m = xs.len().checked_div(k).unwrap_or(0);
+        let mut dims = x.1.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        if m <= TRANSPOSED_MAX_ROWS {
+            return Ok((
+                CpuStorage::F32(Self::transposed(&xs, &ws, bias.as_deref(), (m, n, k))),
+                Shape::from(dims),
+            ));
+        }
         let mut wt = vec![0f32; n.div_ceil(NR) * NR * k];
         if k > 0 {
             wt.par_chunks_mut(NR * k)
@@ -130,10 +140,6 @@ impl LinearOp {
                 });
         }
         let mut out = vec![0f32; m * n];
-        if let Some(bias) = &bias {
-            out.par_chunks_mut(n.max(1))
-                .for_each(|row| row.copy_from_slice(&bias[..n]));
-        }
         let g = Gemm {
             m,
             n,
@@ -142,14 +148,39 @@ impl LinearOp {
             b: B::packed(k),
             rs_c: n,
             cs_c: 1,
-            accumulate: bias.is_some(),
+            accumulate: false,
+            bias_per_col: true,
         };
-        gemm_parallel(&g, &xs, &wt, &mut out, None);
-        let mut dims = x.1.shape().dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
+        gemm_parallel(&g, &xs, &wt, &mut out, bias.as_deref());
         Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    /// `y = x·wᵀ + b` for few rows, computed as `yᵀ = w·xᵀ + b`: the weight is read as it is
+    /// stored (its rows are the GEMM's broadcast rows) and only the few rows of `x` are packed,
+    /// where packing the weight would cost as much as the product; `yᵀ` is stored transposed,
+    /// element by element.
+    fn transposed(
+        xs: &[f32],
+        ws: &[f32],
+        bias: Option<&[f32]>,
+        (m, n, k): (usize, usize, usize),
+    ) -> Vec<f32> {
+        let mut xt = vec![0f32; m.div_ceil(NR) * NR * k];
+        pack_kt(xs, m, k, 1.0, &mut xt);
+        let mut out = vec![0f32; m * n];
+        let g = Gemm {
+            m: n,
+            n: m,
+            k,
+            lda: k,
+            b: B::packed(k),
+            rs_c: 1,
+            cs_c: n,
+            accumulate: false,
+            bias_per_col: false,
+        };
+        gemm_parallel(&g, ws, &xt, &mut out, bias);
+        out
     }
 }
 
