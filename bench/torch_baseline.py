@@ -75,7 +75,7 @@ def main():
         run(f"op attention {heads}x{tokens}x{d}", lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
     gn = torch.nn.GroupNorm(32, 320).to(dev)
     run("op groupnorm+silu 2x320x64x64", lambda: F.silu(gn(x)))
-    for rows, k, n in [(512, 1280, 10240), (512, 1280, 1280)]:
+    for rows, k, n in [(8192, 320, 2560), (512, 1280, 10240), (154, 768, 3072)]:
         lin, xl = torch.nn.Linear(k, n).to(dev), randn(rows, k)
         run(f"op linear {rows}x{k}x{n}", lambda lin=lin, xl=xl: lin(xl))
     a, b = randn(8192, 320), randn(320, 1280)

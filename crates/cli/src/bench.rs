@@ -262,17 +262,13 @@ impl Bench<'_> {
                 Ok(gn.forward_act(&x, diffuse_models::activations::Activation::Silu)?)
             })?;
         }
-        // nn.Linear at the UNet's 16x16 level (512 tokens, where weights outweigh activations):
-        // the feed-forward's 1280 -> 10240 and a 1280 -> 1280 projection.
+        // nn.Linear: the UNet feed-forward's first layer at the 64x64 level (8192 tokens) and
+        // at the 16x16 level (512 tokens, where the weight outweighs the activations), and
+        // CLIP's MLP over 2 x 77 tokens.
         for (rows, k, n) in [
-            (512usize, 1280usize, 10240usize),
-            (512, 1280, 1280),
-            (8192, 320, 1280),
-            (128, 1280, 1280),
-            (154, 768, 768),
+            (8192usize, 320usize, 2560usize),
+            (512, 1280, 10240),
             (154, 768, 3072),
-            (154, 3072, 768),
-            (512, 1280, 512),
         ] {
             let name = format!("op linear {rows}x{k}x{n}");
             if self.wanted(&name) {
