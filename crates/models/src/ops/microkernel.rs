@@ -731,6 +731,7 @@ mod tests {
             (100, 8, 0),
             (200, 300, 64),
             (50, 70, 900),
+            (20, 8, 50),
         ] {
             for packed in [false, true] {
                 for transposed in [false, true] {
