@@ -1,14 +1,16 @@
 //! The models' `Conv2d`: 3×3 stride-1 padding-1 convolutions on the CPU by Winograd
 //! F(4×4, 3×3) (by im2col and one GEMM per image on tiny maps, and for stride 2 in
-//! inference), 1×1 convolutions as one matmul, everything else candle's `conv2d`.
+//! inference), 1×1 convolutions as one GEMM per image straight from NCHW (a batched matmul
+//! in training), everything else candle's `conv2d`.
 //!
 //! Winograd turns the 3×3 convolution of each 4×4 output tile into 36 element-wise products
 //! of transformed 6×6 input tiles and transformed kernels, i.e. 36 GEMMs
 //! `(tiles × Cin)·(Cin × Cout)` on the register tiles of [`super::microkernel`]: 4× fewer
 //! multiplications than direct convolution. On large maps the transformed kernels (4× the
 //! weight size) are cached in the layer from its second call on (a layer run once keeps
-//! nothing), unless the weight is a training variable; on small maps each call transforms
-//! them block by block ([`convolve_small`]).
+//! nothing), unless the weight is a training variable; on maps of fewer than 256 tiles (SD's
+//! 32×32, 16×16 and 8×8 levels) each call transforms them block by block
+//! ([`convolve_small`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -435,7 +437,7 @@ fn convolve_tiles(
     SCRATCH.set(scratch);
 }
 
-/// Winograd convolution of a small map (few tiles, e.g. SD's 16×16 and 8×8 levels), with
+/// Winograd convolution of a small map (few tiles, e.g. SD's 32×32, 16×16 and 8×8 levels), with
 /// no cached kernels: the input tiles of the whole batch are transformed once, then each task
 /// takes [`NR`] output channels and, per block of [`SMALL_CIN_BLOCK`] input channels,
 /// transforms their kernels (36 panels, in L2) and adds the block's 36 GEMMs

@@ -1,8 +1,8 @@
 //! Fused CPU kernels behind candle custom ops: flash attention, GroupNorm(+SiLU), GEGLU,
-//! Winograd 3×3 convolution, and linear layers on our register-tile GEMM (`microkernel`).
-//! Each has a generic-op backward pass so that training works (the linear fast path is
-//! inference-only and leaves training to candle's matmul), and falls back to plain candle ops
-//! off the CPU.
+//! Winograd 3×3 convolution, and linear layers and 1×1 convolutions on our register-tile
+//! GEMM (`microkernel`). Each has a generic-op backward pass so that training works (the
+//! linear and 1×1 fast paths are inference-only and leave training to candle's matmul), and
+//! falls back to plain candle ops off the CPU.
 //!
 //! The build targets baseline x86-64 (SSE2), so hot loops are compiled a second time with
 //! AVX2+FMA and picked at run time ([`simd_fn!`]).
