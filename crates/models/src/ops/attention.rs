@@ -147,6 +147,24 @@ fn attend_block(
     }
 }
 
+/// Packs every head: `pack(src, dst)` over the heads' `src_len`-value slices of `src`, into
+/// `dst_len` values each of a new buffer (all zero when there is nothing to pack).
+fn pack_heads(
+    src: &[f32],
+    src_len: usize,
+    dst_len: usize,
+    pack: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let heads = src.len().checked_div(src_len).unwrap_or(0);
+    let mut out = vec![0f32; heads * dst_len];
+    if dst_len > 0 {
+        out.par_chunks_mut(dst_len)
+            .zip(src.par_chunks(src_len))
+            .for_each(|(dst, src)| pack(src, dst));
+    }
+    out
+}
+
 impl CustomOp3 for FlashAttention {
     fn name(&self) -> &'static str {
         "flash-attention"
@@ -178,24 +196,12 @@ impl CustomOp3 for FlashAttention {
         let mut out = vec![0f32; bh * n * dv];
         if n * dv > 0 {
             let scale = self.scale as f32;
-            // Keys packed once per head, shared by all of its query blocks.
+            // Keys packed once per head, shared by all of its query blocks; values too
+            // (packing each key block's values for every query block cost about 4% of the op).
             let per_head = m.div_ceil(NR) * NR * d;
-            let mut kt = vec![0f32; bh * per_head];
-            if per_head > 0 {
-                kt.par_chunks_mut(per_head)
-                    .zip(k.par_chunks(m * d))
-                    .for_each(|(kt, k)| pack_kt(k, m, d, scale, kt));
-            }
-            // Values packed once per head too: packing each key block's values for every
-            // query block cost about 4% of the op.
+            let kt = pack_heads(&k, m * d, per_head, |k, kt| pack_kt(k, m, d, scale, kt));
             let v_per_head = dv.div_ceil(NR) * NR * m;
-            let mut vp = vec![0f32; bh * v_per_head];
-            if v_per_head > 0 {
-                vp.par_chunks_mut(v_per_head)
-                    .zip(v.par_chunks(m * dv))
-                    .for_each(|(vp, v)| pack_rows(v, dv, m, dv, vp));
-            }
-            let v = &vp;
+            let v = &pack_heads(&v, m * dv, v_per_head, |v, vp| pack_rows(v, dv, m, dv, vp));
             // Tasks: every (batch·head, query block) pair, so both cores stay busy even for one head.
             out.par_chunks_mut(n * dv)
                 .enumerate()
