@@ -473,6 +473,7 @@ fn linear_matches_reference() -> Result<()> {
         (vec![2, 77, 24], 200, true),
         (vec![2, 640], 96, true),
         (vec![1030, 300], 320, true),
+        (vec![3, 0], 5, true),
     ] {
         let k = *shape.last().unwrap();
         let x = randn(&shape, 1.0)?;

@@ -64,7 +64,10 @@ impl Linear {
         let w = self.inner.weight();
         let f32 = |t: &Tensor| t.dtype() == candle_core::DType::F32;
         let Ok((n, k)) = w.dims2() else { return false };
-        xs.device().is_cpu()
+        // (No input features: the row count cannot be read off the flat input; candle's
+        // matmul gives the zero-filled output.)
+        k > 0
+            && xs.device().is_cpu()
             && has_avx2_fma()
             && f32(xs)
             && f32(w)
