@@ -840,13 +840,15 @@ impl CustomOp3 for PointwiseConv {
         let bias = f32_input(sb, lb, "conv bias")?;
         let plane = h * w;
         let mut out = vec![0f32; n * cout * plane];
-        if plane > 0 {
-            for (img, dst) in x
-                .chunks_exact(cin * plane)
-                .zip(out.chunks_exact_mut(cout * plane))
-            {
-                weight_times_image(&wt, img, &bias, dst);
-            }
+        // Indexed rather than chunked: no input channels (the output is the bias) is valid.
+        for i in 0..n {
+            let img = &x[i * cin * plane..(i + 1) * cin * plane];
+            weight_times_image(
+                &wt,
+                img,
+                &bias,
+                &mut out[i * cout * plane..(i + 1) * cout * plane],
+            );
         }
         Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, h, w))))
     }
@@ -928,6 +930,10 @@ impl Conv2d {
         let (Some(_), Ok((n, xc, h, wd))) = (self.inner.bias(), xs.dims4()) else {
             return Path::Candle;
         };
+        if h == 0 || wd == 0 || w.dim(0).is_ok_and(|cout| cout == 0) {
+            // An empty output: nothing for the kernels to do.
+            return Path::Candle;
+        }
         let cfg = self.inner.config();
         let pad = cfg.padding;
         let fused_ok = xc == cin
