@@ -12,6 +12,7 @@
 //! 32×32, 16×16 and 8×8 levels) each call transforms them block by block
 //! ([`convolve_small`]).
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -750,9 +751,7 @@ impl CustomOp3 for Im2colConv {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, cin, h, w) = lx.shape().dims4()?;
         let (cout, ..) = lw.shape().dims4()?;
-        let x = f32_input(sx, lx, "conv input")?;
-        let wt = f32_input(sw, lw, "conv weight")?;
-        let bias = f32_input(sb, lb, "conv bias")?;
+        let (x, wt, bias) = conv_operands((sx, lx), (sw, lw), (sb, lb))?;
         let s = self.stride;
         // PyTorch's output size for kernel 3, padding 1.
         let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
@@ -792,6 +791,21 @@ impl CustomOp3 for Im2colConv {
         // The gradients of a stride-1 "same" convolution, whichever kernel computed it.
         Winograd { cache: None }.bwd(x, w, b, res, grad)
     }
+}
+
+/// The input, weight and bias of a convolution op as f32 (borrowed when they already are).
+type Operands<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>, Cow<'a, [f32]>);
+
+fn conv_operands<'a>(
+    x: (&'a CpuStorage, &Layout),
+    w: (&'a CpuStorage, &Layout),
+    b: (&'a CpuStorage, &Layout),
+) -> Result<Operands<'a>> {
+    Ok((
+        f32_input(x.0, x.1, "conv input")?,
+        f32_input(w.0, w.1, "conv weight")?,
+        f32_input(b.0, b.1, "conv bias")?,
+    ))
 }
 
 /// `dst (Cout × P) = w (Cout × K) · x (K × P) + bias` for one image, all row-major, on every
@@ -834,10 +848,8 @@ impl CustomOp3 for PointwiseConv {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, cin, h, w) = lx.shape().dims4()?;
-        let cout = lw.shape().dims()[0];
-        let x = f32_input(sx, lx, "conv input")?;
-        let wt = f32_input(sw, lw, "conv weight")?;
-        let bias = f32_input(sb, lb, "conv bias")?;
+        let (cout, ..) = lw.shape().dims4()?;
+        let (x, wt, bias) = conv_operands((sx, lx), (sw, lw), (sb, lb))?;
         let plane = h * w;
         let mut out = vec![0f32; n * cout * plane];
         // Indexed rather than chunked: no input channels (the output is the bias) is valid.
