@@ -45,7 +45,7 @@ impl Activation {
                 xs * softplus.tanh()?
             }
             // torch's default GELU is the exact (erf) one.
-            Self::Gelu => xs.gelu_erf(),
+            Self::Gelu => crate::ops::activation::gelu(xs),
             Self::Relu => xs.relu(),
         }
     }

@@ -1,7 +1,8 @@
 //! The CLIP text encoder (`transformers.CLIPTextModel`), the text encoder of Stable Diffusion.
 //!
-//! Built only from generic tensor ops (layer norm from mean/variance, `candle_nn::ops::softmax`)
-//! so that gradients flow through every part of it.
+//! Its layers run on the crate's fused CPU kernels (layer norm, causal flash attention, linear
+//! layers, quick-GELU); each has a backward pass or falls back to candle's ops when gradients are
+//! tracked, so that gradients flow through every part of it.
 
 use std::path::Path;
 
@@ -32,8 +33,8 @@ impl ClipActivation {
 
     fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::QuickGelu => x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
-            Self::Gelu => x.gelu_erf(),
+            Self::QuickGelu => crate::ops::activation::quick_gelu(x),
+            Self::Gelu => crate::ops::activation::gelu(x),
         }
     }
 }

@@ -500,3 +500,40 @@ fn linear_matches_reference() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn activations_match_reference_and_have_gradients() -> Result<()> {
+    use diffuse_models::ops::activation::{gelu, gelu_reference, quick_gelu, quick_gelu_reference};
+    type Op = fn(&Tensor) -> candle_core::Result<Tensor>;
+    let ops: [(&str, Op, Op); 2] = [
+        ("quick_gelu", quick_gelu, quick_gelu_reference),
+        ("gelu", gelu, gelu_reference),
+    ];
+    for (name, op, reference) in ops {
+        // Values out to ±25 reach the saturated tails; 40,003 values span several parallel
+        // chunks and end in a SIMD remainder.
+        for shape in [[2usize, 77, 3072], [1, 1, 40_003]] {
+            let x = randn(&shape, 10.0)?;
+            assert_close(name, &op(&x)?, &reference(&x)?, 2e-6)?;
+            let half = x.to_dtype(DType::F16)?;
+            assert_close(
+                &format!("{name} f16"),
+                &op(&half)?,
+                &reference(&half.to_dtype(DType::F32)?)?,
+                2e-3,
+            )?;
+        }
+        let x = Var::from_tensor(&randn(&[3, 7, 19], 3.0)?)?;
+        let weights = randn(&[3, 7, 19], 1.0)?;
+        let grad = |f: Op| -> Result<Tensor> {
+            let loss = (f(&x)? * &weights)?.sum_all()?;
+            Ok(loss
+                .backward()?
+                .get(x.as_tensor())
+                .expect("gradient")
+                .clone())
+        };
+        assert_close(&format!("d{name}"), &grad(op)?, &grad(reference)?, 1e-5)?;
+    }
+    Ok(())
+}

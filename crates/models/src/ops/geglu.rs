@@ -59,17 +59,21 @@ impl CustomOp1 for Geglu {
         Ok((f32_output(out, s.dtype())?, Shape::from(out_dims)))
     }
 
-    /// With `Φ`/`φ` the normal CDF/density, `gelu'(g) = Φ(g) + g·φ(g)`: `da = dy·gelu(g)`,
-    /// `dg = dy·a·gelu'(g)`, by generic ops.
+    /// `da = dy·gelu(g)`, `dg = dy·a·gelu'(g)`, by generic ops.
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (a, g) = halves(h)?;
         let da = (grad * g.gelu_erf()?)?;
-        let cdf = (((&g / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5)?;
-        let pdf = ((g.sqr()? * -0.5)?.exp()?
-            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI / std::f64::consts::SQRT_2))?;
-        let dg = ((grad * a)? * (cdf + (&g * pdf)?)?)?;
+        let dg = ((grad * a)? * gelu_grad(&g)?)?;
         Ok(Some(Tensor::cat(&[da, dg], D::Minus1)?))
     }
+}
+
+/// `gelu'(g) = Φ(g) + g·φ(g)` (`Φ`/`φ`: the normal CDF/density), by generic ops.
+pub(crate) fn gelu_grad(g: &Tensor) -> Result<Tensor> {
+    let cdf = (((g / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5)?;
+    let pdf = ((g.sqr()? * -0.5)?.exp()?
+        * (0.5 * std::f64::consts::FRAC_2_SQRT_PI / std::f64::consts::SQRT_2))?;
+    cdf + (g * pdf)?
 }
 
 fn halves(h: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -292,6 +292,33 @@ pub(crate) fn transpose_rows8(rows: [&[f32]; 8], len: usize, dst: &mut [f32], ld
     }
 }
 
+/// `dst (cols × rows) = srcᵀ` for a row-major `src (rows × cols)`, on every core: each task
+/// writes a block of rows of `dst`, eight columns at a time by [`transpose_rows8`].
+pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    if rows * cols == 0 {
+        return;
+    }
+    // 64 rows of `dst` per task: 256-byte runs of each row of `src`.
+    const CHUNK: usize = 64;
+    dst[..rows * cols]
+        .par_chunks_mut(CHUNK * rows)
+        .enumerate()
+        .for_each(|(t, dst)| {
+            let (c0, len) = (t * CHUNK, dst.len() / rows);
+            let full = rows / 8 * 8;
+            for r0 in (0..full).step_by(8) {
+                let run = |j: usize| &src[(r0 + j) * cols + c0..(r0 + j) * cols + c0 + len];
+                transpose_rows8(std::array::from_fn(run), len, &mut dst[r0..], rows);
+            }
+            for r in full..rows {
+                for e in 0..len {
+                    dst[e * rows + r] = src[r * cols + c0 + e];
+                }
+            }
+        });
+}
+
 /// A raw pointer the parallel tasks share; each writes its own disjoint part.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -712,6 +739,27 @@ mod tests {
                     assert_eq!(dst[e * ld + j], row[e], "len {len} element {e} row {j}");
                 }
                 assert!(dst[e * ld + 8].is_nan(), "wrote past the eight columns");
+            }
+        }
+    }
+
+    /// Row counts with and without a remainder of eight, column counts across several
+    /// 64-column tasks and within one.
+    #[test]
+    fn transpose_matches_scalar() {
+        let mut seed = 5;
+        for (rows, cols) in [(1, 1), (8, 64), (13, 150), (154, 37), (3, 200)] {
+            let src = rand(rows * cols, &mut seed);
+            let mut dst = vec![f32::NAN; rows * cols];
+            transpose(&src, rows, cols, &mut dst);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        dst[c * rows + r],
+                        src[r * cols + c],
+                        "{rows}x{cols} at ({r},{c})"
+                    );
+                }
             }
         }
     }

@@ -1,5 +1,5 @@
 //! Fused CPU kernels behind candle custom ops: flash attention, GroupNorm(+SiLU), GEGLU,
-//! Winograd 3×3 convolution, and linear layers and 1×1 convolutions on our register-tile
+//! quick-GELU and GELU, Winograd 3×3 convolution, and linear layers and 1×1 convolutions on our register-tile
 //! GEMM (`microkernel`). Each has a generic-op backward pass so that training works (the
 //! linear and 1×1 fast paths are inference-only and leave training to candle's matmul), and
 //! falls back to plain candle ops off the CPU.
@@ -7,6 +7,7 @@
 //! The build targets baseline x86-64 (SSE2), so hot loops are compiled a second time with
 //! AVX2+FMA and picked at run time ([`simd_fn!`]).
 
+pub mod activation;
 pub mod attention;
 pub mod conv;
 pub mod geglu;
