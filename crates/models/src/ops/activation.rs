@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::geglu::{gelu as gelu_scalar, gelu_grad};
-use super::{exp, f32_input, f32_output, kernel_dtype, simd_fn};
+use super::{exp, f32_input, f32_output, kernel_dtype, output_buffer, simd_fn};
 
 /// `quick_gelu(x) = x·sigmoid(1.702·x)`, as transformers' `QuickGELUActivation`.
 const QUICK_GELU_ALPHA: f32 = 1.702;
@@ -46,7 +46,8 @@ impl CustomOp1 for Unary {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_input(s, l, self.name())?;
-        let mut out = vec![0f32; x.len()];
+        // SAFETY: the chunks cover the output.
+        let mut out = unsafe { output_buffer(x.len()) };
         let run = match self {
             Unary::QuickGelu => quick_gelu_run,
             Unary::Gelu => gelu_run,

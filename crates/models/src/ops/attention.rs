@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::microkernel::{pack_kt, pack_rows, Gemm, B, NR};
-use super::{exp, f32_input, f32_output, max, simd_fn};
+use super::{exp, f32_input, f32_output, max, output_buffer, simd_fn};
 
 /// Query rows per task: enough rows to amortise streaming the head's keys and values, few
 /// enough that a 4096-token head splits into many tasks for both cores.
@@ -94,7 +94,8 @@ fn attend_block(
     let bk = BLOCK_K.min(m_keys.next_multiple_of(NR));
     // Rows one panel longer than the block: 2 KiB-strided rows would share L1 sets.
     let lds = bk + NR;
-    let mut s = vec![0f32; rows * lds];
+    // SAFETY: the score GEMM writes columns 0..kb of every row, and only those are read.
+    let mut s = unsafe { output_buffer(rows * lds) };
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0f32; rows];
     out.fill(0.0);
@@ -193,7 +194,8 @@ impl CustomOp3 for FlashAttention {
         let q = f32_input(sq, lq, "attention q")?;
         let k = f32_input(sk, lk, "attention k")?;
         let v = f32_input(sv, lv, "attention v")?;
-        let mut out = vec![0f32; bh * n * dv];
+        // SAFETY: every query block is zeroed by `attend_block` or filled with NaN.
+        let mut out = unsafe { output_buffer(bh * n * dv) };
         if n * dv > 0 {
             let scale = self.scale as f32;
             // Keys packed once per head, shared by all of its query blocks; values too

@@ -22,7 +22,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
 use super::microkernel::{gemm_parallel, gemm_rows, transpose_rows8, Gemm, B, NR};
-use super::{f32_input, f32_output, kernel_dtype, simd_fn, LANES};
+use super::{f32_input, f32_output, kernel_dtype, output_buffer, simd_fn, LANES};
 
 /// Output tile side, input tile side (m + r − 1) and transformed points per tile.
 const M: usize = 4;
@@ -540,7 +540,8 @@ impl CustomOp3 for Winograd {
         let bias = f32_input(sb, lb, "conv bias")?;
         let grid = Grid::new(h, w);
         let tiles = n * grid.tiles_per_image;
-        let mut out = vec![0f32; n * cout * h * w];
+        // SAFETY: the tiles cover the map, and every output tile is written.
+        let mut out = unsafe { output_buffer(n * cout * h * w) };
         let ptr = OutPtr(out.as_mut_ptr());
         if tiles < MIN_TILES {
             let wt = f32_input(sw, lw, "conv weight")?;
@@ -757,7 +758,8 @@ impl CustomOp3 for Im2colConv {
         let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
         let (plane, k) = (ho * wo, cin * 9);
         let mut col = vec![0f32; k * plane];
-        let mut out = vec![0f32; n * cout * plane];
+        // SAFETY: each image's GEMM writes all of its output (K = 9·Cin > 0).
+        let mut out = unsafe { output_buffer(n * cout * plane) };
         for (i, dst) in out.chunks_exact_mut(cout * plane).enumerate() {
             let img = &x[i * cin * h * w..(i + 1) * cin * h * w];
             // Rows of the im2col matrix in parallel: a channel's 9 rows per task.
@@ -851,7 +853,9 @@ impl CustomOp3 for PointwiseConv {
         let (cout, ..) = lw.shape().dims4()?;
         let (x, wt, bias) = conv_operands((sx, lx), (sw, lw), (sb, lb))?;
         let plane = h * w;
-        let mut out = vec![0f32; n * cout * plane];
+        // SAFETY: each image's GEMM, or its bias fill when there are no input channels,
+        // writes all of its output.
+        let mut out = unsafe { output_buffer(n * cout * plane) };
         // Indexed rather than chunked: no input channels (the output is the bias) is valid.
         for i in 0..n {
             let img = &x[i * cin * plane..(i + 1) * cin * plane];

@@ -6,7 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{exp, f32_input, f32_output, kernel_dtype, simd_fn};
+use super::{exp, f32_input, f32_output, kernel_dtype, output_buffer, simd_fn};
 
 /// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7 in exact arithmetic).
 #[inline(always)]
@@ -47,7 +47,8 @@ impl CustomOp1 for Geglu {
         let last = dims[dims.len() - 1];
         let f = last / 2;
         let h = f32_input(s, l, "geglu input")?;
-        let mut out = vec![0f32; h.len() / 2];
+        // SAFETY: every row of the output is written by `geglu_row`.
+        let mut out = unsafe { output_buffer(h.len() / 2) };
         if f > 0 {
             out.par_chunks_mut(f)
                 .zip(h.par_chunks(last))

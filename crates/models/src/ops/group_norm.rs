@@ -9,7 +9,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_input, f32_output, silu, simd_fn, LANES};
+use super::{f32_input, f32_output, output_buffer, silu, simd_fn, LANES};
 
 pub(crate) struct GroupNormOp {
     pub num_groups: usize,
@@ -83,7 +83,8 @@ impl CustomOp3 for GroupNormOp {
         let w = f32_input(sw, lw, "group norm weight")?;
         let b = f32_input(sb, lb, "group norm bias")?;
         let (cg, eps) = (c / g, self.eps);
-        let mut out = vec![0f32; x.len()];
+        // SAFETY: every group of the output is normalised into.
+        let mut out = unsafe { output_buffer(x.len()) };
         if !out.is_empty() {
             let len = cg * hw;
             out.par_chunks_mut(len)

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::microkernel::{gemm_parallel, pack_kt, transpose, Gemm, B, NR};
-use super::{f32_input, has_avx2_fma};
+use super::{f32_input, has_avx2_fma, output_buffer};
 
 /// Most rows for [`LinearOp::transposed`]; more pack the weight.
 const TRANSPOSED_MAX_ROWS: usize = 256;
@@ -133,7 +133,9 @@ impl LinearOp {
                 Shape::from(dims),
             ));
         }
-        let mut wt = vec![0f32; n.div_ceil(NR) * NR * k];
+        // SAFETY (here and below): `pack_kt` writes every panel value, padding included, and
+        // the GEMMs (K > 0, not accumulating) and the transpose every output value.
+        let mut wt = unsafe { output_buffer(n.div_ceil(NR) * NR * k) };
         if k > 0 {
             wt.par_chunks_mut(NR * k)
                 .enumerate()
@@ -142,7 +144,7 @@ impl LinearOp {
                     pack_kt(&ws[rows.start * k..rows.end * k], rows.len(), k, 1.0, panel)
                 });
         }
-        let mut out = vec![0f32; m * n];
+        let mut out = unsafe { output_buffer(m * n) };
         let g = Gemm {
             m,
             n,
@@ -171,9 +173,9 @@ impl LinearOp {
         bias: Option<&[f32]>,
         (m, n, k): (usize, usize, usize),
     ) -> Vec<f32> {
-        let mut xt = vec![0f32; m.div_ceil(NR) * NR * k];
+        let mut xt = unsafe { output_buffer(m.div_ceil(NR) * NR * k) };
         pack_kt(xs, m, k, 1.0, &mut xt);
-        let mut yt = vec![0f32; n * m];
+        let mut yt = unsafe { output_buffer(n * m) };
         let g = Gemm {
             m: n,
             n: m,
@@ -186,7 +188,7 @@ impl LinearOp {
             bias_per_col: false,
         };
         gemm_parallel(&g, ws, &xt, &mut yt, bias);
-        let mut out = vec![0f32; m * n];
+        let mut out = unsafe { output_buffer(m * n) };
         transpose(&yt, n, m, &mut out);
         out
     }
