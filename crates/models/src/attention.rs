@@ -40,12 +40,67 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Re
 fn attention_path(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     let same_dtype = q.dtype() == k.dtype() && k.dtype() == v.dtype();
     if q.device().is_cpu() && same_dtype && crate::ops::kernel_dtype(q.dtype()) && q.rank() == 3 {
-        let op = crate::ops::attention::FlashAttention { scale, causal };
+        let op = crate::ops::attention::FlashAttention {
+            scale,
+            causal,
+            heads: 1,
+        };
         return q
             .contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
     attention_reference(q, k, v, scale, causal)
+}
+
+/// Multi-head attention over the projections as they come: `q` `(B, N, heads·d)`, `k`
+/// `(B, M, heads·d)`, `v` `(B, M, heads·dv)` give `(B, N, heads·dv)`, the heads merged back
+/// (diffusers' `head_to_batch_dim`, attention, `batch_to_head_dim`). On the CPU, when no
+/// gradient is tracked, the kernel reads and writes the heads where they are; otherwise they
+/// are split into `(B·heads, N, d)` for [`scaled_dot_product_attention`] and merged back.
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
+    let (b, n, cq) = q.dims3()?;
+    let (m, cv) = (k.dim(1)?, v.dim(2)?);
+    let same_dtype = q.dtype() == k.dtype() && k.dtype() == v.dtype();
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    let splits = heads > 0 && cq % heads == 0 && cv % heads == 0;
+    if q.device().is_cpu()
+        && same_dtype
+        && crate::ops::kernel_dtype(q.dtype())
+        && !tracked
+        && splits
+        && k.rank() == 3
+    {
+        let (d, dv) = (cq / heads, cv / heads);
+        let flops = 2.0 * (b * heads * n * m * (d + dv)) as f64 / if causal { 2.0 } else { 1.0 };
+        let name = || format!("attention {}x{n}x{d} over {m} keys", b * heads);
+        let op = crate::ops::attention::FlashAttention {
+            scale,
+            causal,
+            heads,
+        };
+        return crate::profile::timed(name, flops, || {
+            q.contiguous()?
+                .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+        });
+    }
+    let split = |t: &Tensor| -> Result<Tensor> {
+        let (b, n, c) = t.dims3()?;
+        t.reshape((b, n, heads, c / heads))?
+            .transpose(1, 2)?
+            .reshape((b * heads, n, c / heads))
+    };
+    let out = attention(&split(q)?, &split(k)?, &split(v)?, scale, causal)?;
+    let dv = out.dim(2)?;
+    out.reshape((b, heads, n, dv))?
+        .transpose(1, 2)?
+        .reshape((b, n, heads * dv))
 }
 
 /// Attention with the full score matrix, from generic ops: the reference for the fused kernel
@@ -197,14 +252,6 @@ impl Attention {
         })
     }
 
-    /// `(B, N, C)` → `(B*heads, N, C/heads)`.
-    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = xs.dims3()?;
-        xs.reshape((b, n, self.heads, c / self.heads))?
-            .transpose(1, 2)?
-            .reshape((b * self.heads, n, c / self.heads))
-    }
-
     /// Attends `hidden_states` — `(B, N, C)`, or a `(B, C, H, W)` feature map — to
     /// `encoder_hidden_states` `(B, M, C')`, or to itself when `None`.
     pub fn forward(
@@ -233,20 +280,15 @@ impl Attention {
                 .contiguous()?;
         }
         let context = encoder_hidden_states.unwrap_or(&xs);
-        let (b, n, _) = xs.dims3()?;
-        let mut q = self.split_heads(&self.to_q.forward(&xs)?)?;
-        let mut k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
-        if self.upcast_attention {
+        let mut q = self.to_q.forward(&xs)?;
+        let mut k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        // (The CPU kernel computes in f32 whatever the input dtype.)
+        if self.upcast_attention && !q.device().is_cpu() {
             q = q.to_dtype(DType::F32)?;
             k = k.to_dtype(DType::F32)?;
         }
-        let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
-        let d = out.dim(2)?;
-        let out = out
-            .reshape((b, self.heads, n, d))?
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * d))?;
+        let out = multi_head_attention(&q, &k, &v, self.heads, self.scale, false)?;
         let mut out = self.to_out.forward(&out)?;
         if let [b, c, h, w] = spatial.as_slice() {
             out = out.transpose(1, 2)?.reshape((*b, *c, *h, *w))?;

@@ -154,23 +154,11 @@ impl ClipAttention {
 
     /// `x`: (B, T, H); causal self-attention.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t, h) = x.dims3()?;
-        // (B, T, H) → (B·heads, T, head_dim)
-        let split = |y: Tensor| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b * self.heads, t, self.head_dim))
-        };
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = split(self.q_proj.forward(x)?)?;
-        let k = split(self.k_proj.forward(x)?)?;
-        let v = split(self.v_proj.forward(x)?)?;
-        let out = crate::attention::causal_attention(&q, &k, &v, scale)?
-            .reshape((b, self.heads, t, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, h))?;
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let out = crate::attention::multi_head_attention(&q, &k, &v, self.heads, scale, true)?;
         self.out_proj.forward(&out)
     }
 }

@@ -22,7 +22,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
 use super::microkernel::{gemm_parallel, gemm_rows, transpose_rows8, Gemm, B, NR};
-use super::{f32_input, f32_output, kernel_dtype, output_buffer, simd_fn, LANES};
+use super::{f32_input, f32_output, kernel_dtype, output_buffer, simd_fn, SendPtr, LANES};
 
 /// Output tile side, input tile side (m + r − 1) and transformed points per tile.
 const M: usize = 4;
@@ -342,25 +342,11 @@ struct Chunk {
     nt: usize,
 }
 
-/// A raw output pointer shared by the tasks, which write disjoint tiles.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: only used for writes to disjoint elements (each task owns its tiles).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// (A method, so that closures capture the whole wrapper rather than its field.)
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 simd_fn! {
     /// Inverse transform of the products `[point][tile][ld]` of a chunk of tiles for output
     /// channels `couts` (column `c − couts.start` of each row), plus the bias, into the
     /// `(N, Cout, H, W)` output (`Cout` = `bias.len()`).
-    fn transform_outputs(m: &[f32], ld: usize, couts: std::ops::Range<usize>, out: OutPtr, bias: &[f32], grid: Grid, chunk: Chunk) {
+    fn transform_outputs(m: &[f32], ld: usize, couts: std::ops::Range<usize>, out: SendPtr, bias: &[f32], grid: Grid, chunk: Chunk) {
         let Chunk { t0, nt } = chunk;
         let cout = bias.len();
         let plane = grid.h * grid.w;
@@ -396,7 +382,7 @@ fn convolve_tiles(
     x: &[f32],
     u: &[f32],
     bias: &[f32],
-    out: OutPtr,
+    out: SendPtr,
     grid: Grid,
     (cin, cout): (usize, usize),
     t0: usize,
@@ -449,7 +435,7 @@ fn convolve_small(
     x: &[f32],
     w: &[f32],
     bias: &[f32],
-    out: OutPtr,
+    out: SendPtr,
     grid: Grid,
     (n, cin, cout): (usize, usize, usize),
 ) {
@@ -542,7 +528,7 @@ impl CustomOp3 for Winograd {
         let tiles = n * grid.tiles_per_image;
         // SAFETY: the tiles cover the map, and every output tile is written.
         let mut out = unsafe { output_buffer(n * cout * h * w) };
-        let ptr = OutPtr(out.as_mut_ptr());
+        let ptr = SendPtr(out.as_mut_ptr());
         if tiles < MIN_TILES {
             let wt = f32_input(sw, lw, "conv weight")?;
             convolve_small(&x, &wt, &bias, ptr, grid, (n, cin, cout));

@@ -141,7 +141,12 @@ impl LinearOp {
                 .enumerate()
                 .for_each(|(p, panel)| {
                     let rows = p * NR..((p + 1) * NR).min(n);
-                    pack_kt(&ws[rows.start * k..rows.end * k], rows.len(), k, 1.0, panel)
+                    pack_kt(
+                        &ws[rows.start * k..rows.end * k],
+                        (rows.len(), k, k),
+                        1.0,
+                        panel,
+                    )
                 });
         }
         let mut out = unsafe { output_buffer(m * n) };
@@ -174,7 +179,7 @@ impl LinearOp {
         (m, n, k): (usize, usize, usize),
     ) -> Vec<f32> {
         let mut xt = unsafe { output_buffer(m.div_ceil(NR) * NR * k) };
-        pack_kt(xs, m, k, 1.0, &mut xt);
+        pack_kt(xs, (m, k, k), 1.0, &mut xt);
         let mut yt = unsafe { output_buffer(n * m) };
         let g = Gemm {
             m: n,

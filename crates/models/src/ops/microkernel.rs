@@ -14,6 +14,8 @@
 
 use rayon::prelude::*;
 
+use super::SendPtr;
+
 /// Columns per tile and per packed panel: two ymm registers per row.
 pub(crate) const NR: usize = 16;
 /// Rows per tile.
@@ -23,12 +25,13 @@ const MR: usize = 6;
 /// so that no thin last block pays a full pass of loads and stores of `c`.
 const KC: usize = 384;
 
-/// Packs `scale · kᵀ` (`k`: m × d, row-major) into panels of [`NR`] rows of `k`, each panel
-/// `d × NR` (row index fastest), the rows past `m` zero. `out` holds `m.div_ceil(NR) · NR · d`
-/// values. The attention keys of one head, and the weights (or, over few rows, the inputs) of
-/// a linear layer, are packed so.
-pub(crate) fn pack_kt(k: &[f32], m: usize, d: usize, scale: f32, out: &mut [f32]) {
-    debug_assert!(k.len() >= m * d && out.len() >= m.div_ceil(NR) * NR * d);
+/// Packs `scale · kᵀ` (`k`: m rows of d values, `ld` apart) into panels of [`NR`] rows of
+/// `k`, each panel `d × NR` (row index fastest), the rows past `m` zero. `out` holds
+/// `m.div_ceil(NR) · NR · d` values. The attention keys of one head, and the weights (or, over
+/// few rows, the inputs) of a linear layer, are packed so.
+pub(crate) fn pack_kt(k: &[f32], (m, d, ld): (usize, usize, usize), scale: f32, out: &mut [f32]) {
+    debug_assert!(m == 0 || k.len() >= (m - 1) * ld + d);
+    debug_assert!(out.len() >= m.div_ceil(NR) * NR * d);
     if d == 0 {
         return;
     }
@@ -38,13 +41,13 @@ pub(crate) fn pack_kt(k: &[f32], m: usize, d: usize, scale: f32, out: &mut [f32]
         for half in (0..NR).step_by(8) {
             let c0 = p * NR + half;
             if c0 + 8 <= m {
-                let rows = std::array::from_fn(|j| &k[(c0 + j) * d..(c0 + j + 1) * d]);
+                let rows = std::array::from_fn(|j| &k[(c0 + j) * ld..(c0 + j) * ld + d]);
                 transpose_rows8(rows, d, &mut panel[half..], NR);
             } else {
                 for j in 0..8 {
                     for dd in 0..d {
                         panel[dd * NR + half + j] = if c0 + j < m {
-                            k[(c0 + j) * d + dd]
+                            k[(c0 + j) * ld + dd]
                         } else {
                             0.0
                         };
@@ -317,20 +320,6 @@ pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) 
                 }
             }
         });
-}
-
-/// A raw pointer the parallel tasks share; each writes its own disjoint part.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used for disjoint writes (see the drivers).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// (A method, so that closures capture the whole wrapper rather than its field.)
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Runs `g` on every core, split into row blocks × column blocks (whole panels) of about
@@ -796,7 +785,7 @@ mod tests {
                         let bt: Vec<f32> =
                             (0..n * k).map(|i| b_rows[(i % k) * ld + i / k]).collect();
                         let mut dense = vec![0f32; n.div_ceil(NR) * NR * k];
-                        pack_kt(&bt, n, k, 1.0, &mut dense);
+                        pack_kt(&bt, (n, k, k), 1.0, &mut dense);
                         // Panels with NaN gaps between them: the stride is honoured.
                         let panel_stride = NR * k + 24;
                         let mut b_packed = vec![f32::NAN; n.div_ceil(NR) * panel_stride];

@@ -111,6 +111,21 @@ pub(crate) fn sum(xs: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
+/// A raw pointer into a kernel's output that parallel tasks share, each writing elements no
+/// other task writes.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: only used for writes to disjoint elements (see each use).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// (A method, so that closures capture the whole wrapper rather than its field.)
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// A buffer of `len` values for a kernel's output, not zeroed in release builds: zeroing a
 /// reused 10–80 MB block is a pass over memory that cost the UNet's linear layers 4–15% of
 /// their time (alternating in one process). Debug builds, and so the tests, fill it with NaN
