@@ -31,10 +31,22 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Re
     let (b, n, d) = q.dims3().unwrap_or((q.elem_count(), 1, 1));
     let m = k.dim(k.rank().saturating_sub(2)).unwrap_or(1);
     let dv = v.dims().last().copied().unwrap_or(1);
+    profiled((b, n, m, d, dv), causal, || {
+        attention_path(q, k, v, scale, causal)
+    })
+}
+
+/// Runs `f`, an attention of `b` heads of `n` queries over `m` keys (key and value widths `d`,
+/// `dv`), under the profiler.
+fn profiled(
+    (b, n, m, d, dv): (usize, usize, usize, usize, usize),
+    causal: bool,
+    f: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
     // QKᵀ and PV; a causal mask skips about half of both.
     let flops = 2.0 * (b * n * m * (d + dv)) as f64 / if causal { 2.0 } else { 1.0 };
     let name = || format!("attention {b}x{n}x{d} over {m} keys");
-    crate::profile::timed(name, flops, || attention_path(q, k, v, scale, causal))
+    crate::profile::timed(name, flops, f)
 }
 
 fn attention_path(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
@@ -77,15 +89,13 @@ pub fn multi_head_attention(
         && splits
         && k.rank() == 3
     {
-        let (d, dv) = (cq / heads, cv / heads);
-        let flops = 2.0 * (b * heads * n * m * (d + dv)) as f64 / if causal { 2.0 } else { 1.0 };
-        let name = || format!("attention {}x{n}x{d} over {m} keys", b * heads);
         let op = crate::ops::attention::FlashAttention {
             scale,
             causal,
             heads,
         };
-        return crate::profile::timed(name, flops, || {
+        let shape = (b * heads, n, m, cq / heads, cv / heads);
+        return profiled(shape, causal, || {
             q.contiguous()?
                 .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
         });
