@@ -436,6 +436,18 @@ fn conv_gradients_match_candle() -> Result<()> {
     Ok(())
 }
 
+type UnaryOp = fn(&Tensor) -> candle_core::Result<Tensor>;
+
+/// The gradient of `sum(f(x) ⊙ weights)` with respect to `x`.
+fn weighted_grad(f: UnaryOp, x: &Var, weights: &Tensor) -> Result<Tensor> {
+    let loss = (f(x.as_tensor())? * weights)?.sum_all()?;
+    Ok(loss
+        .backward()?
+        .get(x.as_tensor())
+        .expect("gradient")
+        .clone())
+}
+
 #[test]
 fn geglu_matches_reference_and_has_gradients() -> Result<()> {
     use diffuse_models::ops::geglu::{geglu, geglu_reference};
@@ -453,14 +465,7 @@ fn geglu_matches_reference_and_has_gradients() -> Result<()> {
     }
     let h = Var::from_tensor(&randn(&[3, 7, 2 * 19], 2.0)?)?;
     let weights = randn(&[3, 7, 19], 1.0)?;
-    let grad = |f: fn(&Tensor) -> candle_core::Result<Tensor>| -> Result<Tensor> {
-        let loss = (f(&h)? * &weights)?.sum_all()?;
-        Ok(loss
-            .backward()?
-            .get(h.as_tensor())
-            .expect("gradient")
-            .clone())
-    };
+    let grad = |f| weighted_grad(f, &h, &weights);
     assert_close("dgeglu", &grad(geglu)?, &grad(geglu_reference)?, 1e-5)?;
     assert!(geglu(&randn(&[2, 3], 1.0)?).is_err(), "odd last dimension");
     Ok(())
@@ -504,8 +509,7 @@ fn linear_matches_reference() -> Result<()> {
 #[test]
 fn activations_match_reference_and_have_gradients() -> Result<()> {
     use diffuse_models::ops::activation::{gelu, gelu_reference, quick_gelu, quick_gelu_reference};
-    type Op = fn(&Tensor) -> candle_core::Result<Tensor>;
-    let ops: [(&str, Op, Op); 2] = [
+    let ops: [(&str, UnaryOp, UnaryOp); 2] = [
         ("quick_gelu", quick_gelu, quick_gelu_reference),
         ("gelu", gelu, gelu_reference),
     ];
@@ -525,14 +529,7 @@ fn activations_match_reference_and_have_gradients() -> Result<()> {
         }
         let x = Var::from_tensor(&randn(&[3, 7, 19], 3.0)?)?;
         let weights = randn(&[3, 7, 19], 1.0)?;
-        let grad = |f: Op| -> Result<Tensor> {
-            let loss = (f(&x)? * &weights)?.sum_all()?;
-            Ok(loss
-                .backward()?
-                .get(x.as_tensor())
-                .expect("gradient")
-                .clone())
-        };
+        let grad = |f| weighted_grad(f, &x, &weights);
         assert_close(&format!("d{name}"), &grad(op)?, &grad(reference)?, 1e-5)?;
     }
     Ok(())
