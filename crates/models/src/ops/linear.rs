@@ -180,21 +180,29 @@ impl LinearOp {
     ) -> Vec<f32> {
         let mut xt = unsafe { output_buffer(m.div_ceil(NR) * NR * k) };
         pack_kt(xs, (m, k, k), 1.0, &mut xt);
-        let mut yt = unsafe { output_buffer(n * m) };
+        // All of `xt`'s columns, its zero padding included, when that adds little: every tile
+        // is then a whole one. Alternating in one process, 154 rows (9·16 + 10) took 2.5–7%
+        // less time so (154 × 3072 → 768 6.1 vs 6.6 ms); 2 rows (a time embedding) 23% more.
+        let mp = if m >= 4 * NR {
+            m.next_multiple_of(NR)
+        } else {
+            m
+        };
+        let mut yt = unsafe { output_buffer(n * mp) };
         let g = Gemm {
             m: n,
-            n: m,
+            n: mp,
             k,
             lda: k,
             b: B::packed(k),
-            rs_c: m,
+            rs_c: mp,
             cs_c: 1,
             accumulate: false,
             bias_per_col: false,
         };
         gemm_parallel(&g, ws, &xt, &mut yt, bias);
         let mut out = unsafe { output_buffer(m * n) };
-        transpose(&yt, n, m, &mut out);
+        transpose(&yt, (n, m, mp), &mut out);
         out
     }
 }

@@ -295,13 +295,15 @@ pub(crate) fn transpose_rows8(rows: [&[f32]; 8], len: usize, dst: &mut [f32], ld
     }
 }
 
-/// `dst (cols × rows) = srcᵀ` for a row-major `src (rows × cols)`, on every core: each task
-/// writes a block of rows of `dst`, eight columns at a time by [`transpose_rows8`].
-pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+/// `dst (cols × rows) = srcᵀ` for a row-major `src` of `rows` rows, `ld` apart, of which the
+/// first `cols` values are taken; on every core: each task writes a block of rows of `dst`,
+/// eight columns at a time by [`transpose_rows8`].
+pub(crate) fn transpose(src: &[f32], (rows, cols, ld): (usize, usize, usize), dst: &mut [f32]) {
+    assert!(cols <= ld && dst.len() >= rows * cols);
     if rows * cols == 0 {
         return;
     }
+    assert!(src.len() >= (rows - 1) * ld + cols);
     // 64 rows of `dst` per task: 256-byte runs of each row of `src`.
     const CHUNK: usize = 64;
     dst[..rows * cols]
@@ -311,12 +313,12 @@ pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) 
             let (c0, len) = (t * CHUNK, dst.len() / rows);
             let full = rows / 8 * 8;
             for r0 in (0..full).step_by(8) {
-                let run = |j: usize| &src[(r0 + j) * cols + c0..(r0 + j) * cols + c0 + len];
+                let run = |j: usize| &src[(r0 + j) * ld + c0..(r0 + j) * ld + c0 + len];
                 transpose_rows8(std::array::from_fn(run), len, &mut dst[r0..], rows);
             }
             for r in full..rows {
                 for e in 0..len {
-                    dst[e * rows + r] = src[r * cols + c0 + e];
+                    dst[e * rows + r] = src[r * ld + c0 + e];
                 }
             }
         });
@@ -733,19 +735,25 @@ mod tests {
     }
 
     /// Row counts with and without a remainder of eight, column counts across several
-    /// 64-column tasks and within one.
+    /// 64-column tasks and within one, rows longer than the columns taken.
     #[test]
     fn transpose_matches_scalar() {
         let mut seed = 5;
-        for (rows, cols) in [(1, 1), (8, 64), (13, 150), (154, 37), (3, 200)] {
-            let src = rand(rows * cols, &mut seed);
+        for (rows, cols, ld) in [
+            (1, 1, 1),
+            (8, 64, 64),
+            (13, 150, 160),
+            (154, 37, 37),
+            (3, 200, 205),
+        ] {
+            let src = rand(rows * ld, &mut seed);
             let mut dst = vec![f32::NAN; rows * cols];
-            transpose(&src, rows, cols, &mut dst);
+            transpose(&src, (rows, cols, ld), &mut dst);
             for r in 0..rows {
                 for c in 0..cols {
                     assert_eq!(
                         dst[c * rows + r],
-                        src[r * cols + c],
+                        src[r * ld + c],
                         "{rows}x{cols} at ({r},{c})"
                     );
                 }
