@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
+use diffuse_pipelines::png_info::InfoText;
 use diffuse_pipelines::{
     load_pipeline, GenerationParams, Img2ImgRequest, InpaintRequest, LoadOptions, Pipeline,
     StableDiffusionPipeline, StepCallback, StepInfo, Text2ImageRequest, Timings,
@@ -437,15 +438,24 @@ impl Session {
     /// The A1111 `parameters` text; `class` is the class of a class-conditional model.
     fn parameters_text(&self, width: usize, height: usize, class: Option<&str>) -> String {
         let a = &self.args;
-        let sampler = a
-            .scheduler
-            .clone()
-            .unwrap_or_else(|| self.pipeline.scheduler_name().to_string());
-        let class = class.map(|c| format!(", Class: {c}")).unwrap_or_default();
-        format!(
-            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, CFG scale: {}, Seed: {}, Size: {width}x{height}, Model: {}{class}",
-            a.prompt, a.negative_prompt, self.steps, self.guidance_scale, self.seed, self.model_name
-        )
+        InfoText {
+            prompt: a.prompt.clone(),
+            negative_prompt: a.negative_prompt.clone(),
+            steps: self.steps,
+            sampler: a
+                .scheduler
+                .clone()
+                .unwrap_or_else(|| self.pipeline.scheduler_name().to_string()),
+            cfg_scale: self.guidance_scale,
+            seed: self.seed,
+            width,
+            height,
+            model: self.model_name.clone(),
+            extra: class
+                .map(|c| vec![("Class".to_string(), c.to_string())])
+                .unwrap_or_default(),
+        }
+        .to_string()
     }
 
     fn save(&self, images: Vec<DynamicImage>, outputs: &[OutputFile]) -> Result<()> {
@@ -590,11 +600,7 @@ fn print_timings(t: &Timings, steps: usize) {
 /// Writes the PNG with its `parameters` chunk to a temp file, then renames it into place, so
 /// an interrupted run never leaves a partial PNG behind.
 fn write_png(img: &DynamicImage, out: &OutputFile, force: bool) -> Result<()> {
-    let (color, raw) = match img {
-        DynamicImage::ImageLuma8(g) => (png::ColorType::Grayscale, g.as_raw()),
-        DynamicImage::ImageRgb8(rgb) => (png::ColorType::Rgb, rgb.as_raw()),
-        other => bail!("cannot save a {:?} image", other.color()),
-    };
+    let bytes = diffuse_pipelines::png_info::encode_png(img, Some(&out.parameters))?;
     let dir = match out.path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -606,25 +612,10 @@ fn write_png(img: &DynamicImage, out: &OutputFile, force: bool) -> Result<()> {
         .unwrap_or_else(|| "output.png".into());
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| -> Result<()> {
-        let file =
+        let mut file =
             std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut w = std::io::BufWriter::new(file);
-        {
-            let mut enc = png::Encoder::new(&mut w, img.width(), img.height());
-            enc.set_color(color);
-            enc.set_depth(png::BitDepth::Eight);
-            // tEXt is Latin-1 only; other prompts go in an (UTF-8) iTXt chunk.
-            if out.parameters.chars().all(|c| (c as u32) < 256) {
-                enc.add_text_chunk("parameters".into(), out.parameters.clone())?;
-            } else {
-                enc.add_itxt_chunk("parameters".into(), out.parameters.clone())?;
-            }
-            let mut writer = enc.write_header()?;
-            writer.write_image_data(raw)?;
-            writer.finish()?;
-        }
-        w.flush()?;
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
         if out.path.exists() && !force {
             bail!(
                 "{} appeared meanwhile; pass --force to overwrite it",

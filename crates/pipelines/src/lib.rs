@@ -9,6 +9,7 @@ pub mod ddpm;
 pub mod image_processor;
 pub mod img2img;
 pub mod inpaint;
+pub mod png_info;
 pub mod stable_diffusion;
 
 use std::path::{Path, PathBuf};
