@@ -376,6 +376,116 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Sigmas evenly spaced in log space from `sigma_max` down to `sigma_min`
+/// (`use_exponential_sigmas`).
+pub fn exponential_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    linspace(sigma_max.ln(), sigma_min.ln(), n)
+        .into_iter()
+        .map(f64::exp)
+        .collect()
+}
+
+/// Sigmas at the quantiles of a Beta(0.6, 0.6) distribution ("Beta Sampling is All You Need",
+/// arXiv:2407.12173; `use_beta_sigmas`): dense near both ends of the range.
+pub fn beta_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    let (alpha, beta) = (0.6, 0.6);
+    linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| sigma_min + beta_ppf(1.0 - r, alpha, beta) * (sigma_max - sigma_min))
+        .collect()
+}
+
+/// ln Γ(x) for x > 0 (Lanczos approximation, g = 7; relative error ~1e-15).
+fn ln_gamma(x: f64) -> f64 {
+    const G: f64 = 7.0;
+    const C: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        // Reflection: Γ(x) Γ(1 - x) = π / sin(πx).
+        let pi = std::f64::consts::PI;
+        return (pi / (pi * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let mut a = C[0];
+    for (i, &c) in C.iter().enumerate().skip(1) {
+        a += c / (x + i as f64);
+    }
+    let t = x + G + 0.5;
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
+}
+
+/// The regularised incomplete beta function I_x(a, b), by its continued fraction (evaluated
+/// with Lentz's method on the side where it converges fast).
+fn beta_cdf(x: f64, a: f64, b: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    let ln_front = a * x.ln() + b * (1.0 - x).ln() - (ln_gamma(a) + ln_gamma(b) - ln_gamma(a + b));
+    if x > (a + 1.0) / (a + b + 2.0) {
+        return 1.0 - beta_cdf(1.0 - x, b, a);
+    }
+    let tiny = 1e-300;
+    let (mut c, mut d) = (1.0, 1.0 - (a + b) * x / (a + 1.0));
+    d = 1.0 / if d.abs() < tiny { tiny } else { d };
+    let mut f = d;
+    for m in 1..500 {
+        let m = m as f64;
+        // The even and odd terms of the fraction.
+        let even = m * (b - m) * x / ((a + 2.0 * m - 1.0) * (a + 2.0 * m));
+        let odd = -(a + m) * (a + b + m) * x / ((a + 2.0 * m) * (a + 2.0 * m + 1.0));
+        let mut delta = 1.0;
+        for coef in [even, odd] {
+            d = 1.0 + coef * d;
+            d = 1.0 / if d.abs() < tiny { tiny } else { d };
+            c = 1.0 + coef / c;
+            if c.abs() < tiny {
+                c = tiny;
+            }
+            delta = c * d;
+            f *= delta;
+        }
+        if (delta - 1.0).abs() < 1e-16 {
+            break;
+        }
+    }
+    ln_front.exp() * f / a
+}
+
+/// The quantile function of Beta(a, b) (scipy's `beta.ppf`), by bisection to full f64 precision.
+fn beta_ppf(p: f64, a: f64, b: f64) -> f64 {
+    if p <= 0.0 {
+        return 0.0;
+    }
+    if p >= 1.0 {
+        return 1.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    while hi - lo > f64::EPSILON * hi.max(1e-300) {
+        let mid = 0.5 * (lo + hi);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if beta_cdf(mid, a, b) < p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
 // ---- tensor helpers -------------------------------------------------------------------------
 
 /// `a * ca + b * cb` with scalar coefficients.
@@ -387,15 +497,20 @@ pub fn scale(a: &Tensor, c: f64) -> Result<Tensor> {
     Ok(a.affine(c, 0.0)?)
 }
 
-/// `original * ca[b] + noise * cb[b]` with per-batch-element coefficients.
+/// `original * ca[b] + noise * cb[b]` with per-batch-element coefficients (or one pair for the
+/// whole batch).
 pub fn per_batch_lin2(original: &Tensor, noise: &Tensor, ca: &[f64], cb: &[f64]) -> Result<Tensor> {
     let b = original.dim(0)?;
-    if ca.len() != b {
-        return Err(Error::invalid(format!(
-            "add_noise: {} timesteps for a batch of {b}",
-            ca.len()
-        )));
-    }
+    // One timestep noises the whole batch, as torch broadcasts a one-element timestep tensor.
+    let b = match ca.len() {
+        1 => 1,
+        n if n == b => b,
+        n => {
+            return Err(Error::invalid(format!(
+                "add_noise: {n} timesteps for a batch of {b}"
+            )))
+        }
+    };
     if noise.dims() != original.dims() {
         return Err(Error::invalid(format!(
             "add_noise: noise shape {:?} differs from sample shape {:?}",
@@ -620,8 +735,8 @@ macro_rules! alpha_scheduler_common {
             )
         }
 
-        fn alphas_cumprod(&self) -> &[f32] {
-            &self.noise.alphas_cumprod
+        fn alphas_cumprod(&self) -> Option<&[f32]> {
+            Some(&self.noise.alphas_cumprod)
         }
     };
 }
@@ -678,9 +793,39 @@ macro_rules! solver_scheduler_common {
             crate::dpmsolver_multistep::vp_add_noise(&self.state, CLASS, original, noise, timesteps)
         }
 
-        fn alphas_cumprod(&self) -> &[f32] {
-            &self.noise.alphas_cumprod
+        fn alphas_cumprod(&self) -> Option<&[f32]> {
+            Some(&self.noise.alphas_cumprod)
         }
     };
 }
 pub(crate) use solver_scheduler_common;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beta_quantiles_match_scipy() {
+        // scipy.stats.beta.ppf(p, 0.6, 0.6) (scipy 1.17.1), and one asymmetric case.
+        let cases = [
+            (0.0, 0.0),
+            (0.01, 0.000_861_238_821_542_905_9),
+            (0.1, 0.039_584_405_588_780_85),
+            (0.3, 0.234_017_003_875_235_72),
+            (0.5, 0.500_000_000_000_000_1),
+            (0.77, 0.846_162_414_232_350_2),
+            (0.95, 0.987_445_543_126_388_5),
+            (0.999, 0.999_981_441_261_482_6),
+            (1.0, 1.0),
+        ];
+        for (p, want) in cases {
+            let got = beta_ppf(p, 0.6, 0.6);
+            assert!(
+                (got - want).abs() <= 1e-13 * (1.0 + want),
+                "{p}: {got} vs {want}"
+            );
+        }
+        let got = beta_ppf(0.3, 2.5, 0.7);
+        assert!((got - 0.709_775_891_214_880_4).abs() < 1e-13, "{got}");
+    }
+}

@@ -13,6 +13,7 @@ pub mod ddpm;
 pub mod dpmsolver_multistep;
 pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
+pub mod flow_match_euler_discrete;
 pub mod heun_discrete;
 pub mod k_dpm_2_discrete;
 pub mod lcm;
@@ -35,6 +36,67 @@ pub struct StepOutput {
     pub pred_original_sample: Option<Tensor>,
 }
 
+/// What [`Scheduler::set_timesteps_with`] is given: diffusers' `set_timesteps(num_inference_steps,
+/// timesteps=, sigmas=, mu=)` keyword arguments. Pipelines pass custom sigmas (Flux's
+/// `linspace(1, 1/n, n)`) and the resolution-dependent shift `mu` this way.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TimestepsSpec {
+    pub num_inference_steps: Option<usize>,
+    /// Explicit timesteps, descending.
+    pub timesteps: Option<Vec<f64>>,
+    /// Explicit sigmas, descending (without the final one the scheduler appends).
+    pub sigmas: Option<Vec<f64>>,
+    /// The shift of `use_dynamic_shifting` flow-matching schedules.
+    pub mu: Option<f64>,
+}
+
+impl TimestepsSpec {
+    /// A schedule of `n` steps.
+    pub fn steps(n: usize) -> Self {
+        Self {
+            num_inference_steps: Some(n),
+            ..Self::default()
+        }
+    }
+
+    /// A schedule of the given sigmas.
+    pub fn sigmas(sigmas: Vec<f64>) -> Self {
+        Self {
+            sigmas: Some(sigmas),
+            ..Self::default()
+        }
+    }
+
+    /// A schedule of the given timesteps.
+    pub fn timesteps(timesteps: Vec<f64>) -> Self {
+        Self {
+            timesteps: Some(timesteps),
+            ..Self::default()
+        }
+    }
+
+    pub fn with_mu(mut self, mu: f64) -> Self {
+        self.mu = Some(mu);
+        self
+    }
+
+    /// An error naming the first argument given that `class` does not take (`takes` lists the
+    /// ones it does: "timesteps", "sigmas", "mu").
+    pub fn reject_others(&self, class: &str, takes: &[&str]) -> Result<()> {
+        let given = [
+            ("timesteps", self.timesteps.is_some()),
+            ("sigmas", self.sigmas.is_some()),
+            ("mu", self.mu.is_some()),
+        ];
+        match given.iter().find(|(k, on)| *on && !takes.contains(k)) {
+            Some((k, _)) => Err(Error::invalid(format!(
+                "{class} does not accept custom {k} in set_timesteps"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A diffusion scheduler: the noise schedule and the sampler that walks it.
 ///
 /// The pipeline loop is:
@@ -55,6 +117,21 @@ pub trait Scheduler: Send {
 
     /// Prepares the schedule for `num_inference_steps` denoising steps.
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
+
+    /// Prepares the schedule from diffusers' `set_timesteps` keyword arguments: a step count,
+    /// or custom timesteps / sigmas, and `mu` for dynamically shifted flow-matching schedules.
+    /// Schedulers that take only some of these refuse the others with an error naming them.
+    fn set_timesteps_with(&mut self, spec: &TimestepsSpec) -> Result<()> {
+        spec.reject_others(self.class_name(), &["timesteps"])?;
+        match (spec.num_inference_steps, &spec.timesteps) {
+            (Some(n), None) => self.set_timesteps(n),
+            (None, Some(ts)) => self.set_custom_timesteps(ts),
+            _ => Err(Error::invalid(format!(
+                "{}: set_timesteps needs exactly one of num_inference_steps and timesteps",
+                self.class_name()
+            ))),
+        }
+    }
 
     /// Uses explicit timesteps (descending) where diffusers allows it.
     fn set_custom_timesteps(&mut self, timesteps: &[f64]) -> Result<()> {
@@ -108,21 +185,24 @@ pub trait Scheduler: Send {
         let _ = eta;
     }
 
-    /// The training noise schedule (cumulative alphas, one per training timestep).
-    fn alphas_cumprod(&self) -> &[f32];
+    /// The training noise schedule (cumulative alphas, one per training timestep); `None` for
+    /// schedulers without a discrete variance-preserving schedule (flow matching, EDM).
+    fn alphas_cumprod(&self) -> Option<&[f32]>;
 
     /// The training betas, recovered from `alphas_cumprod` (exact to f32 rounding).
-    fn betas(&self) -> Vec<f32> {
-        let acp = self.alphas_cumprod();
-        (0..acp.len())
-            .map(|i| {
-                if i == 0 {
-                    1.0 - acp[0]
-                } else {
-                    1.0 - acp[i] / acp[i - 1]
-                }
-            })
-            .collect()
+    fn betas(&self) -> Option<Vec<f32>> {
+        let acp = self.alphas_cumprod()?;
+        Some(
+            (0..acp.len())
+                .map(|i| {
+                    if i == 0 {
+                        1.0 - acp[0]
+                    } else {
+                        1.0 - acp[i] / acp[i - 1]
+                    }
+                })
+                .collect(),
+        )
     }
 }
 
@@ -139,6 +219,7 @@ pub const CLASS_NAMES: &[&str] = &[
     "DPMSolverMultistepScheduler",
     "UniPCMultistepScheduler",
     "LCMScheduler",
+    "FlowMatchEulerDiscreteScheduler",
 ];
 
 /// Builds the scheduler `class` from a config (of any scheduler class: unknown keys are
@@ -164,6 +245,9 @@ pub fn from_config(class: &str, config: &SchedulerConfig) -> Result<Box<dyn Sche
             Box::new(unipc_multistep::UniPcMultistepScheduler::new(config)?)
         }
         "LCMScheduler" => Box::new(lcm::LcmScheduler::new(config)?),
+        "FlowMatchEulerDiscreteScheduler" => {
+            Box::new(flow_match_euler_discrete::FlowMatchEulerDiscreteScheduler::new(config)?)
+        }
         other => {
             return Err(Error::invalid(format!(
                 "unknown scheduler class {other:?}; known: {}",

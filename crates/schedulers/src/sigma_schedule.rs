@@ -320,8 +320,8 @@ macro_rules! k_scheduler_common {
             self.state.add_noise_ve(CLASS, original, noise, timesteps)
         }
 
-        fn alphas_cumprod(&self) -> &[f32] {
-            &self.k.noise.alphas_cumprod
+        fn alphas_cumprod(&self) -> Option<&[f32]> {
+            Some(&self.k.noise.alphas_cumprod)
         }
     };
 }

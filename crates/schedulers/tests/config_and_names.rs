@@ -27,11 +27,17 @@ fn every_class_builds_from_another_classes_config_and_runs() {
         assert_eq!(s.class_name(), *class);
         s.set_timesteps(8).unwrap();
         assert!(!s.timesteps().is_empty());
-        // The training schedule comes from the shared keys, whatever the class.
-        assert!(
-            (s.alphas_cumprod()[999] - 0.004_660_3).abs() < 1e-6,
-            "{class}"
-        );
+        // The training schedule comes from the shared keys, whatever the class (flow-matching
+        // schedulers have none).
+        if let Some(acp) = s.alphas_cumprod() {
+            assert!((acp[999] - 0.004_660_3).abs() < 1e-6, "{class}");
+            assert_eq!(s.config().map["beta_schedule"], "scaled_linear");
+        } else {
+            assert!(
+                class.starts_with("FlowMatch"),
+                "{class} has no alphas_cumprod"
+            );
+        }
         let mut g = Generator::manual_seed(0);
         let mut x = sample.affine(s.init_noise_sigma(), 0.0).unwrap();
         for t in s.timesteps().to_vec() {
@@ -43,7 +49,6 @@ fn every_class_builds_from_another_classes_config_and_runs() {
         assert!(v.iter().all(|x| x.is_finite()), "{class} produced {v:?}");
         // The resolved config records the class and the values used.
         assert_eq!(s.config().class_name(), Some(*class));
-        assert_eq!(s.config().map["beta_schedule"], "scaled_linear");
     }
 }
 
@@ -129,4 +134,70 @@ fn heun_counts_two_evaluations_per_step() {
     s.set_timesteps(10).unwrap();
     assert_eq!(s.order(), 2);
     assert_eq!(s.timesteps().len(), 19);
+}
+
+#[test]
+fn flow_matching_schedules_need_what_diffusers_needs() {
+    use diffuse_schedulers::TimestepsSpec;
+    let dynamic = cfg(r#"{"use_dynamic_shifting": true}"#);
+    let mut s = from_config("FlowMatchEulerDiscreteScheduler", &dynamic).unwrap();
+    let err = s.set_timesteps(10).unwrap_err().to_string();
+    assert!(err.contains("mu"), "{err}");
+    s.set_timesteps_with(&TimestepsSpec::steps(10).with_mu(0.5))
+        .unwrap();
+    assert_eq!(s.timesteps().len(), 10);
+    let err = s
+        .set_timesteps_with(&TimestepsSpec {
+            num_inference_steps: Some(4),
+            sigmas: Some(vec![1.0, 0.5]),
+            mu: Some(0.5),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("num_inference_steps"), "{err}");
+    // Classes without custom sigmas refuse them by name.
+    let mut ddim = from_config("DDIMScheduler", &cfg("{}")).unwrap();
+    let err = ddim
+        .set_timesteps_with(&TimestepsSpec::sigmas(vec![1.0, 0.5]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("DDIMScheduler") && err.contains("sigmas"),
+        "{err}"
+    );
+    // Flux's mu: base_shift at the base sequence length, max_shift at the largest.
+    use diffuse_schedulers::flow_match_euler_discrete::calculate_shift;
+    assert!((calculate_shift(256, 256, 4096, 0.5, 1.15) - 0.5).abs() < 1e-12);
+    assert!((calculate_shift(4096, 256, 4096, 0.5, 1.15) - 1.15).abs() < 1e-12);
+}
+
+#[test]
+fn one_timestep_noises_the_whole_batch() {
+    let x = candle_core::Tensor::arange(0f32, 24.0, &candle_core::Device::Cpu)
+        .unwrap()
+        .reshape((3, 2, 2, 2))
+        .unwrap();
+    let z = x.affine(-0.5, 1.0).unwrap();
+    for class in CLASS_NAMES {
+        let mut s = from_config(class, &cfg(SD15)).unwrap();
+        s.set_timesteps(10).unwrap();
+        let t = s.timesteps()[3];
+        let one = s.add_noise(&x, &z, &[t]).unwrap();
+        let each = s.add_noise(&x, &z, &[t, t, t]).unwrap();
+        let d: f32 = (one - each)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_keepdim(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(d, 0.0, "{class}");
+        assert!(s.add_noise(&x, &z, &[t, t]).is_err(), "{class}");
+    }
 }

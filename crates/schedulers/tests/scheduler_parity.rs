@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use diffuse_core::testing::*;
 use diffuse_core::{Generator, NoiseSource};
-use diffuse_schedulers::{from_own_config, Scheduler, SchedulerConfig};
+use diffuse_schedulers::{from_own_config, Scheduler, SchedulerConfig, TimestepsSpec};
 
 const ATOL: f64 = 1e-5;
 const RTOL: f64 = 1e-5;
@@ -43,29 +43,84 @@ fn fresh(config: &SchedulerConfig) -> Result<Box<dyn Scheduler>> {
     Ok(from_own_config(config)?)
 }
 
+/// Fails on a key this harness does not know, so that a fixture it cannot fully run fails.
+fn known_keys(what: &str, v: &serde_json::Value, known: &[&str]) -> Result<()> {
+    let obj = v
+        .as_object()
+        .with_context(|| format!("{what}: not an object"))?;
+    if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
+        bail!("{what}: unknown key {k:?} (the harness cannot run this case)");
+    }
+    Ok(())
+}
+
+/// `set_timesteps(n)`, or the keyword arguments the fixture gave diffusers' `set_timesteps`.
+fn set_timesteps(sched: &mut dyn Scheduler, n: usize, kwargs: &serde_json::Value) -> Result<()> {
+    if kwargs.is_null() {
+        sched.set_timesteps(n)?;
+        return Ok(());
+    }
+    known_keys(
+        "set_timesteps_kwargs",
+        kwargs,
+        &["num_inference_steps", "timesteps", "sigmas", "mu"],
+    )?;
+    let list = |k: &str| -> Result<Option<Vec<f64>>> {
+        match &kwargs[k] {
+            serde_json::Value::Null => Ok(None),
+            v => Ok(Some(
+                v.as_array()
+                    .with_context(|| format!("{k}: not a list"))?
+                    .iter()
+                    .map(|x| x.as_f64().with_context(|| format!("{k}: not a number")))
+                    .collect::<Result<_>>()?,
+            )),
+        }
+    };
+    let spec = TimestepsSpec {
+        num_inference_steps: kwargs["num_inference_steps"].as_u64().map(|n| n as usize),
+        timesteps: list("timesteps")?,
+        sigmas: list("sigmas")?,
+        mu: kwargs["mu"].as_f64(),
+    };
+    sched.set_timesteps_with(&spec)?;
+    Ok(())
+}
+
 fn check_schedule(dir: &Path, config: &SchedulerConfig) -> Result<()> {
     let s = load_tensors(&dir.join("schedule.safetensors"))?;
     let meta = read_json(&dir.join("schedule.json"))?;
     let sched = fresh(config)?;
     if let Some(acp) = s.get("alphas_cumprod") {
-        assert_close(
-            "alphas_cumprod",
-            &f32s(sched.alphas_cumprod())?,
-            acp,
-            ATOL,
-            RTOL,
-        )?;
+        let ours = sched
+            .alphas_cumprod()
+            .context("fixture has alphas_cumprod but the scheduler has none")?;
+        assert_close("alphas_cumprod", &f32s(ours)?, acp, ATOL, RTOL)?;
     }
     if let Some(b) = s.get("betas") {
-        assert_close("betas", &f32s(&sched.betas())?, b, ATOL, RTOL)?;
+        let ours = sched
+            .betas()
+            .context("fixture has betas but the scheduler has none")?;
+        assert_close("betas", &f32s(&ours)?, b, ATOL, RTOL)?;
     }
     let runs = meta["set_timesteps"]
         .as_object()
         .context("schedule.json: no set_timesteps")?;
     for (n, info) in runs {
         let n: usize = n.parse()?;
+        known_keys(
+            &format!("schedule.json N={n}"),
+            info,
+            &[
+                "timesteps",
+                "timesteps_dtype",
+                "sigmas",
+                "init_noise_sigma",
+                "set_timesteps_kwargs",
+            ],
+        )?;
         let mut sched = fresh(config)?;
-        sched.set_timesteps(n)?;
+        set_timesteps(sched.as_mut(), n, &info["set_timesteps_kwargs"])?;
         assert_close(
             &format!("timesteps_N{n}"),
             &vec_tensor(sched.timesteps())?,
@@ -121,6 +176,25 @@ fn trace_tolerance(dir: &Path, json: &Path) -> Result<(f64, f64)> {
 fn check_trace(dir: &Path, config: &SchedulerConfig, json: &Path) -> Result<()> {
     let (step_atol, step_rtol) = trace_tolerance(dir, json)?;
     let meta = read_json(json)?;
+    known_keys(
+        "trace json",
+        &meta,
+        &[
+            "num_inference_steps",
+            "num_model_evals",
+            "init_noise_sigma",
+            "step_kwargs",
+            "generator_seed",
+            "stochastic",
+            "order",
+            "steps",
+            "scheduler",
+            "config_name",
+            "set_timesteps_kwargs",
+            "begin_index",
+        ],
+    )?;
+    known_keys("step_kwargs", &meta["step_kwargs"], &["eta"])?;
     let tr = load_tensors(&json.with_extension("safetensors"))?;
     let n = meta["num_inference_steps"]
         .as_u64()
@@ -129,15 +203,34 @@ fn check_trace(dir: &Path, config: &SchedulerConfig, json: &Path) -> Result<()> 
     if let Some(eta) = meta["step_kwargs"].get("eta").and_then(|e| e.as_f64()) {
         sched.set_eta(eta);
     }
-    sched.set_timesteps(n)?;
+    set_timesteps(sched.as_mut(), n, &meta["set_timesteps_kwargs"])?;
+    let begin = meta["begin_index"].as_u64().map(|b| b as usize);
+    if let Some(b) = begin {
+        sched.set_begin_index(b);
+    }
     let k = meta["num_model_evals"]
         .as_u64()
         .context("num_model_evals")? as usize;
-    if sched.timesteps().len() != k {
-        bail!(
-            "{} model evaluations, expected {k}",
-            sched.timesteps().len()
-        );
+    let order = meta["order"].as_u64().context("order")? as usize;
+    if sched.order() != order {
+        bail!("order {}, diffusers {order}", sched.order());
+    }
+    let timesteps = sched.timesteps()[begin.unwrap_or(0)..].to_vec();
+    if timesteps.len() != k {
+        bail!("{} model evaluations, expected {k}", timesteps.len());
+    }
+    assert_close(
+        "timesteps",
+        &vec_tensor(&timesteps)?,
+        get(&tr, "timesteps")?,
+        ATOL,
+        RTOL,
+    )?;
+    if let Some(sig) = tr.get("sigmas") {
+        let ours = sched
+            .sigmas()
+            .context("fixture has sigmas but the scheduler has none")?;
+        assert_close("sigmas", &f32s(ours)?, sig, ATOL, RTOL)?;
     }
     let seed = meta["generator_seed"].as_u64().unwrap_or(0);
     let mut rng = Recorder {
@@ -154,7 +247,6 @@ fn check_trace(dir: &Path, config: &SchedulerConfig, json: &Path) -> Result<()> 
         RTOL,
     )?;
     let pick = |name: &str, i: usize| -> Result<Tensor> { Ok(get(&tr, name)?.get(i)?) };
-    let timesteps = sched.timesteps().to_vec();
     for (i, &t) in timesteps.iter().enumerate() {
         let at = |what: &str| format!("step {i} (t={t}) {what}");
         let input = sched.scale_model_input(&sample, t)?;
@@ -227,11 +319,23 @@ fn check_trace(dir: &Path, config: &SchedulerConfig, json: &Path) -> Result<()> 
 }
 
 fn check_add_noise(dir: &Path, config: &SchedulerConfig) -> Result<()> {
+    let meta = read_json(&dir.join("add_noise.json"))?;
+    known_keys("add_noise.json", &meta, &["after_set10", "raw", "method"])?;
+    // The flow-matching schedulers noise with `scale_noise`, which our `add_noise` implements.
+    match meta["method"].as_str() {
+        None | Some("add_noise" | "scale_noise") => {}
+        Some(m) => bail!("add_noise.json: unknown method {m:?}"),
+    }
     let t: HashMap<String, Tensor> = load_tensors(&dir.join("add_noise.safetensors"))?;
     let (x, z) = (get(&t, "original")?, get(&t, "noise")?);
     let ts = |k: &str| -> Result<Vec<f64>> { to_vec_f64(get(&t, k)?) };
+    let schedule = read_json(&dir.join("schedule.json"))?;
     let mut s = fresh(config)?;
-    s.set_timesteps(10)?;
+    set_timesteps(
+        s.as_mut(),
+        10,
+        &schedule["set_timesteps"]["10"]["set_timesteps_kwargs"],
+    )?;
     // The fixture noised to timesteps[[0, len/2, -1]]: take ours at those positions (fractional
     // timesteps can differ from diffusers' in the last bit) after checking they agree.
     let sched_ts = s.timesteps();

@@ -318,7 +318,12 @@ impl Trainer {
         };
         let (x0, labels) = self.dataset.batch(&indices, &flips, &self.device)?;
         let noise = self.rng.randn(x0.shape().clone(), &self.device)?;
-        let acp = self.scheduler.alphas_cumprod();
+        let acp = self.scheduler.alphas_cumprod().ok_or_else(|| {
+            diffuse_core::Error::invalid(format!(
+                "training needs a scheduler with a discrete noise schedule, not {}",
+                self.scheduler.class_name()
+            ))
+        })?;
         let n_train = acp.len() as u64;
         // Uniform integer timesteps in [0, n_train) from the top bits (no modulo bias).
         let timesteps: Vec<u64> = (0..bs)
