@@ -628,8 +628,8 @@ impl X0Clip {
     }
 }
 
-/// Dynamic thresholding: per sample, clamp to the `ratio` quantile s of |x| (s in [1, max]),
-/// then divide by s.
+/// Dynamic thresholding: per sample, clamp to the `ratio` quantile s of |x| (raised to at least
+/// 1, then capped at `max_value`), then divide by s.
 fn threshold_sample(x: &Tensor, ratio: f64, max_value: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let dims = x.dims().to_vec();
@@ -644,7 +644,9 @@ fn threshold_sample(x: &Tensor, ratio: f64, max_value: f64) -> Result<Tensor> {
         let pos = ratio * (abs.len() - 1) as f64;
         let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
         let q = abs[lo] + (abs[hi] - abs[lo]) * (pos - lo as f64);
-        let s = q.clamp(1.0, max_value.max(1.0)) as f32;
+        // torch.clamp(s, min=1, max=sample_max_value) applies max last: a sample_max_value
+        // below 1 wins over the minimum.
+        let s = q.max(1.0).min(max_value) as f32;
         out.extend(row.iter().map(|v| v.clamp(-s, s) / s));
     }
     Ok(Tensor::from_vec(out, dims, x.device())?.to_dtype(dtype)?)
