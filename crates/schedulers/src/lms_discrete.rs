@@ -91,7 +91,10 @@ impl Scheduler for LmsDiscreteScheduler {
         if self.derivatives.len() > ORDER {
             self.derivatives.pop_front();
         }
-        let order = (i + 1).min(ORDER).min(self.derivatives.len());
+        // The order follows the step index even when fewer derivatives are stored (a loop started
+        // mid-schedule): diffusers then weights the derivatives it has with the coefficients of
+        // the higher-order formula.
+        let order = (i + 1).min(ORDER);
         let mut prev = sample.clone();
         for (j, d) in self.derivatives.iter().rev().take(order).enumerate() {
             prev = (prev + d.affine(self.coefficient(order, i, j), 0.0)?)?;
