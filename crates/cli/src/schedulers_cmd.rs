@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use diffuse_schedulers::registry::a1111_names_of;
 use diffuse_schedulers::{SchedulerConfig, CLASS_NAMES};
 
 #[derive(clap::Args, Debug)]
@@ -27,22 +28,8 @@ const SD_BASE: &str = r#"{"beta_start": 0.00085, "beta_end": 0.012, "beta_schedu
 pub fn run(args: SchedulersArgs) -> Result<()> {
     let Some(name) = args.show else {
         println!("Schedulers (diffusers class names; A1111 names in brackets):");
-        let a1111 = [
-            ("DDPMScheduler", "DDPM"),
-            ("DDIMScheduler", "DDIM"),
-            ("PNDMScheduler", "PLMS"),
-            ("EulerDiscreteScheduler", "Euler, Euler Karras"),
-            ("EulerAncestralDiscreteScheduler", "Euler a"),
-            ("HeunDiscreteScheduler", "Heun"),
-            ("LMSDiscreteScheduler", "LMS, LMS Karras"),
-            ("KDPM2DiscreteScheduler", "DPM2, DPM2 Karras"),
-            ("DPMSolverMultistepScheduler", "DPM++ 2M, DPM++ 2M Karras"),
-            ("UniPCMultistepScheduler", "UniPC"),
-            ("LCMScheduler", "LCM"),
-        ];
         for c in CLASS_NAMES {
-            let alias = a1111.iter().find(|(k, _)| k == c).map_or("", |(_, a)| a);
-            println!("  {c:<34} [{alias}]");
+            println!("  {c:<36} [{}]", a1111_names_of(c).join(", "));
         }
         return Ok(());
     };

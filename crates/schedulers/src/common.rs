@@ -486,6 +486,50 @@ fn beta_ppf(p: f64, a: f64, b: f64) -> f64 {
     0.5 * (lo + hi)
 }
 
+/// How the sigmas are redistributed after shifting (`use_karras_sigmas` & co.).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SigmaSpacing {
+    AsShifted,
+    Karras,
+    Exponential,
+    Beta,
+}
+
+impl SigmaSpacing {
+    /// Reads the three mutually exclusive `use_*_sigmas` flags.
+    pub fn read(r: &mut ConfigReader) -> Result<Self> {
+        let karras = r.bool("use_karras_sigmas", false)?;
+        let exponential = r.bool("use_exponential_sigmas", false)?;
+        let beta = r.bool("use_beta_sigmas", false)?;
+        r.ensure(
+            [karras, exponential, beta].iter().filter(|&&b| b).count() <= 1,
+            "use_karras_sigmas",
+            "only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set",
+        )?;
+        Ok(if karras {
+            Self::Karras
+        } else if exponential {
+            Self::Exponential
+        } else if beta {
+            Self::Beta
+        } else {
+            Self::AsShifted
+        })
+    }
+
+    /// `n` sigmas between the first and last of `sigmas` (which are returned unchanged for
+    /// `AsShifted`).
+    pub fn apply(self, sigmas: Vec<f64>, n: usize) -> Vec<f64> {
+        let (max, min) = (sigmas[0], sigmas[sigmas.len() - 1]);
+        match self {
+            Self::AsShifted => sigmas,
+            Self::Karras => karras_sigmas(min, max, n),
+            Self::Exponential => exponential_sigmas(min, max, n),
+            Self::Beta => beta_sigmas(min, max, n),
+        }
+    }
+}
+
 // ---- tensor helpers -------------------------------------------------------------------------
 
 /// `a * ca + b * cb` with scalar coefficients.
@@ -743,64 +787,6 @@ macro_rules! alpha_scheduler_common {
     };
 }
 pub(crate) use alpha_scheduler_common;
-
-/// The `Scheduler` accessors of the schedulers that keep a sigma schedule state (`state` with
-/// `timesteps`, `sigmas`, `begin_index`) next to `config` and a `CLASS` constant: the
-/// k-diffusion schedulers and the multistep solvers.
-macro_rules! sigma_state_accessors {
-    () => {
-        fn class_name(&self) -> &'static str {
-            CLASS
-        }
-
-        fn config(&self) -> &SchedulerConfig {
-            &self.config
-        }
-
-        fn timesteps(&self) -> &[f64] {
-            &self.state.timesteps
-        }
-
-        fn sigmas(&self) -> Option<&[f32]> {
-            Some(&self.state.sigmas)
-        }
-
-        fn set_begin_index(&mut self, begin_index: usize) {
-            self.state.begin_index = Some(begin_index);
-        }
-    };
-}
-pub(crate) use sigma_state_accessors;
-
-/// The `Scheduler` methods the multistep solvers (DPM-Solver, UniPC) share: fields `config`,
-/// `noise`, `state` and a `CLASS` constant; unit noise and unscaled inputs.
-macro_rules! solver_scheduler_common {
-    () => {
-        $crate::common::sigma_state_accessors!();
-
-        fn init_noise_sigma(&self) -> f64 {
-            1.0
-        }
-
-        fn scale_model_input(&mut self, sample: &Tensor, _t: f64) -> Result<Tensor> {
-            Ok(sample.clone())
-        }
-
-        fn add_noise(
-            &self,
-            original: &Tensor,
-            noise: &Tensor,
-            timesteps: &[f64],
-        ) -> Result<Tensor> {
-            crate::dpmsolver_multistep::vp_add_noise(&self.state, CLASS, original, noise, timesteps)
-        }
-
-        fn alphas_cumprod(&self) -> Option<&[f32]> {
-            Some(&self.noise.alphas_cumprod)
-        }
-    };
-}
-pub(crate) use solver_scheduler_common;
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,7 @@ use diffuse_core::{NoiseSource, Result};
 
 use crate::common::{self, NoiseSchedule, PredictionType, Spacing, X0Clip};
 use crate::config::{ConfigReader, SchedulerConfig};
-use crate::{check_steps, Scheduler, StepOutput};
+use crate::scheduler::{check_steps, Scheduler, StepOutput};
 
 const CLASS: &str = "DDIMScheduler";
 

@@ -4,10 +4,11 @@
 use candle_core::Tensor;
 use diffuse_core::{Error, NoiseSource, Result};
 
-use crate::common::{self, div_s, mul_s, NoiseSchedule, PredictionType, Spacing, X0Clip};
+use crate::common::{div_s, mul_s, NoiseSchedule, PredictionType, Spacing, X0Clip};
 use crate::config::{ConfigReader, SchedulerConfig};
-use crate::sigma_schedule::{solver_initial, solver_schedule, vp_alpha_sigma_lambda, SigmaState};
-use crate::{check_steps, Scheduler, StepOutput};
+use crate::multistep::{solver_initial, solver_schedule, vp_alpha_sigma_lambda, vp_eps, vp_x0};
+use crate::scheduler::{check_steps, Scheduler, StepOutput};
+use crate::sigma_schedule::SigmaState;
 
 const CLASS: &str = "DPMSolverMultistepScheduler";
 
@@ -180,38 +181,8 @@ impl DpmSolverMultistepScheduler {
     }
 }
 
-/// x0 from a model output at VP coefficients (alpha_t, sigma_t), in torch's operation order.
-pub(crate) fn vp_x0(
-    pred: PredictionType,
-    mo: &Tensor,
-    sample: &Tensor,
-    a: f32,
-    s: f32,
-) -> Result<Tensor> {
-    match pred {
-        PredictionType::Epsilon => div_s(&(sample - mul_s(mo, s)?)?, a),
-        PredictionType::Sample => Ok(mo.clone()),
-        PredictionType::VPrediction => Ok((mul_s(sample, a)? - mul_s(mo, s)?)?),
-    }
-}
-
-/// Epsilon from a model output at VP coefficients (alpha_t, sigma_t).
-pub(crate) fn vp_eps(
-    pred: PredictionType,
-    mo: &Tensor,
-    sample: &Tensor,
-    a: f32,
-    s: f32,
-) -> Result<Tensor> {
-    match pred {
-        PredictionType::Epsilon => Ok(mo.clone()),
-        PredictionType::Sample => div_s(&(sample - mul_s(mo, a)?)?, s),
-        PredictionType::VPrediction => Ok((mul_s(mo, a)? + mul_s(sample, s)?)?),
-    }
-}
-
 impl Scheduler for DpmSolverMultistepScheduler {
-    crate::common::solver_scheduler_common!();
+    crate::multistep::solver_scheduler_common!();
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(CLASS, n, self.noise.len())?;
@@ -279,22 +250,4 @@ impl Scheduler for DpmSolverMultistepScheduler {
             pred_original_sample: None,
         })
     }
-}
-
-/// `alpha_t * x + sigma_t * noise` with the sigma looked up like the k-diffusion schedulers.
-pub(crate) fn vp_add_noise(
-    state: &SigmaState,
-    class: &str,
-    x: &Tensor,
-    noise: &Tensor,
-    timesteps: &[f64],
-) -> Result<Tensor> {
-    let sigmas = state.noise_sigmas(class, timesteps)?;
-    let (mut ca, mut cb) = (vec![], vec![]);
-    for s in sigmas {
-        let (a, st, _) = vp_alpha_sigma_lambda(s as f32);
-        ca.push(a as f64);
-        cb.push(st as f64);
-    }
-    common::per_batch_lin2(x, noise, &ca, &cb)
 }

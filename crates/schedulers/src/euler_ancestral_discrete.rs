@@ -6,9 +6,10 @@ use diffuse_core::{NoiseSource, Result};
 
 use crate::common;
 use crate::config::{ConfigReader, SchedulerConfig};
-use crate::euler_discrete::{euler_update, k_scale_input};
-use crate::sigma_schedule::{k_initial, k_scheduler_common, KConfig, SigmaState};
-use crate::{check_steps, Scheduler, StepOutput};
+use crate::scheduler::{check_steps, Scheduler, StepOutput};
+use crate::sigma_schedule::{
+    euler_update, k_initial, k_scale_input, k_scheduler_common, KConfig, SigmaState,
+};
 
 const CLASS: &str = "EulerAncestralDiscreteScheduler";
 

@@ -6,10 +6,11 @@ use diffuse_core::{Error, NoiseSource, Result};
 
 use crate::common::{self, PredictionType};
 use crate::config::{ConfigReader, SchedulerConfig};
+use crate::scheduler::{check_steps, Scheduler, StepOutput};
 use crate::sigma_schedule::{
-    k_initial, k_scheduler_common, train_sigmas_and_logs, KConfig, SigmaState,
+    euler_update, k_initial, k_scale_input, k_scheduler_common, train_sigmas_and_logs, KConfig,
+    SigmaState,
 };
-use crate::{check_steps, Scheduler, StepOutput};
 
 const CLASS: &str = "EulerDiscreteScheduler";
 
@@ -144,19 +145,4 @@ impl Scheduler for EulerDiscreteScheduler {
             pred_original_sample: Some(x0),
         })
     }
-}
-
-/// `sample / sqrt(sigma² + 1)`: the k-diffusion input scaling (sigma as an f32 like diffusers).
-pub(crate) fn k_scale_input(sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    Ok(sample.affine(1.0 / ((sigma * sigma + 1.0).sqrt() as f64), 0.0)?)
-}
-
-/// The derivative d = (x - x0) / sigma.
-pub(crate) fn derivative(sample: &Tensor, x0: &Tensor, sigma: f64) -> Result<Tensor> {
-    Ok(((sample - x0)? / sigma)?)
-}
-
-/// One Euler step `x + d * dt` with `d = (x - x0) / sigma`.
-pub(crate) fn euler_update(sample: &Tensor, x0: &Tensor, sigma: f64, dt: f64) -> Result<Tensor> {
-    Ok((sample + derivative(sample, x0, sigma)?.affine(dt, 0.0)?)?)
 }

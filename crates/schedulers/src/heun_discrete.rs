@@ -6,9 +6,10 @@ use diffuse_core::{NoiseSource, Result};
 
 use crate::common;
 use crate::config::{ConfigReader, SchedulerConfig, X0ClipFields};
-use crate::euler_discrete::{derivative, k_scale_input};
-use crate::sigma_schedule::{interleave, k_initial, k_scheduler_common, KConfig, SigmaState};
-use crate::{check_steps, Scheduler, StepOutput};
+use crate::scheduler::{check_steps, Scheduler, StepOutput};
+use crate::sigma_schedule::{
+    derivative, interleave, k_initial, k_scale_input, k_scheduler_common, KConfig, SigmaState,
+};
 
 const CLASS: &str = "HeunDiscreteScheduler";
 

@@ -6,11 +6,11 @@ use diffuse_core::{NoiseSource, Result};
 
 use crate::common::{self, sigma_to_t};
 use crate::config::{ConfigReader, SchedulerConfig};
-use crate::euler_discrete::{derivative, k_scale_input};
+use crate::scheduler::{check_steps, Scheduler, StepOutput};
 use crate::sigma_schedule::{
-    interleave, k_initial, k_scheduler_common, train_sigmas_and_logs, KConfig, SigmaState,
+    derivative, interleave, k_initial, k_scale_input, k_scheduler_common, train_sigmas_and_logs,
+    KConfig, SigmaState,
 };
-use crate::{check_steps, Scheduler, StepOutput};
 
 const CLASS: &str = "KDPM2DiscreteScheduler";
 

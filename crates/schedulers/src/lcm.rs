@@ -6,7 +6,7 @@ use diffuse_core::{Error, NoiseSource, Result};
 
 use crate::common::{self, NoiseSchedule, PredictionType, X0Clip};
 use crate::config::{ConfigReader, SchedulerConfig};
-use crate::{check_steps, Scheduler, StepOutput};
+use crate::scheduler::{check_steps, Scheduler, StepOutput};
 
 const CLASS: &str = "LCMScheduler";
 

@@ -226,86 +226,11 @@ pub(crate) fn interleave<T: Copy>(head: &[T], middle: &[T], tail: &[T]) -> Vec<T
         .collect()
 }
 
-/// alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t) of a (variance-exploding) sigma, in
-/// f32 as diffusers' multistep solvers compute them.
-pub(crate) fn vp_alpha_sigma_lambda(sigma: f32) -> (f32, f32, f32) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    let sigma_t = sigma * alpha;
-    (alpha, sigma_t, alpha.ln() - sigma_t.ln())
-}
-
-/// The initial state of DPM-Solver and UniPC: every training timestep descending, and the
-/// training sigmas in *ascending* order (a diffusers quirk that `add_noise` before
-/// `set_timesteps` exposes).
-pub(crate) fn solver_initial(noise: &NoiseSchedule) -> (Vec<f64>, Vec<f32>) {
-    let n = noise.len();
-    let ts = common::linspace(0.0, (n - 1) as f64, n)
-        .into_iter()
-        .rev()
-        .map(|t| t as f32 as f64)
-        .collect();
-    (ts, noise.train_sigmas())
-}
-
-/// Timesteps and sigmas (with the final one) of DPM-Solver and UniPC for `n` steps.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn solver_schedule(
-    noise: &NoiseSchedule,
-    spacing: Spacing,
-    last_timestep: usize,
-    n: usize,
-    steps_offset: usize,
-    karras: bool,
-    round_karras: bool,
-    final_sigma_min: bool,
-) -> (Vec<f64>, Vec<f32>) {
-    let mut timesteps =
-        common::solver_timesteps(spacing, last_timestep, noise.len(), n, steps_offset);
-    let (train, logs) = train_sigmas_and_logs(noise);
-    let sigmas: Vec<f64> = if karras {
-        let ks = karras_sigmas(train[0] as f64, train[train.len() - 1] as f64, n);
-        timesteps = ks
-            .iter()
-            .map(|&s| {
-                let t = sigma_to_t(s, &logs);
-                // Stored as int64: rounded, or truncated for the cosine schedule.
-                if round_karras {
-                    common::round_half_even(t)
-                } else {
-                    t.trunc()
-                }
-            })
-            .collect();
-        ks
-    } else {
-        timesteps
-            .iter()
-            .map(|&t| common::interp_index(t, &train))
-            .collect()
-    };
-    let last = if !final_sigma_min {
-        0.0
-    } else if karras {
-        sigmas[sigmas.len() - 1] as f32
-    } else {
-        let a0 = noise.alphas_cumprod[0];
-        ((1.0 - a0) / a0).sqrt()
-    };
-    (
-        timesteps,
-        sigmas
-            .into_iter()
-            .map(|s| s as f32)
-            .chain(std::iter::once(last))
-            .collect(),
-    )
-}
-
 /// The `Scheduler` methods every k-diffusion scheduler shares (fields `config`, `k`, `state`
 /// and a `CLASS` constant), so each file holds only what makes that sampler different.
 macro_rules! k_scheduler_common {
     () => {
-        $crate::common::sigma_state_accessors!();
+        $crate::sigma_schedule::sigma_state_accessors!();
 
         fn init_noise_sigma(&self) -> f64 {
             self.state.k_init_noise_sigma(self.k.spacing)
@@ -326,3 +251,46 @@ macro_rules! k_scheduler_common {
     };
 }
 pub(crate) use k_scheduler_common;
+
+/// The `Scheduler` accessors of the schedulers that keep a sigma schedule state (`state` with
+/// `timesteps`, `sigmas`, `begin_index`) next to `config` and a `CLASS` constant: the
+/// k-diffusion schedulers and the multistep solvers.
+macro_rules! sigma_state_accessors {
+    () => {
+        fn class_name(&self) -> &'static str {
+            CLASS
+        }
+
+        fn config(&self) -> &SchedulerConfig {
+            &self.config
+        }
+
+        fn timesteps(&self) -> &[f64] {
+            &self.state.timesteps
+        }
+
+        fn sigmas(&self) -> Option<&[f32]> {
+            Some(&self.state.sigmas)
+        }
+
+        fn set_begin_index(&mut self, begin_index: usize) {
+            self.state.begin_index = Some(begin_index);
+        }
+    };
+}
+pub(crate) use sigma_state_accessors;
+
+/// `sample / sqrt(sigma² + 1)`: the k-diffusion input scaling (sigma as an f32 like diffusers).
+pub(crate) fn k_scale_input(sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    Ok(sample.affine(1.0 / ((sigma * sigma + 1.0).sqrt() as f64), 0.0)?)
+}
+
+/// The derivative d = (x - x0) / sigma.
+pub(crate) fn derivative(sample: &Tensor, x0: &Tensor, sigma: f64) -> Result<Tensor> {
+    Ok(((sample - x0)? / sigma)?)
+}
+
+/// One Euler step `x + d * dt` with `d = (x - x0) / sigma`.
+pub(crate) fn euler_update(sample: &Tensor, x0: &Tensor, sigma: f64, dt: f64) -> Result<Tensor> {
+    Ok((sample + derivative(sample, x0, sigma)?.affine(dt, 0.0)?)?)
+}

@@ -6,9 +6,9 @@ use diffuse_core::{Error, NoiseSource, Result};
 
 use crate::common::{div_s, mul_s, NoiseSchedule, PredictionType, Spacing, X0Clip};
 use crate::config::{ConfigReader, SchedulerConfig};
-use crate::dpmsolver_multistep::{vp_eps, vp_x0};
-use crate::sigma_schedule::{solver_initial, solver_schedule, vp_alpha_sigma_lambda, SigmaState};
-use crate::{check_steps, Scheduler, StepOutput};
+use crate::multistep::{solver_initial, solver_schedule, vp_alpha_sigma_lambda, vp_eps, vp_x0};
+use crate::scheduler::{check_steps, Scheduler, StepOutput};
+use crate::sigma_schedule::SigmaState;
 
 const CLASS: &str = "UniPCMultistepScheduler";
 
@@ -224,7 +224,7 @@ fn weighted_sum(w: &[f64], ts: &[Tensor]) -> Result<Tensor> {
 }
 
 impl Scheduler for UniPcMultistepScheduler {
-    crate::common::solver_scheduler_common!();
+    crate::multistep::solver_scheduler_common!();
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(CLASS, n, self.noise.len())?;

@@ -201,3 +201,36 @@ fn one_timestep_noises_the_whole_batch() {
         assert!(s.add_noise(&x, &z, &[t, t]).is_err(), "{class}");
     }
 }
+
+#[test]
+fn the_name_tables_are_consistent() {
+    use diffuse_schedulers::{a1111_names, A1111_NAMES, CLASSES};
+    assert_eq!(CLASS_NAMES.len(), CLASSES.len());
+    let mut seen = std::collections::HashSet::new();
+    for a in A1111_NAMES {
+        assert!(CLASS_NAMES.contains(&a.class), "{}: {}", a.name, a.class);
+        for n in std::iter::once(a.name).chain(a.aliases.iter().copied()) {
+            assert!(seen.insert(n.to_ascii_lowercase()), "{n} appears twice");
+            // Every spelling resolves to its entry's class and overrides.
+            let (class, overrides) = resolve_name(n).unwrap();
+            assert_eq!(class, a.class, "{n}");
+            assert_eq!(overrides.len(), a.overrides.len(), "{n}");
+        }
+        // And builds on SD 1.5's config.
+        let s = from_name(a.name, &cfg(SD15)).unwrap_or_else(|e| panic!("{}: {e}", a.name));
+        for (k, v) in a.overrides {
+            assert_eq!(s.config().map[*k], v.to_json(), "{} {k}", a.name);
+        }
+    }
+    for c in CLASS_NAMES {
+        assert!(
+            !seen.contains(&c.to_ascii_lowercase()),
+            "{c} is also an A1111 name"
+        );
+    }
+    // The error lists every class and every A1111 name.
+    let err = resolve_name("no such sampler").unwrap_err().to_string();
+    for n in CLASS_NAMES.iter().copied().chain(a1111_names()) {
+        assert!(err.contains(n), "{n} missing from: {err}");
+    }
+}
