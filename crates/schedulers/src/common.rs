@@ -156,7 +156,7 @@ impl NoiseSchedule {
 }
 
 /// `torch.linspace(start, end, n, dtype=float32)`: torch fills the two halves from each end.
-fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+pub fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;
     (0..n)
@@ -517,16 +517,21 @@ impl SigmaSpacing {
         })
     }
 
-    /// `n` sigmas between the first and last of `sigmas` (which are returned unchanged for
-    /// `AsShifted`).
+    /// `n` sigmas from `max` down to `min` on this spacing (`None` for `AsShifted`, which
+    /// keeps the schedule it is given).
+    pub fn between(self, min: f64, max: f64, n: usize) -> Option<Vec<f64>> {
+        match self {
+            Self::AsShifted => None,
+            Self::Karras => Some(karras_sigmas(min, max, n)),
+            Self::Exponential => Some(exponential_sigmas(min, max, n)),
+            Self::Beta => Some(beta_sigmas(min, max, n)),
+        }
+    }
+
+    /// `n` sigmas between the first and last of `sigmas` (returned unchanged for `AsShifted`).
     pub fn apply(self, sigmas: Vec<f64>, n: usize) -> Vec<f64> {
         let (max, min) = (sigmas[0], sigmas[sigmas.len() - 1]);
-        match self {
-            Self::AsShifted => sigmas,
-            Self::Karras => karras_sigmas(min, max, n),
-            Self::Exponential => exponential_sigmas(min, max, n),
-            Self::Beta => beta_sigmas(min, max, n),
-        }
+        self.between(min, max, n).unwrap_or(sigmas)
     }
 }
 

@@ -6,10 +6,10 @@ use diffuse_core::{Error, NoiseSource, Result};
 
 use crate::common::{self, PredictionType};
 use crate::config::{ConfigReader, SchedulerConfig};
-use crate::scheduler::{check_steps, Scheduler, StepOutput};
+use crate::scheduler::{check_steps, Scheduler, StepOutput, TimestepsSpec};
 use crate::sigma_schedule::{
-    euler_update, k_initial, k_scale_input, k_scheduler_common, train_sigmas_and_logs, KConfig,
-    SigmaState,
+    euler_update, k_initial, k_scale_input, k_scheduler_common, train_sigmas_and_logs, with_final,
+    KConfig, SigmaState,
 };
 
 const CLASS: &str = "EulerDiscreteScheduler";
@@ -29,10 +29,10 @@ pub struct EulerDiscreteScheduler {
 impl EulerDiscreteScheduler {
     pub fn new(cfg: &SchedulerConfig) -> Result<Self> {
         let mut r = ConfigReader::new(CLASS, cfg);
-        let k = KConfig::read(&mut r, true, true)?;
-        r.choice("interpolation_type", "linear", &["linear"])?;
-        r.opt_f64("sigma_min")?;
-        r.opt_f64("sigma_max")?;
+        let mut k = KConfig::read(&mut r, true, true)?;
+        k.log_linear =
+            r.choice("interpolation_type", "linear", &["linear", "log_linear"])? == "log_linear";
+        k.sigma_bounds = (r.opt_f64("sigma_min")?, r.opt_f64("sigma_max")?);
         r.choice("timestep_type", "discrete", &["discrete"])?;
         let final_sigma_min =
             r.choice("final_sigmas_type", "zero", &["zero", "sigma_min"])? == "sigma_min";
@@ -49,15 +49,19 @@ impl EulerDiscreteScheduler {
         })
     }
 
-    fn install(&mut self, timesteps: Vec<f64>, mut sigmas: Vec<f32>) {
-        if self.final_sigma_min {
+    /// Installs a schedule whose final sigma is `final_sigmas_type`'s.
+    fn install(&mut self, timesteps: Vec<f64>, sigmas: &[f64]) {
+        let last = if self.final_sigma_min {
             let a0 = self.k.noise.alphas_cumprod[0];
-            *sigmas.last_mut().expect("non-empty") = ((1.0 - a0) / a0).sqrt();
-        }
-        self.state.reset(timesteps, sigmas);
+            ((1.0 - a0) / a0).sqrt()
+        } else {
+            0.0
+        };
+        self.state.reset(timesteps, with_final(sigmas, last));
     }
 
-    /// Uses explicit sigmas (descending, ending with the final sigma, usually 0).
+    /// Uses explicit sigmas (descending, ending with the final sigma, usually 0), with timesteps
+    /// recovered from them.
     pub fn set_custom_sigmas(&mut self, sigmas: &[f64]) -> Result<()> {
         if sigmas.len() < 2 {
             return Err(Error::invalid(format!(
@@ -80,26 +84,27 @@ impl Scheduler for EulerDiscreteScheduler {
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(CLASS, n, self.k.noise.len())?;
-        let (ts, sig) = self.k.schedule(n, false);
-        self.install(ts, sig);
+        let (ts, sig) = self.k.schedule_raw(CLASS, n, None, false)?;
+        self.install(ts, &sig);
         Ok(())
     }
 
     fn set_custom_timesteps(&mut self, timesteps: &[f64]) -> Result<()> {
-        if self.k.use_karras_sigmas {
-            return Err(Error::invalid(format!(
-                "{CLASS}: custom timesteps cannot be used with use_karras_sigmas"
-            )));
-        }
-        let (train, _) = train_sigmas_and_logs(&self.k.noise);
-        let ts: Vec<f64> = timesteps.iter().map(|&t| t as f32 as f64).collect();
-        let sig = ts
-            .iter()
-            .map(|&t| common::interp_index(t, &train) as f32)
-            .chain([0.0])
-            .collect();
-        self.install(ts, sig);
+        let (ts, sig) = self.k.schedule_raw(CLASS, 0, Some(timesteps), false)?;
+        self.install(ts, &sig);
         Ok(())
+    }
+
+    fn set_timesteps_with(&mut self, spec: &TimestepsSpec) -> Result<()> {
+        spec.reject_others(CLASS, &["timesteps", "sigmas"])?;
+        match (spec.num_inference_steps, &spec.timesteps, &spec.sigmas) {
+            (Some(n), None, None) => self.set_timesteps(n),
+            (None, Some(ts), None) => self.set_custom_timesteps(ts),
+            (None, None, Some(sig)) => self.set_custom_sigmas(sig),
+            _ => Err(Error::invalid(format!(
+                "{CLASS}: set_timesteps takes exactly one of num_inference_steps, timesteps and sigmas"
+            ))),
+        }
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, t: f64) -> Result<Tensor> {

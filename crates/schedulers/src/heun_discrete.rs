@@ -8,7 +8,8 @@ use crate::common;
 use crate::config::{ConfigReader, SchedulerConfig, X0ClipFields};
 use crate::scheduler::{check_steps, Scheduler, StepOutput};
 use crate::sigma_schedule::{
-    derivative, interleave, k_initial, k_scale_input, k_scheduler_common, KConfig, SigmaState,
+    derivative, interleave, k_initial, k_scale_input, k_scheduler_common, with_final, KConfig,
+    SigmaState,
 };
 
 const CLASS: &str = "HeunDiscreteScheduler";
@@ -42,17 +43,30 @@ impl HeunDiscreteScheduler {
     }
 }
 
+impl HeunDiscreteScheduler {
+    /// Every sigma but the first and last is visited twice (predictor, corrector).
+    fn install(&mut self, ts: Vec<f64>, sig: &[f64]) {
+        let sig = with_final(sig, 0.0);
+        let sigmas = interleave(&sig[..1], &sig[1..sig.len() - 1], &sig[sig.len() - 1..]);
+        let timesteps = interleave(&ts[..1], &ts[1..], &[]);
+        self.state.reset(timesteps, sigmas);
+        self.pending = None;
+    }
+}
+
 impl Scheduler for HeunDiscreteScheduler {
     k_scheduler_common!();
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         check_steps(CLASS, n, self.k.noise.len())?;
-        let (ts, sig) = self.k.schedule(n, false);
-        // Every sigma but the first and last is visited twice (predictor, corrector).
-        let sigmas = interleave(&sig[..1], &sig[1..sig.len() - 1], &sig[sig.len() - 1..]);
-        let timesteps = interleave(&ts[..1], &ts[1..], &[]);
-        self.state.reset(timesteps, sigmas);
-        self.pending = None;
+        let (ts, sig) = self.k.schedule_raw(CLASS, n, None, false)?;
+        self.install(ts, &sig);
+        Ok(())
+    }
+
+    fn set_custom_timesteps(&mut self, timesteps: &[f64]) -> Result<()> {
+        let (ts, sig) = self.k.schedule_raw(CLASS, 0, Some(timesteps), false)?;
+        self.install(ts, &sig);
         Ok(())
     }
 

@@ -21,6 +21,7 @@ pub mod euler_discrete;
 pub mod flow_match_euler_discrete;
 mod flow_schedule;
 pub mod heun_discrete;
+pub mod k_dpm_2_ancestral_discrete;
 pub mod k_dpm_2_discrete;
 pub mod lcm;
 pub mod lms_discrete;

@@ -28,12 +28,16 @@ impl LmsDiscreteScheduler {
         let mut r = ConfigReader::new(CLASS, cfg);
         let k = KConfig::read(&mut r, false, true)?;
         let (ts, sig) = k_initial(&k.noise);
-        Ok(Self {
+        let n_train = k.noise.len();
+        let mut s = Self {
             config: r.finish(),
             k,
             state: SigmaState::new(ts, sig, false),
             derivatives: VecDeque::new(),
-        })
+        };
+        // diffusers starts from the full training-length schedule (respaced, if configured).
+        s.set_timesteps(n_train)?;
+        Ok(s)
     }
 
     /// ∫ from sigma[i] to sigma[i+1] of the Lagrange basis polynomial of node `j` over the nodes

@@ -10,8 +10,8 @@ use crate::config::SchedulerConfig;
 use crate::scheduler::Scheduler;
 use crate::{
     ddim, ddpm, dpmsolver_multistep, euler_ancestral_discrete, euler_discrete,
-    flow_match_euler_discrete, heun_discrete, k_dpm_2_discrete, lcm, lms_discrete, pndm,
-    unipc_multistep,
+    flow_match_euler_discrete, heun_discrete, k_dpm_2_ancestral_discrete, k_dpm_2_discrete, lcm,
+    lms_discrete, pndm, unipc_multistep,
 };
 
 /// A scheduler class: its diffusers name and its constructor from a config.
@@ -57,6 +57,14 @@ pub const CLASSES: &[SchedulerClass] = &[
     SchedulerClass {
         name: "KDPM2DiscreteScheduler",
         build: |c| Ok(Box::new(k_dpm_2_discrete::Kdpm2DiscreteScheduler::new(c)?)),
+    },
+    SchedulerClass {
+        name: "KDPM2AncestralDiscreteScheduler",
+        build: |c| {
+            Ok(Box::new(
+                k_dpm_2_ancestral_discrete::Kdpm2AncestralDiscreteScheduler::new(c)?,
+            ))
+        },
     },
     SchedulerClass {
         name: "DPMSolverMultistepScheduler",
@@ -154,6 +162,18 @@ pub const A1111_NAMES: &[A1111Name] = &[
         name: "DPM2 Karras",
         aliases: &["k_dpm_2_karras", "dpm_2_karras"],
         class: "KDPM2DiscreteScheduler",
+        overrides: &[KARRAS],
+    },
+    A1111Name {
+        name: "DPM2 a",
+        aliases: &["k_dpm_2_a", "dpm_2_ancestral", "k_dpm_2_ancestral"],
+        class: "KDPM2AncestralDiscreteScheduler",
+        overrides: &[],
+    },
+    A1111Name {
+        name: "DPM2 a Karras",
+        aliases: &["k_dpm_2_a_karras", "dpm_2_ancestral_karras"],
+        class: "KDPM2AncestralDiscreteScheduler",
         overrides: &[KARRAS],
     },
     A1111Name {

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 use diffuse_core::Result;
 
-use crate::common::{self, karras_sigmas, sigma_to_t, NoiseSchedule, Spacing};
+use crate::common::{self, sigma_to_t, NoiseSchedule, SigmaSpacing, Spacing};
 
 #[derive(Clone, Debug)]
 pub(crate) struct SigmaState {
@@ -124,67 +124,34 @@ pub(crate) fn k_initial(noise: &NoiseSchedule) -> (Vec<f64>, Vec<f32>) {
     (ts, sig)
 }
 
-/// Timesteps and sigmas (without the final one) of Euler, Heun, LMS and KDPM2 for `n` steps:
-/// sigmas interpolated at the (fractional) timesteps, or Karras sigmas whose timesteps are
-/// recovered by interpolation in log-sigma space.
-pub(crate) fn k_schedule(
-    noise: &NoiseSchedule,
-    spacing: Spacing,
-    n: usize,
-    steps_offset: usize,
-    karras: bool,
-    round_karras_timesteps: bool,
-) -> (Vec<f64>, Vec<f64>) {
-    let timesteps = common::float_timesteps(spacing, noise.len(), n, steps_offset);
-    let (train, logs) = train_sigmas_and_logs(noise);
-    let sigmas: Vec<f64> = timesteps
-        .iter()
-        .map(|&t| common::interp_index(t, &train))
-        .collect();
-    if !karras {
-        return (timesteps, sigmas);
-    }
-    let ks = karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], n);
-    let ts = ks
-        .iter()
-        .map(|&s| {
-            let t = sigma_to_t(s, &logs);
-            let t = if round_karras_timesteps {
-                common::round_half_even(t)
-            } else {
-                t
-            };
-            t as f32 as f64
-        })
-        .collect();
-    (ts, ks)
-}
-
-/// The config fields every k-diffusion scheduler (Euler, Euler ancestral, Heun, LMS, KDPM2) reads.
+/// The config fields every k-diffusion scheduler (Euler, Euler ancestral, Heun, LMS, KDPM2,
+/// KDPM2 ancestral) reads, and their schedule.
 pub(crate) struct KConfig {
     pub noise: NoiseSchedule,
     pub prediction: crate::common::PredictionType,
     pub spacing: Spacing,
     pub steps_offset: usize,
-    pub use_karras_sigmas: bool,
+    /// `use_karras_sigmas` / `use_exponential_sigmas` / `use_beta_sigmas`.
+    pub respacing: SigmaSpacing,
+    /// Euler's `sigma_min` / `sigma_max`: the ends of a respaced schedule, when set.
+    pub sigma_bounds: (Option<f64>, Option<f64>),
+    /// Euler's `interpolation_type="log_linear"`: n + 1 sigmas evenly spaced in log sigma.
+    pub log_linear: bool,
 }
 
 impl KConfig {
+    /// Reads the shared fields; `respacing` says whether the class has the `use_*_sigmas` flags.
     pub fn read(
         r: &mut crate::config::ConfigReader,
         zero_snr: bool,
-        has_karras: bool,
+        respacing: bool,
     ) -> Result<Self> {
         let noise = NoiseSchedule::read(r, 0.0001, 0.02, "linear", zero_snr)?;
         let prediction = crate::common::PredictionType::read(r)?;
-        let use_karras_sigmas = if has_karras {
-            for unsupported in ["use_exponential_sigmas", "use_beta_sigmas"] {
-                let v = r.bool(unsupported, false)?;
-                r.ensure(!v, unsupported, "is not supported; use use_karras_sigmas")?;
-            }
-            r.bool("use_karras_sigmas", false)?
+        let respacing = if respacing {
+            SigmaSpacing::read(r)?
         } else {
-            false
+            SigmaSpacing::AsShifted
         };
         let spacing = Spacing::read(r, "linspace")?;
         let steps_offset = r.usize("steps_offset", 0)?;
@@ -193,28 +160,86 @@ impl KConfig {
             prediction,
             spacing,
             steps_offset,
-            use_karras_sigmas,
+            respacing,
+            sigma_bounds: (None, None),
+            log_linear: false,
         })
+    }
+
+    /// Timesteps and sigmas (without the final one) for `n` steps, or for the given timesteps:
+    /// sigmas interpolated at the (fractional) timesteps, or respaced sigmas whose timesteps are
+    /// recovered by interpolation in log-sigma space (rounded for KDPM2's Karras schedules).
+    pub fn schedule_raw(
+        &self,
+        class: &str,
+        n: usize,
+        given: Option<&[f64]>,
+        round_karras_timesteps: bool,
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let timesteps = match given {
+            Some(ts) => {
+                if self.respacing != SigmaSpacing::AsShifted {
+                    return Err(diffuse_core::Error::invalid(format!(
+                        "{class}: custom timesteps cannot be used with use_karras_sigmas, \
+                         use_exponential_sigmas or use_beta_sigmas"
+                    )));
+                }
+                if ts.is_empty() {
+                    return Err(diffuse_core::Error::invalid(format!(
+                        "{class}: custom timesteps must not be empty"
+                    )));
+                }
+                ts.iter().map(|&t| t as f32 as f64).collect()
+            }
+            None => common::float_timesteps(self.spacing, self.noise.len(), n, self.steps_offset),
+        };
+        let n = timesteps.len();
+        let (train, logs) = train_sigmas_and_logs(&self.noise);
+        let sigmas: Vec<f64> = if self.log_linear {
+            let (lo, hi) = (train[0].ln(), train[train.len() - 1].ln());
+            common::torch_linspace_f32(hi, lo, n + 1)
+                .into_iter()
+                .map(|l| l.exp() as f64)
+                .collect()
+        } else {
+            timesteps
+                .iter()
+                .map(|&t| common::interp_index(t, &train))
+                .collect()
+        };
+        let min = self.sigma_bounds.0.unwrap_or(sigmas[sigmas.len() - 1]);
+        let max = self.sigma_bounds.1.unwrap_or(sigmas[0]);
+        let Some(respaced) = self.respacing.between(min, max, n) else {
+            return Ok((timesteps, sigmas));
+        };
+        let round = round_karras_timesteps && self.respacing == SigmaSpacing::Karras;
+        let ts = respaced
+            .iter()
+            .map(|&s| {
+                let t = sigma_to_t(s, &logs);
+                let t = if round { common::round_half_even(t) } else { t };
+                t as f32 as f64
+            })
+            .collect();
+        Ok((ts, respaced))
     }
 
     /// Timesteps and sigmas (with a final 0) for `n` steps.
     pub fn schedule(&self, n: usize, round_karras_timesteps: bool) -> (Vec<f64>, Vec<f32>) {
-        let (ts, sig) = k_schedule(
-            &self.noise,
-            self.spacing,
-            n,
-            self.steps_offset,
-            self.use_karras_sigmas,
-            round_karras_timesteps,
-        );
-        (
-            ts,
-            sig.into_iter()
-                .map(|s| s as f32)
-                .chain(std::iter::once(0.0))
-                .collect(),
-        )
+        let (ts, sig) = self
+            .schedule_raw("", n, None, round_karras_timesteps)
+            .expect("a computed schedule");
+        (ts, with_final(&sig, 0.0))
     }
+}
+
+/// The sigmas as float32 with `last` appended.
+pub(crate) fn with_final(sigmas: &[f64], last: f32) -> Vec<f32> {
+    sigmas
+        .iter()
+        .map(|&s| s as f32)
+        .chain(std::iter::once(last))
+        .collect()
 }
 
 /// `cat([head, middle.repeat_interleave(2), tail])`.
