@@ -27,7 +27,7 @@ pub struct FlowMatchEulerDiscreteScheduler {
 impl FlowMatchEulerDiscreteScheduler {
     pub fn new(cfg: &SchedulerConfig) -> Result<Self> {
         let mut r = ConfigReader::new(CLASS, cfg);
-        let (flow, timesteps, sigmas) = FlowShift::read(&mut r)?;
+        let (flow, timesteps, sigmas) = FlowShift::read(&mut r, true)?;
         let invert_sigmas = r.bool("invert_sigmas", false)?;
         let spacing = SigmaSpacing::read(&mut r)?;
         let stochastic = r.bool("stochastic_sampling", false)?;

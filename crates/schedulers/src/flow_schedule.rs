@@ -36,28 +36,33 @@ pub(crate) struct FlowShift {
 impl FlowShift {
     /// Reads `num_train_timesteps`, `shift` and the dynamic-shifting fields, and builds the
     /// initial (training-length) timesteps and sigmas, descending.
-    pub(crate) fn read(r: &mut ConfigReader) -> Result<(Self, Vec<f64>, Vec<f32>)> {
+    /// `dynamic_fields`: whether the class has the dynamic-shifting fields (FlowMatchEuler does,
+    /// FlowMatchHeun has only `num_train_timesteps` and `shift`).
+    pub(crate) fn read(
+        r: &mut ConfigReader,
+        dynamic_fields: bool,
+    ) -> Result<(Self, Vec<f64>, Vec<f32>)> {
         let n_train = r.usize("num_train_timesteps", 1000)?;
         r.ensure(n_train >= 2, "num_train_timesteps", "must be at least 2")?;
         let shift = r.f64("shift", 1.0)?;
         r.ensure(shift > 0.0, "shift", "must be positive")?;
-        let dynamic = r.bool("use_dynamic_shifting", false)?;
-        // Read by the pipelines that compute `mu` (see `calculate_shift`); recorded here.
-        r.opt_f64("base_shift")?;
-        r.opt_f64("max_shift")?;
-        r.usize("base_image_seq_len", 256)?;
-        r.usize("max_image_seq_len", 4096)?;
-        let shift_terminal = r.opt_f64("shift_terminal")?.filter(|&v| v != 0.0);
-        if let Some(st) = shift_terminal {
-            r.ensure(st < 1.0, "shift_terminal", "must be below 1")?;
+        let (mut dynamic, mut shift_terminal, mut time_shift) =
+            (false, None, TimeShift::Exponential);
+        if dynamic_fields {
+            dynamic = r.bool("use_dynamic_shifting", false)?;
+            // Read by the pipelines that compute `mu` (see `calculate_shift`); recorded here.
+            r.f64("base_shift", 0.5)?;
+            r.f64("max_shift", 1.15)?;
+            r.usize("base_image_seq_len", 256)?;
+            r.usize("max_image_seq_len", 4096)?;
+            shift_terminal = r.opt_f64("shift_terminal")?.filter(|&v| v != 0.0);
+            if let Some(st) = shift_terminal {
+                r.ensure(st < 1.0, "shift_terminal", "must be below 1")?;
+            }
+            if r.choice("time_shift_type", "exponential", &["exponential", "linear"])? == "linear" {
+                time_shift = TimeShift::Linear;
+            }
         }
-        let time_shift = match r
-            .choice("time_shift_type", "exponential", &["exponential", "linear"])?
-            .as_str()
-        {
-            "linear" => TimeShift::Linear,
-            _ => TimeShift::Exponential,
-        };
         // torch f32: t / N, then the fixed shift unless it is applied per call.
         let shift32 = shift as f32;
         let shift_m1 = (shift - 1.0) as f32;

@@ -19,6 +19,7 @@ pub mod dpmsolver_multistep;
 pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
 pub mod flow_match_euler_discrete;
+pub mod flow_match_heun_discrete;
 mod flow_schedule;
 pub mod heun_discrete;
 pub mod k_dpm_2_ancestral_discrete;

@@ -10,8 +10,8 @@ use crate::config::SchedulerConfig;
 use crate::scheduler::Scheduler;
 use crate::{
     ddim, ddpm, dpmsolver_multistep, euler_ancestral_discrete, euler_discrete,
-    flow_match_euler_discrete, heun_discrete, k_dpm_2_ancestral_discrete, k_dpm_2_discrete, lcm,
-    lms_discrete, pndm, unipc_multistep,
+    flow_match_euler_discrete, flow_match_heun_discrete, heun_discrete, k_dpm_2_ancestral_discrete,
+    k_dpm_2_discrete, lcm, lms_discrete, pndm, unipc_multistep,
 };
 
 /// A scheduler class: its diffusers name and its constructor from a config.
@@ -87,6 +87,14 @@ pub const CLASSES: &[SchedulerClass] = &[
         build: |c| {
             Ok(Box::new(
                 flow_match_euler_discrete::FlowMatchEulerDiscreteScheduler::new(c)?,
+            ))
+        },
+    },
+    SchedulerClass {
+        name: "FlowMatchHeunDiscreteScheduler",
+        build: |c| {
+            Ok(Box::new(
+                flow_match_heun_discrete::FlowMatchHeunDiscreteScheduler::new(c)?,
             ))
         },
     },
