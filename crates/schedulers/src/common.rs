@@ -157,6 +157,9 @@ impl NoiseSchedule {
 
 /// `torch.linspace(start, end, n, dtype=float32)`: torch fills the two halves from each end.
 pub fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start];
+    }
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;
     (0..n)
@@ -165,6 +168,24 @@ pub fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
                 start + step * i as f32
             } else {
                 end - step * (n - 1 - i) as f32
+            }
+        })
+        .collect()
+}
+
+/// `torch.linspace(start, end, n, dtype=float64)`, halves filled from each end like the f32 one.
+pub fn torch_linspace_f64(start: f64, end: f64, n: usize) -> Vec<f64> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f64;
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < half {
+                start + step * i as f64
+            } else {
+                end - step * (n - 1 - i) as f64
             }
         })
         .collect()

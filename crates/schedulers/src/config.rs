@@ -277,13 +277,22 @@ fn f64_to_json(v: f64) -> Value {
     }
 }
 
-/// The `clip_sample` / `clip_sample_range` pair of the schedulers that only clip (Heun).
+/// The `clip_sample` / `clip_sample_range` pair of the schedulers that only clip (Heun, DDIM
+/// inverse).
 pub struct X0ClipFields;
 
 impl X0ClipFields {
     /// The clipping range when `clip_sample` is on.
     pub fn read_simple(r: &mut ConfigReader) -> diffuse_core::Result<Option<f64>> {
-        let on = r.bool("clip_sample", false)?;
+        Self::read_simple_with_default(r, false)
+    }
+
+    /// The same with the class's default for `clip_sample`.
+    pub fn read_simple_with_default(
+        r: &mut ConfigReader,
+        clip_default: bool,
+    ) -> diffuse_core::Result<Option<f64>> {
+        let on = r.bool("clip_sample", clip_default)?;
         let range = r.f64("clip_sample_range", 1.0)?;
         Ok(on.then_some(range))
     }

@@ -143,6 +143,11 @@ impl Scheduler for DdpmScheduler {
         Ok(())
     }
 
+    fn previous_timestep(&self, t: f64) -> Result<f64> {
+        let t = common::int_timestep(CLASS, t, self.noise.len())?;
+        Ok(self.prev_timestep(t)? as f64)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

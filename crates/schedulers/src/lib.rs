@@ -13,9 +13,13 @@
 
 pub mod common;
 pub mod config;
+mod consistency;
 pub mod ddim;
+pub mod ddim_inverse;
 pub mod ddpm;
 pub mod dpmsolver_multistep;
+mod edm;
+pub mod edm_euler;
 pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
 pub mod flow_match_euler_discrete;
@@ -31,6 +35,7 @@ pub mod pndm;
 pub mod registry;
 pub mod scheduler;
 mod sigma_schedule;
+pub mod tcd;
 pub mod unipc_multistep;
 
 pub use config::SchedulerConfig;

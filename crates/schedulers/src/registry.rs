@@ -9,9 +9,9 @@ use serde_json::Value;
 use crate::config::SchedulerConfig;
 use crate::scheduler::Scheduler;
 use crate::{
-    ddim, ddpm, dpmsolver_multistep, euler_ancestral_discrete, euler_discrete,
-    flow_match_euler_discrete, flow_match_heun_discrete, heun_discrete, k_dpm_2_ancestral_discrete,
-    k_dpm_2_discrete, lcm, lms_discrete, pndm, unipc_multistep,
+    ddim, ddim_inverse, ddpm, dpmsolver_multistep, edm_euler, euler_ancestral_discrete,
+    euler_discrete, flow_match_euler_discrete, flow_match_heun_discrete, heun_discrete,
+    k_dpm_2_ancestral_discrete, k_dpm_2_discrete, lcm, lms_discrete, pndm, tcd, unipc_multistep,
 };
 
 /// A scheduler class: its diffusers name and its constructor from a config.
@@ -97,6 +97,18 @@ pub const CLASSES: &[SchedulerClass] = &[
                 flow_match_heun_discrete::FlowMatchHeunDiscreteScheduler::new(c)?,
             ))
         },
+    },
+    SchedulerClass {
+        name: "TCDScheduler",
+        build: |c| Ok(Box::new(tcd::TcdScheduler::new(c)?)),
+    },
+    SchedulerClass {
+        name: "DDIMInverseScheduler",
+        build: |c| Ok(Box::new(ddim_inverse::DdimInverseScheduler::new(c)?)),
+    },
+    SchedulerClass {
+        name: "EDMEulerScheduler",
+        build: |c| Ok(Box::new(edm_euler::EdmEulerScheduler::new(c)?)),
     },
 ];
 

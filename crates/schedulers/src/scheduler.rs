@@ -125,6 +125,19 @@ pub trait Scheduler: Send {
     /// The timesteps of the current schedule, one per model evaluation.
     fn timesteps(&self) -> &[f64];
 
+    /// The timestep that follows `t` in the current schedule, -1 after the last one
+    /// (diffusers' `previous_timestep`).
+    fn previous_timestep(&self, t: f64) -> Result<f64> {
+        let ts = self.timesteps();
+        match ts.iter().position(|&x| x == t) {
+            Some(i) => Ok(ts.get(i + 1).copied().unwrap_or(-1.0)),
+            None => Err(Error::invalid(format!(
+                "{}: timestep {t} is not in the current schedule",
+                self.class_name()
+            ))),
+        }
+    }
+
     /// The sigmas of the current schedule, for sigma-parameterised schedulers.
     fn sigmas(&self) -> Option<&[f32]> {
         None

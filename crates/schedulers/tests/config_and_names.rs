@@ -28,13 +28,13 @@ fn every_class_builds_from_another_classes_config_and_runs() {
         s.set_timesteps(8).unwrap();
         assert!(!s.timesteps().is_empty());
         // The training schedule comes from the shared keys, whatever the class (flow-matching
-        // schedulers have none).
+        // and EDM schedulers have none).
         if let Some(acp) = s.alphas_cumprod() {
             assert!((acp[999] - 0.004_660_3).abs() < 1e-6, "{class}");
             assert_eq!(s.config().map["beta_schedule"], "scaled_linear");
         } else {
             assert!(
-                class.starts_with("FlowMatch"),
+                class.starts_with("FlowMatch") || class.starts_with("EDM"),
                 "{class} has no alphas_cumprod"
             );
         }
@@ -179,7 +179,8 @@ fn one_timestep_noises_the_whole_batch() {
         .reshape((3, 2, 2, 2))
         .unwrap();
     let z = x.affine(-0.5, 1.0).unwrap();
-    for class in CLASS_NAMES {
+    // DDIM inversion has no add_noise.
+    for class in CLASS_NAMES.iter().filter(|c| **c != "DDIMInverseScheduler") {
         let mut s = from_config(class, &cfg(SD15)).unwrap();
         s.set_timesteps(10).unwrap();
         let t = s.timesteps()[3];
@@ -232,5 +233,27 @@ fn the_name_tables_are_consistent() {
     let err = resolve_name("no such sampler").unwrap_err().to_string();
     for n in CLASS_NAMES.iter().copied().chain(a1111_names()) {
         assert!(err.contains(n), "{n} missing from: {err}");
+    }
+}
+
+#[test]
+fn previous_timestep_follows_the_schedule() {
+    // diffusers: the next entry of the schedule (custom or not), -1 after the last; DDPM before
+    // set_timesteps steps one training timestep down.
+    let mut ddpm = from_config("DDPMScheduler", &cfg("{}")).unwrap();
+    assert_eq!(ddpm.previous_timestep(10.0).unwrap(), 9.0);
+    ddpm.set_custom_timesteps(&[999.0, 500.0, 20.0]).unwrap();
+    assert_eq!(ddpm.previous_timestep(500.0).unwrap(), 20.0);
+    assert_eq!(ddpm.previous_timestep(20.0).unwrap(), -1.0);
+    assert!(ddpm.previous_timestep(21.0).is_err());
+    for class in ["LCMScheduler", "TCDScheduler"] {
+        let mut s = from_config(class, &cfg(SD15)).unwrap();
+        s.set_timesteps(4).unwrap();
+        assert_eq!(s.timesteps(), [999.0, 759.0, 499.0, 259.0], "{class}");
+        assert_eq!(s.previous_timestep(759.0).unwrap(), 499.0, "{class}");
+        assert_eq!(s.previous_timestep(259.0).unwrap(), -1.0, "{class}");
+        s.set_custom_timesteps(&[899.0, 299.0]).unwrap();
+        assert_eq!(s.previous_timestep(899.0).unwrap(), 299.0, "{class}");
+        assert!(s.set_custom_timesteps(&[299.0, 899.0]).is_err(), "{class}");
     }
 }

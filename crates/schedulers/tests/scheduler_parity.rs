@@ -412,10 +412,25 @@ fn check_trace(dir: &Path, config: &SchedulerConfig, json: &Path) -> Result<()> 
 
 fn check_add_noise(dir: &Path, config: &SchedulerConfig) -> Result<()> {
     let meta = read_json(&dir.join("add_noise.json"))?;
-    known_keys("add_noise.json", &meta, &["after_set10", "raw", "method"])?;
-    // The flow-matching schedulers noise with `scale_noise`, which our `add_noise` implements.
+    known_keys(
+        "add_noise.json",
+        &meta,
+        &["after_set10", "raw", "method", "note"],
+    )?;
+    // The flow-matching schedulers noise with `scale_noise`, which our `add_noise` implements;
+    // a class with neither (DDIM inversion) must refuse.
     match meta["method"].as_str() {
         None | Some("add_noise" | "scale_noise") => {}
+        Some("none") => {
+            let x = Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu)?;
+            let mut s = fresh(config)?;
+            s.set_timesteps(10)?;
+            let t = s.timesteps()[0];
+            if s.add_noise(&x, &x, &[t]).is_ok() {
+                bail!("diffusers has no add_noise for this class, ours noised");
+            }
+            return Ok(());
+        }
         Some(m) => bail!("add_noise.json: unknown method {m:?}"),
     }
     let t: HashMap<String, Tensor> = load_tensors(&dir.join("add_noise.safetensors"))?;
