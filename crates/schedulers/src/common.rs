@@ -69,6 +69,11 @@ impl Spacing {
 pub struct NoiseSchedule {
     pub betas: Vec<f32>,
     pub alphas_cumprod: Vec<f32>,
+    /// `beta_schedule == "squaredcos_cap_v2"` (some solvers truncate rather than round their
+    /// Karras timesteps then).
+    pub cosine: bool,
+    /// `rescale_betas_zero_snr` is on.
+    pub zero_snr: bool,
 }
 
 impl NoiseSchedule {
@@ -126,7 +131,20 @@ impl NoiseSchedule {
         Ok(Self {
             betas,
             alphas_cumprod,
+            cosine: trained.is_none() && kind == "squaredcos_cap_v2",
+            zero_snr,
         })
+    }
+
+    /// The sigma-based schedulers (Euler, Euler ancestral, DPM-Solver, UniPC) replace a zero
+    /// terminal alphas_cumprod by 2^-24 so that the last sigma stays finite.
+    pub fn finite_terminal_sigma(mut self) -> Self {
+        if self.zero_snr {
+            if let Some(last) = self.alphas_cumprod.last_mut() {
+                *last = 2f32.powi(-24);
+            }
+        }
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -809,6 +827,10 @@ macro_rules! alpha_scheduler_common {
 
         fn alphas_cumprod(&self) -> Option<&[f32]> {
             Some(&self.noise.alphas_cumprod)
+        }
+
+        fn betas(&self) -> Option<Vec<f32>> {
+            Some(self.noise.betas.clone())
         }
     };
 }

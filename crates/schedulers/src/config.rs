@@ -238,6 +238,12 @@ impl<'a> ConfigReader<'a> {
         Ok(v)
     }
 
+    /// Records `value` for `key` in the resolved config in place of what was read (diffusers'
+    /// `register_to_config` after mapping a value, e.g. UniPC's solver_type midpoint to bh2).
+    pub fn record(&mut self, key: &str, value: Value) {
+        self.resolved.insert(key.into(), value);
+    }
+
     /// Checks a condition on values already read, as an error naming the field.
     pub fn ensure(&self, ok: bool, field: &str, message: &str) -> Result<()> {
         if ok {

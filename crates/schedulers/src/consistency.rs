@@ -170,6 +170,10 @@ macro_rules! consistency_scheduler_common {
         fn alphas_cumprod(&self) -> Option<&[f32]> {
             Some(&self.c.noise.alphas_cumprod)
         }
+
+        fn betas(&self) -> Option<Vec<f32>> {
+            Some(self.c.noise.betas.clone())
+        }
     };
 }
 pub(crate) use consistency_scheduler_common;

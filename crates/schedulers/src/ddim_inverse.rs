@@ -130,4 +130,8 @@ impl Scheduler for DdimInverseScheduler {
     fn alphas_cumprod(&self) -> Option<&[f32]> {
         Some(&self.noise.alphas_cumprod)
     }
+
+    fn betas(&self) -> Option<Vec<f32>> {
+        Some(self.noise.betas.clone())
+    }
 }

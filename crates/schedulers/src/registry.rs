@@ -155,6 +155,7 @@ pub struct A1111Name {
 
 const KARRAS: (&str, Override) = ("use_karras_sigmas", Override::Bool(true));
 const DPMPP: (&str, Override) = ("algorithm_type", Override::Str("dpmsolver++"));
+const SDE_DPMPP: (&str, Override) = ("algorithm_type", Override::Str("sde-dpmsolver++"));
 const ORDER_2: (&str, Override) = ("solver_order", Override::Int(2));
 
 /// Every A1111 sampler name with a diffusers equivalent (plus the A1111 names of the classic
@@ -171,6 +172,18 @@ pub const A1111_NAMES: &[A1111Name] = &[
         aliases: &["dpmpp_2m_karras", "k_dpmpp_2m_karras"],
         class: "DPMSolverMultistepScheduler",
         overrides: &[DPMPP, ORDER_2, KARRAS],
+    },
+    A1111Name {
+        name: "DPM++ 2M SDE",
+        aliases: &["dpmpp_2m_sde", "k_dpmpp_2m_sde"],
+        class: "DPMSolverMultistepScheduler",
+        overrides: &[SDE_DPMPP, ORDER_2],
+    },
+    A1111Name {
+        name: "DPM++ 2M SDE Karras",
+        aliases: &["dpmpp_2m_sde_karras", "k_dpmpp_2m_sde_karras"],
+        class: "DPMSolverMultistepScheduler",
+        overrides: &[SDE_DPMPP, ORDER_2, KARRAS],
     },
     A1111Name {
         name: "DPM2",

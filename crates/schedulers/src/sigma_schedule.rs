@@ -146,7 +146,8 @@ impl KConfig {
         zero_snr: bool,
         respacing: bool,
     ) -> Result<Self> {
-        let noise = NoiseSchedule::read(r, 0.0001, 0.02, "linear", zero_snr)?;
+        let noise =
+            NoiseSchedule::read(r, 0.0001, 0.02, "linear", zero_snr)?.finite_terminal_sigma();
         let prediction = crate::common::PredictionType::read(r)?;
         let respacing = if respacing {
             SigmaSpacing::read(r)?
@@ -272,6 +273,10 @@ macro_rules! k_scheduler_common {
 
         fn alphas_cumprod(&self) -> Option<&[f32]> {
             Some(&self.k.noise.alphas_cumprod)
+        }
+
+        fn betas(&self) -> Option<Vec<f32>> {
+            Some(self.k.noise.betas.clone())
         }
     };
 }

@@ -4,28 +4,35 @@
 use candle_core::Tensor;
 use diffuse_core::{Error, NoiseSource, Result};
 
-use crate::common::{div_s, mul_s, NoiseSchedule, PredictionType, Spacing, X0Clip};
+use crate::common::{div_s, mul_s, NoiseSchedule, SigmaSpacing, X0Clip};
 use crate::config::{ConfigReader, SchedulerConfig};
-use crate::multistep::{solver_initial, solver_schedule, vp_alpha_sigma_lambda, vp_eps, vp_x0};
-use crate::scheduler::{check_steps, Scheduler, StepOutput};
-use crate::sigma_schedule::SigmaState;
+use crate::multistep::{
+    solver_eps, solver_initial, solver_x0, SigmaKind, SolverPrediction, SolverSchedule,
+    SolverSigmas,
+};
+use crate::scheduler::{check_steps, Scheduler, StepOutput, TimestepsSpec};
+use crate::sigma_schedule::{train_sigmas_and_logs, with_final, SigmaState};
 
 const CLASS: &str = "UniPCMultistepScheduler";
 
 pub struct UniPcMultistepScheduler {
     config: SchedulerConfig,
-    noise: NoiseSchedule,
-    prediction: PredictionType,
+    sched: SolverSchedule,
+    prediction: SolverPrediction,
     clip: X0Clip,
     solver_order: usize,
     predict_x0: bool,
     bh2: bool,
     lower_order_final: bool,
     disable_corrector: Vec<usize>,
-    use_karras_sigmas: bool,
     final_sigma_min: bool,
-    spacing: Spacing,
-    steps_offset: usize,
+    /// `sigma_min` / `sigma_max`: the ends of respaced schedules, when set.
+    sigma_bounds: (Option<f64>, Option<f64>),
+    /// Flow sigmas: `use_dynamic_shifting` with the shift applied by `mu` (exponential or linear
+    /// `time_shift_type`), and `shift_terminal`.
+    dynamic_shifting: bool,
+    linear_time_shift: bool,
+    shift_terminal: Option<f64>,
     state: SigmaState,
     model_outputs: Vec<Option<Tensor>>,
     lower_order_nums: usize,
@@ -36,32 +43,44 @@ pub struct UniPcMultistepScheduler {
 impl UniPcMultistepScheduler {
     pub fn new(cfg: &SchedulerConfig) -> Result<Self> {
         let mut r = ConfigReader::new(CLASS, cfg);
-        let noise = NoiseSchedule::read(&mut r, 0.0001, 0.02, "linear", true)?;
+        let noise =
+            NoiseSchedule::read(&mut r, 0.0001, 0.02, "linear", true)?.finite_terminal_sigma();
         let solver_order = r.usize("solver_order", 2)?;
         r.ensure(solver_order >= 1, "solver_order", "must be at least 1")?;
-        let prediction = PredictionType::read(&mut r)?;
+        let prediction = SolverPrediction::read(&mut r, true)?;
         let clip = X0Clip::read(&mut r, false, false)?;
         let predict_x0 = r.bool("predict_x0", true)?;
-        let bh2 = r.choice("solver_type", "bh2", &["bh1", "bh2"])? == "bh2";
+        r.ensure(
+            predict_x0 || prediction != SolverPrediction::Flow,
+            "prediction_type",
+            "flow_prediction needs predict_x0",
+        )?;
+        // diffusers maps DPM-Solver's solver types to bh2 (so a DPM-Solver config works).
+        let bh2 = r.choice(
+            "solver_type",
+            "bh2",
+            &["bh1", "bh2", "midpoint", "heun", "logrho"],
+        )? != "bh1";
+        r.record("solver_type", (if bh2 { "bh2" } else { "bh1" }).into());
         let lower_order_final = r.bool("lower_order_final", true)?;
         let disable_corrector = r.usize_list("disable_corrector")?;
-        let use_karras_sigmas = r.bool("use_karras_sigmas", false)?;
-        for unsupported in [
-            "use_exponential_sigmas",
-            "use_beta_sigmas",
-            "use_flow_sigmas",
-        ] {
-            let v = r.bool(unsupported, false)?;
-            r.ensure(!v, unsupported, "is not supported")?;
-        }
-        let spacing = Spacing::read(&mut r, "linspace")?;
-        let steps_offset = r.usize("steps_offset", 0)?;
+        let sched = SolverSchedule::read(&mut r, noise, false, false)?;
         let final_sigma_min =
             r.choice("final_sigmas_type", "zero", &["zero", "sigma_min"])? == "sigma_min";
-        let (ts, sig) = solver_initial(&noise);
+        let dynamic_shifting = r.bool("use_dynamic_shifting", false)?;
+        let linear_time_shift =
+            r.choice("time_shift_type", "exponential", &["exponential", "linear"])? == "linear";
+        let sigma_bounds = (r.opt_f64("sigma_min")?, r.opt_f64("sigma_max")?);
+        let shift_terminal = r.opt_f64("shift_terminal")?.filter(|&v| v != 0.0);
+        r.ensure(
+            shift_terminal.is_none() || sched.flow_sigmas,
+            "shift_terminal",
+            "is only supported with use_flow_sigmas",
+        )?;
+        let (ts, sig) = solver_initial(&sched.noise);
         Ok(Self {
             config: r.finish(),
-            noise,
+            sched,
             prediction,
             clip,
             solver_order,
@@ -69,10 +88,11 @@ impl UniPcMultistepScheduler {
             bh2,
             lower_order_final,
             disable_corrector,
-            use_karras_sigmas,
             final_sigma_min,
-            spacing,
-            steps_offset,
+            sigma_bounds,
+            dynamic_shifting,
+            linear_time_shift,
+            shift_terminal,
             state: SigmaState::new(ts, sig, true),
             model_outputs: vec![None; solver_order],
             lower_order_nums: 0,
@@ -81,13 +101,119 @@ impl UniPcMultistepScheduler {
         })
     }
 
+    fn kind(&self) -> SigmaKind {
+        self.sched.kind()
+    }
+
     fn convert(&self, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
-        let (a, s, _) = vp_alpha_sigma_lambda(sigma);
+        let (a, s, _) = self.kind().alpha_sigma_lambda(sigma);
         if self.predict_x0 {
-            self.clip
-                .apply(vp_x0(self.prediction, model_output, sample, a, s)?)
+            self.clip.apply(solver_x0(
+                self.prediction,
+                model_output,
+                sample,
+                sigma,
+                a,
+                s,
+            )?)
         } else {
-            vp_eps(self.prediction, model_output, sample, a, s)
+            solver_eps(CLASS, self.prediction, model_output, sample, a, s)
+        }
+    }
+
+    /// Timesteps and sigmas (with the final one) for `n` steps, or for the given flow sigmas.
+    fn schedule(
+        &self,
+        n: usize,
+        custom_sigmas: Option<&[f64]>,
+        mu: Option<f64>,
+    ) -> Result<(Vec<f64>, Vec<f32>)> {
+        let sched = &self.sched;
+        let n_train = sched.noise.len();
+        let timesteps = sched.base_timesteps(n_train, n);
+        let (train, logs) = train_sigmas_and_logs(&sched.noise);
+        let last_or_zero = |s: &[f64]| {
+            if self.final_sigma_min {
+                s[s.len() - 1] as f32
+            } else {
+                0.0
+            }
+        };
+        match sched.sigmas {
+            SolverSigmas::Respaced(spacing) => {
+                if custom_sigmas.is_some() {
+                    return Err(Error::invalid(format!(
+                        "{CLASS}: custom sigmas cannot be respaced (use_karras/exponential/beta_sigmas)"
+                    )));
+                }
+                let min = self.sigma_bounds.0.unwrap_or(train[0] as f64);
+                let max = self.sigma_bounds.1.unwrap_or(train[train.len() - 1] as f64);
+                let mut s = spacing.between(min, max, n).expect("a respacing");
+                let ts: Vec<f64> = if sched.flow_sigmas && spacing == SigmaSpacing::Karras {
+                    s = s.iter().map(|&x| x / (x + 1.0)).collect();
+                    s.iter().map(|&x| (x * n_train as f64).trunc()).collect()
+                } else {
+                    let round = spacing == SigmaSpacing::Karras;
+                    s.iter()
+                        .map(|&x| {
+                            let t = crate::common::sigma_to_t(x, &logs);
+                            if round {
+                                crate::common::round_half_even(t)
+                            } else {
+                                t.trunc()
+                            }
+                        })
+                        .collect()
+                };
+                let last = last_or_zero(&s);
+                Ok((ts, with_final(&s, last)))
+            }
+            SolverSigmas::Flow { shift } => {
+                let mut s: Vec<f64> = match custom_sigmas {
+                    Some(s) => s.to_vec(),
+                    None => {
+                        let mut v = crate::common::linspace(1.0, 1.0 / n_train as f64, n + 1);
+                        v.pop();
+                        v
+                    }
+                };
+                s = if self.dynamic_shifting {
+                    let mu = mu.ok_or_else(|| {
+                        Error::invalid(format!(
+                            "{CLASS}: mu must be given to set_timesteps when use_dynamic_shifting is on"
+                        ))
+                    })?;
+                    let m = if self.linear_time_shift { mu } else { mu.exp() };
+                    s.iter().map(|&t| m / (m + (1.0 / t - 1.0))).collect()
+                } else {
+                    s.iter()
+                        .map(|&t| shift * t / (1.0 + (shift - 1.0) * t))
+                        .collect()
+                };
+                if let Some(st) = self.shift_terminal {
+                    let scale = (1.0 - s[s.len() - 1]) / (1.0 - st);
+                    s = s.iter().map(|&t| 1.0 - (1.0 - t) / scale).collect();
+                }
+                // A first sigma of 1 (alpha 0) would make log(alpha) infinite.
+                if (s[0] - 1.0).abs() < 1e-6 {
+                    s[0] -= 1e-6;
+                }
+                let ts = s.iter().map(|&x| (x * n_train as f64).trunc()).collect();
+                let last = last_or_zero(&s);
+                Ok((ts, with_final(&s, last)))
+            }
+            _ => {
+                let s: Vec<f64> = timesteps
+                    .iter()
+                    .map(|&t| crate::common::interp_index(t, &train))
+                    .collect();
+                let last = if self.final_sigma_min {
+                    sched.sigma_min()
+                } else {
+                    0.0
+                };
+                Ok((timesteps, with_final(&s, last)))
+            }
         }
     }
 
@@ -110,14 +236,14 @@ impl UniPcMultistepScheduler {
         x: &Tensor,
         hist: impl Fn(usize) -> usize,
     ) -> Result<(Tensor, f32, Vec<f64>, Vec<f64>, Vec<Tensor>)> {
-        let (alpha_t, sigma_t, lambda_t) = vp_alpha_sigma_lambda(self.state.sigmas[t]);
-        let (alpha_s0, sigma_s0, lambda_s0) = vp_alpha_sigma_lambda(self.state.sigmas[s0]);
+        let (alpha_t, sigma_t, lambda_t) = self.kind().alpha_sigma_lambda(self.state.sigmas[t]);
+        let (alpha_s0, sigma_s0, lambda_s0) = self.kind().alpha_sigma_lambda(self.state.sigmas[s0]);
         let h = lambda_t - lambda_s0;
         let m0 = self.m(0)?;
         let mut rks = vec![];
         let mut d1s = vec![];
         for k in 1..order {
-            let (_, _, lambda_k) = vp_alpha_sigma_lambda(self.state.sigmas[hist(k)]);
+            let (_, _, lambda_k) = self.kind().alpha_sigma_lambda(self.state.sigmas[hist(k)]);
             let rk = (lambda_k - lambda_s0) / h;
             rks.push(rk as f64);
             d1s.push(div_s(&(self.m(k)? - m0)?, rk)?);
@@ -147,6 +273,8 @@ impl UniPcMultistepScheduler {
     fn predict(&self, order: usize, i: usize, x: &Tensor) -> Result<Tensor> {
         let (base, scale, rks, b, d1s) = self.terms(order, i, i + 1, x, |k| i - k)?;
         if d1s.is_empty() {
+            // diffusers subtracts B(h) * 0 here, which is NaN for bh1 on a final sigma of 0
+            // (B(h) = h = -inf); we return the finite first-order result.
             return Ok(base);
         }
         let rhos = if order == 2 {
@@ -227,17 +355,27 @@ impl Scheduler for UniPcMultistepScheduler {
     crate::multistep::solver_scheduler_common!();
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        check_steps(CLASS, n, self.noise.len())?;
-        let (ts, sig) = solver_schedule(
-            &self.noise,
-            self.spacing,
-            self.noise.len(),
-            n,
-            self.steps_offset,
-            self.use_karras_sigmas,
-            true,
-            self.final_sigma_min,
-        );
+        self.set_timesteps_with(&TimestepsSpec::steps(n))
+    }
+
+    fn set_timesteps_with(&mut self, spec: &TimestepsSpec) -> Result<()> {
+        spec.reject_others(CLASS, &["sigmas", "mu"])?;
+        if spec.sigmas.is_some() && !self.sched.flow_sigmas {
+            return Err(Error::invalid(format!(
+                "{CLASS}: custom sigmas need use_flow_sigmas"
+            )));
+        }
+        let n = match (spec.num_inference_steps, &spec.sigmas) {
+            (_, Some(s)) => s.len(),
+            (Some(n), None) => n,
+            (None, None) => {
+                return Err(Error::invalid(format!(
+                    "{CLASS}: set_timesteps needs num_inference_steps or sigmas"
+                )))
+            }
+        };
+        check_steps(CLASS, n, self.sched.noise.len())?;
+        let (ts, sig) = self.schedule(n, spec.sigmas.as_deref(), spec.mu)?;
         self.state.reset(ts, sig);
         self.model_outputs = vec![None; self.solver_order];
         self.lower_order_nums = 0;

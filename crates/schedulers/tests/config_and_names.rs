@@ -257,3 +257,94 @@ fn previous_timestep_follows_the_schedule() {
         assert!(s.set_custom_timesteps(&[299.0, 899.0]).is_err(), "{class}");
     }
 }
+
+/// Runs the toy loop of the fixtures (model output = 0.1 * input + 0.05) and returns the final
+/// sample.
+fn toy_loop(s: &mut dyn diffuse_schedulers::Scheduler, n: usize) -> Vec<f32> {
+    let x0 = candle_core::Tensor::arange(0f32, 16.0, &candle_core::Device::Cpu)
+        .unwrap()
+        .affine(0.1, -0.8)
+        .unwrap()
+        .reshape((1, 1, 4, 4))
+        .unwrap();
+    s.set_timesteps(n).unwrap();
+    let mut g = Generator::manual_seed(0);
+    let mut x = x0.affine(s.init_noise_sigma(), 0.0).unwrap();
+    for t in s.timesteps().to_vec() {
+        let inp = s.scale_model_input(&x, t).unwrap();
+        let eps = inp.affine(0.1, 0.05).unwrap();
+        x = s.step(&eps, t, &x, &mut g).unwrap().prev_sample;
+    }
+    x.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn unipc_takes_a_dpm_solver_config_as_diffusers_does() {
+    // DPM-Solver's solver_type "midpoint" means bh2 to UniPC (and is recorded so).
+    let dpm = cfg(
+        r#"{"_class_name": "DPMSolverMultistepScheduler", "solver_type": "midpoint",
+        "algorithm_type": "deis", "beta_schedule": "scaled_linear"}"#,
+    );
+    let mut a = from_config("UniPCMultistepScheduler", &dpm).unwrap();
+    assert_eq!(a.config().map["solver_type"], "bh2");
+    let mut b = from_config(
+        "UniPCMultistepScheduler",
+        &cfg(r#"{"solver_type": "bh2", "beta_schedule": "scaled_linear"}"#),
+    )
+    .unwrap();
+    assert_eq!(toy_loop(a.as_mut(), 8), toy_loop(b.as_mut(), 8));
+    // And DPM-Solver maps "deis" to dpmsolver++ and UniPC's bh2 to midpoint.
+    let d = from_config(
+        "DPMSolverMultistepScheduler",
+        &cfg(r#"{"algorithm_type": "deis", "solver_type": "bh2"}"#),
+    )
+    .unwrap();
+    assert_eq!(d.config().map["algorithm_type"], "dpmsolver++");
+    assert_eq!(d.config().map["solver_type"], "midpoint");
+}
+
+#[test]
+fn unipc_bh1_ends_finite_on_a_zero_sigma() {
+    // diffusers 0.42 returns NaN at the last step here (B(h) = -inf times a zero residual).
+    let mut s = from_config(
+        "UniPCMultistepScheduler",
+        &cfg(r#"{"solver_type": "bh1", "beta_schedule": "scaled_linear"}"#),
+    )
+    .unwrap();
+    let v = toy_loop(s.as_mut(), 10);
+    assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
+}
+
+#[test]
+fn dpm_solver_rules_as_diffusers() {
+    // The noise-prediction algorithms need final_sigmas_type sigma_min.
+    for algo in ["dpmsolver", "sde-dpmsolver"] {
+        let err = match from_config(
+            "DPMSolverMultistepScheduler",
+            &cfg(&format!(r#"{{"algorithm_type": "{algo}"}}"#)),
+        ) {
+            Ok(_) => panic!("{algo} with a zero final sigma was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("final_sigmas_type"), "{err}");
+        from_config(
+            "DPMSolverMultistepScheduler",
+            &cfg(&format!(
+                r#"{{"algorithm_type": "{algo}", "final_sigmas_type": "sigma_min"}}"#
+            )),
+        )
+        .unwrap();
+    }
+    // Third order has no SDE-DPM-Solver form; custom timesteps exclude respaced sigmas.
+    assert!(from_config(
+        "DPMSolverMultistepScheduler",
+        &cfg(r#"{"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3}"#),
+    )
+    .is_err());
+    let mut k = from_config(
+        "DPMSolverMultistepScheduler",
+        &cfg(r#"{"use_karras_sigmas": true}"#),
+    )
+    .unwrap();
+    assert!(k.set_custom_timesteps(&[999.0, 500.0]).is_err());
+}
