@@ -8,124 +8,13 @@ use diffuse_core::{Error, NoiseSource, Result};
 use crate::common::{div_s, mul_s, NoiseSchedule, X0Clip};
 use crate::config::{ConfigReader, SchedulerConfig};
 use crate::multistep::{
-    solver_eps, solver_initial, solver_x0, SigmaKind, SolverPrediction, SolverSchedule,
-    SolverSigmas,
+    multistep_update, solver_eps, solver_initial, solver_x0, Algorithm, SigmaKind, SolverOptions,
+    SolverPrediction, SolverSchedule, SolverSigmas,
 };
 use crate::scheduler::{check_steps, Scheduler, StepOutput, TimestepsSpec};
 use crate::sigma_schedule::SigmaState;
 
 const CLASS: &str = "DPMSolverMultistepScheduler";
-
-/// Which quantity the solver integrates, and whether it adds noise (diffusers' `algorithm_type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Algorithm {
-    /// DPM-Solver++: the data prediction x0.
-    PlusPlus,
-    /// DPM-Solver: the noise prediction epsilon.
-    Plain,
-    /// SDE-DPM-Solver++ (noise every step; orders 1–3).
-    SdePlusPlus,
-    /// SDE-DPM-Solver (noise every step; orders 1–2).
-    Sde,
-}
-
-impl Algorithm {
-    /// Reads `algorithm_type` ("deis" is mapped to dpmsolver++ as diffusers does).
-    pub(crate) fn read(r: &mut ConfigReader, allowed: &[&str]) -> Result<Self> {
-        let mut all = allowed.to_vec();
-        all.push("deis");
-        Ok(
-            match r.choice("algorithm_type", "dpmsolver++", &all)?.as_str() {
-                "dpmsolver" => Self::Plain,
-                "sde-dpmsolver++" => Self::SdePlusPlus,
-                "sde-dpmsolver" => Self::Sde,
-                _ => Self::PlusPlus,
-            },
-        )
-    }
-
-    /// Whether the model output is converted to x0 (else to epsilon).
-    pub(crate) fn data_prediction(self) -> bool {
-        matches!(self, Self::PlusPlus | Self::SdePlusPlus)
-    }
-
-    pub(crate) fn stochastic(self) -> bool {
-        matches!(self, Self::SdePlusPlus | Self::Sde)
-    }
-}
-
-/// The coefficients of one multistep update `x_t = c_x x + c0 D0 + c1 D1 + c2 D2 + c_z z`, in
-/// float32 and in diffusers' operation order (the first steps of a cosine schedule cancel terms
-/// thousands of times larger than the result, so the order matters).
-pub(crate) struct UpdateCoefficients {
-    pub x: f32,
-    pub d0: f32,
-    /// For the midpoint and heun second-order forms and the third order.
-    pub d1_midpoint: f32,
-    pub d1: f32,
-    pub d2: f32,
-    pub noise: f32,
-}
-
-impl UpdateCoefficients {
-    /// From the alpha / sigma of the target (`t`) and source (`s`) sigmas and h = lambda_t -
-    /// lambda_s.
-    pub(crate) fn new(
-        algo: Algorithm,
-        alpha_t: f32,
-        sigma_t: f32,
-        alpha_s: f32,
-        sigma_s: f32,
-        h: f32,
-    ) -> Self {
-        match algo {
-            Algorithm::PlusPlus => {
-                let em1 = (-h).exp() - 1.0;
-                Self {
-                    x: sigma_t / sigma_s,
-                    d0: -(alpha_t * em1),
-                    d1_midpoint: -(0.5 * (alpha_t * em1)),
-                    d1: alpha_t * (em1 / h + 1.0),
-                    d2: -(alpha_t * (((-h).exp() - 1.0 + h) / (h * h) - 0.5)),
-                    noise: 0.0,
-                }
-            }
-            Algorithm::Plain => {
-                let em1 = h.exp() - 1.0;
-                Self {
-                    x: alpha_t / alpha_s,
-                    d0: -(sigma_t * em1),
-                    d1_midpoint: -(0.5 * (sigma_t * em1)),
-                    d1: -(sigma_t * (em1 / h - 1.0)),
-                    d2: -(sigma_t * ((h.exp() - 1.0 - h) / (h * h) - 0.5)),
-                    noise: 0.0,
-                }
-            }
-            Algorithm::SdePlusPlus => {
-                let e2 = (-2.0 * h).exp();
-                Self {
-                    x: sigma_t / sigma_s * (-h).exp(),
-                    d0: alpha_t * (1.0 - e2),
-                    d1_midpoint: 0.5 * (alpha_t * (1.0 - e2)),
-                    d1: alpha_t * ((1.0 - e2) / (-2.0 * h) + 1.0),
-                    d2: alpha_t * ((1.0 - e2 - 2.0 * h) / ((2.0 * h) * (2.0 * h)) - 0.5),
-                    noise: sigma_t * (1.0 - e2).sqrt(),
-                }
-            }
-            Algorithm::Sde => {
-                let em1 = h.exp() - 1.0;
-                Self {
-                    x: alpha_t / alpha_s,
-                    d0: -(2.0 * (sigma_t * em1)),
-                    d1_midpoint: -(sigma_t * em1),
-                    d1: -(2.0 * (sigma_t * (em1 / h - 1.0))),
-                    d2: f32::NAN,
-                    noise: sigma_t * ((2.0 * h).exp() - 1.0).sqrt(),
-                }
-            }
-        }
-    }
-}
 
 pub struct DpmSolverMultistepScheduler {
     config: SchedulerConfig,
@@ -174,22 +63,21 @@ impl DpmSolverMultistepScheduler {
             &["midpoint", "heun", "logrho", "bh1", "bh2"],
         )?;
         // Recorded as diffusers registers them after mapping.
-        r.record(
-            "algorithm_type",
-            (match algo {
-                Algorithm::PlusPlus => "dpmsolver++",
-                Algorithm::Plain => "dpmsolver",
-                Algorithm::SdePlusPlus => "sde-dpmsolver++",
-                Algorithm::Sde => "sde-dpmsolver",
-            })
-            .into(),
-        );
+        r.record("algorithm_type", algo.name().into());
         if !matches!(solver_type.as_str(), "midpoint" | "heun") {
             r.record("solver_type", "midpoint".into());
         }
         let lower_order_final = r.bool("lower_order_final", true)?;
         let euler_at_final = r.bool("euler_at_final", false)?;
-        let sched = SolverSchedule::read(&mut r, noise, true, true)?;
+        let sched = SolverSchedule::read(
+            &mut r,
+            noise,
+            SolverOptions {
+                lu: true,
+                dynamic: true,
+                spacing: true,
+            },
+        )?;
         let lambda_min_clipped = r.f64("lambda_min_clipped", f64::NEG_INFINITY)?;
         let variance = r.choice(
             "variance_type",
@@ -273,38 +161,23 @@ impl DpmSolverMultistepScheduler {
         sample: &Tensor,
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let m = |k: usize| -> Result<&Tensor> {
-            self.model_outputs[self.solver_order - 1 - k]
-                .as_ref()
-                .ok_or_else(|| Error::invalid(format!("{CLASS}: missing previous model output")))
-        };
-        let kind = self.kind();
-        let (alpha_t, sigma_t, lambda_t) = kind.alpha_sigma_lambda(self.state.sigmas[i + 1]);
-        let (alpha_s0, sigma_s0, lambda_s0) = kind.alpha_sigma_lambda(self.state.sigmas[i]);
-        let h = lambda_t - lambda_s0;
-        let c = UpdateCoefficients::new(self.algo, alpha_t, sigma_t, alpha_s0, sigma_s0, h);
-        let mut x = (mul_s(sample, c.x)? + mul_s(m(0)?, c.d0)?)?;
-        if order >= 2 {
-            let (_, _, lambda_s1) = kind.alpha_sigma_lambda(self.state.sigmas[i - 1]);
-            let r0 = (lambda_s0 - lambda_s1) / h;
-            let d1_0 = mul_s(&(m(0)? - m(1)?)?, 1.0 / r0)?;
-            if order == 2 {
-                let c1 = if self.heun { c.d1 } else { c.d1_midpoint };
-                x = (x + mul_s(&d1_0, c1)?)?;
-            } else {
-                let (_, _, lambda_s2) = kind.alpha_sigma_lambda(self.state.sigmas[i - 2]);
-                let r1 = (lambda_s1 - lambda_s2) / h;
-                let d1_1 = mul_s(&(m(1)? - m(2)?)?, 1.0 / r1)?;
-                let diff = (&d1_0 - &d1_1)?;
-                let d1 = (&d1_0 + mul_s(&diff, r0 / (r0 + r1))?)?;
-                let d2 = mul_s(&diff, 1.0 / (r0 + r1))?;
-                x = ((x + mul_s(&d1, c.d1)?)? + mul_s(&d2, c.d2)?)?;
-            }
+        let outputs: Vec<&Tensor> = self.model_outputs.iter().flatten().collect();
+        if outputs.len() < order {
+            return Err(Error::invalid(format!(
+                "{CLASS}: missing previous model output"
+            )));
         }
-        match noise {
-            Some(z) => Ok((x + mul_s(z, c.noise)?)?),
-            None => Ok(x),
-        }
+        multistep_update(
+            self.algo,
+            self.heun,
+            self.kind(),
+            &self.state.sigmas,
+            i,
+            order,
+            &outputs,
+            sample,
+            noise,
+        )
     }
 
     fn install(&mut self, timesteps: Vec<f64>, sigmas: &[f64]) {
@@ -337,19 +210,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         match (spec.num_inference_steps, &spec.timesteps) {
             (Some(n), None) => {
                 check_steps(CLASS, n, self.sched.noise.len())?;
-                // Timesteps whose lambda is below lambda_min_clipped are cut (cosine schedules).
-                let clipped = self
-                    .sched
-                    .noise
-                    .alphas_cumprod
-                    .iter()
-                    .rev()
-                    .take_while(|&&a| {
-                        let lambda = a.sqrt().ln() - (1.0 - a).sqrt().ln();
-                        (lambda as f64) < self.lambda_min_clipped
-                    })
-                    .count();
-                let last_timestep = self.sched.noise.len() - clipped;
+                let last_timestep = self.sched.clipped_last_timestep(self.lambda_min_clipped);
                 let base = self.sched.base_timesteps(last_timestep, n);
                 let (ts, sig) = self.sched.compute(base, n, !self.sched.noise.cosine);
                 self.install(ts, &sig);

@@ -16,7 +16,7 @@ pub(crate) struct EdmConfig {
     rho: f64,
     exponential: bool,
     pub prediction: PredictionType,
-    final_sigma_min: bool,
+    pub final_sigma_min: bool,
     /// EDM Euler builds its Karras ramp in float64 and ends a `sigma_min` schedule on its last
     /// computed sigma; EDM DPM-Solver works in float32 and ends on the configured `sigma_min`.
     float64_ramp: bool,

@@ -52,6 +52,8 @@ impl SolverPrediction {
 pub(crate) enum SigmaKind {
     Vp,
     Flow,
+    /// EDM's pre-scaled inputs: alpha_t = 1, sigma_t = sigma.
+    Edm,
 }
 
 impl SigmaKind {
@@ -63,6 +65,7 @@ impl SigmaKind {
                 let alpha = 1.0 - sigma;
                 (alpha, sigma, alpha.ln() - sigma.ln())
             }
+            Self::Edm => (1.0, sigma, 0.0 - sigma.ln()),
         }
     }
 }
@@ -80,6 +83,14 @@ pub(crate) enum SolverSigmas {
     Flow { shift: f64 },
 }
 
+/// Which schedule fields a solver class has.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SolverOptions {
+    pub lu: bool,
+    pub dynamic: bool,
+    pub spacing: bool,
+}
+
 /// The schedule settings of the VP multistep solvers.
 pub(crate) struct SolverSchedule {
     pub noise: NoiseSchedule,
@@ -94,24 +105,23 @@ pub(crate) struct SolverSchedule {
 
 impl SolverSchedule {
     /// Reads the sigma options (`use_karras_sigmas`, `use_exponential_sigmas`,
-    /// `use_beta_sigmas`, `use_lu_lambdas` where `lu`, `use_flow_sigmas` / `flow_shift`, and
-    /// `use_dynamic_shifting` / `time_shift_type` where `dynamic`), spacing and offset.
-    pub fn read(
-        r: &mut ConfigReader,
-        noise: NoiseSchedule,
-        lu: bool,
-        dynamic: bool,
-    ) -> Result<Self> {
+    /// `use_beta_sigmas`, `use_lu_lambdas` where `opts.lu`, `use_flow_sigmas` / `flow_shift`,
+    /// `use_dynamic_shifting` / `time_shift_type` where `opts.dynamic`), and the spacing and
+    /// offset where the class has them (else linspace).
+    pub fn read(r: &mut ConfigReader, noise: NoiseSchedule, opts: SolverOptions) -> Result<Self> {
         let respacing = SigmaSpacing::read(r)?;
-        let lu = lu && r.bool("use_lu_lambdas", false)?;
+        let lu = opts.lu && r.bool("use_lu_lambdas", false)?;
         let flow = r.bool("use_flow_sigmas", false)?;
         let flow_shift = r.f64("flow_shift", 1.0)?;
-        let dynamic_shifting = dynamic && r.bool("use_dynamic_shifting", false)?;
-        if dynamic {
+        let dynamic_shifting = opts.dynamic && r.bool("use_dynamic_shifting", false)?;
+        if opts.dynamic {
             r.choice("time_shift_type", "exponential", &["exponential"])?;
         }
-        let spacing = Spacing::read(r, "linspace")?;
-        let steps_offset = r.usize("steps_offset", 0)?;
+        let (spacing, steps_offset) = if opts.spacing {
+            (Spacing::read(r, "linspace")?, r.usize("steps_offset", 0)?)
+        } else {
+            (Spacing::Linspace, 0)
+        };
         // diffusers checks them in this order.
         let sigmas = match (respacing, lu, flow) {
             (SigmaSpacing::AsShifted, false, false) => SolverSigmas::Interp,
@@ -208,6 +218,22 @@ impl SolverSchedule {
         }
     }
 
+    /// The training length minus the trailing timesteps whose lambda is below
+    /// `lambda_min_clipped` (which cuts the end of cosine schedules).
+    pub fn clipped_last_timestep(&self, lambda_min_clipped: f64) -> usize {
+        let clipped = self
+            .noise
+            .alphas_cumprod
+            .iter()
+            .rev()
+            .take_while(|&&a| {
+                let lambda = a.sqrt().ln() - (1.0 - a).sqrt().ln();
+                (lambda as f64) < lambda_min_clipped
+            })
+            .count();
+        self.noise.len() - clipped
+    }
+
     /// `sqrt((1 - acp[0]) / acp[0])`: the smallest training sigma, `final_sigmas_type="sigma_min"`.
     pub fn sigma_min(&self) -> f32 {
         let a0 = self.noise.alphas_cumprod[0];
@@ -226,6 +252,170 @@ impl SolverSchedule {
                 "{class}: mu needs use_dynamic_shifting and use_flow_sigmas"
             ))),
         }
+    }
+}
+
+/// Which quantity the solver integrates, and whether it adds noise (diffusers' `algorithm_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Algorithm {
+    /// DPM-Solver++: the data prediction x0.
+    PlusPlus,
+    /// DPM-Solver: the noise prediction epsilon.
+    Plain,
+    /// SDE-DPM-Solver++ (noise every step; orders 1–3).
+    SdePlusPlus,
+    /// SDE-DPM-Solver (noise every step; orders 1–2).
+    Sde,
+}
+
+impl Algorithm {
+    /// Reads `algorithm_type` ("deis" is mapped to dpmsolver++ as diffusers does).
+    pub(crate) fn read(r: &mut ConfigReader, allowed: &[&str]) -> Result<Self> {
+        let mut all = allowed.to_vec();
+        all.push("deis");
+        Ok(
+            match r.choice("algorithm_type", "dpmsolver++", &all)?.as_str() {
+                "dpmsolver" => Self::Plain,
+                "sde-dpmsolver++" => Self::SdePlusPlus,
+                "sde-dpmsolver" => Self::Sde,
+                _ => Self::PlusPlus,
+            },
+        )
+    }
+
+    /// diffusers' name of the algorithm.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::PlusPlus => "dpmsolver++",
+            Self::Plain => "dpmsolver",
+            Self::SdePlusPlus => "sde-dpmsolver++",
+            Self::Sde => "sde-dpmsolver",
+        }
+    }
+
+    /// Whether the model output is converted to x0 (else to epsilon).
+    pub(crate) fn data_prediction(self) -> bool {
+        matches!(self, Self::PlusPlus | Self::SdePlusPlus)
+    }
+
+    pub(crate) fn stochastic(self) -> bool {
+        matches!(self, Self::SdePlusPlus | Self::Sde)
+    }
+}
+
+/// The coefficients of one multistep update `x_t = c_x x + c0 D0 + c1 D1 + c2 D2 + c_z z`, in
+/// float32 and in diffusers' operation order (the first steps of a cosine schedule cancel terms
+/// thousands of times larger than the result, so the order matters).
+pub(crate) struct UpdateCoefficients {
+    pub x: f32,
+    pub d0: f32,
+    /// For the midpoint and heun second-order forms and the third order.
+    pub d1_midpoint: f32,
+    pub d1: f32,
+    pub d2: f32,
+    pub noise: f32,
+}
+
+impl UpdateCoefficients {
+    /// From the alpha / sigma of the target (`t`) and source (`s`) sigmas and h = lambda_t -
+    /// lambda_s.
+    pub(crate) fn new(
+        algo: Algorithm,
+        alpha_t: f32,
+        sigma_t: f32,
+        alpha_s: f32,
+        sigma_s: f32,
+        h: f32,
+    ) -> Self {
+        match algo {
+            Algorithm::PlusPlus => {
+                let em1 = (-h).exp() - 1.0;
+                Self {
+                    x: sigma_t / sigma_s,
+                    d0: -(alpha_t * em1),
+                    d1_midpoint: -(0.5 * (alpha_t * em1)),
+                    d1: alpha_t * (em1 / h + 1.0),
+                    d2: -(alpha_t * (((-h).exp() - 1.0 + h) / (h * h) - 0.5)),
+                    noise: 0.0,
+                }
+            }
+            Algorithm::Plain => {
+                let em1 = h.exp() - 1.0;
+                Self {
+                    x: alpha_t / alpha_s,
+                    d0: -(sigma_t * em1),
+                    d1_midpoint: -(0.5 * (sigma_t * em1)),
+                    d1: -(sigma_t * (em1 / h - 1.0)),
+                    d2: -(sigma_t * ((h.exp() - 1.0 - h) / (h * h) - 0.5)),
+                    noise: 0.0,
+                }
+            }
+            Algorithm::SdePlusPlus => {
+                let e2 = (-2.0 * h).exp();
+                Self {
+                    x: sigma_t / sigma_s * (-h).exp(),
+                    d0: alpha_t * (1.0 - e2),
+                    d1_midpoint: 0.5 * (alpha_t * (1.0 - e2)),
+                    d1: alpha_t * ((1.0 - e2) / (-2.0 * h) + 1.0),
+                    d2: alpha_t * ((1.0 - e2 - 2.0 * h) / ((2.0 * h) * (2.0 * h)) - 0.5),
+                    noise: sigma_t * (1.0 - e2).sqrt(),
+                }
+            }
+            Algorithm::Sde => {
+                let em1 = h.exp() - 1.0;
+                Self {
+                    x: alpha_t / alpha_s,
+                    d0: -(2.0 * (sigma_t * em1)),
+                    d1_midpoint: -(sigma_t * em1),
+                    d1: -(2.0 * (sigma_t * (em1 / h - 1.0))),
+                    d2: f32::NAN,
+                    noise: sigma_t * ((2.0 * h).exp() - 1.0).sqrt(),
+                }
+            }
+        }
+    }
+}
+
+/// One DPM-Solver multistep update of the given order from sigma index `i` to `i + 1`;
+/// `outputs` are the converted model outputs, oldest first (the newest is the current step's).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn multistep_update(
+    algo: Algorithm,
+    heun: bool,
+    kind: SigmaKind,
+    sigmas: &[f32],
+    i: usize,
+    order: usize,
+    outputs: &[&Tensor],
+    sample: &Tensor,
+    noise: Option<&Tensor>,
+) -> Result<Tensor> {
+    let m = |k: usize| outputs[outputs.len() - 1 - k];
+    let (alpha_t, sigma_t, lambda_t) = kind.alpha_sigma_lambda(sigmas[i + 1]);
+    let (alpha_s0, sigma_s0, lambda_s0) = kind.alpha_sigma_lambda(sigmas[i]);
+    let h = lambda_t - lambda_s0;
+    let c = UpdateCoefficients::new(algo, alpha_t, sigma_t, alpha_s0, sigma_s0, h);
+    let mut x = (mul_s(sample, c.x)? + mul_s(m(0), c.d0)?)?;
+    if order >= 2 {
+        let (_, _, lambda_s1) = kind.alpha_sigma_lambda(sigmas[i - 1]);
+        let r0 = (lambda_s0 - lambda_s1) / h;
+        let d1_0 = mul_s(&(m(0) - m(1))?, 1.0 / r0)?;
+        if order == 2 {
+            let c1 = if heun { c.d1 } else { c.d1_midpoint };
+            x = (x + mul_s(&d1_0, c1)?)?;
+        } else {
+            let (_, _, lambda_s2) = kind.alpha_sigma_lambda(sigmas[i - 2]);
+            let r1 = (lambda_s1 - lambda_s2) / h;
+            let d1_1 = mul_s(&(m(1) - m(2))?, 1.0 / r1)?;
+            let diff = (&d1_0 - &d1_1)?;
+            let d1 = (&d1_0 + mul_s(&diff, r0 / (r0 + r1))?)?;
+            let d2 = mul_s(&diff, 1.0 / (r0 + r1))?;
+            x = ((x + mul_s(&d1, c.d1)?)? + mul_s(&d2, c.d2)?)?;
+        }
+    }
+    match noise {
+        Some(z) => Ok((x + mul_s(z, c.noise)?)?),
+        None => Ok(x),
     }
 }
 

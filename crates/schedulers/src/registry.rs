@@ -9,9 +9,10 @@ use serde_json::Value;
 use crate::config::SchedulerConfig;
 use crate::scheduler::Scheduler;
 use crate::{
-    ddim, ddim_inverse, ddpm, dpmsolver_multistep, edm_euler, euler_ancestral_discrete,
-    euler_discrete, flow_match_euler_discrete, flow_match_heun_discrete, heun_discrete,
-    k_dpm_2_ancestral_discrete, k_dpm_2_discrete, lcm, lms_discrete, pndm, tcd, unipc_multistep,
+    ddim, ddim_inverse, ddpm, deis_multistep, dpmsolver_multistep, dpmsolver_singlestep,
+    edm_dpmsolver_multistep, edm_euler, euler_ancestral_discrete, euler_discrete,
+    flow_match_euler_discrete, flow_match_heun_discrete, heun_discrete, k_dpm_2_ancestral_discrete,
+    k_dpm_2_discrete, lcm, lms_discrete, pndm, tcd, unipc_multistep,
 };
 
 /// A scheduler class: its diffusers name and its constructor from a config.
@@ -75,6 +76,18 @@ pub const CLASSES: &[SchedulerClass] = &[
         },
     },
     SchedulerClass {
+        name: "DPMSolverSinglestepScheduler",
+        build: |c| {
+            Ok(Box::new(
+                dpmsolver_singlestep::DpmSolverSinglestepScheduler::new(c)?,
+            ))
+        },
+    },
+    SchedulerClass {
+        name: "DEISMultistepScheduler",
+        build: |c| Ok(Box::new(deis_multistep::DeisMultistepScheduler::new(c)?)),
+    },
+    SchedulerClass {
         name: "UniPCMultistepScheduler",
         build: |c| Ok(Box::new(unipc_multistep::UniPcMultistepScheduler::new(c)?)),
     },
@@ -109,6 +122,14 @@ pub const CLASSES: &[SchedulerClass] = &[
     SchedulerClass {
         name: "EDMEulerScheduler",
         build: |c| Ok(Box::new(edm_euler::EdmEulerScheduler::new(c)?)),
+    },
+    SchedulerClass {
+        name: "EDMDPMSolverMultistepScheduler",
+        build: |c| {
+            Ok(Box::new(
+                edm_dpmsolver_multistep::EdmDpmSolverMultistepScheduler::new(c)?,
+            ))
+        },
     },
 ];
 
@@ -186,6 +207,18 @@ pub const A1111_NAMES: &[A1111Name] = &[
         overrides: &[SDE_DPMPP, ORDER_2, KARRAS],
     },
     A1111Name {
+        name: "DPM++ SDE",
+        aliases: &["dpmpp_sde", "k_dpmpp_sde"],
+        class: "DPMSolverSinglestepScheduler",
+        overrides: &[],
+    },
+    A1111Name {
+        name: "DPM++ SDE Karras",
+        aliases: &["dpmpp_sde_karras", "k_dpmpp_sde_karras"],
+        class: "DPMSolverSinglestepScheduler",
+        overrides: &[KARRAS],
+    },
+    A1111Name {
         name: "DPM2",
         aliases: &["k_dpm_2", "dpm_2"],
         class: "KDPM2DiscreteScheduler",
@@ -255,6 +288,12 @@ pub const A1111_NAMES: &[A1111Name] = &[
         aliases: &["k_lms_karras"],
         class: "LMSDiscreteScheduler",
         overrides: &[KARRAS],
+    },
+    A1111Name {
+        name: "DEIS",
+        aliases: &[],
+        class: "DEISMultistepScheduler",
+        overrides: &[],
     },
     A1111Name {
         name: "DDIM",

@@ -7,8 +7,8 @@ use diffuse_core::{Error, NoiseSource, Result};
 use crate::common::{div_s, mul_s, NoiseSchedule, SigmaSpacing, X0Clip};
 use crate::config::{ConfigReader, SchedulerConfig};
 use crate::multistep::{
-    solver_eps, solver_initial, solver_x0, SigmaKind, SolverPrediction, SolverSchedule,
-    SolverSigmas,
+    solver_eps, solver_initial, solver_x0, SigmaKind, SolverOptions, SolverPrediction,
+    SolverSchedule, SolverSigmas,
 };
 use crate::scheduler::{check_steps, Scheduler, StepOutput, TimestepsSpec};
 use crate::sigma_schedule::{train_sigmas_and_logs, with_final, SigmaState};
@@ -64,7 +64,15 @@ impl UniPcMultistepScheduler {
         r.record("solver_type", (if bh2 { "bh2" } else { "bh1" }).into());
         let lower_order_final = r.bool("lower_order_final", true)?;
         let disable_corrector = r.usize_list("disable_corrector")?;
-        let sched = SolverSchedule::read(&mut r, noise, false, false)?;
+        let sched = SolverSchedule::read(
+            &mut r,
+            noise,
+            SolverOptions {
+                lu: false,
+                dynamic: false,
+                spacing: true,
+            },
+        )?;
         let final_sigma_min =
             r.choice("final_sigmas_type", "zero", &["zero", "sigma_min"])? == "sigma_min";
         let dynamic_shifting = r.bool("use_dynamic_shifting", false)?;
