@@ -59,3 +59,26 @@ fn schedulers_show_prints_the_schedule() {
     let (ok, _, err) = diffuse(&["schedulers", "--show", "Euler b"]);
     assert!(!ok && err.contains("unknown scheduler"), "{err}");
 }
+
+#[test]
+fn schedulers_lists_every_class_with_its_a1111_names() {
+    let (ok, out, err) = diffuse(&["schedulers"]);
+    assert!(ok, "{err}");
+    for class in diffuse_schedulers::CLASS_NAMES {
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(class))
+            .unwrap_or_else(|| panic!("{class} missing from:\n{out}"));
+        for a in diffuse_schedulers::registry::a1111_names_of(class) {
+            assert!(line.contains(a), "{class}: {a} missing from {line}");
+        }
+    }
+    assert_eq!(
+        diffuse_schedulers::a1111_names()
+            .iter()
+            .filter(|a| !out.contains(*a))
+            .count(),
+        0,
+        "{out}"
+    );
+}
