@@ -89,7 +89,21 @@ pub const CLASSES: &[SchedulerClass] = &[
     },
     SchedulerClass {
         name: "UniPCMultistepScheduler",
-        build: |c| Ok(Box::new(unipc_multistep::UniPcMultistepScheduler::new(c)?)),
+        build: |c| {
+            let mut s = unipc_multistep::UniPcMultistepScheduler::new(c)?;
+            // Our extension: a `solver_p` key holds the predictor's own config.
+            if let Some(p) = c.map.get("solver_p").filter(|v| !v.is_null()) {
+                let map = p.as_object().cloned().ok_or_else(|| {
+                    Error::config(
+                        "UniPCMultistepScheduler config",
+                        "solver_p",
+                        "expected a scheduler config object",
+                    )
+                })?;
+                s.set_solver_p(from_own_config(&SchedulerConfig { map })?);
+            }
+            Ok(Box::new(s))
+        },
     },
     SchedulerClass {
         name: "LCMScheduler",

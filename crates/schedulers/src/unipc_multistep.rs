@@ -38,6 +38,9 @@ pub struct UniPcMultistepScheduler {
     lower_order_nums: usize,
     this_order: usize,
     last_sample: Option<Tensor>,
+    /// diffusers' `solver_p`: another scheduler used as the predictor (UniPC then only
+    /// corrects). Set with `set_solver_p`.
+    solver_p: Option<Box<dyn Scheduler>>,
 }
 
 impl UniPcMultistepScheduler {
@@ -85,6 +88,11 @@ impl UniPcMultistepScheduler {
             "shift_terminal",
             "is only supported with use_flow_sigmas",
         )?;
+        // A predictor scheduler's config (our extension: diffusers cannot serialise `solver_p`)
+        // is kept for the registry, which builds it (see `set_solver_p`).
+        if let Some(p) = cfg.map.get("solver_p").filter(|v| !v.is_null()) {
+            r.record("solver_p", p.clone());
+        }
         let (ts, sig) = solver_initial(&sched.noise);
         Ok(Self {
             config: r.finish(),
@@ -106,11 +114,20 @@ impl UniPcMultistepScheduler {
             lower_order_nums: 0,
             this_order: 0,
             last_sample: None,
+            solver_p: None,
         })
     }
 
     fn kind(&self) -> SigmaKind {
         self.sched.kind()
+    }
+
+    /// Uses `p` as the predictor (diffusers' `solver_p`): each step's prediction is `p`'s step
+    /// from the raw model output, and UniPC adds its corrector. `p` is given the same number of
+    /// steps by `set_timesteps`, so its timesteps should match UniPC's (same training schedule
+    /// and spacing).
+    pub fn set_solver_p(&mut self, p: Box<dyn Scheduler>) {
+        self.solver_p = Some(p);
     }
 
     fn convert(&self, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
@@ -384,6 +401,9 @@ impl Scheduler for UniPcMultistepScheduler {
         };
         check_steps(CLASS, n, self.sched.noise.len())?;
         let (ts, sig) = self.schedule(n, spec.sigmas.as_deref(), spec.mu)?;
+        if let Some(p) = self.solver_p.as_mut() {
+            p.set_timesteps(ts.len())?;
+        }
         self.state.reset(ts, sig);
         self.model_outputs = vec![None; self.solver_order];
         self.lower_order_nums = 0;
@@ -396,7 +416,7 @@ impl Scheduler for UniPcMultistepScheduler {
         model_output: &Tensor,
         t: f64,
         sample: &Tensor,
-        _rng: &mut dyn NoiseSource,
+        rng: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
         let i = self.state.step_index(CLASS, t)?;
         let converted = self.convert(model_output, sample, self.state.sigmas[i])?;
@@ -415,7 +435,11 @@ impl Scheduler for UniPcMultistepScheduler {
             self.solver_order
         };
         self.this_order = order.min(self.lower_order_nums + 1);
-        let prev = self.predict(self.this_order, i, &sample)?;
+        let prev = match self.solver_p.as_mut() {
+            // The predictor steps from the raw model output at the current timestep.
+            Some(p) => p.step(model_output, t, &sample, rng)?.prev_sample,
+            None => self.predict(self.this_order, i, &sample)?,
+        };
         self.last_sample = Some(sample);
         if self.lower_order_nums < self.solver_order {
             self.lower_order_nums += 1;

@@ -348,3 +348,34 @@ fn dpm_solver_rules_as_diffusers() {
     .unwrap();
     assert!(k.set_custom_timesteps(&[999.0, 500.0]).is_err());
 }
+
+#[test]
+fn unipc_solver_p_survives_a_fresh_copy() {
+    let with_p = cfg(
+        r#"{"beta_schedule": "scaled_linear", "solver_p": {"_class_name": "DPMSolverMultistepScheduler",
+            "beta_schedule": "scaled_linear"}}"#,
+    );
+    let mut a = from_config("UniPCMultistepScheduler", &with_p).unwrap();
+    // Pipelines rebuild schedulers from their resolved config (fresh_scheduler).
+    let mut b = from_config("UniPCMultistepScheduler", a.config()).unwrap();
+    let mut plain = from_config(
+        "UniPCMultistepScheduler",
+        &cfg(r#"{"beta_schedule": "scaled_linear"}"#),
+    )
+    .unwrap();
+    let (va, vb, vp) = (
+        toy_loop(a.as_mut(), 8),
+        toy_loop(b.as_mut(), 8),
+        toy_loop(plain.as_mut(), 8),
+    );
+    assert_eq!(va, vb);
+    assert_ne!(va, vp, "solver_p made no difference");
+    let err = match from_config(
+        "UniPCMultistepScheduler",
+        &cfg(r#"{"solver_p": "DPMSolverMultistepScheduler"}"#),
+    ) {
+        Ok(_) => panic!("a solver_p that is not a config was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("solver_p"), "{err}");
+}

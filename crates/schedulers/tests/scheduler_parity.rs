@@ -494,7 +494,13 @@ fn check_add_noise(dir: &Path, config: &SchedulerConfig) -> Result<()> {
 }
 
 fn run_case(dir: &Path) -> Result<()> {
-    let config = SchedulerConfig::from_file(&dir.join("scheduler_config.json"))?;
+    let mut config = SchedulerConfig::from_file(&dir.join("scheduler_config.json"))?;
+    // UniPC's predictor scheduler, which diffusers cannot put in the config itself.
+    let solver_p = dir.join("solver_p_config.json");
+    if solver_p.exists() {
+        let p = SchedulerConfig::from_file(&solver_p)?;
+        config.set("solver_p", serde_json::Value::Object(p.map));
+    }
     check_schedule(dir, &config).context("schedule")?;
     let mut traces: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
