@@ -6,10 +6,12 @@
 //! names and the usual AUTOMATIC1111 names ("Euler a", "DPM++ 2M Karras", ...) — with
 //! [`from_name`].
 //!
-//! The modules form layers, each using only those above it: `config`; `scheduler` (the trait);
-//! `common` (schedules and maths); `sigma_schedule` (sigma-parameterised state and the
-//! k-diffusion schedules); `multistep` and `flow_schedule` (the VP solvers' and flow matching's
-//! shared pieces); one file per scheduler; `registry` (the tables of class and A1111 names).
+//! The modules form layers, each using only those above it (`tests/module_layers.rs` checks):
+//! `config`; `scheduler` (the trait); `common` (schedules and maths); `sigma_schedule`
+//! (sigma-parameterised state and the k-diffusion schedules); the shared pieces of the VP
+//! multistep solvers (`multistep`), flow matching (`flow_schedule`), EDM (`edm`) and the
+//! consistency samplers (`consistency`); one file per scheduler; `registry` (the tables of class
+//! and A1111 names).
 
 pub mod common;
 pub mod config;
