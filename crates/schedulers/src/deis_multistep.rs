@@ -199,13 +199,12 @@ impl Scheduler for DeisMultistepScheduler {
         let converted = self.convert(model_output, sample, self.state.sigmas[i])?;
         self.model_outputs.remove(0);
         self.model_outputs.push(Some(converted));
-        let order = if self.solver_order == 1 || self.lower_order_nums < 1 || lower_final {
-            1
-        } else if self.solver_order == 2 || self.lower_order_nums < 2 || lower_second {
-            2
-        } else {
-            3
-        };
+        let order = crate::multistep::multistep_order(
+            self.solver_order,
+            self.lower_order_nums,
+            lower_final,
+            lower_second,
+        );
         let prev = self.update(order, i, sample)?;
         if self.lower_order_nums < self.solver_order {
             self.lower_order_nums += 1;

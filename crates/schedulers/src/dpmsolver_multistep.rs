@@ -5,13 +5,13 @@
 use candle_core::Tensor;
 use diffuse_core::{Error, NoiseSource, Result};
 
-use crate::common::{div_s, mul_s, NoiseSchedule, X0Clip};
+use crate::common::{NoiseSchedule, X0Clip};
 use crate::config::{ConfigReader, SchedulerConfig};
 use crate::multistep::{
-    multistep_update, solver_eps, solver_initial, solver_x0, Algorithm, SigmaKind, SolverOptions,
-    SolverPrediction, SolverSchedule, SolverSigmas,
+    multistep_order, multistep_update, solver_initial, Algorithm, DpmConversion, DpmSolverFields,
+    SigmaKind, SolverOptions, SolverPrediction, SolverSchedule,
 };
-use crate::scheduler::{check_steps, Scheduler, StepOutput, TimestepsSpec};
+use crate::scheduler::{Scheduler, StepOutput, TimestepsSpec};
 use crate::sigma_schedule::SigmaState;
 
 const CLASS: &str = "DPMSolverMultistepScheduler";
@@ -19,15 +19,13 @@ const CLASS: &str = "DPMSolverMultistepScheduler";
 pub struct DpmSolverMultistepScheduler {
     config: SchedulerConfig,
     sched: SolverSchedule,
-    prediction: SolverPrediction,
-    clip: X0Clip,
+    conv: DpmConversion,
     algo: Algorithm,
     solver_order: usize,
     heun: bool,
     lower_order_final: bool,
     euler_at_final: bool,
     final_sigma_min: bool,
-    learned_variance: bool,
     lambda_min_clipped: f64,
     state: SigmaState,
     model_outputs: Vec<Option<Tensor>>,
@@ -39,15 +37,13 @@ impl DpmSolverMultistepScheduler {
         let mut r = ConfigReader::new(CLASS, cfg);
         let noise =
             NoiseSchedule::read(&mut r, 0.0001, 0.02, "linear", true)?.finite_terminal_sigma();
-        let solver_order = r.usize("solver_order", 2)?;
-        r.ensure(
-            (1..=3).contains(&solver_order),
-            "solver_order",
-            "must be 1, 2 or 3",
-        )?;
         let prediction = SolverPrediction::read(&mut r, true)?;
         let clip = X0Clip::read(&mut r, false, false)?;
-        let algo = Algorithm::read(
+        let DpmSolverFields {
+            solver_order,
+            algo,
+            heun,
+        } = DpmSolverFields::read(
             &mut r,
             &[
                 "dpmsolver++",
@@ -56,17 +52,6 @@ impl DpmSolverMultistepScheduler {
                 "sde-dpmsolver",
             ],
         )?;
-        // diffusers maps the UniPC/DEIS solver types to midpoint.
-        let solver_type = r.choice(
-            "solver_type",
-            "midpoint",
-            &["midpoint", "heun", "logrho", "bh1", "bh2"],
-        )?;
-        // Recorded as diffusers registers them after mapping.
-        r.record("algorithm_type", algo.name().into());
-        if !matches!(solver_type.as_str(), "midpoint" | "heun") {
-            r.record("solver_type", "midpoint".into());
-        }
         let lower_order_final = r.bool("lower_order_final", true)?;
         let euler_at_final = r.bool("euler_at_final", false)?;
         let sched = SolverSchedule::read(
@@ -106,15 +91,18 @@ impl DpmSolverMultistepScheduler {
         Ok(Self {
             config: r.finish(),
             sched,
-            prediction,
-            clip,
+            conv: DpmConversion {
+                prediction,
+                algo,
+                clip,
+                learned_variance,
+            },
             algo,
             solver_order,
-            heun: solver_type == "heun",
+            heun,
             lower_order_final,
             euler_at_final,
             final_sigma_min,
-            learned_variance,
             lambda_min_clipped,
             state: SigmaState::new(ts, sig, true),
             model_outputs: vec![None; solver_order],
@@ -128,29 +116,8 @@ impl DpmSolverMultistepScheduler {
 
     /// The model output as the solver uses it: x0 for DPM-Solver++, epsilon for DPM-Solver.
     fn convert(&self, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
-        let model_output = if self.learned_variance && self.prediction == SolverPrediction::Epsilon
-        {
-            model_output.narrow(1, 0, sample.dim(1)?)?
-        } else {
-            model_output.clone()
-        };
-        let (a, s, _) = self.kind().alpha_sigma_lambda(sigma);
-        if self.algo.data_prediction() {
-            return self.clip.apply(solver_x0(
-                self.prediction,
-                &model_output,
-                sample,
-                sigma,
-                a,
-                s,
-            )?);
-        }
-        let eps = solver_eps(CLASS, self.prediction, &model_output, sample, a, s)?;
-        if self.clip.thresholding {
-            let x0 = self.clip.apply(div_s(&(sample - mul_s(&eps, s)?)?, a)?)?;
-            return div_s(&(sample - mul_s(&x0, a)?)?, s);
-        }
-        Ok(eps)
+        self.conv
+            .convert(CLASS, self.kind(), model_output, sample, sigma)
     }
 
     /// One multistep update of the given order from sigma index `i` to `i + 1`.
@@ -206,39 +173,13 @@ impl Scheduler for DpmSolverMultistepScheduler {
 
     fn set_timesteps_with(&mut self, spec: &TimestepsSpec) -> Result<()> {
         spec.reject_others(CLASS, &["timesteps", "mu"])?;
-        self.sched.apply_mu(CLASS, spec.mu)?;
-        match (spec.num_inference_steps, &spec.timesteps) {
-            (Some(n), None) => {
-                check_steps(CLASS, n, self.sched.noise.len())?;
-                let last_timestep = self.sched.clipped_last_timestep(self.lambda_min_clipped);
-                let base = self.sched.base_timesteps(last_timestep, n);
-                let (ts, sig) = self.sched.compute(base, n, !self.sched.noise.cosine);
-                self.install(ts, &sig);
-                Ok(())
-            }
-            (None, Some(ts)) => {
-                if self.sched.sigmas != SolverSigmas::Interp {
-                    return Err(Error::invalid(format!(
-                        "{CLASS}: custom timesteps cannot be used with use_karras_sigmas, \
-                         use_lu_lambdas, use_exponential_sigmas, use_beta_sigmas or use_flow_sigmas"
-                    )));
-                }
-                let ts: Vec<f64> = ts
-                    .iter()
-                    .map(|&t| {
-                        crate::common::int_timestep(CLASS, t.trunc(), self.sched.noise.len())
-                            .map(|t| t as f64)
-                    })
-                    .collect::<Result<_>>()?;
-                let n = ts.len();
-                let (ts, sig) = self.sched.compute(ts, n, true);
-                self.install(ts, &sig);
-                Ok(())
-            }
-            _ => Err(Error::invalid(format!(
-                "{CLASS}: set_timesteps needs exactly one of num_inference_steps and timesteps"
-            ))),
-        }
+        // Karras and Lu timesteps are truncated, not rounded, on the cosine schedule.
+        let round = !self.sched.noise.cosine;
+        let (ts, sig) = self
+            .sched
+            .for_spec(CLASS, spec, self.lambda_min_clipped, round)?;
+        self.install(ts, &sig);
+        Ok(())
     }
 
     fn step(
@@ -261,13 +202,12 @@ impl Scheduler for DpmSolverMultistepScheduler {
         } else {
             None
         };
-        let order = if self.solver_order == 1 || self.lower_order_nums < 1 || lower_final {
-            1
-        } else if self.solver_order == 2 || self.lower_order_nums < 2 || lower_second {
-            2
-        } else {
-            3
-        };
+        let order = multistep_order(
+            self.solver_order,
+            self.lower_order_nums,
+            lower_final,
+            lower_second,
+        );
         let prev = self.update(order, i, sample, noise.as_ref())?;
         if self.lower_order_nums < self.solver_order {
             self.lower_order_nums += 1;

@@ -8,10 +8,10 @@ use diffuse_core::{Error, NoiseSource, Result};
 use crate::common::{div_s, mul_s, NoiseSchedule, X0Clip};
 use crate::config::{ConfigReader, SchedulerConfig};
 use crate::multistep::{
-    solver_eps, solver_initial, solver_x0, Algorithm, SigmaKind, SolverOptions, SolverPrediction,
-    SolverSchedule, SolverSigmas, UpdateCoefficients,
+    solver_initial, Algorithm, DpmConversion, DpmSolverFields, SigmaKind, SolverOptions,
+    SolverPrediction, SolverSchedule, UpdateCoefficients,
 };
-use crate::scheduler::{check_steps, Scheduler, StepOutput, TimestepsSpec};
+use crate::scheduler::{Scheduler, StepOutput, TimestepsSpec};
 use crate::sigma_schedule::{with_final, SigmaState};
 
 const CLASS: &str = "DPMSolverSinglestepScheduler";
@@ -19,8 +19,7 @@ const CLASS: &str = "DPMSolverSinglestepScheduler";
 pub struct DpmSolverSinglestepScheduler {
     config: SchedulerConfig,
     sched: SolverSchedule,
-    prediction: SolverPrediction,
-    clip: X0Clip,
+    conv: DpmConversion,
     algo: Algorithm,
     solver_order: usize,
     heun: bool,
@@ -28,7 +27,6 @@ pub struct DpmSolverSinglestepScheduler {
     /// sigma of 0).
     lower_order_final: bool,
     final_sigma_min: bool,
-    learned_variance: bool,
     lambda_min_clipped: f64,
     state: SigmaState,
     order_list: Vec<usize>,
@@ -41,24 +39,13 @@ impl DpmSolverSinglestepScheduler {
     pub fn new(cfg: &SchedulerConfig) -> Result<Self> {
         let mut r = ConfigReader::new(CLASS, cfg);
         let noise = NoiseSchedule::read(&mut r, 0.0001, 0.02, "linear", false)?;
-        let solver_order = r.usize("solver_order", 2)?;
-        r.ensure(
-            (1..=3).contains(&solver_order),
-            "solver_order",
-            "must be 1, 2 or 3",
-        )?;
         let prediction = SolverPrediction::read(&mut r, true)?;
         let clip = X0Clip::read(&mut r, false, false)?;
-        let algo = Algorithm::read(&mut r, &["dpmsolver++", "dpmsolver", "sde-dpmsolver++"])?;
-        r.record("algorithm_type", algo.name().into());
-        let solver_type = r.choice(
-            "solver_type",
-            "midpoint",
-            &["midpoint", "heun", "logrho", "bh1", "bh2"],
-        )?;
-        if !matches!(solver_type.as_str(), "midpoint" | "heun") {
-            r.record("solver_type", "midpoint".into());
-        }
+        let DpmSolverFields {
+            solver_order,
+            algo,
+            heun,
+        } = DpmSolverFields::read(&mut r, &["dpmsolver++", "dpmsolver", "sde-dpmsolver++"])?;
         let lower_order_final = r.bool("lower_order_final", false)?;
         let sched = SolverSchedule::read(
             &mut r,
@@ -92,14 +79,17 @@ impl DpmSolverSinglestepScheduler {
         Ok(Self {
             config: r.finish(),
             sched,
-            prediction,
-            clip,
+            conv: DpmConversion {
+                prediction,
+                algo,
+                clip,
+                learned_variance,
+            },
             algo,
             solver_order,
-            heun: solver_type == "heun",
+            heun,
             lower_order_final,
             final_sigma_min,
-            learned_variance,
             lambda_min_clipped,
             state: SigmaState::new(ts, sig, true),
             order_list: vec![],
@@ -148,24 +138,8 @@ impl DpmSolverSinglestepScheduler {
 
     /// The model output as the solver uses it: x0 for DPM-Solver++, epsilon for DPM-Solver.
     fn convert(&self, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
-        let model_output = if self.learned_variance && self.prediction == SolverPrediction::Epsilon
-        {
-            model_output.narrow(1, 0, sample.dim(1)?)?
-        } else {
-            model_output.clone()
-        };
-        let (a, s, _) = self.kind().alpha_sigma_lambda(sigma);
-        if self.algo.data_prediction() {
-            return self.clip.apply(solver_x0(
-                self.prediction,
-                &model_output,
-                sample,
-                sigma,
-                a,
-                s,
-            )?);
-        }
-        solver_eps(CLASS, self.prediction, &model_output, sample, a, s)
+        self.conv
+            .convert(CLASS, self.kind(), model_output, sample, sigma)
     }
 
     /// One singlestep update of order k from the block start (sigma index `i + 1 - k`) to
@@ -249,39 +223,11 @@ impl Scheduler for DpmSolverSinglestepScheduler {
 
     fn set_timesteps_with(&mut self, spec: &TimestepsSpec) -> Result<()> {
         spec.reject_others(CLASS, &["timesteps", "mu"])?;
-        self.sched.apply_mu(CLASS, spec.mu)?;
-        match (spec.num_inference_steps, &spec.timesteps) {
-            (Some(n), None) => {
-                check_steps(CLASS, n, self.sched.noise.len())?;
-                let last = self.sched.clipped_last_timestep(self.lambda_min_clipped);
-                let base = self.sched.base_timesteps(last, n);
-                let (ts, sig) = self.sched.compute(base, n, true);
-                self.install(ts, &sig);
-                Ok(())
-            }
-            (None, Some(ts)) => {
-                if !matches!(self.sched.sigmas, SolverSigmas::Interp) {
-                    return Err(Error::invalid(format!(
-                        "{CLASS}: custom timesteps cannot be used with use_karras_sigmas, \
-                         use_exponential_sigmas, use_beta_sigmas or use_flow_sigmas"
-                    )));
-                }
-                let ts: Vec<f64> = ts
-                    .iter()
-                    .map(|&t| {
-                        crate::common::int_timestep(CLASS, t.trunc(), self.sched.noise.len())
-                            .map(|t| t as f64)
-                    })
-                    .collect::<Result<_>>()?;
-                let n = ts.len();
-                let (ts, sig) = self.sched.compute(ts, n, true);
-                self.install(ts, &sig);
-                Ok(())
-            }
-            _ => Err(Error::invalid(format!(
-                "{CLASS}: set_timesteps needs exactly one of num_inference_steps and timesteps"
-            ))),
-        }
+        let (ts, sig) = self
+            .sched
+            .for_spec(CLASS, spec, self.lambda_min_clipped, true)?;
+        self.install(ts, &sig);
+        Ok(())
     }
 
     fn step(

@@ -8,7 +8,7 @@ use diffuse_core::{Error, NoiseSource, Result};
 use crate::common::X0Clip;
 use crate::config::{ConfigReader, SchedulerConfig};
 use crate::edm::EdmConfig;
-use crate::multistep::{multistep_update, Algorithm, SigmaKind};
+use crate::multistep::{multistep_update, Algorithm, DpmSolverFields, SigmaKind};
 use crate::scheduler::{check_steps, Scheduler, StepOutput};
 use crate::sigma_schedule::SigmaState;
 
@@ -32,23 +32,12 @@ impl EdmDpmSolverMultistepScheduler {
     pub fn new(cfg: &SchedulerConfig) -> Result<Self> {
         let mut r = ConfigReader::new(CLASS, cfg);
         let edm = EdmConfig::read(&mut r, false)?;
-        let solver_order = r.usize("solver_order", 2)?;
-        r.ensure(
-            (1..=3).contains(&solver_order),
-            "solver_order",
-            "must be 1, 2 or 3",
-        )?;
         let clip = X0Clip::read(&mut r, false, false)?;
-        let algo = Algorithm::read(&mut r, &["dpmsolver++", "sde-dpmsolver++"])?;
-        r.record("algorithm_type", algo.name().into());
-        let solver_type = r.choice(
-            "solver_type",
-            "midpoint",
-            &["midpoint", "heun", "logrho", "bh1", "bh2"],
-        )?;
-        if !matches!(solver_type.as_str(), "midpoint" | "heun") {
-            r.record("solver_type", "midpoint".into());
-        }
+        let DpmSolverFields {
+            solver_order,
+            algo,
+            heun,
+        } = DpmSolverFields::read(&mut r, &["dpmsolver++", "sde-dpmsolver++"])?;
         r.ensure(
             !(algo.stochastic() && solver_order == 3),
             "solver_order",
@@ -63,7 +52,7 @@ impl EdmDpmSolverMultistepScheduler {
             clip,
             algo,
             solver_order,
-            heun: solver_type == "heun",
+            heun,
             lower_order_final,
             euler_at_final,
             state: SigmaState::new(ts, sig, true),
@@ -118,13 +107,12 @@ impl Scheduler for EdmDpmSolverMultistepScheduler {
         } else {
             None
         };
-        let order = if self.solver_order == 1 || self.lower_order_nums < 1 || lower_final {
-            1
-        } else if self.solver_order == 2 || self.lower_order_nums < 2 || lower_second {
-            2
-        } else {
-            3
-        };
+        let order = crate::multistep::multistep_order(
+            self.solver_order,
+            self.lower_order_nums,
+            lower_final,
+            lower_second,
+        );
         let outputs: Vec<&Tensor> = self.model_outputs.iter().flatten().collect();
         if outputs.len() < order {
             return Err(Error::invalid(format!(

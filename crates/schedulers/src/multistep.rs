@@ -5,8 +5,9 @@
 use candle_core::Tensor;
 use diffuse_core::{Error, Result};
 
-use crate::common::{self, div_s, mul_s, sigma_to_t, NoiseSchedule, SigmaSpacing, Spacing};
+use crate::common::{self, div_s, mul_s, sigma_to_t, NoiseSchedule, SigmaSpacing, Spacing, X0Clip};
 use crate::config::ConfigReader;
+use crate::scheduler::{check_steps, TimestepsSpec};
 use crate::sigma_schedule::{train_sigmas_and_logs, SigmaState};
 
 /// alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t) of a (variance-exploding) sigma, in
@@ -218,6 +219,48 @@ impl SolverSchedule {
         }
     }
 
+    /// Timesteps (integers) and sigmas without the final one for the DPM-Solvers'
+    /// `set_timesteps(num_inference_steps | timesteps, mu)`: the spaced schedule up to
+    /// `lambda_min_clipped`, or custom timesteps (which exclude respaced sigmas). Karras and Lu
+    /// timesteps are rounded where `round`.
+    pub fn for_spec(
+        &mut self,
+        class: &str,
+        spec: &TimestepsSpec,
+        lambda_min_clipped: f64,
+        round: bool,
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        self.apply_mu(class, spec.mu)?;
+        match (spec.num_inference_steps, &spec.timesteps) {
+            (Some(n), None) => {
+                check_steps(class, n, self.noise.len())?;
+                let last = self.clipped_last_timestep(lambda_min_clipped);
+                let base = self.base_timesteps(last, n);
+                Ok(self.compute(base, n, round))
+            }
+            (None, Some(ts)) => {
+                if self.sigmas != SolverSigmas::Interp {
+                    return Err(Error::invalid(format!(
+                        "{class}: custom timesteps cannot be used with use_karras_sigmas, \
+                         use_lu_lambdas, use_exponential_sigmas, use_beta_sigmas or use_flow_sigmas"
+                    )));
+                }
+                // diffusers stores them as int64.
+                let ts: Vec<f64> = ts
+                    .iter()
+                    .map(|&t| {
+                        common::int_timestep(class, t.trunc(), self.noise.len()).map(|t| t as f64)
+                    })
+                    .collect::<Result<_>>()?;
+                let n = ts.len();
+                Ok(self.compute(ts, n, round))
+            }
+            _ => Err(Error::invalid(format!(
+                "{class}: set_timesteps needs exactly one of num_inference_steps and timesteps"
+            ))),
+        }
+    }
+
     /// The training length minus the trailing timesteps whose lambda is below
     /// `lambda_min_clipped` (which cuts the end of cosine schedules).
     pub fn clipped_last_timestep(&self, lambda_min_clipped: f64) -> usize {
@@ -300,6 +343,58 @@ impl Algorithm {
 
     pub(crate) fn stochastic(self) -> bool {
         matches!(self, Self::SdePlusPlus | Self::Sde)
+    }
+}
+
+/// The fields every DPM-Solver class reads: `solver_order` (1–3), `algorithm_type` (of
+/// `allowed`; "deis" means dpmsolver++) and `solver_type` (midpoint or heun; the UniPC / DEIS
+/// types mean midpoint), recorded as diffusers registers them after mapping.
+pub(crate) struct DpmSolverFields {
+    pub solver_order: usize,
+    pub algo: Algorithm,
+    pub heun: bool,
+}
+
+impl DpmSolverFields {
+    pub fn read(r: &mut ConfigReader, allowed: &[&str]) -> Result<Self> {
+        let solver_order = r.usize("solver_order", 2)?;
+        r.ensure(
+            (1..=3).contains(&solver_order),
+            "solver_order",
+            "must be 1, 2 or 3",
+        )?;
+        let algo = Algorithm::read(r, allowed)?;
+        r.record("algorithm_type", algo.name().into());
+        let solver_type = r.choice(
+            "solver_type",
+            "midpoint",
+            &["midpoint", "heun", "logrho", "bh1", "bh2"],
+        )?;
+        if !matches!(solver_type.as_str(), "midpoint" | "heun") {
+            r.record("solver_type", "midpoint".into());
+        }
+        Ok(Self {
+            solver_order,
+            algo,
+            heun: solver_type == "heun",
+        })
+    }
+}
+
+/// The order of a multistep update: lower while the history fills up (`warmed_up` previous
+/// outputs) and for the last steps when asked.
+pub(crate) fn multistep_order(
+    solver_order: usize,
+    warmed_up: usize,
+    lower_final: bool,
+    lower_second: bool,
+) -> usize {
+    if solver_order == 1 || warmed_up < 1 || lower_final {
+        1
+    } else if solver_order == 2 || warmed_up < 2 || lower_second {
+        2
+    } else {
+        3
     }
 }
 
@@ -466,6 +561,53 @@ pub(crate) fn solver_eps(
         SolverPrediction::Flow => Err(Error::invalid(format!(
             "{class}: flow_prediction needs a data-prediction solver (dpmsolver++ / predict_x0)"
         ))),
+    }
+}
+
+/// How a DPM-Solver turns the model output into what it integrates.
+pub(crate) struct DpmConversion {
+    pub prediction: SolverPrediction,
+    pub algo: Algorithm,
+    pub clip: X0Clip,
+    /// `variance_type` learned / learned_range: the model also predicts a variance in its extra
+    /// channels, which the solver drops.
+    pub learned_variance: bool,
+}
+
+impl DpmConversion {
+    /// x0 for DPM-Solver++, epsilon for DPM-Solver (thresholded through x0 if configured), at
+    /// the raw `sigma` in the sigma space `kind`.
+    pub fn convert(
+        &self,
+        class: &str,
+        kind: SigmaKind,
+        model_output: &Tensor,
+        sample: &Tensor,
+        sigma: f32,
+    ) -> Result<Tensor> {
+        let model_output = if self.learned_variance && self.prediction == SolverPrediction::Epsilon
+        {
+            model_output.narrow(1, 0, sample.dim(1)?)?
+        } else {
+            model_output.clone()
+        };
+        let (a, s, _) = kind.alpha_sigma_lambda(sigma);
+        if self.algo.data_prediction() {
+            return self.clip.apply(solver_x0(
+                self.prediction,
+                &model_output,
+                sample,
+                sigma,
+                a,
+                s,
+            )?);
+        }
+        let eps = solver_eps(class, self.prediction, &model_output, sample, a, s)?;
+        if self.clip.thresholding {
+            let x0 = self.clip.apply(div_s(&(sample - mul_s(&eps, s)?)?, a)?)?;
+            return div_s(&(sample - mul_s(&x0, a)?)?, s);
+        }
+        Ok(eps)
     }
 }
 
