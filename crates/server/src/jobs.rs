@@ -213,6 +213,13 @@ impl Job {
             }
             s.status = status;
             s.finished = Some(Instant::now());
+            // Previews only matter while the job runs; kept jobs hold their images only.
+            s.preview = None;
+            for e in &mut s.events {
+                if let Some(o) = e.data.as_object_mut() {
+                    o.remove("preview");
+                }
+            }
             s.events.push(Event { name, data });
             f(s);
         });
@@ -500,7 +507,11 @@ impl JobQueue {
 
     /// Cancels the running job (A1111 `interrupt`); returns it.
     pub fn interrupt(&self) -> Option<Arc<Job>> {
-        let running = self.inner().running.clone();
+        let running = self
+            .inner()
+            .running
+            .clone()
+            .filter(|j| !j.status().is_terminal());
         if let Some(j) = &running {
             j.request_cancel();
         }

@@ -83,7 +83,7 @@ impl Default for ServerConfig {
             models: Vec::new(),
             api_key: None,
             max_queue: 16,
-            keep_jobs: 256,
+            keep_jobs: 64,
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(30),
         }

@@ -30,6 +30,9 @@ pub struct GenerateRequest {
     pub sampler_name: Option<String>,
     /// Older A1111 clients send the sampler here.
     pub sampler_index: Option<String>,
+    /// A1111 1.9+ sends the sigma schedule apart from the sampler: `Karras` (appended to the
+    /// sampler name), or `Automatic` (the sampler's own).
+    pub scheduler: Option<String>,
     /// -1: random.
     pub seed: Option<i64>,
     pub width: Option<i64>,
@@ -184,6 +187,30 @@ impl GenerateRequest {
                 diffuse_schedulers::resolve_name(name)
                     .map_err(|e| ApiError::field(field, format!("{field}: {e}")))?;
                 Some(name.to_string())
+            }
+        };
+        let sampler = match (sampler, self.scheduler.as_deref().map(str::trim)) {
+            (s, None | Some("") | Some("Automatic")) => s,
+            (Some(name), Some(kind)) if name.to_lowercase().ends_with(&kind.to_lowercase()) => {
+                Some(name)
+            }
+            (Some(name), Some(kind)) => {
+                let full = format!("{name} {kind}");
+                diffuse_schedulers::resolve_name(&full).map_err(|_| {
+                    ApiError::field(
+                        "scheduler",
+                        format!(
+                            "scheduler: there is no `{name}` sampler with the `{kind}` schedule"
+                        ),
+                    )
+                })?;
+                Some(full)
+            }
+            (None, Some(kind)) => {
+                return Err(ApiError::field(
+                    "scheduler",
+                    format!("scheduler `{kind}` needs a sampler_name to go with"),
+                ))
             }
         };
         let seed = match self.seed {

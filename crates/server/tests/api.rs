@@ -53,6 +53,15 @@ async fn a1111_txt2img_returns_png_with_infotext_and_seeds() {
     assert_ne!(images[0], images[1]);
     let again: Value = s.post_json("/sdapi/v1/txt2img", &body).await;
     assert_eq!(again["images"], v["images"]);
+    // A1111 1.9+ names the sigma schedule apart from the sampler.
+    let v = s
+        .post_json(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "x", "steps": 2, "seed": 1, "sampler_name": "DPM++ 2M", "scheduler": "Karras"}),
+        )
+        .await;
+    let (_, _, text) = png_info(&unb64(v["images"][0].as_str().unwrap()));
+    assert!(text.unwrap().contains("Sampler: DPM++ 2M Karras,"));
     // seed -1 draws a seed, reported in info.
     let r: Value = s
         .post_json(
@@ -308,6 +317,10 @@ async fn bad_input_gets_clear_error_codes() {
         (json!({"batch_size": 8, "n_iter": 3}), "n_iter"),
         (json!({"cfg_scale": -1.0}), "cfg_scale"),
         (json!({"sampler_name": "Warp drive"}), "sampler_name"),
+        (
+            json!({"sampler_name": "Euler a", "scheduler": "Karras"}),
+            "scheduler",
+        ),
         (json!({"seed": -7}), "seed"),
         (json!({"model": "nope"}), "model"),
         (json!({"prompt": ["a", "b"]}), "prompt"),
@@ -462,13 +475,6 @@ async fn job_events_arrive_in_order() {
             assert!(d["it_per_s"].as_f64().unwrap() > 0.0);
         }
     }
-    assert!(
-        events[2].1["preview"]
-            .as_str()
-            .unwrap()
-            .starts_with("data:image/png;base64,"),
-        "the first step has a preview"
-    );
     let done = &events.last().unwrap().1;
     assert_eq!(done["seeds"], json!([9, 10]));
     let urls = done["images"].as_array().unwrap();
@@ -487,6 +493,8 @@ async fn job_events_arrive_in_order() {
     // A late subscriber gets the whole story again.
     let again = s.events(&id).await;
     assert_eq!(names(&again), n);
+    // A finished job keeps its images, not its step previews.
+    assert!(again.iter().all(|(_, d)| d.get("preview").is_none()));
     let listed = s.get_json("/v1/jobs").await;
     assert_eq!(listed["jobs"][0]["id"], id.as_str());
     assert_error(
@@ -517,6 +525,18 @@ async fn queue_full_cancel_and_interrupt() {
         j["status"] == "running" && j["step"].as_u64() > Some(0)
     })
     .await;
+    // A live event stream carries step previews.
+    let live = read_events_until(&s.client, &s.url(&format!("/v1/jobs/{a_id}/events")), |n| {
+        n == "step"
+    })
+    .await;
+    assert_eq!(names(&live), ["queued", "started", "step"]);
+    let preview = live[2].1["preview"].as_str().expect("a step preview");
+    let preview = unb64(preview.strip_prefix("data:image/png;base64,").unwrap());
+    assert!(
+        png_info(&preview).0 >= 64,
+        "previews are at least 64 pixels wide"
+    );
     // The progress endpoint sees the running job, with a preview.
     let p = s.get_json("/sdapi/v1/progress").await;
     assert_eq!(p["state"]["job"], a_id.as_str());
@@ -582,7 +602,12 @@ async fn queue_full_cancel_and_interrupt() {
     let sync =
         tokio::spawn(async move { client.post(url).json(&slow_job()).send().await.unwrap() });
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while s.get_json("/sdapi/v1/progress").await["state"]["sampling_step"].as_u64() == Some(0) {
+    loop {
+        // Wait for the new job's first step (the cancelled one may still be winding down).
+        let p = s.get_json("/sdapi/v1/progress").await;
+        if p["state"]["job"] != a_id.as_str() && p["state"]["sampling_step"].as_u64() > Some(0) {
+            break;
+        }
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -157,6 +157,15 @@ pub fn test_png(w: u32, h: u32, gray: bool) -> Vec<u8> {
 
 /// Reads a Server-Sent Events stream to its end: (event name, JSON data) in order.
 pub async fn read_events(client: &reqwest::Client, url: &str) -> Vec<(String, Value)> {
+    read_events_until(client, url, |_| false).await
+}
+
+/// Reads a Server-Sent Events stream until its end or the first event `stop` accepts.
+pub async fn read_events_until(
+    client: &reqwest::Client,
+    url: &str,
+    stop: impl Fn(&str) -> bool,
+) -> Vec<(String, Value)> {
     let mut resp = client.get(url).send().await.unwrap();
     assert_eq!(resp.status(), 200, "GET {url}");
     assert_eq!(
@@ -184,7 +193,11 @@ pub async fn read_events(client: &reqwest::Client, url: &str) -> Vec<(String, Va
                 }
             }
             if !data.is_empty() {
+                let done = stop(&name);
                 events.push((name, serde_json::from_str(&data).unwrap()));
+                if done {
+                    return events;
+                }
             }
         }
     }
