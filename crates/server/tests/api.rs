@@ -357,6 +357,14 @@ async fn bad_input_gets_clear_error_codes() {
     )
     .await;
     assert!(msg.contains("7 Sneaker"), "{msg}");
+    // img2img needs a Stable Diffusion model.
+    let r = s
+        .post(
+            "/v1/jobs",
+            &json!({"model": "fashion-mnist-ddpm", "prompt": "bag", "init_images": [b64(&test_png(32, 32, true))]}),
+        )
+        .await;
+    assert_error(r, 422, Some("init_images")).await;
     // Too large a body: 413.
     let big = json!({ "prompt": "x".repeat(100 << 10) });
     let r = s.post("/sdapi/v1/txt2img", &big).await;
