@@ -709,3 +709,26 @@ async fn graceful_shutdown_finishes_the_running_job_and_cancels_queued_ones() {
     // Nobody listens any more.
     assert!(reqwest::get(format!("{base}/v1/queue")).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_cancels_its_synchronous_job() {
+    let s = TestServer::start(config(vec![tiny_sd()])).await;
+    let client = reqwest::Client::new();
+    let url = s.url("/sdapi/v1/txt2img");
+    let call = tokio::spawn(async move { client.post(url).json(&slow_job()).send().await });
+    let job = loop {
+        let jobs = s.get_json("/v1/jobs").await;
+        if let Some(j) = jobs["jobs"].as_array().unwrap().first() {
+            if j["step"].as_u64() > Some(0) {
+                break j["id"].as_str().unwrap().to_string();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Dropping the request closes its connection.
+    call.abort();
+    let j = wait_job(&s, &job, |j| j["status"] != "running").await;
+    assert_eq!(j["status"], "cancelled", "{j}");
+    assert!(j["step"].as_u64().unwrap() < 150);
+    s.stop().await.unwrap();
+}
