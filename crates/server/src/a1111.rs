@@ -75,7 +75,7 @@ fn info_json(spec: &JobSpec, job: &Job) -> String {
         "subseed_strength": 0,
         "width": s.width,
         "height": s.height,
-        "sampler_name": s.sampler,
+        "sampler_name": r.map(|r| r.sampler.clone()),
         "cfg_scale": s.guidance_scale,
         "steps": s.steps,
         "batch_size": s.num_images,

@@ -69,6 +69,8 @@ pub struct JobResult {
     pub infotexts: Vec<String>,
     pub seeds: Vec<u64>,
     pub warnings: Vec<String>,
+    /// The sampler as named in the request, else the model's scheduler class.
+    pub sampler: String,
 }
 
 /// Why a job failed: the user's request (422 for synchronous calls) or the server.

@@ -132,6 +132,11 @@ fn run_batches(pipeline: &Pipeline, job: &Job) -> diffuse_core::Result<JobResult
     let spec = &job.spec;
     let mut result = JobResult {
         seeds: spec.seeds(),
+        sampler: spec
+            .settings
+            .sampler
+            .clone()
+            .unwrap_or_else(|| pipeline.scheduler_name().to_string()),
         ..Default::default()
     };
     let mut last_preview: Option<Instant> = None;

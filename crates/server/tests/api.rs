@@ -33,6 +33,7 @@ async fn a1111_txt2img_returns_png_with_infotext_and_seeds() {
     let info: Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
     assert_eq!(info["all_seeds"], json!([42, 42, 44, 44]));
     assert_eq!(info["seed"], 42);
+    assert_eq!(info["sampler_name"], "Euler a");
     assert_eq!(v["parameters"]["prompt"], "a red cube");
     let infotexts = info["infotexts"].as_array().unwrap();
     for (k, img) in images.iter().enumerate() {
@@ -71,6 +72,7 @@ async fn a1111_txt2img_returns_png_with_infotext_and_seeds() {
         .await;
     let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
     assert!(info["seed"].as_u64().is_some(), "{info}");
+    assert_eq!(info["sampler_name"], "PNDMScheduler", "the model's own");
     s.stop().await.unwrap();
 }
 
