@@ -14,7 +14,7 @@ pub struct ServeArgs {
     /// A model to serve: a pipeline folder or a hub id in the local Hugging Face cache (repeat
     /// for several; requests pick one by name, the first is the default). Default: the bundled
     /// Fashion-MNIST model.
-    #[arg(long = "model")]
+    #[arg(long = "model", value_name = "MODEL")]
     pub models: Vec<String>,
     /// Address to listen on. Only loopback unless you say otherwise.
     #[arg(long, default_value = "127.0.0.1")]
