@@ -105,7 +105,7 @@ async fn generate(
     endpoint: Endpoint,
 ) -> Result<Json<Value>, ApiError> {
     let req: GenerateRequest = crate::error::from_value(&raw)?;
-    let spec = req.to_spec(endpoint, &state.models, &state.config.limits)?;
+    let spec = req.into_spec(endpoint, &state).await?;
     let job = run_to_end(&state, spec).await?;
     Ok(Json(json!({
         "images": images_b64(&job),

@@ -31,7 +31,7 @@ pub async fn create(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<GenerateRequest>,
 ) -> Result<Response, ApiError> {
-    let spec = req.to_spec(Endpoint::Job, &state.models, &state.config.limits)?;
+    let spec = req.into_spec(Endpoint::Job, &state).await?;
     let job = state.queue.submit(spec)?;
     let body = job.to_json(state.queue.position(&job.id));
     Ok((

@@ -110,6 +110,22 @@ pub fn decode_image(
 }
 
 impl GenerateRequest {
+    /// [`GenerateRequest::to_spec`]; decoding uploaded images is CPU work, so a request that
+    /// has some is checked on a blocking thread, off the async runtime.
+    pub async fn into_spec(
+        self,
+        endpoint: Endpoint,
+        state: &crate::AppState,
+    ) -> Result<JobSpec, ApiError> {
+        if self.init_images.is_none() && self.mask.is_none() {
+            return self.to_spec(endpoint, &state.models, &state.config.limits);
+        }
+        let (models, config) = (state.models.clone(), state.config.clone());
+        tokio::task::spawn_blocking(move || self.to_spec(endpoint, &models, &config.limits))
+            .await
+            .map_err(|e| ApiError::internal(format!("checking the request: {e}")))?
+    }
+
     /// The job this request asks for, or the first problem with it.
     pub fn to_spec(
         &self,
