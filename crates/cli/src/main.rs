@@ -7,6 +7,7 @@ mod generate;
 mod info;
 mod label_grid;
 mod schedulers_cmd;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,9 @@ enum Command {
     /// Time the real SD 1.5 / DDPM architectures and hot ops (random weights), optionally
     /// against PyTorch on the same machine.
     Bench(bench::BenchArgs),
+    /// Serve the models over HTTP: AUTOMATIC1111 and OpenAI image APIs, jobs with live
+    /// progress (Server-Sent Events) and a web page at `/`.
+    Serve(serve::ServeArgs),
 }
 
 /// glibc serves every block over its mmap threshold (128 KiB at first) with a fresh `mmap`
@@ -78,6 +82,7 @@ fn main() {
         Command::Classifier(a) => classifier::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -11,6 +11,7 @@ pub mod img2img;
 pub mod inpaint;
 pub mod png_info;
 pub mod stable_diffusion;
+pub mod task;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -121,52 +122,86 @@ impl Pipeline {
             Pipeline::StableDiffusion(p) => p.scheduler.class_name(),
         }
     }
+
+    /// Puts in another scheduler (e.g. the sampler one request names) and returns the one that
+    /// was in use.
+    pub fn replace_scheduler(&mut self, scheduler: Box<dyn Scheduler>) -> Box<dyn Scheduler> {
+        match self {
+            Pipeline::Unconditional(p) => std::mem::replace(&mut p.scheduler, scheduler),
+            Pipeline::StableDiffusion(p) => std::mem::replace(&mut p.scheduler, scheduler),
+        }
+    }
+}
+
+/// A folder's `model_index.json`: its path, `_class_name`, and the rest.
+pub(crate) struct ModelIndex {
+    pub path: PathBuf,
+    pub class: String,
+    json: serde_json::Value,
+}
+
+impl ModelIndex {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("model_index.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::invalid(format!("{}: not valid JSON: {e}", path.display())))?;
+        let class = json
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| {
+                Error::config(
+                    path.display().to_string(),
+                    "_class_name",
+                    "missing or not a string",
+                )
+            })?
+            .to_string();
+        Ok(Self { path, class, json })
+    }
+
+    /// `_class_names`, written by `diffuse train` for class-conditional models (diffusers
+    /// ignores underscore keys it does not know).
+    pub fn class_names(&self) -> Result<Option<Vec<String>>> {
+        match self.json.get("_class_names") {
+            None => Ok(None),
+            Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| {
+                Error::config(
+                    self.path.display().to_string(),
+                    "_class_names",
+                    format!("not a list of strings: {e}"),
+                )
+            }),
+        }
+    }
+
+    /// The error for a `_class_name` no loader handles.
+    pub fn unsupported(&self) -> Error {
+        Error::invalid(format!(
+            "{}: unsupported pipeline class {:?}; supported: {}",
+            self.path.display(),
+            self.class,
+            SUPPORTED_PIPELINES.join(", ")
+        ))
+    }
 }
 
 /// Loads a diffusers pipeline folder, dispatching on `model_index.json`'s `_class_name`.
 pub fn load_pipeline(dir: &Path, opts: &LoadOptions) -> Result<Pipeline> {
-    let index_path = dir.join("model_index.json");
-    let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-    let index: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::invalid(format!("{}: not valid JSON: {e}", index_path.display())))?;
-    let class = index
-        .get("_class_name")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| {
-            Error::config(
-                index_path.display().to_string(),
-                "_class_name",
-                "missing or not a string",
-            )
-        })?
-        .to_string();
-    match class.as_str() {
+    let index = ModelIndex::read(dir)?;
+    match index.class.as_str() {
         "DDPMPipeline" | "DDIMPipeline" => {
-            // Written by `diffuse train`; diffusers ignores underscore keys it does not know.
-            let class_names = match index.get("_class_names") {
-                None => None,
-                Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
-                    Error::config(
-                        index_path.display().to_string(),
-                        "_class_names",
-                        format!("not a list of strings: {e}"),
-                    )
-                })?),
-            };
+            let class_names = index.class_names()?;
             Ok(Pipeline::Unconditional(Box::new(
-                UnconditionalPipeline::load(dir, class, class_names, opts)?,
+                UnconditionalPipeline::load(dir, index.class, class_names, opts)?,
             )))
         }
         "StableDiffusionPipeline"
         | "StableDiffusionImg2ImgPipeline"
         | "StableDiffusionInpaintPipeline" => Ok(Pipeline::StableDiffusion(Box::new(
-            StableDiffusionPipeline::load(dir, class, opts)?,
+            StableDiffusionPipeline::load(dir, index.class, opts)?,
         ))),
-        other => Err(Error::invalid(format!(
-            "{}: unsupported pipeline class {other:?}; supported: {}",
-            index_path.display(),
-            SUPPORTED_PIPELINES.join(", ")
-        ))),
+        _ => Err(index.unsupported()),
     }
 }
 
@@ -191,6 +226,18 @@ pub(crate) fn load_scheduler(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn S
         Some(name) => diffuse_schedulers::from_name(name, &cfg),
         None => diffuse_schedulers::from_own_config(&cfg),
     }
+}
+
+/// The scheduler `name` names (a diffusers class or an A1111 name) built on a pipeline
+/// folder's scheduler config: what loading the folder with [`LoadOptions::scheduler`] gives.
+pub fn named_scheduler(dir: &Path, name: &str) -> Result<Box<dyn Scheduler>> {
+    load_scheduler(
+        dir,
+        &LoadOptions {
+            scheduler: Some(name.to_string()),
+            ..Default::default()
+        },
+    )
 }
 
 /// A fresh copy of a scheduler (no state left from an earlier run, e.g. PNDM's history).

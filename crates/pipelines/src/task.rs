@@ -1,0 +1,487 @@
+//! One generation task as a front end (the `diffuse` CLI, the HTTP server) takes it: the user's
+//! settings with the pipeline's defaults filled in, the run, and the images with their A1111
+//! infotext. Front ends that go through [`run_task`] write the same PNG bytes for the same seed
+//! and settings.
+//!
+//! [`describe`] reads what a pipeline folder generates (kind, classes, native size) from its
+//! configs alone, so a server can check a request before any model is loaded.
+
+use std::path::Path;
+
+use diffuse_core::{Error, Result};
+use image::{DynamicImage, GrayImage, RgbImage};
+
+use crate::png_info::{encode_png, InfoText};
+use crate::{
+    GenerationParams, Img2ImgRequest, InpaintRequest, ModelIndex, Pipeline, StepCallback,
+    Text2ImageRequest, Timings, UnconditionalRequest,
+};
+
+/// Default denoising steps of DDPM/DDIM models.
+pub const DDPM_STEPS: usize = 50;
+/// Default denoising steps of Stable Diffusion models.
+pub const SD_STEPS: usize = 25;
+/// Default guidance scale of class-conditional DDPM models: for the bundled Fashion-MNIST
+/// model, the scale with the lowest Fréchet distance of a sweep over 1–5 (see its README).
+pub const CLASS_GUIDANCE: f64 = 3.0;
+/// Default guidance scale of Stable Diffusion models.
+pub const SD_GUIDANCE: f64 = 7.5;
+
+/// What kind of pipeline a folder holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PipelineKind {
+    /// DDPM/DDIM over a `UNet2DModel` (maybe class-conditional); fixed image size.
+    Unconditional,
+    /// Stable Diffusion: text-to-image, img2img, inpainting at any multiple of the VAE factor.
+    StableDiffusion,
+}
+
+/// What a pipeline folder generates, read from its configs without loading weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PipelineInfo {
+    /// `model_index.json`'s `_class_name`.
+    pub class_name: String,
+    pub kind: PipelineKind,
+    /// Class names of a class-conditional model (empty otherwise).
+    pub class_names: Vec<String>,
+    /// Native `(height, width)`.
+    pub size: (usize, usize),
+    /// Image sides must be multiples of this (Stable Diffusion); `None`: only the native size.
+    pub size_multiple: Option<usize>,
+    /// Image channels (1 or 3).
+    pub channels: usize,
+}
+
+impl PipelineInfo {
+    pub fn default_steps(&self) -> usize {
+        match self.kind {
+            PipelineKind::Unconditional => DDPM_STEPS,
+            PipelineKind::StableDiffusion => SD_STEPS,
+        }
+    }
+
+    pub fn default_guidance(&self) -> f64 {
+        match self.kind {
+            PipelineKind::Unconditional if self.class_names.is_empty() => 1.0,
+            PipelineKind::Unconditional => CLASS_GUIDANCE,
+            PipelineKind::StableDiffusion => SD_GUIDANCE,
+        }
+    }
+}
+
+/// Reads `model_index.json` and the UNet (and VAE) configs of a pipeline folder.
+pub fn describe(dir: &Path) -> Result<PipelineInfo> {
+    let index = ModelIndex::read(dir)?;
+    match index.class.as_str() {
+        "DDPMPipeline" | "DDIMPipeline" => {
+            let cfg: diffuse_models::UNet2DConfig =
+                diffuse_loaders::read_config(&dir.join("unet/config.json"))?;
+            // As the loader does: the last class embedding is the null class.
+            let class_names = match cfg.num_class_embeds.map(|k| k.saturating_sub(1)) {
+                None => Vec::new(),
+                Some(k) => index
+                    .class_names()?
+                    .unwrap_or_else(|| (0..k).map(|i| i.to_string()).collect()),
+            };
+            Ok(PipelineInfo {
+                class_name: index.class,
+                kind: PipelineKind::Unconditional,
+                class_names,
+                size: cfg.sample_size.map(|s| s.hw()).unwrap_or((32, 32)),
+                size_multiple: None,
+                channels: cfg.in_channels,
+            })
+        }
+        "StableDiffusionPipeline"
+        | "StableDiffusionImg2ImgPipeline"
+        | "StableDiffusionInpaintPipeline" => {
+            let unet: diffuse_models::UNet2DConditionConfig =
+                diffuse_loaders::read_config(&dir.join("unet/config.json"))?;
+            let vae: diffuse_models::AutoencoderKLConfig =
+                diffuse_loaders::read_config(&dir.join("vae/config.json"))?;
+            let f = 1 << vae.block_out_channels.len().saturating_sub(1);
+            let (h, w) = unet.sample_size.map(|s| s.hw()).unwrap_or((64, 64));
+            Ok(PipelineInfo {
+                class_name: index.class,
+                kind: PipelineKind::StableDiffusion,
+                class_names: Vec::new(),
+                size: (h * f, w * f),
+                size_multiple: Some(f),
+                channels: 3,
+            })
+        }
+        _ => Err(index.unsupported()),
+    }
+}
+
+/// The name a model is shown under (infotext `Model:`, server model lists): a hub id as given,
+/// a local folder by its own name.
+pub fn model_display_name(spec: &str, dir: &Path) -> String {
+    if Path::new(spec).is_dir() {
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string())
+    } else {
+        spec.to_string()
+    }
+}
+
+/// The class a prompt names for a class-conditional model: a class name (any case) or index.
+pub fn parse_class(names: &[String], prompt: &str) -> Result<usize> {
+    let prompt = prompt.trim();
+    if let Some(k) = names.iter().position(|n| n.eq_ignore_ascii_case(prompt)) {
+        return Ok(k);
+    }
+    if let Some(k) = prompt.parse::<usize>().ok().filter(|&k| k < names.len()) {
+        return Ok(k);
+    }
+    let valid: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{i} {n}"))
+        .collect();
+    Err(Error::invalid(format!(
+        "unknown class `{prompt}`; the model's classes are: {}",
+        valid.join(", ")
+    )))
+}
+
+/// A seed from the OS-seeded hasher (no rand dependency), kept below 2^32 as A1111 seeds are.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() & 0xffff_ffff
+}
+
+/// The image an img2img or inpainting task starts from.
+#[derive(Clone, Debug)]
+pub struct InitImage {
+    pub image: RgbImage,
+    /// White = repaint (inpainting); `None`: img2img.
+    pub mask: Option<GrayImage>,
+    /// img2img: the share of the schedule that runs, in (0, 1]; inpainting: 1 starts from
+    /// pure noise under the mask.
+    pub strength: f64,
+}
+
+/// The settings of one task; `None` takes the pipeline's default.
+#[derive(Clone, Debug)]
+pub struct TaskSettings {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: Option<usize>,
+    pub guidance_scale: Option<f64>,
+    /// The sampler as the user named it, for the infotext (the caller gives the pipeline the
+    /// matching scheduler); `None`: the pipeline's own scheduler class.
+    pub sampler: Option<String>,
+    pub seed: u64,
+    /// Images in the one batch drawn from `seed`.
+    pub num_images: usize,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// DDIM's eta.
+    pub eta: f64,
+    pub init: Option<InitImage>,
+}
+
+impl Default for TaskSettings {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: None,
+            guidance_scale: None,
+            sampler: None,
+            seed: 0,
+            num_images: 1,
+            width: None,
+            height: None,
+            eta: 0.0,
+            init: None,
+        }
+    }
+}
+
+/// The images of one task, all with the same infotext.
+pub struct TaskOutput {
+    /// 8-bit grayscale (1-channel models) or RGB images.
+    pub images: Vec<DynamicImage>,
+    /// The A1111 `parameters` text written into every PNG.
+    pub infotext: String,
+    pub timings: Timings,
+    /// Things the user should know (e.g. a truncated prompt).
+    pub warnings: Vec<String>,
+}
+
+impl TaskOutput {
+    /// Every image as PNG bytes with the infotext.
+    pub fn pngs(&self) -> Result<Vec<Vec<u8>>> {
+        self.images
+            .iter()
+            .map(|img| encode_png(img, Some(&self.infotext)))
+            .collect()
+    }
+}
+
+/// Runs one task on a loaded pipeline. `model_name` goes into the infotext.
+pub fn run_task(
+    pipeline: &Pipeline,
+    model_name: &str,
+    s: &TaskSettings,
+    callback: Option<&mut StepCallback<'_>>,
+) -> Result<TaskOutput> {
+    if s.num_images == 0 {
+        return Err(Error::invalid("the number of images must be at least 1"));
+    }
+    let class_cond = matches!(pipeline, Pipeline::Unconditional(p) if !p.class_names.is_empty());
+    let (steps, guidance) = match pipeline {
+        Pipeline::Unconditional(_) => (
+            s.steps.unwrap_or(DDPM_STEPS),
+            s.guidance_scale
+                .unwrap_or(if class_cond { CLASS_GUIDANCE } else { 1.0 }),
+        ),
+        Pipeline::StableDiffusion(_) => (
+            s.steps.unwrap_or(SD_STEPS),
+            s.guidance_scale.unwrap_or(SD_GUIDANCE),
+        ),
+    };
+    let info = |width: usize, height: usize, extra: Vec<(String, String)>| {
+        InfoText {
+            prompt: s.prompt.clone(),
+            negative_prompt: s.negative_prompt.clone(),
+            steps,
+            sampler: s
+                .sampler
+                .clone()
+                .unwrap_or_else(|| pipeline.scheduler_name().to_string()),
+            cfg_scale: guidance,
+            seed: s.seed,
+            width,
+            height,
+            model: model_name.to_string(),
+            extra,
+        }
+        .to_string()
+    };
+    match pipeline {
+        Pipeline::Unconditional(p) => {
+            let (c, h, w) = p.image_shape();
+            if s.init.is_some() {
+                return Err(Error::invalid(format!(
+                    "img2img and inpainting need a Stable Diffusion pipeline; this model is a {}",
+                    p.class_name
+                )));
+            }
+            if s.width.is_some_and(|x| x != w) || s.height.is_some_and(|x| x != h) {
+                return Err(Error::invalid(format!(
+                    "{} generates {w}x{h} images only",
+                    p.class_name
+                )));
+            }
+            if c != 1 && c != 3 {
+                return Err(Error::invalid(format!(
+                    "the model makes {c}-channel images; only grayscale and RGB can be saved"
+                )));
+            }
+            let (class_labels, extra) = if class_cond {
+                if s.prompt.trim().is_empty() {
+                    return Err(Error::invalid(format!(
+                        "the model is class-conditional: name a class in the prompt ({})",
+                        p.class_names.join(", ")
+                    )));
+                }
+                let k = parse_class(&p.class_names, &s.prompt)?;
+                (
+                    Some(vec![k; s.num_images]),
+                    vec![("Class".to_string(), p.class_names[k].clone())],
+                )
+            } else {
+                (None, Vec::new())
+            };
+            let req = UnconditionalRequest {
+                batch_size: s.num_images,
+                steps,
+                eta: s.eta,
+                seed: s.seed,
+                class_labels,
+                guidance_scale: guidance,
+            };
+            let out = p.generate(&req, callback)?;
+            let images = if c == 1 {
+                out.gray.into_iter().map(DynamicImage::ImageLuma8).collect()
+            } else {
+                out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect()
+            };
+            Ok(TaskOutput {
+                images,
+                infotext: info(w, h, extra),
+                timings: Timings {
+                    denoise: out.denoise,
+                    ..Default::default()
+                },
+                warnings: Vec::new(),
+            })
+        }
+        Pipeline::StableDiffusion(p) => {
+            let params = GenerationParams {
+                prompts: vec![s.prompt.clone()],
+                negative_prompts: vec![s.negative_prompt.clone()],
+                guidance_scale: guidance,
+                num_images_per_prompt: s.num_images,
+                steps,
+                eta: s.eta,
+                seed: s.seed,
+                ..Default::default()
+            };
+            let (out, (w, h), extra) = match &s.init {
+                None => {
+                    let (dh, dw) = p.default_size();
+                    let (h, w) = (s.height.unwrap_or(dh), s.width.unwrap_or(dw));
+                    let req = Text2ImageRequest {
+                        params,
+                        height: Some(h),
+                        width: Some(w),
+                        latents: None,
+                    };
+                    (p.text_to_image(&req, callback)?, (w, h), Vec::new())
+                }
+                Some(init) => {
+                    let f = p.vae_scale_factor();
+                    let (h, w) = crate::image_processor::default_size(
+                        init.image.width(),
+                        init.image.height(),
+                        f,
+                    )?;
+                    let (h, w) = (s.height.unwrap_or(h), s.width.unwrap_or(w));
+                    p.check_size(h, w)?;
+                    let extra = vec![("Denoising strength".to_string(), init.strength.to_string())];
+                    // A1111 resizes the init image to the requested size.
+                    let image =
+                        if (w, h) != (init.image.width() as usize, init.image.height() as usize) {
+                            image::imageops::resize(
+                                &init.image,
+                                w as u32,
+                                h as u32,
+                                image::imageops::FilterType::Lanczos3,
+                            )
+                        } else {
+                            init.image.clone()
+                        };
+                    let out = match &init.mask {
+                        None => {
+                            let req = Img2ImgRequest {
+                                params,
+                                image,
+                                strength: init.strength,
+                            };
+                            p.img2img(&req, callback)?
+                        }
+                        Some(mask) => {
+                            let req = InpaintRequest {
+                                params,
+                                image,
+                                mask: mask.clone(),
+                                strength: init.strength,
+                                height: Some(h),
+                                width: Some(w),
+                                latents: None,
+                            };
+                            p.inpaint(&req, callback)?
+                        }
+                    };
+                    (out, (w, h), extra)
+                }
+            };
+            Ok(TaskOutput {
+                images: out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect(),
+                infotext: info(w, h, extra),
+                timings: out.timings,
+                warnings: out.warnings,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{load_pipeline, LoadOptions};
+    use std::path::PathBuf;
+
+    fn repo(p: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(p)
+    }
+
+    /// What `describe` reads from the configs is what loading the weights gives.
+    #[test]
+    fn describe_matches_the_loaded_pipelines() {
+        let dir = repo("fixtures/pipelines/tiny_sd");
+        let info = describe(&dir).unwrap();
+        assert_eq!(info.kind, PipelineKind::StableDiffusion);
+        let Pipeline::StableDiffusion(p) = load_pipeline(&dir, &LoadOptions::default()).unwrap()
+        else {
+            panic!("tiny_sd is not a Stable Diffusion pipeline")
+        };
+        assert_eq!(info.size, p.default_size());
+        assert_eq!(info.size_multiple, Some(p.vae_scale_factor()));
+
+        let dir = repo("models/fashion-mnist-ddpm");
+        let info = describe(&dir).unwrap();
+        let Pipeline::Unconditional(p) = load_pipeline(&dir, &LoadOptions::default()).unwrap()
+        else {
+            panic!("fashion-mnist-ddpm is not a DDPM pipeline")
+        };
+        let (c, h, w) = p.image_shape();
+        assert_eq!((info.channels, info.size), (c, (h, w)));
+        assert_eq!(info.class_names, p.class_names);
+        assert_eq!(info.default_guidance(), CLASS_GUIDANCE);
+        assert_eq!(info.size_multiple, None);
+    }
+
+    #[test]
+    fn classes_by_name_or_index() {
+        let names: Vec<String> = ["T-shirt/top", "Trouser", "Sneaker"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(parse_class(&names, " sneaker ").unwrap(), 2);
+        assert_eq!(parse_class(&names, "1").unwrap(), 1);
+        let err = parse_class(&names, "3").unwrap_err().to_string();
+        assert!(err.contains("0 T-shirt/top, 1 Trouser, 2 Sneaker"), "{err}");
+    }
+
+    /// A class-conditional model needs a class; the infotext names the class.
+    #[test]
+    fn class_conditional_task() {
+        let dir = repo("models/fashion-mnist-ddpm");
+        let p = load_pipeline(&dir, &LoadOptions::default()).unwrap();
+        let mut s = TaskSettings {
+            steps: Some(2),
+            seed: 3,
+            ..Default::default()
+        };
+        let err = run_task(&p, "fm", &s, None).err().unwrap().to_string();
+        assert!(err.contains("class-conditional"), "{err}");
+        s.prompt = "trouser".into();
+        s.num_images = 2;
+        let out = run_task(&p, "fm", &s, None).unwrap();
+        assert_eq!(out.images.len(), 2);
+        assert_eq!(out.images[0].width(), 32);
+        assert!(
+            out.infotext.ends_with("Model: fm, Class: Trouser"),
+            "{}",
+            out.infotext
+        );
+        assert!(out
+            .infotext
+            .contains("Steps: 2, Sampler: DDPMScheduler, CFG scale: 3"));
+        s.width = Some(64);
+        assert!(run_task(&p, "fm", &s, None).is_err());
+    }
+}

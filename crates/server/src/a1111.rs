@@ -1,0 +1,239 @@
+//! The AUTOMATIC1111 web UI API (`/sdapi/v1/...`) that plugins, bots and tools speak.
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::error::{ApiError, JsonBody};
+use crate::jobs::{Job, JobSpec};
+use crate::request::{Endpoint, GenerateRequest};
+use crate::routes::{images_b64, run_to_end};
+use crate::AppState;
+
+/// A1111 sampler names offered when `diffuse_schedulers::resolve_name` accepts them, with the
+/// diffusers class each runs as its alias.
+const SAMPLER_NAMES: &[&str] = &[
+    "Euler a",
+    "Euler",
+    "Euler Karras",
+    "LMS",
+    "LMS Karras",
+    "Heun",
+    "Heun Karras",
+    "DPM2",
+    "DPM2 Karras",
+    "DPM2 a",
+    "DPM2 a Karras",
+    "DPM++ 2S a",
+    "DPM++ 2S a Karras",
+    "DPM++ 2M",
+    "DPM++ 2M Karras",
+    "DPM++ 2M SDE",
+    "DPM++ 2M SDE Karras",
+    "DPM++ SDE",
+    "DPM++ SDE Karras",
+    "DPM++ 3M SDE",
+    "DPM++ 3M SDE Karras",
+    "DPM fast",
+    "DPM adaptive",
+    "DDIM",
+    "DDPM",
+    "PLMS",
+    "UniPC",
+    "LCM",
+];
+
+/// The samplers this build runs, as `/sdapi/v1/samplers` lists them.
+pub fn sampler_list() -> Vec<Value> {
+    SAMPLER_NAMES
+        .iter()
+        .filter_map(|name| {
+            let (class, _) = diffuse_schedulers::resolve_name(name).ok()?;
+            Some(json!({ "name": name, "aliases": [class], "options": {} }))
+        })
+        .collect()
+}
+
+/// `info` of a txt2img/img2img answer: A1111 sends it as a JSON string.
+fn info_json(spec: &JobSpec, job: &Job) -> String {
+    let st = job.state();
+    let r = st.result.as_ref();
+    let s = &spec.settings;
+    let n = spec.n_iter * s.num_images;
+    json!({
+        "prompt": s.prompt,
+        "all_prompts": vec![&s.prompt; n],
+        "negative_prompt": s.negative_prompt,
+        "all_negative_prompts": vec![&s.negative_prompt; n],
+        "seed": s.seed,
+        "all_seeds": r.map(|r| r.seeds.clone()).unwrap_or_default(),
+        "subseed": -1,
+        "all_subseeds": vec![-1; n],
+        "subseed_strength": 0,
+        "width": s.width,
+        "height": s.height,
+        "sampler_name": r.map(|r| r.sampler.clone()),
+        "cfg_scale": s.guidance_scale,
+        "steps": s.steps,
+        "batch_size": s.num_images,
+        "n_iter": spec.n_iter,
+        "denoising_strength": s.init.as_ref().map(|i| i.strength),
+        "sd_model_name": spec.model,
+        "infotexts": r.map(|r| r.infotexts.clone()).unwrap_or_default(),
+        "job_timestamp": job.created,
+        "warnings": r.map(|r| r.warnings.clone()).unwrap_or_default(),
+    })
+    .to_string()
+}
+
+/// The request as it came, without the (large) images, for `parameters`.
+fn echo(raw: &Value) -> Value {
+    let mut v = raw.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("init_images");
+        o.remove("mask");
+    }
+    v
+}
+
+async fn generate(
+    state: AppState,
+    raw: Value,
+    endpoint: Endpoint,
+) -> Result<Json<Value>, ApiError> {
+    let req: GenerateRequest = crate::error::from_value(&raw)?;
+    let spec = req.into_spec(endpoint, &state).await?;
+    let job = run_to_end(&state, spec).await?;
+    Ok(Json(json!({
+        "images": images_b64(&job),
+        "parameters": echo(&raw),
+        "info": info_json(&job.spec, &job),
+    })))
+}
+
+pub async fn txt2img(
+    State(state): State<AppState>,
+    JsonBody(raw): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    generate(state, raw, Endpoint::Txt2Img).await
+}
+
+pub async fn img2img(
+    State(state): State<AppState>,
+    JsonBody(raw): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    generate(state, raw, Endpoint::Img2Img).await
+}
+
+#[derive(Deserialize)]
+pub struct ProgressQuery {
+    skip_current_image: Option<bool>,
+}
+
+/// Progress of the running job: share done, seconds left, and the latest step preview.
+pub async fn progress(
+    State(state): State<AppState>,
+    Query(q): Query<ProgressQuery>,
+) -> Json<Value> {
+    let counts = state.queue.counts();
+    let running = state.queue.running();
+    let (mut progress, mut eta, mut step, mut steps) = (0.0, 0.0, 0, 0);
+    let (mut job_id, mut stamp, mut interrupted, mut image) = (String::new(), 0, false, None);
+    if let Some(job) = &running {
+        let s = job.state();
+        (step, steps) = (s.step, s.steps);
+        progress = step as f64 / steps.max(1) as f64;
+        if let (Some(t), true) = (s.started, progress > 0.0) {
+            let elapsed = t.elapsed().as_secs_f64();
+            eta = elapsed / progress - elapsed;
+        }
+        job_id = job.id.clone();
+        stamp = job.created;
+        interrupted = job.cancel_requested();
+        if !q.skip_current_image.unwrap_or(false) {
+            image = s
+                .preview
+                .as_ref()
+                .map(|p| base64::engine::general_purpose::STANDARD.encode(p));
+        }
+    }
+    Json(json!({
+        "progress": progress,
+        "eta_relative": eta,
+        "state": {
+            "skipped": false,
+            "interrupted": interrupted,
+            "job": job_id,
+            "job_count": counts.queued + counts.running,
+            "job_timestamp": stamp.to_string(),
+            "job_no": 0,
+            "sampling_step": step,
+            "sampling_steps": steps,
+        },
+        "current_image": image,
+        "textinfo": null,
+    }))
+}
+
+/// Stops the running job (its synchronous caller gets 409; its SSE stream `cancelled`).
+pub async fn interrupt(State(state): State<AppState>) -> Json<Value> {
+    let job = state.queue.interrupt();
+    Json(json!({ "interrupted": job.map(|j| j.id.clone()) }))
+}
+
+pub async fn samplers() -> Json<Value> {
+    Json(Value::Array(sampler_list()))
+}
+
+pub async fn sd_models(State(state): State<AppState>) -> Json<Value> {
+    Json(state.models.entries().iter().map(|e| e.to_json()).collect())
+}
+
+pub async fn get_options(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "sd_model_checkpoint": state.models.default_name(),
+        "samples_format": "png",
+        "sd_checkpoint_hash": null,
+    }))
+}
+
+/// `sd_model_checkpoint` switches the default model, once the worker has loaded it (behind
+/// the jobs queued before). Other options are accepted and ignored.
+pub async fn set_options(
+    State(state): State<AppState>,
+    JsonBody(opts): JsonBody<Map<String, Value>>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(v) = opts.get("sd_model_checkpoint") else {
+        return Ok(Json(json!({})));
+    };
+    let field = "sd_model_checkpoint";
+    let name = v
+        .as_str()
+        .ok_or_else(|| ApiError::field(field, "sd_model_checkpoint must be a string"))?;
+    let entry = state.models.get(name).ok_or_else(|| {
+        ApiError::field(
+            field,
+            format!(
+                "unknown model `{name}`; this server has: {}",
+                state.models.names().join(", ")
+            ),
+        )
+    })?;
+    let name = entry.name.clone();
+    let reply = state.queue.load(name.clone())?;
+    match reply.await {
+        Ok(Ok(())) => {
+            state.models.set_default(&name);
+            Ok(Json(json!({ "sd_model_checkpoint": name })))
+        }
+        Ok(Err(msg)) => Err(ApiError::internal(msg)),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the worker stopped before loading the model",
+        )),
+    }
+}

@@ -1,0 +1,362 @@
+//! A generation request in AUTOMATIC1111's field names (the OpenAI endpoint and the job API
+//! map onto it), checked against the limits and the model before it is queued: every
+//! problem is a 422 naming its field.
+
+use std::io::Cursor;
+
+use base64::Engine;
+use diffuse_pipelines::task::{parse_class, random_seed, InitImage, PipelineKind, TaskSettings};
+use serde::Deserialize;
+
+use crate::error::ApiError;
+use crate::jobs::JobSpec;
+use crate::models::Models;
+use crate::Limits;
+
+/// `override_settings` of an A1111 request.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct OverrideSettings {
+    pub sd_model_checkpoint: Option<String>,
+}
+
+/// The fields of `/sdapi/v1/txt2img`, `/sdapi/v1/img2img` and `POST /v1/jobs` (unknown
+/// fields, such as A1111's `restore_faces`, are ignored).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct GenerateRequest {
+    pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub steps: Option<i64>,
+    pub cfg_scale: Option<f64>,
+    pub sampler_name: Option<String>,
+    /// Older A1111 clients send the sampler here.
+    pub sampler_index: Option<String>,
+    /// A1111 1.9+ sends the sigma schedule apart from the sampler: `Karras` (appended to the
+    /// sampler name), or `Automatic` (the sampler's own).
+    pub scheduler: Option<String>,
+    /// -1: random.
+    pub seed: Option<i64>,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub batch_size: Option<i64>,
+    pub n_iter: Option<i64>,
+    pub eta: Option<f64>,
+    /// A configured model name (the default model when absent).
+    pub model: Option<String>,
+    pub override_settings: Option<OverrideSettings>,
+    /// img2img: base64 images (a `data:` URL prefix is allowed); the first is used.
+    pub init_images: Option<Vec<String>>,
+    /// Inpainting: base64 mask, white = repaint.
+    pub mask: Option<String>,
+    pub denoising_strength: Option<f64>,
+}
+
+/// Which endpoint a request came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Text-to-image only (`init_images` ignored, as A1111 does).
+    Txt2Img,
+    /// `init_images` required.
+    Img2Img,
+    /// Text-to-image, or img2img/inpainting when `init_images` is given.
+    Job,
+}
+
+fn int_in(field: &str, v: Option<i64>, lo: i64, hi: usize) -> Result<Option<usize>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(x) if x >= lo && x <= hi as i64 => Ok(Some(x as usize)),
+        Some(x) => Err(ApiError::field(
+            field,
+            format!("{field} must be between {lo} and {hi}, got {x}"),
+        )),
+    }
+}
+
+fn float_in(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
+    match v {
+        Some(x) if !(x.is_finite() && (lo..=hi).contains(&x)) => Err(ApiError::field(
+            field,
+            format!("{field} must be between {lo} and {hi}, got {x}"),
+        )),
+        v => Ok(v),
+    }
+}
+
+/// Decodes a base64 image (optionally a `data:` URL), refusing images larger than `max_side`.
+pub fn decode_image(
+    field: &str,
+    text: &str,
+    max_side: usize,
+) -> Result<image::DynamicImage, ApiError> {
+    let b64 = match text.split_once(";base64,") {
+        Some((prefix, rest)) if prefix.starts_with("data:") => rest,
+        _ => text,
+    };
+    let b64: String = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(&b64)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(&b64))
+        .map_err(|e| ApiError::field(field, format!("{field}: not base64: {e}")))?;
+    let mut reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ApiError::field(field, format!("{field}: {e}")))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(max_side as u32);
+    limits.max_image_height = Some(max_side as u32);
+    reader.limits(limits);
+    reader
+        .decode()
+        .map_err(|e| ApiError::field(field, format!("{field}: not a readable image: {e}")))
+}
+
+impl GenerateRequest {
+    /// [`GenerateRequest::to_spec`]; decoding uploaded images is CPU work, so a request that
+    /// has some is checked on a blocking thread, off the async runtime.
+    pub async fn into_spec(
+        self,
+        endpoint: Endpoint,
+        state: &crate::AppState,
+    ) -> Result<JobSpec, ApiError> {
+        if self.init_images.is_none() && self.mask.is_none() {
+            return self.to_spec(endpoint, &state.models, &state.config.limits);
+        }
+        let (models, config) = (state.models.clone(), state.config.clone());
+        tokio::task::spawn_blocking(move || self.to_spec(endpoint, &models, &config.limits))
+            .await
+            .map_err(|e| ApiError::internal(format!("checking the request: {e}")))?
+    }
+
+    /// The job this request asks for, or the first problem with it.
+    pub fn to_spec(
+        &self,
+        endpoint: Endpoint,
+        models: &Models,
+        limits: &Limits,
+    ) -> Result<JobSpec, ApiError> {
+        let (model_field, model) = match (&self.model, &self.override_settings) {
+            (Some(m), _) => ("model", m.clone()),
+            (
+                None,
+                Some(OverrideSettings {
+                    sd_model_checkpoint: Some(m),
+                }),
+            ) => ("override_settings.sd_model_checkpoint", m.clone()),
+            _ => ("model", models.default_name()),
+        };
+        let entry = models.get(&model).ok_or_else(|| {
+            ApiError::field(
+                model_field,
+                format!(
+                    "unknown model `{model}`; this server has: {}",
+                    models.names().join(", ")
+                ),
+            )
+        })?;
+        let info = &entry.info;
+
+        let prompt = self.prompt.clone().unwrap_or_default();
+        let negative_prompt = self.negative_prompt.clone().unwrap_or_default();
+        for (field, text) in [("prompt", &prompt), ("negative_prompt", &negative_prompt)] {
+            if text.chars().count() > limits.max_prompt_chars {
+                return Err(ApiError::field(
+                    field,
+                    format!(
+                        "{field} is longer than {} characters",
+                        limits.max_prompt_chars
+                    ),
+                ));
+            }
+        }
+        if info.kind == PipelineKind::Unconditional && !info.class_names.is_empty() {
+            if prompt.trim().is_empty() {
+                return Err(ApiError::field(
+                    "prompt",
+                    format!(
+                        "`{}` is class-conditional: name a class in the prompt ({})",
+                        entry.name,
+                        info.class_names.join(", ")
+                    ),
+                ));
+            }
+            parse_class(&info.class_names, &prompt)
+                .map_err(|e| ApiError::field("prompt", e.to_string()))?;
+        }
+
+        let steps = int_in("steps", self.steps, 1, limits.max_steps)?
+            .unwrap_or_else(|| info.default_steps());
+        let guidance = float_in("cfg_scale", self.cfg_scale, 0.0, 50.0)?
+            .unwrap_or_else(|| info.default_guidance());
+        let eta = float_in("eta", self.eta, 0.0, 1.0)?.unwrap_or(0.0);
+        let sampler = match self
+            .sampler_name
+            .as_ref()
+            .or(self.sampler_index.as_ref())
+            .map(|s| s.trim())
+        {
+            None | Some("") => None,
+            Some(name) => {
+                let field = if self.sampler_name.is_some() {
+                    "sampler_name"
+                } else {
+                    "sampler_index"
+                };
+                diffuse_schedulers::resolve_name(name)
+                    .map_err(|e| ApiError::field(field, format!("{field}: {e}")))?;
+                Some(name.to_string())
+            }
+        };
+        let sampler = match (sampler, self.scheduler.as_deref().map(str::trim)) {
+            (s, None | Some("") | Some("Automatic")) => s,
+            (Some(name), Some(kind)) if name.to_lowercase().ends_with(&kind.to_lowercase()) => {
+                Some(name)
+            }
+            (Some(name), Some(kind)) => {
+                let full = format!("{name} {kind}");
+                diffuse_schedulers::resolve_name(&full).map_err(|_| {
+                    ApiError::field(
+                        "scheduler",
+                        format!(
+                            "scheduler: there is no `{name}` sampler with the `{kind}` schedule"
+                        ),
+                    )
+                })?;
+                Some(full)
+            }
+            (None, Some(kind)) => {
+                return Err(ApiError::field(
+                    "scheduler",
+                    format!("scheduler `{kind}` needs a sampler_name to go with"),
+                ))
+            }
+        };
+        let seed = match self.seed {
+            None | Some(-1) => random_seed(),
+            Some(s) if s >= 0 => s as u64,
+            Some(s) => {
+                return Err(ApiError::field(
+                    "seed",
+                    format!("seed must be -1 (random) or at least 0, got {s}"),
+                ))
+            }
+        };
+        let batch = int_in("batch_size", self.batch_size, 1, limits.max_batch)?.unwrap_or(1);
+        let n_iter = int_in("n_iter", self.n_iter, 1, limits.max_images)?.unwrap_or(1);
+        if batch * n_iter > limits.max_images {
+            return Err(ApiError::field(
+                "n_iter",
+                format!(
+                    "batch_size × n_iter = {} images; at most {} per request",
+                    batch * n_iter,
+                    limits.max_images
+                ),
+            ));
+        }
+
+        let init = match (endpoint, &self.init_images) {
+            (Endpoint::Txt2Img, _) | (Endpoint::Job, None) => None,
+            (Endpoint::Img2Img, None) => {
+                return Err(ApiError::field("init_images", "init_images is required"))
+            }
+            (_, Some(images)) => {
+                let first = images
+                    .first()
+                    .ok_or_else(|| ApiError::field("init_images", "init_images holds no image"))?;
+                if info.kind != PipelineKind::StableDiffusion {
+                    return Err(ApiError::field(
+                        "init_images",
+                        format!(
+                            "img2img and inpainting need a Stable Diffusion model; `{}` is a {}",
+                            entry.name, info.class_name
+                        ),
+                    ));
+                }
+                let image = decode_image("init_images", first, limits.max_size)?.to_rgb8();
+                let mask = match &self.mask {
+                    None => None,
+                    Some(m) => Some(decode_image("mask", m, limits.max_size)?.to_luma8()),
+                };
+                let strength = float_in("denoising_strength", self.denoising_strength, 0.0, 1.0)?
+                    .unwrap_or(0.75);
+                if ((steps as f64 * strength) as usize) < 1 {
+                    return Err(ApiError::field(
+                        "denoising_strength",
+                        format!(
+                            "denoising_strength {strength} with {steps} steps leaves no denoising step; raise either"
+                        ),
+                    ));
+                }
+                Some(InitImage {
+                    image,
+                    mask,
+                    strength,
+                })
+            }
+        };
+
+        // The size: the model's own (unconditional models make nothing else), the init
+        // image's rounded down, or the request's.
+        let (native_h, native_w) = match (&init, info.size_multiple) {
+            (Some(i), Some(f)) => (
+                i.image.height() as usize / f * f,
+                i.image.width() as usize / f * f,
+            ),
+            _ => info.size,
+        };
+        let mut size = [native_w, native_h];
+        for (k, (field, v)) in [("width", self.width), ("height", self.height)]
+            .into_iter()
+            .enumerate()
+        {
+            let Some(v) = int_in(field, v, 1, limits.max_size)? else {
+                continue;
+            };
+            match info.size_multiple {
+                None if v != size[k] => {
+                    return Err(ApiError::field(
+                        field,
+                        format!(
+                            "`{}` generates {}x{} images only; leave out width and height or give those",
+                            entry.name, info.size.1, info.size.0
+                        ),
+                    ))
+                }
+                Some(f) if !v.is_multiple_of(f) => {
+                    return Err(ApiError::field(
+                        field,
+                        format!("{field} must be a multiple of {f}, got {v}"),
+                    ))
+                }
+                _ => size[k] = v,
+            }
+        }
+        if size[0] == 0 || size[1] == 0 {
+            return Err(ApiError::field(
+                "init_images",
+                "the init image is smaller than the model's size multiple",
+            ));
+        }
+        let task = match &init {
+            None => "txt2img",
+            Some(InitImage { mask: None, .. }) => "img2img",
+            Some(_) => "inpaint",
+        };
+        Ok(JobSpec {
+            model: entry.name.clone(),
+            settings: TaskSettings {
+                prompt,
+                negative_prompt,
+                steps: Some(steps),
+                guidance_scale: Some(guidance),
+                sampler,
+                seed,
+                num_images: batch,
+                width: Some(size[0]),
+                height: Some(size[1]),
+                eta,
+                init,
+            },
+            n_iter,
+            task,
+        })
+    }
+}

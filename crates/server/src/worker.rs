@@ -1,0 +1,235 @@
+//! The worker thread: it owns the loaded model and runs the jobs one at a time, off the async
+//! runtime (candle's CPU work blocks). A job that fails or panics fails alone; the worker
+//! goes on with the next one.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+use diffuse_core::Error;
+use diffuse_pipelines::task::run_task;
+use diffuse_pipelines::{load_pipeline, named_scheduler, LoadOptions, Pipeline, StepInfo};
+use image::DynamicImage;
+
+use crate::jobs::{FailureKind, Job, JobQueue, JobResult, Work};
+use crate::models::Models;
+
+/// How often a running job makes a step preview at most.
+const PREVIEW_EVERY: Duration = Duration::from_millis(200);
+
+/// Starts the worker; it ends when the queue is closed and empty.
+pub fn spawn(queue: Arc<JobQueue>, models: Arc<Models>) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("diffuse-worker".into())
+        .spawn(move || {
+            let mut worker = Worker {
+                models,
+                loaded: None,
+            };
+            while let Some(work) = queue.next() {
+                match work {
+                    Work::Load { model, reply } => {
+                        let r = worker.ensure_loaded(&model).map(|_| ());
+                        let _ = reply.send(r.map_err(|e| e.to_string()));
+                    }
+                    Work::Job(job) => {
+                        let t = Instant::now();
+                        worker.run(&job);
+                        queue.finished(t.elapsed());
+                    }
+                }
+            }
+        })
+}
+
+struct Worker {
+    models: Arc<Models>,
+    /// One model at a time (as A1111): switching drops the previous one.
+    loaded: Option<(String, Pipeline)>,
+}
+
+impl Worker {
+    fn ensure_loaded(&mut self, name: &str) -> diffuse_core::Result<&mut Pipeline> {
+        if self.loaded.as_ref().is_none_or(|(n, _)| n != name) {
+            let entry = self
+                .models
+                .get(name)
+                .ok_or_else(|| Error::invalid(format!("unknown model `{name}`")))?;
+            // Free the old model before loading the new one: both may not fit.
+            self.loaded = None;
+            let p = load_pipeline(&entry.dir, &LoadOptions::default())
+                .map_err(|e| Error::invalid(format!("loading model `{name}`: {e}")))?;
+            self.loaded = Some((name.to_string(), p));
+        }
+        let (_, p) = self.loaded.as_mut().expect("loaded above");
+        Ok(p)
+    }
+
+    fn run(&mut self, job: &Arc<Job>) {
+        if job.cancel_requested() {
+            job.cancelled("cancelled before it started");
+            return;
+        }
+        job.start();
+        match catch_unwind(AssertUnwindSafe(|| self.generate(job))) {
+            Ok(Ok(result)) => job.done(result),
+            Ok(Err(_)) if job.cancel_requested() => job.cancelled("cancelled while running"),
+            // A model that does not load is the server's problem, not the request's.
+            Ok(Err(Failure::Load(e))) => job.fail(FailureKind::Internal, e.to_string()),
+            Ok(Err(Failure::Run(e))) => {
+                let kind = match e {
+                    Error::Invalid(_) | Error::Config { .. } => FailureKind::InvalidRequest,
+                    _ => FailureKind::Internal,
+                };
+                job.fail(kind, e.to_string());
+            }
+            Err(panic) => {
+                // The model may be half-way through a change: load it afresh next time.
+                self.loaded = None;
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                job.fail(FailureKind::Internal, format!("internal error: {msg}"));
+            }
+        }
+    }
+
+    fn generate(&mut self, job: &Job) -> Result<JobResult, Failure> {
+        let spec = &job.spec;
+        let dir = self
+            .models
+            .get(&spec.model)
+            .map(|e| e.dir.clone())
+            .ok_or_else(|| {
+                Failure::Run(Error::invalid(format!("unknown model `{}`", spec.model)))
+            })?;
+        let sampler = match &spec.settings.sampler {
+            Some(name) => Some(named_scheduler(&dir, name).map_err(Failure::Run)?),
+            None => None,
+        };
+        let pipeline = self.ensure_loaded(&spec.model).map_err(Failure::Load)?;
+        let own = sampler.map(|s| pipeline.replace_scheduler(s));
+        let result = run_batches(pipeline, job);
+        if let Some(own) = own {
+            pipeline.replace_scheduler(own);
+        }
+        result.map_err(Failure::Run)
+    }
+}
+
+/// Why a job did not finish.
+enum Failure {
+    Load(Error),
+    Run(Error),
+}
+
+/// The job's `n_iter` batches, with progress and previews after every step.
+fn run_batches(pipeline: &Pipeline, job: &Job) -> diffuse_core::Result<JobResult> {
+    let spec = &job.spec;
+    let mut result = JobResult {
+        seeds: spec.seeds(),
+        sampler: spec
+            .settings
+            .sampler
+            .clone()
+            .unwrap_or_else(|| pipeline.scheduler_name().to_string()),
+        ..Default::default()
+    };
+    let mut last_preview: Option<Instant> = None;
+    for k in 0..spec.n_iter {
+        let mut settings = spec.settings.clone();
+        settings.seed = spec.settings.seed + (k * settings.num_images) as u64;
+        let started = Instant::now();
+        let mut callback = |info: StepInfo<'_>| -> diffuse_core::Result<()> {
+            if job.cancel_requested() {
+                return Err(Error::invalid("cancelled"));
+            }
+            let done = info.step + 1;
+            let preview = if last_preview.is_none_or(|t| t.elapsed() >= PREVIEW_EVERY) {
+                last_preview = Some(Instant::now());
+                // A preview is a nicety: one that fails to render is left out.
+                latents_preview(info.latents).ok()
+            } else {
+                None
+            };
+            job.step(
+                k * info.num_steps + done,
+                spec.n_iter * info.num_steps,
+                done as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                preview,
+            );
+            Ok(())
+        };
+        let out = run_task(pipeline, &spec.model, &settings, Some(&mut callback))?;
+        result.pngs.extend(out.pngs()?);
+        result
+            .infotexts
+            .extend(std::iter::repeat_n(out.infotext.clone(), out.images.len()));
+        result.warnings.extend(out.warnings);
+    }
+    Ok(result)
+}
+
+/// A picture of the first image's latents after a step: the noisy image itself for pixel-space
+/// models (1 or 3 channels in about [-1, 1]), else the first three latent channels, each
+/// stretched over its own range (a false-colour view; decoding with the VAE every step would
+/// cost as much as a step). Small ones are scaled up to 64 pixels.
+pub fn latents_preview(latents: &Tensor) -> diffuse_core::Result<Vec<u8>> {
+    let x = latents.get(0)?.to_dtype(DType::F32)?;
+    let (c, h, w) = x.dims3()?;
+    let data = x.flatten_all()?.to_vec1::<f32>()?;
+    let plane = |k: usize| &data[k * h * w..(k + 1) * h * w];
+    let to_u8 = |v: f32| ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
+    let img = match c {
+        1 => DynamicImage::ImageLuma8(
+            image::GrayImage::from_raw(
+                w as u32,
+                h as u32,
+                plane(0).iter().map(|&v| to_u8(v)).collect(),
+            )
+            .ok_or_else(|| Error::invalid("preview size"))?,
+        ),
+        _ => {
+            let stretched: Vec<Vec<u8>> = (0..3)
+                .map(|k| {
+                    let p = plane(k.min(c - 1));
+                    if c == 3 {
+                        return p.iter().map(|&v| to_u8(v)).collect();
+                    }
+                    let (lo, hi) = p
+                        .iter()
+                        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                            (a.min(v), b.max(v))
+                        });
+                    let scale = if hi > lo { 255.0 / (hi - lo) } else { 0.0 };
+                    p.iter()
+                        .map(|&v| ((v - lo) * scale).round() as u8)
+                        .collect()
+                })
+                .collect();
+            let rgb: Vec<u8> = (0..h * w)
+                .flat_map(|i| [stretched[0][i], stretched[1][i], stretched[2][i]])
+                .collect();
+            DynamicImage::ImageRgb8(
+                image::RgbImage::from_raw(w as u32, h as u32, rgb)
+                    .ok_or_else(|| Error::invalid("preview size"))?,
+            )
+        }
+    };
+    let side = h.max(w);
+    let img = if side < 64 {
+        let k = 64usize.div_ceil(side) as u32;
+        img.resize_exact(
+            w as u32 * k,
+            h as u32 * k,
+            image::imageops::FilterType::Nearest,
+        )
+    } else {
+        img
+    };
+    diffuse_pipelines::png_info::encode_png(&img, None)
+}

@@ -1,0 +1,736 @@
+//! Every endpoint over real HTTP on loopback, with the tiny fixture models: answers, error
+//! codes, auth, the queue bound, cancelling, the order of Server-Sent Events, failures and
+//! shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use diffuse_server::{Limits, ServerConfig};
+use serde_json::{json, Value};
+
+fn config(models: Vec<String>) -> ServerConfig {
+    ServerConfig {
+        models,
+        ..ServerConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a1111_txt2img_returns_png_with_infotext_and_seeds() {
+    let s = TestServer::start(config(vec![tiny_sd()])).await;
+    let body = json!({
+        "prompt": "a red cube", "negative_prompt": "blurry", "steps": 2, "seed": 42,
+        "sampler_name": "Euler a", "cfg_scale": 7, "width": 64, "height": 48,
+        "batch_size": 2, "n_iter": 2, "restore_faces": false
+    });
+    let r = s.post("/sdapi/v1/txt2img", &body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let images = v["images"].as_array().unwrap();
+    assert_eq!(images.len(), 4);
+    let info: Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["all_seeds"], json!([42, 42, 44, 44]));
+    assert_eq!(info["seed"], 42);
+    assert_eq!(info["sampler_name"], "Euler a");
+    assert_eq!(v["parameters"]["prompt"], "a red cube");
+    let infotexts = info["infotexts"].as_array().unwrap();
+    for (k, img) in images.iter().enumerate() {
+        let (w, h, text) = png_info(&unb64(img.as_str().unwrap()));
+        assert_eq!((w, h), (64, 48));
+        let text = text.expect("PNG has a parameters chunk");
+        assert_eq!(text, infotexts[k].as_str().unwrap());
+        let seed = [42, 42, 44, 44][k];
+        assert_eq!(
+            text,
+            format!(
+                "a red cube\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 7, \
+                 Seed: {seed}, Size: 64x48, Model: tiny_sd"
+            )
+        );
+    }
+    // Two images of one batch differ; the same request gives the same bytes again.
+    assert_ne!(images[0], images[1]);
+    let again: Value = s.post_json("/sdapi/v1/txt2img", &body).await;
+    assert_eq!(again["images"], v["images"]);
+    // A1111 1.9+ names the sigma schedule apart from the sampler.
+    let v = s
+        .post_json(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "x", "steps": 2, "seed": 1, "sampler_name": "DPM++ 2M", "scheduler": "Karras"}),
+        )
+        .await;
+    let (_, _, text) = png_info(&unb64(v["images"][0].as_str().unwrap()));
+    assert!(text.unwrap().contains("Sampler: DPM++ 2M Karras,"));
+    // seed -1 draws a seed, reported in info.
+    let r: Value = s
+        .post_json(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "x", "steps": 1, "seed": -1}),
+        )
+        .await;
+    let info: Value = serde_json::from_str(r["info"].as_str().unwrap()).unwrap();
+    assert!(info["seed"].as_u64().is_some(), "{info}");
+    assert_eq!(info["sampler_name"], "PNDMScheduler", "the model's own");
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a1111_img2img_and_inpainting() {
+    let s = TestServer::start(config(vec![tiny_sd()])).await;
+    let init = b64(&test_png(64, 64, false));
+    let body = json!({"prompt": "p", "steps": 4, "seed": 1, "denoising_strength": 0.5,
+                      "init_images": [format!("data:image/png;base64,{init}")]});
+    let v: Value = s.post_json("/sdapi/v1/img2img", &body).await;
+    let (w, h, text) = png_info(&unb64(v["images"][0].as_str().unwrap()));
+    assert_eq!((w, h), (64, 64));
+    assert!(text.unwrap().ends_with("Denoising strength: 0.5"));
+    // The init image changes the result.
+    let other = json!({"prompt": "p", "steps": 4, "seed": 1, "denoising_strength": 0.5,
+                       "init_images": [b64(&test_png(64, 64, true))]});
+    let v2: Value = s.post_json("/sdapi/v1/img2img", &other).await;
+    assert_ne!(v["images"][0], v2["images"][0]);
+    // Inpainting with a mask; a width resizes the init image.
+    let inpaint = json!({"prompt": "p", "steps": 2, "seed": 1, "denoising_strength": 1.0,
+                         "width": 32, "height": 32,
+                         "init_images": [init], "mask": b64(&test_png(64, 64, true))});
+    let r = s.post("/sdapi/v1/img2img", &inpaint).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let (w, h, _) = png_info(&unb64(v["images"][0].as_str().unwrap()));
+    assert_eq!((w, h), (32, 32));
+
+    let r = s.post("/sdapi/v1/img2img", &json!({"prompt": "p"})).await;
+    assert_error(r, 422, Some("init_images")).await;
+    let r = s
+        .post(
+            "/sdapi/v1/img2img",
+            &json!({"init_images": ["%%%not base64"]}),
+        )
+        .await;
+    assert_error(r, 422, Some("init_images")).await;
+    let r = s
+        .post(
+            "/sdapi/v1/img2img",
+            &json!({"init_images": [b64(b"not an image")]}),
+        )
+        .await;
+    assert_error(r, 422, Some("init_images")).await;
+    let r = s
+        .post(
+            "/sdapi/v1/img2img",
+            &json!({"init_images": [init], "mask": "???"}),
+        )
+        .await;
+    assert_error(r, 422, Some("mask")).await;
+    let r = s
+        .post(
+            "/sdapi/v1/img2img",
+            &json!({"init_images": [init], "denoising_strength": 0.01, "steps": 10}),
+        )
+        .await;
+    assert_error(r, 422, Some("denoising_strength")).await;
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_options_and_model_switch() {
+    let s = TestServer::start(config(vec![tiny_sd(), fashion()])).await;
+    let samplers = s.get_json("/sdapi/v1/samplers").await;
+    let names: Vec<&str> = samplers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    for want in ["Euler a", "Euler", "DPM++ 2M Karras", "DDIM", "UniPC"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    for n in &names {
+        assert!(
+            diffuse_schedulers::resolve_name(n).is_ok(),
+            "{n} listed but unknown"
+        );
+    }
+    let models = s.get_json("/sdapi/v1/sd-models").await;
+    let titles: Vec<&str> = models
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(titles, ["tiny_sd", "fashion-mnist-ddpm"]);
+    assert_eq!(models[1]["diffuse"]["classes"][7], "Sneaker");
+    assert_eq!(models[1]["diffuse"]["width"], 32);
+    let oai = s.get_json("/v1/models").await;
+    assert_eq!(oai["object"], "list");
+    assert_eq!(oai["data"][1]["id"], "fashion-mnist-ddpm");
+
+    assert_eq!(
+        s.get_json("/sdapi/v1/options").await["sd_model_checkpoint"],
+        "tiny_sd"
+    );
+    let r = s
+        .post(
+            "/sdapi/v1/options",
+            &json!({"sd_model_checkpoint": "fashion-mnist-ddpm"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        s.get_json("/sdapi/v1/options").await["sd_model_checkpoint"],
+        "fashion-mnist-ddpm"
+    );
+    // The default model now makes 32x32 grayscale class images.
+    let v: Value = s
+        .post_json(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "trouser", "steps": 2, "seed": 3}),
+        )
+        .await;
+    let (w, h, text) = png_info(&unb64(v["images"][0].as_str().unwrap()));
+    assert_eq!((w, h), (32, 32));
+    assert!(text
+        .unwrap()
+        .ends_with("Model: fashion-mnist-ddpm, Class: Trouser"));
+    // A request may still name another model.
+    let v: Value = s.post_json("/sdapi/v1/txt2img", &json!({"prompt": "x", "steps": 1, "override_settings": {"sd_model_checkpoint": "tiny_sd"}})).await;
+    assert_eq!(png_info(&unb64(v["images"][0].as_str().unwrap())).0, 64);
+
+    // Only configured names: no paths.
+    for bad in [
+        json!("nope"),
+        json!("../../models/fashion-mnist-ddpm"),
+        json!(tiny_sd()),
+        json!(3),
+    ] {
+        let r = s
+            .post("/sdapi/v1/options", &json!({"sd_model_checkpoint": bad}))
+            .await;
+        assert_error(r, 422, Some("sd_model_checkpoint")).await;
+    }
+    let r = s
+        .post(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "x", "model": "/etc"}),
+        )
+        .await;
+    assert_error(r, 422, Some("model")).await;
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_image_generations() {
+    let s = TestServer::start(config(vec![tiny_sd()])).await;
+    let r = s
+        .post(
+            "/v1/images/generations",
+            &json!({"prompt": "a cat", "n": 2, "size": "64x32", "response_format": "b64_json", "seed": 5, "steps": 2}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["created"].as_u64().unwrap() > 1_600_000_000);
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    for d in data {
+        let (w, h, _) = png_info(&unb64(d["b64_json"].as_str().unwrap()));
+        assert_eq!((w, h), (64, 32));
+    }
+    let v: Value = s.post_json(
+            "/v1/images/generations",
+            &json!({"prompt": "a cat", "size": "64x32", "response_format": "url", "seed": 5, "steps": 2}),
+        ).await;
+    let url = v["data"][0]["url"].as_str().unwrap();
+    assert!(url.starts_with(&s.base), "{url}");
+    let png = s
+        .client
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        &png[..],
+        &unb64(data[0]["b64_json"].as_str().unwrap())[..],
+        "same seed and settings, same bytes"
+    );
+
+    let cases = [
+        (json!({"n": 1}), "prompt"),
+        (json!({"prompt": "x", "size": "64by64"}), "size"),
+        (json!({"prompt": "x", "size": "60x64"}), "size"),
+        (json!({"prompt": "x", "n": 0}), "n"),
+        (json!({"prompt": "x", "n": 99}), "n"),
+        (
+            json!({"prompt": "x", "response_format": "jpeg"}),
+            "response_format",
+        ),
+        (json!({"prompt": "x", "model": "dall-e-3"}), "model"),
+        (json!({"prompt": "x", "n": "two"}), "n"),
+    ];
+    for (body, field) in cases {
+        let r = s.post("/v1/images/generations", &body).await;
+        assert_error(r, 422, Some(field)).await;
+    }
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_error_codes() {
+    let s = TestServer::start(ServerConfig {
+        models: vec![tiny_sd(), fashion()],
+        limits: Limits {
+            max_body_bytes: 64 << 10,
+            ..Limits::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await;
+    // Malformed JSON: 400.
+    for raw in [
+        "{\"prompt\": ",
+        "not json",
+        "{\"prompt\": \"x\"} trailing",
+        "",
+    ] {
+        let r = s
+            .client
+            .post(s.url("/sdapi/v1/txt2img"))
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        assert_error(r, 400, None).await;
+    }
+    // Well-formed JSON with a bad field: 422 naming it.
+    let cases = [
+        (json!({"steps": "ten"}), "steps"),
+        (json!({"steps": 0}), "steps"),
+        (json!({"steps": 151}), "steps"),
+        (json!({"width": 60}), "width"),
+        (json!({"height": 100000}), "height"),
+        (json!({"width": -8}), "width"),
+        (json!({"batch_size": 9}), "batch_size"),
+        (json!({"batch_size": 8, "n_iter": 3}), "n_iter"),
+        (json!({"cfg_scale": -1.0}), "cfg_scale"),
+        (json!({"sampler_name": "Warp drive"}), "sampler_name"),
+        (
+            json!({"sampler_name": "Euler a", "scheduler": "Karras"}),
+            "scheduler",
+        ),
+        (json!({"seed": -7}), "seed"),
+        (json!({"model": "nope"}), "model"),
+        (json!({"prompt": ["a", "b"]}), "prompt"),
+        (
+            json!({"override_settings": {"sd_model_checkpoint": 5}}),
+            "override_settings.sd_model_checkpoint",
+        ),
+        (json!({"model": "fashion-mnist-ddpm"}), "prompt"),
+        (
+            json!({"model": "fashion-mnist-ddpm", "prompt": "spaceship"}),
+            "prompt",
+        ),
+        (
+            json!({"model": "fashion-mnist-ddpm", "prompt": "bag", "width": 64}),
+            "width",
+        ),
+    ];
+    for (body, field) in cases {
+        let r = s.post("/sdapi/v1/txt2img", &body).await;
+        let msg = assert_error(r, 422, Some(field)).await;
+        assert!(
+            msg.contains(field.rsplit('.').next().unwrap()) || field == "prompt",
+            "{msg}"
+        );
+    }
+    let msg = assert_error(
+        s.post(
+            "/sdapi/v1/txt2img",
+            &json!({"model": "fashion-mnist-ddpm", "prompt": "spaceship"}),
+        )
+        .await,
+        422,
+        Some("prompt"),
+    )
+    .await;
+    assert!(msg.contains("7 Sneaker"), "{msg}");
+    // img2img needs a Stable Diffusion model.
+    let r = s
+        .post(
+            "/v1/jobs",
+            &json!({"model": "fashion-mnist-ddpm", "prompt": "bag", "init_images": [b64(&test_png(32, 32, true))]}),
+        )
+        .await;
+    assert_error(r, 422, Some("init_images")).await;
+    // Too large a body: 413.
+    let big = json!({ "prompt": "x".repeat(100 << 10) });
+    let r = s.post("/sdapi/v1/txt2img", &big).await;
+    assert_eq!(r.status(), 413);
+    // Unknown endpoint: 404 with a JSON error.
+    assert_error(s.get("/sdapi/v1/nothing").await, 404, None).await;
+    assert_error(s.get("/v1/jobs/0123").await, 404, None).await;
+    // Nothing was queued by any of these.
+    assert_eq!(s.get_json("/v1/queue").await["submitted"], 0);
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_is_required_when_set() {
+    let s = TestServer::start(ServerConfig {
+        models: vec![tiny_sd()],
+        api_key: Some("s3cret".into()),
+        ..ServerConfig::default()
+    })
+    .await;
+    let endpoints = [
+        ("GET", "/sdapi/v1/sd-models"),
+        ("GET", "/sdapi/v1/options"),
+        ("GET", "/sdapi/v1/progress"),
+        ("GET", "/sdapi/v1/samplers"),
+        ("POST", "/sdapi/v1/txt2img"),
+        ("POST", "/sdapi/v1/interrupt"),
+        ("POST", "/v1/images/generations"),
+        ("GET", "/v1/models"),
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/queue"),
+    ];
+    for (method, path) in endpoints {
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("s3cret"),
+            Some("Bearer s3cre"),
+        ] {
+            let mut req = s.client.request(method.parse().unwrap(), s.url(path));
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let r = req
+                .json(&json!({"prompt": "x", "steps": 1}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.headers()
+                    .get("www-authenticate")
+                    .map(|v| v.to_str().unwrap()),
+                Some("Bearer"),
+                "{method} {path} {auth:?}"
+            );
+            assert_error(r, 401, None).await;
+        }
+    }
+    let r = s
+        .client
+        .get(s.url("/sdapi/v1/options"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = s
+        .client
+        .post(s.url("/sdapi/v1/txt2img"))
+        .bearer_auth("s3cret")
+        .json(&json!({"prompt": "x", "steps": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The page is static and public; it asks for the key.
+    let page = s.get("/").await;
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("<title>diffuse</title>") && html.contains("id=\"apikey\""));
+    s.stop().await.unwrap();
+}
+
+/// Event names in order, and the step numbers.
+fn names(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_events_arrive_in_order() {
+    let s = TestServer::start(config(vec![tiny_sd()])).await;
+    let r = s
+        .post(
+            "/v1/jobs",
+            &json!({"prompt": "p", "steps": 3, "seed": 9, "sampler_name": "Euler", "batch_size": 1, "n_iter": 2}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let job: Value = r.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    assert_eq!(location, format!("/v1/jobs/{id}"));
+    let events = s.events(&id).await;
+    let n = names(&events);
+    assert_eq!(n[..2], ["queued", "started"], "{n:?}");
+    assert_eq!(*n.last().unwrap(), "done", "{n:?}");
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|(n, _)| n == "step")
+        .map(|(_, d)| d["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6], "two batches of 3 steps");
+    for (name, d) in &events {
+        if name == "step" {
+            assert_eq!(d["steps"], 6);
+            assert!(d["it_per_s"].as_f64().unwrap() > 0.0);
+        }
+    }
+    let done = &events.last().unwrap().1;
+    assert_eq!(done["seeds"], json!([9, 10]));
+    let urls = done["images"].as_array().unwrap();
+    assert_eq!(urls.len(), 2);
+    for (k, u) in urls.iter().enumerate() {
+        let r = s.get(u.as_str().unwrap()).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "image/png");
+        let (w, _, text) = png_info(&r.bytes().await.unwrap());
+        assert_eq!(w, 64);
+        assert_eq!(text.as_deref(), done["infotexts"][k].as_str());
+    }
+    let job = s.get_json(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["status"], "done");
+    assert_eq!(job["progress"], 1.0);
+    // A late subscriber gets the whole story again.
+    let again = s.events(&id).await;
+    assert_eq!(names(&again), n);
+    // A finished job keeps its images, not its step previews.
+    assert!(again.iter().all(|(_, d)| d.get("preview").is_none()));
+    let listed = s.get_json("/v1/jobs").await;
+    assert_eq!(listed["jobs"][0]["id"], id.as_str());
+    assert_error(
+        s.get(&format!("/v1/jobs/{id}/images/7.png")).await,
+        404,
+        None,
+    )
+    .await;
+    s.stop().await.unwrap();
+}
+
+/// A job that runs long enough to be caught running (tiny SD at 256x256).
+fn slow_job() -> Value {
+    json!({"prompt": "slow", "steps": 150, "sampler_name": "Euler", "width": 256, "height": 256, "seed": 1})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_full_cancel_and_interrupt() {
+    let s = TestServer::start(ServerConfig {
+        models: vec![tiny_sd()],
+        max_queue: 1,
+        ..ServerConfig::default()
+    })
+    .await;
+    let a: Value = s.post_json("/v1/jobs", &slow_job()).await;
+    let a_id = a["id"].as_str().unwrap().to_string();
+    wait_job(&s, &a_id, |j| {
+        j["status"] == "running" && j["step"].as_u64() > Some(0)
+    })
+    .await;
+    // A live event stream carries step previews.
+    let live = read_events_until(&s.client, &s.url(&format!("/v1/jobs/{a_id}/events")), |n| {
+        n == "step"
+    })
+    .await;
+    assert_eq!(names(&live), ["queued", "started", "step"]);
+    let preview = live[2].1["preview"].as_str().expect("a step preview");
+    let preview = unb64(preview.strip_prefix("data:image/png;base64,").unwrap());
+    assert!(
+        png_info(&preview).0 >= 64,
+        "previews are at least 64 pixels wide"
+    );
+    // The progress endpoint sees the running job, with a preview.
+    let p = s.get_json("/sdapi/v1/progress").await;
+    assert_eq!(p["state"]["job"], a_id.as_str());
+    assert!(p["progress"].as_f64().unwrap() > 0.0 && p["progress"].as_f64().unwrap() < 1.0);
+    assert_eq!(p["state"]["sampling_steps"], 150);
+    let (w, _, _) = png_info(&unb64(p["current_image"].as_str().unwrap()));
+    assert!(w >= 64);
+    assert!(s
+        .get_json("/sdapi/v1/progress?skip_current_image=true")
+        .await["current_image"]
+        .is_null());
+
+    // One job may wait; the next is refused with 429 and Retry-After, by every endpoint.
+    let r = s
+        .post("/v1/jobs", &json!({"prompt": "b", "steps": 2}))
+        .await;
+    assert_eq!(r.status(), 202);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["status"], "queued");
+    assert_eq!(b["queue_position"], 0);
+    let b_id = b["id"].as_str().unwrap().to_string();
+    for path in ["/v1/jobs", "/sdapi/v1/txt2img", "/v1/images/generations"] {
+        let r = s.post(path, &json!({"prompt": "c", "steps": 2})).await;
+        let retry: u64 = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry >= 1);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "queue_full", "{path}");
+    }
+    let q = s.get_json("/v1/queue").await;
+    assert_eq!(
+        (q["queued"].as_u64(), q["running"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(q["rejected"], 3);
+
+    // Cancel the waiting job: it leaves at once.
+    let r = s.delete(&format!("/v1/jobs/{b_id}")).await;
+    assert_eq!(r.status(), 200);
+    let ev = s.events(&b_id).await;
+    assert_eq!(names(&ev), ["queued", "cancelled"]);
+    // Cancel the running one: it stops at its next step.
+    let r = s.delete(&format!("/v1/jobs/{a_id}")).await;
+    assert_eq!(r.status(), 200);
+    let ev = s.events(&a_id).await;
+    let n = names(&ev);
+    assert_eq!(n[..2], ["queued", "started"]);
+    assert_eq!(*n.last().unwrap(), "cancelled");
+    assert!(
+        n.len() < 150,
+        "cancelled long before its 150 steps: {}",
+        n.len()
+    );
+    let r = s.delete(&format!("/v1/jobs/{a_id}")).await;
+    assert_error(r, 409, None).await;
+
+    // A1111 interrupt stops a synchronous txt2img, which answers 409.
+    let client = s.client.clone();
+    let url = s.url("/sdapi/v1/txt2img");
+    let sync =
+        tokio::spawn(async move { client.post(url).json(&slow_job()).send().await.unwrap() });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        // Wait for the new job's first step (the cancelled one may still be winding down).
+        let p = s.get_json("/sdapi/v1/progress").await;
+        if p["state"]["job"] != a_id.as_str() && p["state"]["sampling_step"].as_u64() > Some(0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r: Value = s.post_json("/sdapi/v1/interrupt", &json!({})).await;
+    assert!(r["interrupted"].is_string());
+    let resp = sync.await.unwrap();
+    assert_error(resp, 409, None).await;
+    let q = s.get_json("/v1/queue").await;
+    assert!(q["high_water"].as_u64().unwrap() <= 1, "{q}");
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_generation_fails_its_job_only() {
+    // A model whose configs read but whose weights are missing: it fails when loaded.
+    let broken = tempfile::tempdir().unwrap();
+    let dir = broken.path().join("broken_sd");
+    let tiny = std::path::PathBuf::from(tiny_sd());
+    for f in ["model_index.json", "unet/config.json", "vae/config.json"] {
+        let to = dir.join(f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(tiny.join(f), &to).unwrap();
+    }
+    let s = TestServer::start(config(vec![tiny_sd(), dir.display().to_string()])).await;
+    let r = s
+        .post(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "x", "steps": 1, "model": "broken_sd"}),
+        )
+        .await;
+    let msg = assert_error(r, 500, None).await;
+    assert!(msg.contains("broken_sd"), "{msg}");
+    let r: Value = s
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "x", "steps": 1, "model": "broken_sd"}),
+        )
+        .await;
+    let ev = s.events(r["id"].as_str().unwrap()).await;
+    assert_eq!(names(&ev), ["queued", "started", "failed"]);
+    assert!(ev[2].1["error"].as_str().unwrap().contains("broken_sd"));
+    // The server and the other model still work.
+    let r = s
+        .post("/sdapi/v1/txt2img", &json!({"prompt": "x", "steps": 1}))
+        .await;
+    assert_eq!(r.status(), 200);
+    // A model that cannot load cannot become the default.
+    let r = s
+        .post(
+            "/sdapi/v1/options",
+            &json!({"sd_model_checkpoint": "broken_sd"}),
+        )
+        .await;
+    assert_error(r, 500, None).await;
+    assert_eq!(
+        s.get_json("/sdapi/v1/options").await["sd_model_checkpoint"],
+        "tiny_sd"
+    );
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_the_running_job_and_cancels_queued_ones() {
+    let s = TestServer::start(config(vec![tiny_sd()])).await;
+    let running: Value = s.post_json("/v1/jobs", &json!({"prompt": "a", "steps": 40, "sampler_name": "Euler", "width": 128, "height": 128})).await;
+    let queued: Value = s
+        .post_json("/v1/jobs", &json!({"prompt": "b", "steps": 2}))
+        .await;
+    let (a, b) = (
+        running["id"].as_str().unwrap().to_string(),
+        queued["id"].as_str().unwrap().to_string(),
+    );
+    wait_job(&s, &a, |j| j["status"] == "running").await;
+    // Follow both jobs while the server shuts down.
+    let follow = |id: String| {
+        let (client, url) = (s.client.clone(), s.url(&format!("/v1/jobs/{id}/events")));
+        tokio::spawn(async move { read_events(&client, &url).await })
+    };
+    let (fa, fb) = (follow(a), follow(b));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let base = s.base.clone();
+    s.stop().await.unwrap();
+    let ea = fa.await.unwrap();
+    let eb = fb.await.unwrap();
+    assert_eq!(ea.last().unwrap().0, "done", "the running job finished");
+    assert_eq!(names(&eb), ["queued", "cancelled"]);
+    assert!(eb[1].1["reason"]
+        .as_str()
+        .unwrap()
+        .contains("shutting down"));
+    // Nobody listens any more.
+    assert!(reqwest::get(format!("{base}/v1/queue")).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_cancels_its_synchronous_job() {
+    let s = TestServer::start(config(vec![tiny_sd()])).await;
+    let client = reqwest::Client::new();
+    let url = s.url("/sdapi/v1/txt2img");
+    let call = tokio::spawn(async move { client.post(url).json(&slow_job()).send().await });
+    let job = loop {
+        let jobs = s.get_json("/v1/jobs").await;
+        if let Some(j) = jobs["jobs"].as_array().unwrap().first() {
+            if j["step"].as_u64() > Some(0) {
+                break j["id"].as_str().unwrap().to_string();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Dropping the request closes its connection.
+    call.abort();
+    let j = wait_job(&s, &job, |j| j["status"] != "running").await;
+    assert_eq!(j["status"], "cancelled", "{j}");
+    assert!(j["step"].as_u64().unwrap() < 150);
+    s.stop().await.unwrap();
+}
