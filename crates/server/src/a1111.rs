@@ -13,43 +13,11 @@ use crate::request::{Endpoint, GenerateRequest};
 use crate::routes::{images_b64, run_to_end};
 use crate::AppState;
 
-/// A1111 sampler names offered when `diffuse_schedulers::resolve_name` accepts them, with the
-/// diffusers class each runs as its alias.
-const SAMPLER_NAMES: &[&str] = &[
-    "Euler a",
-    "Euler",
-    "Euler Karras",
-    "LMS",
-    "LMS Karras",
-    "Heun",
-    "Heun Karras",
-    "DPM2",
-    "DPM2 Karras",
-    "DPM2 a",
-    "DPM2 a Karras",
-    "DPM++ 2S a",
-    "DPM++ 2S a Karras",
-    "DPM++ 2M",
-    "DPM++ 2M Karras",
-    "DPM++ 2M SDE",
-    "DPM++ 2M SDE Karras",
-    "DPM++ SDE",
-    "DPM++ SDE Karras",
-    "DPM++ 3M SDE",
-    "DPM++ 3M SDE Karras",
-    "DPM fast",
-    "DPM adaptive",
-    "DDIM",
-    "DDPM",
-    "PLMS",
-    "UniPC",
-    "LCM",
-];
-
-/// The samplers this build runs, as `/sdapi/v1/samplers` lists them.
+/// The samplers this build runs, as `/sdapi/v1/samplers` lists them: the scheduler crate's
+/// A1111 name table, each with the diffusers class it runs as its alias.
 pub fn sampler_list() -> Vec<Value> {
-    SAMPLER_NAMES
-        .iter()
+    diffuse_schedulers::a1111_names()
+        .into_iter()
         .filter_map(|name| {
             let (class, _) = diffuse_schedulers::resolve_name(name).ok()?;
             Some(json!({ "name": name, "aliases": [class], "options": {} }))

@@ -36,8 +36,11 @@ pub fn spawn(queue: Arc<JobQueue>, models: Arc<Models>) -> std::io::Result<JoinH
                     }
                     Work::Job(job) => {
                         let t = Instant::now();
-                        worker.run(&job);
+                        let end = worker.run(&job);
+                        // The queue forgets the job before its waiters hear the outcome, so a
+                        // client that got its answer sees the queue without it.
                         queue.finished(t.elapsed());
+                        end.publish(&job);
                     }
                 }
             }
@@ -67,23 +70,22 @@ impl Worker {
         Ok(p)
     }
 
-    fn run(&mut self, job: &Arc<Job>) {
+    fn run(&mut self, job: &Arc<Job>) -> End {
         if job.cancel_requested() {
-            job.cancelled("cancelled before it started");
-            return;
+            return End::Cancelled("cancelled before it started");
         }
         job.start();
         match catch_unwind(AssertUnwindSafe(|| self.generate(job))) {
-            Ok(Ok(result)) => job.done(result),
-            Ok(Err(_)) if job.cancel_requested() => job.cancelled("cancelled while running"),
+            Ok(Ok(result)) => End::Done(result),
+            Ok(Err(_)) if job.cancel_requested() => End::Cancelled("cancelled while running"),
             // A model that does not load is the server's problem, not the request's.
-            Ok(Err(Failure::Load(e))) => job.fail(FailureKind::Internal, e.to_string()),
+            Ok(Err(Failure::Load(e))) => End::Failed(FailureKind::Internal, e.to_string()),
             Ok(Err(Failure::Run(e))) => {
                 let kind = match e {
                     Error::Invalid(_) | Error::Config { .. } => FailureKind::InvalidRequest,
                     _ => FailureKind::Internal,
                 };
-                job.fail(kind, e.to_string());
+                End::Failed(kind, e.to_string())
             }
             Err(panic) => {
                 // The model may be half-way through a change: load it afresh next time.
@@ -93,7 +95,7 @@ impl Worker {
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "unknown panic".into());
-                job.fail(FailureKind::Internal, format!("internal error: {msg}"));
+                End::Failed(FailureKind::Internal, format!("internal error: {msg}"))
             }
         }
     }
@@ -118,6 +120,23 @@ impl Worker {
             pipeline.replace_scheduler(own);
         }
         result.map_err(Failure::Run)
+    }
+}
+
+/// How a job ended, told to its waiters by [`End::publish`].
+enum End {
+    Done(JobResult),
+    Cancelled(&'static str),
+    Failed(FailureKind, String),
+}
+
+impl End {
+    fn publish(self, job: &Job) {
+        match self {
+            End::Done(r) => job.done(r),
+            End::Cancelled(why) => job.cancelled(why),
+            End::Failed(kind, msg) => job.fail(kind, msg),
+        }
     }
 }
 
