@@ -54,6 +54,9 @@ pub struct ClipTokenizer {
     pad_id: u32,
     unk_id: u32,
     max_length: usize,
+    /// Tokens added after loading (textual inversion), normalized, with their ids; matched
+    /// in the normalized text before BPE, longest first, as `tokenizers`' added vocabulary does.
+    added: Vec<(String, u32)>,
 }
 
 /// A special token as written in `tokenizer_config.json` / `special_tokens_map.json`: a plain
@@ -202,7 +205,39 @@ impl ClipTokenizer {
             pad_id,
             unk_id,
             max_length,
+            added: Vec::new(),
         })
+    }
+
+    /// Adds `token` to the vocabulary with the next free id (transformers' `add_tokens`, as a
+    /// normalized, non-special token) and returns the id. A token that is already a vocabulary
+    /// entry or an added token is an error naming it.
+    pub fn add_token(&mut self, token: &str) -> Result<u32> {
+        let normalized = normalize(token);
+        if normalized.trim().is_empty() {
+            return Err(Error::invalid(format!(
+                "cannot add the empty token {token:?} to the tokenizer"
+            )));
+        }
+        // As diffusers checks it: the exact string among the vocabulary's entries.
+        let known =
+            self.encoder.contains_key(token) || self.added.iter().any(|(t, _)| *t == normalized);
+        if known {
+            return Err(Error::invalid(format!(
+                "token {token:?} is already in the tokenizer's vocabulary; pick another token"
+            )));
+        }
+        let id = self.encoder.len() as u32;
+        self.encoder.insert(token.to_string(), id);
+        self.decoder.insert(id, token.to_string());
+        self.added.push((normalized, id));
+        Ok(id)
+    }
+
+    /// The id of a token added with [`ClipTokenizer::add_token`].
+    pub fn added_token_id(&self, token: &str) -> Option<u32> {
+        let n = normalize(token);
+        self.added.iter().find(|(t, _)| *t == n).map(|(_, id)| *id)
     }
 
     pub fn bos_id(&self) -> u32 {
@@ -259,8 +294,26 @@ impl ClipTokenizer {
         }
     }
 
-    /// Ids of normalized text with no added tokens left in it, appended to `out`.
+    /// Ids of normalized text, appended to `out`: added tokens are split out first (leftmost,
+    /// then longest match), the pieces between them go through the pre-tokenizer and BPE.
     fn encode_normalized(&self, text: &str, out: &mut Vec<u32>) {
+        let mut rest = text;
+        while !rest.is_empty() {
+            let found = self
+                .added
+                .iter()
+                .filter_map(|(t, id)| rest.find(t.as_str()).map(|at| (at, t.len(), *id)))
+                .min_by_key(|&(at, len, _)| (at, std::cmp::Reverse(len)));
+            let Some((at, len, id)) = found else { break };
+            self.encode_plain(&rest[..at], out);
+            out.push(id);
+            rest = &rest[at + len..];
+        }
+        self.encode_plain(rest, out);
+    }
+
+    /// Ids of normalized text with no added tokens left in it, appended to `out`.
+    fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
         for m in self.pattern.find_iter(text) {
             let mapped: String = m
                 .as_str()
@@ -388,5 +441,47 @@ mod tests {
         assert_eq!(normalize("A  B\t\nC"), "a b c");
         // Decomposed e + combining acute becomes the composed é.
         assert_eq!(normalize("e\u{301}"), "\u{e9}");
+    }
+
+    /// A small vocabulary: the 256 byte symbols with and without `</w>`, and a few merges.
+    fn tiny() -> ClipTokenizer {
+        let bytes = bytes_to_unicode();
+        let mut enc = HashMap::new();
+        for c in bytes {
+            let n = enc.len() as u32;
+            enc.insert(c.to_string(), n);
+        }
+        for c in bytes {
+            let n = enc.len() as u32;
+            enc.insert(format!("{c}{END_OF_WORD}"), n);
+        }
+        let merges = vec![("c".to_string(), "a".to_string()), ("ca".into(), "t</w>".into())];
+        for (a, b) in &merges {
+            let n = enc.len() as u32;
+            enc.insert(format!("{a}{b}"), n);
+        }
+        for t in [BOS, EOS] {
+            let n = enc.len() as u32;
+            enc.insert(t.to_string(), n);
+        }
+        let (bos, eos) = (enc[BOS], enc[EOS]);
+        ClipTokenizer::from_parts(enc, merges, bos, eos, eos, eos, 77).unwrap()
+    }
+
+    #[test]
+    fn added_tokens_are_split_out_longest_first() {
+        let mut t = tiny();
+        let cat = t.encode("cat")[1];
+        let a = t.add_token("<Style>").unwrap();
+        let b = t.add_token("<style>_1").unwrap();
+        assert_eq!((a, b), (t.vocab_size() as u32 - 2, t.vocab_size() as u32 - 1));
+        // Matched after normalization (lower case), anywhere in the text, longest first.
+        let ids = t.encode("a <STYLE> <style>_1cat");
+        let space_free: Vec<u32> = ids[1..ids.len() - 1].to_vec();
+        assert_eq!(space_free, vec![t.encode("a")[1], a, b, cat]);
+        assert_eq!(t.added_token_id("<style>"), Some(a));
+        // Re-adding, or adding an entry of the vocabulary, is an error.
+        assert!(t.add_token("<style>").is_err());
+        assert!(t.add_token("ca").is_err());
     }
 }
