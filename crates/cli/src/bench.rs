@@ -361,6 +361,7 @@ impl Bench<'_> {
             device: dev.clone(),
             dtype: DType::F32,
             vae_dtype: DType::F32,
+            multi_vector_tokens: Vec::new(),
         };
         let steps = self.args.pipeline_steps;
         let params = GenerationParams {

@@ -84,7 +84,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         dtype: DType::F32,
         device: device.clone(),
         scheduler: args.scheduler.clone(),
-        variant: None,
+        ..Default::default()
     };
     let pipeline = match load_pipeline(&model_dir, &opts)
         .with_context(|| format!("loading the pipeline in {}", model_dir.display()))?

@@ -313,7 +313,7 @@ impl Session {
             dtype: args.dtype.into(),
             device,
             scheduler: args.scheduler.clone(),
-            variant: None,
+            ..Default::default()
         };
         let pipeline = load_pipeline(&dir, &opts)
             .with_context(|| format!("loading the pipeline in {}", dir.display()))?;

@@ -2,6 +2,8 @@
 
 pub mod config;
 pub mod hub;
+pub mod pickle;
+pub mod textual_inversion;
 pub mod weights;
 
 pub use config::{parse_config, read_config};

@@ -281,6 +281,26 @@ impl ClipTextModel {
         self.position_embedding.device()
     }
 
+    /// Appends rows to the token embedding table (textual inversion): `rows` is (n, hidden);
+    /// they get ids `vocab_size .. vocab_size + n` and `vocab_size` grows by n.
+    pub fn add_token_embeddings(&mut self, rows: &Tensor) -> Result<()> {
+        let hidden = self.config.hidden_size;
+        let n = match rows.dims() {
+            [n, h] if *h == hidden && *n > 0 => *n,
+            other => {
+                return Err(Error::invalid(format!(
+                    "embedding vectors of shape {other:?} do not fit this text encoder                      (hidden size {hidden}): expected (n, {hidden})"
+                )))
+            }
+        };
+        let table = self.token_embedding.embeddings();
+        let rows = rows.to_dtype(table.dtype())?.to_device(table.device())?;
+        let table = Tensor::cat(&[table, &rows], 0)?;
+        self.token_embedding = Embedding::new(table, hidden);
+        self.config.vocab_size += n;
+        Ok(())
+    }
+
     /// The final layer norm alone (for "clip skip": apply it to an earlier hidden state).
     pub fn final_layer_norm(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.final_layer_norm.forward(x)?)

@@ -455,7 +455,10 @@ mod tests {
             let n = enc.len() as u32;
             enc.insert(format!("{c}{END_OF_WORD}"), n);
         }
-        let merges = vec![("c".to_string(), "a".to_string()), ("ca".into(), "t</w>".into())];
+        let merges = vec![
+            ("c".to_string(), "a".to_string()),
+            ("ca".into(), "t</w>".into()),
+        ];
         for (a, b) in &merges {
             let n = enc.len() as u32;
             enc.insert(format!("{a}{b}"), n);
@@ -474,7 +477,10 @@ mod tests {
         let cat = t.encode("cat")[1];
         let a = t.add_token("<Style>").unwrap();
         let b = t.add_token("<style>_1").unwrap();
-        assert_eq!((a, b), (t.vocab_size() as u32 - 2, t.vocab_size() as u32 - 1));
+        assert_eq!(
+            (a, b),
+            (t.vocab_size() as u32 - 2, t.vocab_size() as u32 - 1)
+        );
         // Matched after normalization (lower case), anywhere in the text, longest first.
         let ids = t.encode("a <STYLE> <style>_1cat");
         let space_free: Vec<u32> = ids[1..ids.len() - 1].to_vec();

@@ -48,6 +48,16 @@ pub struct LoadOptions {
     pub scheduler: Option<String>,
     /// Weight variant, e.g. `fp16` for `*.fp16.safetensors`.
     pub variant: Option<String>,
+    /// Textual-inversion embeddings to add after loading (Stable Diffusion pipelines).
+    pub textual_inversions: Vec<EmbeddingSpec>,
+}
+
+/// A textual-inversion file and the token it is used under (default: the token the file
+/// names, else its stem).
+#[derive(Clone, Debug)]
+pub struct EmbeddingSpec {
+    pub path: PathBuf,
+    pub token: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -57,6 +67,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             scheduler: None,
             variant: None,
+            textual_inversions: Vec::new(),
         }
     }
 }
@@ -198,9 +209,13 @@ pub fn load_pipeline(dir: &Path, opts: &LoadOptions) -> Result<Pipeline> {
         }
         "StableDiffusionPipeline"
         | "StableDiffusionImg2ImgPipeline"
-        | "StableDiffusionInpaintPipeline" => Ok(Pipeline::StableDiffusion(Box::new(
-            StableDiffusionPipeline::load(dir, index.class, opts)?,
-        ))),
+        | "StableDiffusionInpaintPipeline" => {
+            let mut p = StableDiffusionPipeline::load(dir, index.class, opts)?;
+            for e in &opts.textual_inversions {
+                p.load_textual_inversion(&e.path, e.token.as_deref())?;
+            }
+            Ok(Pipeline::StableDiffusion(Box::new(p)))
+        }
         _ => Err(index.unsupported()),
     }
 }

@@ -39,6 +39,9 @@ pub struct StableDiffusionPipeline {
     pub dtype: DType,
     /// The VAE's dtype (f32 when the config asks to upcast an f16 pipeline).
     pub vae_dtype: DType,
+    /// Textual-inversion tokens with more than one vector, and their vector count: prompts
+    /// naming `tok` are expanded to `tok tok_1 ...` before tokenizing.
+    pub multi_vector_tokens: Vec<(String, usize)>,
 }
 
 /// Precomputed prompt embeddings (`prompt_embeds` / `negative_prompt_embeds` of diffusers),
@@ -167,7 +170,68 @@ impl StableDiffusionPipeline {
             device: device.clone(),
             dtype,
             vae_dtype,
+            multi_vector_tokens: Vec::new(),
         })
+    }
+
+    /// Adds a textual-inversion embedding (diffusers' `load_textual_inversion`): its vectors
+    /// become new rows of the text encoder's token table, under `token` (default: the token
+    /// the file names, else the file stem) and, for n vectors, `token_1 .. token_{n-1}`.
+    pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<()> {
+        let ti = diffuse_loaders::textual_inversion::TextualInversion::load(path)?;
+        let token = token
+            .map(str::to_string)
+            .or(ti.stored_token.clone())
+            .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .ok_or_else(|| Error::invalid(format!("{}: no token given", path.display())))?;
+        let [vectors] = ti.vectors.as_slice() else {
+            return Err(Error::invalid(format!(
+                "{}: an embedding with one table per text encoder (SDXL's clip_l/clip_g) does not \
+                 fit this single-encoder pipeline",
+                path.display()
+            )));
+        };
+        let n = vectors.dim(0)?;
+        let tokens: Vec<String> = std::iter::once(token.clone())
+            .chain((1..n).map(|i| format!("{token}_{i}")))
+            .collect();
+        // Check everything before changing anything: a failure leaves the pipeline as it was.
+        let mut tokenizer = self.tokenizer.clone();
+        for t in &tokens {
+            tokenizer
+                .add_token(t)
+                .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        }
+        let mut encoder = self.text_encoder.clone();
+        encoder
+            .add_token_embeddings(vectors)
+            .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        self.tokenizer = tokenizer;
+        self.text_encoder = encoder;
+        if n > 1 {
+            self.multi_vector_tokens.push((token, n));
+        }
+        Ok(())
+    }
+
+    /// diffusers' `maybe_convert_prompt`: every multi-vector token the tokenizer finds in
+    /// `text` is replaced (as plain text, case-sensitively) by `tok tok_1 ... tok_{n-1}`.
+    pub fn expand_embedding_tokens(&self, text: &str) -> String {
+        let ids = self.tokenizer.encode(text);
+        let mut out = text.to_string();
+        for (token, n) in &self.multi_vector_tokens {
+            let present = self
+                .tokenizer
+                .added_token_id(token)
+                .is_some_and(|id| ids.contains(&id));
+            if present {
+                let expanded: Vec<String> = std::iter::once(token.clone())
+                    .chain((1..*n).map(|i| format!("{token}_{i}")))
+                    .collect();
+                out = out.replace(token.as_str(), &expanded.join(" "));
+            }
+        }
+        out
     }
 
     /// `2 ** (len(vae.block_out_channels) - 1)`.
@@ -331,6 +395,7 @@ impl StableDiffusionPipeline {
         let max_len = self.tokenizer.max_length();
         let mut rows = Vec::with_capacity(texts.len() * max_len);
         for text in texts {
+            let text = &self.expand_embedding_tokens(text);
             let (ids, truncated) = self.tokenizer.encode_padded(text, max_len)?;
             if truncated {
                 let all = self.tokenizer.encode(text);
