@@ -22,24 +22,124 @@ use diffuse_core::{Error, Result};
 /// Tensors stored in checkpoints that are buffers, not parameters: never reported as unexpected.
 const IGNORED_SUFFIXES: &[&str] = &["embeddings.position_ids"];
 
-/// One opened safetensors file.
-struct WeightFile {
-    path: PathBuf,
-    st: MmapedSafetensors,
+/// A file of tensors: memory-mapped safetensors, or a PyTorch pickle read on demand.
+pub enum TensorContainer {
+    Safetensors(MmapedSafetensors),
+    Pickle(crate::pickle::PickleTensors),
 }
 
-/// Where a stored tensor lives and its shape.
+/// One opened weight file, shared by every backend that reads from it (a single-file
+/// checkpoint feeds the UNet, the VAE and the text encoder).
+pub struct TensorFile {
+    pub path: PathBuf,
+    data: TensorContainer,
+}
+
+impl TensorFile {
+    /// Opens a `.safetensors` file (memory-mapped) or, for other extensions, a PyTorch
+    /// zip-pickle (`.ckpt`, `.pt`, `.bin`) read safely.
+    pub fn open(path: &Path) -> Result<Self> {
+        let is_safetensors = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+        let data = if is_safetensors {
+            TensorContainer::Safetensors(open_safetensors(path)?)
+        } else {
+            if !path.is_file() {
+                return Err(Error::Weights(format!("{}: no such file", path.display())));
+            }
+            TensorContainer::Pickle(crate::pickle::PickleTensors::open(path)?)
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            data,
+        })
+    }
+
+    /// (name, shape) of every tensor in the file.
+    pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match &self.data {
+            TensorContainer::Safetensors(st) => st
+                .tensors()
+                .into_iter()
+                .map(|(n, v)| (n, v.shape().to_vec()))
+                .collect(),
+            TensorContainer::Pickle(p) => p.shapes(),
+        }
+    }
+
+    /// One tensor in its stored dtype.
+    pub fn load(&self, key: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        match &self.data {
+            TensorContainer::Safetensors(st) => st.get(key)?.load(dev),
+            TensorContainer::Pickle(p) => p
+                .get(key)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                .to_device(dev),
+        }
+    }
+}
+
+/// Where a tensor the model may ask for is stored: a file, the key in it, optionally a block
+/// of rows (a fused q/k/v projection split into three), and its shape as the model sees it.
 #[derive(Clone, Debug)]
-struct Stored {
+pub struct Stored {
     file: usize,
+    key: String,
+    rows: Option<(usize, usize)>,
+    /// Stored transposed (OpenCLIP's `text_projection`).
+    transpose: bool,
     shape: Vec<usize>,
+}
+
+/// One entry of a name map from a checkpoint's own layout to the model's names.
+#[derive(Clone, Debug)]
+pub struct MappedTensor {
+    /// The name the model asks for (diffusers/transformers).
+    pub name: String,
+    /// The key in the file.
+    pub key: String,
+    /// `Some((start, len))`: only these rows (dim 0) of the stored tensor.
+    pub rows: Option<(usize, usize)>,
+    /// The stored 2-D tensor is the transpose of the model's.
+    pub transpose: bool,
+}
+
+/// A low-rank weight update `factor · up · down` (LoRA), added to a weight when it is read.
+#[derive(Clone, Debug)]
+pub struct WeightDelta {
+    /// (out, rank) or (out, rank, 1, 1).
+    pub up: Tensor,
+    /// (rank, in) or (rank, in, kh, kw).
+    pub down: Tensor,
+    pub factor: f64,
+}
+
+impl WeightDelta {
+    /// The full-size update, shaped like `like` (f32).
+    pub fn full(&self, like: &[usize]) -> candle_core::Result<Tensor> {
+        let up = self.up.to_dtype(DType::F32)?;
+        let down = self.down.to_dtype(DType::F32)?;
+        let (out, rank) = (up.dim(0)?, up.elem_count() / up.dim(0)?);
+        let up = up.reshape((out, rank))?;
+        let down = down.reshape((rank, down.elem_count() / rank))?;
+        let d = up.matmul(&down)?;
+        if d.elem_count() != like.iter().product::<usize>() {
+            candle_core::bail!(
+                "update of shape {:?} x {:?} does not fit a weight of shape {like:?}",
+                self.up.dims(),
+                self.down.dims()
+            );
+        }
+        (d * self.factor)?.reshape(like)
+    }
 }
 
 #[derive(Default)]
 struct Log {
     /// Model names asked for, with the requested shape.
     requested: BTreeMap<String, Vec<usize>>,
-    /// File names that were used (after aliasing).
+    /// Index names that were used (after aliasing).
     used: BTreeSet<String>,
     missing: BTreeMap<String, Vec<usize>>,
     /// model name -> (expected, found, file name)
@@ -49,12 +149,16 @@ struct Log {
 }
 
 struct Inner {
-    files: Vec<WeightFile>,
+    files: Vec<Arc<TensorFile>>,
+    /// Model-side name -> where it is stored.
     index: HashMap<String, Stored>,
+    /// File keys no name map covers (single files): reported as unexpected.
+    unmapped: Vec<(String, Vec<usize>, usize)>,
+    patches: Mutex<HashMap<String, Vec<WeightDelta>>>,
     log: Mutex<Log>,
 }
 
-/// A [`SimpleBackend`] over safetensors files that records what the model asks for.
+/// A [`SimpleBackend`] over weight files that records what the model asks for.
 ///
 /// Cheap to clone (shared state); keep a clone to inspect the record after building a model.
 #[derive(Clone)]
@@ -85,38 +189,144 @@ impl CheckedBackend {
     /// Opens (memory-maps) the given safetensors files. A tensor name present in several files
     /// is taken from the last one.
     pub fn open(files: &[PathBuf]) -> Result<Self> {
-        let mut opened = Vec::with_capacity(files.len());
+        let opened = files
+            .iter()
+            .map(|p| TensorFile::open(p).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
         let mut index = HashMap::new();
-        for (i, path) in files.iter().enumerate() {
-            let st = open_safetensors(path)?;
-            for (name, view) in st.tensors() {
-                index.insert(
-                    name,
-                    Stored {
-                        file: i,
-                        shape: view.shape().to_vec(),
-                    },
-                );
+        for (i, f) in opened.iter().enumerate() {
+            for (key, shape) in f.shapes() {
+                let stored = Stored {
+                    file: i,
+                    key: key.clone(),
+                    rows: None,
+                    transpose: false,
+                    shape,
+                };
+                index.insert(key, stored);
             }
-            opened.push(WeightFile {
-                path: path.clone(),
-                st,
-            });
         }
-        Ok(Self {
-            inner: Arc::new(Inner {
-                files: opened,
-                index,
-                log: Mutex::new(Log::default()),
-            }),
-        })
+        Ok(Self::from_parts(opened, index, Vec::new()))
     }
 
-    /// Names of all tensors stored in the files.
-    pub fn stored_names(&self) -> Vec<String> {
+    /// A backend over one opened file whose keys are in another layout: `map` gives the model
+    /// name of each tensor used; `unexpected` lists file keys of this component that no map
+    /// entry covers (reported like unexpected tensors). A map entry naming a key the file lacks
+    /// is an error.
+    pub fn mapped(
+        file: Arc<TensorFile>,
+        map: Vec<MappedTensor>,
+        unexpected: Vec<String>,
+    ) -> Result<Self> {
+        let shapes: HashMap<String, Vec<usize>> = file.shapes().into_iter().collect();
+        let mut index = HashMap::new();
+        for m in map {
+            let full = shapes.get(&m.key).ok_or_else(|| {
+                Error::Weights(format!(
+                    "{}: tensor `{}` (for `{}`) is not in the file",
+                    file.path.display(),
+                    m.key,
+                    m.name
+                ))
+            })?;
+            let mut shape = full.clone();
+            if let Some((start, len)) = m.rows {
+                if shape.is_empty() || start + len > shape[0] {
+                    return Err(Error::Weights(format!(
+                        "{}: `{}` of shape {full:?} has no rows {start}..{}",
+                        file.path.display(),
+                        m.key,
+                        start + len
+                    )));
+                }
+                shape[0] = len;
+            }
+            if m.transpose {
+                if shape.len() != 2 {
+                    return Err(Error::Weights(format!(
+                        "{}: `{}` of shape {full:?} cannot be transposed",
+                        file.path.display(),
+                        m.key
+                    )));
+                }
+                shape.swap(0, 1);
+            }
+            index.insert(
+                m.name,
+                Stored {
+                    file: 0,
+                    key: m.key,
+                    rows: m.rows,
+                    transpose: m.transpose,
+                    shape,
+                },
+            );
+        }
+        let unmapped = unexpected
+            .into_iter()
+            .map(|k| {
+                let shape = shapes.get(&k).cloned().unwrap_or_default();
+                (k, shape, 0)
+            })
+            .collect();
+        Ok(Self::from_parts(vec![file], index, unmapped))
+    }
+
+    fn from_parts(
+        files: Vec<Arc<TensorFile>>,
+        index: HashMap<String, Stored>,
+        unmapped: Vec<(String, Vec<usize>, usize)>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                files,
+                index,
+                unmapped,
+                patches: Mutex::new(HashMap::new()),
+                log: Mutex::new(Log::default()),
+            }),
+        }
+    }
+
+    /// Adds low-rank updates to weights (by model name, aliases resolved): each is added to
+    /// its weight when the model reads it. Returns the names that match no stored weight; an
+    /// update whose size does not fit its weight is an error naming both shapes.
+    pub fn add_patches(&self, patches: Vec<(String, WeightDelta)>) -> Result<Vec<String>> {
+        let mut unmatched = Vec::new();
+        let mut map = self.inner.patches.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, delta) in patches {
+            let Some((stored_name, stored)) = self.resolve(&name) else {
+                unmatched.push(name);
+                continue;
+            };
+            let (out, rank) = (delta.up.dim(0)?, delta.down.dim(0)?);
+            let inner = delta.down.elem_count() / rank.max(1);
+            let fits = delta.up.elem_count() == out * rank
+                && stored.shape.first() == Some(&out)
+                && out * inner == stored.shape.iter().product::<usize>();
+            if !fits {
+                return Err(Error::Weights(format!(
+                    "update for `{name}` (up {:?}, down {:?}) does not fit the weight of shape {:?}",
+                    delta.up.dims(),
+                    delta.down.dims(),
+                    stored.shape
+                )));
+            }
+            map.entry(stored_name).or_default().push(delta);
+        }
+        Ok(unmatched)
+    }
+
+    /// The model-side names of every stored tensor (what the model can ask for).
+    pub fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.inner.index.keys().cloned().collect();
         v.sort();
         v
+    }
+
+    /// Names of all tensors stored in the files (for a mapped backend: the model-side names).
+    pub fn stored_names(&self) -> Vec<String> {
+        self.names()
     }
 
     /// A [`VarBuilder`] reading from this backend.
@@ -153,8 +363,23 @@ impl CheckedBackend {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let file = &self.inner.files[stored.file];
-        let view = file.st.get(stored_name)?;
-        view.load(dev)?.to_dtype(dtype)
+        let mut t = file.load(&stored.key, dev)?;
+        if let Some((start, len)) = stored.rows {
+            t = t.narrow(0, start, len)?.contiguous()?;
+        }
+        if stored.transpose {
+            t = t.t()?.contiguous()?;
+        }
+        let patches = self.inner.patches.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(deltas) = patches.get(stored_name) {
+            // Fused in f32, then stored in the model's dtype.
+            let mut w = t.to_dtype(DType::F32)?;
+            for d in deltas {
+                w = (w + d.full(&stored.shape)?.to_device(dev)?)?;
+            }
+            t = w;
+        }
+        t.to_dtype(dtype)
     }
 
     /// Checks the record: one error listing every missing, mis-shaped and unexpected tensor.
@@ -199,6 +424,12 @@ impl CheckedBackend {
                 "unexpected: `{name}` {:?} in {} (the model has no such parameter)",
                 stored.shape,
                 self.inner.files[stored.file].path.display()
+            ));
+        }
+        for (key, shape, file) in &self.inner.unmapped {
+            out.push(format!(
+                "unexpected: `{key}` {shape:?} in {} (no known layout maps it to a parameter)",
+                self.inner.files[*file].path.display()
             ));
         }
         out
@@ -355,7 +586,17 @@ pub fn load_model<M>(
     if files.is_empty() {
         return Err(Error::Weights("no weight files given".to_string()));
     }
-    let backend = CheckedBackend::open(files)?;
+    load_with(&CheckedBackend::open(files)?, dtype, device, build)
+}
+
+/// Builds a model from a backend (e.g. a mapped single file, or one with LoRA patches) and
+/// checks that the weights fit it exactly, as [`load_model`] does.
+pub fn load_with<M>(
+    backend: &CheckedBackend,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> Result<M> {
     let built = build(backend.var_builder(dtype, device));
     let problems = backend.problems();
     match built {

@@ -101,25 +101,7 @@ impl ClipTokenizer {
         let merges_path = dir.join("merges.txt");
         let merges_text =
             std::fs::read_to_string(&merges_path).map_err(|e| Error::io(&merges_path, e))?;
-        let mut merges = Vec::new();
-        for (i, line) in merges_text.lines().enumerate() {
-            if (i == 0 && line.starts_with("#version")) || line.trim().is_empty() {
-                continue;
-            }
-            let mut parts = line.split(' ');
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => {
-                    merges.push((a.to_string(), b.to_string()))
-                }
-                _ => {
-                    return Err(Error::config(
-                        merges_path.display().to_string(),
-                        format!("line {}", i + 1),
-                        format!("expected two space-separated symbols, got {line:?}"),
-                    ))
-                }
-            }
-        }
+        let merges = parse_merges(&merges_text, &merges_path.display().to_string())?;
 
         let mut tokens: HashMap<&str, String> = HashMap::new();
         let mut max_length = 77usize;
@@ -163,6 +145,32 @@ impl ClipTokenizer {
         let pad_id = id_of("pad_token", EOS)?;
         let unk_id = id_of("unk_token", EOS)?;
         Self::from_parts(encoder, merges, bos_id, eos_id, pad_id, unk_id, max_length)
+    }
+
+    /// The CLIP vocabulary built into diffuse (that of every Stable Diffusion checkpoint, 49408
+    /// tokens), for single-file checkpoints that carry no tokenizer: max length 77, padding with
+    /// `pad_token` (`<|endoftext|>` for SD 1.x and SDXL's first encoder, `!` for OpenCLIP ones).
+    pub fn builtin(pad_token: &str) -> Result<Self> {
+        let gunzip = |bytes: &[u8]| -> Result<String> {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(bytes), &mut s)
+                .map_err(|e| Error::invalid(format!("built-in tokenizer: {e}")))?;
+            Ok(s)
+        };
+        let vocab = gunzip(include_bytes!("../assets/clip_vocab.json.gz"))?;
+        let encoder: HashMap<String, u32> =
+            diffuse_loaders::parse_config(&vocab, "built-in vocab.json")?;
+        let merges = parse_merges(
+            &gunzip(include_bytes!("../assets/clip_merges.txt.gz"))?,
+            "built-in merges.txt",
+        )?;
+        let id = |t: &str| {
+            encoder.get(t).copied().ok_or_else(|| {
+                Error::invalid(format!("token {t:?} is not in the built-in vocabulary"))
+            })
+        };
+        let (bos, eos, pad) = (id(BOS)?, id(EOS)?, id(pad_token)?);
+        Self::from_parts(encoder, merges, bos, eos, pad, eos, 77)
     }
 
     /// Builds a tokenizer from a vocabulary and merges (rank = position in `merges`).
@@ -402,6 +410,30 @@ impl ClipTokenizer {
             .collect();
         String::from_utf8_lossy(&bytes).trim().to_string()
     }
+}
+
+/// `merges.txt`: an optional `#version` line, then one `a b` pair per line.
+fn parse_merges(text: &str, context: &str) -> Result<Vec<(String, String)>> {
+    let mut merges = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if (i == 0 && line.starts_with("#version")) || line.trim().is_empty() {
+            continue;
+        }
+        let mut parts = line.split(' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => {
+                merges.push((a.to_string(), b.to_string()))
+            }
+            _ => {
+                return Err(Error::config(
+                    context,
+                    format!("line {}", i + 1),
+                    format!("expected two space-separated symbols, got {line:?}"),
+                ))
+            }
+        }
+    }
+    Ok(merges)
 }
 
 /// NFC, whitespace runs to a single space, lower case (char by char, as `tokenizers` does).

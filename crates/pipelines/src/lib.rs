@@ -10,6 +10,7 @@ pub mod image_processor;
 pub mod img2img;
 pub mod inpaint;
 pub mod png_info;
+pub(crate) mod sources;
 pub mod stable_diffusion;
 pub mod task;
 
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use diffuse_core::{Error, Result};
+pub use diffuse_loaders::lora::LoraSpec;
 use diffuse_schedulers::{Scheduler, SchedulerConfig};
 
 pub use ddpm::{ClassGuidance, UnconditionalOutput, UnconditionalPipeline, UnconditionalRequest};
@@ -50,6 +52,12 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     /// Textual-inversion embeddings to add after loading (Stable Diffusion pipelines).
     pub textual_inversions: Vec<EmbeddingSpec>,
+    /// LoRA files fused into the weights as they load, each with its scale.
+    pub loras: Vec<LoraSpec>,
+    /// For a single-file checkpoint: a diffusers folder whose component configs (and
+    /// tokenizer, scheduler) describe it; without one, the architecture is recognised from
+    /// the file and built-in configs are used.
+    pub config: Option<PathBuf>,
 }
 
 /// A textual-inversion file and the token it is used under (default: the token the file
@@ -68,6 +76,8 @@ impl Default for LoadOptions {
             scheduler: None,
             variant: None,
             textual_inversions: Vec::new(),
+            loras: Vec::new(),
+            config: None,
         }
     }
 }
@@ -197,8 +207,37 @@ impl ModelIndex {
     }
 }
 
-/// Loads a diffusers pipeline folder, dispatching on `model_index.json`'s `_class_name`.
-pub fn load_pipeline(dir: &Path, opts: &LoadOptions) -> Result<Pipeline> {
+/// Loads a pipeline, as `DiffusionPipeline.from_pretrained` (a diffusers folder, dispatching on
+/// `model_index.json`'s `_class_name`) or `from_single_file` (a `.safetensors`/`.ckpt` file in
+/// the original layout, with `opts.config` or the recognised architecture) does.
+pub fn load_pipeline(path: &Path, opts: &LoadOptions) -> Result<Pipeline> {
+    let src = sources::Source::open(path, opts.config.as_deref())?;
+    let class = src.pipeline_class()?;
+    let sd = matches!(
+        class.as_str(),
+        "StableDiffusionPipeline"
+            | "StableDiffusionImg2ImgPipeline"
+            | "StableDiffusionInpaintPipeline"
+    );
+    if sd {
+        let mut p = StableDiffusionPipeline::load_from(&src, class, opts)?;
+        for e in &opts.textual_inversions {
+            p.load_textual_inversion(&e.path, e.token.as_deref())?;
+        }
+        return Ok(Pipeline::StableDiffusion(Box::new(p)));
+    }
+    let sources::Source::Folder(dir) = &src else {
+        return Err(Error::invalid(format!(
+            "{}: single-file {class} checkpoints are not supported yet",
+            path.display()
+        )));
+    };
+    if !opts.loras.is_empty() || !opts.textual_inversions.is_empty() {
+        return Err(Error::invalid(format!(
+            "{}: LoRAs and embeddings apply to Stable Diffusion pipelines, not to a {class}",
+            path.display()
+        )));
+    }
     let index = ModelIndex::read(dir)?;
     match index.class.as_str() {
         "DDPMPipeline" | "DDIMPipeline" => {
@@ -206,15 +245,6 @@ pub fn load_pipeline(dir: &Path, opts: &LoadOptions) -> Result<Pipeline> {
             Ok(Pipeline::Unconditional(Box::new(
                 UnconditionalPipeline::load(dir, index.class, class_names, opts)?,
             )))
-        }
-        "StableDiffusionPipeline"
-        | "StableDiffusionImg2ImgPipeline"
-        | "StableDiffusionInpaintPipeline" => {
-            let mut p = StableDiffusionPipeline::load(dir, index.class, opts)?;
-            for e in &opts.textual_inversions {
-                p.load_textual_inversion(&e.path, e.token.as_deref())?;
-            }
-            Ok(Pipeline::StableDiffusion(Box::new(p)))
         }
         _ => Err(index.unsupported()),
     }

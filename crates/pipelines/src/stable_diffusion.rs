@@ -16,14 +16,18 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use diffuse_core::{Error, Generator, Result};
+use diffuse_models::clip_text::ClipTextConfig;
 use diffuse_models::clip_text::ClipTextModel;
 use diffuse_models::clip_tokenizer::ClipTokenizer;
-use diffuse_models::{AutoencoderKL, UNet2DConditionModel};
+use diffuse_models::{
+    AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel,
+};
 use diffuse_schedulers::Scheduler;
 use image::RgbImage;
 
+use crate::sources::{self, Adapters, Source};
 use crate::{check_steps, fresh_scheduler, LoadOptions};
-use crate::{component_dir, load_scheduler, StepCallback, StepInfo, Timings, Trace};
+use crate::{StepCallback, StepInfo, Timings, Trace};
 
 /// The Stable Diffusion components; one value serves text2img, img2img and inpainting.
 pub struct StableDiffusionPipeline {
@@ -140,26 +144,69 @@ pub(crate) struct LoopExtras<'a> {
 impl StableDiffusionPipeline {
     /// Loads `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/` of a folder.
     pub fn load(dir: &Path, class_name: String, opts: &LoadOptions) -> Result<Self> {
+        Self::load_from(&Source::Folder(dir.to_path_buf()), class_name, opts)
+    }
+
+    /// Loads the components from a folder or a single file, with `opts.loras` fused in.
+    pub(crate) fn load_from(src: &Source, class_name: String, opts: &LoadOptions) -> Result<Self> {
         let variant = opts.variant.as_deref();
         let (dtype, device) = (opts.dtype, &opts.device);
-        let unet_dir = component_dir(dir, "unet")?;
-        let vae_dir = component_dir(dir, "vae")?;
-        let te_dir = component_dir(dir, "text_encoder")?;
-        let tok_dir = component_dir(dir, "tokenizer")?;
-        let scheduler = load_scheduler(dir, opts)?;
-        let tokenizer = ClipTokenizer::from_dir(&tok_dir)?;
-        let text_encoder = ClipTextModel::from_pretrained_variant(&te_dir, variant, dtype, device)?;
-        let unet =
-            UNet2DConditionModel::from_pretrained_variant(&unet_dir, variant, dtype, device)?;
+        let adapters = Adapters::open(&opts.loras)?;
+        let scheduler = src.scheduler(opts)?;
+        let tokenizer = src.tokenizer("tokenizer")?;
+        let te_cfg: ClipTextConfig = src.config("text_encoder")?;
+        te_cfg.validate("text_encoder config")?;
+        let text_encoder = sources::build(
+            src,
+            &adapters,
+            "text_encoder",
+            variant,
+            (0, 0),
+            dtype,
+            device,
+            |vb| ClipTextModel::new(vb, &te_cfg),
+        )?;
+        let unet_cfg: UNet2DConditionConfig = src.config("unet")?;
+        unet_cfg.validate()?;
+        let unet_layout = (
+            unet_cfg.block_out_channels.len(),
+            unet_cfg.layers_per_block.get(0),
+        );
+        let unet = sources::build(
+            src,
+            &adapters,
+            "unet",
+            variant,
+            unet_layout,
+            dtype,
+            device,
+            |vb| UNet2DConditionModel::new(vb, &unet_cfg),
+        )?;
         // SD's VAE overflows in f16; its config says so with `force_upcast`.
-        let vae_cfg: diffuse_models::AutoencoderKLConfig =
-            diffuse_loaders::read_config(&vae_dir.join("config.json"))?;
+        let vae_cfg: AutoencoderKLConfig = src.config("vae")?;
+        vae_cfg.validate()?;
         let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast {
             DType::F32
         } else {
             dtype
         };
-        let vae = AutoencoderKL::from_pretrained_variant(&vae_dir, variant, vae_dtype, device)?;
+        let vae_layout = (vae_cfg.block_out_channels.len(), vae_cfg.layers_per_block);
+        let vae = sources::build(
+            src,
+            &adapters,
+            "vae",
+            variant,
+            vae_layout,
+            vae_dtype,
+            device,
+            |vb| AutoencoderKL::new(vb, &vae_cfg),
+        )?;
+        adapters.finish()?;
+        src.check_unclaimed(&[
+            diffuse_loaders::single_file::UNET_PREFIX,
+            diffuse_loaders::single_file::VAE_PREFIX,
+            "cond_stage_model.",
+        ])?;
         Ok(Self {
             class_name,
             unet,

@@ -63,7 +63,6 @@ impl Case {
     }
 
     /// An optional top-level path entry (`config`, `controlnet`).
-    #[allow(dead_code)] // runners of pipelines with extra models use it
     pub fn opt_path(&self, key: &str) -> Option<PathBuf> {
         self.json[key].as_str().map(|s| self.path(s))
     }

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, IndexOp, Tensor};
 use diffuse_pipelines::{
-    load_pipeline, EmbeddingSpec, GenerationParams, LoadOptions, Pipeline, StableDiffusionPipeline,
+    load_pipeline, EmbeddingSpec, GenerationParams, LoadOptions, LoraSpec, Pipeline, StableDiffusionPipeline,
     Text2ImageRequest,
 };
 
@@ -20,6 +20,7 @@ const ARGS: &[&str] = &[
     "seed",
     "scheduler",
     "textual_inversions",
+    "loras",
 ];
 
 fn options(case: &Case) -> Result<LoadOptions> {
@@ -32,9 +33,21 @@ fn options(case: &Case) -> Result<LoadOptions> {
             });
         }
     }
+    let mut loras = Vec::new();
+    if let Some(list) = case.args["loras"].as_array() {
+        for l in list {
+            // The format (`diffusers` / `kohya`) is recognised from the file's keys.
+            loras.push(LoraSpec {
+                path: case.path(l["file"].as_str().context("loras[].file")?),
+                scale: l["scale"].as_f64().context("loras[].scale")?,
+            });
+        }
+    }
     Ok(LoadOptions {
         scheduler: case.opt_str("scheduler"),
         textual_inversions,
+        loras,
+        config: case.opt_path("config"),
         ..Default::default()
     })
 }
