@@ -10,6 +10,7 @@ pub mod image_processor;
 pub mod img2img;
 pub mod inpaint;
 pub mod png_info;
+pub mod prompt_weighting;
 pub(crate) mod sources;
 pub mod stable_diffusion;
 pub mod task;

@@ -25,6 +25,7 @@ use diffuse_models::{
 use diffuse_schedulers::Scheduler;
 use image::RgbImage;
 
+use crate::prompt_weighting::{self, PromptSyntax};
 use crate::sources::{self, Adapters, Source};
 use crate::{check_steps, fresh_scheduler, LoadOptions};
 use crate::{StepCallback, StepInfo, Timings, Trace};
@@ -77,6 +78,8 @@ pub struct GenerationParams {
     pub clip_skip: Option<usize>,
     /// Record every loop tensor in [`ImageOutput::trace`].
     pub record_trace: bool,
+    /// How prompt text is read: as diffusers does, or with A1111's weights and chunks.
+    pub prompt_syntax: PromptSyntax,
 }
 
 impl Default for GenerationParams {
@@ -92,6 +95,7 @@ impl Default for GenerationParams {
             seed: 0,
             clip_skip: None,
             record_trace: false,
+            prompt_syntax: PromptSyntax::Plain,
         }
     }
 }
@@ -383,6 +387,9 @@ impl StableDiffusionPipeline {
         }
         let guided = p.guidance_scale > 1.0;
         let n = p.num_images_per_prompt;
+        if p.prompt_syntax == PromptSyntax::A1111 && p.prompt_embeds.is_none() {
+            return self.encode_prompt_a1111(p, guided);
+        }
         let cond = match &p.prompt_embeds {
             Some(e) => e.cond.to_device(&self.device)?,
             None => {
@@ -403,16 +410,7 @@ impl StableDiffusionPipeline {
         let uncond = match p.prompt_embeds.as_ref().and_then(|e| e.uncond.as_ref()) {
             Some(u) => u.to_device(&self.device)?,
             None => {
-                let negs: Vec<String> = match p.negative_prompts.len() {
-                    0 => vec![String::new(); prompts],
-                    1 => vec![p.negative_prompts[0].clone(); prompts],
-                    k if k == prompts => p.negative_prompts.clone(),
-                    k => {
-                        return Err(Error::invalid(format!(
-                            "{k} negative prompts for {prompts} prompts; give one or one per prompt"
-                        )))
-                    }
-                };
+                let negs = Self::negative_prompts(p, prompts)?;
                 // diffusers applies clip skip to the prompt only, not to the negative prompt.
                 self.embed_texts(&negs, None, warnings)?
             }
@@ -430,6 +428,89 @@ impl StableDiffusionPipeline {
             guided,
             batch: prompts * n,
         })
+    }
+
+    /// The negative prompts for `prompts` prompts: none (empty), one for all, or one each.
+    fn negative_prompts(p: &GenerationParams, prompts: usize) -> Result<Vec<String>> {
+        match p.negative_prompts.len() {
+            0 => Ok(vec![String::new(); prompts]),
+            1 => Ok(vec![p.negative_prompts[0].clone(); prompts]),
+            k if k == prompts => Ok(p.negative_prompts.clone()),
+            k => Err(Error::invalid(format!(
+                "{k} negative prompts for {prompts} prompts; give one or one per prompt"
+            ))),
+        }
+    }
+
+    /// [`Self::encode_prompt`] with AUTOMATIC1111's prompt syntax: weighted chunks of 75
+    /// tokens (see [`crate::prompt_weighting`]); prompts and negative prompts are padded with
+    /// empty chunks to the same length. Clip skip applies to both, as in A1111.
+    fn encode_prompt_a1111(&self, p: &GenerationParams, guided: bool) -> Result<EncodedPrompt> {
+        if p.prompts.is_empty() {
+            return Err(Error::invalid("no prompt given"));
+        }
+        let window = self.tokenizer.max_length();
+        let mut texts = p.prompts.clone();
+        if guided {
+            texts = [Self::negative_prompts(p, p.prompts.len())?, texts].concat();
+        }
+        let chunked: Vec<Vec<prompt_weighting::Chunk>> = texts
+            .iter()
+            .map(|t| {
+                prompt_weighting::chunks(&self.tokenizer, &self.expand_embedding_tokens(t), window)
+            })
+            .collect();
+        let most = chunked.iter().map(Vec::len).max().unwrap_or(1);
+        let empty = prompt_weighting::chunks(&self.tokenizer, "", window).remove(0);
+        let mut rows = Vec::with_capacity(texts.len());
+        for mut chunks in chunked {
+            chunks.resize(most, empty.clone());
+            let ids: Vec<i64> = chunks
+                .iter()
+                .flat_map(|c| c.ids.iter().map(|&i| i64::from(i)))
+                .collect();
+            let ids = Tensor::from_vec(ids, (most, window), &self.device)?;
+            let z = self.encode_ids(&ids, p.clip_skip)?;
+            let parts = chunks
+                .iter()
+                .enumerate()
+                .map(|(k, c)| prompt_weighting::apply_weights(&z.i(k..k + 1)?, &c.weights))
+                .collect::<Result<Vec<_>>>()?;
+            rows.push(Tensor::cat(&parts, 1)?);
+        }
+        let n = p.num_images_per_prompt;
+        let b = p.prompts.len();
+        let embeds = if guided {
+            let uncond = repeat_batch(&Tensor::cat(&rows[..b], 0)?, n)?;
+            let cond = repeat_batch(&Tensor::cat(&rows[b..], 0)?, n)?;
+            Tensor::cat(&[&uncond, &cond], 0)?
+        } else {
+            repeat_batch(&Tensor::cat(&rows, 0)?, n)?
+        };
+        Ok(EncodedPrompt {
+            embeds,
+            guided,
+            batch: b * n,
+        })
+    }
+
+    /// Text encoder output of token ids (B, T): the last hidden state, or with clip skip `k` the
+    /// hidden state `k` layers before the last through the final layer norm.
+    fn encode_ids(&self, ids: &Tensor, clip_skip: Option<usize>) -> Result<Tensor> {
+        let out = self.text_encoder.forward(ids)?;
+        match clip_skip {
+            None => Ok(out.last_hidden_state),
+            Some(k) => {
+                let layers = out.hidden_states.len() - 1;
+                if k > layers {
+                    return Err(Error::invalid(format!(
+                        "clip_skip {k} is more than the text encoder's {layers} layers"
+                    )));
+                }
+                self.text_encoder
+                    .final_layer_norm(&out.hidden_states[layers - k])
+            }
+        }
     }
 
     /// Text encoder embeddings (B, 77, hidden) of `texts`.
@@ -455,20 +536,7 @@ impl StableDiffusionPipeline {
             rows.extend(ids.into_iter().map(i64::from));
         }
         let ids = Tensor::from_vec(rows, (texts.len(), max_len), &self.device)?;
-        let out = self.text_encoder.forward(&ids)?;
-        match clip_skip {
-            None => Ok(out.last_hidden_state),
-            Some(k) => {
-                let layers = out.hidden_states.len() - 1;
-                if k > layers {
-                    return Err(Error::invalid(format!(
-                        "clip_skip {k} is more than the text encoder's {layers} layers"
-                    )));
-                }
-                self.text_encoder
-                    .final_layer_norm(&out.hidden_states[layers - k])
-            }
-        }
+        self.encode_ids(&ids, clip_skip)
     }
 
     /// The guided denoising loop every Stable Diffusion task runs.

@@ -4,8 +4,8 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, IndexOp, Tensor};
 use diffuse_pipelines::{
-    load_pipeline, EmbeddingSpec, GenerationParams, LoadOptions, LoraSpec, Pipeline, StableDiffusionPipeline,
-    Text2ImageRequest,
+    load_pipeline, EmbeddingSpec, GenerationParams, LoadOptions, LoraSpec, Pipeline,
+    StableDiffusionPipeline, Text2ImageRequest,
 };
 
 use crate::harness::{trace_tensors, Case, Produced};
