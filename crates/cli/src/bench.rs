@@ -108,28 +108,6 @@ fn random_vb(device: &Device) -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone())
 }
 
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        _ => {
-            let ord = s
-                .strip_prefix("cuda")
-                .map(|r| r.trim_start_matches(':'))
-                .map(|r| {
-                    if r.is_empty() {
-                        Ok(0)
-                    } else {
-                        r.parse::<usize>()
-                    }
-                })
-                .context("--device must be cpu or cuda:N")??;
-            Device::new_cuda(ord).with_context(|| {
-                format!("cannot use {s} (is this binary built with --features cuda?)")
-            })
-        }
-    }
-}
-
 /// Peak resident memory of this process so far (Linux), in MiB.
 fn peak_rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -457,7 +435,7 @@ fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
+    let device = crate::device::parse_device(&args.device)?;
     if !args.configs.is_dir() {
         bail!(
             "configs folder {} not found (--configs)",

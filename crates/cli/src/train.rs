@@ -279,7 +279,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => candle_core::utils::get_num_threads(),
     };
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let device = crate::bench::parse_device(&args.run.device)?;
+    let device = crate::device::parse_device(&args.run.device)?;
     let kind = dataset_kind(&args)?;
     let data_path = match (&args.data.data, kind.default_path()) {
         (Some(p), _) => p.clone(),

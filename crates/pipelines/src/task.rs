@@ -12,6 +12,7 @@ use diffuse_core::{Error, Result};
 use image::{DynamicImage, GrayImage, RgbImage};
 
 use crate::png_info::{encode_png, InfoText};
+use crate::prompt_weighting::PromptSyntax;
 use crate::{
     GenerationParams, Img2ImgRequest, InpaintRequest, ModelIndex, Pipeline, StepCallback,
     Text2ImageRequest, Timings, UnconditionalRequest,
@@ -188,6 +189,10 @@ pub struct TaskSettings {
     /// DDIM's eta.
     pub eta: f64,
     pub init: Option<InitImage>,
+    /// How the prompt is read (Stable Diffusion).
+    pub prompt_syntax: PromptSyntax,
+    /// Use the text encoder's output this many layers before the last (Stable Diffusion).
+    pub clip_skip: Option<usize>,
 }
 
 impl Default for TaskSettings {
@@ -204,6 +209,8 @@ impl Default for TaskSettings {
             height: None,
             eta: 0.0,
             init: None,
+            prompt_syntax: PromptSyntax::Plain,
+            clip_skip: None,
         }
     }
 }
@@ -337,9 +344,11 @@ pub fn run_task(
                 steps,
                 eta: s.eta,
                 seed: s.seed,
+                prompt_syntax: s.prompt_syntax,
+                clip_skip: s.clip_skip,
                 ..Default::default()
             };
-            let (out, (w, h), extra) = match &s.init {
+            let (out, (w, h), mut extra) = match &s.init {
                 None => {
                     let (dh, dw) = p.default_size();
                     let (h, w) = (s.height.unwrap_or(dh), s.width.unwrap_or(dw));
@@ -398,6 +407,10 @@ pub fn run_task(
                     (out, (w, h), extra)
                 }
             };
+            if let Some(k) = s.clip_skip {
+                // A1111 counts the last layer as 1.
+                extra.push(("Clip skip".to_string(), (k + 1).to_string()));
+            }
             Ok(TaskOutput {
                 images: out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect(),
                 infotext: info(w, h, extra),

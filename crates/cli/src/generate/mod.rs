@@ -1,0 +1,396 @@
+//! `diffuse generate | img2img | inpaint`: load a model (with LoRAs and embeddings), run one
+//! task through `diffuse_pipelines::task::run_task` (the same code path as the server, so the
+//! same settings give the same PNG bytes) and write PNGs with A1111 infotext.
+
+mod args;
+mod output;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use diffuse_pipelines::png_info::InfoText;
+use diffuse_pipelines::prompt_weighting::{extract_lora_tags, PromptSyntax};
+use diffuse_pipelines::task::{
+    model_display_name, parse_class, random_seed, run_task, InitImage, TaskSettings,
+};
+use diffuse_pipelines::{
+    load_pipeline, EmbeddingSpec, LoadOptions, LoraSpec, Pipeline, StepInfo, Timings,
+    UnconditionalPipeline, UnconditionalRequest,
+};
+use image::DynamicImage;
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub use args::{CommonArgs, GenerateArgs, Img2ImgArgs, InpaintArgs, PromptSyntaxArg};
+pub use diffuse_pipelines::task::{CLASS_GUIDANCE, DDPM_STEPS};
+
+use crate::label_grid::labelled_grid;
+
+pub fn run_generate(args: GenerateArgs) -> Result<()> {
+    let session = Session::open(&args.common, false)?;
+    if let Pipeline::Unconditional(p) = &session.pipeline {
+        if !p.class_names.is_empty() && session.prompt.trim().is_empty() {
+            if args.width.is_some() || args.height.is_some() {
+                let (_, h, w) = p.image_shape();
+                bail!(
+                    "{} generates {w}x{h} images only; drop --width/--height",
+                    p.class_name
+                );
+            }
+            return class_grid(&session, p);
+        }
+    }
+    session.run(TaskSettings {
+        width: args.width,
+        height: args.height,
+        ..session.settings()
+    })
+}
+
+pub fn run_img2img(args: Img2ImgArgs) -> Result<()> {
+    let session = Session::open(&args.common, true)?;
+    let image = read_image(&args.init_image)?.to_rgb8();
+    session.run(TaskSettings {
+        width: args.width,
+        height: args.height,
+        init: Some(InitImage {
+            image,
+            mask: None,
+            strength: args.strength,
+        }),
+        ..session.settings()
+    })
+}
+
+pub fn run_inpaint(args: InpaintArgs) -> Result<()> {
+    let session = Session::open(&args.common, true)?;
+    let image = read_image(&args.init_image)?.to_rgb8();
+    let mask = read_image(&args.mask)?.to_luma8();
+    session.run(TaskSettings {
+        init: Some(InitImage {
+            image,
+            mask: Some(mask),
+            strength: args.strength,
+        }),
+        ..session.settings()
+    })
+}
+
+/// A loaded model and the settings of this run.
+struct Session {
+    args: CommonArgs,
+    pipeline: Pipeline,
+    seed: u64,
+    /// The prompt without its `<lora:...>` tags.
+    prompt: String,
+    /// Shown in the PNG metadata.
+    model_name: String,
+}
+
+impl Session {
+    /// `image_task`: img2img and inpainting, which need a Stable Diffusion pipeline (and so
+    /// default to the tiny one).
+    fn open(args: &CommonArgs, image_task: bool) -> Result<Self> {
+        if args.num_images == Some(0) {
+            bail!("--num-images must be at least 1");
+        }
+        if args.steps == Some(0) {
+            bail!("--steps must be at least 1");
+        }
+        // Fail on a bad output path before the (slow) model load.
+        output::check_output_parent(&args.output)?;
+        let device = crate::device::parse_device(&args.device)?;
+        let path = match &args.model {
+            Some(spec) if Path::new(spec).exists() => PathBuf::from(spec),
+            Some(spec) => diffuse_loaders::resolve_model(spec, None)?,
+            None => default_model(image_task),
+        };
+        let (prompt, tags) = extract_lora_tags(&args.prompt)?;
+        let mut loras = args
+            .loras
+            .iter()
+            .map(|s| parse_lora(s))
+            .collect::<Result<Vec<_>>>()?;
+        for (name, scale) in tags {
+            let dir = args.lora_dir.as_ref().with_context(|| {
+                format!("the prompt names <lora:{name}>; say where LoRAs are with --lora-dir")
+            })?;
+            loras.push(LoraSpec {
+                path: find_in_dir(dir, &name, &["safetensors"])?,
+                scale,
+            });
+        }
+        let mut textual_inversions = args
+            .embeddings
+            .iter()
+            .map(|s| parse_embedding(s))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(dir) = &args.embedding_dir {
+            textual_inversions.extend(embeddings_in(dir)?);
+        }
+        let opts = LoadOptions {
+            dtype: args.dtype.into(),
+            device,
+            scheduler: args.scheduler.clone(),
+            config: args.config.clone(),
+            loras,
+            textual_inversions,
+            ..Default::default()
+        };
+        let pipeline = load_pipeline(&path, &opts)
+            .with_context(|| format!("loading the model {}", path.display()))?;
+        if image_task && !matches!(pipeline, Pipeline::StableDiffusion(_)) {
+            bail!(
+                "img2img and inpainting need a Stable Diffusion model; {} holds a {}",
+                path.display(),
+                pipeline.class_name()
+            );
+        }
+        let seed = args.seed.unwrap_or_else(random_seed);
+        eprintln!("seed: {seed}");
+        let spec = args.model.clone().unwrap_or_default();
+        Ok(Self {
+            args: args.clone(),
+            model_name: model_display_name(&spec, &path),
+            pipeline,
+            seed,
+            prompt,
+        })
+    }
+
+    fn settings(&self) -> TaskSettings {
+        let a = &self.args;
+        TaskSettings {
+            prompt: self.prompt.clone(),
+            negative_prompt: a.negative_prompt.clone(),
+            steps: a.steps,
+            guidance_scale: a.guidance_scale,
+            sampler: a.scheduler.clone(),
+            seed: self.seed,
+            num_images: a.num_images.unwrap_or(1),
+            eta: a.eta,
+            prompt_syntax: match a.prompt_syntax {
+                PromptSyntaxArg::Plain => PromptSyntax::Plain,
+                PromptSyntaxArg::A1111 => PromptSyntax::A1111,
+            },
+            clip_skip: a
+                .clip_skip
+                .and_then(|k| k.checked_sub(1))
+                .filter(|&k| k > 0),
+            ..Default::default()
+        }
+    }
+
+    /// Runs one task with a progress bar, then saves and reports.
+    fn run(&self, settings: TaskSettings) -> Result<()> {
+        let paths = output::output_paths(
+            &self.args.output,
+            settings.num_images,
+            self.seed,
+            self.args.force,
+        )?;
+        let bar = progress_bar("denoising");
+        let out = run_task(
+            &self.pipeline,
+            &self.model_name,
+            &settings,
+            Some(&mut step_callback(&bar)),
+        )?;
+        bar.finish_and_clear();
+        for w in &out.warnings {
+            eprintln!("warning: {w}");
+        }
+        // The infotext keeps the prompt as typed, `<lora:...>` tags included (as A1111 does).
+        let infotext = out.infotext.replacen(&self.prompt, &self.args.prompt, 1);
+        output::save_all(&out.images, &paths, &infotext, self.args.force)?;
+        print_timings(&out.timings, settings.steps.unwrap_or(0));
+        Ok(())
+    }
+}
+
+/// A class-conditional model without a class: one labelled row of images per class.
+fn class_grid(session: &Session, p: &UnconditionalPipeline) -> Result<()> {
+    let (c, h, w) = p.image_shape();
+    if c != 1 && c != 3 {
+        bail!("the model makes {c}-channel images; only grayscale and RGB can be saved");
+    }
+    let n = session.args.num_images.unwrap_or(8);
+    let steps = session.args.steps.unwrap_or(DDPM_STEPS);
+    let guidance = session.args.guidance_scale.unwrap_or(CLASS_GUIDANCE);
+    let paths = output::output_paths(&session.args.output, 1, session.seed, session.args.force)?;
+    let labels = (0..p.class_names.len())
+        .flat_map(|k| std::iter::repeat_n(k, n))
+        .collect::<Vec<_>>();
+    let req = UnconditionalRequest {
+        batch_size: labels.len(),
+        steps,
+        eta: session.args.eta,
+        seed: session.seed,
+        class_labels: Some(labels),
+        guidance_scale: guidance,
+    };
+    let bar = progress_bar("denoising");
+    let out = p.generate(&req, Some(&mut step_callback(&bar)))?;
+    bar.finish_and_clear();
+    let images: Vec<DynamicImage> = if c == 1 {
+        out.gray.into_iter().map(DynamicImage::ImageLuma8).collect()
+    } else {
+        out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect()
+    };
+    let grid = labelled_grid(&p.class_names, &images, n)?;
+    let infotext = InfoText {
+        prompt: String::new(),
+        negative_prompt: session.args.negative_prompt.clone(),
+        steps,
+        sampler: session
+            .args
+            .scheduler
+            .clone()
+            .unwrap_or_else(|| p.scheduler.class_name().to_string()),
+        cfg_scale: guidance,
+        seed: session.seed,
+        width: w,
+        height: h,
+        model: session.model_name.clone(),
+        extra: vec![("Class".into(), "all, one row per class".into())],
+    }
+    .to_string();
+    output::save_all(&[grid], &paths, &infotext, session.args.force)?;
+    print_timings(
+        &Timings {
+            denoise: out.denoise,
+            ..Default::default()
+        },
+        steps,
+    );
+    // The class names parse as prompts (checked here so a typo in them shows up early).
+    debug_assert!(p
+        .class_names
+        .iter()
+        .all(|n| parse_class(&p.class_names, n).is_ok()));
+    Ok(())
+}
+
+/// `FILE` or `FILE:SCALE` (the part after the last colon, when it is a number).
+fn parse_lora(spec: &str) -> Result<LoraSpec> {
+    let (path, scale) = match spec.rsplit_once(':') {
+        Some((p, s)) if s.trim().parse::<f64>().is_ok() && !p.is_empty() => {
+            (p, s.trim().parse::<f64>().unwrap_or(1.0))
+        }
+        _ => (spec, 1.0),
+    };
+    let path = PathBuf::from(path);
+    if !path.is_file() {
+        bail!("--lora {spec}: no such file {}", path.display());
+    }
+    Ok(LoraSpec { path, scale })
+}
+
+/// `FILE` or `FILE:TOKEN` (the part after the last colon, when the part before is a file).
+fn parse_embedding(spec: &str) -> Result<EmbeddingSpec> {
+    let (path, token) = match spec.rsplit_once(':') {
+        Some((p, t)) if Path::new(p).is_file() && !t.is_empty() => (p, Some(t.to_string())),
+        _ => (spec, None),
+    };
+    let path = PathBuf::from(path);
+    if !path.is_file() {
+        bail!("--embedding {spec}: no such file {}", path.display());
+    }
+    Ok(EmbeddingSpec { path, token })
+}
+
+/// Every embedding file in a folder, under its file stem (sorted, for a stable order).
+fn embeddings_in(dir: &Path) -> Result<Vec<EmbeddingSpec>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("--embedding-dir {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| ["pt", "safetensors", "bin"].contains(&e))
+        })
+        .collect();
+    files.sort();
+    Ok(files
+        .into_iter()
+        .map(|path| EmbeddingSpec { path, token: None })
+        .collect())
+}
+
+/// `dir/name`, or `dir/name.<ext>` for one of `exts`.
+fn find_in_dir(dir: &Path, name: &str, exts: &[&str]) -> Result<PathBuf> {
+    if name.contains('/') || name.contains('\\') || name.starts_with("..") {
+        bail!("<lora:{name}>: a name, not a path");
+    }
+    let direct = dir.join(name);
+    if direct.is_file() {
+        return Ok(direct);
+    }
+    for ext in exts {
+        let p = dir.join(format!("{name}.{ext}"));
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("<lora:{name}>: no {name}.safetensors in {}", dir.display())
+}
+
+/// The bundled models (`models/...` in the repository).
+pub fn bundled(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models")
+        .join(name);
+    p.canonicalize().unwrap_or(p)
+}
+
+/// The repository's trained Fashion-MNIST model when it is there (and the task is plain
+/// generation), else the tiny Stable Diffusion pipeline in its fixtures (both work from a
+/// source checkout).
+fn default_model(image_task: bool) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let trained = repo.join("models/fashion-mnist-ddpm");
+    if !image_task && trained.join("model_index.json").is_file() {
+        trained
+    } else {
+        repo.join("fixtures/pipelines/tiny_sd")
+    }
+}
+
+fn read_image(path: &Path) -> Result<DynamicImage> {
+    image::open(path).with_context(|| format!("reading image {}", path.display()))
+}
+
+pub(crate) fn progress_bar(what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Advances the bar once per denoising step.
+fn step_callback(bar: &ProgressBar) -> impl FnMut(StepInfo<'_>) -> diffuse_core::Result<()> + '_ {
+    move |info| {
+        bar.set_length(info.num_steps as u64);
+        bar.set_position(info.step as u64 + 1);
+        Ok(())
+    }
+}
+
+fn print_timings(t: &Timings, steps: usize) {
+    let s = |d: Duration| d.as_secs_f64();
+    let rate = if t.denoise.is_zero() {
+        0.0
+    } else {
+        steps as f64 / s(t.denoise)
+    };
+    eprintln!(
+        "time: text encode {:.2}s, image encode {:.2}s, denoise {:.2}s ({rate:.2} it/s), decode {:.2}s",
+        s(t.text_encode),
+        s(t.image_encode),
+        s(t.denoise),
+        s(t.decode)
+    );
+}
