@@ -317,6 +317,49 @@ impl CheckedBackend {
         Ok(unmatched)
     }
 
+    /// Every tensor under its model-side name, in its stored dtype (row blocks and transposes
+    /// applied, LoRA updates not): for converting between layouts.
+    pub fn read_all(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for (name, stored) in &self.inner.index {
+            let file = &self.inner.files[stored.file];
+            let mut t = file.load(&stored.key, &Device::Cpu)?;
+            if let Some((start, len)) = stored.rows {
+                t = t.narrow(0, start, len)?.contiguous()?;
+            }
+            if stored.transpose {
+                t = t.t()?.contiguous()?;
+            }
+            out.insert(name.clone(), t);
+        }
+        Ok(out)
+    }
+
+    /// Checks the stored tensors against a model's parameters (name, shape), as building it
+    /// would, without reading any data: one error lists every missing, mis-shaped and
+    /// unexpected tensor. `params` comes from building the model on a
+    /// [`RecordingBackend::shapes_only`].
+    pub fn check_shapes(&self, params: &[(String, Vec<usize>)]) -> Result<()> {
+        for (name, requested) in params {
+            let resolved = self.resolve(name).map(|(n, st)| (n, st.clone()));
+            let mut log = self.lock();
+            log.requested.insert(name.clone(), requested.clone());
+            match resolved {
+                None => {
+                    log.missing.insert(name.clone(), requested.clone());
+                }
+                Some((stored_name, stored)) => {
+                    log.used.insert(stored_name.clone());
+                    if !compatible(name, requested, &stored.shape) {
+                        log.misshaped
+                            .insert(name.clone(), (requested.clone(), stored.shape, stored_name));
+                    }
+                }
+            }
+        }
+        self.check()
+    }
+
     /// The model-side names of every stored tensor (what the model can ask for).
     pub fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.inner.index.keys().cloned().collect();

@@ -5,6 +5,7 @@
 //! and returns the [`Pipeline`] its `_class_name` names. Each pipeline is one file whose
 //! `__call__`-like method reads as the diffusers loop does.
 
+pub mod convert;
 pub mod ddpm;
 pub mod image_processor;
 pub mod img2img;

@@ -165,7 +165,7 @@ impl StableDiffusionPipeline {
             &adapters,
             "text_encoder",
             variant,
-            (0, 0),
+            (te_cfg.num_hidden_layers, 0),
             dtype,
             device,
             |vb| ClipTextModel::new(vb, &te_cfg),
