@@ -22,6 +22,11 @@ use diffuse_core::{Error, Result};
 /// Tensors stored in checkpoints that are buffers, not parameters: never reported as unexpected.
 const IGNORED_SUFFIXES: &[&str] = &["embeddings.position_ids"];
 
+/// Tied copies some checkpoints store next to the parameter the model reads (T5's token
+/// embedding, `shared.weight`, is also `encoder.embed_tokens.weight`): never reported as
+/// unexpected, and read when the file has only the copy.
+const TIED_COPIES: &[(&str, &str)] = &[("shared.weight", "encoder.embed_tokens.weight")];
+
 /// A file of tensors: memory-mapped safetensors, or a PyTorch pickle read on demand.
 pub enum TensorContainer {
     Safetensors(MmapedSafetensors),
@@ -460,6 +465,7 @@ impl CheckedBackend {
             .iter()
             .filter(|(k, _)| !log.used.contains(*k))
             .filter(|(k, _)| !IGNORED_SUFFIXES.iter().any(|s| k.ends_with(s)))
+            .filter(|(k, _)| !TIED_COPIES.iter().any(|(_, copy)| k == copy))
             .collect();
         unexpected.sort_by(|a, b| a.0.cmp(b.0));
         for (name, stored) in unexpected {
@@ -502,6 +508,12 @@ impl CheckedBackend {
 /// The names under which a tensor the model asks for may be stored, preferred first.
 fn aliases(name: &str) -> Vec<String> {
     let mut out = vec![name.to_string()];
+    out.extend(
+        TIED_COPIES
+            .iter()
+            .filter(|(param, _)| *param == name)
+            .map(|(_, copy)| copy.to_string()),
+    );
     if let Some(legacy) = legacy_attention_name(name) {
         out.push(legacy);
     }

@@ -12,6 +12,8 @@ pub mod normalization;
 pub mod ops;
 pub mod profile;
 pub mod resnet;
+pub mod t5;
+pub mod t5_tokenizer;
 pub mod transformer_2d;
 pub mod unet_2d;
 pub mod unet_2d_blocks;

@@ -195,3 +195,52 @@ impl Module for GroupNorm {
         }
     }
 }
+
+/// Root-mean-square norm over the last dimension, `x / √(mean(x²) + eps) · weight`: T5's
+/// `T5LayerNorm` and `torch.nn.RMSNorm` (the query/key norms of Flux and SD 3.5). The mean runs
+/// in f32 for half inputs, as both do.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Option<Tensor>,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Weight `weight` `(dim,)` when `affine`.
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64, affine: bool) -> Result<Self> {
+        let weight = if affine {
+            Some(vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?)
+        } else {
+            None
+        };
+        Ok(Self { weight, eps })
+    }
+
+    /// The norm from generic ops: the reference for the fused path, and the path when gradients
+    /// are tracked (candle's fused `rms_norm` has no backward pass).
+    pub fn forward_reference(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let x = xs.to_dtype(compute_dtype(dtype))?;
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let mut y = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        if let Some(w) = &self.weight {
+            y = y.broadcast_mul(&w.to_dtype(y.dtype())?)?;
+        }
+        y.to_dtype(dtype)
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let tracked = xs.track_op() || self.weight.as_ref().is_some_and(|w| w.track_op());
+        if tracked || !xs.device().is_cpu() {
+            return self.forward_reference(xs);
+        }
+        let c = xs.dim(D::Minus1)?;
+        let w = match &self.weight {
+            Some(w) => w.to_dtype(xs.dtype())?,
+            None => Tensor::ones(c, xs.dtype(), xs.device())?,
+        };
+        candle_nn::ops::rms_norm(&xs.contiguous()?, &w, self.eps as f32)
+    }
+}

@@ -508,10 +508,13 @@ fn linear_matches_reference() -> Result<()> {
 
 #[test]
 fn activations_match_reference_and_have_gradients() -> Result<()> {
-    use diffuse_models::ops::activation::{gelu, gelu_reference, quick_gelu, quick_gelu_reference};
-    let ops: [(&str, UnaryOp, UnaryOp); 2] = [
+    use diffuse_models::ops::activation::{
+        gelu, gelu_reference, gelu_tanh, gelu_tanh_reference, quick_gelu, quick_gelu_reference,
+    };
+    let ops: [(&str, UnaryOp, UnaryOp); 3] = [
         ("quick_gelu", quick_gelu, quick_gelu_reference),
         ("gelu", gelu, gelu_reference),
+        ("gelu_tanh", gelu_tanh, gelu_tanh_reference),
     ];
     for (name, op, reference) in ops {
         // Values out to ±25 reach the saturated tails; 40,003 values span several parallel
