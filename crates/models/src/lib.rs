@@ -15,6 +15,8 @@ pub mod resnet;
 pub mod t5;
 pub mod t5_tokenizer;
 pub mod transformer_2d;
+pub mod transformer_dit;
+pub mod transformer_sd3;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;

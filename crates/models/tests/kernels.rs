@@ -176,12 +176,20 @@ fn layer_norm_matches_reference() -> Result<()> {
     let varmap = VarMap::new();
     let ln = LayerNorm::new(varmap_vb(&varmap), 24, 1e-5, true)?;
     randomise(&varmap)?;
+    // Without affine parameters (the diffusion transformers' norms).
+    let plain = LayerNorm::new(varmap_vb(&VarMap::new()), 24, 1e-6, false)?;
     for shape in [&[2, 37, 24][..], &[5, 24][..]] {
         let x = (randn(shape, 2.0)? + 3.0)?;
         assert_close(
             &format!("layer norm {shape:?}"),
             &ln.forward(&x)?,
             &ln.forward_reference(&x)?,
+            1e-5,
+        )?;
+        assert_close(
+            &format!("layer norm without affine {shape:?}"),
+            &plain.forward(&x)?,
+            &plain.forward_reference(&x)?,
             1e-5,
         )?;
         let x16 = x.to_dtype(DType::F16)?;
@@ -499,6 +507,29 @@ fn linear_matches_reference() -> Result<()> {
         assert_close(
             &format!("linear {shape:?}, strided input"),
             &layer.forward(&xt)?,
+            &want,
+            1e-5,
+        )?;
+        // Weights kept in bf16 under f32 activations compute in f32: the same as the f32
+        // layer whose weights are the bf16 values, on the packed path and on candle's
+        // (a tracked input).
+        let half = Linear::new(
+            layer.weight().to_dtype(DType::BF16)?,
+            layer.bias().map(|b| b.to_dtype(DType::BF16)).transpose()?,
+        );
+        let widened = Linear::new(
+            half.weight().to_dtype(DType::F32)?,
+            half.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
+        );
+        let want = widened.forward_reference(&x)?;
+        let got = half.forward(&x)?;
+        assert_eq!(got.dtype(), DType::F32);
+        assert_close(&format!("linear bf16 weights {shape:?}"), &got, &want, 1e-5)?;
+        let tracked = Var::from_tensor(&x)?;
+        let got = half.forward(tracked.as_tensor())?;
+        assert_close(
+            &format!("linear bf16 weights, tracked {shape:?}"),
+            &got,
             &want,
             1e-5,
         )?;

@@ -8,6 +8,10 @@
 //! (measured in one process, alternating: 128 × 1280 → 1280 3.7 vs 4.7 ms, 154 × 3072 → 768
 //! 6.9 vs 9.2 ms). Training (the weight or
 //! input tracks gradients) and other devices take candle's matmul.
+//!
+//! The weight may be kept in half precision (bf16/f16) under f32 activations: the layer then
+//! computes in f32, widening the weight as it packs it (the diffusion transformers at their real
+//! sizes keep their weights in bf16 to halve their memory).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -63,6 +67,7 @@ impl Linear {
     fn fast(&self, xs: &Tensor) -> bool {
         let w = self.inner.weight();
         let f32 = |t: &Tensor| t.dtype() == candle_core::DType::F32;
+        let float = |t: &Tensor| super::kernel_dtype(t.dtype());
         let Ok((n, k)) = w.dims2() else { return false };
         // (No input features: the row count cannot be read off the flat input; candle's
         // matmul gives the zero-filled output.)
@@ -70,8 +75,11 @@ impl Linear {
             && xs.device().is_cpu()
             && has_avx2_fma()
             && f32(xs)
-            && f32(w)
-            && self.inner.bias().is_none_or(|b| f32(b) && b.dims() == [n])
+            && float(w)
+            && self
+                .inner
+                .bias()
+                .is_none_or(|b| float(b) && b.dims() == [n])
             && xs.dims().last() == Some(&k)
             && !xs.track_op()
             && !w.track_op()
@@ -97,7 +105,19 @@ impl Linear {
         if !fast {
             // Contiguous first: candle 0.11's batched CPU matmul gives wrong values for some
             // strided inputs (a transposed-then-transposed-back batch, tests/kernels.rs).
-            return self.inner.forward(&xs.contiguous()?);
+            let xs = xs.contiguous()?;
+            let w = self.inner.weight();
+            if w.dtype() == xs.dtype() {
+                return self.inner.forward(&xs);
+            }
+            // Half-precision weights under activations of another dtype: computed in the
+            // activations' dtype.
+            let bias = self
+                .inner
+                .bias()
+                .map(|b| b.to_dtype(xs.dtype()))
+                .transpose()?;
+            return candle_nn::Linear::new(w.to_dtype(xs.dtype())?, bias).forward(&xs);
         }
         let (xs, w) = (xs.contiguous()?, self.inner.weight().contiguous()?);
         match self.inner.bias() {
