@@ -332,7 +332,7 @@ pub fn get_2d_sincos_pos_embed(
     interpolation_scale: f64,
     device: &Device,
 ) -> Result<Tensor> {
-    if dim % 4 != 0 {
+    if !dim.is_multiple_of(4) {
         candle_core::bail!("2D sin-cos position embeddings need a width divisible by 4, got {dim}")
     }
     let quarter = dim / 4;

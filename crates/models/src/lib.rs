@@ -16,6 +16,7 @@ pub mod t5;
 pub mod t5_tokenizer;
 pub mod transformer_2d;
 pub mod transformer_dit;
+pub mod transformer_flux;
 pub mod transformer_sd3;
 pub mod unet_2d;
 pub mod unet_2d_blocks;

@@ -124,7 +124,7 @@ impl DiTTransformer2DConfig {
                 ),
             ));
         }
-        if (self.num_attention_heads * self.attention_head_dim) % 4 != 0 {
+        if !self.inner_dim().is_multiple_of(4) {
             return Err(Error::config(
                 CONTEXT,
                 "attention_head_dim",

@@ -68,3 +68,50 @@ fn sd3_matches_diffusers_calls() -> Result<()> {
     }
     Ok(())
 }
+
+/// `(H/2 · W/2, 3)` image position ids `(0, row, col)` of Flux's packed latents, as the
+/// pipeline's `_prepare_latent_image_ids` makes them.
+fn flux_image_ids(rows: usize, cols: usize) -> Result<Tensor> {
+    let ids: Vec<f32> = (0..rows)
+        .flat_map(|r| (0..cols).flat_map(move |c| [0.0, r as f32, c as f32]))
+        .collect();
+    Ok(Tensor::from_vec(ids, (rows * cols, 3), &Device::Cpu)?)
+}
+
+/// Every Flux call of `flux_text2img_flowmatch` (Flux-dev style, guidance embedded).
+#[test]
+fn flux_matches_diffusers_calls() -> Result<()> {
+    use diffuse_models::transformer_flux::{FluxConditioning, FluxTransformer2DModel};
+    let (expected, json) = case("flux_text2img_flowmatch")?;
+    let (atol, rtol) = tolerances(&json)?;
+    let dir = fixtures_dir().join("cases/_models/tiny_flux/transformer");
+    let model = FluxTransformer2DModel::from_pretrained(&dir, None, DType::F32, &Device::Cpu)?;
+    let args = &json["args"];
+    let (h, w) = (
+        args["height"].as_u64().context("height")? as usize,
+        args["width"].as_u64().context("width")? as usize,
+    );
+    // The tiny VAE downsamples by 2; tokens are 2x2 patches of the latents.
+    let img_ids = flux_image_ids(h / 4, w / 4)?;
+    let embeds = get(&expected, "prompt_embeds")?;
+    let txt_ids = Tensor::zeros((embeds.dim(1)?, 3), DType::F32, &Device::Cpu)?;
+    let guidance = Tensor::new(
+        &[args["guidance_scale"].as_f64().context("guidance")? as f32],
+        &Device::Cpu,
+    )?;
+    let cond = FluxConditioning {
+        encoder_hidden_states: embeds,
+        pooled_projections: get(&expected, "pooled_prompt_embeds")?,
+        txt_ids: &txt_ids,
+        img_ids: &img_ids,
+        guidance: Some(&guidance),
+    };
+    let inputs = get(&expected, "denoiser_input")?;
+    let timesteps = get(&expected, "denoiser_timestep")?;
+    let outputs = get(&expected, "denoiser_output")?;
+    for i in 0..inputs.dim(0)? {
+        let out = model.forward(&inputs.i(i)?, &timesteps.i(i)?, &cond)?;
+        assert_close(&format!("call {i}"), &out, &outputs.i(i)?, atol, rtol)?;
+    }
+    Ok(())
+}
