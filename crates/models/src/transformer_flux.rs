@@ -85,7 +85,9 @@ impl FluxTransformer2DConfig {
             }
         }
         let sum: usize = self.axes_dims_rope.iter().sum();
-        if sum != self.attention_head_dim || self.axes_dims_rope.iter().any(|d| !d.is_multiple_of(2)) {
+        if sum != self.attention_head_dim
+            || self.axes_dims_rope.iter().any(|d| !d.is_multiple_of(2))
+        {
             return Err(Error::config(
                 CONTEXT,
                 "axes_dims_rope",
