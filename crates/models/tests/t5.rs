@@ -107,3 +107,20 @@ fn t5_encoder_refuses_bad_ids() -> Result<()> {
     ensure!(err.to_string().contains("(batch, tokens)"), "{err}");
     Ok(())
 }
+
+/// bf16 weights: the encoder still computes in f32 and stays near transformers' f32 output.
+#[test]
+fn t5_encoder_with_bf16_weights() -> Result<()> {
+    let io = load_tensors(&fixture_subdir("models").join("t5_encoder_io.safetensors"))?;
+    let dir = fixtures_dir().join("cases/_models/tiny_flux/text_encoder_2");
+    let model = T5EncoderModel::from_pretrained(&dir, None, DType::BF16, &Device::Cpu)?;
+    let out = model.forward(get(&io, "tiny_flux_input_ids")?)?;
+    ensure!(out.dtype() == DType::F32);
+    assert_close(
+        "bf16 last_hidden_state",
+        &out,
+        get(&io, "tiny_flux_last_hidden_state")?,
+        5e-2,
+        5e-2,
+    )
+}

@@ -115,3 +115,98 @@ fn flux_matches_diffusers_calls() -> Result<()> {
     }
     Ok(())
 }
+
+/// With bf16 weights (activations stay f32) each transformer stays close to diffusers' f32
+/// outputs: the first call of each case, at bf16's precision (8 mantissa bits).
+#[test]
+fn transformers_run_with_bf16_weights() -> Result<()> {
+    use diffuse_models::transformer_flux::{FluxConditioning, FluxTransformer2DModel};
+    use diffuse_models::transformer_sd3::SD3Transformer2DModel;
+    let dev = Device::Cpu;
+    let models = fixtures_dir().join("cases/_models");
+    let (tol_a, tol_r) = (5e-2, 5e-2);
+
+    let (expected, json) = case("dit_class2img")?;
+    let dit = DiTTransformer2DModel::from_pretrained(
+        &models.join("tiny_dit/transformer"),
+        None,
+        DType::BF16,
+        &dev,
+    )?;
+    let labels: Vec<u32> = serde_json::from_value(json["args"]["class_labels"].clone())?;
+    let null = dit.config().num_classes() as u32;
+    let labels = Tensor::new(&[labels[0], labels[1], null, null], &dev)?;
+    let out = dit.forward(
+        &get(&expected, "denoiser_input")?.i(0)?,
+        &get(&expected, "denoiser_timestep")?.i(0)?,
+        &labels,
+    )?;
+    assert_eq!(out.dtype(), DType::F32);
+    assert_close(
+        "dit bf16",
+        &out,
+        &get(&expected, "denoiser_output")?.i(0)?,
+        tol_a,
+        tol_r,
+    )?;
+
+    let (expected, _) = case("sd3_text2img_flowmatch")?;
+    let sd3 = SD3Transformer2DModel::from_pretrained(
+        &models.join("tiny_sd3/transformer"),
+        None,
+        DType::BF16,
+        &dev,
+    )?;
+    let cat = |a: &str, b: &str| -> Result<Tensor> {
+        Ok(Tensor::cat(&[get(&expected, a)?, get(&expected, b)?], 0)?)
+    };
+    let out = sd3.forward(
+        &get(&expected, "denoiser_input")?.i(0)?,
+        &cat("negative_prompt_embeds", "prompt_embeds")?,
+        &cat("negative_pooled_prompt_embeds", "pooled_prompt_embeds")?,
+        &get(&expected, "denoiser_timestep")?.i(0)?,
+    )?;
+    assert_close(
+        "sd3 bf16",
+        &out,
+        &get(&expected, "denoiser_output")?.i(0)?,
+        tol_a,
+        tol_r,
+    )?;
+
+    let (expected, json) = case("flux_text2img_flowmatch")?;
+    let flux = FluxTransformer2DModel::from_pretrained(
+        &models.join("tiny_flux/transformer"),
+        None,
+        DType::BF16,
+        &dev,
+    )?;
+    let args = &json["args"];
+    let img_ids = flux_image_ids(
+        args["height"].as_u64().context("height")? as usize / 4,
+        args["width"].as_u64().context("width")? as usize / 4,
+    )?;
+    let embeds = get(&expected, "prompt_embeds")?;
+    let txt_ids = Tensor::zeros((embeds.dim(1)?, 3), DType::F32, &dev)?;
+    let guidance = Tensor::new(&[3.5f32], &dev)?;
+    let cond = FluxConditioning {
+        encoder_hidden_states: embeds,
+        pooled_projections: get(&expected, "pooled_prompt_embeds")?,
+        txt_ids: &txt_ids,
+        img_ids: &img_ids,
+        guidance: Some(&guidance),
+    };
+    let out = flux.forward(
+        &get(&expected, "denoiser_input")?.i(0)?,
+        &get(&expected, "denoiser_timestep")?.i(0)?,
+        &cond,
+    )?;
+    assert_close(
+        "flux bf16",
+        &out,
+        &get(&expected, "denoiser_output")?.i(0)?,
+        tol_a,
+        tol_r,
+    )?;
+    Ok(())
+}

@@ -290,3 +290,47 @@ fn sd3_without_t5_uses_zeros() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// `dtype: bf16` keeps the transformers' and text encoders' weights in bf16 (the VAE in f32)
+/// and gives nearly the f32 images.
+#[test]
+fn bf16_weights_give_nearly_the_f32_images() -> Result<()> {
+    let bf16 = LoadOptions {
+        dtype: candle_core::DType::BF16,
+        ..Default::default()
+    };
+    let req = FlowText2ImageRequest {
+        guidance_scale: 3.5,
+        ..request(32)
+    };
+    let a = flux(&LoadOptions::default()).text_to_image(&req, None)?;
+    let b = flux(&bf16).text_to_image(&req, None)?;
+    let diff = (a.images - b.images)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    ensure!(diff < 5e-2, "Flux bf16 images differ by {diff}");
+    let a = sd3(&LoadOptions::default()).text_to_image(&request(32), None)?;
+    let b = sd3(&bf16).text_to_image(&request(32), None)?;
+    let diff = (a.images - b.images)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    ensure!(diff < 5e-2, "SD3 bf16 images differ by {diff}");
+    let labels = ClassToImageRequest {
+        class_labels: vec![3],
+        steps: 3,
+        ..Default::default()
+    };
+    let a = dit().generate(&labels, None)?;
+    let b = match load(&model("tiny_dit"), &bf16) {
+        Pipeline::DiT(p) => p.generate(&labels, None)?,
+        _ => anyhow::bail!("not DiT"),
+    };
+    let diff = (a.images - b.images)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    ensure!(diff < 5e-2, "DiT bf16 images differ by {diff}");
+    Ok(())
+}
