@@ -491,6 +491,7 @@ fn linear_matches_reference() -> Result<()> {
         (vec![300, 50], 70, true),
         (vec![2, 77, 24], 200, true),
         (vec![2, 640], 96, true),
+        (vec![1, 1, 300], 1000, false),
         (vec![1030, 300], 320, true),
         (vec![3, 0], 5, true),
     ] {
@@ -510,29 +511,36 @@ fn linear_matches_reference() -> Result<()> {
             &want,
             1e-5,
         )?;
-        // Weights kept in bf16 under f32 activations compute in f32: the same as the f32
-        // layer whose weights are the bf16 values, on the packed path and on candle's
-        // (a tracked input).
-        let half = Linear::new(
-            layer.weight().to_dtype(DType::BF16)?,
-            layer.bias().map(|b| b.to_dtype(DType::BF16)).transpose()?,
-        );
-        let widened = Linear::new(
-            half.weight().to_dtype(DType::F32)?,
-            half.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
-        );
-        let want = widened.forward_reference(&x)?;
-        let got = half.forward(&x)?;
-        assert_eq!(got.dtype(), DType::F32);
-        assert_close(&format!("linear bf16 weights {shape:?}"), &got, &want, 1e-5)?;
-        let tracked = Var::from_tensor(&x)?;
-        let got = half.forward(tracked.as_tensor())?;
-        assert_close(
-            &format!("linear bf16 weights, tracked {shape:?}"),
-            &got,
-            &want,
-            1e-5,
-        )?;
+        // Weights kept in bf16/f16 under f32 activations compute in f32: the same as the f32
+        // layer whose weights are the half values, on the packed, transposed and
+        // one-dot-per-output paths and on candle's (a tracked input).
+        for dtype in [DType::BF16, DType::F16] {
+            let half = Linear::new(
+                layer.weight().to_dtype(dtype)?,
+                layer.bias().map(|b| b.to_dtype(dtype)).transpose()?,
+            );
+            let widened = Linear::new(
+                half.weight().to_dtype(DType::F32)?,
+                half.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
+            );
+            let want = widened.forward_reference(&x)?;
+            let got = half.forward(&x)?;
+            assert_eq!(got.dtype(), DType::F32);
+            assert_close(
+                &format!("linear {dtype:?} weights {shape:?}"),
+                &got,
+                &want,
+                1e-5,
+            )?;
+            let tracked = Var::from_tensor(&x)?;
+            let got = half.forward(tracked.as_tensor())?;
+            assert_close(
+                &format!("linear {dtype:?} weights, tracked {shape:?}"),
+                &got,
+                &want,
+                1e-5,
+            )?;
+        }
     }
     Ok(())
 }
