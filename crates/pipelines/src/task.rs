@@ -297,6 +297,29 @@ impl TaskOutput {
     }
 }
 
+/// The classes of a DiT task: `class_labels`, else the prompt's comma-separated list.
+fn dit_label_items(s: &TaskSettings) -> Vec<String> {
+    let given: Vec<String> = if s.class_labels.is_empty() {
+        s.prompt.split(',').map(str::to_string).collect()
+    } else {
+        s.class_labels.clone()
+    };
+    given
+        .iter()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// How many images [`run_task`] will return: `num_images`, times the classes of a DiT task
+/// (so that a front end can check its output files before the run).
+pub fn planned_images(pipeline: &Pipeline, s: &TaskSettings) -> usize {
+    match pipeline {
+        Pipeline::DiT(_) => dit_label_items(s).len().max(1) * s.num_images,
+        _ => s.num_images,
+    }
+}
+
 /// Runs one task on a loaded pipeline. `model_name` goes into the infotext.
 pub fn run_task(
     pipeline: &Pipeline,
@@ -562,21 +585,17 @@ pub fn run_task(
                     p.class_name
                 )));
             }
-            let given: Vec<String> = if s.class_labels.is_empty() {
-                s.prompt.split(',').map(str::to_string).collect()
-            } else {
-                s.class_labels.clone()
-            };
             let mut labels = Vec::new();
-            for item in given.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
+            for item in dit_label_items(s) {
                 match item.parse::<usize>() {
                     Ok(id) => labels.push(id),
-                    Err(_) => labels.extend(p.label_ids(&[item.to_string()])?),
+                    Err(_) => labels.extend(p.label_ids(&[item])?),
                 }
             }
             if labels.is_empty() {
                 return Err(Error::invalid(format!(
-                    "{} draws classes: give class ids or names, comma-separated",
+                    "{} draws classes: give class ids or names, comma-separated, as the class \
+                     labels (--class-labels) or the prompt",
                     p.class_name
                 )));
             }
