@@ -144,6 +144,8 @@ def main():
                 run(name, lambda: model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
                                         img_ids=img_ids, txt_ids=txt_ids, guidance=g).sample)
                 del model
+        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+        out["transformers peak_rss_mib"] = int(hwm[0].split()[1]) / 1024.0 if hwm else float("nan")
     if args.pipeline:
         from diffusers import PNDMScheduler, StableDiffusionPipeline
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer

@@ -676,6 +676,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 _ => println!("{:<34} {:>10} {:>10} {:>8}", l.name, "-", "-", "-"),
             }
         }
+        // The transformer lines run before the pipeline: the peak then is theirs.
+        if let (true, false, Some(theirs), Some(ours)) = (
+            args.transformers,
+            args.pipeline,
+            t.get("transformers peak_rss_mib"),
+            peak_rss_mib(),
+        ) {
+            println!(
+                "{:<34} {:>7.0} MiB {:>6.0} MiB {:>7.2}x",
+                "peak RSS (transformer lines)",
+                ours,
+                theirs,
+                ours / theirs
+            );
+        }
         let name = pipeline_name(args.pipeline_steps);
         if let (true, Some(theirs), Some(ours)) = (
             args.pipeline,
