@@ -210,3 +210,35 @@ fn transformers_run_with_bf16_weights() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A Flux-schnell-style transformer (no guidance embedding) against diffusers
+/// (`fixtures/generate/flux_schnell.py`); giving it a guidance value is an error.
+#[test]
+fn flux_schnell_matches_diffusers() -> Result<()> {
+    use diffuse_core::testing::fixture_subdir;
+    use diffuse_models::transformer_flux::{FluxConditioning, FluxTransformer2DModel};
+    let models = fixture_subdir("models");
+    let model = FluxTransformer2DModel::from_pretrained(
+        &models.join("tiny_flux_schnell"),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let io = load_tensors(&models.join("tiny_flux_schnell_io.safetensors"))?;
+    let mut cond = FluxConditioning {
+        encoder_hidden_states: get(&io, "encoder_hidden_states")?,
+        pooled_projections: get(&io, "pooled_projections")?,
+        txt_ids: get(&io, "txt_ids")?,
+        img_ids: get(&io, "img_ids")?,
+        guidance: None,
+    };
+    let out = model.forward(get(&io, "hidden_states")?, get(&io, "timestep")?, &cond)?;
+    assert_close("schnell sample", &out, get(&io, "sample")?, 1e-4, 1e-4)?;
+    let g = Tensor::new(&[3.5f32], &Device::Cpu)?;
+    cond.guidance = Some(&g);
+    let err = model
+        .forward(get(&io, "hidden_states")?, get(&io, "timestep")?, &cond)
+        .expect_err("guidance given to a model without guidance embedding");
+    anyhow::ensure!(err.to_string().contains("guidance_embeds"), "{err}");
+    Ok(())
+}

@@ -334,3 +334,74 @@ fn bf16_weights_give_nearly_the_f32_images() -> Result<()> {
     ensure!(diff < 5e-2, "DiT bf16 images differ by {diff}");
     Ok(())
 }
+
+/// A Flux-schnell folder (no guidance embedding, static shift 1): the tiny Flux folder with the
+/// schnell transformer and scheduler of `fixtures/generate/flux_schnell.py`, whose image
+/// diffusers made.
+#[test]
+fn flux_schnell_pipeline_matches_diffusers() -> Result<()> {
+    use diffuse_core::testing::{assert_close, fixture_subdir, get, load_tensors};
+    let dir = std::env::temp_dir().join(format!("diffuse-flux-schnell-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let copy = |from: &Path, to: &Path| -> Result<()> {
+        std::fs::create_dir_all(to)?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            if e.path().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name()))?;
+            }
+        }
+        Ok(())
+    };
+    for sub in [
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "vae",
+    ] {
+        copy(&model("tiny_flux").join(sub), &dir.join(sub))?;
+    }
+    copy(&model("tiny_flux"), &dir)?;
+    copy(
+        &fixture_subdir("models").join("tiny_flux_schnell"),
+        &dir.join("transformer"),
+    )?;
+    std::fs::create_dir_all(dir.join("scheduler"))?;
+    let scheduler = serde_json::json!({
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096,
+        "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 1.0,
+        "use_dynamic_shifting": false
+    });
+    std::fs::write(
+        dir.join("scheduler/scheduler_config.json"),
+        scheduler.to_string(),
+    )?;
+    let p = match load_pipeline(&dir, &LoadOptions::default())? {
+        Pipeline::Flux(p) => p,
+        _ => anyhow::bail!("not Flux"),
+    };
+    let req = FlowText2ImageRequest {
+        prompts: vec!["a lighthouse at dusk, watercolor".into()],
+        steps: 4,
+        guidance_scale: 0.0,
+        height: Some(32),
+        width: Some(48),
+        max_sequence_length: Some(48),
+        seed: 5,
+        ..Default::default()
+    };
+    let out = p.text_to_image(&req, None)?;
+    let expected =
+        load_tensors(&fixture_subdir("models").join("tiny_flux_schnell_pipeline.safetensors"))?;
+    assert_close(
+        "schnell image",
+        &out.images,
+        get(&expected, "image")?,
+        2e-3,
+        0.0,
+    )?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
