@@ -1,7 +1,7 @@
 //! Pieces the transformer pipelines (SD3, Flux, DiT) share: the VAE and its decoding, the text
 //! encoders' embeddings, and models held only while they run.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -13,7 +13,7 @@ use diffuse_models::t5_tokenizer::T5Tokenizer;
 use diffuse_models::{AutoencoderKL, AutoencoderKLConfig};
 
 use crate::stable_diffusion::ImageOutput;
-use crate::{component_dir, LoadOptions, Timings, Trace};
+use crate::{component_dir, LoadOptions, StepCallback, StepInfo, Timings, Trace};
 
 /// A model kept in memory, or loaded each time it is used and dropped right after
 /// ([`LoadOptions::load_on_demand`]): the text encoders then never share memory with the
@@ -46,6 +46,46 @@ impl<T> Component<T> {
             }
         }
     }
+}
+
+/// A model component of `dir` loaded by `load` (a `from_pretrained(dir, variant, dtype,
+/// device)`), now or on demand as `opts` says.
+pub(crate) fn component<T: 'static>(
+    dir: PathBuf,
+    opts: &LoadOptions,
+    load: fn(&Path, Option<&str>, DType, &Device) -> Result<T>,
+) -> Result<Component<T>> {
+    let o = opts.clone();
+    Component::new(opts.load_on_demand, move || {
+        load(&dir, o.variant.as_deref(), o.dtype, &o.device)
+    })
+}
+
+/// After one step of a denoising loop: records the denoiser call (`input`, the timestep the
+/// model got, its raw `output`) and the latents after the step when tracing, then tells the
+/// callback.
+pub(crate) fn report_step(
+    trace: Option<&mut Trace>,
+    callback: Option<&mut StepCallback<'_>>,
+    (input, model_timestep, output): (Tensor, f64, Tensor),
+    (step, num_steps, timestep): (usize, usize, f64),
+    latents: &Tensor,
+) -> Result<()> {
+    if let Some(tr) = trace {
+        tr.unet_inputs.push(input);
+        tr.unet_timesteps.push(model_timestep);
+        tr.unet_outputs.push(output);
+        tr.step_latents.push(latents.clone());
+    }
+    if let Some(cb) = callback {
+        cb(StepInfo {
+            step,
+            num_steps,
+            timestep,
+            latents,
+        })?;
+    }
+    Ok(())
 }
 
 /// A pipeline's VAE and the dtype it runs in.

@@ -25,7 +25,7 @@ use diffuse_schedulers::Scheduler;
 use crate::components::Vae;
 use crate::stable_diffusion::ImageOutput;
 use crate::{check_steps, component_dir, fresh_scheduler, load_scheduler, LoadOptions};
-use crate::{StepCallback, StepInfo, Timings, Trace};
+use crate::{StepCallback, Timings, Trace};
 
 /// The DiT components.
 pub struct DiTPipeline {
@@ -98,11 +98,10 @@ impl DiTPipeline {
         index: &serde_json::Value,
         opts: &LoadOptions,
     ) -> Result<Self> {
-        let variant = opts.variant.as_deref();
         let scheduler = load_scheduler(dir, opts)?;
         let transformer = DiTTransformer2DModel::from_pretrained(
             &component_dir(dir, "transformer")?,
-            variant,
+            opts.variant.as_deref(),
             opts.dtype,
             &opts.device,
         )?;
@@ -230,20 +229,13 @@ impl DiTPipeline {
             }
             x = scheduler.step(&pred, t, &x, &mut generator)?.prev_sample;
             let latents = x.narrow(0, 0, n)?;
-            if let Some(tr) = trace.as_mut() {
-                tr.unet_inputs.push(input);
-                tr.unet_timesteps.push(t);
-                tr.unet_outputs.push(out);
-                tr.step_latents.push(latents.clone());
-            }
-            if let Some(cb) = callback.as_deref_mut() {
-                cb(StepInfo {
-                    step: i,
-                    num_steps: timesteps.len(),
-                    timestep: t,
-                    latents: &latents,
-                })?;
-            }
+            crate::components::report_step(
+                trace.as_mut(),
+                callback.as_deref_mut(),
+                (input, t, out),
+                (i, timesteps.len(), t),
+                &latents,
+            )?;
         }
         timings.denoise = start.elapsed();
         let latents = x.narrow(0, 0, n)?;

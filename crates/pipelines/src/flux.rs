@@ -30,7 +30,7 @@ use crate::components::{self, Component, Vae};
 use crate::stable_diffusion::{repeat_batch, ImageOutput};
 use crate::stable_diffusion_3::{dynamic_shift, FlowText2ImageRequest, TextEmbeds};
 use crate::{check_steps, component_dir, fresh_scheduler, load_scheduler, LoadOptions};
-use crate::{StepCallback, StepInfo, Timings, Trace};
+use crate::{StepCallback, Timings, Trace};
 
 /// Flux's text encoders: CLIP (pooled output only) and T5.
 pub struct FluxTextEncoders {
@@ -107,15 +107,11 @@ impl FluxPipeline {
                 text_encoder_2: T5EncoderModel::from_pretrained(&te2, variant, o.dtype, &o.device)?,
             })
         })?;
-        let o = opts.clone();
-        let transformer = Component::new(opts.load_on_demand, move || {
-            FluxTransformer2DModel::from_pretrained(
-                &transformer_dir,
-                o.variant.as_deref(),
-                o.dtype,
-                &o.device,
-            )
-        })?;
+        let transformer = components::component(
+            transformer_dir,
+            opts,
+            FluxTransformer2DModel::from_pretrained,
+        )?;
         Ok(Self {
             class_name,
             transformer,
@@ -283,20 +279,13 @@ impl FluxPipeline {
                 latents = scheduler
                     .step(&out, t, &latents, &mut generator)?
                     .prev_sample;
-                if let Some(tr) = trace.as_mut() {
-                    tr.unet_inputs.push(input);
-                    tr.unet_timesteps.push((t as f32 / 1000.0) as f64);
-                    tr.unet_outputs.push(out);
-                    tr.step_latents.push(latents.clone());
-                }
-                if let Some(cb) = callback.as_deref_mut() {
-                    cb(StepInfo {
-                        step: i,
-                        num_steps: timesteps.len(),
-                        timestep: t,
-                        latents: &latents,
-                    })?;
-                }
+                components::report_step(
+                    trace.as_mut(),
+                    callback.as_deref_mut(),
+                    (input, (t as f32 / 1000.0) as f64, out),
+                    (i, timesteps.len(), t),
+                    &latents,
+                )?;
             }
             Ok(())
         })?;

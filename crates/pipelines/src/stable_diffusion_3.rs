@@ -27,7 +27,7 @@ use diffuse_schedulers::{Scheduler, TimestepsSpec};
 use crate::components::{self, Component, Vae};
 use crate::stable_diffusion::{repeat_batch, ImageOutput};
 use crate::{check_steps, component_dir, fresh_scheduler, load_scheduler, LoadOptions};
-use crate::{StepCallback, StepInfo, Timings, Trace};
+use crate::{StepCallback, Timings, Trace};
 
 /// Text embeddings of a flow-matching pipeline, one row per prompt (repeated
 /// `num_images_per_prompt` times by the pipeline), as diffusers' `prompt_embeds`,
@@ -156,15 +156,11 @@ impl StableDiffusion3Pipeline {
                     .transpose()?,
             })
         })?;
-        let o = opts.clone();
-        let transformer = Component::new(opts.load_on_demand, move || {
-            SD3Transformer2DModel::from_pretrained(
-                &transformer_dir,
-                o.variant.as_deref(),
-                o.dtype,
-                &o.device,
-            )
-        })?;
+        let transformer = components::component(
+            transformer_dir,
+            opts,
+            SD3Transformer2DModel::from_pretrained,
+        )?;
         Ok(Self {
             class_name,
             transformer,
@@ -374,20 +370,13 @@ impl StableDiffusion3Pipeline {
                     out.clone()
                 };
                 latents = scheduler.step(&v, t, &latents, &mut generator)?.prev_sample;
-                if let Some(tr) = trace.as_mut() {
-                    tr.unet_inputs.push(input);
-                    tr.unet_timesteps.push(t);
-                    tr.unet_outputs.push(out);
-                    tr.step_latents.push(latents.clone());
-                }
-                if let Some(cb) = callback.as_deref_mut() {
-                    cb(StepInfo {
-                        step: i,
-                        num_steps: timesteps.len(),
-                        timestep: t,
-                        latents: &latents,
-                    })?;
-                }
+                components::report_step(
+                    trace.as_mut(),
+                    callback.as_deref_mut(),
+                    (input, t, out),
+                    (i, timesteps.len(), t),
+                    &latents,
+                )?;
             }
             Ok(())
         })?;
