@@ -212,3 +212,24 @@ fn flux_schnell_matches_diffusers() -> Result<()> {
     ensure!(err.to_string().contains("guidance_embeds"), "{err}");
     Ok(())
 }
+
+/// An SD 3.5-style MMDiT (query/key RMS norms, a second image-only attention in block 0)
+/// against diffusers (`fixtures/generate/sd35.py`).
+#[test]
+fn sd35_matches_diffusers() -> Result<()> {
+    let models = fixture_subdir("models");
+    let model = SD3Transformer2DModel::from_pretrained(
+        &models.join("tiny_sd35"),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let io = load_tensors(&models.join("tiny_sd35_io.safetensors"))?;
+    let out = model.forward(
+        get(&io, "hidden_states")?,
+        get(&io, "encoder_hidden_states")?,
+        get(&io, "pooled_projections")?,
+        get(&io, "timestep")?,
+    )?;
+    assert_close("sd35 sample", &out, get(&io, "sample")?, 1e-4, 1e-4)
+}
