@@ -405,3 +405,132 @@ fn flux_schnell_pipeline_matches_diffusers() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// The front ends' task layer (`task::describe` and `task::run_task`, which `diffuse serve`
+/// goes through) on the three transformer pipelines: what describe reads from the configs is
+/// what loading gives, the DiT case's classes come out of the prompt as diffusers drew them,
+/// and settings that do not apply are refused.
+#[test]
+fn task_layer_runs_the_transformer_pipelines() -> Result<()> {
+    use diffuse_core::testing::{get, load_tensors};
+    use diffuse_pipelines::task::{describe, run_task, InitImage, PipelineKind, TaskSettings};
+    let opts = LoadOptions::default();
+    let sd3_info = describe(&model("tiny_sd3"))?;
+    ensure!(sd3_info.kind == PipelineKind::StableDiffusion3);
+    ensure!(sd3_info.size == sd3(&opts).default_size());
+    ensure!(sd3_info.size_multiple == Some(4));
+    let flux_info = describe(&model("tiny_flux"))?;
+    ensure!(flux_info.kind == PipelineKind::Flux && flux_info.size == flux(&opts).default_size());
+    let dit_info = describe(&model("tiny_dit"))?;
+    ensure!(dit_info.kind == PipelineKind::DiT && dit_info.size == (16, 16));
+    ensure!(dit_info.class_names.len() == 1000 && dit_info.class_names[7] == "7");
+    ensure!((dit_info.default_steps(), dit_info.default_guidance()) == (50, 4.0));
+
+    // The dit_class2img case through the task layer: classes in the prompt.
+    let case = fixtures_dir().join("cases/dit_class2img");
+    let expected = load_tensors(&case.join("expected.safetensors"))?;
+    let p = load(&model("tiny_dit"), &opts);
+    let s = TaskSettings {
+        prompt: "1, 7".into(),
+        steps: Some(8),
+        guidance_scale: Some(4.0),
+        seed: 810,
+        ..Default::default()
+    };
+    let out = run_task(&p, "tiny_dit", &s, None)?;
+    ensure!(out.images.len() == 2, "{} images", out.images.len());
+    ensure!(out.infotext.contains("Class: 1,7"), "{}", out.infotext);
+    for (i, img) in out.images.iter().enumerate() {
+        let want: Vec<f32> = get(&expected, "image")?.get(i)?.flatten_all()?.to_vec1()?;
+        let worst = img
+            .to_rgb8()
+            .as_raw()
+            .iter()
+            .zip(&want)
+            .map(|(&p, &w)| (p as f32 / 255.0 - w).abs())
+            .fold(0.0, f32::max);
+        ensure!(worst <= 0.002 + 0.5 / 255.0, "image {i} off by {worst}");
+    }
+
+    let sd3 = load(&model("tiny_sd3"), &opts);
+    let s = TaskSettings {
+        prompt: "a lighthouse".into(),
+        steps: Some(2),
+        max_sequence_length: Some(16),
+        width: Some(32),
+        height: Some(32),
+        num_images: 2,
+        ..Default::default()
+    };
+    let out = run_task(&sd3, "tiny_sd3", &s, None)?;
+    ensure!(out.images.len() == 2 && out.images[0].width() == 32);
+    ensure!(out.infotext.contains("CFG scale: 7"), "{}", out.infotext);
+    let flux_p = load(&model("tiny_flux"), &opts);
+    let out = run_task(
+        &flux_p,
+        "tiny_flux",
+        &TaskSettings {
+            num_images: 1,
+            ..s.clone()
+        },
+        None,
+    )?;
+    ensure!(out.infotext.contains("CFG scale: 3.5"), "{}", out.infotext);
+
+    let refused = [
+        (
+            &sd3,
+            TaskSettings {
+                class_labels: vec!["3".into()],
+                ..s.clone()
+            },
+            "class labels",
+        ),
+        (
+            &p,
+            TaskSettings {
+                prompt: "1".into(),
+                max_sequence_length: Some(8),
+                ..Default::default()
+            },
+            "max_sequence_length",
+        ),
+        (
+            &p,
+            TaskSettings {
+                prompt: "".into(),
+                ..Default::default()
+            },
+            "class ids or names",
+        ),
+        (
+            &p,
+            TaskSettings {
+                prompt: "1".into(),
+                width: Some(32),
+                ..Default::default()
+            },
+            "16x16",
+        ),
+        (
+            &sd3,
+            TaskSettings {
+                init: Some(InitImage {
+                    image: image::RgbImage::new(32, 32),
+                    mask: None,
+                    strength: 0.5,
+                }),
+                ..s.clone()
+            },
+            "img2img",
+        ),
+    ];
+    for (pipeline, settings, want) in refused {
+        let e = match run_task(pipeline, "m", &settings, None) {
+            Ok(_) => anyhow::bail!("{settings:?} ran"),
+            Err(e) => e.to_string(),
+        };
+        ensure!(e.contains(want), "{e:?} should mention {want:?}");
+    }
+    Ok(())
+}
