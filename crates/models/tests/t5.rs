@@ -1,6 +1,6 @@
 //! The T5 tokenizer and encoder against transformers (`fixtures/generate/t5.py`): token ids
 //! of several prompts, unpadded and padded/truncated to several lengths, for both tiny T5
-//! tokenizers, and `T5EncoderModel`'s last hidden state for both tiny encoders.
+//! tokenizers, and `T5EncoderModel`'s last hidden state.
 
 use std::path::Path;
 
@@ -57,40 +57,30 @@ fn t5_tokenizer_errors_are_clear() -> Result<()> {
     Ok(())
 }
 
+/// `fixtures/models/t5_encoder` (the tiny Flux T5) against transformers: three prompts padded
+/// to 48 tokens and one unpadded.
 #[test]
-fn t5_encoder_matches_transformers() {
-    let io = load_tensors(&fixture_subdir("models").join("t5_encoder_io.safetensors"))
-        .expect("t5_encoder_io.safetensors");
-    let cases = [
-        ("tiny_flux", "cases/_models/tiny_flux/text_encoder_2"),
-        ("tiny_sd3", "cases/_models/tiny_sd3/text_encoder_3"),
-    ];
-    run_all(
-        "t5 encoder",
-        &cases,
-        |c| c.0.to_string(),
-        |(name, rel)| {
-            let model = T5EncoderModel::from_pretrained(
-                &fixtures_dir().join(rel),
-                None,
-                DType::F32,
-                &Device::Cpu,
-            )?;
-            for prefix in ["", "unpadded_"] {
-                let ids = get(&io, &format!("{name}_{prefix}input_ids"))?;
-                let out = model.forward(ids)?;
-                let want = get(&io, &format!("{name}_{prefix}last_hidden_state"))?;
-                assert_close(
-                    &format!("{prefix}last_hidden_state"),
-                    &out,
-                    want,
-                    1e-4,
-                    1e-4,
-                )?;
-            }
-            Ok(())
-        },
-    );
+fn t5_encoder_matches_transformers() -> Result<()> {
+    let models = fixture_subdir("models");
+    let io = load_tensors(&models.join("t5_encoder_io.safetensors"))?;
+    let model = T5EncoderModel::from_pretrained(
+        &models.join("t5_encoder"),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    for prefix in ["", "unpadded_"] {
+        let out = model.forward(get(&io, &format!("{prefix}input_ids"))?)?;
+        let want = get(&io, &format!("{prefix}last_hidden_state"))?;
+        assert_close(
+            &format!("{prefix}last_hidden_state"),
+            &out,
+            want,
+            1e-4,
+            1e-4,
+        )?;
+    }
+    Ok(())
 }
 
 #[test]
@@ -111,15 +101,20 @@ fn t5_encoder_refuses_bad_ids() -> Result<()> {
 /// bf16 weights: the encoder still computes in f32 and stays near transformers' f32 output.
 #[test]
 fn t5_encoder_with_bf16_weights() -> Result<()> {
-    let io = load_tensors(&fixture_subdir("models").join("t5_encoder_io.safetensors"))?;
-    let dir = fixtures_dir().join("cases/_models/tiny_flux/text_encoder_2");
-    let model = T5EncoderModel::from_pretrained(&dir, None, DType::BF16, &Device::Cpu)?;
-    let out = model.forward(get(&io, "tiny_flux_input_ids")?)?;
+    let models = fixture_subdir("models");
+    let io = load_tensors(&models.join("t5_encoder_io.safetensors"))?;
+    let model = T5EncoderModel::from_pretrained(
+        &models.join("t5_encoder"),
+        None,
+        DType::BF16,
+        &Device::Cpu,
+    )?;
+    let out = model.forward(get(&io, "input_ids")?)?;
     ensure!(out.dtype() == DType::F32);
     assert_close(
         "bf16 last_hidden_state",
         &out,
-        get(&io, "tiny_flux_last_hidden_state")?,
+        get(&io, "last_hidden_state")?,
         5e-2,
         5e-2,
     )
