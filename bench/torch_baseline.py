@@ -37,6 +37,9 @@ def main():
     ap.add_argument("--pipeline", action="store_true", help="also a 512x512 SD 1.5 text-to-image run")
     ap.add_argument("--pipeline-steps", type=int, default=20, help="denoising steps of the --pipeline run")
     ap.add_argument("--fixtures", default=None, help="the repo's fixtures folder (tokenizer, scheduler config)")
+    ap.add_argument("--transformers", action="store_true",
+                    help="also an SD3-medium step and a FLUX.1-dev double and single block at --transformer-size")
+    ap.add_argument("--transformer-size", type=int, default=1024)
     args = ap.parse_args()
 
     import torch
@@ -108,6 +111,41 @@ def main():
         unet = UNet2DModel.from_config(UNet2DModel.load_config(cat)).eval().to(dev)
         img = randn(1, 3, 256, 256)
         run("unet ddpm-cat-256 step", lambda: unet(img, torch.tensor([500.0], device=dev)).sample)
+    if args.transformers:
+        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+        size = args.transformer_size
+        lat = size // 8
+        name = f"sd3-medium transformer step {size}"
+        if want(name):
+            path = os.path.join(args.configs, "stabilityai_stable_diffusion_3_medium_diffusers", "transformer")
+            cfg = SD3Transformer2DModel.load_config(path)
+            model = SD3Transformer2DModel.from_config(cfg).eval().to(dev)
+            x = randn(2, cfg["in_channels"], lat, lat)
+            ctx = randn(2, 77 + 256, cfg["joint_attention_dim"])
+            pooled = randn(2, cfg["pooled_projection_dim"])
+            t = torch.tensor([500.0, 500.0], device=dev)
+            run(name, lambda: model(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample)
+            del model
+        path = os.path.join(args.configs, "black_forest_labs_flux_1_dev", "transformer")
+        fcfg = dict(FluxTransformer2DModel.load_config(path))
+        side = size // 16
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float().to(dev)
+        for kind, (double, single) in [("double", (1, 0)), ("single", (0, 1))]:
+            name = f"flux-dev {kind} block {size}"
+            if want(name):
+                model = FluxTransformer2DModel.from_config({**fcfg, "num_layers": double, "num_single_layers": single}).eval().to(dev)
+                x = randn(1, side * side, fcfg["in_channels"])
+                ctx = randn(1, 512, fcfg["joint_attention_dim"])
+                pooled = randn(1, fcfg["pooled_projection_dim"])
+                txt_ids = torch.zeros(512, 3, device=dev)
+                t, g = torch.tensor([0.5], device=dev), torch.tensor([3.5], device=dev)
+                run(name, lambda: model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
+                                        img_ids=img_ids, txt_ids=txt_ids, guidance=g).sample)
+                del model
+        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+        out["transformers peak_rss_mib"] = int(hwm[0].split()[1]) / 1024.0 if hwm else float("nan")
     if args.pipeline:
         from diffusers import PNDMScheduler, StableDiffusionPipeline
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer

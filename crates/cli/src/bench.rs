@@ -55,6 +55,21 @@ pub struct BenchArgs {
     /// Denoising steps of the --pipeline run (the peak memory does not depend on them).
     #[arg(long, default_value_t = 20)]
     pub pipeline_steps: usize,
+    /// Also time the diffusion transformers at their real widths (random f32 weights): one
+    /// SD3-medium step (the guided batch of 2, 77 + 256 text tokens) and FLUX.1-dev with one
+    /// double-stream block, then with one single-stream block (512 text tokens, guidance), at
+    /// `--transformer-size`. Minutes per line on a CPU: use `--runs 1 --warmup 0`.
+    #[arg(long)]
+    pub transformers: bool,
+    /// Image side of the --transformers lines and of --flux-bf16-step.
+    #[arg(long, default_value_t = 1024)]
+    pub transformer_size: usize,
+    /// `D,S`: build FLUX.1-dev with D double-stream and S single-stream blocks (the real model
+    /// is 19,38) with random bf16 weights (activations in f32), run one step at
+    /// `--transformer-size` and report the peak RSS. Alone in its process (`--only flux-bf16`),
+    /// the peak is the step's; two depths give the memory per block.
+    #[arg(long)]
+    pub flux_bf16_step: Option<String>,
     /// With --compare-torch: run ours then PyTorch this many times, alternating, and report per
     /// line the median of the per-round ratios and their range (a shared machine's speed
     /// drifts over minutes; one round compares two different moments).
@@ -105,7 +120,11 @@ impl SimpleBackend for RandomWeights {
 }
 
 fn random_vb(device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone())
+    random_vb_dtype(device, DType::F32)
+}
+
+fn random_vb_dtype(device: &Device, dtype: DType) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
 }
 
 /// Peak resident memory of this process so far (Linux), in MiB.
@@ -313,6 +332,95 @@ impl Bench<'_> {
 }
 
 impl Bench<'_> {
+    /// One step of the real SD3-medium transformer and one FLUX.1-dev block of each kind
+    /// (`--transformers`).
+    fn transformers(&mut self) -> Result<()> {
+        use diffuse_models::transformer_sd3::{SD3Transformer2DConfig, SD3Transformer2DModel};
+        let dev = self.device.clone();
+        let size = self.args.transformer_size;
+        let lat = size / 8;
+        let name = format!("sd3-medium transformer step {size}");
+        if self.wanted(&name) {
+            let dir = self
+                .args
+                .configs
+                .join("stabilityai_stable_diffusion_3_medium_diffusers/transformer");
+            let cfg: SD3Transformer2DConfig = read_config(&dir.join("config.json"))?;
+            let model = SD3Transformer2DModel::new(random_vb(&dev), &cfg)?;
+            let x = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, lat, lat), &dev)?;
+            let ctx = Tensor::randn(0f32, 1.0, (2, 77 + 256, cfg.joint_attention_dim), &dev)?;
+            let pooled = Tensor::randn(0f32, 1.0, (2, cfg.pooled_projection_dim), &dev)?;
+            let t = Tensor::new(&[500f32, 500.0], &dev)?;
+            self.time(&name, None, || Ok(model.forward(&x, &ctx, &pooled, &t)?))?;
+        }
+        for (kind, blocks) in [("double", (1, 0)), ("single", (0, 1))] {
+            let name = format!("flux-dev {kind} block {size}");
+            if self.wanted(&name) {
+                let (model, inputs) = self.flux(blocks, DType::F32)?;
+                self.time(&name, None, || inputs.run(&model))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// FLUX.1-dev with `(double, single)` blocks and random weights of `dtype`, and the inputs
+    /// of one step at `--transformer-size` (512 text tokens, guidance 3.5).
+    fn flux(
+        &self,
+        (double, single): (usize, usize),
+        dtype: DType,
+    ) -> Result<(
+        diffuse_models::transformer_flux::FluxTransformer2DModel,
+        FluxInputs,
+    )> {
+        use diffuse_models::transformer_flux::{FluxTransformer2DConfig, FluxTransformer2DModel};
+        let dev = self.device.clone();
+        let dir = self
+            .args
+            .configs
+            .join("black_forest_labs_flux_1_dev/transformer");
+        let cfg = FluxTransformer2DConfig {
+            num_layers: double,
+            num_single_layers: single,
+            ..read_config(&dir.join("config.json"))?
+        };
+        let model = FluxTransformer2DModel::new(random_vb_dtype(&dev, dtype), &cfg)?;
+        let side = self.args.transformer_size / 16;
+        let ids: Vec<f32> = (0..side)
+            .flat_map(|r| (0..side).flat_map(move |c| [0.0, r as f32, c as f32]))
+            .collect();
+        let inputs = FluxInputs {
+            x: Tensor::randn(0f32, 1.0, (1, side * side, cfg.in_channels), &dev)?,
+            ctx: Tensor::randn(0f32, 1.0, (1, 512, cfg.joint_attention_dim), &dev)?,
+            pooled: Tensor::randn(0f32, 1.0, (1, cfg.pooled_projection_dim), &dev)?,
+            img_ids: Tensor::from_vec(ids, (side * side, 3), &dev)?,
+            txt_ids: Tensor::zeros((512, 3), DType::F32, &dev)?,
+            t: Tensor::new(&[0.5f32], &dev)?,
+            guidance: Tensor::new(&[3.5f32], &dev)?,
+        };
+        Ok((model, inputs))
+    }
+
+    /// One step of FLUX.1-dev with bf16 weights (`--flux-bf16-step D,S`) and its peak RSS.
+    fn flux_bf16_step(&mut self, spec: &str) -> Result<()> {
+        let (d, s) = spec
+            .split_once(',')
+            .and_then(|(d, s)| Some((d.trim().parse().ok()?, s.trim().parse().ok()?)))
+            .context("--flux-bf16-step takes D,S (double and single block counts)")?;
+        let size = self.args.transformer_size;
+        let name = format!("flux-bf16 step {size} ({d}+{s} blocks)");
+        if !self.wanted(&name) {
+            return Ok(());
+        }
+        let (model, inputs) = self.flux((d, s), DType::BF16)?;
+        let built = peak_rss_mib();
+        self.time(&name, None, || inputs.run(&model))?;
+        if let Some(mib) = built {
+            println!("{:<34} {mib:>10.0} MiB after building the model", "");
+        }
+        Ok(())
+    }
+
     /// One full text-to-image run, timed per phase by the pipeline itself.
     fn pipeline(&mut self) -> Result<()> {
         use diffuse_pipelines::stable_diffusion::{
@@ -382,6 +490,33 @@ impl Bench<'_> {
     }
 }
 
+/// The inputs of one Flux step.
+struct FluxInputs {
+    x: Tensor,
+    ctx: Tensor,
+    pooled: Tensor,
+    img_ids: Tensor,
+    txt_ids: Tensor,
+    t: Tensor,
+    guidance: Tensor,
+}
+
+impl FluxInputs {
+    fn run(
+        &self,
+        model: &diffuse_models::transformer_flux::FluxTransformer2DModel,
+    ) -> Result<Tensor> {
+        let cond = diffuse_models::transformer_flux::FluxConditioning {
+            encoder_hidden_states: &self.ctx,
+            pooled_projections: &self.pooled,
+            txt_ids: &self.txt_ids,
+            img_ids: &self.img_ids,
+            guidance: Some(&self.guidance),
+        };
+        Ok(model.forward(&self.x, &self.t, &cond)?)
+    }
+}
+
 fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
     let python = args
         .python
@@ -416,6 +551,15 @@ fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
                 "cpu"
             },
         ])
+        .args(if args.transformers {
+            vec![
+                "--transformers".to_string(),
+                "--transformer-size".to_string(),
+                args.transformer_size.to_string(),
+            ]
+        } else {
+            vec![]
+        })
         .args(if args.pipeline {
             vec![
                 "--pipeline".to_string(),
@@ -469,6 +613,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         b.ops()?;
         b.models()?;
+        if args.transformers {
+            b.transformers()?;
+        }
+        if let Some(spec) = &args.flux_bf16_step {
+            b.flux_bf16_step(spec)?;
+        }
         if args.pipeline {
             b.pipeline()?;
         }
@@ -529,6 +679,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 ),
                 _ => println!("{:<34} {:>10} {:>10} {:>8}", l.name, "-", "-", "-"),
             }
+        }
+        // The transformer lines run before the pipeline: the peak then is theirs.
+        if let (true, false, Some(theirs), Some(ours)) = (
+            args.transformers,
+            args.pipeline,
+            t.get("transformers peak_rss_mib"),
+            peak_rss_mib(),
+        ) {
+            println!(
+                "{:<34} {:>7.0} MiB {:>6.0} MiB {:>7.2}x",
+                "peak RSS (transformer lines)",
+                ours,
+                theirs,
+                ours / theirs
+            );
         }
         let name = pipeline_name(args.pipeline_steps);
         if let (true, Some(theirs), Some(ours)) = (

@@ -20,7 +20,12 @@ struct Invocation {
 type Mapper = fn(&Case, &Path) -> Result<Invocation>;
 
 /// diffusers pipeline class -> how a user runs it from the command line.
-const MAPPERS: &[(&str, Mapper)] = &[("StableDiffusionPipeline", stable_diffusion)];
+const MAPPERS: &[(&str, Mapper)] = &[
+    ("StableDiffusionPipeline", stable_diffusion),
+    ("StableDiffusion3Pipeline", flow_matching),
+    ("FluxPipeline", flow_matching),
+    ("DiTPipeline", dit),
+];
 
 struct Case {
     dir: PathBuf,
@@ -99,6 +104,71 @@ fn stable_diffusion(case: &Case, out: &Path) -> Result<Invocation> {
         args,
         outputs: vec![png],
     })
+}
+
+/// `diffuse generate` for SD3 and Flux text-to-image.
+fn flow_matching(case: &Case, out: &Path) -> Result<Invocation> {
+    if case.json["task"] != "text2img" {
+        bail!("task {} has no command-line mapping", case.json["task"]);
+    }
+    let mut args = vec![
+        "generate".to_string(),
+        "--model".into(),
+        case.path(case.json["pipeline"].as_str().context("pipeline")?),
+    ];
+    args.extend(case.flags(&[
+        ("prompt", "--prompt"),
+        ("negative_prompt", "--negative-prompt"),
+        ("num_inference_steps", "--steps"),
+        ("guidance_scale", "--guidance-scale"),
+        ("width", "--width"),
+        ("height", "--height"),
+        ("seed", "--seed"),
+        ("scheduler", "--scheduler"),
+        ("max_sequence_length", "--max-sequence-length"),
+    ]));
+    let png = out.join("out.png");
+    args.extend(["--output".into(), png.display().to_string()]);
+    Ok(Invocation {
+        args,
+        outputs: vec![png],
+    })
+}
+
+/// `diffuse generate --class-labels 1,7` for DiT: one file per class, `out-0.png`, ...
+fn dit(case: &Case, out: &Path) -> Result<Invocation> {
+    if case.json["task"] != "class2img" {
+        bail!("task {} has no command-line mapping", case.json["task"]);
+    }
+    let labels: Vec<String> = case.args()["class_labels"]
+        .as_array()
+        .context("class_labels")?
+        .iter()
+        .map(|l| l.to_string())
+        .collect();
+    let mut args = vec![
+        "generate".to_string(),
+        "--model".into(),
+        case.path(case.json["pipeline"].as_str().context("pipeline")?),
+        "--class-labels".into(),
+        labels.join(","),
+    ];
+    args.extend(case.flags(&[
+        ("num_inference_steps", "--steps"),
+        ("guidance_scale", "--guidance-scale"),
+        ("seed", "--seed"),
+        ("scheduler", "--scheduler"),
+    ]));
+    let png = out.join("out.png");
+    args.extend(["--output".into(), png.display().to_string()]);
+    let outputs = if labels.len() == 1 {
+        vec![png]
+    } else {
+        (0..labels.len())
+            .map(|i| out.join(format!("out-{i}.png")))
+            .collect()
+    };
+    Ok(Invocation { args, outputs })
 }
 
 fn run_case(dir: &Path) -> Result<()> {

@@ -3,8 +3,10 @@
 //! The model folder `<name>/` holds `config.json` and the weights; its `_class_name` picks the
 //! harness; the model is loaded with `from_pretrained` (checked loading: a missing or
 //! unexpected tensor fails). Every case prefix in the io file (`a_sample`, `odd_sample`, ... → `a`, `odd`) is
-//! run. `CLIPTextModel` folders belong to the CLIP test (`clip_*`); any other class this
-//! harness cannot run fails.
+//! run. `CLIPTextModel` and `T5EncoderModel` folders belong to the CLIP and T5 tests; any other
+//! class this harness cannot run fails. The diffusion transformers' cases hold their other
+//! inputs under the same prefix (`a_encoder_hidden_states`, `a_pooled_projections`, Flux's
+//! `a_img_ids`, `a_txt_ids` and, for a guidance-distilled model, `a_guidance`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,6 +14,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use diffuse_core::testing::*;
+use diffuse_models::transformer_flux::{FluxConditioning, FluxTransformer2DModel};
+use diffuse_models::transformer_sd3::SD3Transformer2DModel;
 use diffuse_models::{AutoencoderKL, UNet2DConditionModel, UNet2DModel};
 
 const ATOL: f64 = 1e-4;
@@ -108,6 +112,43 @@ fn run_case(models: &Path, name: &str) -> Result<()> {
                 &t("reconstruct_from_mean".into())?,
             )
         }
+        "SD3Transformer2DModel" => {
+            let model =
+                SD3Transformer2DModel::from_pretrained(&dir, None, DType::F32, &Device::Cpu)?;
+            run_unet_cases(&io, |c| {
+                Ok(model.forward(
+                    &t(format!("{c}_sample"))?,
+                    &t(format!("{c}_encoder_hidden_states"))?,
+                    &t(format!("{c}_pooled_projections"))?,
+                    &t(format!("{c}_timestep"))?,
+                )?)
+            })
+        }
+        "FluxTransformer2DModel" => {
+            let model =
+                FluxTransformer2DModel::from_pretrained(&dir, None, DType::F32, &Device::Cpu)?;
+            run_unet_cases(&io, |c| {
+                let (ehs, pooled) = (
+                    t(format!("{c}_encoder_hidden_states"))?,
+                    t(format!("{c}_pooled_projections"))?,
+                );
+                let (txt_ids, img_ids) = (t(format!("{c}_txt_ids"))?, t(format!("{c}_img_ids"))?);
+                // A guidance-distilled (dev) model's case also holds the guidance.
+                let guidance = io.get(&format!("{c}_guidance"));
+                let cond = FluxConditioning {
+                    encoder_hidden_states: &ehs,
+                    pooled_projections: &pooled,
+                    txt_ids: &txt_ids,
+                    img_ids: &img_ids,
+                    guidance,
+                };
+                Ok(model.forward(
+                    &t(format!("{c}_sample"))?,
+                    &t(format!("{c}_timestep"))?,
+                    &cond,
+                )?)
+            })
+        }
         other => bail!("no harness for model class `{other}`"),
     }
 }
@@ -126,12 +167,12 @@ fn diffusers_models_match_python() {
         })
         .collect();
     names.sort();
-    // CLIP text encoders are the CLIP test's cases; everything else is ours.
+    // Text encoders are the CLIP and T5 tests' cases; everything else is ours.
     let ours: Vec<String> = names
         .into_iter()
         .filter(|n| {
             class_of(&models.join(n))
-                .map(|c| c != "CLIPTextModel")
+                .map(|c| c != "CLIPTextModel" && c != "T5EncoderModel")
                 .unwrap_or(true)
         })
         .collect();

@@ -1,12 +1,16 @@
 //! Diffusion pipelines at parity with Hugging Face diffusers: unconditional DDPM/DDIM,
-//! Stable Diffusion text-to-image, image-to-image and inpainting.
+//! Stable Diffusion text-to-image, image-to-image and inpainting, and the diffusion
+//! transformers: Stable Diffusion 3, Flux and DiT.
 //!
 //! [`load_pipeline`] reads a diffusers folder (`model_index.json` + one folder per component)
 //! and returns the [`Pipeline`] its `_class_name` names. Each pipeline is one file whose
 //! `__call__`-like method reads as the diffusers loop does.
 
+pub mod components;
 pub mod convert;
 pub mod ddpm;
+pub mod dit;
+pub mod flux;
 pub mod image_processor;
 pub mod img2img;
 pub mod inpaint;
@@ -14,6 +18,7 @@ pub mod png_info;
 pub mod prompt_weighting;
 pub(crate) mod sources;
 pub mod stable_diffusion;
+pub mod stable_diffusion_3;
 pub mod task;
 
 use std::path::{Path, PathBuf};
@@ -25,12 +30,15 @@ pub use diffuse_loaders::lora::LoraSpec;
 use diffuse_schedulers::{Scheduler, SchedulerConfig};
 
 pub use ddpm::{ClassGuidance, UnconditionalOutput, UnconditionalPipeline, UnconditionalRequest};
+pub use dit::{ClassToImageRequest, DiTPipeline};
+pub use flux::FluxPipeline;
 pub use img2img::Img2ImgRequest;
 pub use inpaint::InpaintRequest;
 pub use stable_diffusion::{
     EncodedPrompt, GenerationParams, ImageOutput, PromptEmbeds, StableDiffusionPipeline,
     Text2ImageRequest,
 };
+pub use stable_diffusion_3::{FlowText2ImageRequest, StableDiffusion3Pipeline, TextEmbeds};
 
 /// The `_class_name`s [`load_pipeline`] understands.
 pub const SUPPORTED_PIPELINES: &[&str] = &[
@@ -39,6 +47,9 @@ pub const SUPPORTED_PIPELINES: &[&str] = &[
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
+    "StableDiffusion3Pipeline",
+    "FluxPipeline",
+    "DiTPipeline",
 ];
 
 /// How to load a pipeline folder.
@@ -52,6 +63,10 @@ pub struct LoadOptions {
     pub scheduler: Option<String>,
     /// Weight variant, e.g. `fp16` for `*.fp16.safetensors`.
     pub variant: Option<String>,
+    /// Transformer pipelines (SD3, Flux): load the text encoders and the transformer each time
+    /// they run and drop them right after, so that they never share memory (the largest one
+    /// sets the peak); each run then reads them from disk again.
+    pub load_on_demand: bool,
     /// Textual-inversion embeddings to add after loading (Stable Diffusion pipelines).
     pub textual_inversions: Vec<EmbeddingSpec>,
     /// LoRA files fused into the weights as they load, each with its scale.
@@ -80,6 +95,7 @@ impl Default for LoadOptions {
             textual_inversions: Vec::new(),
             loras: Vec::new(),
             config: None,
+            load_on_demand: false,
         }
     }
 }
@@ -127,6 +143,12 @@ pub enum Pipeline {
     Unconditional(Box<UnconditionalPipeline>),
     /// `StableDiffusion{,Img2Img,Inpaint}Pipeline`: the same components, any of the three tasks.
     StableDiffusion(Box<StableDiffusionPipeline>),
+    /// `StableDiffusion3Pipeline`: text-to-image with the MMDiT.
+    StableDiffusion3(Box<StableDiffusion3Pipeline>),
+    /// `FluxPipeline`: text-to-image with Flux (dev or schnell).
+    Flux(Box<FluxPipeline>),
+    /// `DiTPipeline`: class-conditional generation.
+    DiT(Box<DiTPipeline>),
 }
 
 impl Pipeline {
@@ -135,6 +157,9 @@ impl Pipeline {
         match self {
             Pipeline::Unconditional(p) => &p.class_name,
             Pipeline::StableDiffusion(p) => &p.class_name,
+            Pipeline::StableDiffusion3(p) => &p.class_name,
+            Pipeline::Flux(p) => &p.class_name,
+            Pipeline::DiT(p) => &p.class_name,
         }
     }
 
@@ -143,6 +168,9 @@ impl Pipeline {
         match self {
             Pipeline::Unconditional(p) => p.scheduler.class_name(),
             Pipeline::StableDiffusion(p) => p.scheduler.class_name(),
+            Pipeline::StableDiffusion3(p) => p.scheduler.class_name(),
+            Pipeline::Flux(p) => p.scheduler.class_name(),
+            Pipeline::DiT(p) => p.scheduler.class_name(),
         }
     }
 
@@ -152,6 +180,9 @@ impl Pipeline {
         match self {
             Pipeline::Unconditional(p) => std::mem::replace(&mut p.scheduler, scheduler),
             Pipeline::StableDiffusion(p) => std::mem::replace(&mut p.scheduler, scheduler),
+            Pipeline::StableDiffusion3(p) => std::mem::replace(&mut p.scheduler, scheduler),
+            Pipeline::Flux(p) => std::mem::replace(&mut p.scheduler, scheduler),
+            Pipeline::DiT(p) => std::mem::replace(&mut p.scheduler, scheduler),
         }
     }
 }
@@ -248,6 +279,20 @@ pub fn load_pipeline(path: &Path, opts: &LoadOptions) -> Result<Pipeline> {
                 UnconditionalPipeline::load(dir, index.class, class_names, opts)?,
             )))
         }
+        "StableDiffusion3Pipeline" => Ok(Pipeline::StableDiffusion3(Box::new(
+            StableDiffusion3Pipeline::load(dir, index.class, &index.json, opts)?,
+        ))),
+        "FluxPipeline" => Ok(Pipeline::Flux(Box::new(FluxPipeline::load(
+            dir,
+            index.class,
+            opts,
+        )?))),
+        "DiTPipeline" => Ok(Pipeline::DiT(Box::new(DiTPipeline::load(
+            dir,
+            index.class,
+            &index.json,
+            opts,
+        )?))),
         _ => Err(index.unsupported()),
     }
 }

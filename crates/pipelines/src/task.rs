@@ -14,8 +14,8 @@ use image::{DynamicImage, GrayImage, RgbImage};
 use crate::png_info::{encode_png, InfoText};
 use crate::prompt_weighting::PromptSyntax;
 use crate::{
-    GenerationParams, Img2ImgRequest, InpaintRequest, ModelIndex, Pipeline, StepCallback,
-    Text2ImageRequest, Timings, UnconditionalRequest,
+    FlowText2ImageRequest, GenerationParams, Img2ImgRequest, InpaintRequest, ModelIndex, Pipeline,
+    StepCallback, Text2ImageRequest, Timings, UnconditionalRequest,
 };
 
 /// Default denoising steps of DDPM/DDIM models.
@@ -27,6 +27,10 @@ pub const SD_STEPS: usize = 25;
 pub const CLASS_GUIDANCE: f64 = 3.0;
 /// Default guidance scale of Stable Diffusion models.
 pub const SD_GUIDANCE: f64 = 7.5;
+/// diffusers' defaults of the transformer pipelines: `(steps, guidance)`.
+pub const SD3_DEFAULTS: (usize, f64) = (28, 7.0);
+pub const FLUX_DEFAULTS: (usize, f64) = (28, 3.5);
+pub const DIT_DEFAULTS: (usize, f64) = (50, 4.0);
 
 /// What kind of pipeline a folder holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +39,27 @@ pub enum PipelineKind {
     Unconditional,
     /// Stable Diffusion: text-to-image, img2img, inpainting at any multiple of the VAE factor.
     StableDiffusion,
+    /// Stable Diffusion 3: text-to-image.
+    StableDiffusion3,
+    /// Flux (dev or schnell): text-to-image.
+    Flux,
+    /// DiT: class-conditional at the native size; the classes are ids or `id2label` names.
+    DiT,
+}
+
+impl PipelineKind {
+    /// `(steps, guidance)` when the user gives none (`class_conditional`: a DDPM model with
+    /// classes).
+    pub fn defaults(self, class_conditional: bool) -> (usize, f64) {
+        match self {
+            Self::Unconditional if class_conditional => (DDPM_STEPS, CLASS_GUIDANCE),
+            Self::Unconditional => (DDPM_STEPS, 1.0),
+            Self::StableDiffusion => (SD_STEPS, SD_GUIDANCE),
+            Self::StableDiffusion3 => SD3_DEFAULTS,
+            Self::Flux => FLUX_DEFAULTS,
+            Self::DiT => DIT_DEFAULTS,
+        }
+    }
 }
 
 /// What a pipeline folder generates, read from its configs without loading weights.
@@ -55,18 +80,11 @@ pub struct PipelineInfo {
 
 impl PipelineInfo {
     pub fn default_steps(&self) -> usize {
-        match self.kind {
-            PipelineKind::Unconditional => DDPM_STEPS,
-            PipelineKind::StableDiffusion => SD_STEPS,
-        }
+        self.kind.defaults(!self.class_names.is_empty()).0
     }
 
     pub fn default_guidance(&self) -> f64 {
-        match self.kind {
-            PipelineKind::Unconditional if self.class_names.is_empty() => 1.0,
-            PipelineKind::Unconditional => CLASS_GUIDANCE,
-            PipelineKind::StableDiffusion => SD_GUIDANCE,
-        }
+        self.kind.defaults(!self.class_names.is_empty()).1
     }
 }
 
@@ -108,6 +126,42 @@ pub fn describe(dir: &Path) -> Result<PipelineInfo> {
                 class_names: Vec::new(),
                 size: (h * f, w * f),
                 size_multiple: Some(f),
+                channels: 3,
+            })
+        }
+        "StableDiffusion3Pipeline" | "FluxPipeline" | "DiTPipeline" => {
+            let vae: diffuse_models::AutoencoderKLConfig =
+                diffuse_loaders::read_config(&dir.join("vae/config.json"))?;
+            let f = 1 << vae.block_out_channels.len().saturating_sub(1);
+            let transformer = dir.join("transformer/config.json");
+            let (kind, side, multiple, class_names) = match index.class.as_str() {
+                "StableDiffusion3Pipeline" => {
+                    let cfg: diffuse_models::transformer_sd3::SD3Transformer2DConfig =
+                        diffuse_loaders::read_config(&transformer)?;
+                    let multiple = Some(f * cfg.patch_size);
+                    (
+                        PipelineKind::StableDiffusion3,
+                        cfg.sample_size,
+                        multiple,
+                        vec![],
+                    )
+                }
+                // FluxPipeline's default_sample_size.
+                "FluxPipeline" => (PipelineKind::Flux, 128, Some(2 * f), vec![]),
+                _ => {
+                    let cfg: diffuse_models::transformer_dit::DiTTransformer2DConfig =
+                        diffuse_loaders::read_config(&transformer)?;
+                    let names = crate::dit::class_names(&index.json, cfg.num_classes())
+                        .map_err(|e| Error::invalid(format!("{}: {e}", index.path.display())))?;
+                    (PipelineKind::DiT, cfg.sample_size, None, names)
+                }
+            };
+            Ok(PipelineInfo {
+                class_name: index.class,
+                kind,
+                class_names,
+                size: (side * f, side * f),
+                size_multiple: multiple,
                 channels: 3,
             })
         }
@@ -193,6 +247,11 @@ pub struct TaskSettings {
     pub prompt_syntax: PromptSyntax,
     /// Use the text encoder's output this many layers before the last (Stable Diffusion).
     pub clip_skip: Option<usize>,
+    /// SD3 and Flux: T5 tokens of the prompt (default 256 and 512).
+    pub max_sequence_length: Option<usize>,
+    /// DiT: the classes to draw (ids or `id2label` names), `num_images` each; empty: the
+    /// prompt's comma-separated list.
+    pub class_labels: Vec<String>,
 }
 
 impl Default for TaskSettings {
@@ -211,6 +270,8 @@ impl Default for TaskSettings {
             init: None,
             prompt_syntax: PromptSyntax::Plain,
             clip_skip: None,
+            max_sequence_length: None,
+            class_labels: Vec::new(),
         }
     }
 }
@@ -236,6 +297,29 @@ impl TaskOutput {
     }
 }
 
+/// The classes of a DiT task: `class_labels`, else the prompt's comma-separated list.
+fn dit_label_items(s: &TaskSettings) -> Vec<String> {
+    let given: Vec<String> = if s.class_labels.is_empty() {
+        s.prompt.split(',').map(str::to_string).collect()
+    } else {
+        s.class_labels.clone()
+    };
+    given
+        .iter()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// How many images [`run_task`] will return: `num_images`, times the classes of a DiT task
+/// (so that a front end can check its output files before the run).
+pub fn planned_images(pipeline: &Pipeline, s: &TaskSettings) -> usize {
+    match pipeline {
+        Pipeline::DiT(_) => dit_label_items(s).len().max(1) * s.num_images,
+        _ => s.num_images,
+    }
+}
+
 /// Runs one task on a loaded pipeline. `model_name` goes into the infotext.
 pub fn run_task(
     pipeline: &Pipeline,
@@ -247,17 +331,49 @@ pub fn run_task(
         return Err(Error::invalid("the number of images must be at least 1"));
     }
     let class_cond = matches!(pipeline, Pipeline::Unconditional(p) if !p.class_names.is_empty());
-    let (steps, guidance) = match pipeline {
-        Pipeline::Unconditional(_) => (
-            s.steps.unwrap_or(DDPM_STEPS),
-            s.guidance_scale
-                .unwrap_or(if class_cond { CLASS_GUIDANCE } else { 1.0 }),
-        ),
-        Pipeline::StableDiffusion(_) => (
-            s.steps.unwrap_or(SD_STEPS),
-            s.guidance_scale.unwrap_or(SD_GUIDANCE),
-        ),
+    let kind = match pipeline {
+        Pipeline::Unconditional(_) => PipelineKind::Unconditional,
+        Pipeline::StableDiffusion(_) => PipelineKind::StableDiffusion,
+        Pipeline::StableDiffusion3(_) => PipelineKind::StableDiffusion3,
+        Pipeline::Flux(_) => PipelineKind::Flux,
+        Pipeline::DiT(_) => PipelineKind::DiT,
     };
+    let (default_steps, default_guidance) = kind.defaults(class_cond);
+    let (steps, guidance) = (
+        s.steps.unwrap_or(default_steps),
+        s.guidance_scale.unwrap_or(default_guidance),
+    );
+    let transformer = matches!(
+        kind,
+        PipelineKind::StableDiffusion3 | PipelineKind::Flux | PipelineKind::DiT
+    );
+    if s.init.is_some() && transformer {
+        return Err(Error::invalid(format!(
+            "img2img and inpainting need a Stable Diffusion pipeline; this model is a {}",
+            pipeline.class_name()
+        )));
+    }
+    if s.max_sequence_length.is_some()
+        && !matches!(kind, PipelineKind::StableDiffusion3 | PipelineKind::Flux)
+    {
+        return Err(Error::invalid(format!(
+            "max_sequence_length is for SD3 and Flux (T5 prompts), not {}",
+            pipeline.class_name()
+        )));
+    }
+    if !s.class_labels.is_empty() && kind != PipelineKind::DiT {
+        return Err(Error::invalid(format!(
+            "class labels are for DiT models, not {}",
+            pipeline.class_name()
+        )));
+    }
+    // (SD3 takes clip skip as diffusers' pipeline does; Flux and DiT have no such setting.)
+    if s.clip_skip.is_some() && matches!(kind, PipelineKind::Flux | PipelineKind::DiT) {
+        return Err(Error::invalid(format!(
+            "clip skip does not apply to {}",
+            pipeline.class_name()
+        )));
+    }
     let info = |width: usize, height: usize, extra: Vec<(String, String)>| {
         InfoText {
             prompt: s.prompt.clone(),
@@ -414,6 +530,95 @@ pub fn run_task(
             Ok(TaskOutput {
                 images: out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect(),
                 infotext: info(w, h, extra),
+                timings: out.timings,
+                warnings: out.warnings,
+            })
+        }
+        Pipeline::StableDiffusion3(_) | Pipeline::Flux(_) => {
+            let (dh, dw) = match pipeline {
+                Pipeline::StableDiffusion3(p) => p.default_size(),
+                Pipeline::Flux(p) => p.default_size(),
+                _ => unreachable!("matched above"),
+            };
+            let (h, w) = (s.height.unwrap_or(dh), s.width.unwrap_or(dw));
+            let req = FlowText2ImageRequest {
+                prompts: vec![s.prompt.clone()],
+                negative_prompts: if s.negative_prompt.is_empty() {
+                    vec![]
+                } else {
+                    vec![s.negative_prompt.clone()]
+                },
+                guidance_scale: guidance,
+                num_images_per_prompt: s.num_images,
+                steps,
+                seed: s.seed,
+                height: Some(h),
+                width: Some(w),
+                max_sequence_length: s.max_sequence_length,
+                clip_skip: s.clip_skip,
+                ..Default::default()
+            };
+            let out = match pipeline {
+                Pipeline::StableDiffusion3(p) => p.text_to_image(&req, callback)?,
+                Pipeline::Flux(p) => p.text_to_image(&req, callback)?,
+                _ => unreachable!("matched above"),
+            };
+            let (oh, ow) = (out.images.dim(1)?, out.images.dim(2)?);
+            Ok(TaskOutput {
+                images: out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect(),
+                infotext: info(ow, oh, Vec::new()),
+                timings: out.timings,
+                warnings: out.warnings,
+            })
+        }
+        Pipeline::DiT(p) => {
+            let side = p.transformer.config().sample_size * p.vae.scale_factor();
+            if s.width.is_some_and(|x| x != side) || s.height.is_some_and(|x| x != side) {
+                return Err(Error::invalid(format!(
+                    "{} generates {side}x{side} images only",
+                    p.class_name
+                )));
+            }
+            if !s.negative_prompt.is_empty() {
+                return Err(Error::invalid(format!(
+                    "{} takes no negative prompt (it guides against the null class)",
+                    p.class_name
+                )));
+            }
+            let mut labels = Vec::new();
+            for item in dit_label_items(s) {
+                match item.parse::<usize>() {
+                    Ok(id) => labels.push(id),
+                    Err(_) => labels.extend(p.label_ids(&[item])?),
+                }
+            }
+            if labels.is_empty() {
+                return Err(Error::invalid(format!(
+                    "{} draws classes: give class ids or names, comma-separated, as the class \
+                     labels (--class-labels) or the prompt",
+                    p.class_name
+                )));
+            }
+            let labels: Vec<usize> = labels
+                .iter()
+                .flat_map(|&l| std::iter::repeat_n(l, s.num_images))
+                .collect();
+            let text = labels
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            let req = crate::ClassToImageRequest {
+                class_labels: labels,
+                guidance_scale: guidance,
+                steps,
+                seed: s.seed,
+                record_trace: false,
+            };
+            let out = p.generate(&req, callback)?;
+            Ok(TaskOutput {
+                images: out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect(),
+                infotext: info(side, side, vec![("Class".to_string(), text)]),
                 timings: out.timings,
                 warnings: out.warnings,
             })

@@ -85,9 +85,15 @@ pub struct CommonArgs {
     /// `cpu`, or `cuda:N` (needs a build with CUDA support).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Precision of the weights and the compute.
+    /// Precision of the weights and the compute. The SD3, Flux and DiT transformers and the T5
+    /// encoder keep bf16/f16 weights and compute in f32.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// SD3 and Flux: load the text encoders, then the transformer, each only while it runs
+    /// (the peak memory is the largest of them, not their sum; the weights are read again
+    /// for every run).
+    #[arg(long)]
+    pub load_on_demand: bool,
     /// A PNG file, or an existing folder to write `diffuse-<seed>-<n>.png` into. With several
     /// images a file name gets `-<n>` before its extension.
     #[arg(long, short, default_value = "output.png")]
@@ -108,6 +114,14 @@ pub struct GenerateArgs {
     /// Image height in pixels (a multiple of 8). Default: the model's native size.
     #[arg(long)]
     pub height: Option<usize>,
+    /// SD3 and Flux: T5 tokens the prompt is padded or cut to (1 to 512). Default: 256 for
+    /// SD3, 512 for Flux.
+    #[arg(long, value_name = "L")]
+    pub max_sequence_length: Option<usize>,
+    /// DiT: the classes to draw, `--num-images` each, as ids or the model's `id2label` names,
+    /// comma-separated (`3,0,9` or `"golden retriever,tabby"`); files `out-0.png`, `out-1.png`, ...
+    #[arg(long, value_name = "LIST")]
+    pub class_labels: Option<String>,
 }
 
 /// `diffuse img2img`: redraw an image following a prompt.

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use diffuse_pipelines::png_info::InfoText;
 use diffuse_pipelines::prompt_weighting::{extract_lora_tags, PromptSyntax};
 use diffuse_pipelines::task::{
-    model_display_name, parse_class, random_seed, run_task, InitImage, TaskSettings,
+    model_display_name, parse_class, planned_images, random_seed, run_task, InitImage, TaskSettings,
 };
 use diffuse_pipelines::{
     load_pipeline, EmbeddingSpec, LoadOptions, LoraSpec, Pipeline, StepInfo, Timings,
@@ -40,9 +40,18 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
             return class_grid(&session, p);
         }
     }
+    let class_labels = args
+        .class_labels
+        .iter()
+        .flat_map(|list| list.split(','))
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
     session.run(TaskSettings {
         width: args.width,
         height: args.height,
+        max_sequence_length: args.max_sequence_length,
+        class_labels,
         ..session.settings()
     })
 }
@@ -135,6 +144,7 @@ impl Session {
             config: args.config.clone(),
             loras,
             textual_inversions,
+            load_on_demand: args.load_on_demand,
             ..Default::default()
         };
         let pipeline = load_pipeline(&path, &opts)
@@ -185,7 +195,7 @@ impl Session {
     fn run(&self, settings: TaskSettings) -> Result<()> {
         let paths = output::output_paths(
             &self.args.output,
-            settings.num_images,
+            planned_images(&self.pipeline, &settings),
             self.seed,
             self.args.force,
         )?;
