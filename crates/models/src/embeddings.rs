@@ -129,9 +129,12 @@ impl TimeProjection {
     }
 }
 
-/// diffusers `TimestepEmbedding`: `linear_1 → act → linear_2 (→ post_act)`.
+/// diffusers `TimestepEmbedding`: `linear_1 → act → linear_2 (→ post_act)`, with an optional
+/// condition projected (`cond_proj`, no bias) and added to the input first (LCM's guidance
+/// embedding, `time_cond_proj_dim`).
 #[derive(Clone, Debug)]
 pub struct TimestepEmbedding {
+    cond_proj: Option<Linear>,
     linear_1: Linear,
     act: Activation,
     linear_2: Linear,
@@ -147,6 +150,7 @@ impl TimestepEmbedding {
         post_act: Option<Activation>,
     ) -> Result<Self> {
         Ok(Self {
+            cond_proj: None,
             linear_1: crate::ops::linear::linear(in_channels, time_embed_dim, vb.pp("linear_1"))?,
             act,
             linear_2: crate::ops::linear::linear(
@@ -156,6 +160,42 @@ impl TimestepEmbedding {
             )?,
             post_act,
         })
+    }
+}
+
+impl TimestepEmbedding {
+    /// Adds the `cond_proj` of a `cond_dim`-wide condition (under `vb`, the embedding's own
+    /// prefix) to an embedding whose input is `in_channels` wide.
+    pub fn with_condition(
+        mut self,
+        vb: VarBuilder,
+        cond_dim: usize,
+        in_channels: usize,
+    ) -> Result<Self> {
+        self.cond_proj = Some(crate::ops::linear::linear_b(
+            cond_dim,
+            in_channels,
+            false,
+            vb.pp("cond_proj"),
+        )?);
+        Ok(self)
+    }
+
+    /// The embedding of `xs`, conditioned on `condition` when the model has a `cond_proj`
+    /// (an error when exactly one of them is there).
+    pub fn forward_cond(&self, xs: &Tensor, condition: Option<&Tensor>) -> Result<Tensor> {
+        let xs = match (&self.cond_proj, condition) {
+            (Some(p), Some(c)) => (xs + p.forward(&c.to_dtype(xs.dtype())?)?)?,
+            (None, None) => xs.clone(),
+            (Some(_), None) => candle_core::bail!(
+                "this model has a time_cond_proj_dim: a timestep condition (e.g. the LCM \
+                 guidance embedding) is required"
+            ),
+            (None, Some(_)) => {
+                candle_core::bail!("a timestep condition was given but the model has no cond_proj")
+            }
+        };
+        self.forward(&xs)
     }
 }
 
@@ -269,34 +309,76 @@ impl ClassEmbedding {
     }
 }
 
-/// The conditioning vector of a UNet: timestep projection → MLP, plus the optional class
-/// embedding (added, or concatenated with `class_embeddings_concat`), then the optional
-/// `time_embedding_act_fn`.
+/// SDXL's `addition_embed_type: "text_time"`: the micro-conditioning `time_ids` (original
+/// size, crop offset, target size) are projected sinusoidally one number at a time
+/// (`add_time_proj`), concatenated after the pooled text embedding and sent through their own
+/// MLP (`add_embedding`).
+#[derive(Clone, Debug)]
+pub struct TextTimeEmbedding {
+    pub add_time_proj: Timesteps,
+    pub add_embedding: TimestepEmbedding,
+}
+
+impl TextTimeEmbedding {
+    /// `text_embeds` `(B, P)`, `time_ids` `(B, K)` → `(B, time_embed_dim)` in `dtype`.
+    pub fn forward(&self, text_embeds: &Tensor, time_ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        let b = text_embeds.dim(0)?;
+        if time_ids.rank() != 2 || time_ids.dim(0)? != b {
+            candle_core::bail!("time_ids must be (batch {b}, n), got {:?}", time_ids.dims())
+        }
+        let time_embeds = self
+            .add_time_proj
+            .forward(&time_ids.flatten_all()?)?
+            .reshape((b, ()))?;
+        let add = Tensor::cat(
+            &[&text_embeds.to_dtype(DType::F32)?, &time_embeds],
+            D::Minus1,
+        )?;
+        self.add_embedding.forward(&add.to_dtype(dtype)?)
+    }
+}
+
+/// The optional conditioning inputs of a UNet's time embedding.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TimeConditioning<'a> {
+    /// Required exactly when the model has a class embedding.
+    pub class_labels: Option<&'a Tensor>,
+    /// `(B, time_cond_proj_dim)`: required exactly when the model has a `time_cond_proj_dim`.
+    pub timestep_cond: Option<&'a Tensor>,
+    /// SDXL `added_cond_kwargs`: `text_embeds` `(B, P)` and `time_ids` `(B, K)`; required
+    /// exactly when the model has a `text_time` addition embedding.
+    pub text_time: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+/// The conditioning vector of a UNet: timestep projection → MLP (optionally conditioned),
+/// plus the optional class embedding (added, or concatenated with `class_embeddings_concat`),
+/// plus the optional `text_time` embedding, then the optional `time_embedding_act_fn`.
 #[derive(Clone, Debug)]
 pub struct UNetTimeEmbedding {
     pub time_proj: TimeProjection,
     pub time_embedding: TimestepEmbedding,
     pub class_embedding: Option<ClassEmbedding>,
     pub class_embeddings_concat: bool,
+    pub add_embedding: Option<TextTimeEmbedding>,
     pub time_embed_act: Option<Activation>,
 }
 
 impl UNetTimeEmbedding {
-    /// `timestep`: scalar or `(batch,)`; `class_labels` required exactly when the model has a
-    /// class embedding. Returns `(batch, dim)` in `dtype`.
+    /// `timestep`: scalar or `(batch,)`. Returns `(batch, dim)` in `dtype`.
     pub fn forward(
         &self,
         timestep: &Tensor,
         batch: usize,
-        class_labels: Option<&Tensor>,
+        cond: &TimeConditioning<'_>,
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
         let t = batch_timesteps(timestep, batch, device)?;
-        let mut emb = self
-            .time_embedding
-            .forward(&self.time_proj.forward(&t)?.to_dtype(dtype)?)?;
-        match (&self.class_embedding, class_labels) {
+        let mut emb = self.time_embedding.forward_cond(
+            &self.time_proj.forward(&t)?.to_dtype(dtype)?,
+            cond.timestep_cond,
+        )?;
+        match (&self.class_embedding, cond.class_labels) {
             (Some(ce), Some(labels)) => {
                 let class_emb = ce.forward(&labels.to_device(device)?, &self.time_proj, dtype)?;
                 emb = if self.class_embeddings_concat {
@@ -311,6 +393,19 @@ impl UNetTimeEmbedding {
             (None, Some(_)) => {
                 candle_core::bail!("class labels given but the model has no class embedding")
             }
+            (None, None) => {}
+        }
+        match (&self.add_embedding, cond.text_time) {
+            (Some(add), Some((text_embeds, time_ids))) => {
+                emb = (emb + add.forward(text_embeds, time_ids, dtype)?)?;
+            }
+            (Some(_), None) => candle_core::bail!(
+                "this model has a text_time addition embedding (SDXL): text_embeds and \
+                 time_ids are required"
+            ),
+            (None, Some(_)) => candle_core::bail!(
+                "text_embeds/time_ids given but the model has no text_time addition embedding"
+            ),
             (None, None) => {}
         }
         match self.time_embed_act {

@@ -1,5 +1,5 @@
-//! The real architectures of five published checkpoints, built from
-//! `fixtures_configs/<checkpoint>/<unet|vae>/config.json` on a shapes-only backend (no weight
+//! The real architectures of eight published checkpoints, built from
+//! `fixtures_configs/<checkpoint>/<component>/config.json` on a shapes-only backend (no weight
 //! memory): every tensor name and shape must equal `param_shapes.json` (what diffusers'
 //! `save_pretrained` writes) and the parameter counts the published ones.
 //!
@@ -17,9 +17,10 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use diffuse_core::testing::{read_json, run_all};
 use diffuse_loaders::{read_config, RecordingBackend};
+use diffuse_models::clip_text::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use diffuse_models::{
-    AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel, UNet2DConfig,
-    UNet2DModel,
+    AutoencoderKL, AutoencoderKLConfig, ControlNetConfig, ControlNetModel, UNet2DConditionConfig,
+    UNet2DConditionModel, UNet2DConfig, UNet2DModel,
 };
 
 /// (checkpoint folder, component, published parameter count)
@@ -32,18 +33,42 @@ const CASES: &[(&str, &str, usize)] = &[
     ("runwayml_stable_diffusion_inpainting", "vae", 83_653_863),
     ("google_ddpm_cat_256", "unet", 113_673_219),
     ("google_ddpm_cifar10_32", "unet", 35_746_307),
+    (
+        "stabilityai_stable_diffusion_xl_base_1_0",
+        "unet",
+        2_567_463_684,
+    ),
+    (
+        "stabilityai_stable_diffusion_xl_base_1_0",
+        "vae",
+        83_653_863,
+    ),
+    (
+        "stabilityai_stable_diffusion_xl_base_1_0",
+        "text_encoder",
+        123_060_480,
+    ),
+    (
+        "stabilityai_stable_diffusion_xl_base_1_0",
+        "text_encoder_2",
+        694_659_840,
+    ),
+    ("lllyasviel_sd_controlnet_canny", "controlnet", 361_279_120),
 ];
 
 fn configs_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures_configs")
 }
 
-/// Builds the model of `dir` on `rec` (dispatching on `_class_name`).
+/// Builds the model of `dir` on `rec` (dispatching on diffusers' `_class_name` or
+/// transformers' `architectures`).
 fn build(dir: &Path, rec: &RecordingBackend) -> Result<()> {
     let path = dir.join("config.json");
-    let class = read_json(&path)?["_class_name"]
+    let json = read_json(&path)?;
+    let class = json["_class_name"]
         .as_str()
-        .context("_class_name")?
+        .or_else(|| json["architectures"][0].as_str())
+        .context("_class_name or architectures")?
         .to_string();
     let vb = rec.var_builder(DType::F32, &Device::Cpu);
     match class.as_str() {
@@ -62,6 +87,17 @@ fn build(dir: &Path, rec: &RecordingBackend) -> Result<()> {
             cfg.validate()?;
             AutoencoderKL::new(vb, &cfg)?;
         }
+        "ControlNetModel" => {
+            let cfg: ControlNetConfig = read_config(&path)?;
+            cfg.validate()?;
+            ControlNetModel::new(vb, &cfg)?;
+        }
+        "CLIPTextModel" => {
+            ClipTextModel::new(vb, &ClipTextConfig::from_file(&path)?)?;
+        }
+        "CLIPTextModelWithProjection" => {
+            ClipTextModelWithProjection::new(vb, &ClipTextConfig::from_file(&path)?)?;
+        }
         other => bail!("no model for class `{other}`"),
     }
     Ok(())
@@ -71,10 +107,20 @@ fn check(checkpoint: &str, component: &str, published: usize) -> Result<()> {
     let dir = configs_dir().join(checkpoint).join(component);
     let rec = RecordingBackend::shapes_only();
     build(&dir, &rec)?;
-    let ours: BTreeMap<String, Vec<usize>> = rec.parameters().into_iter().collect();
     let reference = read_json(&dir.join("param_shapes.json"))?;
     let expected: BTreeMap<String, Vec<usize>> =
         serde_json::from_value(reference["tensors"].clone()).context("tensors")?;
+    // transformers 5 saves a bare `CLIPTextModel` without the `text_model.` prefix (the
+    // loader reads both layouts); compare in the layout of the reference.
+    let bare = !expected.keys().any(|k| k.starts_with("text_model."));
+    let ours: BTreeMap<String, Vec<usize>> = rec
+        .parameters()
+        .into_iter()
+        .map(|(k, v)| match k.strip_prefix("text_model.") {
+            Some(rest) if bare => (rest.to_string(), v),
+            _ => (k, v),
+        })
+        .collect();
     let missing: Vec<&String> = expected.keys().filter(|k| !ours.contains_key(*k)).collect();
     let unexpected: Vec<&String> = ours.keys().filter(|k| !expected.contains_key(*k)).collect();
     ensure!(
