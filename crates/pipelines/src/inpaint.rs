@@ -16,6 +16,7 @@ use candle_core::{DType, Tensor};
 use diffuse_core::{Error, Generator, Result};
 use image::{GrayImage, RgbImage};
 
+use crate::denoise::initial_noise;
 use crate::image_processor::{
     default_size, interpolate_nearest, preprocess_image, preprocess_mask,
 };
@@ -87,18 +88,7 @@ impl StableDiffusionPipeline {
         } else {
             None
         };
-        let noise = match &req.latents {
-            Some(l) => {
-                if l.dims() != [shape.0, shape.1, shape.2, shape.3] {
-                    return Err(Error::invalid(format!(
-                        "latents have shape {:?}, expected {shape:?}",
-                        l.dims()
-                    )));
-                }
-                l.to_device(&self.device)?.to_dtype(DType::F32)?
-            }
-            None => generator.randn(shape, &self.device)?,
-        };
+        let noise = initial_noise(req.latents.as_ref(), shape, &mut generator, &self.device)?;
         let latents = match (&image_latents, strength_max || req.latents.is_some()) {
             (Some(init), false) => scheduler.add_noise(init, &noise, &vec![timesteps[0]; b])?,
             _ => (&noise * scheduler.init_noise_sigma())?,
@@ -118,11 +108,12 @@ impl StableDiffusionPipeline {
                 t.clone()
             })
         };
+        let control = self.control_extras(p, (height, width), &prompt)?;
         let extras = if nine {
             let extra = Tensor::cat(&[&mask_latent, &masked_latents], 1)?;
             LoopExtras {
                 extra_channels: Some(guided_rows(&extra)?),
-                post_step: None,
+                ..control
             }
         } else {
             let image_latents = image_latents
@@ -132,7 +123,6 @@ impl StableDiffusionPipeline {
             let noise = noise.clone();
             let mask_latent = mask_latent.clone();
             LoopExtras {
-                extra_channels: None,
                 post_step: Some(Box::new(move |i, latents, sched| {
                     // The kept region follows the image, noised to where the loop is next.
                     let proper = match ts.get(i + 1) {
@@ -141,6 +131,7 @@ impl StableDiffusionPipeline {
                     };
                     Ok((keep.broadcast_mul(&proper)? + mask_latent.broadcast_mul(latents)?)?)
                 })),
+                ..control
             }
         };
 

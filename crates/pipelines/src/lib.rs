@@ -5,8 +5,10 @@
 //! and returns the [`Pipeline`] its `_class_name` names. Each pipeline is one file whose
 //! `__call__`-like method reads as the diffusers loop does.
 
+pub mod controlnet;
 pub mod convert;
 pub mod ddpm;
+pub mod denoise;
 pub mod image_processor;
 pub mod img2img;
 pub mod inpaint;
@@ -14,6 +16,7 @@ pub mod png_info;
 pub mod prompt_weighting;
 pub(crate) mod sources;
 pub mod stable_diffusion;
+pub mod stable_diffusion_xl;
 pub mod task;
 
 use std::path::{Path, PathBuf};
@@ -22,14 +25,19 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use diffuse_core::{Error, Result};
 pub use diffuse_loaders::lora::LoraSpec;
+use diffuse_models::AutoencoderKL;
 use diffuse_schedulers::{Scheduler, SchedulerConfig};
 
+pub use controlnet::{load_controlnet, ControlNetRequest, ControlNetUnit};
 pub use ddpm::{ClassGuidance, UnconditionalOutput, UnconditionalPipeline, UnconditionalRequest};
 pub use img2img::Img2ImgRequest;
 pub use inpaint::InpaintRequest;
 pub use stable_diffusion::{
     EncodedPrompt, GenerationParams, ImageOutput, PromptEmbeds, StableDiffusionPipeline,
     Text2ImageRequest,
+};
+pub use stable_diffusion_xl::{
+    InitImage, LatentOutput, SdxlOptions, SdxlPromptEmbeds, StableDiffusionXLPipeline,
 };
 
 /// The `_class_name`s [`load_pipeline`] understands.
@@ -39,6 +47,8 @@ pub const SUPPORTED_PIPELINES: &[&str] = &[
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
 ];
 
 /// How to load a pipeline folder.
@@ -119,6 +129,9 @@ pub struct Trace {
     pub unet_outputs: Vec<Tensor>,
     /// Latents after each step (the callback's latents).
     pub step_latents: Vec<Tensor>,
+    /// The ControlNets' `sample` input per call (with guess mode and guidance: the
+    /// conditional half only).
+    pub controlnet_inputs: Vec<Tensor>,
 }
 
 /// A loaded pipeline, as `DiffusionPipeline.from_pretrained` returns it.
@@ -127,6 +140,8 @@ pub enum Pipeline {
     Unconditional(Box<UnconditionalPipeline>),
     /// `StableDiffusion{,Img2Img,Inpaint}Pipeline`: the same components, any of the three tasks.
     StableDiffusion(Box<StableDiffusionPipeline>),
+    /// `StableDiffusionXL{,Img2Img}Pipeline` (base or refiner).
+    StableDiffusionXL(Box<StableDiffusionXLPipeline>),
 }
 
 impl Pipeline {
@@ -135,6 +150,7 @@ impl Pipeline {
         match self {
             Pipeline::Unconditional(p) => &p.class_name,
             Pipeline::StableDiffusion(p) => &p.class_name,
+            Pipeline::StableDiffusionXL(p) => &p.class_name,
         }
     }
 
@@ -143,6 +159,7 @@ impl Pipeline {
         match self {
             Pipeline::Unconditional(p) => p.scheduler.class_name(),
             Pipeline::StableDiffusion(p) => p.scheduler.class_name(),
+            Pipeline::StableDiffusionXL(p) => p.scheduler.class_name(),
         }
     }
 
@@ -152,6 +169,7 @@ impl Pipeline {
         match self {
             Pipeline::Unconditional(p) => std::mem::replace(&mut p.scheduler, scheduler),
             Pipeline::StableDiffusion(p) => std::mem::replace(&mut p.scheduler, scheduler),
+            Pipeline::StableDiffusionXL(p) => std::mem::replace(&mut p.scheduler, scheduler),
         }
     }
 }
@@ -196,6 +214,15 @@ impl ModelIndex {
                 )
             }),
         }
+    }
+
+    /// A boolean setting (`force_zeros_for_empty_prompt`, `requires_aesthetics_score`), or
+    /// `default` when absent.
+    pub fn flag(&self, key: &str, default: bool) -> bool {
+        self.json
+            .get(key)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(default)
     }
 
     /// The error for a `_class_name` no loader handles.
@@ -248,8 +275,28 @@ pub fn load_pipeline(path: &Path, opts: &LoadOptions) -> Result<Pipeline> {
                 UnconditionalPipeline::load(dir, index.class, class_names, opts)?,
             )))
         }
+        "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => {
+            Ok(Pipeline::StableDiffusionXL(Box::new(
+                StableDiffusionXLPipeline::load(dir, &index, opts)?,
+            )))
+        }
         _ => Err(index.unsupported()),
     }
+}
+
+/// Loads a `vae/` folder in the pipeline's dtype, or in f32 when the pipeline runs in f16 and
+/// the config says the VAE overflows there (`force_upcast`); returns the VAE and its dtype.
+pub(crate) fn load_vae(dir: &Path, opts: &LoadOptions) -> Result<(AutoencoderKL, DType)> {
+    let cfg: diffuse_models::AutoencoderKLConfig =
+        diffuse_loaders::read_config(&dir.join("config.json"))?;
+    let dtype = if opts.dtype == DType::F16 && cfg.force_upcast {
+        DType::F32
+    } else {
+        opts.dtype
+    };
+    let vae =
+        AutoencoderKL::from_pretrained_variant(dir, opts.variant.as_deref(), dtype, &opts.device)?;
+    Ok((vae, dtype))
 }
 
 /// A component folder of a pipeline; its absence is an error naming it.
@@ -290,6 +337,16 @@ pub fn named_scheduler(dir: &Path, name: &str) -> Result<Box<dyn Scheduler>> {
 /// A fresh copy of a scheduler (no state left from an earlier run, e.g. PNDM's history).
 pub(crate) fn fresh_scheduler(s: &dyn Scheduler) -> Result<Box<dyn Scheduler>> {
     diffuse_schedulers::from_config(s.class_name(), s.config())
+}
+
+/// Output sizes must be positive multiples of the VAE's scale factor `f`.
+pub(crate) fn check_image_size(height: usize, width: usize, f: usize) -> Result<()> {
+    if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
+        return Err(Error::invalid(format!(
+            "height and width must be positive multiples of {f}, got {width}x{height}"
+        )));
+    }
+    Ok(())
 }
 
 /// `num_inference_steps` must be at least one.

@@ -253,7 +253,7 @@ pub fn run_task(
             s.guidance_scale
                 .unwrap_or(if class_cond { CLASS_GUIDANCE } else { 1.0 }),
         ),
-        Pipeline::StableDiffusion(_) => (
+        Pipeline::StableDiffusion(_) | Pipeline::StableDiffusionXL(_) => (
             s.steps.unwrap_or(SD_STEPS),
             s.guidance_scale.unwrap_or(SD_GUIDANCE),
         ),
@@ -277,6 +277,10 @@ pub fn run_task(
         .to_string()
     };
     match pipeline {
+        Pipeline::StableDiffusionXL(p) => Err(Error::invalid(format!(
+            "{}: SDXL pipelines do not run through tasks yet",
+            p.class_name
+        ))),
         Pipeline::Unconditional(p) => {
             let (c, h, w) = p.image_shape();
             if s.init.is_some() {
