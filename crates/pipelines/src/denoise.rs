@@ -13,7 +13,7 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use diffuse_core::{Error, Generator, Result};
-use diffuse_models::embeddings::TimeConditioning;
+use diffuse_models::embeddings::{guidance_scale_embedding, TimeConditioning};
 use diffuse_models::{AutoencoderKL, UNet2DConditionModel, UNetConditioning};
 use diffuse_schedulers::Scheduler;
 
@@ -41,25 +41,6 @@ pub(crate) struct LoopExtras<'a> {
 /// `time_cond_proj_dim` (LCM models take the scale as an embedding instead).
 pub fn guidance_enabled(guidance_scale: f64, unet: &UNet2DConditionModel) -> bool {
     guidance_scale > 1.0 && unet.config().time_cond_proj_dim.is_none()
-}
-
-/// diffusers `get_guidance_scale_embedding`: a sinusoidal embedding of `1000 * w` per row,
-/// `(rows, dim)` in f32 (`[sin, cos]`, frequencies `exp(-i * ln(10000) / (dim/2 - 1))`).
-pub fn guidance_scale_embedding(
-    w: f64,
-    rows: usize,
-    dim: usize,
-    device: &Device,
-) -> Result<Tensor> {
-    let half = dim / 2;
-    let w = (w as f32) * 1000.0;
-    let step = 10000f32.ln() / (half as f32 - 1.0);
-    let args: Vec<f32> = (0..half).map(|i| w * (i as f32 * -step).exp()).collect();
-    let mut row: Vec<f32> = args.iter().map(|a| a.sin()).collect();
-    row.extend(args.iter().map(|a| a.cos()));
-    row.resize(dim, 0.0);
-    let data: Vec<f32> = std::iter::repeat_n(row, rows).flatten().collect();
-    Ok(Tensor::from_vec(data, (rows, dim), device)?)
 }
 
 /// The starting noise of a run: `given` latents (checked against `shape`) or a draw of
