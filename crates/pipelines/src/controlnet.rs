@@ -146,6 +146,9 @@ pub(crate) struct PreparedControl {
     units: Vec<PreparedUnit>,
     guess_mode: bool,
     guided: bool,
+    /// The schedule's length before `denoising_end` cut it: diffusers' guidance windows are
+    /// shares of the whole schedule.
+    schedule_len: Option<usize>,
 }
 
 impl PreparedControl {
@@ -193,7 +196,13 @@ impl PreparedControl {
             units,
             guess_mode,
             guided,
+            schedule_len: None,
         }))
+    }
+
+    /// Sets the length of the whole schedule when the loop runs only its start.
+    pub(crate) fn set_schedule_len(&mut self, n: usize) {
+        self.schedule_len = Some(n);
     }
 
     /// The summed residuals of every ControlNet acting at step `i` of `n`, for the UNet input
@@ -224,7 +233,7 @@ impl PreparedControl {
         if let Some(tr) = trace {
             tr.controlnet_inputs.push(input.clone());
         }
-        let (fi, fnn) = (i as f64, n as f64);
+        let (fi, fnn) = (i as f64, self.schedule_len.unwrap_or(n) as f64);
         let mut total: Option<ControlResiduals> = None;
         for u in &self.units {
             let keep = !(fi / fnn < u.start || (fi + 1.0) / fnn > u.end);

@@ -606,6 +606,9 @@ impl StableDiffusionXLPipeline {
         mut run: LoopRun<'_>,
         callback: Option<&mut StepCallback<'_>>,
     ) -> Result<LatentOutput> {
+        if let Some(control) = run.extras.control.as_mut() {
+            control.set_schedule_len(run.timesteps.len());
+        }
         if let Some(end) = opts.denoising_end {
             let cutoff = timestep_cutoff(run.scheduler.as_ref(), end);
             let keep = run.timesteps.iter().filter(|&&t| t >= cutoff).count();

@@ -22,6 +22,7 @@ const RUNNERS: &[(&str, Runner)] = &[
     ("StableDiffusionXLPipeline", sdxl::run),
     ("StableDiffusionXLImg2ImgPipeline", sdxl::run),
     ("StableDiffusionControlNetPipeline", controlnet::run),
+    ("StableDiffusionXLControlNetPipeline", controlnet::run),
 ];
 
 #[test]
