@@ -43,6 +43,20 @@ pub fn guidance_enabled(guidance_scale: f64, unet: &UNet2DConditionModel) -> boo
     guidance_scale > 1.0 && unet.config().time_cond_proj_dim.is_none()
 }
 
+/// The training timestep where a fraction of the schedule ends: `round(N - fraction * N)`
+/// (Python's round), for `denoising_start`/`denoising_end`.
+pub(crate) fn timestep_cutoff(scheduler: &dyn Scheduler, fraction: f64) -> f64 {
+    // diffusers reads the config's num_train_timesteps (1000 unless the config says otherwise).
+    let n = scheduler
+        .config()
+        .map
+        .get("num_train_timesteps")
+        .and_then(|v| v.as_f64())
+        .or_else(|| scheduler.alphas_cumprod().map(|a| a.len() as f64))
+        .unwrap_or(1000.0);
+    diffuse_schedulers::common::round_half_even(n - fraction * n)
+}
+
 /// The starting noise of a run: `given` latents (checked against `shape`) or a draw of
 /// `shape` from `generator` (diffusers' `prepare_latents` before the `init_noise_sigma` scaling).
 pub(crate) fn initial_noise(

@@ -49,6 +49,7 @@ pub const SUPPORTED_PIPELINES: &[&str] = &[
     "StableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
 ];
 
 /// How to load a pipeline folder.
@@ -140,7 +141,7 @@ pub enum Pipeline {
     Unconditional(Box<UnconditionalPipeline>),
     /// `StableDiffusion{,Img2Img,Inpaint}Pipeline`: the same components, any of the three tasks.
     StableDiffusion(Box<StableDiffusionPipeline>),
-    /// `StableDiffusionXL{,Img2Img}Pipeline` (base or refiner).
+    /// `StableDiffusionXL{,Img2Img,Inpaint}Pipeline` (base or refiner), any of the three tasks.
     StableDiffusionXL(Box<StableDiffusionXLPipeline>),
 }
 
@@ -275,11 +276,11 @@ pub fn load_pipeline(path: &Path, opts: &LoadOptions) -> Result<Pipeline> {
                 UnconditionalPipeline::load(dir, index.class, class_names, opts)?,
             )))
         }
-        "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => {
-            Ok(Pipeline::StableDiffusionXL(Box::new(
-                StableDiffusionXLPipeline::load(dir, &index, opts)?,
-            )))
-        }
+        "StableDiffusionXLPipeline"
+        | "StableDiffusionXLImg2ImgPipeline"
+        | "StableDiffusionXLInpaintPipeline" => Ok(Pipeline::StableDiffusionXL(Box::new(
+            StableDiffusionXLPipeline::load(dir, &index, opts)?,
+        ))),
         _ => Err(index.unsupported()),
     }
 }

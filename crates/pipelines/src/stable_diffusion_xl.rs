@@ -22,19 +22,23 @@ use diffuse_core::{Error, Generator, Result};
 use diffuse_models::clip_text::{ClipTextModel, ClipTextModelWithProjection, ClipTextOutput};
 use diffuse_models::clip_tokenizer::ClipTokenizer;
 use diffuse_models::{AutoencoderKL, UNet2DConditionModel};
-use diffuse_schedulers::common::round_half_even;
 use diffuse_schedulers::Scheduler;
 use image::RgbImage;
 
 use crate::controlnet::PreparedControl;
-use crate::denoise::{denoise, guidance_enabled, initial_noise, LoopExtras, VaeView};
+use crate::denoise::{
+    denoise, guidance_enabled, initial_noise, timestep_cutoff, LoopExtras, VaeView,
+};
 use crate::image_processor::{default_size, preprocess_image};
 use crate::img2img::strength_timesteps;
+use crate::inpaint::{check_inpaint_unet, prepare_inpaint, InpaintModels};
 use crate::stable_diffusion::{
     repeat_batch, token_ids, EncodedPrompt, GenerationParams, ImageOutput, Text2ImageRequest,
 };
 use crate::{check_steps, component_dir, fresh_scheduler, load_scheduler};
-use crate::{Img2ImgRequest, LoadOptions, ModelIndex, StepCallback, Timings, Trace};
+use crate::{
+    Img2ImgRequest, InpaintRequest, LoadOptions, ModelIndex, StepCallback, Timings, Trace,
+};
 
 /// The SDXL components; one value serves text-to-image and image-to-image.
 pub struct StableDiffusionXLPipeline {
@@ -151,6 +155,14 @@ pub struct LatentOutput {
     pub trace: Option<Trace>,
 }
 
+/// A run with its prompt encoded.
+struct Begun {
+    embeds: SdxlPromptEmbeds,
+    prompt: EncodedPrompt,
+    timings: Timings,
+    warnings: Vec<String>,
+}
+
 /// A run ready for the denoising loop.
 struct LoopRun<'a> {
     scheduler: Box<dyn Scheduler>,
@@ -180,20 +192,6 @@ fn check_fraction(name: &str, v: Option<f64>) -> Result<()> {
         ))),
         _ => Ok(()),
     }
-}
-
-/// The training timestep where a fraction of the schedule ends:
-/// `round(N - fraction * N)` (Python's round).
-fn timestep_cutoff(scheduler: &dyn Scheduler, fraction: f64) -> f64 {
-    // diffusers reads the config's num_train_timesteps (1000 unless the config says otherwise).
-    let n = scheduler
-        .config()
-        .map
-        .get("num_train_timesteps")
-        .and_then(|v| v.as_f64())
-        .or_else(|| scheduler.alphas_cumprod().map(|a| a.len() as f64))
-        .unwrap_or(1000.0);
-    round_half_even(n - fraction * n)
 }
 
 impl StableDiffusionXLPipeline {
@@ -546,6 +544,24 @@ impl StableDiffusionXLPipeline {
         })
     }
 
+    /// The checks every task starts with, then the timed prompt encoding.
+    fn begin(&self, p: &GenerationParams, opts: &SdxlOptions) -> Result<Begun> {
+        check_steps(p.steps)?;
+        check_fraction("denoising_end", opts.denoising_end)?;
+        let mut timings = Timings::default();
+        let mut warnings = Vec::new();
+        let t0 = Instant::now();
+        let embeds = self.encode_prompt(p, opts, &mut warnings)?;
+        let prompt = embeds.encoded()?;
+        timings.text_encode = t0.elapsed();
+        Ok(Begun {
+            embeds,
+            prompt,
+            timings,
+            warnings,
+        })
+    }
+
     /// Text-to-image up to the final latents (decode them with [`Self::decode`], or hand them
     /// to a refiner after a `denoising_end`).
     pub fn text_to_latents(
@@ -555,18 +571,15 @@ impl StableDiffusionXLPipeline {
         callback: Option<&mut StepCallback<'_>>,
     ) -> Result<LatentOutput> {
         let p = &req.params;
-        check_steps(p.steps)?;
-        check_fraction("denoising_end", opts.denoising_end)?;
         let (dh, dw) = self.default_size(p)?;
         let (height, width) = (req.height.unwrap_or(dh), req.width.unwrap_or(dw));
         self.check_size(height, width)?;
-        let mut timings = Timings::default();
-        let mut warnings = Vec::new();
-
-        let t0 = Instant::now();
-        let embeds = self.encode_prompt(p, opts, &mut warnings)?;
-        let prompt = embeds.encoded()?;
-        timings.text_encode = t0.elapsed();
+        let Begun {
+            embeds,
+            prompt,
+            timings,
+            warnings,
+        } = self.begin(p, opts)?;
 
         let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
         scheduler.set_eta(p.eta);
@@ -682,9 +695,7 @@ impl StableDiffusionXLPipeline {
         opts: &SdxlOptions,
         callback: Option<&mut StepCallback<'_>>,
     ) -> Result<LatentOutput> {
-        check_steps(p.steps)?;
         check_fraction("denoising_start", opts.denoising_start)?;
-        check_fraction("denoising_end", opts.denoising_end)?;
         if let (Some(s), Some(e)) = (opts.denoising_start, opts.denoising_end) {
             if s >= e {
                 return Err(Error::invalid(format!(
@@ -692,13 +703,12 @@ impl StableDiffusionXLPipeline {
                 )));
             }
         }
-        let mut timings = Timings::default();
-        let mut warnings = Vec::new();
-
-        let t0 = Instant::now();
-        let embeds = self.encode_prompt(p, opts, &mut warnings)?;
-        let prompt = embeds.encoded()?;
-        timings.text_encode = t0.elapsed();
+        let Begun {
+            embeds,
+            prompt,
+            mut timings,
+            warnings,
+        } = self.begin(p, opts)?;
 
         let t1 = Instant::now();
         let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
@@ -772,6 +782,65 @@ impl StableDiffusionXLPipeline {
             prompt,
             extras,
             generator,
+            timings,
+            warnings,
+        };
+        self.run_loop(p, opts, run, callback)
+    }
+
+    /// Inpainting (`StableDiffusionXLInpaintPipeline`), with a 9-channel inpainting UNet or any
+    /// 4-channel one; the default size is the model's native one, the image resized to it.
+    pub fn inpaint(
+        &self,
+        req: &InpaintRequest,
+        opts: &SdxlOptions,
+        callback: Option<&mut StepCallback<'_>>,
+    ) -> Result<ImageOutput> {
+        self.decode(self.inpaint_latents(req, opts, callback)?)
+    }
+
+    /// Inpainting up to the final latents.
+    pub fn inpaint_latents(
+        &self,
+        req: &InpaintRequest,
+        opts: &SdxlOptions,
+        callback: Option<&mut StepCallback<'_>>,
+    ) -> Result<LatentOutput> {
+        let p = &req.params;
+        if opts.denoising_start.is_some() {
+            return Err(Error::invalid(
+                "denoising_start is not supported for SDXL inpainting; use strength",
+            ));
+        }
+        check_inpaint_unet(&self.unet, &self.vae)?;
+        let Begun {
+            embeds,
+            prompt,
+            mut timings,
+            warnings,
+        } = self.begin(p, opts)?;
+
+        let t1 = Instant::now();
+        let (dh, dw) = self.default_size(p)?;
+        let size = (req.height.unwrap_or(dh), req.width.unwrap_or(dw));
+        self.check_size(size.0, size.1)?;
+        let models = InpaintModels {
+            unet: &self.unet,
+            vae: self.vae_view(),
+            scheduler: self.scheduler.as_ref(),
+        };
+        let prepared = prepare_inpaint(&models, req, size, &prompt, opts.denoising_end)?;
+        let time_ids = self.img2img_time_ids(size, opts, &embeds)?;
+        let mut extras = prepared.extras;
+        extras.text_time = Some(self.added_conditioning(&embeds, time_ids)?);
+        timings.image_encode = t1.elapsed();
+        let run = LoopRun {
+            scheduler: prepared.scheduler,
+            timesteps: prepared.timesteps,
+            latents: prepared.latents,
+            prompt,
+            extras,
+            generator: prepared.generator,
             timings,
             warnings,
         };

@@ -21,6 +21,7 @@ const RUNNERS: &[(&str, Runner)] = &[
     ("StableDiffusionPipeline", sd::run),
     ("StableDiffusionXLPipeline", sdxl::run),
     ("StableDiffusionXLImg2ImgPipeline", sdxl::run),
+    ("StableDiffusionXLInpaintPipeline", sdxl::run),
     ("StableDiffusionControlNetPipeline", controlnet::run),
     ("StableDiffusionXLControlNetPipeline", controlnet::run),
 ];

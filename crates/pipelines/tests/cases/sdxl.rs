@@ -2,8 +2,8 @@
 
 use anyhow::{bail, Context, Result};
 use diffuse_pipelines::{
-    load_pipeline, GenerationParams, Img2ImgRequest, LoadOptions, Pipeline, SdxlOptions,
-    StableDiffusionXLPipeline, Text2ImageRequest,
+    load_pipeline, GenerationParams, Img2ImgRequest, InpaintRequest, LoadOptions, Pipeline,
+    SdxlOptions, StableDiffusionXLPipeline, Text2ImageRequest,
 };
 
 use crate::harness::{trace_tensors, Case, Produced};
@@ -73,6 +73,22 @@ pub fn run(case: &Case) -> Result<Produced> {
                 strength: case.arg_f64("strength")?,
             };
             pipe.img2img(&req, &opts, None)?
+        }
+        "inpaint" => {
+            let open = |k: &str| -> Result<image::DynamicImage> {
+                let path = case.case_file(&case.arg_str(k)?);
+                image::open(&path).with_context(|| path.display().to_string())
+            };
+            let req = InpaintRequest {
+                params,
+                image: open("init_image")?.to_rgb8(),
+                mask: open("mask_image")?.to_luma8(),
+                strength: case.arg_f64("strength")?,
+                height: case.opt_usize("height"),
+                width: case.opt_usize("width"),
+                latents: None,
+            };
+            pipe.inpaint(&req, &opts, None)?
         }
         other => bail!("task `{other}` is not an SDXL task here"),
     };
