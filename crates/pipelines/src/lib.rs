@@ -5,6 +5,7 @@
 //! and returns the [`Pipeline`] its `_class_name` names. Each pipeline is one file whose
 //! `__call__`-like method reads as the diffusers loop does.
 
+pub mod canny;
 pub mod controlnet;
 pub mod convert;
 pub mod ddpm;
@@ -28,6 +29,7 @@ pub use diffuse_loaders::lora::LoraSpec;
 use diffuse_models::AutoencoderKL;
 use diffuse_schedulers::{Scheduler, SchedulerConfig};
 
+pub use canny::canny;
 pub use controlnet::{load_controlnet, ControlNetRequest, ControlNetUnit};
 pub use ddpm::{ClassGuidance, UnconditionalOutput, UnconditionalPipeline, UnconditionalRequest};
 pub use img2img::Img2ImgRequest;
