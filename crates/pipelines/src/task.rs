@@ -14,7 +14,8 @@ use image::{DynamicImage, GrayImage, RgbImage};
 use crate::png_info::{encode_png, InfoText};
 use crate::prompt_weighting::PromptSyntax;
 use crate::{
-    GenerationParams, Img2ImgRequest, InpaintRequest, ModelIndex, Pipeline, StepCallback,
+    ControlNetRequest, GenerationParams, ImageOutput, Img2ImgRequest, InpaintRequest, ModelIndex,
+    Pipeline, SdxlOptions, StableDiffusionPipeline, StableDiffusionXLPipeline, StepCallback,
     Text2ImageRequest, Timings, UnconditionalRequest,
 };
 
@@ -33,7 +34,8 @@ pub const SD_GUIDANCE: f64 = 7.5;
 pub enum PipelineKind {
     /// DDPM/DDIM over a `UNet2DModel` (maybe class-conditional); fixed image size.
     Unconditional,
-    /// Stable Diffusion: text-to-image, img2img, inpainting at any multiple of the VAE factor.
+    /// Stable Diffusion (1.x/2.x and SDXL): text-to-image, img2img, inpainting at any
+    /// multiple of the VAE factor.
     StableDiffusion,
 }
 
@@ -95,7 +97,10 @@ pub fn describe(dir: &Path) -> Result<PipelineInfo> {
         }
         "StableDiffusionPipeline"
         | "StableDiffusionImg2ImgPipeline"
-        | "StableDiffusionInpaintPipeline" => {
+        | "StableDiffusionInpaintPipeline"
+        | "StableDiffusionXLPipeline"
+        | "StableDiffusionXLImg2ImgPipeline"
+        | "StableDiffusionXLInpaintPipeline" => {
             let unet: diffuse_models::UNet2DConditionConfig =
                 diffuse_loaders::read_config(&dir.join("unet/config.json"))?;
             let vae: diffuse_models::AutoencoderKLConfig =
@@ -193,6 +198,8 @@ pub struct TaskSettings {
     pub prompt_syntax: PromptSyntax,
     /// Use the text encoder's output this many layers before the last (Stable Diffusion).
     pub clip_skip: Option<usize>,
+    /// ControlNets steering a Stable Diffusion task.
+    pub controlnet: Option<ControlNetRequest>,
 }
 
 impl Default for TaskSettings {
@@ -211,6 +218,7 @@ impl Default for TaskSettings {
             init: None,
             prompt_syntax: PromptSyntax::Plain,
             clip_skip: None,
+            controlnet: None,
         }
     }
 }
@@ -277,10 +285,6 @@ pub fn run_task(
         .to_string()
     };
     match pipeline {
-        Pipeline::StableDiffusionXL(p) => Err(Error::invalid(format!(
-            "{}: SDXL pipelines do not run through tasks yet",
-            p.class_name
-        ))),
         Pipeline::Unconditional(p) => {
             let (c, h, w) = p.image_shape();
             if s.init.is_some() {
@@ -339,10 +343,11 @@ pub fn run_task(
                 warnings: Vec::new(),
             })
         }
-        Pipeline::StableDiffusion(p) => {
+        Pipeline::StableDiffusion(_) | Pipeline::StableDiffusionXL(_) => {
+            let p = SdFamily::of(pipeline)?;
             let params = GenerationParams {
                 prompts: vec![s.prompt.clone()],
-                negative_prompts: vec![s.negative_prompt.clone()],
+                negative_prompts: p.negative_prompts(&s.negative_prompt),
                 guidance_scale: guidance,
                 num_images_per_prompt: s.num_images,
                 steps,
@@ -350,11 +355,12 @@ pub fn run_task(
                 seed: s.seed,
                 prompt_syntax: s.prompt_syntax,
                 clip_skip: s.clip_skip,
+                controlnet: s.controlnet.clone(),
                 ..Default::default()
             };
             let (out, (w, h), mut extra) = match &s.init {
                 None => {
-                    let (dh, dw) = p.default_size();
+                    let (dh, dw) = p.default_size(&params)?;
                     let (h, w) = (s.height.unwrap_or(dh), s.width.unwrap_or(dw));
                     let req = Text2ImageRequest {
                         params,
@@ -372,7 +378,7 @@ pub fn run_task(
                         f,
                     )?;
                     let (h, w) = (s.height.unwrap_or(h), s.width.unwrap_or(w));
-                    p.check_size(h, w)?;
+                    crate::check_image_size(h, w, f)?;
                     let extra = vec![("Denoising strength".to_string(), init.strength.to_string())];
                     // A1111 resizes the init image to the requested size.
                     let image =
@@ -421,6 +427,83 @@ pub fn run_task(
                 timings: out.timings,
                 warnings: out.warnings,
             })
+        }
+    }
+}
+
+/// The Stable Diffusion family (1.x/2.x and SDXL): the same three tasks, SDXL's with its
+/// default options.
+enum SdFamily<'a> {
+    Sd(&'a StableDiffusionPipeline),
+    Xl(&'a StableDiffusionXLPipeline),
+}
+
+impl<'a> SdFamily<'a> {
+    fn of(pipeline: &'a Pipeline) -> Result<Self> {
+        match pipeline {
+            Pipeline::StableDiffusion(p) => Ok(Self::Sd(p)),
+            Pipeline::StableDiffusionXL(p) => Ok(Self::Xl(p)),
+            other => Err(Error::invalid(format!(
+                "{} is not a Stable Diffusion pipeline",
+                other.class_name()
+            ))),
+        }
+    }
+
+    /// An empty negative prompt is "none" for SDXL (whose `force_zeros_for_empty_prompt`
+    /// then zeroes the unconditional embeddings, as diffusers does without one) and the
+    /// empty text for SD.
+    fn negative_prompts(&self, negative: &str) -> Vec<String> {
+        match self {
+            Self::Xl(_) if negative.is_empty() => Vec::new(),
+            _ => vec![negative.to_string()],
+        }
+    }
+
+    fn default_size(&self, p: &GenerationParams) -> Result<(usize, usize)> {
+        match self {
+            Self::Sd(x) => x.default_size_for(p),
+            Self::Xl(x) => x.default_size(p),
+        }
+    }
+
+    fn vae_scale_factor(&self) -> usize {
+        match self {
+            Self::Sd(x) => x.vae_scale_factor(),
+            Self::Xl(x) => x.vae_scale_factor(),
+        }
+    }
+
+    fn text_to_image(
+        &self,
+        req: &Text2ImageRequest,
+        cb: Option<&mut StepCallback<'_>>,
+    ) -> Result<ImageOutput> {
+        match self {
+            Self::Sd(x) => x.text_to_image(req, cb),
+            Self::Xl(x) => x.text_to_image(req, &SdxlOptions::default(), cb),
+        }
+    }
+
+    fn img2img(
+        &self,
+        req: &Img2ImgRequest,
+        cb: Option<&mut StepCallback<'_>>,
+    ) -> Result<ImageOutput> {
+        match self {
+            Self::Sd(x) => x.img2img(req, cb),
+            Self::Xl(x) => x.img2img(req, &SdxlOptions::default(), cb),
+        }
+    }
+
+    fn inpaint(
+        &self,
+        req: &InpaintRequest,
+        cb: Option<&mut StepCallback<'_>>,
+    ) -> Result<ImageOutput> {
+        match self {
+            Self::Sd(x) => x.inpaint(req, cb),
+            Self::Xl(x) => x.inpaint(req, &SdxlOptions::default(), cb),
         }
     }
 }

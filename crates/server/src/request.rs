@@ -358,6 +358,7 @@ impl GenerateRequest {
                 // What A1111 clients write: weights, escapes, long prompts.
                 prompt_syntax: PromptSyntax::A1111,
                 clip_skip: None,
+                controlnet: None,
             },
             n_iter,
             task,
