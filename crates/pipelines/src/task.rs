@@ -544,6 +544,47 @@ mod tests {
         assert_eq!(info.size_multiple, None);
     }
 
+    /// SDXL folders are described like SD ones and run the three tasks through `run_task`.
+    #[test]
+    fn sdxl_tasks() {
+        let dir = repo("fixtures/cases/_models/tiny_sdxl");
+        let info = describe(&dir).unwrap();
+        let p = load_pipeline(&dir, &LoadOptions::default()).unwrap();
+        let Pipeline::StableDiffusionXL(xl) = &p else {
+            panic!("tiny_sdxl is not an SDXL pipeline")
+        };
+        assert_eq!(
+            info.size,
+            xl.default_size(&GenerationParams::default()).unwrap()
+        );
+        let mut s = TaskSettings {
+            prompt: "a lighthouse".into(),
+            steps: Some(2),
+            seed: 5,
+            ..Default::default()
+        };
+        let out = run_task(&p, "tiny", &s, None).unwrap();
+        assert_eq!((out.images[0].width(), out.images[0].height()), (64, 64));
+        let image = out.images[0].to_rgb8();
+        s.init = Some(InitImage {
+            image: image.clone(),
+            mask: None,
+            strength: 0.5,
+        });
+        let out = run_task(&p, "tiny", &s, None).unwrap();
+        assert!(
+            out.infotext.contains("Denoising strength: 0.5"),
+            "{}",
+            out.infotext
+        );
+        s.init = Some(InitImage {
+            image,
+            mask: Some(GrayImage::from_pixel(64, 64, image::Luma([255]))),
+            strength: 1.0,
+        });
+        assert_eq!(run_task(&p, "tiny", &s, None).unwrap().images.len(), 1);
+    }
+
     #[test]
     fn classes_by_name_or_index() {
         let names: Vec<String> = ["T-shirt/top", "Trouser", "Sneaker"]
