@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--transformers", action="store_true",
                     help="also an SD3-medium step and a FLUX.1-dev double and single block at --transformer-size")
     ap.add_argument("--transformer-size", type=int, default=1024)
+    ap.add_argument("--large", action="store_true", help="also the SDXL / 2048x2048 lines (10+ GiB each)")
     args = ap.parse_args()
 
     import torch
@@ -146,6 +147,55 @@ def main():
                 del model
         hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
         out["transformers peak_rss_mib"] = int(hwm[0].split()[1]) / 1024.0 if hwm else float("nan")
+    def peak_rss(name):
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
+        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+        out[name + " peak_rss_mib"] = int(hwm[0].split()[1]) / 1024.0 if hwm else float("nan")
+
+    xl = os.path.join(args.configs, "stabilityai_stable_diffusion_xl_base_1_0")
+    fixtures = args.fixtures or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+    if args.large and want("unet sdxl step"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(xl, "unet"))).eval().to(dev)
+        lat, ctx, pooled = randn(2, 4, 128, 128), randn(2, 77, 2048), randn(2, 1280)
+        ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2, device=dev)
+        t = torch.tensor([999.0, 999.0], device=dev)
+        cond = {"text_embeds": pooled, "time_ids": ids}
+        run("unet sdxl step", lambda: unet(lat, t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample)
+        peak_rss("unet sdxl step")
+        del unet
+    for name, folder, side, tiled in [("vae sdxl decode 1024", xl, 1024, False),
+                                      ("vae sd15 tiled decode 2048", sd, 2048, True)]:
+        if args.large and want(name):
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(folder, "vae"))).eval().to(dev)
+            if tiled:
+                vae.enable_tiling()
+            z = randn(1, 4, side // 8, side // 8)
+            run(name, lambda: vae.decode(z).sample)
+            peak_rss(name)
+            del vae
+    turbo = "pipeline sdxl-turbo 512 1 step"
+    if args.large and want(turbo):
+        from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+        from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                                  CLIPTokenizer)
+
+        models = os.path.join(fixtures, "cases", "_models")
+        pipe = StableDiffusionXLPipeline(
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(xl, "vae"))),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(os.path.join(xl, "text_encoder", "config.json"))),
+            text_encoder_2=CLIPTextModelWithProjection(
+                CLIPTextConfig.from_json_file(os.path.join(xl, "text_encoder_2", "config.json"))),
+            tokenizer=CLIPTokenizer.from_pretrained(os.path.join(models, "tiny_sdxl", "tokenizer")),
+            tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(models, "tiny_sdxl", "tokenizer_2")),
+            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(xl, "unet"))),
+            scheduler=EulerAncestralDiscreteScheduler.from_pretrained(os.path.join(models, "tiny_sdxl_turbo", "scheduler")),
+        ).to(dev)
+        pipe.set_progress_bar_config(disable=True)
+        gen = torch.Generator("cpu").manual_seed(0)
+        run(turbo, lambda: pipe("a photograph of an astronaut riding a horse", num_inference_steps=1,
+                                guidance_scale=0.0, height=512, width=512, generator=gen, output_type="np"))
+        peak_rss(turbo)
+        del pipe
     if args.pipeline:
         from diffusers import PNDMScheduler, StableDiffusionPipeline
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer

@@ -52,6 +52,12 @@ pub struct BenchArgs {
     /// CPU. `--only pipeline` runs it alone (so the peak RSS is the pipeline's).
     #[arg(long)]
     pub pipeline: bool,
+    /// Also the large lines (minutes and 10+ GiB each; run them one at a time with --only so
+    /// each peak RSS is its own): the SDXL UNet step (batch 2, 128x128 latents), the SDXL VAE
+    /// decode at 1024x1024, the SD 1.5 VAE tiled decode at 2048x2048, and an SDXL-Turbo-like
+    /// 1-step 512x512 text-to-image run (both text encoders, no guidance, decode).
+    #[arg(long)]
+    pub large: bool,
     /// Denoising steps of the --pipeline run (the peak memory does not depend on them).
     #[arg(long, default_value_t = 20)]
     pub pipeline_steps: usize,
@@ -139,6 +145,8 @@ struct Line {
     name: String,
     ms: f64,
     gflop: Option<f64>,
+    /// The process's peak RSS when the line finished.
+    peak_rss_mib: Option<f64>,
 }
 
 struct Bench<'a> {
@@ -198,6 +206,7 @@ impl Bench<'_> {
             name: name.to_string(),
             ms,
             gflop,
+            peak_rss_mib: peak_rss_mib(),
         });
         Ok(())
     }
@@ -421,6 +430,127 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// A `--large` line this run wants.
+    fn wanted_large(&self, name: &str) -> bool {
+        self.args.large && self.wanted(name)
+    }
+
+    /// The `--large` lines: SDXL's UNet and VAE, a tiled 2048² SD 1.5 decode, a 1-step SDXL run.
+    fn large(&mut self) -> Result<()> {
+        use diffuse_models::embeddings::TimeConditioning;
+        use diffuse_models::UNetConditioning;
+        let dev = self.device.clone();
+        let xl = self
+            .args
+            .configs
+            .join("stabilityai_stable_diffusion_xl_base_1_0");
+        if self.wanted_large("unet sdxl step") {
+            let cfg: UNet2DConditionConfig = read_config(&xl.join("unet/config.json"))?;
+            let unet = UNet2DConditionModel::new(random_vb(&dev), &cfg)?;
+            let lat = Tensor::randn(0f32, 1.0, (2, 4, 128, 128), &dev)?;
+            let ctx = Tensor::randn(0f32, 1.0, (2, 77, 2048), &dev)?;
+            let pooled = Tensor::randn(0f32, 1.0, (2, 1280), &dev)?;
+            let ids = [1024f32, 1024., 0., 0., 1024., 1024.];
+            let time_ids = Tensor::from_vec([ids, ids].concat(), (2, 6), &dev)?;
+            let t = Tensor::new(&[999f32, 999.0], &dev)?;
+            let cond = UNetConditioning {
+                time: TimeConditioning {
+                    text_time: Some((&pooled, &time_ids)),
+                    ..Default::default()
+                },
+                control: None,
+            };
+            self.time("unet sdxl step", None, || {
+                Ok(unet.forward_with(&lat, &t, &ctx, &cond)?)
+            })?;
+        }
+        let decode =
+            |b: &mut Self, name: &str, dir: &Path, side: usize, tiled: bool| -> Result<()> {
+                let cfg: AutoencoderKLConfig = read_config(&dir.join("vae/config.json"))?;
+                let mut vae = AutoencoderKL::new(random_vb(&dev), &cfg)?;
+                if tiled {
+                    vae.enable_tiling();
+                }
+                let z = Tensor::randn(0f32, 1.0, (1, 4, side / 8, side / 8), &dev)?;
+                b.time(name, None, || Ok(vae.decode(&z)?))
+            };
+        if self.wanted_large("vae sdxl decode 1024") {
+            decode(self, "vae sdxl decode 1024", &xl, 1024, false)?;
+        }
+        if self.wanted_large("vae sd15 tiled decode 2048") {
+            let sd = self.args.configs.join("runwayml_stable_diffusion_v1_5");
+            decode(self, "vae sd15 tiled decode 2048", &sd, 2048, true)?;
+        }
+        if self.wanted_large(TURBO) {
+            self.turbo(&xl)?;
+        }
+        Ok(())
+    }
+
+    /// An SDXL-Turbo-like run on the real SDXL architecture with random weights: one step of
+    /// EulerAncestral with trailing spacing, guidance 0, 512x512, both text encoders and the
+    /// decode included.
+    fn turbo(&mut self, xl: &Path) -> Result<()> {
+        use diffuse_models::clip_text::ClipTextModelWithProjection;
+        use diffuse_models::clip_tokenizer::ClipTokenizer;
+        use diffuse_pipelines::{
+            GenerationParams, SdxlOptions, StableDiffusionXLPipeline, Text2ImageRequest,
+        };
+        let dev = self.device.clone();
+        let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/cases/_models");
+        let sched = diffuse_schedulers::SchedulerConfig::from_file(
+            &tiny.join("tiny_sdxl_turbo/scheduler/scheduler_config.json"),
+        )?;
+        let clip = |name: &str| -> Result<ClipTextConfig> {
+            Ok(read_config(&xl.join(name).join("config.json"))?)
+        };
+        let pipe = StableDiffusionXLPipeline {
+            class_name: "StableDiffusionXLPipeline".into(),
+            unet: UNet2DConditionModel::new(
+                random_vb(&dev),
+                &read_config(&xl.join("unet/config.json"))?,
+            )?,
+            vae: AutoencoderKL::new(random_vb(&dev), &read_config(&xl.join("vae/config.json"))?)?,
+            text_encoder: Some(ClipTextModel::new(random_vb(&dev), &clip("text_encoder")?)?),
+            tokenizer: Some(ClipTokenizer::from_dir(&tiny.join("tiny_sdxl/tokenizer"))?),
+            text_encoder_2: ClipTextModelWithProjection::new(
+                random_vb(&dev),
+                &clip("text_encoder_2")?,
+            )?,
+            tokenizer_2: ClipTokenizer::from_dir(&tiny.join("tiny_sdxl/tokenizer_2"))?,
+            scheduler: diffuse_schedulers::from_own_config(&sched)?,
+            device: dev.clone(),
+            dtype: DType::F32,
+            vae_dtype: DType::F32,
+            force_zeros_for_empty_prompt: true,
+            requires_aesthetics_score: false,
+        };
+        let req = Text2ImageRequest {
+            params: GenerationParams {
+                prompts: vec!["a photograph of an astronaut riding a horse".into()],
+                steps: 1,
+                guidance_scale: 0.0,
+                seed: 0,
+                ..Default::default()
+            },
+            height: Some(512),
+            width: Some(512),
+            latents: None,
+        };
+        let opts = SdxlOptions::default();
+        self.time(TURBO, None, || {
+            let out = pipe.text_to_image(&req, &opts, None)?;
+            let t = &out.timings;
+            println!(
+                "    text encode {:.1} s, denoise {:.1} s, decode {:.1} s",
+                t.text_encode.as_secs_f64(),
+                t.denoise.as_secs_f64(),
+                t.decode.as_secs_f64()
+            );
+            Ok(out.images)
+        })
+    }
+
     /// One full text-to-image run, timed per phase by the pipeline itself.
     fn pipeline(&mut self) -> Result<()> {
         use diffuse_pipelines::stable_diffusion::{
@@ -485,6 +615,7 @@ impl Bench<'_> {
             name,
             ms: total,
             gflop: None,
+            peak_rss_mib: peak_rss_mib(),
         });
         Ok(())
     }
@@ -516,6 +647,20 @@ impl FluxInputs {
         Ok(model.forward(&self.x, &self.t, &cond)?)
     }
 }
+
+/// Hands the heap memory our lines freed back to the OS before PyTorch runs: glibc keeps freed
+/// blocks (up to the 32 MiB mmap threshold main sets) in the heap, and with the large lines
+/// the 10+ GiB they held plus PyTorch's own ran the machine out of memory.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only returns free pages to the OS; no block in use is touched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
 
 fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
     let python = args
@@ -560,6 +705,7 @@ fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
         } else {
             vec![]
         })
+        .args(if args.large { vec!["--large"] } else { vec![] })
         .args(if args.pipeline {
             vec![
                 "--pipeline".to_string(),
@@ -619,6 +765,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if let Some(spec) = &args.flux_bf16_step {
             b.flux_bf16_step(spec)?;
         }
+        b.large()?;
         if args.pipeline {
             b.pipeline()?;
         }
@@ -627,6 +774,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             lines = b.lines;
         }
         if args.compare_torch {
+            release_freed_memory();
             torch_rounds.push(torch_baseline(&args)?);
         }
     }
@@ -673,10 +821,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 _ => String::new(),
             };
             match (ours.get(&l.name), t.get(&l.name), median(ratios)) {
-                (Some(o), Some(tm), Some(ratio)) => println!(
-                    "{:<34} {:>10.1} {:>10.1} {:>7.2}x   {range}",
-                    l.name, o, tm, ratio
-                ),
+                (Some(o), Some(tm), Some(ratio)) => {
+                    println!(
+                        "{:<34} {:>10.1} {:>10.1} {:>7.2}x   {range}",
+                        l.name, o, tm, ratio
+                    );
+                    // The large lines' peak RSS (their own when run alone with --only).
+                    if let (Some(ours), Some(theirs)) =
+                        (l.peak_rss_mib, t.get(&format!("{} peak_rss_mib", l.name)))
+                    {
+                        println!(
+                            "{:<34} {:>6.0} MiB {:>6.0} MiB {:>7.2}x",
+                            "  peak RSS",
+                            ours,
+                            theirs,
+                            ours / theirs
+                        );
+                    }
+                }
                 _ => println!("{:<34} {:>10} {:>10} {:>8}", l.name, "-", "-", "-"),
             }
         }
@@ -713,7 +875,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let lines: Vec<serde_json::Value> = lines
             .iter()
-            .map(|l| serde_json::json!({"name": l.name, "ms": ours.get(&l.name), "gflop": l.gflop, "torch_ms": torch.as_ref().and_then(|t| t.get(&l.name))}))
+            .map(|l| serde_json::json!({"name": l.name, "ms": ours.get(&l.name), "gflop": l.gflop, "peak_rss_mib": l.peak_rss_mib, "torch_ms": torch.as_ref().and_then(|t| t.get(&l.name))}))
             .collect();
         let doc = serde_json::json!({"device": args.device, "threads": rayon_threads(), "peak_rss_mib": peak_rss_mib(), "lines": lines, "ours_ms": ours, "rounds": {"ours_ms": ours_rounds, "torch_ms": torch_rounds}});
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
@@ -754,6 +916,9 @@ fn print_profile(rows: Vec<(String, diffuse_models::profile::Entry)>, total_ms: 
         100.0 * rest / total_ms
     );
 }
+
+/// The `--large` SDXL-Turbo-like line.
+const TURBO: &str = "pipeline sdxl-turbo 512 1 step";
 
 fn pipeline_name(steps: usize) -> String {
     format!("pipeline sd15 txt2img 512 {steps} steps")

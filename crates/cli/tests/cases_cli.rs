@@ -25,6 +25,11 @@ const MAPPERS: &[(&str, Mapper)] = &[
     ("StableDiffusion3Pipeline", flow_matching),
     ("FluxPipeline", flow_matching),
     ("DiTPipeline", dit),
+    ("StableDiffusionXLPipeline", stable_diffusion),
+    ("StableDiffusionXLImg2ImgPipeline", stable_diffusion),
+    ("StableDiffusionXLInpaintPipeline", stable_diffusion),
+    ("StableDiffusionControlNetPipeline", controlnet),
+    ("StableDiffusionXLControlNetPipeline", controlnet),
 ];
 
 struct Case {
@@ -40,6 +45,25 @@ impl Case {
 
     fn path(&self, rel: &str) -> String {
         self.root.join(rel).display().to_string()
+    }
+
+    /// A file of the case folder (`init_image`, `control_image`).
+    fn case_file(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    /// Fails on an args key the mapping does not turn into a flag (it would be dropped
+    /// silently otherwise).
+    fn check_known(&self, known: &[&str]) -> Result<()> {
+        let obj = self.args().as_object().context("args is not an object")?;
+        let unknown: Vec<&String> = obj
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .collect();
+        if !unknown.is_empty() {
+            bail!("args with no command-line mapping: {unknown:?}");
+        }
+        Ok(())
     }
 
     /// `--flag value` for every args key present, in the order given.
@@ -59,17 +83,96 @@ impl Case {
     }
 }
 
-/// `diffuse generate` for Stable Diffusion text-to-image, with LoRAs, embeddings and single
-/// files.
+/// The args every Stable Diffusion (1.x/2.x, SDXL) mapping turns into flags.
+const SD_ARGS: &[&str] = &[
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "seed",
+    "scheduler",
+    "loras",
+    "textual_inversions",
+    "init_image",
+    "mask_image",
+    "strength",
+];
+
+/// The args the ControlNet mapping adds.
+const CONTROLNET_ARGS: &[&str] = &[
+    "control_image",
+    "controlnet_conditioning_scale",
+    "control_guidance_start",
+    "control_guidance_end",
+    "guess_mode",
+];
+
+/// Stable Diffusion 1.x/2.x and SDXL: `diffuse generate` (text-to-image, with LoRAs,
+/// embeddings and single files), `diffuse img2img --init-image PNG --strength S` or
+/// `diffuse inpaint --init-image PNG --mask PNG --strength S`.
 fn stable_diffusion(case: &Case, out: &Path) -> Result<Invocation> {
-    if case.json["task"] != "text2img" {
-        bail!("task {} has no command-line mapping", case.json["task"]);
+    case.check_known(SD_ARGS)?;
+    sd_command(case, out)
+}
+
+/// A ControlNet pipeline: the Stable Diffusion command plus `--controlnet DIR --control-image
+/// PNG --controlnet-scale C` per ControlNet (a case's list settings give one flag each),
+/// `--control-guidance-start/end` and `--guess-mode`.
+fn controlnet(case: &Case, out: &Path) -> Result<Invocation> {
+    case.check_known(&[SD_ARGS, CONTROLNET_ARGS].concat())?;
+    let mut inv = sd_command(case, out)?;
+    let items = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        match v {
+            serde_json::Value::Array(a) => a.clone(),
+            serde_json::Value::Null => vec![],
+            other => vec![other.clone()],
+        }
+    };
+    for net in items(&case.json["controlnet"]) {
+        let rel = net.as_str().context("controlnet: a folder")?;
+        inv.args.extend(["--controlnet".into(), case.path(rel)]);
     }
+    for img in items(&case.args()["control_image"]) {
+        let name = img.as_str().context("control_image: a file name")?;
+        inv.args
+            .extend(["--control-image".into(), case.case_file(name)]);
+    }
+    for (key, flag) in [
+        ("controlnet_conditioning_scale", "--controlnet-scale"),
+        ("control_guidance_start", "--control-guidance-start"),
+        ("control_guidance_end", "--control-guidance-end"),
+    ] {
+        for v in items(&case.args()[key]) {
+            inv.args.extend([flag.to_string(), v.to_string()]);
+        }
+    }
+    if case.args()["guess_mode"].as_bool() == Some(true) {
+        inv.args.push("--guess-mode".into());
+    }
+    Ok(inv)
+}
+
+/// The command of a Stable Diffusion case, by its task.
+fn sd_command(case: &Case, out: &Path) -> Result<Invocation> {
+    let task = case.json["task"].as_str().context("task")?;
+    let sub = match task {
+        "text2img" => "generate",
+        "img2img" => "img2img",
+        "inpaint" => "inpaint",
+        other => bail!("task {other} has no command-line mapping"),
+    };
     let mut args = vec![
-        "generate".to_string(),
+        sub.to_string(),
         "--model".into(),
         case.path(case.json["pipeline"].as_str().context("pipeline")?),
     ];
+    for (key, flag) in [("init_image", "--init-image"), ("mask_image", "--mask")] {
+        if let Some(name) = case.args()[key].as_str() {
+            args.extend([flag.to_string(), case.case_file(name)]);
+        }
+    }
     if let Some(c) = case.json["config"].as_str() {
         args.extend(["--config".into(), case.path(c)]);
     }
@@ -82,6 +185,7 @@ fn stable_diffusion(case: &Case, out: &Path) -> Result<Invocation> {
         ("height", "--height"),
         ("seed", "--seed"),
         ("scheduler", "--scheduler"),
+        ("strength", "--strength"),
     ]));
     for l in case.args()["loras"].as_array().into_iter().flatten() {
         let file = case.path(l["file"].as_str().context("loras[].file")?);

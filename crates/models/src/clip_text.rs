@@ -264,9 +264,7 @@ impl ClipTextModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let files = diffuse_loaders::component_weight_files(dir, variant)?;
-        diffuse_loaders::load_model(&files, dtype, device, |vb| Self::new(vb, &cfg))
+        load(dir, variant, dtype, device, Self::new)
     }
 
     pub fn config(&self) -> &ClipTextConfig {
@@ -381,6 +379,19 @@ impl ClipTextModel {
     }
 }
 
+/// Reads `config.json` and the weights of a text encoder folder and builds a model with them.
+fn load<M>(
+    dir: &Path,
+    variant: Option<&str>,
+    dtype: DType,
+    device: &Device,
+    build: fn(VarBuilder, &ClipTextConfig) -> candle_core::Result<M>,
+) -> Result<M> {
+    let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
+    let files = diffuse_loaders::component_weight_files(dir, variant)?;
+    diffuse_loaders::load_model(&files, dtype, device, |vb| build(vb, &cfg))
+}
+
 /// `transformers.CLIPTextModelWithProjection`: the CLIP text encoder plus `text_projection`
 /// (no bias) of the pooled output, SDXL's second text encoder.
 #[derive(Debug, Clone)]
@@ -421,9 +432,7 @@ impl ClipTextModelWithProjection {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let files = diffuse_loaders::component_weight_files(dir, variant)?;
-        diffuse_loaders::load_model(&files, dtype, device, |vb| Self::new(vb, &cfg))
+        load(dir, variant, dtype, device, Self::new)
     }
 
     /// The text model without the projection.

@@ -44,6 +44,25 @@ pub fn timestep_embedding(
     }
 }
 
+/// diffusers' `get_guidance_scale_embedding` (the pipelines' LCM timestep condition): a
+/// sinusoidal embedding of `1000 * w` per row, `(rows, dim)` in f32 (`[sin, cos]`, frequencies `exp(-i * ln(10000) / (dim/2 - 1))`).
+pub fn guidance_scale_embedding(
+    w: f64,
+    rows: usize,
+    dim: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let w = (w as f32) * 1000.0;
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let args: Vec<f32> = (0..half).map(|i| w * (i as f32 * -step).exp()).collect();
+    let mut row: Vec<f32> = args.iter().map(|a| a.sin()).collect();
+    row.extend(args.iter().map(|a| a.cos()));
+    row.resize(dim, 0.0);
+    let data: Vec<f32> = std::iter::repeat_n(row, rows).flatten().collect();
+    Tensor::from_vec(data, (rows, dim), device)
+}
+
 /// diffusers `Timesteps`: the parameter-free sinusoidal projection.
 #[derive(Clone, Debug)]
 pub struct Timesteps {
@@ -185,7 +204,7 @@ impl TimestepEmbedding {
     /// (an error when exactly one of them is there).
     pub fn forward_cond(&self, xs: &Tensor, condition: Option<&Tensor>) -> Result<Tensor> {
         let xs = match (&self.cond_proj, condition) {
-            (Some(p), Some(c)) => (xs + p.forward(&c.to_dtype(xs.dtype())?)?)?,
+            (Some(p), Some(c)) => xs.broadcast_add(&p.forward(&c.to_dtype(xs.dtype())?)?)?,
             (None, None) => xs.clone(),
             (Some(_), None) => candle_core::bail!(
                 "this model has a time_cond_proj_dim: a timestep condition (e.g. the LCM \

@@ -24,7 +24,7 @@ pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 pub mod vae;
 
-pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};
+pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian, VaeTiling};
 pub use controlnet::{ControlInput, ControlNetConfig, ControlNetModel};
 pub use unet_2d::{UNet2DConfig, UNet2DModel};
 pub use unet_2d_condition::{

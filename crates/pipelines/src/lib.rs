@@ -6,9 +6,12 @@
 //! and returns the [`Pipeline`] its `_class_name` names. Each pipeline is one file whose
 //! `__call__`-like method reads as the diffusers loop does.
 
+pub mod canny;
 pub mod components;
+pub mod controlnet;
 pub mod convert;
 pub mod ddpm;
+pub mod denoise;
 pub mod dit;
 pub mod flux;
 pub mod image_processor;
@@ -19,6 +22,7 @@ pub mod prompt_weighting;
 pub(crate) mod sources;
 pub mod stable_diffusion;
 pub mod stable_diffusion_3;
+pub mod stable_diffusion_xl;
 pub mod task;
 
 use std::path::{Path, PathBuf};
@@ -27,8 +31,11 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use diffuse_core::{Error, Result};
 pub use diffuse_loaders::lora::LoraSpec;
+use diffuse_models::AutoencoderKL;
 use diffuse_schedulers::{Scheduler, SchedulerConfig};
 
+pub use canny::canny;
+pub use controlnet::{load_controlnet, ControlNetRequest, ControlNetUnit};
 pub use ddpm::{ClassGuidance, UnconditionalOutput, UnconditionalPipeline, UnconditionalRequest};
 pub use dit::{ClassToImageRequest, DiTPipeline};
 pub use flux::FluxPipeline;
@@ -39,6 +46,9 @@ pub use stable_diffusion::{
     Text2ImageRequest,
 };
 pub use stable_diffusion_3::{FlowText2ImageRequest, StableDiffusion3Pipeline, TextEmbeds};
+pub use stable_diffusion_xl::{
+    InitImage, LatentOutput, SdxlOptions, SdxlPromptEmbeds, StableDiffusionXLPipeline,
+};
 
 /// The `_class_name`s [`load_pipeline`] understands.
 pub const SUPPORTED_PIPELINES: &[&str] = &[
@@ -50,6 +60,9 @@ pub const SUPPORTED_PIPELINES: &[&str] = &[
     "StableDiffusion3Pipeline",
     "FluxPipeline",
     "DiTPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
 ];
 
 /// How to load a pipeline folder.
@@ -135,6 +148,9 @@ pub struct Trace {
     pub unet_outputs: Vec<Tensor>,
     /// Latents after each step (the callback's latents).
     pub step_latents: Vec<Tensor>,
+    /// The ControlNets' `sample` input per call (with guess mode and guidance: the
+    /// conditional half only).
+    pub controlnet_inputs: Vec<Tensor>,
 }
 
 /// A loaded pipeline, as `DiffusionPipeline.from_pretrained` returns it.
@@ -149,9 +165,23 @@ pub enum Pipeline {
     Flux(Box<FluxPipeline>),
     /// `DiTPipeline`: class-conditional generation.
     DiT(Box<DiTPipeline>),
+    /// `StableDiffusionXL{,Img2Img,Inpaint}Pipeline` (base or refiner), any of the three tasks.
+    StableDiffusionXL(Box<StableDiffusionXLPipeline>),
 }
 
 impl Pipeline {
+    /// The VAE, for settings such as tiling; `None` for pixel-space models.
+    pub fn vae_mut(&mut self) -> Option<&mut AutoencoderKL> {
+        match self {
+            Pipeline::Unconditional(_) => None,
+            Pipeline::StableDiffusion(p) => Some(&mut p.vae),
+            Pipeline::StableDiffusionXL(p) => Some(&mut p.vae),
+            Pipeline::StableDiffusion3(p) => Some(&mut p.vae.model),
+            Pipeline::Flux(p) => Some(&mut p.vae.model),
+            Pipeline::DiT(p) => Some(&mut p.vae.model),
+        }
+    }
+
     /// The `_class_name` of the folder it was loaded from.
     pub fn class_name(&self) -> &str {
         match self {
@@ -160,6 +190,7 @@ impl Pipeline {
             Pipeline::StableDiffusion3(p) => &p.class_name,
             Pipeline::Flux(p) => &p.class_name,
             Pipeline::DiT(p) => &p.class_name,
+            Pipeline::StableDiffusionXL(p) => &p.class_name,
         }
     }
 
@@ -171,6 +202,7 @@ impl Pipeline {
             Pipeline::StableDiffusion3(p) => p.scheduler.class_name(),
             Pipeline::Flux(p) => p.scheduler.class_name(),
             Pipeline::DiT(p) => p.scheduler.class_name(),
+            Pipeline::StableDiffusionXL(p) => p.scheduler.class_name(),
         }
     }
 
@@ -183,6 +215,7 @@ impl Pipeline {
             Pipeline::StableDiffusion3(p) => std::mem::replace(&mut p.scheduler, scheduler),
             Pipeline::Flux(p) => std::mem::replace(&mut p.scheduler, scheduler),
             Pipeline::DiT(p) => std::mem::replace(&mut p.scheduler, scheduler),
+            Pipeline::StableDiffusionXL(p) => std::mem::replace(&mut p.scheduler, scheduler),
         }
     }
 }
@@ -227,6 +260,15 @@ impl ModelIndex {
                 )
             }),
         }
+    }
+
+    /// A boolean setting (`force_zeros_for_empty_prompt`, `requires_aesthetics_score`), or
+    /// `default` when absent.
+    pub fn flag(&self, key: &str, default: bool) -> bool {
+        self.json
+            .get(key)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(default)
     }
 
     /// The error for a `_class_name` no loader handles.
@@ -293,8 +335,28 @@ pub fn load_pipeline(path: &Path, opts: &LoadOptions) -> Result<Pipeline> {
             &index.json,
             opts,
         )?))),
+        "StableDiffusionXLPipeline"
+        | "StableDiffusionXLImg2ImgPipeline"
+        | "StableDiffusionXLInpaintPipeline" => Ok(Pipeline::StableDiffusionXL(Box::new(
+            StableDiffusionXLPipeline::load(dir, &index, opts)?,
+        ))),
         _ => Err(index.unsupported()),
     }
+}
+
+/// Loads a `vae/` folder in the pipeline's dtype, or in f32 when the pipeline runs in f16 and
+/// the config says the VAE overflows there (`force_upcast`); returns the VAE and its dtype.
+pub(crate) fn load_vae(dir: &Path, opts: &LoadOptions) -> Result<(AutoencoderKL, DType)> {
+    let cfg: diffuse_models::AutoencoderKLConfig =
+        diffuse_loaders::read_config(&dir.join("config.json"))?;
+    let dtype = if opts.dtype == DType::F16 && cfg.force_upcast {
+        DType::F32
+    } else {
+        opts.dtype
+    };
+    let vae =
+        AutoencoderKL::from_pretrained_variant(dir, opts.variant.as_deref(), dtype, &opts.device)?;
+    Ok((vae, dtype))
 }
 
 /// A component folder of a pipeline; its absence is an error naming it.
@@ -335,6 +397,16 @@ pub fn named_scheduler(dir: &Path, name: &str) -> Result<Box<dyn Scheduler>> {
 /// A fresh copy of a scheduler (no state left from an earlier run, e.g. PNDM's history).
 pub(crate) fn fresh_scheduler(s: &dyn Scheduler) -> Result<Box<dyn Scheduler>> {
     diffuse_schedulers::from_config(s.class_name(), s.config())
+}
+
+/// Output sizes must be positive multiples of the VAE's scale factor `f`.
+pub(crate) fn check_image_size(height: usize, width: usize, f: usize) -> Result<()> {
+    if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
+        return Err(Error::invalid(format!(
+            "height and width must be positive multiples of {f}, got {width}x{height}"
+        )));
+    }
+    Ok(())
 }
 
 /// `num_inference_steps` must be at least one.

@@ -14,8 +14,9 @@ use image::{DynamicImage, GrayImage, RgbImage};
 use crate::png_info::{encode_png, InfoText};
 use crate::prompt_weighting::PromptSyntax;
 use crate::{
-    FlowText2ImageRequest, GenerationParams, Img2ImgRequest, InpaintRequest, ModelIndex, Pipeline,
-    StepCallback, Text2ImageRequest, Timings, UnconditionalRequest,
+    ControlNetRequest, FlowText2ImageRequest, GenerationParams, ImageOutput, Img2ImgRequest,
+    InpaintRequest, ModelIndex, Pipeline, SdxlOptions, StableDiffusionPipeline,
+    StableDiffusionXLPipeline, StepCallback, Text2ImageRequest, Timings, UnconditionalRequest,
 };
 
 /// Default denoising steps of DDPM/DDIM models.
@@ -37,7 +38,8 @@ pub const DIT_DEFAULTS: (usize, f64) = (50, 4.0);
 pub enum PipelineKind {
     /// DDPM/DDIM over a `UNet2DModel` (maybe class-conditional); fixed image size.
     Unconditional,
-    /// Stable Diffusion: text-to-image, img2img, inpainting at any multiple of the VAE factor.
+    /// Stable Diffusion (1.x/2.x and SDXL): text-to-image, img2img, inpainting at any
+    /// multiple of the VAE factor.
     StableDiffusion,
     /// Stable Diffusion 3: text-to-image.
     StableDiffusion3,
@@ -113,7 +115,10 @@ pub fn describe(dir: &Path) -> Result<PipelineInfo> {
         }
         "StableDiffusionPipeline"
         | "StableDiffusionImg2ImgPipeline"
-        | "StableDiffusionInpaintPipeline" => {
+        | "StableDiffusionInpaintPipeline"
+        | "StableDiffusionXLPipeline"
+        | "StableDiffusionXLImg2ImgPipeline"
+        | "StableDiffusionXLInpaintPipeline" => {
             let unet: diffuse_models::UNet2DConditionConfig =
                 diffuse_loaders::read_config(&dir.join("unet/config.json"))?;
             let vae: diffuse_models::AutoencoderKLConfig =
@@ -252,6 +257,8 @@ pub struct TaskSettings {
     /// DiT: the classes to draw (ids or `id2label` names), `num_images` each; empty: the
     /// prompt's comma-separated list.
     pub class_labels: Vec<String>,
+    /// ControlNets steering a Stable Diffusion task.
+    pub controlnet: Option<ControlNetRequest>,
 }
 
 impl Default for TaskSettings {
@@ -272,6 +279,7 @@ impl Default for TaskSettings {
             clip_skip: None,
             max_sequence_length: None,
             class_labels: Vec::new(),
+            controlnet: None,
         }
     }
 }
@@ -333,7 +341,9 @@ pub fn run_task(
     let class_cond = matches!(pipeline, Pipeline::Unconditional(p) if !p.class_names.is_empty());
     let kind = match pipeline {
         Pipeline::Unconditional(_) => PipelineKind::Unconditional,
-        Pipeline::StableDiffusion(_) => PipelineKind::StableDiffusion,
+        Pipeline::StableDiffusion(_) | Pipeline::StableDiffusionXL(_) => {
+            PipelineKind::StableDiffusion
+        }
         Pipeline::StableDiffusion3(_) => PipelineKind::StableDiffusion3,
         Pipeline::Flux(_) => PipelineKind::Flux,
         Pipeline::DiT(_) => PipelineKind::DiT,
@@ -451,10 +461,11 @@ pub fn run_task(
                 warnings: Vec::new(),
             })
         }
-        Pipeline::StableDiffusion(p) => {
+        Pipeline::StableDiffusion(_) | Pipeline::StableDiffusionXL(_) => {
+            let p = SdFamily::of(pipeline)?;
             let params = GenerationParams {
                 prompts: vec![s.prompt.clone()],
-                negative_prompts: vec![s.negative_prompt.clone()],
+                negative_prompts: p.negative_prompts(&s.negative_prompt),
                 guidance_scale: guidance,
                 num_images_per_prompt: s.num_images,
                 steps,
@@ -462,11 +473,12 @@ pub fn run_task(
                 seed: s.seed,
                 prompt_syntax: s.prompt_syntax,
                 clip_skip: s.clip_skip,
+                controlnet: s.controlnet.clone(),
                 ..Default::default()
             };
             let (out, (w, h), mut extra) = match &s.init {
                 None => {
-                    let (dh, dw) = p.default_size();
+                    let (dh, dw) = p.default_size(&params)?;
                     let (h, w) = (s.height.unwrap_or(dh), s.width.unwrap_or(dw));
                     let req = Text2ImageRequest {
                         params,
@@ -484,7 +496,7 @@ pub fn run_task(
                         f,
                     )?;
                     let (h, w) = (s.height.unwrap_or(h), s.width.unwrap_or(w));
-                    p.check_size(h, w)?;
+                    crate::check_image_size(h, w, f)?;
                     let extra = vec![("Denoising strength".to_string(), init.strength.to_string())];
                     // A1111 resizes the init image to the requested size.
                     let image =
@@ -626,6 +638,83 @@ pub fn run_task(
     }
 }
 
+/// The Stable Diffusion family (1.x/2.x and SDXL): the same three tasks, SDXL's with its
+/// default options.
+enum SdFamily<'a> {
+    Sd(&'a StableDiffusionPipeline),
+    Xl(&'a StableDiffusionXLPipeline),
+}
+
+impl<'a> SdFamily<'a> {
+    fn of(pipeline: &'a Pipeline) -> Result<Self> {
+        match pipeline {
+            Pipeline::StableDiffusion(p) => Ok(Self::Sd(p)),
+            Pipeline::StableDiffusionXL(p) => Ok(Self::Xl(p)),
+            other => Err(Error::invalid(format!(
+                "{} is not a Stable Diffusion pipeline",
+                other.class_name()
+            ))),
+        }
+    }
+
+    /// An empty negative prompt is "none" for SDXL (whose `force_zeros_for_empty_prompt`
+    /// then zeroes the unconditional embeddings, as diffusers does without one) and the
+    /// empty text for SD.
+    fn negative_prompts(&self, negative: &str) -> Vec<String> {
+        match self {
+            Self::Xl(_) if negative.is_empty() => Vec::new(),
+            _ => vec![negative.to_string()],
+        }
+    }
+
+    fn default_size(&self, p: &GenerationParams) -> Result<(usize, usize)> {
+        match self {
+            Self::Sd(x) => x.default_size_for(p),
+            Self::Xl(x) => x.default_size(p),
+        }
+    }
+
+    fn vae_scale_factor(&self) -> usize {
+        match self {
+            Self::Sd(x) => x.vae_scale_factor(),
+            Self::Xl(x) => x.vae_scale_factor(),
+        }
+    }
+
+    fn text_to_image(
+        &self,
+        req: &Text2ImageRequest,
+        cb: Option<&mut StepCallback<'_>>,
+    ) -> Result<ImageOutput> {
+        match self {
+            Self::Sd(x) => x.text_to_image(req, cb),
+            Self::Xl(x) => x.text_to_image(req, &SdxlOptions::default(), cb),
+        }
+    }
+
+    fn img2img(
+        &self,
+        req: &Img2ImgRequest,
+        cb: Option<&mut StepCallback<'_>>,
+    ) -> Result<ImageOutput> {
+        match self {
+            Self::Sd(x) => x.img2img(req, cb),
+            Self::Xl(x) => x.img2img(req, &SdxlOptions::default(), cb),
+        }
+    }
+
+    fn inpaint(
+        &self,
+        req: &InpaintRequest,
+        cb: Option<&mut StepCallback<'_>>,
+    ) -> Result<ImageOutput> {
+        match self {
+            Self::Sd(x) => x.inpaint(req, cb),
+            Self::Xl(x) => x.inpaint(req, &SdxlOptions::default(), cb),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,6 +749,47 @@ mod tests {
         assert_eq!(info.class_names, p.class_names);
         assert_eq!(info.default_guidance(), CLASS_GUIDANCE);
         assert_eq!(info.size_multiple, None);
+    }
+
+    /// SDXL folders are described like SD ones and run the three tasks through `run_task`.
+    #[test]
+    fn sdxl_tasks() {
+        let dir = repo("fixtures/cases/_models/tiny_sdxl");
+        let info = describe(&dir).unwrap();
+        let p = load_pipeline(&dir, &LoadOptions::default()).unwrap();
+        let Pipeline::StableDiffusionXL(xl) = &p else {
+            panic!("tiny_sdxl is not an SDXL pipeline")
+        };
+        assert_eq!(
+            info.size,
+            xl.default_size(&GenerationParams::default()).unwrap()
+        );
+        let mut s = TaskSettings {
+            prompt: "a lighthouse".into(),
+            steps: Some(2),
+            seed: 5,
+            ..Default::default()
+        };
+        let out = run_task(&p, "tiny", &s, None).unwrap();
+        assert_eq!((out.images[0].width(), out.images[0].height()), (64, 64));
+        let image = out.images[0].to_rgb8();
+        s.init = Some(InitImage {
+            image: image.clone(),
+            mask: None,
+            strength: 0.5,
+        });
+        let out = run_task(&p, "tiny", &s, None).unwrap();
+        assert!(
+            out.infotext.contains("Denoising strength: 0.5"),
+            "{}",
+            out.infotext
+        );
+        s.init = Some(InitImage {
+            image,
+            mask: Some(GrayImage::from_pixel(64, 64, image::Luma([255]))),
+            strength: 1.0,
+        });
+        assert_eq!(run_task(&p, "tiny", &s, None).unwrap().images.len(), 1);
     }
 
     #[test]

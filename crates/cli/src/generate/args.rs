@@ -101,6 +101,40 @@ pub struct CommonArgs {
     /// Overwrite existing output files.
     #[arg(long)]
     pub force: bool,
+    /// Decode (and encode) images in overlapping tiles of the VAE's native size, blended as
+    /// diffusers' enable_tiling does: large images in bounded memory.
+    #[arg(long)]
+    pub vae_tiling: bool,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+/// The ControlNet flags: `--controlnet DIR --control-image PNG --controlnet-scale C`, each
+/// repeatable (one per ControlNet, in order), and `--control canny:photo.png` for the Canny
+/// edges of a photo as the control image.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ControlArgs {
+    /// A ControlNet folder (diffusers `ControlNetModel`) or hub id; repeat for several.
+    #[arg(long = "controlnet", value_name = "DIR")]
+    pub controlnets: Vec<String>,
+    /// The control image of each --controlnet, in the same order: a PNG (resized to the output
+    /// size), or `canny:PHOTO` for the Canny edges of a photo (thresholds 100/200).
+    #[arg(long = "control-image", alias = "control", value_name = "PNG")]
+    pub control_images: Vec<String>,
+    /// Conditioning scale: one for every ControlNet or one per ControlNet. Default 1.
+    #[arg(long = "controlnet-scale", value_name = "C")]
+    pub scales: Vec<f64>,
+    /// Share of the steps after which each ControlNet starts acting (one, or one per
+    /// ControlNet). Default 0.
+    #[arg(long = "control-guidance-start", value_name = "F")]
+    pub guidance_start: Vec<f64>,
+    /// Share of the steps after which each ControlNet stops acting. Default 1.
+    #[arg(long = "control-guidance-end", value_name = "F")]
+    pub guidance_end: Vec<f64>,
+    /// Guess mode: the ControlNets steer without the prompt's help (scaled from 0.1 at the
+    /// shallowest residual to 1 at the bottleneck; only the conditional half of guidance).
+    #[arg(long)]
+    pub guess_mode: bool,
 }
 
 /// `diffuse generate`: text-to-image (or unconditional sampling for DDPM/DDIM folders).
@@ -157,4 +191,11 @@ pub struct InpaintArgs {
     /// 1 starts from pure noise under the mask; lower keeps more of the original.
     #[arg(long, default_value_t = 1.0)]
     pub strength: f64,
+    /// Output width (a multiple of 8; the image and mask are resized to it). Default: the
+    /// image's width.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Output height, as --width.
+    #[arg(long)]
+    pub height: Option<usize>,
 }

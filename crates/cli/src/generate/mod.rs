@@ -3,6 +3,7 @@
 //! same settings give the same PNG bytes) and write PNGs with A1111 infotext.
 
 mod args;
+mod control;
 mod output;
 
 use std::path::{Path, PathBuf};
@@ -15,8 +16,8 @@ use diffuse_pipelines::task::{
     model_display_name, parse_class, planned_images, random_seed, run_task, InitImage, TaskSettings,
 };
 use diffuse_pipelines::{
-    load_pipeline, EmbeddingSpec, LoadOptions, LoraSpec, Pipeline, StepInfo, Timings,
-    UnconditionalPipeline, UnconditionalRequest,
+    load_pipeline, ControlNetRequest, EmbeddingSpec, LoadOptions, LoraSpec, Pipeline, StepInfo,
+    Timings, UnconditionalPipeline, UnconditionalRequest,
 };
 use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -76,6 +77,8 @@ pub fn run_inpaint(args: InpaintArgs) -> Result<()> {
     let image = read_image(&args.init_image)?.to_rgb8();
     let mask = read_image(&args.mask)?.to_luma8();
     session.run(TaskSettings {
+        width: args.width,
+        height: args.height,
         init: Some(InitImage {
             image,
             mask: Some(mask),
@@ -94,6 +97,8 @@ struct Session {
     prompt: String,
     /// Shown in the PNG metadata.
     model_name: String,
+    /// `--controlnet` and its settings.
+    controlnet: Option<ControlNetRequest>,
 }
 
 impl Session {
@@ -147,15 +152,36 @@ impl Session {
             load_on_demand: args.load_on_demand,
             ..Default::default()
         };
-        let pipeline = load_pipeline(&path, &opts)
+        // Read the control images first: a bad path fails before the (slow) model load.
+        let control_images = args.control.read_images()?;
+        let mut pipeline = load_pipeline(&path, &opts)
             .with_context(|| format!("loading the model {}", path.display()))?;
-        if image_task && !matches!(pipeline, Pipeline::StableDiffusion(_)) {
+        let stable_diffusion = matches!(
+            pipeline,
+            Pipeline::StableDiffusion(_) | Pipeline::StableDiffusionXL(_)
+        );
+        if image_task && !stable_diffusion {
             bail!(
                 "img2img and inpainting need a Stable Diffusion model; {} holds a {}",
                 path.display(),
                 pipeline.class_name()
             );
         }
+        if args.vae_tiling {
+            let name = pipeline.class_name().to_string();
+            pipeline
+                .vae_mut()
+                .with_context(|| format!("--vae-tiling: a {name} has no VAE"))?
+                .enable_tiling();
+        }
+        if !stable_diffusion && !args.control.is_empty() {
+            bail!(
+                "--controlnet needs a Stable Diffusion model; {} holds a {}",
+                path.display(),
+                pipeline.class_name()
+            );
+        }
+        let controlnet = args.control.request(control_images, &opts)?;
         let seed = args.seed.unwrap_or_else(random_seed);
         eprintln!("seed: {seed}");
         let spec = args.model.clone().unwrap_or_default();
@@ -165,6 +191,7 @@ impl Session {
             pipeline,
             seed,
             prompt,
+            controlnet,
         })
     }
 
@@ -187,6 +214,7 @@ impl Session {
                 .clip_skip
                 .and_then(|k| k.checked_sub(1))
                 .filter(|&k| k > 0),
+            controlnet: self.controlnet.clone(),
             ..Default::default()
         }
     }
