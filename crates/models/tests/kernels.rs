@@ -4,6 +4,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarMap;
+use diffuse_core::testing::to_vec_f64;
 use diffuse_models::activations::Activation;
 use diffuse_models::attention::{
     causal_attention, causal_attention_reference, scaled_dot_product_attention,
@@ -12,32 +13,66 @@ use diffuse_models::attention::{
 use diffuse_models::normalization::{GroupNorm, LayerNorm};
 use diffuse_models::ops::conv::Conv2d;
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let a = a.to_dtype(DType::F32)?;
-    let b = b.to_dtype(DType::F32)?;
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar()?)
-}
-
-fn max_abs(a: &Tensor) -> Result<f32> {
-    Ok(a.to_dtype(DType::F32)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar()?)
-}
-
-/// Asserts `|got − want| ≤ tol · max|want|` (for empty tensors, equal shapes).
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) -> Result<()> {
-    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
-    if want.elem_count() == 0 {
-        return Ok(());
+/// Fails unless `|got − want| ≤ tol · max|want|` everywhere (for empty tensors, equal shapes).
+/// NaN-aware: a NaN anywhere in either tensor fails, naming its index (candle's `max` skips NaN
+/// unless it is first, so a reduction over the difference would hide one).
+fn check_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> Result<()> {
+    anyhow::ensure!(
+        got.dims() == want.dims(),
+        "{what}: shape {:?} != {:?}",
+        got.dims(),
+        want.dims()
+    );
+    let (g, w) = (to_vec_f64(got)?, to_vec_f64(want)?);
+    if let Some(i) = (0..g.len()).find(|&i| g[i].is_nan() || w[i].is_nan()) {
+        anyhow::bail!("{what}: element {i} is {}, expected {}", g[i], w[i]);
     }
-    let (diff, scale) = (max_abs_diff(got, want)?, max_abs(want)?.max(1e-6));
-    assert!(
+    let scale = w.iter().fold(1e-6f64, |m, x| m.max(x.abs()));
+    let diff = g
+        .iter()
+        .zip(&w)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    anyhow::ensure!(
         diff <= tol * scale,
         "{what}: max diff {diff} vs max |want| {scale}"
     );
     Ok(())
+}
+
+/// Asserts [`check_close`].
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) -> Result<()> {
+    check_close(what, got, want, tol as f64)
+}
+
+/// The kernels in use follow the build and `DIFFUSE_KERNELS` (`.ci/run` runs this file with
+/// the `portable` feature and with `DIFFUSE_KERNELS=portable`, so both paths are tested).
+#[test]
+fn kernel_choice_follows_build_and_environment() {
+    use diffuse_models::ops::{detected_kernels, kernels, Kernels};
+    if cfg!(feature = "portable") || !cfg!(target_arch = "x86_64") {
+        assert_eq!(detected_kernels(), Kernels::Portable);
+    }
+    let forced = std::env::var("DIFFUSE_KERNELS").is_ok_and(|v| v == "portable");
+    assert!(kernels() <= detected_kernels());
+    if forced {
+        assert_eq!(kernels(), Kernels::Portable);
+    } else {
+        assert_eq!(kernels(), detected_kernels());
+    }
+    eprintln!("kernels: {}", kernels().name());
+}
+
+#[test]
+fn comparison_sees_nan_anywhere() -> Result<()> {
+    let want = Tensor::arange(0f32, 16.0, &Device::Cpu)?;
+    for at in [0usize, 5, 15] {
+        let mut v = want.to_vec1::<f32>()?;
+        v[at] = f32::NAN;
+        let got = Tensor::new(v, &Device::Cpu)?;
+        let err = check_close("nan", &got, &want, 1e-3).expect_err("a NaN must fail");
+        assert!(err.to_string().contains(&format!("element {at}")), "{err}");
+    }
+    check_close("equal", &want, &want, 0.0)
 }
 
 fn randn(shape: &[usize], std: f32) -> Result<Tensor> {

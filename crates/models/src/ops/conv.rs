@@ -5,12 +5,12 @@
 //!
 //! Winograd turns the 3×3 convolution of each 4×4 output tile into 36 element-wise products
 //! of transformed 6×6 input tiles and transformed kernels, i.e. 36 GEMMs
-//! `(tiles × Cin)·(Cin × Cout)` on the register tiles of [`super::microkernel`]: 4× fewer
+//! `(tiles × Cin)·(Cin × Cout)` on the register tiles of `microkernel`: 4× fewer
 //! multiplications than direct convolution. On large maps the transformed kernels (4× the
 //! weight size) are cached in the layer from its second call on (a layer run once keeps
 //! nothing), unless the weight is a training variable; on maps of fewer than 256 tiles (SD's
 //! 32×32, 16×16 and 8×8 levels) each call transforms them block by block
-//! ([`convolve_small`]).
+//! (`convolve_small`).
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,7 +33,7 @@ const POINTS: usize = A * A;
 const TILES: usize = 96;
 /// From this many tiles on the transformed kernels are cached (from a layer's second call)
 /// and the tiles split among tasks; below it each call transforms the kernels itself
-/// ([`convolve_small`]). SD's 32×32 level with guidance (128 tiles) measured as fast or
+/// (`convolve_small`). SD's 32×32 level with guidance (128 tiles) measured as fast or
 /// faster per call (1280 → 1280: 193–202 vs 237–247 ms), and not caching its kernels saves
 /// 950 MiB of a UNet step's peak memory (4,782 → 3,830 MiB).
 const MIN_TILES: usize = 256;
@@ -163,7 +163,7 @@ fn transform_2d<T: Num, const I: usize, const O: usize>(
     out
 }
 
-/// Input channels per block of [`convolve_small`]: the block's 36 kernel panels (288 KiB)
+/// Input channels per block of `convolve_small`: the block's 36 kernel panels (288 KiB)
 /// stay in L2 between their transform and their GEMMs.
 const SMALL_CIN_BLOCK: usize = 128;
 /// `G·g` for kernel column `c` of eight output channels (lanes from column `at` of `taps`).
@@ -526,8 +526,8 @@ impl CustomOp3 for Winograd {
         let bias = f32_input(sb, lb, "conv bias")?;
         let grid = Grid::new(h, w);
         let tiles = n * grid.tiles_per_image;
-        // SAFETY: the tiles cover the map, and every output tile is written.
-        let mut out = unsafe { output_buffer(n * cout * h * w) };
+        // Every element is written: the tiles cover the map, and every output tile is written.
+        let mut out = output_buffer(n * cout * h * w);
         let ptr = SendPtr(out.as_mut_ptr());
         if tiles < MIN_TILES {
             let wt = f32_input(sw, lw, "conv weight")?;
@@ -744,8 +744,8 @@ impl CustomOp3 for Im2colConv {
         let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
         let (plane, k) = (ho * wo, cin * 9);
         let mut col = vec![0f32; k * plane];
-        // SAFETY: each image's GEMM writes all of its output (K = 9·Cin > 0).
-        let mut out = unsafe { output_buffer(n * cout * plane) };
+        // Every element is written: each image's GEMM writes all of its output (K = 9·Cin > 0).
+        let mut out = output_buffer(n * cout * plane);
         for (i, dst) in out.chunks_exact_mut(cout * plane).enumerate() {
             let img = &x[i * cin * h * w..(i + 1) * cin * h * w];
             // Rows of the im2col matrix in parallel: a channel's 9 rows per task.
@@ -839,9 +839,9 @@ impl CustomOp3 for PointwiseConv {
         let (cout, ..) = lw.shape().dims4()?;
         let (x, wt, bias) = conv_operands((sx, lx), (sw, lw), (sb, lb))?;
         let plane = h * w;
-        // SAFETY: each image's GEMM, or its bias fill when there are no input channels,
+        // Every element is written: each image's GEMM, or its bias fill when there are no input channels,
         // writes all of its output.
-        let mut out = unsafe { output_buffer(n * cout * plane) };
+        let mut out = output_buffer(n * cout * plane);
         // Indexed rather than chunked: no input channels (the output is the bias) is valid.
         for i in 0..n {
             let img = &x[i * cin * plane..(i + 1) * cin * plane];
@@ -917,7 +917,7 @@ enum Path {
         stride: usize,
     },
     Pointwise,
-    /// `small`: few tiles, kernels transformed per call ([`convolve_small`]).
+    /// `small`: few tiles, kernels transformed per call (`convolve_small`).
     Winograd {
         small: bool,
     },

@@ -83,8 +83,8 @@ impl CustomOp3 for GroupNormOp {
         let w = f32_input(sw, lw, "group norm weight")?;
         let b = f32_input(sb, lb, "group norm bias")?;
         let (cg, eps) = (c / g, self.eps);
-        // SAFETY: every group of the output is normalised into.
-        let mut out = unsafe { output_buffer(x.len()) };
+        // Every element is written: every group of the output is normalised into.
+        let mut out = output_buffer(x.len());
         if !out.is_empty() {
             let len = cg * hw;
             out.par_chunks_mut(len)

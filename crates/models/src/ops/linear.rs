@@ -1,4 +1,4 @@
-//! `torch.nn.Linear` whose CPU inference runs the AVX2 GEMM of [`super::microkernel`].
+//! `torch.nn.Linear` whose CPU inference runs the AVX2 GEMM of `microkernel`.
 //!
 //! The weight (`out × in`) is packed into column panels on every call rather than kept packed:
 //! that costs one pass over the weight per call (about 1% of the product at the UNet's 64×64
@@ -218,9 +218,10 @@ impl LinearOp {
                 Shape::from(dims),
             ));
         }
-        // SAFETY (here and below): `pack_kt` writes every panel value, padding included, and
-        // the GEMMs (K > 0, not accumulating) and the transpose every output value.
-        let mut wt = unsafe { output_buffer(n.div_ceil(NR) * NR * k) };
+        // Every element is written (here and below): `pack_kt` writes every panel value,
+        // padding included, and the GEMMs (K > 0, not accumulating) and the transpose every
+        // output value.
+        let mut wt = output_buffer(n.div_ceil(NR) * NR * k);
         if k > 0 {
             wt.par_chunks_mut(NR * k)
                 .enumerate()
@@ -231,7 +232,7 @@ impl LinearOp {
                     pack_kt(&ws, (rows.len(), k, k), 1.0, panel)
                 });
         }
-        let mut out = unsafe { output_buffer(m * n) };
+        let mut out = output_buffer(m * n);
         let g = Gemm {
             m,
             n,
@@ -260,7 +261,7 @@ impl LinearOp {
         bias: Option<&[f32]>,
         (m, n, k): (usize, usize, usize),
     ) -> Vec<f32> {
-        let mut xt = unsafe { output_buffer(m.div_ceil(NR) * NR * k) };
+        let mut xt = output_buffer(m.div_ceil(NR) * NR * k);
         pack_kt(xs, (m, k, k), 1.0, &mut xt);
         // All of `xt`'s columns, its zero padding included, when that adds little: every tile
         // is then a whole one. Alternating in one process, 154 rows (9·16 + 10) took 2.5–7%
@@ -270,7 +271,7 @@ impl LinearOp {
         } else {
             m
         };
-        let mut yt = unsafe { output_buffer(n * mp) };
+        let mut yt = output_buffer(n * mp);
         let g = Gemm {
             m: n,
             n: mp,
@@ -283,7 +284,7 @@ impl LinearOp {
             bias_per_col: false,
         };
         gemm_parallel(&g, ws, &xt, &mut yt, bias);
-        let mut out = unsafe { output_buffer(m * n) };
+        let mut out = output_buffer(m * n);
         transpose(&yt, (n, m, mp), &mut out);
         out
     }

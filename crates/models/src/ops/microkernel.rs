@@ -23,6 +23,7 @@ const MR: usize = 6;
 /// Largest K-block: a tile's `MR × KC` slice of `a` (9 KiB) stays in L1 and the `KC × NR`
 /// panel slices of `b` (24 KiB each) in L2 across a row block. K is split into equal blocks
 /// so that no thin last block pays a full pass of loads and stores of `c`.
+#[cfg_attr(not(x86_simd), allow(dead_code))] // (the AVX2 GEMM's)
 const KC: usize = 384;
 
 /// Packs `scale · kᵀ` (`k`: m rows of d values, `ld` apart) into panels of [`NR`] rows of
@@ -80,6 +81,7 @@ pub(crate) fn pack_rows(b: &[f32], ld: usize, kc: usize, n: usize, out: &mut [f3
 }
 
 /// `len` split into equal parts of at most `max`: the part size (≥ 1).
+#[cfg_attr(not(x86_simd), allow(dead_code))] // (used by the AVX2 GEMM only)
 fn even_split(len: usize, max: usize) -> usize {
     len.div_ceil(len.div_ceil(max).max(1)).max(1)
 }
@@ -164,7 +166,7 @@ impl Gemm {
     /// The pointers cover the product, and no other thread touches the elements of `c` it
     /// writes.
     unsafe fn run_raw(&self, a: *const f32, b: *const f32, c: *mut f32, bias: *const f32) {
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(x86_simd)]
         if super::has_avx2_fma() {
             return avx2::gemm(self, a, b, c, bias);
         }
@@ -273,8 +275,9 @@ pub(crate) fn gemm_rows(
 pub(crate) fn transpose_rows8(rows: [&[f32]; 8], len: usize, dst: &mut [f32], ld: usize) {
     assert!(rows.iter().all(|r| r.len() >= len) && ld >= 8);
     assert!(len == 0 || dst.len() >= (len - 1) * ld + 8);
+    #[cfg_attr(not(x86_simd), allow(unused_mut))] // (set by the AVX2 copy only)
     let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(x86_simd)]
     if super::has_avx2_fma() {
         done = len / 8 * 8;
         for e0 in (0..done).step_by(8) {
@@ -385,7 +388,7 @@ pub(crate) fn gemm_parallel(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias:
     });
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(x86_simd)]
 pub(crate) mod avx2 {
     use super::{Gemm, B, KC, MR, NR};
     use std::arch::x86_64::*;

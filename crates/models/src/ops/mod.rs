@@ -5,7 +5,9 @@
 //! falls back to plain candle ops off the CPU.
 //!
 //! The build targets baseline x86-64 (SSE2), so hot loops are compiled a second time with
-//! AVX2+FMA and picked at run time ([`simd_fn!`]).
+//! AVX2+FMA and picked at run time (`simd_fn!`, [`kernels`]; `DIFFUSE_KERNELS=portable`
+//! forces the plain copies). The x86 code sits behind `cfg(x86_simd)`, which `build.rs` sets on
+//! x86-64 unless the `portable` feature asks for the build other architectures get.
 
 pub mod activation;
 pub mod attention;
@@ -18,13 +20,62 @@ mod microkernel;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result};
 use std::borrow::Cow;
+use std::sync::OnceLock;
 
-/// Whether the AVX2+FMA copies of the hot loops may run on this CPU.
-#[cfg(target_arch = "x86_64")]
+/// The instruction sets the CPU kernels have copies for, narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kernels {
+    /// Plain Rust, what every architecture runs (linear layers through candle's matmul).
+    Portable,
+    /// AVX2 + FMA copies of the hot loops and the register-tile GEMM.
+    Avx2,
+}
+
+impl Kernels {
+    /// The name `DIFFUSE_KERNELS` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Portable => "portable",
+            Kernels::Avx2 => "avx2",
+        }
+    }
+}
+
+/// The widest kernels this CPU and this build can run.
+pub fn detected_kernels() -> Kernels {
+    #[cfg(x86_simd)]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return Kernels::Avx2;
+    }
+    Kernels::Portable
+}
+
+/// The kernels in use: [`detected_kernels`], capped by the environment variable
+/// `DIFFUSE_KERNELS` (`portable`, `avx2`, or `auto`, the default), read once, so that each
+/// path can be tested on one machine. An unknown value is reported on stderr and ignored.
+pub fn kernels() -> Kernels {
+    static ACTIVE: OnceLock<Kernels> = OnceLock::new();
+    *ACTIVE.get_or_init(|| {
+        let best = detected_kernels();
+        let asked = std::env::var("DIFFUSE_KERNELS").unwrap_or_default();
+        match asked.as_str() {
+            "" | "auto" => best,
+            "portable" => Kernels::Portable,
+            "avx2" => Kernels::Avx2.min(best),
+            other => {
+                eprintln!(
+                    "warning: DIFFUSE_KERNELS={other:?} is not portable, avx2 or auto; using {}",
+                    best.name()
+                );
+                best
+            }
+        }
+    })
+}
+
+/// Whether the AVX2+FMA copies of the hot loops run.
 pub(crate) fn has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    kernels() >= Kernels::Avx2
 }
 
 /// Defines a function whose body is compiled twice — for the baseline target and with
@@ -35,7 +86,7 @@ macro_rules! simd_fn {
         $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn imp($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(x86_simd)]
             {
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn wide($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
@@ -145,25 +196,19 @@ impl SendPtr {
     }
 }
 
-/// A buffer of `len` values for a kernel's output, not zeroed in release builds: zeroing a
-/// reused 10–80 MB block is a pass over memory that cost the UNet's linear layers 4–15% of
-/// their time (alternating in one process). Debug builds, and so the tests, fill it with NaN
-/// instead, so that an element a kernel fails to write shows up in its test.
-///
-/// # Safety
-/// The caller writes every element before anything reads it.
-pub(crate) unsafe fn output_buffer(len: usize) -> Vec<f32> {
-    if cfg!(debug_assertions) {
-        return vec![f32::NAN; len];
-    }
-    let mut v = Vec::with_capacity(len);
-    // SAFETY: f32 has no invalid bit patterns, and the caller writes every value before
-    // reading it.
-    #[allow(clippy::uninit_vec)]
-    unsafe {
-        v.set_len(len)
-    };
-    v
+/// A buffer of `len` values for a kernel's output. Zero-filled in release builds (allocation
+/// through `calloc`, so big fresh blocks come from the OS already zero): never uninitialised,
+/// since kernels hand out `&mut [f32]` into it. Debug builds, and so the tests, fill it with
+/// NaN instead, so that an element a kernel fails to write shows up in its test.
+pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
+    vec![
+        if cfg!(debug_assertions) {
+            f32::NAN
+        } else {
+            0.0
+        };
+        len
+    ]
 }
 
 /// The input of a CPU kernel as f32, borrowed when it already is f32. Bails on a layout that is
