@@ -3,18 +3,22 @@
 //! The model folder `<name>/` holds `config.json` and the weights; its `_class_name` picks the
 //! harness; the model is loaded with `from_pretrained` (checked loading: a missing or
 //! unexpected tensor fails). Every case prefix in the io file (`a_sample`, `odd_sample`, ... → `a`, `odd`) is
-//! run. `CLIPTextModel` and `T5EncoderModel` folders belong to the CLIP and T5 tests; any other
-//! class this harness cannot run fails. The diffusion transformers' cases hold their other
+//! run; text encoders (`CLIPTextModel`, `T5EncoderModel`) run every `<prefix>input_ids`. A class
+//! this harness cannot run fails, and so does a tensor in the io file that no check reads. The
+//! diffusion transformers' cases hold their other
 //! inputs under the same prefix (`a_encoder_hidden_states`, `a_pooled_projections`, Flux's
 //! `a_img_ids`, `a_txt_ids` and, for a guidance-distilled model, `a_guidance`).
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use diffuse_core::testing::*;
+use diffuse_models::clip_text::ClipTextModel;
 use diffuse_models::embeddings::{guidance_scale_embedding, TimeConditioning};
+use diffuse_models::t5::T5EncoderModel;
 use diffuse_models::transformer_flux::{FluxConditioning, FluxTransformer2DModel};
 use diffuse_models::transformer_sd3::SD3Transformer2DModel;
 use diffuse_models::{
@@ -35,8 +39,50 @@ fn class_of(dir: &Path) -> Result<String> {
         .with_context(|| format!("{}: config.json names no class", dir.display()))
 }
 
+/// An io file whose reads are recorded: a tensor no check reads fails the case, so a case
+/// the harness cannot fully run (a new input, an extra output) cannot pass silently.
+struct Io {
+    tensors: HashMap<String, Tensor>,
+    read: RefCell<BTreeSet<String>>,
+}
+
+impl Io {
+    fn load(path: &Path) -> Result<Self> {
+        Ok(Self {
+            tensors: load_tensors(path)?,
+            read: RefCell::default(),
+        })
+    }
+
+    fn get(&self, key: &str) -> Result<Tensor> {
+        self.read.borrow_mut().insert(key.to_string());
+        Ok(get(&self.tensors, key)?.clone())
+    }
+
+    /// A tensor only some cases have.
+    fn opt(&self, key: &str) -> Option<&Tensor> {
+        self.read.borrow_mut().insert(key.to_string());
+        self.tensors.get(key)
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    /// Fails naming every tensor no check read.
+    fn all_read(&self) -> Result<()> {
+        let read = self.read.borrow();
+        let mut unread: Vec<&String> = self.keys().filter(|k| !read.contains(*k)).collect();
+        unread.sort();
+        if !unread.is_empty() {
+            bail!("tensors in the io file that no check reads: {unread:?}");
+        }
+        Ok(())
+    }
+}
+
 /// The case prefixes of an io file: `<case>_sample` → `<case>`.
-fn case_prefixes(io: &HashMap<String, Tensor>) -> Vec<String> {
+fn case_prefixes(io: &Io) -> Vec<String> {
     let mut v: Vec<String> = io
         .keys()
         .filter_map(|k| k.strip_suffix("_sample"))
@@ -46,6 +92,20 @@ fn case_prefixes(io: &HashMap<String, Tensor>) -> Vec<String> {
     v
 }
 
+/// The prefixes of a text encoder's `<prefix>input_ids` tensors (`""`, `"unpadded_"`, ...).
+fn id_prefixes(io: &Io) -> Result<Vec<String>> {
+    let mut v: Vec<String> = io
+        .keys()
+        .filter_map(|k| k.strip_suffix("input_ids"))
+        .map(str::to_string)
+        .collect();
+    if v.is_empty() {
+        bail!("no `<prefix>input_ids` tensors in the io file");
+    }
+    v.sort();
+    Ok(v)
+}
+
 fn check(what: &str, ours: &Tensor, expected: &Tensor) -> Result<()> {
     assert_close(what, ours, expected, ATOL, RTOL)?;
     let diff = max_abs_diff(&to_vec_f64(ours)?, &to_vec_f64(expected)?);
@@ -53,38 +113,40 @@ fn check(what: &str, ours: &Tensor, expected: &Tensor) -> Result<()> {
     Ok(())
 }
 
-fn run_unet_cases(
-    io: &HashMap<String, Tensor>,
-    forward: impl Fn(&str) -> Result<Tensor>,
-) -> Result<()> {
+fn run_unet_cases(io: &Io, forward: impl Fn(&str) -> Result<Tensor>) -> Result<()> {
     let cases = case_prefixes(io);
     if cases.is_empty() {
         bail!("no `<case>_sample` tensors in the io file");
     }
     for c in cases {
         let out = forward(&c).with_context(|| format!("case {c}"))?;
-        check(&format!("case {c}"), &out, get(io, &format!("{c}_out"))?)?;
+        check(&format!("case {c}"), &out, &io.get(&format!("{c}_out"))?)?;
     }
     Ok(())
 }
 
 fn run_case(models: &Path, name: &str) -> Result<()> {
     let dir = models.join(name);
-    let io = load_tensors(&models.join(format!("{name}_io.safetensors")))?;
-    let t = |k: String| get(&io, &k).cloned();
-    match class_of(&dir)?.as_str() {
+    let io = Io::load(&models.join(format!("{name}_io.safetensors")))?;
+    run_model(&dir, &io)?;
+    io.all_read()
+}
+
+fn run_model(dir: &Path, io: &Io) -> Result<()> {
+    let t = |k: String| io.get(&k);
+    match class_of(dir)?.as_str() {
         "UNet2DModel" => {
-            let model = UNet2DModel::from_pretrained(&dir, DType::F32, &Device::Cpu)?;
-            run_unet_cases(&io, |c| {
+            let model = UNet2DModel::from_pretrained(dir, DType::F32, &Device::Cpu)?;
+            run_unet_cases(io, |c| {
                 Ok(model.forward(&t(format!("{c}_sample"))?, &t(format!("{c}_timestep"))?)?)
             })
         }
         "UNet2DConditionModel" => {
-            let model = UNet2DConditionModel::from_pretrained(&dir, DType::F32, &Device::Cpu)?;
-            run_unet_cases(&io, |c| {
+            let model = UNet2DConditionModel::from_pretrained(dir, DType::F32, &Device::Cpu)?;
+            run_unet_cases(io, |c| {
                 let ehs = t(format!("{c}_encoder_hidden_states"))?;
                 // SDXL's added conditioning and LCM's timestep condition, where the case has them.
-                let opt = |k: &str| io.get(&format!("{c}_{k}"));
+                let opt = |k: &str| io.opt(&format!("{c}_{k}"));
                 let timestep_cond = match opt("timestep_cond") {
                     Some(want) => {
                         let (rows, dim) = want.dims2()?;
@@ -112,8 +174,8 @@ fn run_case(models: &Path, name: &str) -> Result<()> {
         }
         "ControlNetModel" => {
             let model =
-                ControlNetModel::from_pretrained_variant(&dir, None, DType::F32, &Device::Cpu)?;
-            let cases = case_prefixes(&io);
+                ControlNetModel::from_pretrained_variant(dir, None, DType::F32, &Device::Cpu)?;
+            let cases = case_prefixes(io);
             if cases.is_empty() {
                 bail!("no `<case>_sample` tensors in the io file");
             }
@@ -129,8 +191,8 @@ fn run_case(models: &Path, name: &str) -> Result<()> {
                     guess_mode: scalar("guess_mode")? != 0.0,
                 };
                 let (text_embeds, time_ids) = (
-                    io.get(&format!("{c}_text_embeds")),
-                    io.get(&format!("{c}_time_ids")),
+                    io.opt(&format!("{c}_text_embeds")),
+                    io.opt(&format!("{c}_time_ids")),
                 );
                 let time = TimeConditioning {
                     text_time: text_embeds.zip(time_ids),
@@ -161,7 +223,7 @@ fn run_case(models: &Path, name: &str) -> Result<()> {
             Ok(())
         }
         "AutoencoderKL" => {
-            let vae = AutoencoderKL::from_pretrained(&dir, DType::F32, &Device::Cpu)?;
+            let vae = AutoencoderKL::from_pretrained(dir, DType::F32, &Device::Cpu)?;
             let posterior = vae.encode(&t("image".into())?)?;
             check(
                 "posterior_mean",
@@ -188,8 +250,8 @@ fn run_case(models: &Path, name: &str) -> Result<()> {
         }
         "SD3Transformer2DModel" => {
             let model =
-                SD3Transformer2DModel::from_pretrained(&dir, None, DType::F32, &Device::Cpu)?;
-            run_unet_cases(&io, |c| {
+                SD3Transformer2DModel::from_pretrained(dir, None, DType::F32, &Device::Cpu)?;
+            run_unet_cases(io, |c| {
                 Ok(model.forward(
                     &t(format!("{c}_sample"))?,
                     &t(format!("{c}_encoder_hidden_states"))?,
@@ -200,15 +262,15 @@ fn run_case(models: &Path, name: &str) -> Result<()> {
         }
         "FluxTransformer2DModel" => {
             let model =
-                FluxTransformer2DModel::from_pretrained(&dir, None, DType::F32, &Device::Cpu)?;
-            run_unet_cases(&io, |c| {
+                FluxTransformer2DModel::from_pretrained(dir, None, DType::F32, &Device::Cpu)?;
+            run_unet_cases(io, |c| {
                 let (ehs, pooled) = (
                     t(format!("{c}_encoder_hidden_states"))?,
                     t(format!("{c}_pooled_projections"))?,
                 );
                 let (txt_ids, img_ids) = (t(format!("{c}_txt_ids"))?, t(format!("{c}_img_ids"))?);
                 // A guidance-distilled (dev) model's case also holds the guidance.
-                let guidance = io.get(&format!("{c}_guidance"));
+                let guidance = io.opt(&format!("{c}_guidance"));
                 let cond = FluxConditioning {
                     encoder_hidden_states: &ehs,
                     pooled_projections: &pooled,
@@ -222,6 +284,45 @@ fn run_case(models: &Path, name: &str) -> Result<()> {
                     &cond,
                 )?)
             })
+        }
+        "CLIPTextModel" => {
+            let model = ClipTextModel::from_pretrained(dir, DType::F32, &Device::Cpu)?;
+            for p in id_prefixes(io)? {
+                let out = model.forward(&t(format!("{p}input_ids"))?)?;
+                let what = |k: &str| format!("{p}{k}");
+                check(
+                    &what("last_hidden_state"),
+                    &out.last_hidden_state,
+                    &t(what("last_hidden_state"))?,
+                )?;
+                check(
+                    &what("pooler_output"),
+                    &out.pooler_output,
+                    &t(what("pooler_output"))?,
+                )?;
+                if let Some(hs) = io.opt(&what("hidden_states")) {
+                    if hs.dim(0)? != out.hidden_states.len() {
+                        bail!(
+                            "{} hidden states, expected {}",
+                            out.hidden_states.len(),
+                            hs.dim(0)?
+                        );
+                    }
+                    for (i, h) in out.hidden_states.iter().enumerate() {
+                        check(&format!("{p}hidden_states[{i}]"), h, &hs.get(i)?)?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        "T5EncoderModel" => {
+            let model = T5EncoderModel::from_pretrained(dir, None, DType::F32, &Device::Cpu)?;
+            for p in id_prefixes(io)? {
+                let out = model.forward(&t(format!("{p}input_ids"))?)?;
+                let key = format!("{p}last_hidden_state");
+                check(&key, &out, &t(key.clone())?)?;
+            }
+            Ok(())
         }
         other => bail!("no harness for model class `{other}`"),
     }
@@ -241,22 +342,34 @@ fn diffusers_models_match_python() {
         })
         .collect();
     names.sort();
-    // Text encoders are the CLIP and T5 tests' cases; everything else is ours.
-    let ours: Vec<String> = names
-        .into_iter()
-        .filter(|n| {
-            class_of(&models.join(n))
-                .map(|c| c != "CLIPTextModel" && c != "T5EncoderModel")
-                .unwrap_or(true)
-        })
-        .collect();
     run_all(
         "diffusers models",
-        &ours,
+        &names,
         |n| n.clone(),
         |n| {
             eprintln!("{n}:");
             run_case(&models, n)
         },
     );
+}
+
+/// A case with a tensor the harness does not know (here an extra VAE output) fails, naming it.
+#[test]
+fn an_unread_fixture_tensor_fails_the_case() -> Result<()> {
+    let models = diffuse_core::testing::fixture_subdir("models");
+    let tmp = std::env::temp_dir().join(format!("diffuse-unread-{}", std::process::id()));
+    let vae = tmp.join("vae");
+    std::fs::create_dir_all(&vae)?;
+    for entry in std::fs::read_dir(models.join("vae"))? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), vae.join(entry.file_name()))?;
+    }
+    let mut io = load_tensors(&models.join("vae_io.safetensors"))?;
+    run_case(&models, "vae")?;
+    io.insert("b_image".into(), io["image"].clone());
+    candle_core::safetensors::save(&io, tmp.join("vae_io.safetensors"))?;
+    let err = run_case(&tmp, "vae").expect_err("an unread tensor must fail");
+    std::fs::remove_dir_all(&tmp)?;
+    assert!(err.to_string().contains("b_image"), "{err}");
+    Ok(())
 }

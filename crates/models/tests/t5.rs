@@ -1,6 +1,7 @@
 //! The T5 tokenizer and encoder against transformers (`fixtures/generate/t5.py`): token ids
 //! of several prompts, unpadded and padded/truncated to several lengths, for both tiny T5
-//! tokenizers, and `T5EncoderModel`'s last hidden state.
+//! tokenizers, and `T5EncoderModel` with bf16 weights and bad ids (its f32 parity run is
+//! `model_fixtures.rs`'s `t5_encoder` case).
 
 use std::path::Path;
 
@@ -54,32 +55,6 @@ fn t5_tokenizer_errors_are_clear() -> Result<()> {
     let tok = T5Tokenizer::from_dir(&dir)?;
     let zero = tok.encode_padded("a", 0).expect_err("length 0");
     ensure!(zero.to_string().contains("at least 1"), "{zero}");
-    Ok(())
-}
-
-/// `fixtures/models/t5_encoder` (the tiny Flux T5) against transformers: three prompts padded
-/// to 48 tokens and one unpadded.
-#[test]
-fn t5_encoder_matches_transformers() -> Result<()> {
-    let models = fixture_subdir("models");
-    let io = load_tensors(&models.join("t5_encoder_io.safetensors"))?;
-    let model = T5EncoderModel::from_pretrained(
-        &models.join("t5_encoder"),
-        None,
-        DType::F32,
-        &Device::Cpu,
-    )?;
-    for prefix in ["", "unpadded_"] {
-        let out = model.forward(get(&io, &format!("{prefix}input_ids"))?)?;
-        let want = get(&io, &format!("{prefix}last_hidden_state"))?;
-        assert_close(
-            &format!("{prefix}last_hidden_state"),
-            &out,
-            want,
-            1e-4,
-            1e-4,
-        )?;
-    }
     Ok(())
 }
 
