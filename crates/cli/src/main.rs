@@ -1,5 +1,9 @@
 //! `diffuse`: diffusion models from the command line.
 
+// The argument structs' doc comments are the `--help` text, written for a terminal
+// (`<output>`, `[word]`), not rustdoc markup.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
+
 mod bench;
 mod classifier;
 mod convert;

@@ -194,16 +194,21 @@ impl Pipeline {
         }
     }
 
+    /// The scheduler in use.
+    pub fn scheduler(&self) -> &dyn Scheduler {
+        match self {
+            Pipeline::Unconditional(p) => p.scheduler.as_ref(),
+            Pipeline::StableDiffusion(p) => p.scheduler.as_ref(),
+            Pipeline::StableDiffusion3(p) => p.scheduler.as_ref(),
+            Pipeline::Flux(p) => p.scheduler.as_ref(),
+            Pipeline::DiT(p) => p.scheduler.as_ref(),
+            Pipeline::StableDiffusionXL(p) => p.scheduler.as_ref(),
+        }
+    }
+
     /// The scheduler class in use.
     pub fn scheduler_name(&self) -> &str {
-        match self {
-            Pipeline::Unconditional(p) => p.scheduler.class_name(),
-            Pipeline::StableDiffusion(p) => p.scheduler.class_name(),
-            Pipeline::StableDiffusion3(p) => p.scheduler.class_name(),
-            Pipeline::Flux(p) => p.scheduler.class_name(),
-            Pipeline::DiT(p) => p.scheduler.class_name(),
-            Pipeline::StableDiffusionXL(p) => p.scheduler.class_name(),
-        }
+        self.scheduler().class_name()
     }
 
     /// Puts in another scheduler (e.g. the sampler one request names) and returns the one that

@@ -4,7 +4,22 @@
 //! pipeline. Each is built from a diffusers `scheduler_config.json` (also one saved by another
 //! scheduler class, as `from_config` allows) with [`from_config`], or by name — diffusers class
 //! names and the usual AUTOMATIC1111 names ("Euler a", "DPM++ 2M Karras", ...) — with
-//! [`from_name`].
+//! [`from_name`]:
+//!
+//! ```
+//! use diffuse_schedulers::{from_name, from_own_config, SchedulerConfig};
+//!
+//! let cfg = SchedulerConfig::from_json_str(
+//!     r#"{"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
+//!         "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}"#,
+//! )?;
+//! let mut ddim = from_own_config(&cfg)?;
+//! ddim.set_timesteps(10)?;
+//! assert_eq!(ddim.timesteps()[..3], [901.0, 801.0, 701.0]); // diffusers' "leading" spacing
+//! let euler_a = from_name("Euler a", &cfg)?; // an A1111 name, on the same config
+//! assert_eq!(euler_a.class_name(), "EulerAncestralDiscreteScheduler");
+//! # Ok::<(), diffuse_core::Error>(())
+//! ```
 //!
 //! The modules form layers, each using only those above it (`tests/module_layers.rs` checks):
 //! `config`; `scheduler` (the trait); `common` (schedules and maths); `sigma_schedule`

@@ -1,0 +1,126 @@
+//! The `--large` lines: SDXL's UNet and VAE, a tiled 2048² SD 1.5 decode, a 1-step SDXL run.
+
+use super::*;
+
+impl Bench<'_> {
+    /// A `--large` line this run wants.
+    fn wanted_large(&self, name: &str) -> bool {
+        self.args.large && self.wanted(name)
+    }
+
+    /// The `--large` lines: SDXL's UNet and VAE, a tiled 2048² SD 1.5 decode, a 1-step SDXL run.
+    pub(super) fn large(&mut self) -> Result<()> {
+        use diffuse_models::embeddings::TimeConditioning;
+        use diffuse_models::UNetConditioning;
+        let dev = self.device.clone();
+        let xl = self
+            .args
+            .configs
+            .join("stabilityai_stable_diffusion_xl_base_1_0");
+        if self.wanted_large("unet sdxl step") {
+            let cfg: UNet2DConditionConfig = read_config(&xl.join("unet/config.json"))?;
+            let unet = UNet2DConditionModel::new(random_vb(&dev), &cfg)?;
+            let lat = Tensor::randn(0f32, 1.0, (2, 4, 128, 128), &dev)?;
+            let ctx = Tensor::randn(0f32, 1.0, (2, 77, 2048), &dev)?;
+            let pooled = Tensor::randn(0f32, 1.0, (2, 1280), &dev)?;
+            let ids = [1024f32, 1024., 0., 0., 1024., 1024.];
+            let time_ids = Tensor::from_vec([ids, ids].concat(), (2, 6), &dev)?;
+            let t = Tensor::new(&[999f32, 999.0], &dev)?;
+            let cond = UNetConditioning {
+                time: TimeConditioning {
+                    text_time: Some((&pooled, &time_ids)),
+                    ..Default::default()
+                },
+                control: None,
+            };
+            self.time("unet sdxl step", None, || {
+                Ok(unet.forward_with(&lat, &t, &ctx, &cond)?)
+            })?;
+        }
+        let decode =
+            |b: &mut Self, name: &str, dir: &Path, side: usize, tiled: bool| -> Result<()> {
+                let cfg: AutoencoderKLConfig = read_config(&dir.join("vae/config.json"))?;
+                let mut vae = AutoencoderKL::new(random_vb(&dev), &cfg)?;
+                if tiled {
+                    vae.enable_tiling();
+                }
+                let z = Tensor::randn(0f32, 1.0, (1, 4, side / 8, side / 8), &dev)?;
+                b.time(name, None, || Ok(vae.decode(&z)?))
+            };
+        if self.wanted_large("vae sdxl decode 1024") {
+            decode(self, "vae sdxl decode 1024", &xl, 1024, false)?;
+        }
+        if self.wanted_large("vae sd15 tiled decode 2048") {
+            let sd = self.args.configs.join("runwayml_stable_diffusion_v1_5");
+            decode(self, "vae sd15 tiled decode 2048", &sd, 2048, true)?;
+        }
+        if self.wanted_large(TURBO) {
+            self.turbo(&xl)?;
+        }
+        Ok(())
+    }
+
+    /// An SDXL-Turbo-like run on the real SDXL architecture with random weights: one step of
+    /// EulerAncestral with trailing spacing, guidance 0, 512x512, both text encoders and the
+    /// decode included.
+    fn turbo(&mut self, xl: &Path) -> Result<()> {
+        use diffuse_models::clip_text::ClipTextModelWithProjection;
+        use diffuse_models::clip_tokenizer::ClipTokenizer;
+        use diffuse_pipelines::{
+            GenerationParams, SdxlOptions, StableDiffusionXLPipeline, Text2ImageRequest,
+        };
+        let dev = self.device.clone();
+        let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/cases/_models");
+        let sched = diffuse_schedulers::SchedulerConfig::from_file(
+            &tiny.join("tiny_sdxl_turbo/scheduler/scheduler_config.json"),
+        )?;
+        let clip = |name: &str| -> Result<ClipTextConfig> {
+            Ok(read_config(&xl.join(name).join("config.json"))?)
+        };
+        let pipe = StableDiffusionXLPipeline {
+            class_name: "StableDiffusionXLPipeline".into(),
+            unet: UNet2DConditionModel::new(
+                random_vb(&dev),
+                &read_config(&xl.join("unet/config.json"))?,
+            )?,
+            vae: AutoencoderKL::new(random_vb(&dev), &read_config(&xl.join("vae/config.json"))?)?,
+            text_encoder: Some(ClipTextModel::new(random_vb(&dev), &clip("text_encoder")?)?),
+            tokenizer: Some(ClipTokenizer::from_dir(&tiny.join("tiny_sdxl/tokenizer"))?),
+            text_encoder_2: ClipTextModelWithProjection::new(
+                random_vb(&dev),
+                &clip("text_encoder_2")?,
+            )?,
+            tokenizer_2: ClipTokenizer::from_dir(&tiny.join("tiny_sdxl/tokenizer_2"))?,
+            scheduler: diffuse_schedulers::from_own_config(&sched)?,
+            device: dev.clone(),
+            dtype: DType::F32,
+            vae_dtype: DType::F32,
+            force_zeros_for_empty_prompt: true,
+            requires_aesthetics_score: false,
+        };
+        let req = Text2ImageRequest {
+            params: GenerationParams {
+                prompts: vec!["a photograph of an astronaut riding a horse".into()],
+                steps: 1,
+                guidance_scale: 0.0,
+                seed: 0,
+                ..Default::default()
+            },
+            height: Some(512),
+            width: Some(512),
+            latents: None,
+        };
+        let opts = SdxlOptions::default();
+        self.time(TURBO, None, || {
+            let out = pipe.text_to_image(&req, &opts, None)?;
+            let t = &out.timings;
+            println!(
+                "    text encode {:.1} s, denoise {:.1} s, decode {:.1} s",
+                t.text_encode.as_secs_f64(),
+                t.denoise.as_secs_f64(),
+                t.decode.as_secs_f64()
+            );
+            Ok(out.images)
+        })
+    }
+}

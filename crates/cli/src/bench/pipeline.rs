@@ -1,0 +1,74 @@
+//! The `--pipeline` line: one whole SD 1.5 text-to-image run, timed per phase.
+
+use super::*;
+
+impl Bench<'_> {
+    /// One full text-to-image run, timed per phase by the pipeline itself.
+    pub(super) fn pipeline(&mut self) -> Result<()> {
+        use diffuse_pipelines::stable_diffusion::{
+            GenerationParams, StableDiffusionPipeline, Text2ImageRequest,
+        };
+        let dev = self.device.clone();
+        let sd = self.args.configs.join("runwayml_stable_diffusion_v1_5");
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+        let tokenizer =
+            diffuse_models::clip_tokenizer::ClipTokenizer::from_dir(&fixtures.join("tokenizer"))?;
+        // SD 1.5's own scheduler config (the tiny pipeline carries an exact copy of its keys).
+        let sched_cfg = diffuse_schedulers::SchedulerConfig::from_file(
+            &fixtures.join("pipelines/tiny_sd/scheduler/scheduler_config.json"),
+        )?;
+        let pipe = StableDiffusionPipeline {
+            class_name: "StableDiffusionPipeline".into(),
+            unet: UNet2DConditionModel::new(
+                random_vb(&dev),
+                &read_config(&sd.join("unet/config.json"))?,
+            )?,
+            vae: AutoencoderKL::new(random_vb(&dev), &read_config(&sd.join("vae/config.json"))?)?,
+            text_encoder: ClipTextModel::new(
+                random_vb(&dev),
+                &read_config(&sd.join("text_encoder/config.json"))?,
+            )?,
+            tokenizer,
+            scheduler: diffuse_schedulers::from_own_config(&sched_cfg)?,
+            device: dev.clone(),
+            dtype: DType::F32,
+            vae_dtype: DType::F32,
+            multi_vector_tokens: Vec::new(),
+        };
+        let steps = self.args.pipeline_steps;
+        let params = GenerationParams {
+            prompts: vec!["a photograph of an astronaut riding a horse".into()],
+            steps,
+            guidance_scale: 7.5,
+            seed: 0,
+            ..Default::default()
+        };
+        let req = Text2ImageRequest {
+            params,
+            height: Some(512),
+            width: Some(512),
+            latents: None,
+        };
+        let t0 = Instant::now();
+        let out = pipe.text_to_image(&req, None)?;
+        let total = t0.elapsed().as_secs_f64() * 1000.0;
+        let t = &out.timings;
+        let rss = peak_rss_mib()
+            .map(|m| format!("peak RSS {m:.0} MiB"))
+            .unwrap_or_default();
+        let name = pipeline_name(steps);
+        println!(
+            "{name} {total:>10.1} ms   text encode {:.1} s, denoise {:.1} s, decode {:.1} s   {rss}",
+            t.text_encode.as_secs_f64(),
+            t.denoise.as_secs_f64(),
+            t.decode.as_secs_f64()
+        );
+        self.lines.push(Line {
+            name,
+            ms: total,
+            gflop: None,
+            peak_rss_mib: peak_rss_mib(),
+        });
+        Ok(())
+    }
+}
