@@ -18,11 +18,34 @@ use crate::sources::Source;
 /// Number of blocks and layers per block.
 type Blocks = (usize, usize);
 
-/// The UNet and VAE block layouts and the text encoder's config.
-fn layouts(src: &Source) -> Result<(Blocks, Blocks, ClipTextConfig)> {
+/// The text encoders of a pipeline class: SD has `text_encoder`, SDXL base both, the SDXL
+/// refiner only `text_encoder_2` (with the projection).
+fn text_encoders(class: &str, src: &Source) -> Vec<&'static str> {
+    if !class.starts_with("StableDiffusionXL") {
+        return vec!["text_encoder"];
+    }
+    let has_first = match src {
+        Source::Folder(dir) => dir.join("text_encoder").is_dir(),
+        Source::SingleFile { family, .. } => *family == Family::Sdxl,
+    };
+    if has_first {
+        vec!["text_encoder", "text_encoder_2"]
+    } else {
+        vec!["text_encoder_2"]
+    }
+}
+
+/// The UNet and VAE block layouts and the text encoders' configs.
+fn layouts(
+    src: &Source,
+    encoders: &[&'static str],
+) -> Result<(Blocks, Blocks, Vec<(&'static str, ClipTextConfig)>)> {
     let unet: UNet2DConditionConfig = src.config("unet")?;
     let vae: AutoencoderKLConfig = src.config("vae")?;
-    let te: ClipTextConfig = src.config("text_encoder")?;
+    let te = encoders
+        .iter()
+        .map(|&c| Ok((c, src.config::<ClipTextConfig>(c)?)))
+        .collect::<Result<_>>()?;
     Ok((
         (unet.block_out_channels.len(), unet.layers_per_block.get(0)),
         (vae.block_out_channels.len(), vae.layers_per_block),
@@ -42,6 +65,10 @@ fn check_fits(src: &Source, name: &str, backend: &CheckedBackend) -> Result<()> 
         "vae" => {
             let cfg: AutoencoderKLConfig = src.config(name)?;
             diffuse_models::AutoencoderKL::new(vb, &cfg).map(drop)
+        }
+        "text_encoder_2" => {
+            let cfg: ClipTextConfig = src.config(name)?;
+            diffuse_models::clip_text::ClipTextModelWithProjection::new(vb, &cfg).map(drop)
         }
         _ => {
             let cfg: ClipTextConfig = src.config(name)?;
@@ -86,13 +113,6 @@ pub fn single_file_to_folder(
             file.display()
         )));
     };
-    if matches!(family, Family::Sdxl | Family::SdxlRefiner) {
-        return Err(Error::invalid(format!(
-            "{}: converting {} checkpoints is not supported yet",
-            file.display(),
-            family.name()
-        )));
-    }
     if out.exists() {
         return Err(Error::invalid(format!(
             "{} exists; remove it or pick another --output",
@@ -100,10 +120,11 @@ pub fn single_file_to_folder(
         )));
     }
     let class = src.pipeline_class()?;
-    let (unet_l, vae_l, te) = layouts(&src)?;
+    let encoders = text_encoders(&class, &src);
+    let (unet_l, vae_l, te) = layouts(&src, &encoders)?;
     let tmp = sibling_tmp(out)?;
     let write = || -> Result<()> {
-        let components: [(&str, &str, CheckedBackend); 3] = [
+        let mut components: Vec<(&str, &str, CheckedBackend)> = vec![
             (
                 "unet",
                 "diffusion_pytorch_model.safetensors",
@@ -114,12 +135,11 @@ pub fn single_file_to_folder(
                 "diffusion_pytorch_model.safetensors",
                 src.backend("vae", None, vae_l.0, vae_l.1)?,
             ),
-            (
-                "text_encoder",
-                "model.safetensors",
-                src.backend("text_encoder", None, te.num_hidden_layers, 0)?,
-            ),
         ];
+        for (name, cfg) in &te {
+            let backend = src.backend(name, None, cfg.num_hidden_layers, 0)?;
+            components.push((name, "model.safetensors", backend));
+        }
         for (name, _, backend) in &components {
             check_fits(&src, name, backend)?;
         }
@@ -144,19 +164,32 @@ pub fn single_file_to_folder(
         std::fs::create_dir_all(&sched).map_err(|e| Error::io(&sched, e))?;
         let cfg: serde_json::Value = src.config("scheduler")?;
         write_json(&sched.join("scheduler_config.json"), &cfg)?;
-        write_tokenizer(config, family, &tmp.join("tokenizer"))?;
-        let index = serde_json::json!({
+        let mut index = serde_json::json!({
             "_class_name": class,
             "_diffusers_version": "0.42.1",
             "scheduler": ["diffusers", cfg.get("_class_name").and_then(|c| c.as_str()).unwrap_or("PNDMScheduler")],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
-            "safety_checker": [null, null],
             "feature_extractor": [null, null],
-            "requires_safety_checker": false
         });
+        for (name, _) in &te {
+            let tokenizer = name.replace("text_encoder", "tokenizer");
+            write_tokenizer(config, family, &tokenizer, &tmp.join(&tokenizer))?;
+            let model = if *name == "text_encoder_2" {
+                "CLIPTextModelWithProjection"
+            } else {
+                "CLIPTextModel"
+            };
+            index[*name] = serde_json::json!(["transformers", model]);
+            index[tokenizer] = serde_json::json!(["transformers", "CLIPTokenizer"]);
+        }
+        if class.starts_with("StableDiffusionXL") {
+            index["force_zeros_for_empty_prompt"] = (*family == Family::Sdxl).into();
+            index["requires_aesthetics_score"] = (*family == Family::SdxlRefiner).into();
+        } else {
+            index["safety_checker"] = serde_json::json!([null, null]);
+            index["requires_safety_checker"] = false.into();
+        }
         write_json(&tmp.join("model_index.json"), &index)?;
         std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
     };
@@ -168,7 +201,8 @@ pub fn single_file_to_folder(
 }
 
 /// Writes a single `.safetensors` file in the original layout from a diffusers folder
-/// (SD 1.x/2.x: OpenAI CLIP or OpenCLIP text encoder, recognised from the text encoder's config).
+/// (SD 1.x/2.x and SDXL base/refiner: OpenAI CLIP or OpenCLIP text encoders, recognised from the
+/// encoders' configs).
 pub fn folder_to_single_file(dir: &Path, out: &Path, dtype: Option<DType>) -> Result<()> {
     let src = Source::open(dir, None)?;
     if !matches!(src, Source::Folder(_)) {
@@ -178,28 +212,45 @@ pub fn folder_to_single_file(dir: &Path, out: &Path, dtype: Option<DType>) -> Re
         )));
     }
     let class = src.pipeline_class()?;
-    if !class.starts_with("StableDiffusion") || class.contains("XL") {
+    if !class.starts_with("StableDiffusion") || class.starts_with("StableDiffusion3") {
         return Err(Error::invalid(format!(
             "{}: converting a {class} to a single file is not supported",
             dir.display()
         )));
     }
-    let (unet_l, vae_l, te) = layouts(&src)?;
+    let xl = class.starts_with("StableDiffusionXL");
+    let encoders = text_encoders(&class, &src);
+    let (unet_l, vae_l, te) = layouts(&src, &encoders)?;
     let read =
         |c: &str| -> Result<BTreeMap<String, Tensor>> { src.backend(c, None, 0, 0)?.read_all() };
-    let (unet, vae, text) = (read("unet")?, read("vae")?, read("text_encoder")?);
-    // OpenCLIP (SD 2.x) text encoders use GELU and pad with `!`; OpenAI CLIP uses quick-GELU.
-    let layout = if te.hidden_act == "gelu" {
-        TextEncoderLayout::OpenClip {
-            prefix: "cond_stage_model.model.".into(),
-            layers: te.num_hidden_layers,
-            projection: false,
-        }
-    } else {
-        TextEncoderLayout::Clip {
-            prefix: "cond_stage_model.transformer.".into(),
-        }
-    };
+    let (unet, vae) = (read("unet")?, read("vae")?);
+    let texts = encoders
+        .iter()
+        .map(|c| read(c))
+        .collect::<Result<Vec<_>>>()?;
+    let layouts = te
+        .iter()
+        .enumerate()
+        .map(|(i, (name, cfg))| {
+            // OpenCLIP encoders (SD 2.x, SDXL's second) use GELU; OpenAI CLIP quick-GELU.
+            let prefix = if xl {
+                format!("conditioner.embedders.{i}.")
+            } else {
+                "cond_stage_model.".to_string()
+            };
+            if cfg.hidden_act == "gelu" {
+                TextEncoderLayout::OpenClip {
+                    prefix: format!("{prefix}model."),
+                    layers: cfg.num_hidden_layers,
+                    projection: *name == "text_encoder_2",
+                }
+            } else {
+                TextEncoderLayout::Clip {
+                    prefix: format!("{prefix}transformer."),
+                }
+            }
+        })
+        .collect::<Vec<_>>();
     let tensors = to_original_layout(&OriginalLayout {
         unet: &unet,
         unet_blocks: unet_l.0,
@@ -207,15 +258,20 @@ pub fn folder_to_single_file(dir: &Path, out: &Path, dtype: Option<DType>) -> Re
         vae: &vae,
         vae_blocks: vae_l.0,
         vae_layers_per_block: vae_l.1,
-        text_encoders: vec![(&text, layout)],
+        text_encoders: texts.iter().zip(layouts).collect(),
     })?;
     diffuse_loaders::save_safetensors(&cast(tensors, dtype)?, out)
 }
 
 /// The tokenizer folder: the config folder's, else the built-in vocabulary.
-fn write_tokenizer(config: Option<&Path>, family: &Family, dir: &Path) -> Result<()> {
+fn write_tokenizer(
+    config: Option<&Path>,
+    family: &Family,
+    component: &str,
+    dir: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    if let Some(c) = config.map(|c| c.join("tokenizer")).filter(|d| d.is_dir()) {
+    if let Some(c) = config.map(|c| c.join(component)).filter(|d| d.is_dir()) {
         for entry in std::fs::read_dir(&c).map_err(|e| Error::io(&c, e))? {
             let p = entry.map_err(|e| Error::io(&c, e))?.path();
             if p.is_file() {
@@ -232,7 +288,8 @@ fn write_tokenizer(config: Option<&Path>, family: &Family, dir: &Path) -> Result
     };
     write("vocab.json", &vocab)?;
     write("merges.txt", &merges)?;
-    let pad = if matches!(family, Family::Sd2 | Family::Sd2Inpaint) {
+    // OpenCLIP encoders (SD 2.x, SDXL's second) pad with `!`.
+    let pad = if matches!(family, Family::Sd2 | Family::Sd2Inpaint) || component == "tokenizer_2" {
         "!"
     } else {
         "<|endoftext|>"

@@ -306,6 +306,31 @@ pub fn load_pipeline(path: &Path, opts: &LoadOptions) -> Result<Pipeline> {
         }
         return Ok(Pipeline::StableDiffusion(Box::new(p)));
     }
+    if class.starts_with("StableDiffusionXL") {
+        if !opts.textual_inversions.is_empty() {
+            return Err(Error::invalid(format!(
+                "{}: textual-inversion embeddings are not supported for SDXL yet",
+                path.display()
+            )));
+        }
+        let flags = match &src {
+            sources::Source::Folder(dir) => {
+                let index = ModelIndex::read(dir)?;
+                (
+                    index.flag("force_zeros_for_empty_prompt", true),
+                    index.flag("requires_aesthetics_score", false),
+                )
+            }
+            // A refiner file is an img2img pipeline with aesthetic-score time ids.
+            sources::Source::SingleFile { family, .. } => (
+                true,
+                *family == diffuse_loaders::single_file::Family::SdxlRefiner,
+            ),
+        };
+        return Ok(Pipeline::StableDiffusionXL(Box::new(
+            StableDiffusionXLPipeline::load_from(&src, class, flags, opts)?,
+        )));
+    }
     let sources::Source::Folder(dir) = &src else {
         return Err(Error::invalid(format!(
             "{}: single-file {class} checkpoints are not supported yet",
@@ -340,30 +365,11 @@ pub fn load_pipeline(path: &Path, opts: &LoadOptions) -> Result<Pipeline> {
             &index.json,
             opts,
         )?))),
-        "StableDiffusionXLPipeline"
-        | "StableDiffusionXLImg2ImgPipeline"
-        | "StableDiffusionXLInpaintPipeline" => Ok(Pipeline::StableDiffusionXL(Box::new(
-            StableDiffusionXLPipeline::load(dir, &index, opts)?,
-        ))),
         _ => Err(index.unsupported()),
     }
 }
 
 /// Loads a `vae/` folder in the pipeline's dtype, or in f32 when the pipeline runs in f16 and
-/// the config says the VAE overflows there (`force_upcast`); returns the VAE and its dtype.
-pub(crate) fn load_vae(dir: &Path, opts: &LoadOptions) -> Result<(AutoencoderKL, DType)> {
-    let cfg: diffuse_models::AutoencoderKLConfig =
-        diffuse_loaders::read_config(&dir.join("config.json"))?;
-    let dtype = if opts.dtype == DType::F16 && cfg.force_upcast {
-        DType::F32
-    } else {
-        opts.dtype
-    };
-    let vae =
-        AutoencoderKL::from_pretrained_variant(dir, opts.variant.as_deref(), dtype, &opts.device)?;
-    Ok((vae, dtype))
-}
-
 /// A component folder of a pipeline; its absence is an error naming it.
 pub(crate) fn component_dir(dir: &Path, name: &str) -> Result<PathBuf> {
     let d = dir.join(name);

@@ -64,7 +64,12 @@ fn builtin(family: Family, component: &str) -> Option<&'static str> {
         Family::Sd1 => set!("sd15"),
         Family::Sd1Inpaint => set!("sd15_inpaint"),
         Family::Sd2 | Family::Sd2Inpaint => set!("sd21"),
-        Family::Sdxl | Family::SdxlRefiner => None,
+        Family::Sdxl if component == "text_encoder_2" => {
+            Some(include_str!("../builtin/sdxl/text_encoder_2/config.json"))
+        }
+        Family::Sdxl => set!("sdxl"),
+        // (The refiner's architecture differs from the base's; its files need --config.)
+        Family::SdxlRefiner => None,
     }
 }
 
@@ -95,6 +100,14 @@ impl Source {
             family,
             config: config.map(Path::to_path_buf),
         })
+    }
+
+    /// The folder or the file.
+    pub fn path(&self) -> &Path {
+        match self {
+            Source::Folder(dir) => dir,
+            Source::SingleFile { file, .. } => file.path(),
+        }
     }
 
     /// The pipeline class the source holds (`model_index.json`'s, or the family's).
@@ -230,7 +243,12 @@ impl Source {
                 "vae" => file.vae(blocks, layers_per_block),
                 "text_encoder" | "text_encoder_2" => {
                     let encoders = file.text_encoders(*family);
-                    let i = usize::from(component == "text_encoder_2");
+                    // SDXL's second encoder is the second entry; the refiner has only it.
+                    let i = match (family, component) {
+                        (Family::SdxlRefiner, "text_encoder_2") => 0,
+                        (Family::SdxlRefiner, _) => usize::MAX,
+                        _ => usize::from(component == "text_encoder_2"),
+                    };
                     let mut layout: TextEncoderLayout =
                         encoders.get(i).cloned().ok_or_else(|| {
                             Error::invalid(format!(

@@ -14,14 +14,17 @@
 //! which keeps the latents); `denoising_start` starts the img2img schedule there from latents
 //! without adding noise (the refiner).
 
-use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use diffuse_core::{Error, Generator, Result};
+use diffuse_loaders::single_file::Family;
+use diffuse_models::clip_text::ClipTextConfig;
 use diffuse_models::clip_text::{ClipTextModel, ClipTextModelWithProjection, ClipTextOutput};
 use diffuse_models::clip_tokenizer::ClipTokenizer;
-use diffuse_models::{AutoencoderKL, UNet2DConditionModel};
+use diffuse_models::{
+    AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel,
+};
 use diffuse_schedulers::Scheduler;
 use image::RgbImage;
 
@@ -32,13 +35,12 @@ use crate::denoise::{
 use crate::image_processor::{default_size, preprocess_image};
 use crate::img2img::strength_timesteps;
 use crate::inpaint::{check_inpaint_unet, prepare_inpaint, InpaintModels};
+use crate::sources::{self, Adapters, Source};
 use crate::stable_diffusion::{
     repeat_batch, token_ids, EncodedPrompt, GenerationParams, ImageOutput, Text2ImageRequest,
 };
-use crate::{check_steps, component_dir, fresh_scheduler, load_scheduler};
-use crate::{
-    Img2ImgRequest, InpaintRequest, LoadOptions, ModelIndex, StepCallback, Timings, Trace,
-};
+use crate::{check_steps, fresh_scheduler};
+use crate::{Img2ImgRequest, InpaintRequest, LoadOptions, StepCallback, Timings, Trace};
 
 /// The SDXL components; one value serves text-to-image and image-to-image.
 pub struct StableDiffusionXLPipeline {
@@ -195,46 +197,104 @@ fn check_fraction(name: &str, v: Option<f64>) -> Result<()> {
 }
 
 impl StableDiffusionXLPipeline {
-    /// Loads `unet/`, `vae/`, `text_encoder_2/`, `tokenizer_2/`, `scheduler/` and, when the
-    /// folder has them, `text_encoder/` and `tokenizer/`.
-    pub(crate) fn load(dir: &Path, index: &ModelIndex, opts: &LoadOptions) -> Result<Self> {
+    /// Loads the components from a folder (`text_encoder/` and `tokenizer/` when it has them:
+    /// the refiner has not) or an SGM-layout single file, with `opts.loras` fused in. `flags`: `force_zeros_for_empty_prompt`, `requires_aesthetics_score`.
+    pub(crate) fn load_from(
+        src: &Source,
+        class_name: String,
+        (force_zeros_for_empty_prompt, requires_aesthetics_score): (bool, bool),
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let variant = opts.variant.as_deref();
         let (dtype, device) = (opts.dtype, &opts.device);
-        let scheduler = load_scheduler(dir, opts)?;
-        let (text_encoder, tokenizer) = if dir.join("text_encoder").is_dir() {
-            let te = ClipTextModel::from_pretrained_variant(
-                &dir.join("text_encoder"),
+        let adapters = Adapters::open(&opts.loras)?;
+        let scheduler = src.scheduler(opts)?;
+        let clip = |component: &str| -> Result<ClipTextConfig> {
+            let cfg: ClipTextConfig = src.config(component)?;
+            cfg.validate(&format!("{component} config"))?;
+            Ok(cfg)
+        };
+        // The refiner has only the second (OpenCLIP bigG) encoder.
+        let has_first_encoder = match src {
+            Source::Folder(dir) => dir.join("text_encoder").is_dir(),
+            Source::SingleFile { family, .. } => *family == Family::Sdxl,
+        };
+        let (text_encoder, tokenizer) = if has_first_encoder {
+            let cfg = clip("text_encoder")?;
+            let te = sources::build(
+                src,
+                &adapters,
+                "text_encoder",
                 variant,
+                (cfg.num_hidden_layers, 0),
                 dtype,
                 device,
+                |vb| ClipTextModel::new(vb, &cfg),
             )?;
-            let tok = ClipTokenizer::from_dir(&component_dir(dir, "tokenizer")?)?;
-            (Some(te), Some(tok))
+            (Some(te), Some(src.tokenizer("tokenizer")?))
         } else {
             (None, None)
         };
-        let text_encoder_2 = ClipTextModelWithProjection::from_pretrained_variant(
-            &component_dir(dir, "text_encoder_2")?,
+        let cfg2 = clip("text_encoder_2")?;
+        let text_encoder_2 = sources::build(
+            src,
+            &adapters,
+            "text_encoder_2",
             variant,
+            (cfg2.num_hidden_layers, 0),
             dtype,
             device,
+            |vb| ClipTextModelWithProjection::new(vb, &cfg2),
         )?;
-        let tokenizer_2 = ClipTokenizer::from_dir(&component_dir(dir, "tokenizer_2")?)?;
-        let unet = UNet2DConditionModel::from_pretrained_variant(
-            &component_dir(dir, "unet")?,
-            variant,
-            dtype,
-            device,
-        )?;
-        if unet.config().addition_embed_type.as_deref() != Some("text_time") {
+        let tokenizer_2 = src.tokenizer("tokenizer_2")?;
+        let unet_cfg: UNet2DConditionConfig = src.config("unet")?;
+        unet_cfg.validate()?;
+        if unet_cfg.addition_embed_type.as_deref() != Some("text_time") {
             return Err(Error::invalid(format!(
                 "{}: an SDXL pipeline needs a UNet with addition_embed_type \"text_time\"",
-                dir.display()
+                src.path().display()
             )));
         }
-        let (vae, vae_dtype) = crate::load_vae(&component_dir(dir, "vae")?, opts)?;
+        let unet_layout = (
+            unet_cfg.block_out_channels.len(),
+            unet_cfg.layers_per_block.get(0),
+        );
+        let unet = sources::build(
+            src,
+            &adapters,
+            "unet",
+            variant,
+            unet_layout,
+            dtype,
+            device,
+            |vb| UNet2DConditionModel::new(vb, &unet_cfg),
+        )?;
+        // SDXL's VAE overflows in f16 too; its config says so with `force_upcast`.
+        let vae_cfg: AutoencoderKLConfig = src.config("vae")?;
+        vae_cfg.validate()?;
+        let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vae = sources::build(
+            src,
+            &adapters,
+            "vae",
+            variant,
+            (vae_cfg.block_out_channels.len(), vae_cfg.layers_per_block),
+            vae_dtype,
+            device,
+            |vb| AutoencoderKL::new(vb, &vae_cfg),
+        )?;
+        adapters.finish()?;
+        src.check_unclaimed(&[
+            diffuse_loaders::single_file::UNET_PREFIX,
+            diffuse_loaders::single_file::VAE_PREFIX,
+            "conditioner.",
+        ])?;
         Ok(Self {
-            class_name: index.class.clone(),
+            class_name,
             unet,
             vae,
             text_encoder,
@@ -245,8 +305,8 @@ impl StableDiffusionXLPipeline {
             device: device.clone(),
             dtype,
             vae_dtype,
-            force_zeros_for_empty_prompt: index.flag("force_zeros_for_empty_prompt", true),
-            requires_aesthetics_score: index.flag("requires_aesthetics_score", false),
+            force_zeros_for_empty_prompt,
+            requires_aesthetics_score,
         })
     }
 
