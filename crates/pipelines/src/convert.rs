@@ -18,6 +18,9 @@ use crate::sources::Source;
 /// Number of blocks and layers per block.
 type Blocks = (usize, usize);
 
+/// Each text encoder component with its config.
+type Encoders = Vec<(&'static str, ClipTextConfig)>;
+
 /// The text encoders of a pipeline class: SD has `text_encoder`, SDXL base both, the SDXL
 /// refiner only `text_encoder_2` (with the projection).
 fn text_encoders(class: &str, src: &Source) -> Vec<&'static str> {
@@ -39,7 +42,7 @@ fn text_encoders(class: &str, src: &Source) -> Vec<&'static str> {
 fn layouts(
     src: &Source,
     encoders: &[&'static str],
-) -> Result<(Blocks, Blocks, Vec<(&'static str, ClipTextConfig)>)> {
+) -> Result<(Blocks, Blocks, Encoders)> {
     let unet: UNet2DConditionConfig = src.config("unet")?;
     let vae: AutoencoderKLConfig = src.config("vae")?;
     let te = encoders
