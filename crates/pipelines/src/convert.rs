@@ -39,10 +39,7 @@ fn text_encoders(class: &str, src: &Source) -> Vec<&'static str> {
 }
 
 /// The UNet and VAE block layouts and the text encoders' configs.
-fn layouts(
-    src: &Source,
-    encoders: &[&'static str],
-) -> Result<(Blocks, Blocks, Encoders)> {
+fn layouts(src: &Source, encoders: &[&'static str]) -> Result<(Blocks, Blocks, Encoders)> {
     let unet: UNet2DConditionConfig = src.config("unet")?;
     let vae: AutoencoderKLConfig = src.config("vae")?;
     let te = encoders

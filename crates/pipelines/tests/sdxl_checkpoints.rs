@@ -43,9 +43,7 @@ fn image(path: &Path, opts: LoadOptions) -> Result<Vec<f64>> {
         width: Some(64),
         latents: None,
     };
-    Ok(to_vec_f64(
-        &p.text_to_image(&req, &SdxlOptions::default(), None)?.images,
-    )?)
+    to_vec_f64(&p.text_to_image(&req, &SdxlOptions::default(), None)?.images)
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
