@@ -440,6 +440,11 @@ impl ClipTextModelWithProjection {
         &self.text_model
     }
 
+    /// [`ClipTextModel::add_token_embeddings`] (textual inversion).
+    pub fn add_token_embeddings(&mut self, rows: &Tensor) -> Result<()> {
+        self.text_model.add_token_embeddings(rows)
+    }
+
     pub fn config(&self) -> &ClipTextConfig {
         self.text_model.config()
     }

@@ -307,12 +307,6 @@ pub fn load_pipeline(path: &Path, opts: &LoadOptions) -> Result<Pipeline> {
         return Ok(Pipeline::StableDiffusion(Box::new(p)));
     }
     if class.starts_with("StableDiffusionXL") {
-        if !opts.textual_inversions.is_empty() {
-            return Err(Error::invalid(format!(
-                "{}: textual-inversion embeddings are not supported for SDXL yet",
-                path.display()
-            )));
-        }
         let flags = match &src {
             sources::Source::Folder(dir) => {
                 let index = ModelIndex::read(dir)?;
@@ -327,9 +321,11 @@ pub fn load_pipeline(path: &Path, opts: &LoadOptions) -> Result<Pipeline> {
                 *family == diffuse_loaders::single_file::Family::SdxlRefiner,
             ),
         };
-        return Ok(Pipeline::StableDiffusionXL(Box::new(
-            StableDiffusionXLPipeline::load_from(&src, class, flags, opts)?,
-        )));
+        let mut p = StableDiffusionXLPipeline::load_from(&src, class, flags, opts)?;
+        for e in &opts.textual_inversions {
+            p.load_textual_inversion(&e.path, e.token.as_deref())?;
+        }
+        return Ok(Pipeline::StableDiffusionXL(Box::new(p)));
     }
     let sources::Source::Folder(dir) = &src else {
         return Err(Error::invalid(format!(

@@ -241,9 +241,7 @@ impl StableDiffusionPipeline {
             )));
         };
         let n = vectors.dim(0)?;
-        let tokens: Vec<String> = std::iter::once(token.clone())
-            .chain((1..n).map(|i| format!("{token}_{i}")))
-            .collect();
+        let tokens = embedding_tokens(&token, n);
         // Check everything before changing anything: a failure leaves the pipeline as it was.
         let mut tokenizer = self.tokenizer.clone();
         for t in &tokens {
@@ -266,21 +264,7 @@ impl StableDiffusionPipeline {
     /// diffusers' `maybe_convert_prompt`: every multi-vector token the tokenizer finds in
     /// `text` is replaced (as plain text, case-sensitively) by `tok tok_1 ... tok_{n-1}`.
     pub fn expand_embedding_tokens(&self, text: &str) -> String {
-        let ids = self.tokenizer.encode(text);
-        let mut out = text.to_string();
-        for (token, n) in &self.multi_vector_tokens {
-            let present = self
-                .tokenizer
-                .added_token_id(token)
-                .is_some_and(|id| ids.contains(&id));
-            if present {
-                let expanded: Vec<String> = std::iter::once(token.clone())
-                    .chain((1..*n).map(|i| format!("{token}_{i}")))
-                    .collect();
-                out = out.replace(token.as_str(), &expanded.join(" "));
-            }
-        }
-        out
+        expand_embedding_tokens(&self.tokenizer, &self.multi_vector_tokens, text)
     }
 
     /// `2 ** (len(vae.block_out_channels) - 1)`.
@@ -632,4 +616,32 @@ pub(crate) fn repeat_batch(t: &Tensor, n: usize) -> Result<Tensor> {
         .map(|i| t.i(i..i + 1))
         .collect::<candle_core::Result<_>>()?;
     Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// The tokens an `n`-vector embedding is added under: `token token_1 ... token_{n-1}`.
+pub(crate) fn embedding_tokens(token: &str, n: usize) -> Vec<String> {
+    std::iter::once(token.to_string())
+        .chain((1..n).map(|i| format!("{token}_{i}")))
+        .collect()
+}
+
+/// diffusers' `maybe_convert_prompt` over `multi` (token, vectors): each such token that
+/// `tokenizer` finds in `text` is replaced (as plain text, case-sensitively) by its
+/// [`embedding_tokens`].
+pub(crate) fn expand_embedding_tokens(
+    tokenizer: &ClipTokenizer,
+    multi: &[(String, usize)],
+    text: &str,
+) -> String {
+    let ids = tokenizer.encode(text);
+    let mut out = text.to_string();
+    for (token, n) in multi {
+        let present = tokenizer
+            .added_token_id(token)
+            .is_some_and(|id| ids.contains(&id));
+        if present {
+            out = out.replace(token.as_str(), &embedding_tokens(token, *n).join(" "));
+        }
+    }
+    out
 }

@@ -14,6 +14,7 @@
 //! which keeps the latents); `denoising_start` starts the img2img schedule there from latents
 //! without adding noise (the refiner).
 
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -37,7 +38,8 @@ use crate::img2img::strength_timesteps;
 use crate::inpaint::{check_inpaint_unet, prepare_inpaint, InpaintModels};
 use crate::sources::{self, Adapters, Source};
 use crate::stable_diffusion::{
-    repeat_batch, token_ids, EncodedPrompt, GenerationParams, ImageOutput, Text2ImageRequest,
+    embedding_tokens, expand_embedding_tokens, repeat_batch, token_ids, EncodedPrompt,
+    GenerationParams, ImageOutput, Text2ImageRequest,
 };
 use crate::{check_steps, fresh_scheduler};
 use crate::{Img2ImgRequest, InpaintRequest, LoadOptions, StepCallback, Timings, Trace};
@@ -64,6 +66,8 @@ pub struct StableDiffusionXLPipeline {
     /// `model_index.json`: the refiner's time ids end with an aesthetic score instead of the
     /// target size.
     pub requires_aesthetics_score: bool,
+    /// Textual-inversion tokens with more than one vector, and how many.
+    pub multi_vector_tokens: Vec<(String, usize)>,
 }
 
 /// The SDXL-only settings of a run (diffusers' `__call__` arguments of the same names).
@@ -307,7 +311,67 @@ impl StableDiffusionXLPipeline {
             vae_dtype,
             force_zeros_for_empty_prompt,
             requires_aesthetics_score,
+            multi_vector_tokens: Vec::new(),
         })
+    }
+
+    /// diffusers' SDXL textual inversion: a file with a `clip_l` and a `clip_g` table adds
+    /// `token` (default: the file's own token, else its stem; `token_1` ... for further
+    /// vectors) to both tokenizers and its vectors to the matching encoders (the refiner,
+    /// which has only the second encoder, takes `clip_g`).
+    pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<()> {
+        let ti = diffuse_loaders::textual_inversion::TextualInversion::load(path)?;
+        let token = token
+            .map(str::to_string)
+            .or(ti.stored_token.clone())
+            .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .ok_or_else(|| Error::invalid(format!("{}: no token given", path.display())))?;
+        let [clip_l, clip_g] = ti.vectors.as_slice() else {
+            return Err(Error::invalid(format!(
+                "{}: an SDXL embedding needs a clip_l and a clip_g table; this file has {}",
+                path.display(),
+                ti.vectors.len()
+            )));
+        };
+        let n = clip_g.dim(0)?;
+        if clip_l.dim(0)? != n {
+            return Err(Error::invalid(format!(
+                "{}: clip_l has {} vectors, clip_g {n}",
+                path.display(),
+                clip_l.dim(0)?
+            )));
+        }
+        let tokens = embedding_tokens(&token, n);
+        let bad = |e: &dyn std::fmt::Display| Error::invalid(format!("{}: {e}", path.display()));
+        // Check everything before changing anything: a failure leaves the pipeline as it was.
+        let add = |tok: &ClipTokenizer| -> Result<ClipTokenizer> {
+            let mut tok = tok.clone();
+            for t in &tokens {
+                tok.add_token(t).map_err(|e| bad(&e))?;
+            }
+            Ok(tok)
+        };
+        let first = match (&self.text_encoder, &self.tokenizer) {
+            (Some(te), Some(tok)) => {
+                let mut te = te.clone();
+                te.add_token_embeddings(clip_l).map_err(|e| bad(&e))?;
+                Some((te, add(tok)?))
+            }
+            _ => None,
+        };
+        let mut te2 = self.text_encoder_2.clone();
+        te2.add_token_embeddings(clip_g).map_err(|e| bad(&e))?;
+        let tok2 = add(&self.tokenizer_2)?;
+        if let Some((te, tok)) = first {
+            self.text_encoder = Some(te);
+            self.tokenizer = Some(tok);
+        }
+        self.text_encoder_2 = te2;
+        self.tokenizer_2 = tok2;
+        if n > 1 {
+            self.multi_vector_tokens.push((token, n));
+        }
+        Ok(())
     }
 
     /// `2 ** (len(vae.block_out_channels) - 1)`.
@@ -362,12 +426,20 @@ impl StableDiffusionXLPipeline {
             }
             Ok(out.hidden_states[n - 2 - skip].clone())
         };
+        // Multi-vector embedding tokens written out, as diffusers' `maybe_convert_prompt`.
+        let expand = |tok: &ClipTokenizer, texts: &[String]| -> Vec<String> {
+            texts
+                .iter()
+                .map(|t| expand_embedding_tokens(tok, &self.multi_vector_tokens, t))
+                .collect()
+        };
         let mut parts = Vec::with_capacity(2);
         if let (Some(te), Some(tok)) = (&self.text_encoder, &self.tokenizer) {
-            let ids = token_ids(tok, texts, &self.device, warnings)?;
+            let ids = token_ids(tok, &expand(tok, texts), &self.device, warnings)?;
             parts.push(penultimate(&te.forward(&ids)?)?);
         }
-        let ids = token_ids(&self.tokenizer_2, texts_2, &self.device, warnings)?;
+        let texts_2 = expand(&self.tokenizer_2, texts_2);
+        let ids = token_ids(&self.tokenizer_2, &texts_2, &self.device, warnings)?;
         let out = self.text_encoder_2.forward(&ids)?;
         parts.push(penultimate(&out.text)?);
         Ok((Tensor::cat(&parts, 2)?, out.text_embeds))

@@ -222,3 +222,84 @@ fn sdxl_loras_equal_weights_merged_by_hand() -> Result<()> {
     std::fs::remove_dir_all(&tmp)?;
     Ok(())
 }
+
+/// An SDXL embedding (`clip_l` + `clip_g`) whose two vectors are the encoders' own rows for
+/// "big" and "dog": `a <bigdog> on a hill` must encode exactly as `a big dog on a hill` (the
+/// token is written out as `<bigdog> <bigdog>_1` and each id looks up the given row), in both
+/// encoders' hidden states.
+#[test]
+fn sdxl_textual_inversion_uses_both_tables() -> Result<()> {
+    use diffuse_pipelines::EmbeddingSpec;
+    let tmp = temp("ti");
+    let Pipeline::StableDiffusionXL(base) = load_pipeline(&tiny_sdxl(), &LoadOptions::default())?
+    else {
+        bail!("expected SDXL");
+    };
+    let ids = base.tokenizer_2.encode("big dog");
+    let words = Tensor::new(&[ids[1], ids[2]], &Device::Cpu)?;
+    let rows = |file: &str| -> Result<Tensor> {
+        let w = candle_core::safetensors::load(tiny_sdxl().join(file), &Device::Cpu)?;
+        let table = w
+            .get("text_model.embeddings.token_embedding.weight")
+            .context("token table")?;
+        Ok(table.index_select(&words, 0)?)
+    };
+    let emb = HashMap::from([
+        (
+            "clip_l".to_string(),
+            rows("text_encoder/model.safetensors")?,
+        ),
+        (
+            "clip_g".to_string(),
+            rows("text_encoder_2/model.safetensors")?,
+        ),
+    ]);
+    let file = tmp.join("bigdog.safetensors");
+    candle_core::safetensors::save(&emb, &file)?;
+    let opts = LoadOptions {
+        textual_inversions: vec![EmbeddingSpec {
+            path: file.clone(),
+            token: Some("<bigdog>".into()),
+        }],
+        ..Default::default()
+    };
+    let Pipeline::StableDiffusionXL(with) = load_pipeline(&tiny_sdxl(), &opts)? else {
+        bail!("expected SDXL");
+    };
+    let embeds = |p: &diffuse_pipelines::StableDiffusionXLPipeline, prompt: &str| {
+        let params = GenerationParams {
+            prompts: vec![prompt.into()],
+            ..Default::default()
+        };
+        p.encode_prompt(&params, &SdxlOptions::default(), &mut Vec::new())
+            .map(|e| e.prompt_embeds)
+    };
+    let want = to_vec_f64(&embeds(&base, "a big dog on a hill")?)?;
+    let got = to_vec_f64(&embeds(&with, "a <bigdog> on a hill")?)?;
+    let diff = max_abs_diff(&got, &want);
+    ensure!(diff <= 1e-6, "max |diff| {diff}");
+    // A single-table (SD) embedding does not fit SDXL.
+    let sd = tmp.join("sd.safetensors");
+    candle_core::safetensors::save(
+        &HashMap::from([(
+            "emb_params".to_string(),
+            rows("text_encoder/model.safetensors")?,
+        )]),
+        &sd,
+    )?;
+    let e = load_pipeline(
+        &tiny_sdxl(),
+        &LoadOptions {
+            textual_inversions: vec![EmbeddingSpec {
+                path: sd,
+                token: None,
+            }],
+            ..Default::default()
+        },
+    )
+    .err()
+    .context("an SD embedding must not load into SDXL")?;
+    ensure!(e.to_string().contains("clip_l"), "{e}");
+    std::fs::remove_dir_all(&tmp)?;
+    Ok(())
+}

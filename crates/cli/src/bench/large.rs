@@ -97,6 +97,7 @@ impl Bench<'_> {
             vae_dtype: DType::F32,
             force_zeros_for_empty_prompt: true,
             requires_aesthetics_score: false,
+            multi_vector_tokens: Vec::new(),
         };
         let req = Text2ImageRequest {
             params: GenerationParams {
