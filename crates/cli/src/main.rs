@@ -2,6 +2,7 @@
 
 mod bench;
 mod classifier;
+mod dist;
 mod eval;
 mod generate;
 mod info;
