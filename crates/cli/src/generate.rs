@@ -2,14 +2,22 @@
 //!
 //! Each PNG carries the settings in an AUTOMATIC1111-style `parameters` text chunk, so tools
 //! that read A1111 images show them, and a run can be reproduced from its file.
+//!
+//! Started by `mpirun -np N` (or `srun`), the ranks split `--num-images`: each makes a
+//! contiguous share of the batch, with the noise those images have in the whole batch, and
+//! writes its files, so the files are those of a single-process run, byte for byte.
 
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
+use diffuse_core::BatchShard;
+use diffuse_dist::{eprint_line, report, Comm, Dist};
 use diffuse_pipelines::png_info::InfoText;
 use diffuse_pipelines::{
     load_pipeline, GenerationParams, Img2ImgRequest, InpaintRequest, LoadOptions, Pipeline,
@@ -89,6 +97,8 @@ pub struct CommonArgs {
     /// Overwrite existing output files.
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub dist: crate::dist::DistArgs,
 }
 
 /// `diffuse generate`: text-to-image (or unconditional sampling for DDPM/DDIM folders).
@@ -133,10 +143,22 @@ pub struct InpaintArgs {
     pub strength: f64,
 }
 
+/// Runs a generating command as one rank of its job (of one process when not launched by
+/// mpirun/srun); an error on one rank ends the job.
+fn as_rank(common: &CommonArgs, run: impl FnOnce(&Dist) -> Result<()>) -> Result<()> {
+    let dist = common.dist.init()?;
+    let result = run(&dist);
+    dist.finish(result)
+}
+
 pub fn run_generate(args: GenerateArgs) -> Result<()> {
-    let session = Session::open(&args.common, false)?;
+    as_rank(&args.common, |dist| generate(&args, dist))
+}
+
+fn generate(args: &GenerateArgs, dist: &Dist) -> Result<()> {
+    let session = Session::open(&args.common, false, dist)?;
     match &session.pipeline {
-        Pipeline::Unconditional(p) => generate_unconditional(&session, p, &args),
+        Pipeline::Unconditional(p) => generate_unconditional(&session, p, args),
         Pipeline::StableDiffusion(p) => {
             let (dh, dw) = p.default_size();
             let (h, w) = (args.height.unwrap_or(dh), args.width.unwrap_or(dw));
@@ -172,6 +194,13 @@ fn generate_unconditional(
     let prompt = session.args.prompt.trim();
     let n = session.num_images;
     let grid = !p.class_names.is_empty() && prompt.is_empty();
+    if grid && session.comm.size() > 1 {
+        bail!(
+            "a class grid is one picture, made by one process: name a class with --prompt to \
+             split the images among the ranks, or run without mpirun"
+        );
+    }
+    let rows = session.rows.clone();
     let (class_labels, class_text) = if p.class_names.is_empty() {
         if !prompt.is_empty() {
             eprintln!(
@@ -187,19 +216,23 @@ fn generate_unconditional(
         (Some(labels), Some("all, one row per class".to_string()))
     } else {
         let k = parse_class(&p.class_names, prompt)?;
-        (Some(vec![k; n]), Some(p.class_names[k].clone()))
+        (Some(vec![k; rows.len()]), Some(p.class_names[k].clone()))
     };
     let parameters = session.parameters_text(w, h, class_text.as_deref());
     let outputs = session.output_files(if grid { 1 } else { n }, parameters)?;
+    if rows.is_empty() {
+        return session.done(0);
+    }
     let req = UnconditionalRequest {
-        batch_size: class_labels.as_ref().map_or(n, Vec::len),
+        batch_size: class_labels.as_ref().map_or(rows.len(), Vec::len),
         steps: session.steps,
         eta: session.args.eta,
         seed: session.seed,
         class_labels,
         guidance_scale: session.guidance_scale,
+        shard: session.shard(),
     };
-    let bar = progress_bar("denoising");
+    let bar = session.progress_bar();
     let out = p.generate(&req, Some(&mut step_callback(&bar)))?;
     bar.finish_and_clear();
     let images: Vec<DynamicImage> = if c == 1 {
@@ -212,13 +245,14 @@ fn generate_unconditional(
     } else {
         images
     };
+    let made = images.len();
     session.save(images, &outputs)?;
     let timings = Timings {
         denoise: out.denoise,
         ..Default::default()
     };
-    print_timings(&timings, session.steps);
-    Ok(())
+    session.print_timings(&timings);
+    session.done(made)
 }
 
 /// The class a `--prompt` names: a class name (any case) or a class index.
@@ -241,7 +275,11 @@ fn parse_class(names: &[String], prompt: &str) -> Result<usize> {
 }
 
 pub fn run_img2img(args: Img2ImgArgs) -> Result<()> {
-    let session = Session::open(&args.common, true)?;
+    as_rank(&args.common, |dist| img2img(&args, dist))
+}
+
+fn img2img(args: &Img2ImgArgs, dist: &Dist) -> Result<()> {
+    let session = Session::open(&args.common, true, dist)?;
     let p = session.stable_diffusion("img2img")?;
     let image = read_image(&args.init_image)?.to_rgb8();
     let f = p.vae_scale_factor() as u32;
@@ -258,7 +296,11 @@ pub fn run_img2img(args: Img2ImgArgs) -> Result<()> {
 }
 
 pub fn run_inpaint(args: InpaintArgs) -> Result<()> {
-    let session = Session::open(&args.common, true)?;
+    as_rank(&args.common, |dist| inpaint(&args, dist))
+}
+
+fn inpaint(args: &InpaintArgs, dist: &Dist) -> Result<()> {
+    let session = Session::open(&args.common, true, dist)?;
     let p = session.stable_diffusion("inpaint")?;
     let image = read_image(&args.init_image)?.to_rgb8();
     let mask = read_image(&args.mask)?.to_luma8();
@@ -290,12 +332,17 @@ struct Session {
     num_images: usize,
     /// Shown in the PNG metadata.
     model_name: String,
+    /// The ranks sharing the images, and this rank's share of `0..num_images`.
+    comm: Arc<dyn Comm>,
+    rows: Range<usize>,
+    started: Instant,
 }
 
 impl Session {
     /// `image_task`: img2img and inpainting, which need a Stable Diffusion pipeline (and so
     /// default to the tiny one).
-    fn open(args: &CommonArgs, image_task: bool) -> Result<Self> {
+    fn open(args: &CommonArgs, image_task: bool, dist: &Dist) -> Result<Self> {
+        let comm = dist.comm();
         if args.num_images == Some(0) {
             bail!("--num-images must be at least 1");
         }
@@ -317,8 +364,14 @@ impl Session {
         };
         let pipeline = load_pipeline(&dir, &opts)
             .with_context(|| format!("loading the pipeline in {}", dir.display()))?;
-        let seed = args.seed.unwrap_or_else(random_seed);
-        eprintln!("seed: {seed}");
+        let mut seed = args.seed.unwrap_or_else(random_seed);
+        if comm.size() > 1 {
+            // Every rank draws from rank 0's seed (each picked its own random one).
+            seed = comm.all_gather_u64("the seed", seed)?[0];
+        }
+        if comm.rank() == 0 {
+            eprintln!("seed: {seed}");
+        }
         let model_name = match &args.model {
             Some(spec) if !Path::new(spec).is_dir() => spec.clone(),
             _ => dir
@@ -335,6 +388,16 @@ impl Session {
         };
         let class_cond =
             matches!(&pipeline, Pipeline::Unconditional(p) if !p.class_names.is_empty());
+        let num_images = args.num_images.unwrap_or(if class_grid { 8 } else { 1 });
+        let rows = if class_grid {
+            0..num_images
+        } else {
+            diffuse_dist::shard(num_images, comm.rank(), comm.size())
+        };
+        report(
+            comm.as_ref(),
+            format_args!("images {}..{} of {num_images}", rows.start, rows.end),
+        );
         Ok(Self {
             args: args.clone(),
             steps: args.steps.unwrap_or(if uncond { DDPM_STEPS } else { 25 }),
@@ -343,11 +406,59 @@ impl Session {
                 (true, false) => 1.0,
                 (false, _) => 7.5,
             }),
-            num_images: args.num_images.unwrap_or(if class_grid { 8 } else { 1 }),
+            num_images,
             pipeline,
             seed,
             model_name,
+            comm,
+            rows,
+            started: Instant::now(),
         })
+    }
+
+    /// What the pipeline makes of the batch: this rank's share, when several share it.
+    fn shard(&self) -> Option<BatchShard> {
+        (self.comm.size() > 1).then_some(BatchShard {
+            batch: self.num_images,
+            start: self.rows.start,
+        })
+    }
+
+    /// Rank 0's progress bar; the other ranks run silently.
+    fn progress_bar(&self) -> ProgressBar {
+        if self.comm.rank() == 0 {
+            progress_bar("denoising")
+        } else {
+            ProgressBar::hidden()
+        }
+    }
+
+    fn print_timings(&self, t: &Timings) {
+        if self.comm.rank() == 0 {
+            print_timings(t, self.steps);
+        }
+    }
+
+    /// Waits for every rank to have written its `made` images; rank 0 then reports the
+    /// job's throughput (from model loaded to the last rank done).
+    fn done(&self, made: usize) -> Result<()> {
+        let comm = self.comm.as_ref();
+        let secs = self.started.elapsed().as_secs_f64();
+        let all = comm.all_gather_u64("the end of generation", made as u64)?;
+        let slowest = comm.all_gather_u64("the end of generation", (secs * 1e6) as u64)?;
+        if comm.rank() == 0 {
+            let total: u64 = all.iter().sum();
+            let secs = slowest.iter().copied().max().unwrap_or(0) as f64 / 1e6;
+            eprint_line(format_args!(
+                "generated {total} images in {secs:.2}s ({:.2} images/s{})",
+                total as f64 / secs.max(1e-9),
+                match comm.size() {
+                    1 => String::new(),
+                    n => format!(", {n} ranks together"),
+                }
+            ));
+        }
+        Ok(())
     }
 
     fn stable_diffusion(&self, task: &str) -> Result<&StableDiffusionPipeline> {
@@ -365,7 +476,8 @@ impl Session {
             prompts: vec![self.args.prompt.clone()],
             negative_prompts: vec![self.args.negative_prompt.clone()],
             guidance_scale: self.guidance_scale,
-            num_images_per_prompt: self.num_images,
+            num_images_per_prompt: self.rows.len(),
+            shard: self.shard(),
             steps: self.steps,
             eta: self.args.eta,
             seed: self.seed,
@@ -383,26 +495,34 @@ impl Session {
             Option<&mut StepCallback<'_>>,
         ) -> diffuse_core::Result<diffuse_pipelines::ImageOutput>,
     ) -> Result<()> {
-        let bar = progress_bar("denoising");
+        if self.rows.is_empty() {
+            return self.done(0);
+        }
+        let bar = self.progress_bar();
         let out = run(p, Some(&mut step_callback(&bar)))?;
         bar.finish_and_clear();
-        for w in &out.warnings {
-            eprintln!("warning: {w}");
+        if self.comm.rank() == 0 {
+            for w in &out.warnings {
+                eprintln!("warning: {w}");
+            }
         }
+        let made = out.rgb.len();
         self.save(
             out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect(),
             outputs,
         )?;
-        print_timings(&out.timings, self.steps);
-        Ok(())
+        self.print_timings(&out.timings);
+        self.done(made)
     }
 
-    /// Where each image goes, checked before any work: no overwriting without `--force`.
+    /// Where this rank's images go, checked before any work: no overwriting without
+    /// `--force`.
     fn output_paths(&self, width: usize, height: usize) -> Result<Vec<OutputFile>> {
         self.output_files(self.num_images, self.parameters_text(width, height, None))
     }
 
-    /// `n` output files, all with the `parameters` text.
+    /// The output files of this rank's share of `n` images (all `n` for one file such as a
+    /// grid), all with the `parameters` text.
     fn output_files(&self, n: usize, parameters: String) -> Result<Vec<OutputFile>> {
         let out = &self.args.output;
         let paths: Vec<PathBuf> = if out.is_dir() {
@@ -420,6 +540,11 @@ impl Session {
             (0..n)
                 .map(|i| out.with_file_name(format!("{stem}-{i}.{ext}")))
                 .collect()
+        };
+        let paths = if n == self.num_images {
+            paths[self.rows.clone()].to_vec()
+        } else {
+            paths
         };
         for p in &paths {
             if p.exists() && !self.args.force {

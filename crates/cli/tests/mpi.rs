@@ -341,3 +341,63 @@ fn a_stalled_rank_ends_the_job_after_the_collective_timeout() {
         "ended before the timeout"
     );
 }
+
+/// `diffuse generate` (Stable Diffusion and the class-conditional DDPM model) and img2img with
+/// `--num-images 3`, in one process and split 2 + 1 between two ranks: the same files, byte for
+/// byte. Euler ancestral and DDPM draw new noise for the whole batch at every step, so each
+/// rank must also draw the step noise of the images it does not make.
+#[test]
+fn two_ranks_write_the_files_of_one() {
+    let _one = ONE_JOB.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let sd = repo
+        .join("fixtures/pipelines/tiny_sd")
+        .display()
+        .to_string();
+    let ddpm = repo.join("models/fashion-mnist-ddpm").display().to_string();
+    let init = repo.join("fixtures/pipelines/outputs/img2img_pndm.png");
+    let init = init.display().to_string();
+    // (The DDPM model is class-conditional: its prompt is a class name.)
+    let tasks: [&[&str]; 3] = [
+        &["generate", "--model", &sd, "--scheduler", "Euler a"],
+        &[
+            "img2img",
+            "--model",
+            &sd,
+            "--strength",
+            "0.7",
+            "--init-image",
+            &init,
+        ],
+        &["generate", "--model", &ddpm, "--scheduler", "DDPMScheduler"],
+    ];
+    for (i, task) in tasks.into_iter().enumerate() {
+        let (one, two) = (
+            tmp.path().join(format!("one{i}")),
+            tmp.path().join(format!("two{i}")),
+        );
+        let args = |out: &Path| -> Vec<String> {
+            std::fs::create_dir_all(out).unwrap();
+            let settings = ["--prompt", "sneaker", "--steps", "3", "--seed", "7"];
+            let more = ["--num-images", "3", "--output", out.to_str().unwrap()];
+            task.iter()
+                .chain(&settings)
+                .chain(&more)
+                .map(|s| s.to_string())
+                .collect()
+        };
+        run_single(&args(&one));
+        let (ok, err) = run_mpi(2, &args(&two));
+        assert!(ok, "{err}");
+        for line in ["rank 0/2: images 0..2 of 3", "rank 1/2: images 2..3 of 3"] {
+            assert!(err.contains(line), "{task:?}: no `{line}` in:\n{err}");
+        }
+        for k in 0..3 {
+            let name = format!("diffuse-7-{k}.png");
+            let a = std::fs::read(one.join(&name)).unwrap();
+            let b = std::fs::read(two.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}\n{err}"));
+            assert!(a == b, "{task:?}: {name} differs between 1 and 2 ranks");
+        }
+    }
+}

@@ -19,6 +19,16 @@ pub struct Generator {
     index: usize,
     /// torch caches the second value of its scalar Box–Muller pair between calls.
     cached_normal: Option<f64>,
+    /// The part of the batch the per-image draws are for ([`Generator::randn_batch`]).
+    shard: Option<BatchShard>,
+}
+
+/// Images `start..start + n` of a batch of `batch`, where `n` is the holder's own batch:
+/// what one of several processes makes of a batch they share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchShard {
+    pub batch: usize,
+    pub start: usize,
 }
 
 /// Serializable snapshot of a [`Generator`] (for training checkpoints).
@@ -43,7 +53,15 @@ impl Generator {
             mt,
             index: MT_N,
             cached_normal: None,
+            shard: None,
         }
+    }
+
+    /// This generator drawing per-image noise ([`Generator::randn_batch`]) for a shard of a
+    /// larger batch; `None` for the whole batch.
+    pub fn with_shard(mut self, shard: Option<BatchShard>) -> Self {
+        self.shard = shard;
+        self
     }
 
     pub fn state(&self) -> GeneratorState {
@@ -71,6 +89,7 @@ impl Generator {
             mt,
             index: state.index,
             cached_normal: state.cached_normal,
+            shard: None,
         })
     }
 
@@ -159,6 +178,32 @@ impl Generator {
         let shape = shape.into();
         let v = self.randn_vec(shape.elem_count());
         Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)
+    }
+
+    /// Per-image noise for a batch along the first dimension: [`Generator::randn`], except
+    /// that a generator with a [`BatchShard`] draws the whole batch (so its state moves as
+    /// an unsharded generator's does) and returns the shard's images, the same values they
+    /// get in the whole batch. Draws shared by all images (one encoded init image) use
+    /// [`Generator::randn`].
+    pub fn randn_batch<S: Into<Shape>>(&mut self, shape: S, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let Some(shard) = self.shard else {
+            return self.randn(shape, device);
+        };
+        let dims = shape.dims();
+        let rows = dims.first().copied().unwrap_or(0);
+        if rows == 0 || shard.start + rows > shard.batch {
+            candle_core::bail!(
+                "images {}..{} of a batch of {} (noise of shape {dims:?})",
+                shard.start,
+                shard.start + rows,
+                shard.batch
+            );
+        }
+        let per_image = shape.elem_count() / rows;
+        let all = self.randn_vec(shard.batch * per_image);
+        let mine = all[shard.start * per_image..(shard.start + rows) * per_image].to_vec();
+        Tensor::from_vec(mine, shape, &Device::Cpu)?.to_device(device)
     }
 
     /// `torch.rand(shape, generator=g)` as a tensor on `device`.
@@ -268,8 +313,9 @@ pub trait NoiseSource {
 }
 
 impl NoiseSource for Generator {
+    /// Schedulers draw noise like the latents: per image ([`Generator::randn_batch`]).
     fn randn_like(&mut self, t: &Tensor) -> Result<Tensor> {
-        self.randn(t.shape().clone(), t.device())?
+        self.randn_batch(t.shape().clone(), t.device())?
             .to_dtype(t.dtype())
     }
 }
@@ -277,6 +323,28 @@ impl NoiseSource for Generator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shard_gets_its_images_of_the_whole_batch() {
+        let dev = Device::Cpu;
+        // 5 images of 7 values: 35, not a multiple of torch's blocks of 16.
+        let mut whole = Generator::manual_seed(3);
+        let all = whole.randn_batch((5, 7), &dev).unwrap();
+        let next = whole.randn_batch((5, 7), &dev).unwrap();
+        let shard = Some(BatchShard { batch: 5, start: 2 });
+        let mut part = Generator::manual_seed(3).with_shard(shard);
+        let mine = part.randn_batch((2, 7), &dev).unwrap();
+        assert_eq!(
+            mine.to_vec2::<f32>().unwrap(),
+            all.narrow(0, 2, 2).unwrap().to_vec2::<f32>().unwrap()
+        );
+        let again = part.randn_like(&Tensor::zeros((2, 7), candle_core::DType::F32, &dev).unwrap());
+        assert_eq!(
+            again.unwrap().to_vec2::<f32>().unwrap(),
+            next.narrow(0, 2, 2).unwrap().to_vec2::<f32>().unwrap()
+        );
+        assert!(part.randn_batch((4, 7), &dev).is_err());
+    }
 
     #[test]
     fn mt19937_matches_reference_sequence() {

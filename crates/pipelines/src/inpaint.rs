@@ -80,7 +80,7 @@ impl StableDiffusionPipeline {
         let b = prompt.batch;
         let tile = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&vec![t; b], 0)?) };
 
-        let mut generator = Generator::manual_seed(p.seed);
+        let mut generator = Generator::manual_seed(p.seed).with_shard(p.shard);
         let shape = (b, latent_channels, height / f, width / f);
         let image_latents = if !nine || (req.latents.is_none() && !strength_max) {
             Some(tile(&self.encode_image(&image, &mut generator)?)?)
@@ -97,7 +97,7 @@ impl StableDiffusionPipeline {
                 }
                 l.to_device(&self.device)?.to_dtype(DType::F32)?
             }
-            None => generator.randn(shape, &self.device)?,
+            None => generator.randn_batch(shape, &self.device)?,
         };
         let latents = match (&image_latents, strength_max || req.latents.is_some()) {
             (Some(init), false) => scheduler.add_noise(init, &noise, &vec![timesteps[0]; b])?,

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use diffuse_core::{Error, Generator, Result};
+use diffuse_core::{BatchShard, Error, Generator, Result};
 use diffuse_models::clip_text::ClipTextConfig;
 use diffuse_models::clip_text::ClipTextModel;
 use diffuse_models::clip_tokenizer::ClipTokenizer;
@@ -80,6 +80,11 @@ pub struct GenerationParams {
     pub record_trace: bool,
     /// How prompt text is read: as diffusers does, or with A1111's weights and chunks.
     pub prompt_syntax: PromptSyntax,
+    /// Make only images `start..start + n` of a batch of `batch` drawn from `seed`, where n is
+    /// this request's own batch (prompts × `num_images_per_prompt`, the prompts of those
+    /// images): one of several processes sharing the batch gets the same images, bit for
+    /// bit, as the whole batch has. `None`: the whole batch.
+    pub shard: Option<BatchShard>,
 }
 
 impl Default for GenerationParams {
@@ -96,6 +101,7 @@ impl Default for GenerationParams {
             clip_skip: None,
             record_trace: false,
             prompt_syntax: PromptSyntax::Plain,
+            shard: None,
         }
     }
 }
@@ -322,7 +328,7 @@ impl StableDiffusionPipeline {
         let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
         scheduler.set_eta(p.eta);
         scheduler.set_timesteps(p.steps)?;
-        let mut generator = Generator::manual_seed(p.seed);
+        let mut generator = Generator::manual_seed(p.seed).with_shard(p.shard);
         let f = self.vae_scale_factor();
         let shape = (
             prompt.batch,
@@ -342,7 +348,7 @@ impl StableDiffusionPipeline {
                 }
                 l.to_device(&self.device)?.to_dtype(DType::F32)?
             }
-            None => generator.randn(shape, &self.device)?,
+            None => generator.randn_batch(shape, &self.device)?,
         };
         let latents = (noise * scheduler.init_noise_sigma())?;
 

@@ -6,9 +6,10 @@
 //! [`describe`] reads what a pipeline folder generates (kind, classes, native size) from its
 //! configs alone, so a server can check a request before any model is loaded.
 
+use std::ops::Range;
 use std::path::Path;
 
-use diffuse_core::{Error, Result};
+use diffuse_core::{BatchShard, Error, Result};
 use image::{DynamicImage, GrayImage, RgbImage};
 
 use crate::png_info::{encode_png, InfoText};
@@ -183,6 +184,9 @@ pub struct TaskSettings {
     pub seed: u64,
     /// Images in the one batch drawn from `seed`.
     pub num_images: usize,
+    /// Make only these images of the batch (one of several processes sharing it): the same
+    /// images, bit for bit, as in the whole batch. `None`: all `num_images`.
+    pub shard: Option<Range<usize>>,
     pub width: Option<usize>,
     pub height: Option<usize>,
     /// DDIM's eta.
@@ -200,6 +204,7 @@ impl Default for TaskSettings {
             sampler: None,
             seed: 0,
             num_images: 1,
+            shard: None,
             width: None,
             height: None,
             eta: 0.0,
@@ -239,6 +244,18 @@ pub fn run_task(
     if s.num_images == 0 {
         return Err(Error::invalid("the number of images must be at least 1"));
     }
+    let rows = s.shard.clone().unwrap_or(0..s.num_images);
+    if rows.is_empty() || rows.end > s.num_images {
+        return Err(Error::invalid(format!(
+            "images {rows:?} are not a part of a batch of {}",
+            s.num_images
+        )));
+    }
+    let shard = s.shard.as_ref().map(|r| BatchShard {
+        batch: s.num_images,
+        start: r.start,
+    });
+    let n = rows.len();
     let class_cond = matches!(pipeline, Pipeline::Unconditional(p) if !p.class_names.is_empty());
     let (steps, guidance) = match pipeline {
         Pipeline::Unconditional(_) => (
@@ -298,19 +315,20 @@ pub fn run_task(
                 }
                 let k = parse_class(&p.class_names, &s.prompt)?;
                 (
-                    Some(vec![k; s.num_images]),
+                    Some(vec![k; n]),
                     vec![("Class".to_string(), p.class_names[k].clone())],
                 )
             } else {
                 (None, Vec::new())
             };
             let req = UnconditionalRequest {
-                batch_size: s.num_images,
+                batch_size: n,
                 steps,
                 eta: s.eta,
                 seed: s.seed,
                 class_labels,
                 guidance_scale: guidance,
+                shard,
             };
             let out = p.generate(&req, callback)?;
             let images = if c == 1 {
@@ -333,10 +351,11 @@ pub fn run_task(
                 prompts: vec![s.prompt.clone()],
                 negative_prompts: vec![s.negative_prompt.clone()],
                 guidance_scale: guidance,
-                num_images_per_prompt: s.num_images,
+                num_images_per_prompt: n,
                 steps,
                 eta: s.eta,
                 seed: s.seed,
+                shard,
                 ..Default::default()
             };
             let (out, (w, h), extra) = match &s.init {
