@@ -37,6 +37,10 @@ def main():
     ap.add_argument("--pipeline", action="store_true", help="also a 512x512 SD 1.5 text-to-image run")
     ap.add_argument("--pipeline-steps", type=int, default=20, help="denoising steps of the --pipeline run")
     ap.add_argument("--fixtures", default=None, help="the repo's fixtures folder (tokenizer, scheduler config)")
+    ap.add_argument("--transformers", action="store_true",
+                    help="also an SD3-medium step and a FLUX.1-dev double and single block at --transformer-size")
+    ap.add_argument("--transformer-size", type=int, default=1024)
+    ap.add_argument("--large", action="store_true", help="also the SDXL / 2048x2048 lines (10+ GiB each)")
     args = ap.parse_args()
 
     import torch
@@ -108,6 +112,90 @@ def main():
         unet = UNet2DModel.from_config(UNet2DModel.load_config(cat)).eval().to(dev)
         img = randn(1, 3, 256, 256)
         run("unet ddpm-cat-256 step", lambda: unet(img, torch.tensor([500.0], device=dev)).sample)
+    if args.transformers:
+        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+        size = args.transformer_size
+        lat = size // 8
+        name = f"sd3-medium transformer step {size}"
+        if want(name):
+            path = os.path.join(args.configs, "stabilityai_stable_diffusion_3_medium_diffusers", "transformer")
+            cfg = SD3Transformer2DModel.load_config(path)
+            model = SD3Transformer2DModel.from_config(cfg).eval().to(dev)
+            x = randn(2, cfg["in_channels"], lat, lat)
+            ctx = randn(2, 77 + 256, cfg["joint_attention_dim"])
+            pooled = randn(2, cfg["pooled_projection_dim"])
+            t = torch.tensor([500.0, 500.0], device=dev)
+            run(name, lambda: model(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample)
+            del model
+        path = os.path.join(args.configs, "black_forest_labs_flux_1_dev", "transformer")
+        fcfg = dict(FluxTransformer2DModel.load_config(path))
+        side = size // 16
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float().to(dev)
+        for kind, (double, single) in [("double", (1, 0)), ("single", (0, 1))]:
+            name = f"flux-dev {kind} block {size}"
+            if want(name):
+                model = FluxTransformer2DModel.from_config({**fcfg, "num_layers": double, "num_single_layers": single}).eval().to(dev)
+                x = randn(1, side * side, fcfg["in_channels"])
+                ctx = randn(1, 512, fcfg["joint_attention_dim"])
+                pooled = randn(1, fcfg["pooled_projection_dim"])
+                txt_ids = torch.zeros(512, 3, device=dev)
+                t, g = torch.tensor([0.5], device=dev), torch.tensor([3.5], device=dev)
+                run(name, lambda: model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
+                                        img_ids=img_ids, txt_ids=txt_ids, guidance=g).sample)
+                del model
+        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+        out["transformers peak_rss_mib"] = int(hwm[0].split()[1]) / 1024.0 if hwm else float("nan")
+    def peak_rss(name):
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
+        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+        out[name + " peak_rss_mib"] = int(hwm[0].split()[1]) / 1024.0 if hwm else float("nan")
+
+    xl = os.path.join(args.configs, "stabilityai_stable_diffusion_xl_base_1_0")
+    fixtures = args.fixtures or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+    if args.large and want("unet sdxl step"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(xl, "unet"))).eval().to(dev)
+        lat, ctx, pooled = randn(2, 4, 128, 128), randn(2, 77, 2048), randn(2, 1280)
+        ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2, device=dev)
+        t = torch.tensor([999.0, 999.0], device=dev)
+        cond = {"text_embeds": pooled, "time_ids": ids}
+        run("unet sdxl step", lambda: unet(lat, t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample)
+        peak_rss("unet sdxl step")
+        del unet
+    for name, folder, side, tiled in [("vae sdxl decode 1024", xl, 1024, False),
+                                      ("vae sd15 tiled decode 2048", sd, 2048, True)]:
+        if args.large and want(name):
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(folder, "vae"))).eval().to(dev)
+            if tiled:
+                vae.enable_tiling()
+            z = randn(1, 4, side // 8, side // 8)
+            run(name, lambda: vae.decode(z).sample)
+            peak_rss(name)
+            del vae
+    turbo = "pipeline sdxl-turbo 512 1 step"
+    if args.large and want(turbo):
+        from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+        from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                                  CLIPTokenizer)
+
+        models = os.path.join(fixtures, "cases", "_models")
+        pipe = StableDiffusionXLPipeline(
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(xl, "vae"))),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(os.path.join(xl, "text_encoder", "config.json"))),
+            text_encoder_2=CLIPTextModelWithProjection(
+                CLIPTextConfig.from_json_file(os.path.join(xl, "text_encoder_2", "config.json"))),
+            tokenizer=CLIPTokenizer.from_pretrained(os.path.join(models, "tiny_sdxl", "tokenizer")),
+            tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(models, "tiny_sdxl", "tokenizer_2")),
+            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(xl, "unet"))),
+            scheduler=EulerAncestralDiscreteScheduler.from_pretrained(os.path.join(models, "tiny_sdxl_turbo", "scheduler")),
+        ).to(dev)
+        pipe.set_progress_bar_config(disable=True)
+        gen = torch.Generator("cpu").manual_seed(0)
+        run(turbo, lambda: pipe("a photograph of an astronaut riding a horse", num_inference_steps=1,
+                                guidance_scale=0.0, height=512, width=512, generator=gen, output_type="np"))
+        peak_rss(turbo)
+        del pipe
     if args.pipeline:
         from diffusers import PNDMScheduler, StableDiffusionPipeline
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer

@@ -52,9 +52,30 @@ pub struct BenchArgs {
     /// CPU. `--only pipeline` runs it alone (so the peak RSS is the pipeline's).
     #[arg(long)]
     pub pipeline: bool,
+    /// Also the large lines (minutes and 10+ GiB each; run them one at a time with --only so
+    /// each peak RSS is its own): the SDXL UNet step (batch 2, 128x128 latents), the SDXL VAE
+    /// decode at 1024x1024, the SD 1.5 VAE tiled decode at 2048x2048, and an SDXL-Turbo-like
+    /// 1-step 512x512 text-to-image run (both text encoders, no guidance, decode).
+    #[arg(long)]
+    pub large: bool,
     /// Denoising steps of the --pipeline run (the peak memory does not depend on them).
     #[arg(long, default_value_t = 20)]
     pub pipeline_steps: usize,
+    /// Also time the diffusion transformers at their real widths (random f32 weights): one
+    /// SD3-medium step (the guided batch of 2, 77 + 256 text tokens) and FLUX.1-dev with one
+    /// double-stream block, then with one single-stream block (512 text tokens, guidance), at
+    /// `--transformer-size`. Minutes per line on a CPU: use `--runs 1 --warmup 0`.
+    #[arg(long)]
+    pub transformers: bool,
+    /// Image side of the --transformers lines and of --flux-bf16-step.
+    #[arg(long, default_value_t = 1024)]
+    pub transformer_size: usize,
+    /// `D,S`: build FLUX.1-dev with D double-stream and S single-stream blocks (the real model
+    /// is 19,38) with random bf16 weights (activations in f32), run one step at
+    /// `--transformer-size` and report the peak RSS. Alone in its process (`--only flux-bf16`),
+    /// the peak is the step's; two depths give the memory per block.
+    #[arg(long)]
+    pub flux_bf16_step: Option<String>,
     /// With --compare-torch: run ours then PyTorch this many times, alternating, and report per
     /// line the median of the per-round ratios and their range (a shared machine's speed
     /// drifts over minutes; one round compares two different moments).
@@ -105,29 +126,11 @@ impl SimpleBackend for RandomWeights {
 }
 
 fn random_vb(device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone())
+    random_vb_dtype(device, DType::F32)
 }
 
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        _ => {
-            let ord = s
-                .strip_prefix("cuda")
-                .map(|r| r.trim_start_matches(':'))
-                .map(|r| {
-                    if r.is_empty() {
-                        Ok(0)
-                    } else {
-                        r.parse::<usize>()
-                    }
-                })
-                .context("--device must be cpu or cuda:N")??;
-            Device::new_cuda(ord).with_context(|| {
-                format!("cannot use {s} (is this binary built with --features cuda?)")
-            })
-        }
-    }
+fn random_vb_dtype(device: &Device, dtype: DType) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
 }
 
 /// Peak resident memory of this process so far (Linux), in MiB.
@@ -142,6 +145,8 @@ struct Line {
     name: String,
     ms: f64,
     gflop: Option<f64>,
+    /// The process's peak RSS when the line finished.
+    peak_rss_mib: Option<f64>,
 }
 
 struct Bench<'a> {
@@ -201,14 +206,18 @@ impl Bench<'_> {
             name: name.to_string(),
             ms,
             gflop,
+            peak_rss_mib: peak_rss_mib(),
         });
         Ok(())
     }
 
     fn ops(&mut self) -> Result<()> {
         let dev = self.device.clone();
-        // The convolution layer the models use (Winograd for 3x3 at these sizes, weights
-        // transformed once on the first call, which the warm-up absorbs).
+        // The convolution layer the models use (Winograd for 3x3 at these sizes). On large
+        // maps a layer caches its transformed kernels from its *second* call on, so one
+        // warm-up run would leave the transform in the first timed run: each layer is called
+        // once before the warm-up, and the timed runs all use the cache (as a model's layers
+        // do from the second denoising step on).
         // The UNet's levels at 64², 32², 16² and 8² (batch 2), the VAE decoder's 256², and a
         // stride-2 downsampler.
         for (n, c, h, stride) in [
@@ -232,6 +241,7 @@ impl Bench<'_> {
                 let conv = diffuse_models::ops::conv::Conv2d::new(c, c, 3, cfg, random_vb(&dev))?;
                 let x = Tensor::randn(0f32, 1.0, (n, c, h, h), &dev)?;
                 let g = 2.0 * (n * c * h * h * c * 9) as f64 / 1e9 / (stride * stride) as f64;
+                candle_core::Module::forward(&conv, &x)?;
                 self.time(&name, Some(g), || {
                     Ok(candle_core::Module::forward(&conv, &x)?)
                 })?;
@@ -331,6 +341,216 @@ impl Bench<'_> {
 }
 
 impl Bench<'_> {
+    /// One step of the real SD3-medium transformer and one FLUX.1-dev block of each kind
+    /// (`--transformers`).
+    fn transformers(&mut self) -> Result<()> {
+        use diffuse_models::transformer_sd3::{SD3Transformer2DConfig, SD3Transformer2DModel};
+        let dev = self.device.clone();
+        let size = self.args.transformer_size;
+        let lat = size / 8;
+        let name = format!("sd3-medium transformer step {size}");
+        if self.wanted(&name) {
+            let dir = self
+                .args
+                .configs
+                .join("stabilityai_stable_diffusion_3_medium_diffusers/transformer");
+            let cfg: SD3Transformer2DConfig = read_config(&dir.join("config.json"))?;
+            let model = SD3Transformer2DModel::new(random_vb(&dev), &cfg)?;
+            let x = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, lat, lat), &dev)?;
+            let ctx = Tensor::randn(0f32, 1.0, (2, 77 + 256, cfg.joint_attention_dim), &dev)?;
+            let pooled = Tensor::randn(0f32, 1.0, (2, cfg.pooled_projection_dim), &dev)?;
+            let t = Tensor::new(&[500f32, 500.0], &dev)?;
+            self.time(&name, None, || Ok(model.forward(&x, &ctx, &pooled, &t)?))?;
+        }
+        for (kind, blocks) in [("double", (1, 0)), ("single", (0, 1))] {
+            let name = format!("flux-dev {kind} block {size}");
+            if self.wanted(&name) {
+                let (model, inputs) = self.flux(blocks, DType::F32)?;
+                self.time(&name, None, || inputs.run(&model))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// FLUX.1-dev with `(double, single)` blocks and random weights of `dtype`, and the inputs
+    /// of one step at `--transformer-size` (512 text tokens, guidance 3.5).
+    fn flux(
+        &self,
+        (double, single): (usize, usize),
+        dtype: DType,
+    ) -> Result<(
+        diffuse_models::transformer_flux::FluxTransformer2DModel,
+        FluxInputs,
+    )> {
+        use diffuse_models::transformer_flux::{FluxTransformer2DConfig, FluxTransformer2DModel};
+        let dev = self.device.clone();
+        let dir = self
+            .args
+            .configs
+            .join("black_forest_labs_flux_1_dev/transformer");
+        let cfg = FluxTransformer2DConfig {
+            num_layers: double,
+            num_single_layers: single,
+            ..read_config(&dir.join("config.json"))?
+        };
+        let model = FluxTransformer2DModel::new(random_vb_dtype(&dev, dtype), &cfg)?;
+        let side = self.args.transformer_size / 16;
+        let ids: Vec<f32> = (0..side)
+            .flat_map(|r| (0..side).flat_map(move |c| [0.0, r as f32, c as f32]))
+            .collect();
+        let inputs = FluxInputs {
+            x: Tensor::randn(0f32, 1.0, (1, side * side, cfg.in_channels), &dev)?,
+            ctx: Tensor::randn(0f32, 1.0, (1, 512, cfg.joint_attention_dim), &dev)?,
+            pooled: Tensor::randn(0f32, 1.0, (1, cfg.pooled_projection_dim), &dev)?,
+            img_ids: Tensor::from_vec(ids, (side * side, 3), &dev)?,
+            txt_ids: Tensor::zeros((512, 3), DType::F32, &dev)?,
+            t: Tensor::new(&[0.5f32], &dev)?,
+            guidance: Tensor::new(&[3.5f32], &dev)?,
+        };
+        Ok((model, inputs))
+    }
+
+    /// One step of FLUX.1-dev with bf16 weights (`--flux-bf16-step D,S`) and its peak RSS.
+    fn flux_bf16_step(&mut self, spec: &str) -> Result<()> {
+        let (d, s) = spec
+            .split_once(',')
+            .and_then(|(d, s)| Some((d.trim().parse().ok()?, s.trim().parse().ok()?)))
+            .context("--flux-bf16-step takes D,S (double and single block counts)")?;
+        let size = self.args.transformer_size;
+        let name = format!("flux-bf16 step {size} ({d}+{s} blocks)");
+        if !self.wanted(&name) {
+            return Ok(());
+        }
+        let (model, inputs) = self.flux((d, s), DType::BF16)?;
+        let built = peak_rss_mib();
+        self.time(&name, None, || inputs.run(&model))?;
+        if let Some(mib) = built {
+            println!("{:<34} {mib:>10.0} MiB after building the model", "");
+        }
+        Ok(())
+    }
+
+    /// A `--large` line this run wants.
+    fn wanted_large(&self, name: &str) -> bool {
+        self.args.large && self.wanted(name)
+    }
+
+    /// The `--large` lines: SDXL's UNet and VAE, a tiled 2048² SD 1.5 decode, a 1-step SDXL run.
+    fn large(&mut self) -> Result<()> {
+        use diffuse_models::embeddings::TimeConditioning;
+        use diffuse_models::UNetConditioning;
+        let dev = self.device.clone();
+        let xl = self
+            .args
+            .configs
+            .join("stabilityai_stable_diffusion_xl_base_1_0");
+        if self.wanted_large("unet sdxl step") {
+            let cfg: UNet2DConditionConfig = read_config(&xl.join("unet/config.json"))?;
+            let unet = UNet2DConditionModel::new(random_vb(&dev), &cfg)?;
+            let lat = Tensor::randn(0f32, 1.0, (2, 4, 128, 128), &dev)?;
+            let ctx = Tensor::randn(0f32, 1.0, (2, 77, 2048), &dev)?;
+            let pooled = Tensor::randn(0f32, 1.0, (2, 1280), &dev)?;
+            let ids = [1024f32, 1024., 0., 0., 1024., 1024.];
+            let time_ids = Tensor::from_vec([ids, ids].concat(), (2, 6), &dev)?;
+            let t = Tensor::new(&[999f32, 999.0], &dev)?;
+            let cond = UNetConditioning {
+                time: TimeConditioning {
+                    text_time: Some((&pooled, &time_ids)),
+                    ..Default::default()
+                },
+                control: None,
+            };
+            self.time("unet sdxl step", None, || {
+                Ok(unet.forward_with(&lat, &t, &ctx, &cond)?)
+            })?;
+        }
+        let decode =
+            |b: &mut Self, name: &str, dir: &Path, side: usize, tiled: bool| -> Result<()> {
+                let cfg: AutoencoderKLConfig = read_config(&dir.join("vae/config.json"))?;
+                let mut vae = AutoencoderKL::new(random_vb(&dev), &cfg)?;
+                if tiled {
+                    vae.enable_tiling();
+                }
+                let z = Tensor::randn(0f32, 1.0, (1, 4, side / 8, side / 8), &dev)?;
+                b.time(name, None, || Ok(vae.decode(&z)?))
+            };
+        if self.wanted_large("vae sdxl decode 1024") {
+            decode(self, "vae sdxl decode 1024", &xl, 1024, false)?;
+        }
+        if self.wanted_large("vae sd15 tiled decode 2048") {
+            let sd = self.args.configs.join("runwayml_stable_diffusion_v1_5");
+            decode(self, "vae sd15 tiled decode 2048", &sd, 2048, true)?;
+        }
+        if self.wanted_large(TURBO) {
+            self.turbo(&xl)?;
+        }
+        Ok(())
+    }
+
+    /// An SDXL-Turbo-like run on the real SDXL architecture with random weights: one step of
+    /// EulerAncestral with trailing spacing, guidance 0, 512x512, both text encoders and the
+    /// decode included.
+    fn turbo(&mut self, xl: &Path) -> Result<()> {
+        use diffuse_models::clip_text::ClipTextModelWithProjection;
+        use diffuse_models::clip_tokenizer::ClipTokenizer;
+        use diffuse_pipelines::{
+            GenerationParams, SdxlOptions, StableDiffusionXLPipeline, Text2ImageRequest,
+        };
+        let dev = self.device.clone();
+        let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/cases/_models");
+        let sched = diffuse_schedulers::SchedulerConfig::from_file(
+            &tiny.join("tiny_sdxl_turbo/scheduler/scheduler_config.json"),
+        )?;
+        let clip = |name: &str| -> Result<ClipTextConfig> {
+            Ok(read_config(&xl.join(name).join("config.json"))?)
+        };
+        let pipe = StableDiffusionXLPipeline {
+            class_name: "StableDiffusionXLPipeline".into(),
+            unet: UNet2DConditionModel::new(
+                random_vb(&dev),
+                &read_config(&xl.join("unet/config.json"))?,
+            )?,
+            vae: AutoencoderKL::new(random_vb(&dev), &read_config(&xl.join("vae/config.json"))?)?,
+            text_encoder: Some(ClipTextModel::new(random_vb(&dev), &clip("text_encoder")?)?),
+            tokenizer: Some(ClipTokenizer::from_dir(&tiny.join("tiny_sdxl/tokenizer"))?),
+            text_encoder_2: ClipTextModelWithProjection::new(
+                random_vb(&dev),
+                &clip("text_encoder_2")?,
+            )?,
+            tokenizer_2: ClipTokenizer::from_dir(&tiny.join("tiny_sdxl/tokenizer_2"))?,
+            scheduler: diffuse_schedulers::from_own_config(&sched)?,
+            device: dev.clone(),
+            dtype: DType::F32,
+            vae_dtype: DType::F32,
+            force_zeros_for_empty_prompt: true,
+            requires_aesthetics_score: false,
+        };
+        let req = Text2ImageRequest {
+            params: GenerationParams {
+                prompts: vec!["a photograph of an astronaut riding a horse".into()],
+                steps: 1,
+                guidance_scale: 0.0,
+                seed: 0,
+                ..Default::default()
+            },
+            height: Some(512),
+            width: Some(512),
+            latents: None,
+        };
+        let opts = SdxlOptions::default();
+        self.time(TURBO, None, || {
+            let out = pipe.text_to_image(&req, &opts, None)?;
+            let t = &out.timings;
+            println!(
+                "    text encode {:.1} s, denoise {:.1} s, decode {:.1} s",
+                t.text_encode.as_secs_f64(),
+                t.denoise.as_secs_f64(),
+                t.decode.as_secs_f64()
+            );
+            Ok(out.images)
+        })
+    }
+
     /// One full text-to-image run, timed per phase by the pipeline itself.
     fn pipeline(&mut self) -> Result<()> {
         use diffuse_pipelines::stable_diffusion::{
@@ -395,10 +615,52 @@ impl Bench<'_> {
             name,
             ms: total,
             gflop: None,
+            peak_rss_mib: peak_rss_mib(),
         });
         Ok(())
     }
 }
+
+/// The inputs of one Flux step.
+struct FluxInputs {
+    x: Tensor,
+    ctx: Tensor,
+    pooled: Tensor,
+    img_ids: Tensor,
+    txt_ids: Tensor,
+    t: Tensor,
+    guidance: Tensor,
+}
+
+impl FluxInputs {
+    fn run(
+        &self,
+        model: &diffuse_models::transformer_flux::FluxTransformer2DModel,
+    ) -> Result<Tensor> {
+        let cond = diffuse_models::transformer_flux::FluxConditioning {
+            encoder_hidden_states: &self.ctx,
+            pooled_projections: &self.pooled,
+            txt_ids: &self.txt_ids,
+            img_ids: &self.img_ids,
+            guidance: Some(&self.guidance),
+        };
+        Ok(model.forward(&self.x, &self.t, &cond)?)
+    }
+}
+
+/// Hands the heap memory our lines freed back to the OS before PyTorch runs: glibc keeps freed
+/// blocks (up to the 32 MiB mmap threshold main sets) in the heap, and with the large lines
+/// the 10+ GiB they held plus PyTorch's own ran the machine out of memory.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only returns free pages to the OS; no block in use is touched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
 
 fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
     let python = args
@@ -434,6 +696,16 @@ fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
                 "cpu"
             },
         ])
+        .args(if args.transformers {
+            vec![
+                "--transformers".to_string(),
+                "--transformer-size".to_string(),
+                args.transformer_size.to_string(),
+            ]
+        } else {
+            vec![]
+        })
+        .args(if args.large { vec!["--large"] } else { vec![] })
         .args(if args.pipeline {
             vec![
                 "--pipeline".to_string(),
@@ -457,7 +729,7 @@ fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
+    let device = crate::device::parse_device(&args.device)?;
     if !args.configs.is_dir() {
         bail!(
             "configs folder {} not found (--configs)",
@@ -487,6 +759,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         b.ops()?;
         b.models()?;
+        if args.transformers {
+            b.transformers()?;
+        }
+        if let Some(spec) = &args.flux_bf16_step {
+            b.flux_bf16_step(spec)?;
+        }
+        b.large()?;
         if args.pipeline {
             b.pipeline()?;
         }
@@ -495,6 +774,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             lines = b.lines;
         }
         if args.compare_torch {
+            release_freed_memory();
             torch_rounds.push(torch_baseline(&args)?);
         }
     }
@@ -541,12 +821,41 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 _ => String::new(),
             };
             match (ours.get(&l.name), t.get(&l.name), median(ratios)) {
-                (Some(o), Some(tm), Some(ratio)) => println!(
-                    "{:<34} {:>10.1} {:>10.1} {:>7.2}x   {range}",
-                    l.name, o, tm, ratio
-                ),
+                (Some(o), Some(tm), Some(ratio)) => {
+                    println!(
+                        "{:<34} {:>10.1} {:>10.1} {:>7.2}x   {range}",
+                        l.name, o, tm, ratio
+                    );
+                    // The large lines' peak RSS (their own when run alone with --only).
+                    if let (Some(ours), Some(theirs)) =
+                        (l.peak_rss_mib, t.get(&format!("{} peak_rss_mib", l.name)))
+                    {
+                        println!(
+                            "{:<34} {:>6.0} MiB {:>6.0} MiB {:>7.2}x",
+                            "  peak RSS",
+                            ours,
+                            theirs,
+                            ours / theirs
+                        );
+                    }
+                }
                 _ => println!("{:<34} {:>10} {:>10} {:>8}", l.name, "-", "-", "-"),
             }
+        }
+        // The transformer lines run before the pipeline: the peak then is theirs.
+        if let (true, false, Some(theirs), Some(ours)) = (
+            args.transformers,
+            args.pipeline,
+            t.get("transformers peak_rss_mib"),
+            peak_rss_mib(),
+        ) {
+            println!(
+                "{:<34} {:>7.0} MiB {:>6.0} MiB {:>7.2}x",
+                "peak RSS (transformer lines)",
+                ours,
+                theirs,
+                ours / theirs
+            );
         }
         let name = pipeline_name(args.pipeline_steps);
         if let (true, Some(theirs), Some(ours)) = (
@@ -566,7 +875,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let lines: Vec<serde_json::Value> = lines
             .iter()
-            .map(|l| serde_json::json!({"name": l.name, "ms": ours.get(&l.name), "gflop": l.gflop, "torch_ms": torch.as_ref().and_then(|t| t.get(&l.name))}))
+            .map(|l| serde_json::json!({"name": l.name, "ms": ours.get(&l.name), "gflop": l.gflop, "peak_rss_mib": l.peak_rss_mib, "torch_ms": torch.as_ref().and_then(|t| t.get(&l.name))}))
             .collect();
         let doc = serde_json::json!({"device": args.device, "threads": rayon_threads(), "peak_rss_mib": peak_rss_mib(), "lines": lines, "ours_ms": ours, "rounds": {"ours_ms": ours_rounds, "torch_ms": torch_rounds}});
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
@@ -607,6 +916,9 @@ fn print_profile(rows: Vec<(String, diffuse_models::profile::Entry)>, total_ms: 
         100.0 * rest / total_ms
     );
 }
+
+/// The `--large` SDXL-Turbo-like line.
+const TURBO: &str = "pipeline sdxl-turbo 512 1 step";
 
 fn pipeline_name(steps: usize) -> String {
     format!("pipeline sd15 txt2img 512 {steps} steps")

@@ -114,7 +114,7 @@ pub struct ClassifierArgs {
 
 pub fn run(args: ClassifierArgs) -> Result<()> {
     check_output(&args.output, args.force)?;
-    let device = crate::bench::parse_device(&args.device)?;
+    let device = crate::device::parse_device(&args.device)?;
     let train = args.data.load(Split::Train, args.resolution, 1)?;
     let test = args.data.load(Split::Test, args.resolution, 1)?;
     let config = ClassifierConfig {

@@ -69,7 +69,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.samples_per_class < 2 || args.batch_size == 0 || args.steps == 0 {
         bail!("--samples-per-class must be at least 2, --batch-size and --steps at least 1");
     }
-    let device = crate::generate::parse_device(&args.device)?;
+    let device = crate::device::parse_device(&args.device)?;
     let model_dir = match &args.model {
         Some(spec) => diffuse_loaders::resolve_model(spec, None)?,
         None => bundled("fashion-mnist-ddpm"),

@@ -2,6 +2,8 @@
 
 mod bench;
 mod classifier;
+mod convert;
+mod device;
 mod dist;
 mod eval;
 mod generate;
@@ -28,6 +30,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Convert a single-file checkpoint to a diffusers folder, or a folder to a single file.
+    Convert(convert::ConvertArgs),
     /// Show what a model folder holds: components, classes, parameter counts, dtypes.
     Info(info::InfoArgs),
     /// List the schedulers, or show the schedule one of them runs.
@@ -75,6 +79,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info(a) => info::run(a),
+        Command::Convert(a) => convert::run(a),
         Command::Schedulers(a) => schedulers_cmd::run(a),
         Command::Generate(a) => generate::run_generate(a),
         Command::Img2img(a) => generate::run_img2img(a),

@@ -292,7 +292,7 @@ fn train(args: TrainArgs, dist: &Dist) -> Result<()> {
         None => crate::dist::default_threads(),
     };
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let device = crate::bench::parse_device(&args.run.device)?;
+    let device = crate::device::parse_device(&args.run.device)?;
     let kind = dataset_kind(&args)?;
     let data_path = match (&args.data.data, kind.default_path()) {
         (Some(p), _) => p.clone(),

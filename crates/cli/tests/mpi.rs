@@ -342,37 +342,13 @@ fn a_stalled_rank_ends_the_job_after_the_collective_timeout() {
     );
 }
 
-/// `diffuse generate` (Stable Diffusion and the class-conditional DDPM model) and img2img with
-/// `--num-images 3`, in one process and split 2 + 1 between two ranks: the same files, byte for
-/// byte. Euler ancestral and DDPM draw new noise for the whole batch at every step, so each
-/// rank must also draw the step noise of the images it does not make.
-#[test]
-fn two_ranks_write_the_files_of_one() {
+/// Runs each task (a command and its model flags; `images`: the files it writes) with
+/// `--seed 7 --steps 3 --prompt sneaker` in one process and split between two ranks, and
+/// checks that the files are the same, byte for byte.
+fn assert_two_ranks_write_the_files_of_one(tasks: &[(Vec<&str>, usize)]) {
     let _one = ONE_JOB.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let sd = repo
-        .join("fixtures/pipelines/tiny_sd")
-        .display()
-        .to_string();
-    let ddpm = repo.join("models/fashion-mnist-ddpm").display().to_string();
-    let init = repo.join("fixtures/pipelines/outputs/img2img_pndm.png");
-    let init = init.display().to_string();
-    // (The DDPM model is class-conditional: its prompt is a class name.)
-    let tasks: [&[&str]; 3] = [
-        &["generate", "--model", &sd, "--scheduler", "Euler a"],
-        &[
-            "img2img",
-            "--model",
-            &sd,
-            "--strength",
-            "0.7",
-            "--init-image",
-            &init,
-        ],
-        &["generate", "--model", &ddpm, "--scheduler", "DDPMScheduler"],
-    ];
-    for (i, task) in tasks.into_iter().enumerate() {
+    for (i, (task, images)) in tasks.iter().enumerate() {
         let (one, two) = (
             tmp.path().join(format!("one{i}")),
             tmp.path().join(format!("two{i}")),
@@ -380,7 +356,7 @@ fn two_ranks_write_the_files_of_one() {
         let args = |out: &Path| -> Vec<String> {
             std::fs::create_dir_all(out).unwrap();
             let settings = ["--prompt", "sneaker", "--steps", "3", "--seed", "7"];
-            let more = ["--num-images", "3", "--output", out.to_str().unwrap()];
+            let more = ["--output", out.to_str().unwrap()];
             task.iter()
                 .chain(&settings)
                 .chain(&more)
@@ -389,15 +365,128 @@ fn two_ranks_write_the_files_of_one() {
         };
         run_single(&args(&one));
         let (ok, err) = run_mpi(2, &args(&two));
-        assert!(ok, "{err}");
-        for line in ["rank 0/2: images 0..2 of 3", "rank 1/2: images 2..3 of 3"] {
-            assert!(err.contains(line), "{task:?}: no `{line}` in:\n{err}");
+        assert!(ok, "{task:?}: {err}");
+        let half = images.div_ceil(2);
+        for line in [
+            format!("rank 0/2: images 0..{half} of {images}"),
+            format!("rank 1/2: images {half}..{images} of {images}"),
+        ] {
+            assert!(err.contains(&line), "{task:?}: no `{line}` in:\n{err}");
         }
-        for k in 0..3 {
+        for k in 0..*images {
             let name = format!("diffuse-7-{k}.png");
             let a = std::fs::read(one.join(&name)).unwrap();
             let b = std::fs::read(two.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}\n{err}"));
             assert!(a == b, "{task:?}: {name} differs between 1 and 2 ranks");
         }
+        let written = std::fs::read_dir(&two).unwrap().count();
+        assert_eq!(written, *images, "{task:?}: files in {}", two.display());
     }
+}
+
+fn repo(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(p)
+        .display()
+        .to_string()
+}
+
+/// `diffuse generate` (Stable Diffusion and the class-conditional DDPM model) and img2img with
+/// `--num-images 3`, in one process and split 2 + 1 between two ranks: the same files, byte for
+/// byte. Euler ancestral and DDPM draw new noise for the whole batch at every step, so each
+/// rank must also draw the step noise of the images it does not make.
+#[test]
+fn two_ranks_write_the_files_of_one() {
+    let sd = repo("fixtures/pipelines/tiny_sd");
+    let ddpm = repo("models/fashion-mnist-ddpm");
+    let init = repo("fixtures/pipelines/outputs/img2img_pndm.png");
+    let n3 = ["--num-images", "3"];
+    // (The DDPM model is class-conditional: its prompt is a class name.)
+    assert_two_ranks_write_the_files_of_one(&[
+        (
+            [
+                &["generate", "--model", &sd, "--scheduler", "Euler a"][..],
+                &n3,
+            ]
+            .concat(),
+            3,
+        ),
+        (
+            [
+                &["img2img", "--model", &sd, "--strength", "0.7"][..],
+                &["--init-image", &init],
+                &n3,
+            ]
+            .concat(),
+            3,
+        ),
+        (
+            [
+                &["generate", "--model", &ddpm, "--scheduler", "DDPMScheduler"][..],
+                &n3,
+            ]
+            .concat(),
+            3,
+        ),
+    ]);
+}
+
+/// The same for the other pipeline families: SDXL text-to-image (Euler ancestral) and
+/// inpainting, SD3 and Flux (flow matching, T5 prompts), and DiT with two classes of 3 images
+/// each, split 3 + 3, under DDPM: DiT steps the guided batch `[x; x]`, so each rank draws the
+/// step noise of both copies of the whole batch and keeps its rows of each.
+#[test]
+fn two_ranks_write_the_files_of_one_for_every_pipeline_family() {
+    let sdxl = repo("fixtures/cases/_models/tiny_sdxl");
+    let sd3 = repo("fixtures/cases/_models/tiny_sd3");
+    let flux = repo("fixtures/cases/_models/tiny_flux");
+    let dit = repo("fixtures/cases/_models/tiny_dit");
+    let init = repo("fixtures/cases/sdxl_inpaint_euler/init_image.png");
+    let mask = repo("fixtures/cases/sdxl_inpaint_euler/mask_image.png");
+    let n3 = ["--num-images", "3"];
+    let small = [
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--max-sequence-length",
+        "16",
+    ];
+    assert_two_ranks_write_the_files_of_one(&[
+        (
+            [
+                &["generate", "--model", &sdxl, "--scheduler", "Euler a"][..],
+                &n3,
+            ]
+            .concat(),
+            3,
+        ),
+        (
+            [
+                &["inpaint", "--model", &sdxl, "--strength", "0.85"][..],
+                &["--init-image", &init, "--mask", &mask],
+                &n3,
+            ]
+            .concat(),
+            3,
+        ),
+        (
+            [&["generate", "--model", &sd3][..], &small, &n3].concat(),
+            3,
+        ),
+        (
+            [&["generate", "--model", &flux][..], &small, &n3].concat(),
+            3,
+        ),
+        (
+            [
+                &["generate", "--model", &dit][..],
+                &["--class-labels", "1,7", "--scheduler", "DDPMScheduler"],
+                &n3,
+            ]
+            .concat(),
+            6,
+        ),
+    ]);
 }

@@ -23,12 +23,13 @@ pub struct Generator {
     shard: Option<BatchShard>,
 }
 
-/// Images `start..start + n` of a batch of `batch`, where `n` is the holder's own batch:
-/// what one of several processes makes of a batch they share.
+/// Images `start..start + len` of a batch of `batch`: what one of several processes makes of
+/// a batch they share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchShard {
     pub batch: usize,
     pub start: usize,
+    pub len: usize,
 }
 
 /// Serializable snapshot of a [`Generator`] (for training checkpoints).
@@ -183,8 +184,10 @@ impl Generator {
     /// Per-image noise for a batch along the first dimension: [`Generator::randn`], except
     /// that a generator with a [`BatchShard`] draws the whole batch (so its state moves as
     /// an unsharded generator's does) and returns the shard's images, the same values they
-    /// get in the whole batch. Draws shared by all images (one encoded init image) use
-    /// [`Generator::randn`].
+    /// get in the whole batch. A first dimension of `k` times the shard's images is `k`
+    /// stacked copies of the batch (DiT steps `[x; x]` when guided): the whole `k` copies
+    /// are drawn and the shard's rows of each kept. Draws shared by all images (one encoded
+    /// init image) use [`Generator::randn`].
     pub fn randn_batch<S: Into<Shape>>(&mut self, shape: S, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
         let Some(shard) = self.shard else {
@@ -192,17 +195,26 @@ impl Generator {
         };
         let dims = shape.dims();
         let rows = dims.first().copied().unwrap_or(0);
-        if rows == 0 || shard.start + rows > shard.batch {
+        if shard.len == 0
+            || rows == 0
+            || rows % shard.len != 0
+            || shard.start + shard.len > shard.batch
+        {
             candle_core::bail!(
-                "images {}..{} of a batch of {} (noise of shape {dims:?})",
+                "noise of shape {dims:?} for images {}..{} of a batch of {}",
                 shard.start,
-                shard.start + rows,
+                shard.start + shard.len,
                 shard.batch
             );
         }
+        let copies = rows / shard.len;
         let per_image = shape.elem_count() / rows;
-        let all = self.randn_vec(shard.batch * per_image);
-        let mine = all[shard.start * per_image..(shard.start + rows) * per_image].to_vec();
+        let all = self.randn_vec(copies * shard.batch * per_image);
+        let mut mine = Vec::with_capacity(rows * per_image);
+        for k in 0..copies {
+            let first = k * shard.batch + shard.start;
+            mine.extend_from_slice(&all[first * per_image..(first + shard.len) * per_image]);
+        }
         Tensor::from_vec(mine, shape, &Device::Cpu)?.to_device(device)
     }
 
@@ -331,7 +343,13 @@ mod tests {
         let mut whole = Generator::manual_seed(3);
         let all = whole.randn_batch((5, 7), &dev).unwrap();
         let next = whole.randn_batch((5, 7), &dev).unwrap();
-        let shard = Some(BatchShard { batch: 5, start: 2 });
+        // Two stacked copies of the batch (DiT's guided [x; x]).
+        let doubled = whole.randn_batch((10, 7), &dev).unwrap();
+        let shard = Some(BatchShard {
+            batch: 5,
+            start: 2,
+            len: 2,
+        });
         let mut part = Generator::manual_seed(3).with_shard(shard);
         let mine = part.randn_batch((2, 7), &dev).unwrap();
         assert_eq!(
@@ -343,7 +361,20 @@ mod tests {
             again.unwrap().to_vec2::<f32>().unwrap(),
             next.narrow(0, 2, 2).unwrap().to_vec2::<f32>().unwrap()
         );
-        assert!(part.randn_batch((4, 7), &dev).is_err());
+        let both = part.randn_batch((4, 7), &dev).unwrap();
+        let want = Tensor::cat(
+            &[
+                doubled.narrow(0, 2, 2).unwrap(),
+                doubled.narrow(0, 7, 2).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            both.to_vec2::<f32>().unwrap(),
+            want.to_vec2::<f32>().unwrap()
+        );
+        assert!(part.randn_batch((3, 7), &dev).is_err());
     }
 
     #[test]

@@ -28,6 +28,12 @@ fn assert_bits(key: &str, ours: &[f32], expected: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// `..._rand<N>`: a `torch.rand` tensor.
+fn is_rand_key(k: &str) -> bool {
+    k.rsplit_once("_rand")
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0])
 }
@@ -53,7 +59,7 @@ fn run_case(case: &serde_json::Value, t: &HashMap<String, Tensor>) -> Result<()>
         return Ok(());
     }
     let n = numel(&case["shape"])?;
-    let vals = if keys.iter().all(|k| k.ends_with("_rand32")) {
+    let vals = if keys.iter().all(|k| is_rand_key(k)) {
         g.rand_vec(n)
     } else {
         g.randn_vec(n)
@@ -84,19 +90,57 @@ fn run_case(case: &serde_json::Value, t: &HashMap<String, Tensor>) -> Result<()>
     Ok(())
 }
 
+/// A `seed{S}_rand{N}` tensor the index does not list (the shared set stores `torch.rand`
+/// outputs without listing them): `torch.rand(N)` of a fresh generator.
+fn unlisted_rand_case(key: &str) -> Option<serde_json::Value> {
+    let rest = key.strip_prefix("seed")?;
+    let (seed, n) = rest.split_once("_rand")?;
+    let (seed, n) = (seed.parse::<u64>().ok()?, n.parse::<u64>().ok()?);
+    Some(serde_json::json!({"seed": seed, "shape": [n], "keys": [key]}))
+}
+
+/// Every index (`*.json`) in `rng/` with its tensors: each listed case is checked, and every
+/// stored tensor must be checked by some case (a tensor nothing reads fails the test).
 #[test]
 fn torch_randn_cases() -> Result<()> {
     let dir = fixture_subdir("rng");
-    let index = read_json(&dir.join("torch_randn.json"))?;
-    let tensors = load_tensors(&dir.join("torch_randn.safetensors"))?;
-    let cases = index["cases"]
-        .as_array()
-        .context("torch_randn.json has no `cases` list")?;
-    run_all(
-        "rng",
-        cases,
-        |c| c["keys"].to_string(),
-        |c| run_case(c, &tensors),
-    );
+    let mut indexes: Vec<_> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    indexes.sort();
+    assert!(!indexes.is_empty(), "no rng index in {}", dir.display());
+    for index_path in indexes {
+        let index = read_json(&index_path)?;
+        let tensors = load_tensors(&index_path.with_extension("safetensors"))?;
+        let mut cases: Vec<serde_json::Value> = index["cases"]
+            .as_array()
+            .with_context(|| format!("{} has no `cases` list", index_path.display()))?
+            .clone();
+        let listed: std::collections::HashSet<String> = cases
+            .iter()
+            .flat_map(|c| c["keys"].as_array().cloned().unwrap_or_default())
+            .filter_map(|k| k.as_str().map(str::to_string))
+            .collect();
+        let mut unclaimed = Vec::new();
+        for key in tensors.keys().filter(|k| !listed.contains(*k)) {
+            match unlisted_rand_case(key) {
+                Some(c) => cases.push(c),
+                None => unclaimed.push(key.clone()),
+            }
+        }
+        unclaimed.sort();
+        assert!(
+            unclaimed.is_empty(),
+            "{}: tensors no case checks: {unclaimed:?}",
+            index_path.display()
+        );
+        run_all(
+            &format!("rng {}", index_path.display()),
+            &cases,
+            |c| c["keys"].to_string(),
+            |c| run_case(c, &tensors),
+        );
+    }
     Ok(())
 }

@@ -10,7 +10,10 @@ fn main() -> diffuse_core::Result<()> {
     let dist = Dist::init(Duration::from_secs(600))?;
     let comm = dist.comm();
     if comm.rank() == 0 {
-        println!("ranks {}: f32 elements, MB, median ms, GB/s of buffer", comm.size());
+        println!(
+            "ranks {}: f32 elements, MB, median ms, GB/s of buffer",
+            comm.size()
+        );
     }
     for exp in 3..=8 {
         let n = 10usize.pow(exp);

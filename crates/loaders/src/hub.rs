@@ -45,7 +45,7 @@ pub fn hub_offline() -> bool {
 
 /// Resolves `spec` to a local model folder.
 ///
-/// An existing local folder is returned as is. Otherwise `spec` must be a hub id
+/// An existing local folder (or single-file checkpoint) is returned as is. Otherwise `spec` must be a hub id
 /// (`owner/name` or `name`), looked up in the cache of [`hub_cache_dir`] at `revision`
 /// (a branch/tag name whose `refs/` file gives the commit, or a 40-hex commit hash;
 /// default `main`). A model not in the cache gives an error saying what to download.
@@ -56,14 +56,9 @@ pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
 /// [`resolve_model`] with an explicit cache folder.
 pub fn resolve_model_in(spec: &str, revision: Option<&str>, cache: &Path) -> Result<PathBuf> {
     let local = Path::new(spec);
-    if local.is_dir() {
+    // A local folder, or a single-file checkpoint: as is.
+    if local.exists() {
         return Ok(local.to_path_buf());
-    }
-    if local.is_file() {
-        return Err(Error::invalid(format!(
-            "{spec} is a file; expected a model folder (diffusers layout with model_index.json, or \
-             one component folder with config.json) or a hub id like owner/name"
-        )));
     }
     if !is_hub_id(spec) {
         return Err(Error::invalid(format!(
@@ -71,8 +66,11 @@ pub fn resolve_model_in(spec: &str, revision: Option<&str>, cache: &Path) -> Res
         )));
     }
     let revision = revision.unwrap_or("main");
-    if revision.is_empty() || revision.contains("..") {
-        return Err(Error::invalid(format!("invalid revision `{revision}`")));
+    if !is_ref_name(revision) {
+        return Err(Error::invalid(format!(
+            "invalid revision `{revision}`: expected a branch or tag name (`main`, `fp16`, \
+             `refs/pr/1`) or a 40-hex commit hash"
+        )));
     }
     let repo_dir = cache.join(format!("models--{}", spec.replace('/', "--")));
     let commit = if is_commit_hash(revision) {
@@ -80,7 +78,15 @@ pub fn resolve_model_in(spec: &str, revision: Option<&str>, cache: &Path) -> Res
     } else {
         let ref_file = repo_dir.join("refs").join(revision);
         match std::fs::read_to_string(&ref_file) {
-            Ok(s) => Some(s.trim().to_string()),
+            // The ref file's content becomes a path component: only a commit hash may.
+            Ok(s) if is_commit_hash(s.trim()) => Some(s.trim().to_string()),
+            Ok(s) => {
+                return Err(Error::invalid(format!(
+                    "{}: holds {:?}, not a 40-hex commit hash (corrupt cache?)",
+                    ref_file.display(),
+                    s.trim()
+                )))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::io(ref_file, e)),
         }
@@ -141,6 +147,16 @@ fn is_hub_id(spec: &str) -> bool {
     })
 }
 
+/// A branch or tag name that stays inside `refs/`: relative, `/`-separated parts that are not
+/// empty, `.` or `..`, no backslashes or NULs.
+fn is_ref_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('/')
+        && !s.contains(['\\', '\0', ':'])
+        && s.split('/')
+            .all(|p| !p.is_empty() && p != "." && p != ".." && !p.starts_with('.'))
+}
+
 fn is_commit_hash(s: &str) -> bool {
     s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit())
 }
@@ -158,5 +174,20 @@ mod tests {
         assert!(!is_hub_id("a b/c"));
         assert!(is_commit_hash("0123456789abcdef0123456789abcdef01234567"));
         assert!(!is_commit_hash("main"));
+        for ok in ["main", "fp16", "v1.0", "refs/pr/1"] {
+            assert!(is_ref_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../b",
+            "a//b",
+            "C:\\x",
+            ".hidden",
+            "a/./b",
+        ] {
+            assert!(!is_ref_name(bad), "{bad}");
+        }
     }
 }

@@ -566,9 +566,8 @@ fn open_clip_key(key: &str, width: usize, projection: bool) -> Option<Vec<Entry>
     ))])
 }
 
-/// The original-layout tensors of a diffusers UNet, VAE and text encoder (SD 1.x layout,
-/// CLIP text encoder): the inverse of the maps above, for writing a single file. `unet`,
-/// `vae`, `text_encoder` hold diffusers/transformers names.
+/// The diffusers/transformers tensors of a pipeline, with what places them in the original
+/// layout: the inverse of the maps above, for writing a single file.
 pub struct OriginalLayout<'a> {
     pub unet: &'a BTreeMap<String, Tensor>,
     pub unet_blocks: usize,
@@ -576,33 +575,19 @@ pub struct OriginalLayout<'a> {
     pub vae: &'a BTreeMap<String, Tensor>,
     pub vae_blocks: usize,
     pub vae_layers_per_block: usize,
-    pub text_encoder: &'a BTreeMap<String, Tensor>,
+    /// Each text encoder's tensors and how the family stores it.
+    pub text_encoders: Vec<(&'a BTreeMap<String, Tensor>, TextEncoderLayout)>,
 }
 
-/// Writes the maps backwards (SD 1.x): every tensor must find its original name, VAE attention
-/// projections become the 1x1 convolutions the original stores.
+/// Writes the maps backwards: every tensor must find its original name; VAE attention
+/// projections become the 1x1 convolutions the original stores, OpenCLIP q/k/v one `in_proj`.
 pub fn to_original_layout(m: &OriginalLayout) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     let attn_in_up = up_blocks_with_attention(m.unet.keys());
     let unet_table = unet_prefixes(m.unet_blocks, m.unet_layers_per_block);
     for (name, t) in m.unet {
         let key = reverse(name, &unet_table, RESNET_RENAMES, |from, to| {
-            // The upsampler sits at index 2 after an attention, at 1 in a block without one.
-            match to.strip_prefix("up_blocks.") {
-                Some(rest) if to.contains("upsamplers") => {
-                    let b: usize = rest
-                        .split('.')
-                        .next()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0);
-                    from.ends_with(if attn_in_up.contains(&b) {
-                        ".2.conv."
-                    } else {
-                        ".1.conv."
-                    })
-                }
-                _ => true,
-            }
+            upsampler_index_fits(from, to, &attn_in_up)
         })
         .ok_or_else(|| unmappable("UNet", name))?;
         out.insert(format!("{UNET_PREFIX}{key}"), t.clone());
@@ -619,8 +604,92 @@ pub fn to_original_layout(m: &OriginalLayout) -> Result<BTreeMap<String, Tensor>
         };
         out.insert(format!("{VAE_PREFIX}{key}"), t);
     }
-    for (name, t) in m.text_encoder {
-        out.insert(format!("cond_stage_model.transformer.{name}"), t.clone());
+    for (tensors, layout) in &m.text_encoders {
+        match layout {
+            TextEncoderLayout::Clip { prefix } => {
+                for (name, t) in *tensors {
+                    let name =
+                        if name.starts_with("text_model.") || name.starts_with("text_projection") {
+                            name.clone()
+                        } else {
+                            format!("text_model.{name}")
+                        };
+                    out.insert(format!("{prefix}{name}"), t.clone());
+                }
+            }
+            TextEncoderLayout::OpenClip { prefix, .. } => {
+                for (key, t) in open_clip_original(tensors)? {
+                    out.insert(format!("{prefix}{key}"), t);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A transformers CLIP text model's tensors under OpenCLIP names.
+fn open_clip_original(tensors: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    let get = |n: &str| {
+        tensors
+            .get(n)
+            .or_else(|| tensors.get(n.trim_start_matches("text_model.")))
+            .cloned()
+            .ok_or_else(|| unmappable("text encoder", n))
+    };
+    out.insert(
+        "token_embedding.weight".into(),
+        get("text_model.embeddings.token_embedding.weight")?,
+    );
+    out.insert(
+        "positional_embedding".into(),
+        get("text_model.embeddings.position_embedding.weight")?,
+    );
+    out.insert(
+        "ln_final.weight".into(),
+        get("text_model.final_layer_norm.weight")?,
+    );
+    out.insert(
+        "ln_final.bias".into(),
+        get("text_model.final_layer_norm.bias")?,
+    );
+    if let Ok(p) = get("text_projection.weight") {
+        out.insert("text_projection".into(), p.t()?.contiguous()?);
+    }
+    let layers = (0..)
+        .take_while(|i| get(&format!("text_model.encoder.layers.{i}.layer_norm1.weight")).is_ok())
+        .count();
+    for i in 0..layers {
+        let l = format!("text_model.encoder.layers.{i}.");
+        for kind in ["weight", "bias"] {
+            let qkv = ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .map(|p| get(&format!("{l}self_attn.{p}.{kind}")))
+                .collect::<Result<Vec<_>>>()?;
+            out.insert(
+                format!("transformer.resblocks.{i}.attn.in_proj_{kind}"),
+                Tensor::cat(&qkv, 0)?,
+            );
+        }
+        for (orig, ours) in OPEN_CLIP_RENAMES {
+            for kind in ["weight", "bias"] {
+                out.insert(
+                    format!("transformer.resblocks.{i}.{orig}{kind}"),
+                    get(&format!("{l}{ours}{kind}"))?,
+                );
+            }
+        }
+    }
+    // Per layer: q, k, v and the 5 renamed modules, weight and bias each.
+    let used = 4 + usize::from(out.contains_key("text_projection")) + layers * 16;
+    let expected = tensors
+        .keys()
+        .filter(|k| !k.ends_with("position_ids"))
+        .count();
+    if used != expected {
+        return Err(Error::Weights(format!(
+            "text encoder: {expected} tensors, of which {used} have an OpenCLIP name"
+        )));
     }
     Ok(out)
 }

@@ -22,6 +22,11 @@ use diffuse_core::{Error, Result};
 /// Tensors stored in checkpoints that are buffers, not parameters: never reported as unexpected.
 const IGNORED_SUFFIXES: &[&str] = &["embeddings.position_ids"];
 
+/// Tied copies some checkpoints store next to the parameter the model reads (T5's token
+/// embedding, `shared.weight`, is also `encoder.embed_tokens.weight`): never reported as
+/// unexpected, and read when the file has only the copy.
+const TIED_COPIES: &[(&str, &str)] = &[("shared.weight", "encoder.embed_tokens.weight")];
+
 /// A file of tensors: memory-mapped safetensors, or a PyTorch pickle read on demand.
 pub enum TensorContainer {
     Safetensors(MmapedSafetensors),
@@ -71,7 +76,12 @@ impl TensorFile {
     /// One tensor in its stored dtype.
     pub fn load(&self, key: &str, dev: &Device) -> candle_core::Result<Tensor> {
         match &self.data {
-            TensorContainer::Safetensors(st) => st.get(key)?.load(dev),
+            TensorContainer::Safetensors(st) => {
+                let view = st.get(key)?;
+                let tensor = view.load(dev)?;
+                release_pages(view.data());
+                Ok(tensor)
+            }
             TensorContainer::Pickle(p) => p
                 .get(key)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?
@@ -317,6 +327,49 @@ impl CheckedBackend {
         Ok(unmatched)
     }
 
+    /// Every tensor under its model-side name, in its stored dtype (row blocks and transposes
+    /// applied, LoRA updates not): for converting between layouts.
+    pub fn read_all(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for (name, stored) in &self.inner.index {
+            let file = &self.inner.files[stored.file];
+            let mut t = file.load(&stored.key, &Device::Cpu)?;
+            if let Some((start, len)) = stored.rows {
+                t = t.narrow(0, start, len)?.contiguous()?;
+            }
+            if stored.transpose {
+                t = t.t()?.contiguous()?;
+            }
+            out.insert(name.clone(), t);
+        }
+        Ok(out)
+    }
+
+    /// Checks the stored tensors against a model's parameters (name, shape), as building it
+    /// would, without reading any data: one error lists every missing, mis-shaped and
+    /// unexpected tensor. `params` comes from building the model on a
+    /// [`RecordingBackend::shapes_only`].
+    pub fn check_shapes(&self, params: &[(String, Vec<usize>)]) -> Result<()> {
+        for (name, requested) in params {
+            let resolved = self.resolve(name).map(|(n, st)| (n, st.clone()));
+            let mut log = self.lock();
+            log.requested.insert(name.clone(), requested.clone());
+            match resolved {
+                None => {
+                    log.missing.insert(name.clone(), requested.clone());
+                }
+                Some((stored_name, stored)) => {
+                    log.used.insert(stored_name.clone());
+                    if !compatible(name, requested, &stored.shape) {
+                        log.misshaped
+                            .insert(name.clone(), (requested.clone(), stored.shape, stored_name));
+                    }
+                }
+            }
+        }
+        self.check()
+    }
+
     /// The model-side names of every stored tensor (what the model can ask for).
     pub fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.inner.index.keys().cloned().collect();
@@ -417,6 +470,7 @@ impl CheckedBackend {
             .iter()
             .filter(|(k, _)| !log.used.contains(*k))
             .filter(|(k, _)| !IGNORED_SUFFIXES.iter().any(|s| k.ends_with(s)))
+            .filter(|(k, _)| !TIED_COPIES.iter().any(|(_, copy)| k == copy))
             .collect();
         unexpected.sort_by(|a, b| a.0.cmp(b.0));
         for (name, stored) in unexpected {
@@ -456,9 +510,48 @@ impl CheckedBackend {
     }
 }
 
+/// Drops the pages of `bytes`, a tensor of a memory-mapped weight file that has just been
+/// copied out, from this process's resident set. Mapped file pages count in the resident set
+/// as long as they stay mapped: without this, loading a model peaked at twice its size (a
+/// 1,280 MiB file at 2,563 MiB, `tests/load_memory.rs`), which for the 22.7 GiB of Flux-dev in
+/// bf16 is more than a 24 GiB machine has. The pages stay in the page cache; a second read
+/// of the tensor faults them in again.
+fn release_pages(bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let Ok(page) = usize::try_from(page) else {
+            return;
+        };
+        if page == 0 {
+            return;
+        }
+        // Only whole pages inside the tensor: its first and last may hold a neighbour's bytes.
+        let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+        let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+        if end > start {
+            // SAFETY: the range lies inside a read-only file mapping that stays mapped;
+            // MADV_DONTNEED only drops its page table entries, so later reads see the same file
+            // bytes again (faulted back in from the page cache). A failure changes nothing.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = bytes;
+}
+
 /// The names under which a tensor the model asks for may be stored, preferred first.
 fn aliases(name: &str) -> Vec<String> {
     let mut out = vec![name.to_string()];
+    out.extend(
+        TIED_COPIES
+            .iter()
+            .filter(|(param, _)| *param == name)
+            .map(|(_, copy)| copy.to_string()),
+    );
     if let Some(legacy) = legacy_attention_name(name) {
         out.push(legacy);
     }

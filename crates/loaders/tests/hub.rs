@@ -81,6 +81,27 @@ fn resolves_local_folders_and_cached_hub_ids() {
     };
     assert!(msg.contains("--revision v2"), "{msg}");
 
+    // A revision cannot reach outside refs/: an absolute path (here a file elsewhere that holds a
+    // cached commit) or `..` is refused, not followed.
+    let outside = home.join("outside-ref");
+    std::fs::write(&outside, main).unwrap();
+    for rev in [outside.to_str().unwrap(), "../refs/main", "a/../../main"] {
+        let msg = match resolve_model("owner/name", Some(rev)) {
+            Err(Error::Invalid(m)) => m,
+            other => panic!("revision {rev}: expected an error, got {other:?}"),
+        };
+        assert!(msg.contains("invalid revision"), "{msg}");
+    }
+    // A ref file whose content is not a commit hash is not joined into a path: a folder two
+    // levels up that looks like a snapshot must not be returned.
+    std::fs::create_dir_all(home.join("hub/escaped")).unwrap();
+    std::fs::write(repo.join("refs/evil"), "../../escaped").unwrap();
+    let msg = match resolve_model("owner/name", Some("evil")) {
+        Err(Error::Invalid(m)) => m,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    assert!(msg.contains("not a 40-hex commit hash"), "{msg}");
+
     // Neither a folder nor a hub id.
     assert!(resolve_model("./no/such/folder/x", None).is_err());
 

@@ -284,6 +284,33 @@ fn clip_prefix_either_way() -> Result<()> {
     Ok(())
 }
 
+/// T5's token embedding is read from `shared.weight`, from its tied copy
+/// `encoder.embed_tokens.weight` when a file has only that, and a file with both does not
+/// report the copy as unexpected.
+#[test]
+fn t5_tied_embedding_either_name_or_both() -> Result<()> {
+    let dir = temp_dir("t5");
+    let shared = ("shared.weight", arange(6, &[3, 2]));
+    let copy = ("encoder.embed_tokens.weight", arange(6, &[3, 2]));
+    let files = [
+        save(&dir, "shared.safetensors", std::slice::from_ref(&shared)),
+        save(&dir, "copy.safetensors", std::slice::from_ref(&copy)),
+        save(&dir, "both.safetensors", &[shared, copy]),
+    ];
+    for f in files {
+        let t = load_model(std::slice::from_ref(&f), DType::F32, &Device::Cpu, |vb| {
+            vb.get((3, 2), "shared.weight")
+        })
+        .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        assert_eq!(
+            t.flatten_all()?.to_vec1::<f32>()?,
+            vec![0., 1., 2., 3., 4., 5.]
+        );
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
 #[test]
 fn finds_component_weight_files() -> Result<()> {
     let dir = temp_dir("component");

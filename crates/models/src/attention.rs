@@ -313,19 +313,64 @@ impl Attention {
     }
 }
 
-/// diffusers `FeedForward` with the GEGLU activation: `net.0.proj` → `a * gelu(gate)` → `net.2`.
+/// The activation of a diffusers `FeedForward` (`activation_fn`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeedForwardActivation {
+    /// `"geglu"`: `net.0.proj` makes `[a, gate]`, twice the inner width; `a · gelu(gate)`.
+    Geglu,
+    /// `"gelu"`: the exact GELU.
+    Gelu,
+    /// `"gelu-approximate"`: the tanh GELU (DiT, SD3, Flux).
+    GeluApproximate,
+}
+
+impl FeedForwardActivation {
+    /// Parses diffusers' `activation_fn` name, with an error naming the config field.
+    pub fn parse(name: &str, context: &str, field: &str) -> diffuse_core::Result<Self> {
+        crate::config::choose(
+            context,
+            field,
+            "activation",
+            name,
+            &[
+                ("geglu", Self::Geglu),
+                ("gelu", Self::Gelu),
+                ("gelu-approximate", Self::GeluApproximate),
+            ],
+        )
+    }
+}
+
+/// diffusers `FeedForward`: `net.0.proj` → activation → `net.2`.
 #[derive(Clone, Debug)]
 pub struct FeedForward {
     proj: Linear,
     out: Linear,
+    act: FeedForwardActivation,
 }
 
 impl FeedForward {
+    /// The GEGLU feed-forward of the UNets' transformer blocks.
     pub fn new(vb: VarBuilder, dim: usize, mult: usize) -> Result<Self> {
+        Self::with_activation(vb, dim, mult, FeedForwardActivation::Geglu)
+    }
+
+    /// Inner width `dim · mult`, output width `dim`.
+    pub fn with_activation(
+        vb: VarBuilder,
+        dim: usize,
+        mult: usize,
+        act: FeedForwardActivation,
+    ) -> Result<Self> {
         let inner = dim * mult;
+        let proj_out = match act {
+            FeedForwardActivation::Geglu => inner * 2,
+            _ => inner,
+        };
         Ok(Self {
-            proj: crate::ops::linear::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            proj: crate::ops::linear::linear(dim, proj_out, vb.pp("net.0.proj"))?,
             out: crate::ops::linear::linear(inner, dim, vb.pp("net.2"))?,
+            act,
         })
     }
 }
@@ -336,8 +381,15 @@ const FF_CHUNK_BYTES: usize = 16 << 20;
 impl FeedForward {
     fn forward_rows(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(xs)?;
-        let name = || format!("geglu {:?}", h.dims());
-        let h = crate::profile::timed(name, 0.0, || crate::ops::geglu::geglu(&h))?;
+        let (kind, f): (_, fn(&Tensor) -> Result<Tensor>) = match self.act {
+            FeedForwardActivation::Geglu => ("geglu", crate::ops::geglu::geglu),
+            FeedForwardActivation::Gelu => ("gelu", crate::ops::activation::gelu),
+            FeedForwardActivation::GeluApproximate => {
+                ("gelu-tanh", crate::ops::activation::gelu_tanh)
+            }
+        };
+        let name = || format!("{kind} {:?}", h.dims());
+        let h = crate::profile::timed(name, 0.0, || f(&h))?;
         self.out.forward(&h)
     }
 }
@@ -474,5 +526,196 @@ mod tests {
         let diff = (chunked - whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff == 0.0, "chunked feed-forward differs by {diff}");
         Ok(())
+    }
+}
+
+/// Settings of a [`JointAttention`].
+#[derive(Clone, Debug)]
+pub struct JointAttentionConfig {
+    pub dim: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Query/key RMS norms per head (`norm_q`, `norm_k`, and `norm_added_q/k` for the text
+    /// stream), with this eps: SD 3.5's `qk_norm="rms_norm"` and every Flux attention.
+    pub qk_norm: Option<f64>,
+    /// A second (text) stream with its own projections `add_{q,k,v}_proj`.
+    pub added_kv: bool,
+    /// No `to_add_out`: the text stream's output is not used (SD3's last block).
+    pub context_pre_only: bool,
+    /// No `to_out`: the attention output is returned as it is (Flux's single blocks).
+    pub pre_only: bool,
+    /// The text tokens come before the image tokens in the joint sequence (Flux; SD3 puts
+    /// them after). With rotary embeddings, the order must match their positions.
+    pub context_first: bool,
+}
+
+/// The joint attention of SD3's MMDiT and Flux (diffusers `JointAttnProcessor2_0` and
+/// `FluxAttnProcessor`): image tokens `x` and text tokens `c` are projected by their own
+/// biased q/k/v layers, optionally RMS-normed per head and rotated, attend to each other as
+/// one sequence, and are split again and projected out by `to_out.0` and `to_add_out`.
+#[derive(Clone, Debug)]
+pub struct JointAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Option<Linear>,
+    /// `add_q_proj`, `add_k_proj`, `add_v_proj`.
+    added: Option<[Linear; 3]>,
+    to_add_out: Option<Linear>,
+    /// `norm_q`, `norm_k`, `norm_added_q`, `norm_added_k`.
+    norms: Option<[crate::normalization::RmsNorm; 4]>,
+    heads: usize,
+    head_dim: usize,
+    context_first: bool,
+}
+
+/// Rotary position embeddings for the whole joint sequence: `cos`, `sin` `(tokens, head_dim)`
+/// f32, each frequency repeated for the two members of its pair (diffusers'
+/// `repeat_interleave_real`).
+#[derive(Clone, Debug)]
+pub struct RotaryEmbedding {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    /// Rotates the pairs `(x[2i], x[2i+1])` of every head of `x` `(B, N, heads·d)` by the
+    /// angles of its token: `x·cos + rot(x)·sin` with `rot(x)[2i] = −x[2i+1]`,
+    /// `rot(x)[2i+1] = x[2i]` (diffusers' `apply_rotary_emb`, `use_real_unbind_dim=-1`).
+    pub fn apply(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let d = c / heads;
+        let pairs = x.reshape((b, n, heads, d / 2, 2))?;
+        let (re, im) = (pairs.narrow(4, 0, 1)?, pairs.narrow(4, 1, 1)?);
+        let rotated = Tensor::cat(&[&im.neg()?, &re], 4)?.reshape((b, n, heads, d))?;
+        let table = |t: &Tensor| -> Result<Tensor> { t.to_dtype(x.dtype())?.reshape((1, n, 1, d)) };
+        let x4 = x.reshape((b, n, heads, d))?;
+        let out =
+            (x4.broadcast_mul(&table(&self.cos)?)? + rotated.broadcast_mul(&table(&self.sin)?)?)?;
+        out.reshape((b, n, c))
+    }
+}
+
+impl JointAttention {
+    pub fn new(vb: VarBuilder, cfg: &JointAttentionConfig) -> Result<Self> {
+        let inner = cfg.heads * cfg.head_dim;
+        let lin = |name: &str, i: usize, o: usize| crate::ops::linear::linear(i, o, vb.pp(name));
+        let added = if cfg.added_kv {
+            Some([
+                lin("add_q_proj", cfg.dim, inner)?,
+                lin("add_k_proj", cfg.dim, inner)?,
+                lin("add_v_proj", cfg.dim, inner)?,
+            ])
+        } else {
+            None
+        };
+        let norms = match cfg.qk_norm {
+            Some(eps) => {
+                let norm = |name: &str| {
+                    crate::normalization::RmsNorm::new(vb.pp(name), cfg.head_dim, eps, true)
+                };
+                let (q, k) = (norm("norm_q")?, norm("norm_k")?);
+                let (aq, ak) = if cfg.added_kv {
+                    (norm("norm_added_q")?, norm("norm_added_k")?)
+                } else {
+                    (q.clone(), k.clone())
+                };
+                Some([q, k, aq, ak])
+            }
+            None => None,
+        };
+        Ok(Self {
+            to_q: lin("to_q", cfg.dim, inner)?,
+            to_k: lin("to_k", cfg.dim, inner)?,
+            to_v: lin("to_v", cfg.dim, inner)?,
+            to_out: (!cfg.pre_only)
+                .then(|| crate::ops::linear::linear(inner, cfg.dim, vb.pp("to_out").pp("0")))
+                .transpose()?,
+            to_add_out: (cfg.added_kv && !cfg.context_pre_only)
+                .then(|| lin("to_add_out", inner, cfg.dim))
+                .transpose()?,
+            added,
+            norms,
+            heads: cfg.heads,
+            head_dim: cfg.head_dim,
+            context_first: cfg.context_first,
+        })
+    }
+
+    /// `(B, N, heads·d)` through a per-head RMS norm.
+    fn head_norm(&self, t: Tensor, norm: &crate::normalization::RmsNorm) -> Result<Tensor> {
+        let (b, n, c) = t.dims3()?;
+        norm.forward(&t.reshape((b, n, self.heads, self.head_dim))?)?
+            .reshape((b, n, c))
+    }
+
+    /// Attends image tokens `x` `(B, N, dim)` and text tokens `context` `(B, M, dim)` (or `x`
+    /// alone) jointly; `rope` covers the joint sequence in its order. Returns the image
+    /// tokens' output and the text tokens' (projected by `to_add_out` when there is one).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        rope: Option<&RotaryEmbedding>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let project = |t: &Tensor, layers: [&Linear; 3], norms: Option<[&_; 2]>| -> Result<_> {
+            let (mut q, mut k) = (layers[0].forward(t)?, layers[1].forward(t)?);
+            if let Some([nq, nk]) = norms {
+                q = self.head_norm(q, nq)?;
+                k = self.head_norm(k, nk)?;
+            }
+            Ok((q, k, layers[2].forward(t)?))
+        };
+        let norms = self.norms.as_ref();
+        let (mut q, mut k, mut v) = project(
+            x,
+            [&self.to_q, &self.to_k, &self.to_v],
+            norms.map(|n| [&n[0], &n[1]]),
+        )?;
+        let n_img = x.dim(1)?;
+        let joint = match (context, &self.added) {
+            (Some(c), Some([aq, ak, av])) => {
+                let (cq, ck, cv) = project(c, [aq, ak, av], norms.map(|n| [&n[2], &n[3]]))?;
+                let cat = |img: &Tensor, txt: &Tensor| match self.context_first {
+                    true => Tensor::cat(&[txt, img], 1),
+                    false => Tensor::cat(&[img, txt], 1),
+                };
+                q = cat(&q, &cq)?;
+                k = cat(&k, &ck)?;
+                v = cat(&v, &cv)?;
+                true
+            }
+            (Some(_), None) => {
+                candle_core::bail!("this attention has no text-stream projections")
+            }
+            (None, _) => false,
+        };
+        if let Some(rope) = rope {
+            q = rope.apply(&q, self.heads)?;
+            k = rope.apply(&k, self.heads)?;
+        }
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = multi_head_attention(&q, &k, &v, self.heads, scale, false)?;
+        let total = out.dim(1)?;
+        let (img, txt) = match (joint, self.context_first) {
+            (false, _) => (out, None),
+            (true, true) => (
+                out.narrow(1, total - n_img, n_img)?,
+                Some(out.narrow(1, 0, total - n_img)?),
+            ),
+            (true, false) => (
+                out.narrow(1, 0, n_img)?,
+                Some(out.narrow(1, n_img, total - n_img)?),
+            ),
+        };
+        let img = match &self.to_out {
+            Some(l) => l.forward(&img.contiguous()?)?,
+            None => img,
+        };
+        let txt = match (&self.to_add_out, txt) {
+            (Some(l), Some(t)) => Some(l.forward(&t.contiguous()?)?),
+            (_, t) => t,
+        };
+        Ok((img, txt))
     }
 }

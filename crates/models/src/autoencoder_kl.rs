@@ -152,6 +152,19 @@ impl DiagonalGaussian {
     }
 }
 
+/// Tiled encoding and decoding (diffusers' `enable_tiling`): inputs larger than a tile are cut
+/// into overlapping tiles, each coded on its own, and the overlaps blended linearly, so memory
+/// stays that of one tile whatever the image size.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VaeTiling {
+    /// Tile side in pixels (diffusers: the config's `sample_size`).
+    pub tile_sample_min_size: usize,
+    /// Tile side in latents (`tile_sample_min_size / 2^(blocks - 1)`).
+    pub tile_latent_min_size: usize,
+    /// Share of a tile that overlaps its neighbour (0.25).
+    pub tile_overlap_factor: f64,
+}
+
 /// diffusers `AutoencoderKL`.
 #[derive(Clone, Debug)]
 pub struct AutoencoderKL {
@@ -162,6 +175,8 @@ pub struct AutoencoderKL {
     dtype: DType,
     device: Device,
     config: AutoencoderKLConfig,
+    tiling: Option<VaeTiling>,
+    slicing: bool,
 }
 
 impl AutoencoderKL {
@@ -183,6 +198,8 @@ impl AutoencoderKL {
             dtype: vb.dtype(),
             device: vb.device().clone(),
             config: cfg.clone(),
+            tiling: None,
+            slicing: false,
         })
     }
 
@@ -226,23 +243,185 @@ impl AutoencoderKL {
         &self.device
     }
 
+    /// diffusers' tile settings for this config: tiles of `sample_size` pixels (its height
+    /// for a rectangular one), overlapping by a quarter.
+    pub fn default_tiling(&self) -> VaeTiling {
+        let size = self.config.sample_size.map_or(512, |s| s.hw().0);
+        let f = 1usize << self.config.block_out_channels.len().saturating_sub(1);
+        VaeTiling {
+            tile_sample_min_size: size,
+            tile_latent_min_size: size / f,
+            tile_overlap_factor: 0.25,
+        }
+    }
+
+    /// Tiled encoding/decoding with [`Self::default_tiling`] (`enable_tiling`).
+    pub fn enable_tiling(&mut self) {
+        self.tiling = Some(self.default_tiling());
+    }
+
+    /// Sets the tiling (None: code every image in one piece).
+    pub fn set_tiling(&mut self, tiling: Option<VaeTiling>) {
+        self.tiling = tiling;
+    }
+
+    pub fn tiling(&self) -> Option<VaeTiling> {
+        self.tiling
+    }
+
+    /// Code a batch one image at a time (`enable_slicing`): the activations of one image at
+    /// a time, whatever the batch.
+    pub fn set_slicing(&mut self, slicing: bool) {
+        self.slicing = slicing;
+    }
+
+    pub fn slicing(&self) -> bool {
+        self.slicing
+    }
+
     /// Images `(B, C, H, W)` in `[-1, 1]` → the latent posterior (unscaled latents).
     pub fn encode(&self, xs: &Tensor) -> Result<DiagonalGaussian> {
-        let h = self.encoder.forward(&xs.to_dtype(self.dtype)?)?;
-        let moments = match &self.quant_conv {
-            Some(c) => c.forward(&h)?,
-            None => h,
-        };
+        let xs = xs.to_dtype(self.dtype)?;
+        let moments = self.per_slice(&xs, |x| self.encode_moments(x))?;
         DiagonalGaussian::from_moments(&moments)
     }
 
     /// Unscaled latents → images in about `[-1, 1]`.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         let z = z.to_dtype(self.dtype)?;
+        self.per_slice(&z, |z| self.decode_whole_or_tiled(z))
+    }
+
+    /// `f` over the batch, one image at a time when slicing.
+    fn per_slice(&self, xs: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let b = xs.dim(0)?;
+        if !self.slicing || b <= 1 {
+            return f(xs);
+        }
+        let parts = (0..b)
+            .map(|i| f(&xs.narrow(0, i, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
+    }
+
+    /// Encoder + `quant_conv` of one piece.
+    fn encode_piece(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.encoder.forward(xs)?;
+        match &self.quant_conv {
+            Some(c) => c.forward(&h),
+            None => Ok(h),
+        }
+    }
+
+    /// `post_quant_conv` + decoder of one piece.
+    fn decode_piece(&self, z: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
-            Some(c) => c.forward(&z)?,
-            None => z,
+            Some(c) => c.forward(z)?,
+            None => z.clone(),
         };
         self.decoder.forward(&z)
     }
+
+    fn encode_moments(&self, xs: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        match self.tiling {
+            Some(t) if h > t.tile_sample_min_size || w > t.tile_sample_min_size => tiled(
+                xs,
+                (t.tile_sample_min_size, t.tile_latent_min_size),
+                t.tile_overlap_factor,
+                |x| self.encode_piece(x),
+            ),
+            _ => self.encode_piece(xs),
+        }
+    }
+
+    fn decode_whole_or_tiled(&self, z: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = z.dims4()?;
+        match self.tiling {
+            Some(t) if h > t.tile_latent_min_size || w > t.tile_latent_min_size => tiled(
+                z,
+                (t.tile_latent_min_size, t.tile_sample_min_size),
+                t.tile_overlap_factor,
+                |z| self.decode_piece(z),
+            ),
+            _ => self.decode_piece(z),
+        }
+    }
+}
+
+/// diffusers' `tiled_encode`/`tiled_decode`: tiles of `tile_in` input pixels every
+/// `int(tile_in * (1 - overlap))`, each coded by `code` into `tile_out`-sized outputs (smaller at
+/// the far edges); every tile's first `int(tile_out * overlap)` rows and columns are blended
+/// linearly with the tile above and the tile to its left (those already blended, as diffusers
+/// blends in place), and the top-left `tile_out - blend` of each tile is kept.
+fn tiled(
+    xs: &Tensor,
+    (tile_in, tile_out): (usize, usize),
+    overlap: f64,
+    code: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (_, _, h, w) = xs.dims4()?;
+    let stride = ((tile_in as f64 * (1.0 - overlap)) as usize).max(1);
+    let blend = (tile_out as f64 * overlap) as usize;
+    let limit = tile_out - blend;
+    let mut rows: Vec<Vec<Tensor>> = Vec::new();
+    for i in (0..h).step_by(stride) {
+        let mut row = Vec::new();
+        for j in (0..w).step_by(stride) {
+            let tile = xs
+                .narrow(2, i, tile_in.min(h - i))?
+                .narrow(3, j, tile_in.min(w - j))?;
+            row.push(code(&tile)?);
+        }
+        rows.push(row);
+    }
+    for i in 0..rows.len() {
+        for j in 0..rows[i].len() {
+            let mut tile = rows[i][j].clone();
+            if i > 0 {
+                tile = blend_edge(&rows[i - 1][j], &tile, blend, 2)?;
+            }
+            if j > 0 {
+                tile = blend_edge(&rows[i][j - 1], &tile, blend, 3)?;
+            }
+            rows[i][j] = tile;
+        }
+    }
+    let kept = rows
+        .iter()
+        .map(|row| {
+            let parts = row
+                .iter()
+                .map(|t| {
+                    let (th, tw) = (t.dim(2)?, t.dim(3)?);
+                    t.narrow(2, 0, limit.min(th))?.narrow(3, 0, limit.min(tw))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 3)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&kept, 2)
+}
+
+/// `b` with its first `extent` rows (`dim` 2) or columns (`dim` 3) replaced by
+/// `a[-extent + y] * (1 - y / extent) + b[y] * (y / extent)` (diffusers' `blend_v`/`blend_h`).
+fn blend_edge(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
+    let extent = extent.min(a.dim(dim)?).min(b.dim(dim)?);
+    if extent == 0 {
+        return Ok(b.clone());
+    }
+    let weights = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
+        let v: Vec<f32> = (0..extent)
+            .map(|y| f(y as f64 / extent as f64) as f32)
+            .collect();
+        let mut shape = vec![1usize; 4];
+        shape[dim] = extent;
+        Tensor::from_vec(v, shape, b.device())?.to_dtype(b.dtype())
+    };
+    let from_a = a.narrow(dim, a.dim(dim)? - extent, extent)?;
+    let head = b.narrow(dim, 0, extent)?;
+    let mixed = (from_a.broadcast_mul(&weights(&|r| 1.0 - r)?)?
+        + head.broadcast_mul(&weights(&|r| r)?)?)?;
+    let rest = b.narrow(dim, extent, b.dim(dim)? - extent)?;
+    Tensor::cat(&[&mixed, &rest], dim)
 }

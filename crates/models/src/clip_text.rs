@@ -264,9 +264,7 @@ impl ClipTextModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let files = diffuse_loaders::component_weight_files(dir, variant)?;
-        diffuse_loaders::load_model(&files, dtype, device, |vb| Self::new(vb, &cfg))
+        load(dir, variant, dtype, device, Self::new)
     }
 
     pub fn config(&self) -> &ClipTextConfig {
@@ -378,5 +376,78 @@ impl ClipTextModel {
                 .position(|v| *v == self.config.eos_token_id)
                 .unwrap_or(0)
         }
+    }
+}
+
+/// Reads `config.json` and the weights of a text encoder folder and builds a model with them.
+fn load<M>(
+    dir: &Path,
+    variant: Option<&str>,
+    dtype: DType,
+    device: &Device,
+    build: fn(VarBuilder, &ClipTextConfig) -> candle_core::Result<M>,
+) -> Result<M> {
+    let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
+    let files = diffuse_loaders::component_weight_files(dir, variant)?;
+    diffuse_loaders::load_model(&files, dtype, device, |vb| build(vb, &cfg))
+}
+
+/// `transformers.CLIPTextModelWithProjection`: the CLIP text encoder plus `text_projection`
+/// (no bias) of the pooled output, SDXL's second text encoder.
+#[derive(Debug, Clone)]
+pub struct ClipTextModelWithProjection {
+    text_model: ClipTextModel,
+    text_projection: Linear,
+}
+
+/// Outputs of [`ClipTextModelWithProjection::forward`].
+#[derive(Debug, Clone)]
+pub struct ClipTextProjectionOutput {
+    /// `(B, projection_dim)`: the projected pooled output.
+    pub text_embeds: Tensor,
+    pub text: ClipTextOutput,
+}
+
+impl ClipTextModelWithProjection {
+    /// Builds the model; `projection_dim` (default 512, as transformers) sets the width of
+    /// `text_embeds`.
+    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> candle_core::Result<Self> {
+        let text_model = ClipTextModel::new(vb.clone(), cfg)?;
+        let text_projection = crate::ops::linear::linear_b(
+            cfg.hidden_size,
+            cfg.projection_dim.unwrap_or(512),
+            false,
+            vb.pp("text_projection"),
+        )?;
+        Ok(Self {
+            text_model,
+            text_projection,
+        })
+    }
+
+    /// Loads `config.json` + safetensors weights of a `text_encoder_2/` folder.
+    pub fn from_pretrained_variant(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        load(dir, variant, dtype, device, Self::new)
+    }
+
+    /// The text model without the projection.
+    pub fn text_model(&self) -> &ClipTextModel {
+        &self.text_model
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        self.text_model.config()
+    }
+
+    /// Runs the text model on `input_ids` `(B, T)` and projects its pooled output.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<ClipTextProjectionOutput> {
+        let text = self.text_model.forward(input_ids)?;
+        let text_embeds = self.text_projection.forward(&text.pooler_output)?;
+        Ok(ClipTextProjectionOutput { text_embeds, text })
     }
 }

@@ -151,19 +151,10 @@ impl ClipTokenizer {
     /// tokens), for single-file checkpoints that carry no tokenizer: max length 77, padding with
     /// `pad_token` (`<|endoftext|>` for SD 1.x and SDXL's first encoder, `!` for OpenCLIP ones).
     pub fn builtin(pad_token: &str) -> Result<Self> {
-        let gunzip = |bytes: &[u8]| -> Result<String> {
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(bytes), &mut s)
-                .map_err(|e| Error::invalid(format!("built-in tokenizer: {e}")))?;
-            Ok(s)
-        };
-        let vocab = gunzip(include_bytes!("../assets/clip_vocab.json.gz"))?;
+        let (vocab, merges) = Self::builtin_files()?;
         let encoder: HashMap<String, u32> =
             diffuse_loaders::parse_config(&vocab, "built-in vocab.json")?;
-        let merges = parse_merges(
-            &gunzip(include_bytes!("../assets/clip_merges.txt.gz"))?,
-            "built-in merges.txt",
-        )?;
+        let merges = parse_merges(&merges, "built-in merges.txt")?;
         let id = |t: &str| {
             encoder.get(t).copied().ok_or_else(|| {
                 Error::invalid(format!("token {t:?} is not in the built-in vocabulary"))
@@ -171,6 +162,20 @@ impl ClipTokenizer {
         };
         let (bos, eos, pad) = (id(BOS)?, id(EOS)?, id(pad_token)?);
         Self::from_parts(encoder, merges, bos, eos, pad, eos, 77)
+    }
+
+    /// The built-in `vocab.json` and `merges.txt` texts (for writing a tokenizer folder).
+    pub fn builtin_files() -> Result<(String, String)> {
+        let gunzip = |bytes: &[u8]| -> Result<String> {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(bytes), &mut s)
+                .map_err(|e| Error::invalid(format!("built-in tokenizer: {e}")))?;
+            Ok(s)
+        };
+        Ok((
+            gunzip(include_bytes!("../assets/clip_vocab.json.gz"))?,
+            gunzip(include_bytes!("../assets/clip_merges.txt.gz"))?,
+        ))
     }
 
     /// Builds a tokenizer from a vocabulary and merges (rank = position in `merges`).

@@ -40,20 +40,23 @@ impl LayerNorm {
 }
 
 impl Module for LayerNorm {
-    /// On the CPU, the fused kernel of [`crate::ops::group_norm`] (rows as one-group maps).
+    /// On the CPU, the fused kernel of [`crate::ops::group_norm`] (rows as one-group maps;
+    /// without affine parameters, with a unit scale and zero shift).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if let (Some(w), Some(b), true) = (&self.weight, &self.bias, xs.device().is_cpu()) {
-            if crate::ops::kernel_dtype(xs.dtype()) && xs.rank() > 0 {
-                let c = xs.dim(D::Minus1)?;
-                let op = crate::ops::group_norm::GroupNormOp {
-                    num_groups: 1,
-                    eps: self.eps,
-                    silu: false,
-                };
-                let rows = xs.contiguous()?.reshape(((), c, 1))?;
-                let (w, b) = (w.to_dtype(xs.dtype())?, b.to_dtype(xs.dtype())?);
-                return rows.apply_op3(&w, &b, op)?.reshape(xs.shape());
-            }
+        if xs.device().is_cpu() && crate::ops::kernel_dtype(xs.dtype()) && xs.rank() > 0 {
+            let c = xs.dim(D::Minus1)?;
+            let param = |p: &Option<Tensor>, fill: f64| match p {
+                Some(p) => p.to_dtype(xs.dtype()),
+                None => Tensor::full(fill, c, xs.device())?.to_dtype(xs.dtype()),
+            };
+            let (w, b) = (param(&self.weight, 1.0)?, param(&self.bias, 0.0)?);
+            let op = crate::ops::group_norm::GroupNormOp {
+                num_groups: 1,
+                eps: self.eps,
+                silu: false,
+            };
+            let rows = xs.contiguous()?.reshape(((), c, 1))?;
+            return rows.apply_op3(&w, &b, op)?.reshape(xs.shape());
         }
         self.forward_reference(xs)
     }
@@ -193,5 +196,130 @@ impl Module for GroupNorm {
             Some(ys) => Ok(ys),
             None => self.forward_reference(xs),
         }
+    }
+}
+
+/// Root-mean-square norm over the last dimension, `x / √(mean(x²) + eps) · weight`: T5's
+/// `T5LayerNorm` and `torch.nn.RMSNorm` (the query/key norms of Flux and SD 3.5). The mean runs
+/// in f32 for half inputs, as both do.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Option<Tensor>,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Weight `weight` `(dim,)` when `affine`.
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64, affine: bool) -> Result<Self> {
+        let weight = if affine {
+            Some(vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?)
+        } else {
+            None
+        };
+        Ok(Self { weight, eps })
+    }
+
+    /// The norm from generic ops: the reference for the fused path, and the path when gradients
+    /// are tracked (candle's fused `rms_norm` has no backward pass).
+    pub fn forward_reference(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let x = xs.to_dtype(compute_dtype(dtype))?;
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let mut y = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        if let Some(w) = &self.weight {
+            y = y.broadcast_mul(&w.to_dtype(y.dtype())?)?;
+        }
+        y.to_dtype(dtype)
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let tracked = xs.track_op() || self.weight.as_ref().is_some_and(|w| w.track_op());
+        if tracked || !xs.device().is_cpu() {
+            return self.forward_reference(xs);
+        }
+        let c = xs.dim(D::Minus1)?;
+        let w = match &self.weight {
+            Some(w) => w.to_dtype(xs.dtype())?,
+            None => Tensor::ones(c, xs.dtype(), xs.device())?,
+        };
+        candle_nn::ops::rms_norm(&xs.contiguous()?, &w, self.eps as f32)
+    }
+}
+
+/// `x · (1 + scale) + shift` with `(B, C)` modulation over `(B, N, C)` tokens: how every
+/// adaptive norm of the diffusion transformers applies its conditioning (in this order, as
+/// diffusers computes it).
+pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// `gate · x` with a `(B, C)` gate over `(B, N, C)` tokens (adaLN-zero's residual gates).
+pub fn gate(gate: &Tensor, x: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&gate.unsqueeze(1)?)
+}
+
+/// diffusers' adaLN-zero norms: `linear(silu(emb))` split into `chunks` `(B, dim)` pieces,
+/// and a LayerNorm without affine parameters (eps 1e-6) modulated by the first shift and
+/// scale. `AdaLayerNormZero` has 6 chunks (`shift_msa, scale_msa, gate_msa, shift_mlp,
+/// scale_mlp, gate_mlp`), `AdaLayerNormZeroSingle` 3 (`shift, scale, gate`) and SD 3.5's
+/// `SD35AdaLayerNormZeroX` 9 (the first six, then those of a second attention).
+#[derive(Clone, Debug)]
+pub struct AdaLayerNormZero {
+    linear: crate::ops::linear::Linear,
+    norm: LayerNorm,
+    chunks: usize,
+}
+
+impl AdaLayerNormZero {
+    /// Weights `linear.weight` `(chunks·dim, cond_dim)` and `linear.bias` under `vb`.
+    pub fn new(vb: VarBuilder, dim: usize, cond_dim: usize, chunks: usize) -> Result<Self> {
+        Ok(Self {
+            linear: crate::ops::linear::linear(cond_dim, chunks * dim, vb.pp("linear"))?,
+            norm: LayerNorm::new(vb.pp("norm"), dim, 1e-6, false)?,
+            chunks,
+        })
+    }
+
+    /// The modulation pieces of a conditioning vector `(B, cond_dim)`.
+    pub fn chunks(&self, emb: &Tensor) -> Result<Vec<Tensor>> {
+        self.linear.forward(&emb.silu()?)?.chunk(self.chunks, 1)
+    }
+
+    /// The norm without modulation (for a second modulation of the same input).
+    pub fn norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
+    }
+
+    /// `(norm(x) · (1 + chunk 1) + chunk 0, every chunk)`.
+    pub fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let chunks = self.chunks(emb)?;
+        let x = modulate(&self.norm(x)?, &chunks[0], &chunks[1])?;
+        Ok((x, chunks))
+    }
+}
+
+/// diffusers `AdaLayerNormContinuous` with a LayerNorm (no affine, `eps`): `(scale, shift) =
+/// linear(silu(cond))`, then `norm(x) · (1 + scale) + shift` (scale first, unlike adaLN-zero).
+#[derive(Clone, Debug)]
+pub struct AdaLayerNormContinuous {
+    linear: crate::ops::linear::Linear,
+    norm: LayerNorm,
+}
+
+impl AdaLayerNormContinuous {
+    pub fn new(vb: VarBuilder, dim: usize, cond_dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            linear: crate::ops::linear::linear(cond_dim, 2 * dim, vb.pp("linear"))?,
+            norm: LayerNorm::new(vb.pp("norm"), dim, eps, false)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, cond: &Tensor) -> Result<Tensor> {
+        let emb = self.linear.forward(&cond.silu()?.to_dtype(x.dtype())?)?;
+        let parts = emb.chunk(2, 1)?;
+        modulate(&self.norm.forward(x)?, &parts[1], &parts[0])
     }
 }

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-static ENABLED: AtomicBool = AtomicBool::new(false);
-static TABLE: Mutex<Option<HashMap<String, Entry>>> = Mutex::new(None);
+/// The process-wide profiler the instrumented layers report to.
+static GLOBAL: Profiler = Profiler::new();
 
 /// What one kind of layer at one shape cost over the profiled run.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -23,38 +23,80 @@ pub struct Entry {
     pub flops: f64,
 }
 
-/// Starts (clearing what was recorded) or stops recording.
+/// A switch and a table of entries. The layers use the global one; tests make their own, so
+/// that layers run by other tests in the same process cannot land in a test's table.
+pub struct Profiler {
+    enabled: AtomicBool,
+    table: Mutex<Option<HashMap<String, Entry>>>,
+}
+
+impl Profiler {
+    pub const fn new() -> Self {
+        Self {
+            enabled: AtomicBool::new(false),
+            table: Mutex::new(None),
+        }
+    }
+
+    /// Starts (clearing what was recorded) or stops recording.
+    pub fn enable(&self, on: bool) {
+        if on {
+            *self.table.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
+        }
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// What was recorded since `enable(true)`, most time first.
+    pub fn take(&self) -> Vec<(String, Entry)> {
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut rows: Vec<_> = table.unwrap_or_default().into_iter().collect();
+        rows.sort_by(|a, b| b.1.time.cmp(&a.1.time).then_with(|| a.0.cmp(&b.0)));
+        rows
+    }
+
+    /// Runs `f`, and when recording adds its wall time under the name `name()` returns. The
+    /// name is only built when recording, so it may format shapes.
+    pub fn timed<T>(&self, name: impl FnOnce() -> String, flops: f64, f: impl FnOnce() -> T) -> T {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return f();
+        }
+        let start = Instant::now();
+        let out = f();
+        let time = start.elapsed();
+        if let Some(table) = self
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            let e = table.entry(name()).or_default();
+            e.calls += 1;
+            e.time += time;
+            e.flops += flops;
+        }
+        out
+    }
+}
+
+impl Default for Profiler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Starts (clearing what was recorded) or stops the global profile.
 pub fn enable(on: bool) {
-    if on {
-        *TABLE.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
-    }
-    ENABLED.store(on, Ordering::Relaxed);
+    GLOBAL.enable(on)
 }
 
-/// What was recorded since [`enable`]`(true)`, most time first.
+/// What the global profile recorded since [`enable`]`(true)`, most time first.
 pub fn take() -> Vec<(String, Entry)> {
-    let table = TABLE.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let mut rows: Vec<_> = table.unwrap_or_default().into_iter().collect();
-    rows.sort_by(|a, b| b.1.time.cmp(&a.1.time).then_with(|| a.0.cmp(&b.0)));
-    rows
+    GLOBAL.take()
 }
 
-/// Runs `f`, and when profiling is on adds its wall time under the name `name()` returns.
-/// The name is only built when recording, so it may format shapes.
+/// [`Profiler::timed`] on the global profiler (what the layers call).
 pub(crate) fn timed<T>(name: impl FnOnce() -> String, flops: f64, f: impl FnOnce() -> T) -> T {
-    if !ENABLED.load(Ordering::Relaxed) {
-        return f();
-    }
-    let start = Instant::now();
-    let out = f();
-    let time = start.elapsed();
-    if let Some(table) = TABLE.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-        let e = table.entry(name()).or_default();
-        e.calls += 1;
-        e.time += time;
-        e.flops += flops;
-    }
-    out
+    GLOBAL.timed(name, flops, f)
 }
 
 #[cfg(test)]
@@ -63,25 +105,26 @@ mod tests {
 
     #[test]
     fn records_only_while_enabled() {
-        // One test owns the global switch, so the steps run in order.
-        assert_eq!(timed(|| unreachable!(), 1.0, || 7), 7);
-        enable(true);
+        // A profiler of its own: layers other tests run meanwhile report to the global one.
+        let p = Profiler::new();
+        assert_eq!(p.timed(|| unreachable!(), 1.0, || 7), 7);
+        p.enable(true);
         for _ in 0..3 {
-            timed(
+            p.timed(
                 || "a".into(),
                 2.0,
                 || std::thread::sleep(Duration::from_millis(2)),
             );
         }
-        timed(|| "b".into(), 1.0, || ());
-        enable(false);
-        timed(|| unreachable!(), 1.0, || ());
-        let rows = take();
+        p.timed(|| "b".into(), 1.0, || ());
+        p.enable(false);
+        p.timed(|| unreachable!(), 1.0, || ());
+        let rows = p.take();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].0, "a");
         assert_eq!((rows[0].1.calls, rows[0].1.flops), (3, 6.0));
         assert!(rows[0].1.time >= Duration::from_millis(6));
         assert_eq!((rows[1].0.as_str(), rows[1].1.calls), ("b", 1));
-        assert!(take().is_empty());
+        assert!(p.take().is_empty());
     }
 }

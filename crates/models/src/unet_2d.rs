@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::activations::Activation;
 use crate::config::{block_types, check_block_counts, choose, to_candle, SampleSize};
 use crate::embeddings::{
-    batch_timesteps, ClassEmbedding, GaussianFourierProjection, TimeProjection, TimestepEmbedding,
-    Timesteps, UNetTimeEmbedding,
+    batch_timesteps, ClassEmbedding, GaussianFourierProjection, TimeConditioning, TimeProjection,
+    TimestepEmbedding, Timesteps, UNetTimeEmbedding,
 };
 use crate::normalization::GroupNorm;
 use crate::resnet::TimeEmbeddingNorm;
@@ -250,6 +250,7 @@ impl UNet2DModel {
                 None,
             )?,
             class_embeddings_concat: false,
+            add_embedding: None,
             time_embed_act: None,
         };
 
@@ -413,9 +414,13 @@ impl UNet2DModel {
         if self.config.center_input_sample {
             sample = ((sample * 2.0)? - 1.0)?;
         }
+        let cond = TimeConditioning {
+            class_labels,
+            ..Default::default()
+        };
         let emb = self
             .time
-            .forward(timestep, b, class_labels, self.dtype, sample.device())?;
+            .forward(timestep, b, &cond, self.dtype, sample.device())?;
         let xs = self.conv_in.forward(&sample)?;
         let xs = self.blocks.forward(&xs, &emb, None)?;
         let xs = self.conv_norm_out.forward_act(&xs, Activation::Silu)?;

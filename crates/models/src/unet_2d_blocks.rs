@@ -543,6 +543,18 @@ impl UNetBlocks {
         temb: &Tensor,
         encoder_hidden_states: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let (xs, skips) = self.encode(xs, temb, encoder_hidden_states)?;
+        self.decode(&xs, skips, temb, encoder_hidden_states)
+    }
+
+    /// The down path and the bottleneck: returns the bottleneck's output and the skip states
+    /// (diffusers' `down_block_res_samples`: `xs` itself, then each down block's states).
+    pub fn encode(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        encoder_hidden_states: Option<&Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut skips = vec![xs.clone()];
         let mut xs = xs.clone();
         for block in &self.down {
@@ -553,6 +565,18 @@ impl UNetBlocks {
         if let Some(mid) = &self.mid {
             xs = mid.forward(&xs, Some(temb), encoder_hidden_states)?;
         }
+        Ok((xs, skips))
+    }
+
+    /// The up path over the bottleneck's output `xs` and the skip states of [`Self::encode`].
+    pub fn decode(
+        &self,
+        xs: &Tensor,
+        mut skips: Vec<Tensor>,
+        temb: &Tensor,
+        encoder_hidden_states: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
         for block in &self.up {
             let n = block.num_skips();
             if n > skips.len() {

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::activations::Activation;
 use crate::config::{block_types, check_block_counts, choose, to_candle, PerBlock, SampleSize};
 use crate::embeddings::{
-    ClassEmbedding, GaussianFourierProjection, TimeProjection, TimestepEmbedding, Timesteps,
-    UNetTimeEmbedding,
+    ClassEmbedding, GaussianFourierProjection, TextTimeEmbedding, TimeConditioning, TimeProjection,
+    TimestepEmbedding, Timesteps, UNetTimeEmbedding,
 };
 use crate::normalization::GroupNorm;
 use crate::resnet::TimeEmbeddingNorm;
@@ -66,7 +66,10 @@ pub struct UNet2DConditionConfig {
     /// null (with `num_class_embeds`: a label table), `timestep`, `identity`, `projection`,
     /// `simple_projection`.
     pub class_embed_type: Option<String>,
+    /// null, or `text_time` (SDXL: pooled text embedding + micro-conditioning `time_ids`).
     pub addition_embed_type: Option<String>,
+    /// Width of the sinusoidal projection of each `time_ids` number (`text_time`).
+    pub addition_time_embed_dim: Option<usize>,
     pub num_class_embeds: Option<usize>,
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
@@ -75,6 +78,7 @@ pub struct UNet2DConditionConfig {
     pub time_embedding_dim: Option<usize>,
     pub time_embedding_act_fn: Option<String>,
     pub timestep_post_act: Option<String>,
+    /// Width of the timestep condition (LCM's guidance embedding) added through `cond_proj`.
     pub time_cond_proj_dim: Option<usize>,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
@@ -126,6 +130,7 @@ impl Default for UNet2DConditionConfig {
             use_linear_projection: false,
             class_embed_type: None,
             addition_embed_type: None,
+            addition_time_embed_dim: None,
             num_class_embeds: None,
             upcast_attention: false,
             resnet_time_scale_shift: "default".into(),
@@ -144,7 +149,7 @@ impl Default for UNet2DConditionConfig {
 }
 
 /// The parsed, checked form of the string-valued settings.
-struct Resolved {
+pub(crate) struct Resolved {
     down: Vec<DownBlockType>,
     up: Vec<UpBlockType>,
     mid: Option<MidBlockType>,
@@ -171,7 +176,7 @@ impl UNet2DConditionConfig {
         self.resolve().map(|_| ())
     }
 
-    fn resolve(&self) -> diffuse_core::Result<Resolved> {
+    pub(crate) fn resolve(&self) -> diffuse_core::Result<Resolved> {
         use DownBlockType::*;
         use UpBlockType::*;
         let n = self.block_out_channels.len();
@@ -282,11 +287,36 @@ impl UNet2DConditionConfig {
             &self.attention_type,
             &[("default", ())],
         )?;
+        if let Some(kind) = self.addition_embed_type.as_deref() {
+            choose(
+                CONTEXT,
+                "addition_embed_type",
+                "value",
+                kind,
+                &[("text_time", ())],
+            )?;
+            for (field, set) in [
+                (
+                    "addition_time_embed_dim",
+                    self.addition_time_embed_dim.is_some(),
+                ),
+                (
+                    "projection_class_embeddings_input_dim",
+                    self.projection_class_embeddings_input_dim.is_some(),
+                ),
+            ] {
+                if !set {
+                    return Err(Error::config(
+                        CONTEXT,
+                        field,
+                        format!("required by addition_embed_type `{kind}`"),
+                    ));
+                }
+            }
+        }
         let must_be_null = [
-            ("addition_embed_type", self.addition_embed_type.is_some()),
             ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
             ("encoder_hid_dim_type", self.encoder_hid_dim_type.is_some()),
-            ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
             (
                 "reverse_transformer_layers_per_block",
                 self.reverse_transformer_layers_per_block.is_some(),
@@ -330,25 +360,120 @@ impl UNet2DConditionConfig {
     }
 }
 
-/// diffusers `UNet2DConditionModel`.
+/// The residuals a ControlNet adds to a UNet: one per skip state of the down path
+/// (`down_block_additional_residuals`) and one to the bottleneck's output
+/// (`mid_block_additional_residual`).
 #[derive(Clone, Debug)]
-pub struct UNet2DConditionModel {
-    conv_in: Conv2d,
-    time: UNetTimeEmbedding,
-    blocks: UNetBlocks,
-    conv_norm_out: GroupNorm,
-    act: Activation,
-    conv_out: Conv2d,
-    dtype: DType,
-    config: UNet2DConditionConfig,
+pub struct ControlResiduals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
 }
 
-impl UNet2DConditionModel {
-    pub fn new(vb: VarBuilder, cfg: &UNet2DConditionConfig) -> Result<Self> {
-        let r = cfg.resolve().map_err(to_candle)?;
+impl ControlResiduals {
+    /// The sum of two ControlNets' residuals (diffusers' `MultiControlNetModel`).
+    pub fn add(&self, other: &ControlResiduals) -> Result<ControlResiduals> {
+        if self.down.len() != other.down.len() {
+            candle_core::bail!(
+                "ControlNets give {} and {} down residuals: they do not fit the same UNet",
+                self.down.len(),
+                other.down.len()
+            )
+        }
+        let down = self
+            .down
+            .iter()
+            .zip(&other.down)
+            .map(|(a, b)| a + b)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ControlResiduals {
+            down,
+            mid: (&self.mid + &other.mid)?,
+        })
+    }
+}
+
+/// The optional inputs of [`UNet2DConditionModel::forward_with`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UNetConditioning<'a> {
+    /// Class labels, LCM's timestep condition, SDXL's `text_embeds`/`time_ids`.
+    pub time: TimeConditioning<'a>,
+    /// ControlNet residuals.
+    pub control: Option<&'a ControlResiduals>,
+}
+
+/// The time embedding, `conv_in` and the down path and bottleneck of a `UNet2DConditionModel`
+/// config: what a ControlNet shares with the UNet it steers.
+pub(crate) struct UNetEncoder {
+    pub conv_in: Conv2d,
+    pub time: UNetTimeEmbedding,
+    pub down: Vec<DownBlock>,
+    pub mid: Option<MidBlock>,
+    /// Width of the embedding the blocks receive.
+    pub temb_channels: usize,
+}
+
+/// Per-block settings of block `i`, with `j` the index of the lists diffusers reverses on the
+/// way up (it does not reverse `attention_head_dim`, which only the `Attn*` blocks use).
+fn block_config(
+    cfg: &UNet2DConditionConfig,
+    resnet: &ResnetSettings,
+    (i, j): (usize, usize),
+    num_layers: usize,
+    (cin, prev, cout): (usize, usize, usize),
+    add_sample: bool,
+) -> BlockConfig {
+    BlockConfig {
+        num_layers,
+        in_channels: cin,
+        out_channels: cout,
+        prev_output_channel: prev,
+        add_sample,
+        resnet: resnet.clone(),
+        downsample_padding: cfg.downsample_padding,
+        resample_with_resnet: false,
+        attention_head_dim: cfg.attention_head_dim.get(i),
+        cross: Some(cross_settings(cfg, j, cfg.only_cross_attention.get(j))),
+    }
+}
+
+fn cross_settings(
+    cfg: &UNet2DConditionConfig,
+    i: usize,
+    only_cross: bool,
+) -> CrossAttentionSettings {
+    CrossAttentionSettings {
+        num_attention_heads: cfg.heads().get(i),
+        cross_attention_dim: cfg.cross_attention_dim.get(i),
+        transformer_layers: cfg.transformer_layers_per_block.get(i),
+        use_linear_projection: cfg.use_linear_projection,
+        only_cross_attention: only_cross,
+        upcast_attention: cfg.upcast_attention,
+    }
+}
+
+fn conv(vb: VarBuilder, cin: usize, cout: usize, k: usize) -> Result<Conv2d> {
+    let c = Conv2dConfig {
+        padding: (k - 1) / 2,
+        ..Default::default()
+    };
+    Conv2d::new(cin, cout, k, c, vb)
+}
+
+fn resnet_settings(cfg: &UNet2DConditionConfig, r: &Resolved, temb: usize) -> ResnetSettings {
+    ResnetSettings {
+        temb_channels: Some(temb),
+        eps: cfg.norm_eps,
+        act: r.act,
+        groups: r.groups,
+        time_embedding_norm: r.time_norm,
+        output_scale_factor: 1.0,
+    }
+}
+
+impl UNetEncoder {
+    pub(crate) fn new(vb: &VarBuilder, cfg: &UNet2DConditionConfig, r: &Resolved) -> Result<Self> {
         let ch = &cfg.block_out_channels;
         let n = ch.len();
-
         let (time_proj, time_input_dim, time_embed_dim) = if r.fourier {
             let dim = cfg.time_embedding_dim.unwrap_or(ch[0] * 2);
             let p = GaussianFourierProjection::new(
@@ -370,15 +495,42 @@ impl UNet2DConditionModel {
                 cfg.time_embedding_dim.unwrap_or(ch[0] * 4),
             )
         };
+        let mut time_embedding = TimestepEmbedding::new(
+            vb.pp("time_embedding"),
+            time_input_dim,
+            time_embed_dim,
+            r.act,
+            r.timestep_post_act,
+        )?;
+        if let Some(dim) = cfg.time_cond_proj_dim {
+            time_embedding =
+                time_embedding.with_condition(vb.pp("time_embedding"), dim, time_input_dim)?;
+        }
+        let add_embedding = match (
+            cfg.addition_time_embed_dim,
+            cfg.projection_class_embeddings_input_dim,
+        ) {
+            (Some(dim), Some(input)) if cfg.addition_embed_type.is_some() => {
+                Some(TextTimeEmbedding {
+                    add_time_proj: Timesteps {
+                        num_channels: dim,
+                        flip_sin_to_cos: cfg.flip_sin_to_cos,
+                        downscale_freq_shift: cfg.freq_shift,
+                    },
+                    add_embedding: TimestepEmbedding::new(
+                        vb.pp("add_embedding"),
+                        input,
+                        time_embed_dim,
+                        Activation::Silu,
+                        None,
+                    )?,
+                })
+            }
+            _ => None,
+        };
         let time = UNetTimeEmbedding {
             time_proj,
-            time_embedding: TimestepEmbedding::new(
-                vb.pp("time_embedding"),
-                time_input_dim,
-                time_embed_dim,
-                r.act,
-                r.timestep_post_act,
-            )?,
+            time_embedding,
             class_embedding: ClassEmbedding::from_config(
                 vb.pp("class_embedding"),
                 cfg.class_embed_type.as_deref(),
@@ -389,58 +541,25 @@ impl UNet2DConditionModel {
                 cfg.projection_class_embeddings_input_dim,
             )?,
             class_embeddings_concat: cfg.class_embeddings_concat,
+            add_embedding,
             time_embed_act: r.time_embedding_act,
         };
         let has_class = time.class_embedding.is_some();
-        let blocks_temb = if cfg.class_embeddings_concat && has_class {
+        let temb_channels = if cfg.class_embeddings_concat && has_class {
             2 * time_embed_dim
         } else {
             time_embed_dim
         };
-
-        let resnet = ResnetSettings {
-            temb_channels: Some(blocks_temb),
-            eps: cfg.norm_eps,
-            act: r.act,
-            groups: r.groups,
-            time_embedding_norm: r.time_norm,
-            output_scale_factor: 1.0,
-        };
-        let heads = cfg.heads();
-        let cross = |i: usize, only_cross: bool| CrossAttentionSettings {
-            num_attention_heads: heads.get(i),
-            cross_attention_dim: cfg.cross_attention_dim.get(i),
-            transformer_layers: cfg.transformer_layers_per_block.get(i),
-            use_linear_projection: cfg.use_linear_projection,
-            only_cross_attention: only_cross,
-            upcast_attention: cfg.upcast_attention,
-        };
-        // Per-block settings of block `i`, and `j` for the lists diffusers reverses on the way
-        // up (it does not reverse `attention_head_dim`, which only the `Attn*` blocks use).
-        let block = |i: usize,
-                     j: usize,
-                     num_layers: usize,
-                     (cin, prev, cout): (usize, usize, usize),
-                     add_sample: bool| BlockConfig {
-            num_layers,
-            in_channels: cin,
-            out_channels: cout,
-            prev_output_channel: prev,
-            add_sample,
-            resnet: resnet.clone(),
-            downsample_padding: cfg.downsample_padding,
-            resample_with_resnet: false,
-            attention_head_dim: cfg.attention_head_dim.get(i),
-            cross: Some(cross(j, cfg.only_cross_attention.get(j))),
-        };
+        let resnet = resnet_settings(cfg, r, temb_channels);
         let down = r
             .down
             .iter()
             .enumerate()
             .map(|(i, &kind)| {
-                let bcfg = block(
-                    i,
-                    i,
+                let bcfg = block_config(
+                    cfg,
+                    &resnet,
+                    (i, i),
                     cfg.layers_per_block.get(i),
                     (ch[i.saturating_sub(1)], 0, ch[i]),
                     i + 1 < n,
@@ -455,7 +574,7 @@ impl UNet2DConditionModel {
                     // The attention-free variant: a single ResNet.
                     MidBlockType::UNetMidBlock2D => (0, MidAttention::None),
                     MidBlockType::UNetMidBlock2DCrossAttn => {
-                        (1, MidAttention::Cross(cross(n - 1, false)))
+                        (1, MidAttention::Cross(cross_settings(cfg, n - 1, false)))
                     }
                 };
                 let mcfg = MidBlockConfig {
@@ -470,14 +589,45 @@ impl UNet2DConditionModel {
                 Some(MidBlock::new(vb.pp("mid_block"), &mcfg)?)
             }
         };
+        Ok(Self {
+            conv_in: conv(vb.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel)?,
+            time,
+            down,
+            mid,
+            temb_channels,
+        })
+    }
+}
+
+/// diffusers `UNet2DConditionModel`.
+#[derive(Clone, Debug)]
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time: UNetTimeEmbedding,
+    blocks: UNetBlocks,
+    conv_norm_out: GroupNorm,
+    act: Activation,
+    conv_out: Conv2d,
+    dtype: DType,
+    config: UNet2DConditionConfig,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vb: VarBuilder, cfg: &UNet2DConditionConfig) -> Result<Self> {
+        let r = cfg.resolve().map_err(to_candle)?;
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        let encoder = UNetEncoder::new(&vb, cfg, &r)?;
+        let resnet = resnet_settings(cfg, &r, encoder.temb_channels);
         let up =
             r.up.iter()
                 .enumerate()
                 .map(|(i, &kind)| {
                     let j = n - 1 - i;
-                    let bcfg = block(
-                        i,
-                        j,
+                    let bcfg = block_config(
+                        cfg,
+                        &resnet,
+                        (i, j),
                         cfg.layers_per_block.get(j) + 1,
                         up_block_channels(ch, i),
                         i + 1 < n,
@@ -485,17 +635,10 @@ impl UNet2DConditionModel {
                     UpBlock::new(vb.pp("up_blocks").pp(i), kind, &bcfg)
                 })
                 .collect::<Result<Vec<_>>>()?;
-        let conv = |vb: VarBuilder, cin, cout, k: usize| {
-            let c = Conv2dConfig {
-                padding: (k - 1) / 2,
-                ..Default::default()
-            };
-            Conv2d::new(cin, cout, k, c, vb)
-        };
         Ok(Self {
-            conv_in: conv(vb.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel)?,
-            time,
-            blocks: UNetBlocks::new(down, mid, up),
+            conv_in: encoder.conv_in,
+            time: encoder.time,
+            blocks: UNetBlocks::new(encoder.down, encoder.mid, up),
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), r.groups, ch[0], cfg.norm_eps)?,
             act: r.act,
             conv_out: conv(
@@ -568,6 +711,25 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         class_labels: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let cond = UNetConditioning {
+            time: TimeConditioning {
+                class_labels,
+                ..Default::default()
+            },
+            control: None,
+        };
+        self.forward_with(sample, timestep, encoder_hidden_states, &cond)
+    }
+
+    /// [`UNet2DConditionModel::forward`] with every optional input: class labels, the LCM
+    /// timestep condition, SDXL's added conditioning and ControlNet residuals.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        cond: &UNetConditioning<'_>,
+    ) -> Result<Tensor> {
         let (b, _, _, _) = sample.dims4()?;
         let mut sample = sample.to_dtype(self.dtype)?;
         if self.config.center_input_sample {
@@ -576,9 +738,24 @@ impl UNet2DConditionModel {
         let ehs = encoder_hidden_states.to_dtype(self.dtype)?;
         let emb = self
             .time
-            .forward(timestep, b, class_labels, self.dtype, sample.device())?;
+            .forward(timestep, b, &cond.time, self.dtype, sample.device())?;
         let xs = self.conv_in.forward(&sample)?;
-        let xs = self.blocks.forward(&xs, &emb, Some(&ehs))?;
+        let (mut xs, mut skips) = self.blocks.encode(&xs, &emb, Some(&ehs))?;
+        if let Some(control) = cond.control {
+            if control.down.len() != skips.len() {
+                candle_core::bail!(
+                    "the ControlNet gives {} down-block residuals but this UNet has {} skip \
+                     states: they are not the same architecture",
+                    control.down.len(),
+                    skips.len()
+                )
+            }
+            for (skip, res) in skips.iter_mut().zip(&control.down) {
+                *skip = (&*skip + res.to_dtype(self.dtype)?)?;
+            }
+            xs = (xs + control.mid.to_dtype(self.dtype)?)?;
+        }
+        let xs = self.blocks.decode(&xs, skips, &emb, Some(&ehs))?;
         let xs = self.conv_norm_out.forward_act(&xs, self.act)?;
         self.conv_out.forward(&xs)
     }

@@ -176,12 +176,20 @@ fn layer_norm_matches_reference() -> Result<()> {
     let varmap = VarMap::new();
     let ln = LayerNorm::new(varmap_vb(&varmap), 24, 1e-5, true)?;
     randomise(&varmap)?;
+    // Without affine parameters (the diffusion transformers' norms).
+    let plain = LayerNorm::new(varmap_vb(&VarMap::new()), 24, 1e-6, false)?;
     for shape in [&[2, 37, 24][..], &[5, 24][..]] {
         let x = (randn(shape, 2.0)? + 3.0)?;
         assert_close(
             &format!("layer norm {shape:?}"),
             &ln.forward(&x)?,
             &ln.forward_reference(&x)?,
+            1e-5,
+        )?;
+        assert_close(
+            &format!("layer norm without affine {shape:?}"),
+            &plain.forward(&x)?,
+            &plain.forward_reference(&x)?,
             1e-5,
         )?;
         let x16 = x.to_dtype(DType::F16)?;
@@ -483,6 +491,7 @@ fn linear_matches_reference() -> Result<()> {
         (vec![300, 50], 70, true),
         (vec![2, 77, 24], 200, true),
         (vec![2, 640], 96, true),
+        (vec![1, 1, 300], 1000, false),
         (vec![1030, 300], 320, true),
         (vec![3, 0], 5, true),
     ] {
@@ -502,16 +511,49 @@ fn linear_matches_reference() -> Result<()> {
             &want,
             1e-5,
         )?;
+        // Weights kept in bf16/f16 under f32 activations compute in f32: the same as the f32
+        // layer whose weights are the half values, on the packed, transposed and
+        // one-dot-per-output paths and on candle's (a tracked input).
+        for dtype in [DType::BF16, DType::F16] {
+            let half = Linear::new(
+                layer.weight().to_dtype(dtype)?,
+                layer.bias().map(|b| b.to_dtype(dtype)).transpose()?,
+            );
+            let widened = Linear::new(
+                half.weight().to_dtype(DType::F32)?,
+                half.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
+            );
+            let want = widened.forward_reference(&x)?;
+            let got = half.forward(&x)?;
+            assert_eq!(got.dtype(), DType::F32);
+            assert_close(
+                &format!("linear {dtype:?} weights {shape:?}"),
+                &got,
+                &want,
+                1e-5,
+            )?;
+            let tracked = Var::from_tensor(&x)?;
+            let got = half.forward(tracked.as_tensor())?;
+            assert_close(
+                &format!("linear {dtype:?} weights, tracked {shape:?}"),
+                &got,
+                &want,
+                1e-5,
+            )?;
+        }
     }
     Ok(())
 }
 
 #[test]
 fn activations_match_reference_and_have_gradients() -> Result<()> {
-    use diffuse_models::ops::activation::{gelu, gelu_reference, quick_gelu, quick_gelu_reference};
-    let ops: [(&str, UnaryOp, UnaryOp); 2] = [
+    use diffuse_models::ops::activation::{
+        gelu, gelu_reference, gelu_tanh, gelu_tanh_reference, quick_gelu, quick_gelu_reference,
+    };
+    let ops: [(&str, UnaryOp, UnaryOp); 3] = [
         ("quick_gelu", quick_gelu, quick_gelu_reference),
         ("gelu", gelu, gelu_reference),
+        ("gelu_tanh", gelu_tanh, gelu_tanh_reference),
     ];
     for (name, op, reference) in ops {
         // Values out to ±25 reach the saturated tails; 40,003 values span several parallel

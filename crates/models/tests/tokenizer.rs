@@ -137,3 +137,25 @@ fn missing_files_are_clear_errors() {
     assert!(err.contains("vocab.json"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The vocabulary built into diffuse (for single files without a tokenizer) is the Stable
+/// Diffusion one: the same ids as transformers on every case, and the OpenCLIP pad token.
+#[test]
+fn the_builtin_vocabulary_matches_transformers() -> Result<()> {
+    let builtin = ClipTokenizer::builtin("<|endoftext|>")?;
+    let cases = read_json(&fixture_subdir("tokenizer").join("tokenizer_check_cases.json"))?;
+    for c in cases.as_array().context("a list of cases")? {
+        let text = c["text"].as_str().context("text")?;
+        let hf: Vec<u32> = c["hf"]
+            .as_array()
+            .context("hf")?
+            .iter()
+            .map(|v| v.as_u64().unwrap_or(0) as u32)
+            .collect();
+        ensure!(builtin.encode(text) == hf, "{text:?}");
+    }
+    ensure!(builtin.vocab_size() == 49408);
+    let open_clip = ClipTokenizer::builtin("!")?;
+    ensure!(open_clip.pad_id() == 0 && builtin.pad_id() == builtin.eos_id());
+    Ok(())
+}

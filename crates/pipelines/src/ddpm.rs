@@ -46,9 +46,9 @@ pub struct UnconditionalRequest {
     pub class_labels: Option<Vec<usize>>,
     /// Classifier-free guidance scale for class-conditional models; 1 or less disables it.
     pub guidance_scale: f64,
-    /// Make only images `start..start + batch_size` of a batch of `batch` drawn from `seed`
-    /// (one of several processes sharing it): the same images, bit for bit, as in the whole
-    /// batch. `None`: the whole batch.
+    /// Make only images `start..start + len` (`len` = `batch_size`) of a batch of `batch`
+    /// drawn from `seed` (one of several processes sharing it): the same images, bit for bit,
+    /// as in the whole batch. `None`: the whole batch.
     pub shard: Option<BatchShard>,
 }
 

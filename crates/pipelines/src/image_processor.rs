@@ -25,15 +25,21 @@ pub fn preprocess_image(
     width: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let img = resize_rgb(img, height, width);
     // Same f32 operations as numpy: pixels / 255, then 2x - 1.
-    let data: Vec<f32> = img
-        .as_raw()
-        .iter()
-        .map(|&p| 2.0 * (p as f32 / 255.0) - 1.0)
-        .collect();
-    let t = Tensor::from_vec(data, (1, height, width, 3), device)?;
-    Ok(t.permute((0, 3, 1, 2))?.contiguous()?)
+    rgb_tensor(img, height, width, device, |p| {
+        2.0 * (p as f32 / 255.0) - 1.0
+    })
+}
+
+/// A ControlNet's control image as (1, 3, H, W) in [0, 1] (diffusers' control image processor:
+/// RGB, resized with Lanczos when its size differs, not normalised).
+pub fn preprocess_control_image(
+    img: &RgbImage,
+    height: usize,
+    width: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    rgb_tensor(img, height, width, device, |p| p as f32 / 255.0)
 }
 
 /// A mask (white = repaint) as (1, 1, H, W) in {0, 1}: resized, /255, binarised at 0.5.
@@ -111,6 +117,20 @@ fn to_u8_images<P: image::Pixel<Subpixel = u8>>(
         out.push(img);
     }
     Ok(out)
+}
+
+/// `img` resized to `height` × `width` as (1, 3, H, W), each 8-bit value mapped by `value`.
+fn rgb_tensor(
+    img: &RgbImage,
+    height: usize,
+    width: usize,
+    device: &Device,
+    value: impl Fn(u8) -> f32,
+) -> Result<Tensor> {
+    let img = resize_rgb(img, height, width);
+    let data: Vec<f32> = img.as_raw().iter().map(|&p| value(p)).collect();
+    let t = Tensor::from_vec(data, (1, height, width, 3), device)?;
+    Ok(t.permute((0, 3, 1, 2))?.contiguous()?)
 }
 
 fn resize_rgb(img: &RgbImage, height: usize, width: usize) -> RgbImage {

@@ -15,7 +15,7 @@ use diffuse_schedulers::Scheduler;
 use image::RgbImage;
 
 use crate::image_processor::{default_size, preprocess_image};
-use crate::stable_diffusion::{GenerationParams, ImageOutput, LoopExtras, StableDiffusionPipeline};
+use crate::stable_diffusion::{GenerationParams, ImageOutput, StableDiffusionPipeline};
 use crate::{check_steps, fresh_scheduler, StepCallback, Timings, Trace};
 
 /// An image-to-image request.
@@ -98,7 +98,7 @@ impl StableDiffusionPipeline {
             latents,
             &prompt,
             p.guidance_scale,
-            LoopExtras::default(),
+            self.control_extras(p, (height, width), &prompt)?,
             &mut generator,
             callback,
             trace.as_mut(),

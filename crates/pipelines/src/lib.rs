@@ -1,11 +1,19 @@
 //! Diffusion pipelines at parity with Hugging Face diffusers: unconditional DDPM/DDIM,
-//! Stable Diffusion text-to-image, image-to-image and inpainting.
+//! Stable Diffusion text-to-image, image-to-image and inpainting, and the diffusion
+//! transformers: Stable Diffusion 3, Flux and DiT.
 //!
 //! [`load_pipeline`] reads a diffusers folder (`model_index.json` + one folder per component)
 //! and returns the [`Pipeline`] its `_class_name` names. Each pipeline is one file whose
 //! `__call__`-like method reads as the diffusers loop does.
 
+pub mod canny;
+pub mod components;
+pub mod controlnet;
+pub mod convert;
 pub mod ddpm;
+pub mod denoise;
+pub mod dit;
+pub mod flux;
 pub mod image_processor;
 pub mod img2img;
 pub mod inpaint;
@@ -13,6 +21,8 @@ pub mod png_info;
 pub mod prompt_weighting;
 pub(crate) mod sources;
 pub mod stable_diffusion;
+pub mod stable_diffusion_3;
+pub mod stable_diffusion_xl;
 pub mod task;
 
 use std::path::{Path, PathBuf};
@@ -21,14 +31,23 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use diffuse_core::{Error, Result};
 pub use diffuse_loaders::lora::LoraSpec;
+use diffuse_models::AutoencoderKL;
 use diffuse_schedulers::{Scheduler, SchedulerConfig};
 
+pub use canny::canny;
+pub use controlnet::{load_controlnet, ControlNetRequest, ControlNetUnit};
 pub use ddpm::{ClassGuidance, UnconditionalOutput, UnconditionalPipeline, UnconditionalRequest};
+pub use dit::{ClassToImageRequest, DiTPipeline};
+pub use flux::FluxPipeline;
 pub use img2img::Img2ImgRequest;
 pub use inpaint::InpaintRequest;
 pub use stable_diffusion::{
     EncodedPrompt, GenerationParams, ImageOutput, PromptEmbeds, StableDiffusionPipeline,
     Text2ImageRequest,
+};
+pub use stable_diffusion_3::{FlowText2ImageRequest, StableDiffusion3Pipeline, TextEmbeds};
+pub use stable_diffusion_xl::{
+    InitImage, LatentOutput, SdxlOptions, SdxlPromptEmbeds, StableDiffusionXLPipeline,
 };
 
 /// The `_class_name`s [`load_pipeline`] understands.
@@ -38,6 +57,12 @@ pub const SUPPORTED_PIPELINES: &[&str] = &[
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
+    "StableDiffusion3Pipeline",
+    "FluxPipeline",
+    "DiTPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
 ];
 
 /// How to load a pipeline folder.
@@ -51,6 +76,10 @@ pub struct LoadOptions {
     pub scheduler: Option<String>,
     /// Weight variant, e.g. `fp16` for `*.fp16.safetensors`.
     pub variant: Option<String>,
+    /// Transformer pipelines (SD3, Flux): load the text encoders and the transformer each time
+    /// they run and drop them right after, so that they never share memory (the largest one
+    /// sets the peak); each run then reads them from disk again.
+    pub load_on_demand: bool,
     /// Textual-inversion embeddings to add after loading (Stable Diffusion pipelines).
     pub textual_inversions: Vec<EmbeddingSpec>,
     /// LoRA files fused into the weights as they load, each with its scale.
@@ -79,6 +108,7 @@ impl Default for LoadOptions {
             textual_inversions: Vec::new(),
             loras: Vec::new(),
             config: None,
+            load_on_demand: false,
         }
     }
 }
@@ -118,6 +148,9 @@ pub struct Trace {
     pub unet_outputs: Vec<Tensor>,
     /// Latents after each step (the callback's latents).
     pub step_latents: Vec<Tensor>,
+    /// The ControlNets' `sample` input per call (with guess mode and guidance: the
+    /// conditional half only).
+    pub controlnet_inputs: Vec<Tensor>,
 }
 
 /// A loaded pipeline, as `DiffusionPipeline.from_pretrained` returns it.
@@ -126,14 +159,38 @@ pub enum Pipeline {
     Unconditional(Box<UnconditionalPipeline>),
     /// `StableDiffusion{,Img2Img,Inpaint}Pipeline`: the same components, any of the three tasks.
     StableDiffusion(Box<StableDiffusionPipeline>),
+    /// `StableDiffusion3Pipeline`: text-to-image with the MMDiT.
+    StableDiffusion3(Box<StableDiffusion3Pipeline>),
+    /// `FluxPipeline`: text-to-image with Flux (dev or schnell).
+    Flux(Box<FluxPipeline>),
+    /// `DiTPipeline`: class-conditional generation.
+    DiT(Box<DiTPipeline>),
+    /// `StableDiffusionXL{,Img2Img,Inpaint}Pipeline` (base or refiner), any of the three tasks.
+    StableDiffusionXL(Box<StableDiffusionXLPipeline>),
 }
 
 impl Pipeline {
+    /// The VAE, for settings such as tiling; `None` for pixel-space models.
+    pub fn vae_mut(&mut self) -> Option<&mut AutoencoderKL> {
+        match self {
+            Pipeline::Unconditional(_) => None,
+            Pipeline::StableDiffusion(p) => Some(&mut p.vae),
+            Pipeline::StableDiffusionXL(p) => Some(&mut p.vae),
+            Pipeline::StableDiffusion3(p) => Some(&mut p.vae.model),
+            Pipeline::Flux(p) => Some(&mut p.vae.model),
+            Pipeline::DiT(p) => Some(&mut p.vae.model),
+        }
+    }
+
     /// The `_class_name` of the folder it was loaded from.
     pub fn class_name(&self) -> &str {
         match self {
             Pipeline::Unconditional(p) => &p.class_name,
             Pipeline::StableDiffusion(p) => &p.class_name,
+            Pipeline::StableDiffusion3(p) => &p.class_name,
+            Pipeline::Flux(p) => &p.class_name,
+            Pipeline::DiT(p) => &p.class_name,
+            Pipeline::StableDiffusionXL(p) => &p.class_name,
         }
     }
 
@@ -142,6 +199,10 @@ impl Pipeline {
         match self {
             Pipeline::Unconditional(p) => p.scheduler.class_name(),
             Pipeline::StableDiffusion(p) => p.scheduler.class_name(),
+            Pipeline::StableDiffusion3(p) => p.scheduler.class_name(),
+            Pipeline::Flux(p) => p.scheduler.class_name(),
+            Pipeline::DiT(p) => p.scheduler.class_name(),
+            Pipeline::StableDiffusionXL(p) => p.scheduler.class_name(),
         }
     }
 
@@ -151,6 +212,10 @@ impl Pipeline {
         match self {
             Pipeline::Unconditional(p) => std::mem::replace(&mut p.scheduler, scheduler),
             Pipeline::StableDiffusion(p) => std::mem::replace(&mut p.scheduler, scheduler),
+            Pipeline::StableDiffusion3(p) => std::mem::replace(&mut p.scheduler, scheduler),
+            Pipeline::Flux(p) => std::mem::replace(&mut p.scheduler, scheduler),
+            Pipeline::DiT(p) => std::mem::replace(&mut p.scheduler, scheduler),
+            Pipeline::StableDiffusionXL(p) => std::mem::replace(&mut p.scheduler, scheduler),
         }
     }
 }
@@ -195,6 +260,15 @@ impl ModelIndex {
                 )
             }),
         }
+    }
+
+    /// A boolean setting (`force_zeros_for_empty_prompt`, `requires_aesthetics_score`), or
+    /// `default` when absent.
+    pub fn flag(&self, key: &str, default: bool) -> bool {
+        self.json
+            .get(key)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(default)
     }
 
     /// The error for a `_class_name` no loader handles.
@@ -247,8 +321,42 @@ pub fn load_pipeline(path: &Path, opts: &LoadOptions) -> Result<Pipeline> {
                 UnconditionalPipeline::load(dir, index.class, class_names, opts)?,
             )))
         }
+        "StableDiffusion3Pipeline" => Ok(Pipeline::StableDiffusion3(Box::new(
+            StableDiffusion3Pipeline::load(dir, index.class, &index.json, opts)?,
+        ))),
+        "FluxPipeline" => Ok(Pipeline::Flux(Box::new(FluxPipeline::load(
+            dir,
+            index.class,
+            opts,
+        )?))),
+        "DiTPipeline" => Ok(Pipeline::DiT(Box::new(DiTPipeline::load(
+            dir,
+            index.class,
+            &index.json,
+            opts,
+        )?))),
+        "StableDiffusionXLPipeline"
+        | "StableDiffusionXLImg2ImgPipeline"
+        | "StableDiffusionXLInpaintPipeline" => Ok(Pipeline::StableDiffusionXL(Box::new(
+            StableDiffusionXLPipeline::load(dir, &index, opts)?,
+        ))),
         _ => Err(index.unsupported()),
     }
+}
+
+/// Loads a `vae/` folder in the pipeline's dtype, or in f32 when the pipeline runs in f16 and
+/// the config says the VAE overflows there (`force_upcast`); returns the VAE and its dtype.
+pub(crate) fn load_vae(dir: &Path, opts: &LoadOptions) -> Result<(AutoencoderKL, DType)> {
+    let cfg: diffuse_models::AutoencoderKLConfig =
+        diffuse_loaders::read_config(&dir.join("config.json"))?;
+    let dtype = if opts.dtype == DType::F16 && cfg.force_upcast {
+        DType::F32
+    } else {
+        opts.dtype
+    };
+    let vae =
+        AutoencoderKL::from_pretrained_variant(dir, opts.variant.as_deref(), dtype, &opts.device)?;
+    Ok((vae, dtype))
 }
 
 /// A component folder of a pipeline; its absence is an error naming it.
@@ -289,6 +397,16 @@ pub fn named_scheduler(dir: &Path, name: &str) -> Result<Box<dyn Scheduler>> {
 /// A fresh copy of a scheduler (no state left from an earlier run, e.g. PNDM's history).
 pub(crate) fn fresh_scheduler(s: &dyn Scheduler) -> Result<Box<dyn Scheduler>> {
     diffuse_schedulers::from_config(s.class_name(), s.config())
+}
+
+/// Output sizes must be positive multiples of the VAE's scale factor `f`.
+pub(crate) fn check_image_size(height: usize, width: usize, f: usize) -> Result<()> {
+    if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
+        return Err(Error::invalid(format!(
+            "height and width must be positive multiples of {f}, got {width}x{height}"
+        )));
+    }
+    Ok(())
 }
 
 /// `num_inference_steps` must be at least one.

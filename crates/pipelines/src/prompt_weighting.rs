@@ -50,6 +50,39 @@ fn break_pattern() -> &'static Regex {
     RE.get_or_init(|| Regex::new(r"\s*\bBREAK\b\s*").expect("valid pattern"))
 }
 
+/// A1111's LoRA tags, `<lora:name>` or `<lora:name:multiplier>` (`lyco` too): removed from the
+/// prompt and returned as (name, multiplier) in order. Other `<type:...>` tags and plain
+/// `<token>`s (textual-inversion triggers) stay.
+pub fn extract_lora_tags(prompt: &str) -> Result<(String, Vec<(String, f64)>)> {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    let re = RE.get_or_init(|| Regex::new(r"<(\w+):([^>]+)>").expect("valid pattern"));
+    let mut tags = Vec::new();
+    let mut bad = None;
+    let cleaned = re.replace_all(prompt, |c: &regex::Captures| {
+        let kind = &c[1];
+        if kind != "lora" && kind != "lyco" {
+            return c[0].to_string();
+        }
+        let mut args = c[2].split(':');
+        let name = args.next().unwrap_or_default().trim().to_string();
+        let weight = match args.next().map(str::trim) {
+            None => Some(1.0),
+            Some(w) => w.parse::<f64>().ok(),
+        };
+        match weight {
+            Some(w) if !name.is_empty() => tags.push((name, w)),
+            _ => bad = Some(c[0].to_string()),
+        }
+        String::new()
+    });
+    if let Some(tag) = bad {
+        return Err(diffuse_core::Error::invalid(format!(
+            "bad LoRA tag `{tag}`: write <lora:name> or <lora:name:0.8>"
+        )));
+    }
+    Ok((cleaned.into_owned(), tags))
+}
+
 /// A piece of prompt text with its weight; `None` marks a `BREAK`.
 pub type Segment = (String, Option<f64>);
 
@@ -257,6 +290,20 @@ mod tests {
             vec![seg("a", 1.0), ("BREAK".into(), None), seg("b", 1.0)]
         );
         assert_eq!(parse_prompt_attention(""), vec![seg("", 1.0)]);
+    }
+
+    #[test]
+    fn lora_tags_are_extracted() {
+        let (p, tags) = extract_lora_tags(
+            "a <lora:ink:0.8> cat <lighthouse-style>, <lora:film> <hypernet:x:1>",
+        )
+        .unwrap();
+        assert_eq!(p, "a  cat <lighthouse-style>,  <hypernet:x:1>");
+        assert_eq!(
+            tags,
+            vec![("ink".to_string(), 0.8), ("film".to_string(), 1.0)]
+        );
+        assert!(extract_lora_tags("<lora:x:abc>").is_err());
     }
 
     #[test]

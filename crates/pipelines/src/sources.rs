@@ -208,7 +208,8 @@ impl Source {
     }
 
     /// The weights of a component. `blocks`/`layers_per_block` place the blocks of a single
-    /// file's UNet/VAE; `text_encoder_index` picks a single file's text encoder.
+    /// file's UNet/VAE; for a text encoder `blocks` is its layer count (the config's: SD 2.x
+    /// files store one more OpenCLIP block than the diffusers encoder has).
     pub fn backend(
         &self,
         component: &str,
@@ -230,14 +231,18 @@ impl Source {
                 "text_encoder" | "text_encoder_2" => {
                     let encoders = file.text_encoders(*family);
                     let i = usize::from(component == "text_encoder_2");
-                    let layout: &TextEncoderLayout = encoders.get(i).ok_or_else(|| {
-                        Error::invalid(format!(
-                            "{}: a {} checkpoint has no {component}",
-                            file.path().display(),
-                            family.name()
-                        ))
-                    })?;
-                    file.text_encoder(layout)
+                    let mut layout: TextEncoderLayout =
+                        encoders.get(i).cloned().ok_or_else(|| {
+                            Error::invalid(format!(
+                                "{}: a {} checkpoint has no {component}",
+                                file.path().display(),
+                                family.name()
+                            ))
+                        })?;
+                    if let TextEncoderLayout::OpenClip { layers, .. } = &mut layout {
+                        *layers = blocks;
+                    }
+                    file.text_encoder(&layout)
                 }
                 other => Err(Error::invalid(format!(
                     "{}: a single file holds no `{other}` component",

@@ -25,10 +25,12 @@ use diffuse_models::{
 use diffuse_schedulers::Scheduler;
 use image::RgbImage;
 
+use crate::controlnet::{ControlNetRequest, PreparedControl};
+use crate::denoise::{guidance_enabled, initial_noise, VaeView};
 use crate::prompt_weighting::{self, PromptSyntax};
 use crate::sources::{self, Adapters, Source};
 use crate::{check_steps, fresh_scheduler, LoadOptions};
-use crate::{StepCallback, StepInfo, Timings, Trace};
+use crate::{StepCallback, Timings, Trace};
 
 /// The Stable Diffusion components; one value serves text2img, img2img and inpainting.
 pub struct StableDiffusionPipeline {
@@ -56,6 +58,9 @@ pub struct PromptEmbeds {
     pub cond: Tensor,
     /// With guidance and none given, the negative prompts are encoded.
     pub uncond: Option<Tensor>,
+    /// SDXL: the pooled embeddings of `cond` (required there) and `uncond`.
+    pub pooled: Option<Tensor>,
+    pub uncond_pooled: Option<Tensor>,
 }
 
 /// Settings every Stable Diffusion task shares.
@@ -80,10 +85,12 @@ pub struct GenerationParams {
     pub record_trace: bool,
     /// How prompt text is read: as diffusers does, or with A1111's weights and chunks.
     pub prompt_syntax: PromptSyntax,
-    /// Make only images `start..start + n` of a batch of `batch` drawn from `seed`, where n is
-    /// this request's own batch (prompts × `num_images_per_prompt`, the prompts of those
-    /// images): one of several processes sharing the batch gets the same images, bit for
-    /// bit, as the whole batch has. `None`: the whole batch.
+    /// ControlNets steering the run.
+    pub controlnet: Option<ControlNetRequest>,
+    /// Make only images `start..start + len` of a batch of `batch` drawn from `seed`, where
+    /// `len` is this request's own batch (prompts × `num_images_per_prompt`, the prompts of
+    /// those images): one of several processes sharing the batch gets the same images, bit
+    /// for bit, as the whole batch has. `None`: the whole batch.
     pub shard: Option<BatchShard>,
 }
 
@@ -101,6 +108,7 @@ impl Default for GenerationParams {
             clip_skip: None,
             record_trace: false,
             prompt_syntax: PromptSyntax::Plain,
+            controlnet: None,
             shard: None,
         }
     }
@@ -139,17 +147,7 @@ pub struct EncodedPrompt {
     pub batch: usize,
 }
 
-/// Extra inputs of the loop that differ between the tasks.
-#[derive(Default)]
-pub(crate) struct LoopExtras<'a> {
-    /// Concatenated after the (scaled) latents on the channel axis (9-channel inpainting),
-    /// already repeated for the guidance batch.
-    pub extra_channels: Option<Tensor>,
-    /// Applied to the latents after each step: `(step index, latents, scheduler)` (legacy
-    /// inpainting's mask blend).
-    #[allow(clippy::type_complexity)]
-    pub post_step: Option<Box<dyn Fn(usize, &Tensor, &dyn Scheduler) -> Result<Tensor> + 'a>>,
-}
+pub(crate) use crate::denoise::LoopExtras;
 
 impl StableDiffusionPipeline {
     /// Loads `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/` of a folder.
@@ -171,7 +169,7 @@ impl StableDiffusionPipeline {
             &adapters,
             "text_encoder",
             variant,
-            (0, 0),
+            (te_cfg.num_hidden_layers, 0),
             dtype,
             device,
             |vb| ClipTextModel::new(vb, &te_cfg),
@@ -315,7 +313,7 @@ impl StableDiffusionPipeline {
     ) -> Result<ImageOutput> {
         let p = &req.params;
         check_steps(p.steps)?;
-        let (dh, dw) = self.default_size();
+        let (dh, dw) = self.default_size_for(p)?;
         let (height, width) = (req.height.unwrap_or(dh), req.width.unwrap_or(dw));
         self.check_size(height, width)?;
         let mut timings = Timings::default();
@@ -337,19 +335,7 @@ impl StableDiffusionPipeline {
             width / f,
         );
         // diffusers' prepare_latents: drawn (or given) noise times init_noise_sigma.
-        let noise = match &req.latents {
-            Some(l) => {
-                if l.dims() != [shape.0, shape.1, shape.2, shape.3] {
-                    return Err(Error::invalid(format!(
-                        "latents have shape {:?}, expected {:?}",
-                        l.dims(),
-                        shape
-                    )));
-                }
-                l.to_device(&self.device)?.to_dtype(DType::F32)?
-            }
-            None => generator.randn_batch(shape, &self.device)?,
-        };
+        let noise = initial_noise(req.latents.as_ref(), shape, &mut generator, &self.device)?;
         let latents = (noise * scheduler.init_noise_sigma())?;
 
         let timesteps = scheduler.timesteps().to_vec();
@@ -361,7 +347,7 @@ impl StableDiffusionPipeline {
             latents,
             &prompt,
             p.guidance_scale,
-            LoopExtras::default(),
+            self.control_extras(p, (height, width), &prompt)?,
             &mut generator,
             callback,
             trace.as_mut(),
@@ -370,14 +356,38 @@ impl StableDiffusionPipeline {
         self.finish(latents, timings, warnings, trace)
     }
 
+    /// The output size when none is given: the first control image's with ControlNets (as
+    /// diffusers' ControlNet pipelines), else [`Self::default_size`].
+    pub fn default_size_for(&self, p: &GenerationParams) -> Result<(usize, usize)> {
+        let control = match &p.controlnet {
+            Some(c) => c.default_size(self.vae_scale_factor())?,
+            None => None,
+        };
+        Ok(control.unwrap_or(self.default_size()))
+    }
+
+    /// The loop extras carrying `p`'s ControlNets, prepared for `size` images.
+    pub(crate) fn control_extras(
+        &self,
+        p: &GenerationParams,
+        size: (usize, usize),
+        prompt: &EncodedPrompt,
+    ) -> Result<LoopExtras<'static>> {
+        let control = PreparedControl::prepare(
+            p.controlnet.as_ref(),
+            &self.unet,
+            size,
+            prompt,
+            &self.device,
+        )?;
+        Ok(LoopExtras {
+            control,
+            ..Default::default()
+        })
+    }
+
     pub(crate) fn check_size(&self, height: usize, width: usize) -> Result<()> {
-        let f = self.vae_scale_factor();
-        if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
-            return Err(Error::invalid(format!(
-                "height and width must be positive multiples of {f}, got {width}x{height}"
-            )));
-        }
-        Ok(())
+        crate::check_image_size(height, width, self.vae_scale_factor())
     }
 
     /// diffusers `encode_prompt`: token ids padded/truncated to the model length, text encoder
@@ -391,7 +401,7 @@ impl StableDiffusionPipeline {
         if p.num_images_per_prompt == 0 {
             return Err(Error::invalid("num_images_per_prompt must be at least 1"));
         }
-        let guided = p.guidance_scale > 1.0;
+        let guided = guidance_enabled(p.guidance_scale, &self.unet);
         let n = p.num_images_per_prompt;
         if p.prompt_syntax == PromptSyntax::A1111 && p.prompt_embeds.is_none() {
             return self.encode_prompt_a1111(p, guided);
@@ -519,29 +529,19 @@ impl StableDiffusionPipeline {
         }
     }
 
-    /// Text encoder embeddings (B, 77, hidden) of `texts`.
+    /// Text encoder embeddings (B, 77, hidden) of `texts` (multi-vector embedding tokens
+    /// expanded first).
     fn embed_texts(
         &self,
         texts: &[String],
         clip_skip: Option<usize>,
         warnings: &mut Vec<String>,
     ) -> Result<Tensor> {
-        let max_len = self.tokenizer.max_length();
-        let mut rows = Vec::with_capacity(texts.len() * max_len);
-        for text in texts {
-            let text = &self.expand_embedding_tokens(text);
-            let (ids, truncated) = self.tokenizer.encode_padded(text, max_len)?;
-            if truncated {
-                let all = self.tokenizer.encode(text);
-                let removed = self.tokenizer.decode(&all[max_len - 1..all.len() - 1]);
-                warnings.push(format!(
-                    "The following part of your input was truncated because CLIP can only handle \
-                     sequences up to {max_len} tokens: {removed}"
-                ));
-            }
-            rows.extend(ids.into_iter().map(i64::from));
-        }
-        let ids = Tensor::from_vec(rows, (texts.len(), max_len), &self.device)?;
+        let texts: Vec<String> = texts
+            .iter()
+            .map(|t| self.expand_embedding_tokens(t))
+            .collect();
+        let ids = token_ids(&self.tokenizer, &texts, &self.device, warnings)?;
         self.encode_ids(&ids, clip_skip)
     }
 
@@ -551,94 +551,80 @@ impl StableDiffusionPipeline {
         &self,
         scheduler: &mut dyn Scheduler,
         timesteps: &[f64],
-        mut latents: Tensor,
+        latents: Tensor,
         prompt: &EncodedPrompt,
         guidance_scale: f64,
         extras: LoopExtras<'_>,
         generator: &mut Generator,
-        mut callback: Option<&mut StepCallback<'_>>,
-        mut trace: Option<&mut Trace>,
+        callback: Option<&mut StepCallback<'_>>,
+        trace: Option<&mut Trace>,
     ) -> Result<Tensor> {
-        if let Some(tr) = trace.as_deref_mut() {
-            tr.start_latents = Some(latents.clone());
+        crate::denoise::denoise(
+            &self.unet,
+            &self.device,
+            scheduler,
+            timesteps,
+            latents,
+            prompt,
+            guidance_scale,
+            extras,
+            generator,
+            callback,
+            trace,
+        )
+    }
+
+    /// The VAE as the pipeline runs it.
+    pub(crate) fn vae_view(&self) -> VaeView<'_> {
+        VaeView {
+            vae: &self.vae,
+            dtype: self.vae_dtype,
+            device: &self.device,
         }
-        let num_steps = timesteps.len();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let doubled = if prompt.guided {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let mut input = scheduler.scale_model_input(&doubled, t)?;
-            if let Some(extra) = &extras.extra_channels {
-                input = Tensor::cat(&[&input, extra], 1)?;
-            }
-            let t_tensor = Tensor::new(t as f32, &self.device)?;
-            let out = self
-                .unet
-                .forward(&input, &t_tensor, &prompt.embeds)?
-                .to_dtype(DType::F32)?;
-            if let Some(tr) = trace.as_deref_mut() {
-                tr.unet_inputs.push(input.clone());
-                tr.unet_timesteps.push(t);
-                tr.unet_outputs.push(out.clone());
-            }
-            let eps = if prompt.guided {
-                let b = prompt.batch;
-                let (u, c) = (out.i(..b)?, out.i(b..)?);
-                (&u + ((c - &u)? * guidance_scale)?)?
-            } else {
-                out
-            };
-            latents = scheduler.step(&eps, t, &latents, generator)?.prev_sample;
-            if let Some(post) = &extras.post_step {
-                latents = post(i, &latents, scheduler)?;
-            }
-            if let Some(tr) = trace.as_deref_mut() {
-                tr.step_latents.push(latents.clone());
-            }
-            if let Some(cb) = callback.as_deref_mut() {
-                cb(StepInfo {
-                    step: i,
-                    num_steps,
-                    timestep: t,
-                    latents: &latents,
-                })?;
-            }
-        }
-        Ok(latents)
     }
 
     /// Decodes latents and builds the output (`output_type="np"` and `"pil"` at once).
     pub(crate) fn finish(
         &self,
         latents: Tensor,
-        mut timings: Timings,
+        timings: Timings,
         warnings: Vec<String>,
         trace: Option<Trace>,
     ) -> Result<ImageOutput> {
-        let t = Instant::now();
-        let z = (latents / self.vae.config().scaling_factor)?.to_dtype(self.vae_dtype)?;
-        let decoded = self.vae.decode(&z)?.to_dtype(DType::F32)?;
-        let (images, rgb) = crate::image_processor::postprocess(&decoded)?;
-        timings.decode = t.elapsed();
-        Ok(ImageOutput {
-            images,
-            rgb,
-            timings,
-            warnings,
-            trace,
-        })
+        self.vae_view().finish(latents, timings, warnings, trace)
     }
 
     /// `scaling_factor * sample(vae.encode(image))` with the posterior noise drawn from
     /// `generator` (diffusers' `retrieve_latents(..., generator)`).
     pub(crate) fn encode_image(&self, image: &Tensor, generator: &mut Generator) -> Result<Tensor> {
-        let posterior = self.vae.encode(&image.to_dtype(self.vae_dtype)?)?;
-        let noise = generator.randn(posterior.mean.shape().clone(), &self.device)?;
-        let z = posterior.sample(&noise)?.to_dtype(DType::F32)?;
-        Ok((z * self.vae.config().scaling_factor)?)
+        self.vae_view().encode(image, generator)
     }
+}
+
+/// Token ids `(texts, max_length)` of `texts`, truncated and padded to the tokenizer's length
+/// (diffusers' `padding="max_length", truncation=True`), with diffusers' warning for each
+/// truncated text.
+pub(crate) fn token_ids(
+    tokenizer: &ClipTokenizer,
+    texts: &[String],
+    device: &Device,
+    warnings: &mut Vec<String>,
+) -> Result<Tensor> {
+    let max_len = tokenizer.max_length();
+    let mut rows = Vec::with_capacity(texts.len() * max_len);
+    for text in texts {
+        let (ids, truncated) = tokenizer.encode_padded(text, max_len)?;
+        if truncated {
+            let all = tokenizer.encode(text);
+            let removed = tokenizer.decode(&all[max_len - 1..all.len() - 1]);
+            warnings.push(format!(
+                "The following part of your input was truncated because CLIP can only handle \
+                 sequences up to {max_len} tokens: {removed}"
+            ));
+        }
+        rows.extend(ids.into_iter().map(i64::from));
+    }
+    Ok(Tensor::from_vec(rows, (texts.len(), max_len), device)?)
 }
 
 /// Each batch row repeated `n` times in place (`repeat(1, n, 1).view(B * n, ...)`).

@@ -13,9 +13,11 @@ use diffuse_core::{BatchShard, Error, Result};
 use image::{DynamicImage, GrayImage, RgbImage};
 
 use crate::png_info::{encode_png, InfoText};
+use crate::prompt_weighting::PromptSyntax;
 use crate::{
-    GenerationParams, Img2ImgRequest, InpaintRequest, ModelIndex, Pipeline, StepCallback,
-    Text2ImageRequest, Timings, UnconditionalRequest,
+    ControlNetRequest, FlowText2ImageRequest, GenerationParams, ImageOutput, Img2ImgRequest,
+    InpaintRequest, ModelIndex, Pipeline, SdxlOptions, StableDiffusionPipeline,
+    StableDiffusionXLPipeline, StepCallback, Text2ImageRequest, Timings, UnconditionalRequest,
 };
 
 /// Default denoising steps of DDPM/DDIM models.
@@ -27,14 +29,40 @@ pub const SD_STEPS: usize = 25;
 pub const CLASS_GUIDANCE: f64 = 3.0;
 /// Default guidance scale of Stable Diffusion models.
 pub const SD_GUIDANCE: f64 = 7.5;
+/// diffusers' defaults of the transformer pipelines: `(steps, guidance)`.
+pub const SD3_DEFAULTS: (usize, f64) = (28, 7.0);
+pub const FLUX_DEFAULTS: (usize, f64) = (28, 3.5);
+pub const DIT_DEFAULTS: (usize, f64) = (50, 4.0);
 
 /// What kind of pipeline a folder holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PipelineKind {
     /// DDPM/DDIM over a `UNet2DModel` (maybe class-conditional); fixed image size.
     Unconditional,
-    /// Stable Diffusion: text-to-image, img2img, inpainting at any multiple of the VAE factor.
+    /// Stable Diffusion (1.x/2.x and SDXL): text-to-image, img2img, inpainting at any
+    /// multiple of the VAE factor.
     StableDiffusion,
+    /// Stable Diffusion 3: text-to-image.
+    StableDiffusion3,
+    /// Flux (dev or schnell): text-to-image.
+    Flux,
+    /// DiT: class-conditional at the native size; the classes are ids or `id2label` names.
+    DiT,
+}
+
+impl PipelineKind {
+    /// `(steps, guidance)` when the user gives none (`class_conditional`: a DDPM model with
+    /// classes).
+    pub fn defaults(self, class_conditional: bool) -> (usize, f64) {
+        match self {
+            Self::Unconditional if class_conditional => (DDPM_STEPS, CLASS_GUIDANCE),
+            Self::Unconditional => (DDPM_STEPS, 1.0),
+            Self::StableDiffusion => (SD_STEPS, SD_GUIDANCE),
+            Self::StableDiffusion3 => SD3_DEFAULTS,
+            Self::Flux => FLUX_DEFAULTS,
+            Self::DiT => DIT_DEFAULTS,
+        }
+    }
 }
 
 /// What a pipeline folder generates, read from its configs without loading weights.
@@ -55,18 +83,11 @@ pub struct PipelineInfo {
 
 impl PipelineInfo {
     pub fn default_steps(&self) -> usize {
-        match self.kind {
-            PipelineKind::Unconditional => DDPM_STEPS,
-            PipelineKind::StableDiffusion => SD_STEPS,
-        }
+        self.kind.defaults(!self.class_names.is_empty()).0
     }
 
     pub fn default_guidance(&self) -> f64 {
-        match self.kind {
-            PipelineKind::Unconditional if self.class_names.is_empty() => 1.0,
-            PipelineKind::Unconditional => CLASS_GUIDANCE,
-            PipelineKind::StableDiffusion => SD_GUIDANCE,
-        }
+        self.kind.defaults(!self.class_names.is_empty()).1
     }
 }
 
@@ -95,7 +116,10 @@ pub fn describe(dir: &Path) -> Result<PipelineInfo> {
         }
         "StableDiffusionPipeline"
         | "StableDiffusionImg2ImgPipeline"
-        | "StableDiffusionInpaintPipeline" => {
+        | "StableDiffusionInpaintPipeline"
+        | "StableDiffusionXLPipeline"
+        | "StableDiffusionXLImg2ImgPipeline"
+        | "StableDiffusionXLInpaintPipeline" => {
             let unet: diffuse_models::UNet2DConditionConfig =
                 diffuse_loaders::read_config(&dir.join("unet/config.json"))?;
             let vae: diffuse_models::AutoencoderKLConfig =
@@ -108,6 +132,42 @@ pub fn describe(dir: &Path) -> Result<PipelineInfo> {
                 class_names: Vec::new(),
                 size: (h * f, w * f),
                 size_multiple: Some(f),
+                channels: 3,
+            })
+        }
+        "StableDiffusion3Pipeline" | "FluxPipeline" | "DiTPipeline" => {
+            let vae: diffuse_models::AutoencoderKLConfig =
+                diffuse_loaders::read_config(&dir.join("vae/config.json"))?;
+            let f = 1 << vae.block_out_channels.len().saturating_sub(1);
+            let transformer = dir.join("transformer/config.json");
+            let (kind, side, multiple, class_names) = match index.class.as_str() {
+                "StableDiffusion3Pipeline" => {
+                    let cfg: diffuse_models::transformer_sd3::SD3Transformer2DConfig =
+                        diffuse_loaders::read_config(&transformer)?;
+                    let multiple = Some(f * cfg.patch_size);
+                    (
+                        PipelineKind::StableDiffusion3,
+                        cfg.sample_size,
+                        multiple,
+                        vec![],
+                    )
+                }
+                // FluxPipeline's default_sample_size.
+                "FluxPipeline" => (PipelineKind::Flux, 128, Some(2 * f), vec![]),
+                _ => {
+                    let cfg: diffuse_models::transformer_dit::DiTTransformer2DConfig =
+                        diffuse_loaders::read_config(&transformer)?;
+                    let names = crate::dit::class_names(&index.json, cfg.num_classes())
+                        .map_err(|e| Error::invalid(format!("{}: {e}", index.path.display())))?;
+                    (PipelineKind::DiT, cfg.sample_size, None, names)
+                }
+            };
+            Ok(PipelineInfo {
+                class_name: index.class,
+                kind,
+                class_names,
+                size: (side * f, side * f),
+                size_multiple: multiple,
                 channels: 3,
             })
         }
@@ -184,14 +244,26 @@ pub struct TaskSettings {
     pub seed: u64,
     /// Images in the one batch drawn from `seed`.
     pub num_images: usize,
-    /// Make only these images of the batch (one of several processes sharing it): the same
-    /// images, bit for bit, as in the whole batch. `None`: all `num_images`.
+    /// Make only these of the task's images (a range of `0..planned_images`, for one of
+    /// several processes sharing the batch): the same images, bit for bit, as in the whole
+    /// batch, and the same infotext. `None`: all of them.
     pub shard: Option<Range<usize>>,
     pub width: Option<usize>,
     pub height: Option<usize>,
     /// DDIM's eta.
     pub eta: f64,
     pub init: Option<InitImage>,
+    /// How the prompt is read (Stable Diffusion).
+    pub prompt_syntax: PromptSyntax,
+    /// Use the text encoder's output this many layers before the last (Stable Diffusion).
+    pub clip_skip: Option<usize>,
+    /// SD3 and Flux: T5 tokens of the prompt (default 256 and 512).
+    pub max_sequence_length: Option<usize>,
+    /// DiT: the classes to draw (ids or `id2label` names), `num_images` each; empty: the
+    /// prompt's comma-separated list.
+    pub class_labels: Vec<String>,
+    /// ControlNets steering a Stable Diffusion task.
+    pub controlnet: Option<ControlNetRequest>,
 }
 
 impl Default for TaskSettings {
@@ -209,6 +281,11 @@ impl Default for TaskSettings {
             height: None,
             eta: 0.0,
             init: None,
+            prompt_syntax: PromptSyntax::Plain,
+            clip_skip: None,
+            max_sequence_length: None,
+            class_labels: Vec::new(),
+            controlnet: None,
         }
     }
 }
@@ -234,6 +311,29 @@ impl TaskOutput {
     }
 }
 
+/// The classes of a DiT task: `class_labels`, else the prompt's comma-separated list.
+fn dit_label_items(s: &TaskSettings) -> Vec<String> {
+    let given: Vec<String> = if s.class_labels.is_empty() {
+        s.prompt.split(',').map(str::to_string).collect()
+    } else {
+        s.class_labels.clone()
+    };
+    given
+        .iter()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// How many images [`run_task`] will return: `num_images`, times the classes of a DiT task
+/// (so that a front end can check its output files before the run).
+pub fn planned_images(pipeline: &Pipeline, s: &TaskSettings) -> usize {
+    match pipeline {
+        Pipeline::DiT(_) => dit_label_items(s).len().max(1) * s.num_images,
+        _ => s.num_images,
+    }
+}
+
 /// Runs one task on a loaded pipeline. `model_name` goes into the infotext.
 pub fn run_task(
     pipeline: &Pipeline,
@@ -244,30 +344,66 @@ pub fn run_task(
     if s.num_images == 0 {
         return Err(Error::invalid("the number of images must be at least 1"));
     }
-    let rows = s.shard.clone().unwrap_or(0..s.num_images);
-    if rows.is_empty() || rows.end > s.num_images {
+    // (DiT checks its share against its labels below.)
+    let planned = planned_images(pipeline, s);
+    let rows = s.shard.clone().unwrap_or(0..planned);
+    if rows.is_empty() || rows.end > planned {
         return Err(Error::invalid(format!(
-            "images {rows:?} are not a part of a batch of {}",
-            s.num_images
+            "images {rows:?} are not a part of a batch of {planned}"
         )));
     }
     let shard = s.shard.as_ref().map(|r| BatchShard {
-        batch: s.num_images,
+        batch: planned,
         start: r.start,
+        len: r.len(),
     });
     let n = rows.len();
     let class_cond = matches!(pipeline, Pipeline::Unconditional(p) if !p.class_names.is_empty());
-    let (steps, guidance) = match pipeline {
-        Pipeline::Unconditional(_) => (
-            s.steps.unwrap_or(DDPM_STEPS),
-            s.guidance_scale
-                .unwrap_or(if class_cond { CLASS_GUIDANCE } else { 1.0 }),
-        ),
-        Pipeline::StableDiffusion(_) => (
-            s.steps.unwrap_or(SD_STEPS),
-            s.guidance_scale.unwrap_or(SD_GUIDANCE),
-        ),
+    let kind = match pipeline {
+        Pipeline::Unconditional(_) => PipelineKind::Unconditional,
+        Pipeline::StableDiffusion(_) | Pipeline::StableDiffusionXL(_) => {
+            PipelineKind::StableDiffusion
+        }
+        Pipeline::StableDiffusion3(_) => PipelineKind::StableDiffusion3,
+        Pipeline::Flux(_) => PipelineKind::Flux,
+        Pipeline::DiT(_) => PipelineKind::DiT,
     };
+    let (default_steps, default_guidance) = kind.defaults(class_cond);
+    let (steps, guidance) = (
+        s.steps.unwrap_or(default_steps),
+        s.guidance_scale.unwrap_or(default_guidance),
+    );
+    let transformer = matches!(
+        kind,
+        PipelineKind::StableDiffusion3 | PipelineKind::Flux | PipelineKind::DiT
+    );
+    if s.init.is_some() && transformer {
+        return Err(Error::invalid(format!(
+            "img2img and inpainting need a Stable Diffusion pipeline; this model is a {}",
+            pipeline.class_name()
+        )));
+    }
+    if s.max_sequence_length.is_some()
+        && !matches!(kind, PipelineKind::StableDiffusion3 | PipelineKind::Flux)
+    {
+        return Err(Error::invalid(format!(
+            "max_sequence_length is for SD3 and Flux (T5 prompts), not {}",
+            pipeline.class_name()
+        )));
+    }
+    if !s.class_labels.is_empty() && kind != PipelineKind::DiT {
+        return Err(Error::invalid(format!(
+            "class labels are for DiT models, not {}",
+            pipeline.class_name()
+        )));
+    }
+    // (SD3 takes clip skip as diffusers' pipeline does; Flux and DiT have no such setting.)
+    if s.clip_skip.is_some() && matches!(kind, PipelineKind::Flux | PipelineKind::DiT) {
+        return Err(Error::invalid(format!(
+            "clip skip does not apply to {}",
+            pipeline.class_name()
+        )));
+    }
     let info = |width: usize, height: usize, extra: Vec<(String, String)>| {
         InfoText {
             prompt: s.prompt.clone(),
@@ -346,21 +482,25 @@ pub fn run_task(
                 warnings: Vec::new(),
             })
         }
-        Pipeline::StableDiffusion(p) => {
+        Pipeline::StableDiffusion(_) | Pipeline::StableDiffusionXL(_) => {
+            let p = SdFamily::of(pipeline)?;
             let params = GenerationParams {
                 prompts: vec![s.prompt.clone()],
-                negative_prompts: vec![s.negative_prompt.clone()],
+                negative_prompts: p.negative_prompts(&s.negative_prompt),
                 guidance_scale: guidance,
                 num_images_per_prompt: n,
                 steps,
                 eta: s.eta,
                 seed: s.seed,
+                prompt_syntax: s.prompt_syntax,
+                clip_skip: s.clip_skip,
+                controlnet: s.controlnet.clone(),
                 shard,
                 ..Default::default()
             };
-            let (out, (w, h), extra) = match &s.init {
+            let (out, (w, h), mut extra) = match &s.init {
                 None => {
-                    let (dh, dw) = p.default_size();
+                    let (dh, dw) = p.default_size(&params)?;
                     let (h, w) = (s.height.unwrap_or(dh), s.width.unwrap_or(dw));
                     let req = Text2ImageRequest {
                         params,
@@ -378,7 +518,7 @@ pub fn run_task(
                         f,
                     )?;
                     let (h, w) = (s.height.unwrap_or(h), s.width.unwrap_or(w));
-                    p.check_size(h, w)?;
+                    crate::check_image_size(h, w, f)?;
                     let extra = vec![("Denoising strength".to_string(), init.strength.to_string())];
                     // A1111 resizes the init image to the requested size.
                     let image =
@@ -417,12 +557,193 @@ pub fn run_task(
                     (out, (w, h), extra)
                 }
             };
+            if let Some(k) = s.clip_skip {
+                // A1111 counts the last layer as 1.
+                extra.push(("Clip skip".to_string(), (k + 1).to_string()));
+            }
             Ok(TaskOutput {
                 images: out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect(),
                 infotext: info(w, h, extra),
                 timings: out.timings,
                 warnings: out.warnings,
             })
+        }
+        Pipeline::StableDiffusion3(_) | Pipeline::Flux(_) => {
+            let (dh, dw) = match pipeline {
+                Pipeline::StableDiffusion3(p) => p.default_size(),
+                Pipeline::Flux(p) => p.default_size(),
+                _ => unreachable!("matched above"),
+            };
+            let (h, w) = (s.height.unwrap_or(dh), s.width.unwrap_or(dw));
+            let req = FlowText2ImageRequest {
+                prompts: vec![s.prompt.clone()],
+                negative_prompts: if s.negative_prompt.is_empty() {
+                    vec![]
+                } else {
+                    vec![s.negative_prompt.clone()]
+                },
+                guidance_scale: guidance,
+                num_images_per_prompt: n,
+                steps,
+                seed: s.seed,
+                shard,
+                height: Some(h),
+                width: Some(w),
+                max_sequence_length: s.max_sequence_length,
+                clip_skip: s.clip_skip,
+                ..Default::default()
+            };
+            let out = match pipeline {
+                Pipeline::StableDiffusion3(p) => p.text_to_image(&req, callback)?,
+                Pipeline::Flux(p) => p.text_to_image(&req, callback)?,
+                _ => unreachable!("matched above"),
+            };
+            let (oh, ow) = (out.images.dim(1)?, out.images.dim(2)?);
+            Ok(TaskOutput {
+                images: out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect(),
+                infotext: info(ow, oh, Vec::new()),
+                timings: out.timings,
+                warnings: out.warnings,
+            })
+        }
+        Pipeline::DiT(p) => {
+            let side = p.transformer.config().sample_size * p.vae.scale_factor();
+            if s.width.is_some_and(|x| x != side) || s.height.is_some_and(|x| x != side) {
+                return Err(Error::invalid(format!(
+                    "{} generates {side}x{side} images only",
+                    p.class_name
+                )));
+            }
+            if !s.negative_prompt.is_empty() {
+                return Err(Error::invalid(format!(
+                    "{} takes no negative prompt (it guides against the null class)",
+                    p.class_name
+                )));
+            }
+            let mut labels = Vec::new();
+            for item in dit_label_items(s) {
+                match item.parse::<usize>() {
+                    Ok(id) => labels.push(id),
+                    Err(_) => labels.extend(p.label_ids(&[item])?),
+                }
+            }
+            if labels.is_empty() {
+                return Err(Error::invalid(format!(
+                    "{} draws classes: give class ids or names, comma-separated, as the class \
+                     labels (--class-labels) or the prompt",
+                    p.class_name
+                )));
+            }
+            let labels: Vec<usize> = labels
+                .iter()
+                .flat_map(|&l| std::iter::repeat_n(l, s.num_images))
+                .collect();
+            let text = labels
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            if rows.end > labels.len() {
+                return Err(Error::invalid(format!(
+                    "images {rows:?} are not a part of a batch of {}",
+                    labels.len()
+                )));
+            }
+            let req = crate::ClassToImageRequest {
+                class_labels: labels[rows.clone()].to_vec(),
+                guidance_scale: guidance,
+                steps,
+                seed: s.seed,
+                record_trace: false,
+                shard: shard.map(|sh| BatchShard {
+                    batch: labels.len(),
+                    ..sh
+                }),
+            };
+            let out = p.generate(&req, callback)?;
+            Ok(TaskOutput {
+                images: out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect(),
+                infotext: info(side, side, vec![("Class".to_string(), text)]),
+                timings: out.timings,
+                warnings: out.warnings,
+            })
+        }
+    }
+}
+
+/// The Stable Diffusion family (1.x/2.x and SDXL): the same three tasks, SDXL's with its
+/// default options.
+enum SdFamily<'a> {
+    Sd(&'a StableDiffusionPipeline),
+    Xl(&'a StableDiffusionXLPipeline),
+}
+
+impl<'a> SdFamily<'a> {
+    fn of(pipeline: &'a Pipeline) -> Result<Self> {
+        match pipeline {
+            Pipeline::StableDiffusion(p) => Ok(Self::Sd(p)),
+            Pipeline::StableDiffusionXL(p) => Ok(Self::Xl(p)),
+            other => Err(Error::invalid(format!(
+                "{} is not a Stable Diffusion pipeline",
+                other.class_name()
+            ))),
+        }
+    }
+
+    /// An empty negative prompt is "none" for SDXL (whose `force_zeros_for_empty_prompt`
+    /// then zeroes the unconditional embeddings, as diffusers does without one) and the
+    /// empty text for SD.
+    fn negative_prompts(&self, negative: &str) -> Vec<String> {
+        match self {
+            Self::Xl(_) if negative.is_empty() => Vec::new(),
+            _ => vec![negative.to_string()],
+        }
+    }
+
+    fn default_size(&self, p: &GenerationParams) -> Result<(usize, usize)> {
+        match self {
+            Self::Sd(x) => x.default_size_for(p),
+            Self::Xl(x) => x.default_size(p),
+        }
+    }
+
+    fn vae_scale_factor(&self) -> usize {
+        match self {
+            Self::Sd(x) => x.vae_scale_factor(),
+            Self::Xl(x) => x.vae_scale_factor(),
+        }
+    }
+
+    fn text_to_image(
+        &self,
+        req: &Text2ImageRequest,
+        cb: Option<&mut StepCallback<'_>>,
+    ) -> Result<ImageOutput> {
+        match self {
+            Self::Sd(x) => x.text_to_image(req, cb),
+            Self::Xl(x) => x.text_to_image(req, &SdxlOptions::default(), cb),
+        }
+    }
+
+    fn img2img(
+        &self,
+        req: &Img2ImgRequest,
+        cb: Option<&mut StepCallback<'_>>,
+    ) -> Result<ImageOutput> {
+        match self {
+            Self::Sd(x) => x.img2img(req, cb),
+            Self::Xl(x) => x.img2img(req, &SdxlOptions::default(), cb),
+        }
+    }
+
+    fn inpaint(
+        &self,
+        req: &InpaintRequest,
+        cb: Option<&mut StepCallback<'_>>,
+    ) -> Result<ImageOutput> {
+        match self {
+            Self::Sd(x) => x.inpaint(req, cb),
+            Self::Xl(x) => x.inpaint(req, &SdxlOptions::default(), cb),
         }
     }
 }
@@ -461,6 +782,47 @@ mod tests {
         assert_eq!(info.class_names, p.class_names);
         assert_eq!(info.default_guidance(), CLASS_GUIDANCE);
         assert_eq!(info.size_multiple, None);
+    }
+
+    /// SDXL folders are described like SD ones and run the three tasks through `run_task`.
+    #[test]
+    fn sdxl_tasks() {
+        let dir = repo("fixtures/cases/_models/tiny_sdxl");
+        let info = describe(&dir).unwrap();
+        let p = load_pipeline(&dir, &LoadOptions::default()).unwrap();
+        let Pipeline::StableDiffusionXL(xl) = &p else {
+            panic!("tiny_sdxl is not an SDXL pipeline")
+        };
+        assert_eq!(
+            info.size,
+            xl.default_size(&GenerationParams::default()).unwrap()
+        );
+        let mut s = TaskSettings {
+            prompt: "a lighthouse".into(),
+            steps: Some(2),
+            seed: 5,
+            ..Default::default()
+        };
+        let out = run_task(&p, "tiny", &s, None).unwrap();
+        assert_eq!((out.images[0].width(), out.images[0].height()), (64, 64));
+        let image = out.images[0].to_rgb8();
+        s.init = Some(InitImage {
+            image: image.clone(),
+            mask: None,
+            strength: 0.5,
+        });
+        let out = run_task(&p, "tiny", &s, None).unwrap();
+        assert!(
+            out.infotext.contains("Denoising strength: 0.5"),
+            "{}",
+            out.infotext
+        );
+        s.init = Some(InitImage {
+            image,
+            mask: Some(GrayImage::from_pixel(64, 64, image::Luma([255]))),
+            strength: 1.0,
+        });
+        assert_eq!(run_task(&p, "tiny", &s, None).unwrap().images.len(), 1);
     }
 
     #[test]

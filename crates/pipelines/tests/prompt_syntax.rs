@@ -131,11 +131,7 @@ fn a_comma_near_the_end_of_a_full_chunk_moves_the_phrase_after_it() {
     let p = pipe();
     let tok = &p.tokenizer;
     // 70 one-token words, a comma, then 10 more: the chunk breaks after the comma.
-    let text = format!(
-        "{} , {}",
-        ["cat"; 70].join(" "),
-        ["dog"; 10].join(" ")
-    );
+    let text = format!("{} , {}", ["cat"; 70].join(" "), ["dog"; 10].join(" "));
     let c = chunks(tok, &text, 77);
     assert_eq!(c.len(), 2);
     let comma = tok.encode(",")[1];

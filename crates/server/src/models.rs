@@ -42,6 +42,9 @@ impl ModelEntry {
                 "kind": match i.kind {
                     PipelineKind::Unconditional => "unconditional",
                     PipelineKind::StableDiffusion => "stable_diffusion",
+                    PipelineKind::StableDiffusion3 => "stable_diffusion_3",
+                    PipelineKind::Flux => "flux",
+                    PipelineKind::DiT => "dit",
                 },
                 "classes": i.class_names,
                 "width": i.size.1,

@@ -5,6 +5,7 @@
 use std::io::Cursor;
 
 use base64::Engine;
+use diffuse_pipelines::prompt_weighting::PromptSyntax;
 use diffuse_pipelines::task::{parse_class, random_seed, InitImage, PipelineKind, TaskSettings};
 use serde::Deserialize;
 
@@ -355,6 +356,10 @@ impl GenerateRequest {
                 height: Some(size[1]),
                 eta,
                 init,
+                // What A1111 clients write: weights, escapes, long prompts.
+                prompt_syntax: PromptSyntax::A1111,
+                clip_skip: None,
+                ..Default::default()
             },
             n_iter,
             task,

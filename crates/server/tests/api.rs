@@ -734,3 +734,81 @@ async fn a_client_that_hangs_up_cancels_its_synchronous_job() {
     assert!(j["step"].as_u64().unwrap() < 150);
     s.stop().await.unwrap();
 }
+
+/// The diffusion transformers behind the A1111 API: an SD3 and a Flux text-to-image, and a DiT
+/// whose classes the prompt names, give the PNGs `diffuse generate` would write (the DiT ones
+/// the images of its reference case).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transformer_models_over_a1111() {
+    let model = |name: &str| {
+        fixtures()
+            .join("cases/_models")
+            .join(name)
+            .display()
+            .to_string()
+    };
+    let s = TestServer::start(config(vec![
+        model("tiny_dit"),
+        model("tiny_sd3"),
+        model("tiny_flux"),
+    ]))
+    .await;
+    let models = s.get_json("/sdapi/v1/sd-models").await;
+    let kinds: Vec<&str> = models
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["diffuse"]["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["dit", "stable_diffusion_3", "flux"]);
+
+    let v = s
+        .post_json(
+            "/sdapi/v1/txt2img",
+            &json!({"model": "tiny_dit", "prompt": "1, 7", "steps": 8, "cfg_scale": 4, "seed": 810}),
+        )
+        .await;
+    let images = v["images"].as_array().expect("DiT images");
+    assert_eq!(images.len(), 2);
+    let expected = diffuse_core::testing::load_tensors(
+        &fixtures().join("cases/dit_class2img/expected.safetensors"),
+    )
+    .unwrap();
+    for (i, img) in images.iter().enumerate() {
+        let png = image::load_from_memory(&unb64(img.as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        let want: Vec<f32> = expected["image"]
+            .get(i)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let worst = png
+            .as_raw()
+            .iter()
+            .zip(&want)
+            .map(|(&p, &w)| (p as f32 / 255.0 - w).abs())
+            .fold(0.0, f32::max);
+        assert!(worst <= 0.002 + 0.5 / 255.0, "DiT image {i} off by {worst}");
+    }
+    let (_, _, text) = png_info(&unb64(images[0].as_str().unwrap()));
+    assert!(text.unwrap().contains("Class: 1,7"));
+
+    for (name, cfg) in [
+        ("tiny_sd3", "CFG scale: 7"),
+        ("tiny_flux", "CFG scale: 3.5"),
+    ] {
+        let v = s
+            .post_json(
+                "/sdapi/v1/txt2img",
+                &json!({"model": name, "prompt": "a lighthouse", "steps": 2, "seed": 3, "width": 32, "height": 32}),
+            )
+            .await;
+        let (w, h, text) = png_info(&unb64(v["images"][0].as_str().expect("an image")));
+        assert_eq!((w, h), (32, 32));
+        assert!(text.unwrap().contains(cfg), "{name}");
+    }
+    s.stop().await.unwrap();
+}

@@ -8,6 +8,10 @@
 //! (measured in one process, alternating: 128 × 1280 → 1280 3.7 vs 4.7 ms, 154 × 3072 → 768
 //! 6.9 vs 9.2 ms). Training (the weight or
 //! input tracks gradients) and other devices take candle's matmul.
+//!
+//! The weight may be kept in half precision (bf16/f16) under f32 activations: the layer then
+//! computes in f32, widening the weight as it packs it (the diffusion transformers at their real
+//! sizes keep their weights in bf16 to halve their memory).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -18,6 +22,64 @@ use super::{f32_input, has_avx2_fma, output_buffer};
 
 /// Most rows for [`LinearOp::transposed`]; more pack the weight.
 const TRANSPOSED_MAX_ROWS: usize = 256;
+
+/// Most rows for which a half-precision weight is read as it is stored, one dot product per
+/// output ([`Weight::gemv`]): the adaptive norms' projections of a conditioning vector, whose
+/// weights (up to 56 M values in Flux) would otherwise be widened to f32 whole on every call.
+const GEMV_MAX_ROWS: usize = 4;
+
+/// A linear layer's weight as stored: f32, or bf16/f16 widened where it is read.
+enum Weight<'a> {
+    F32(std::borrow::Cow<'a, [f32]>),
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a> Weight<'a> {
+    fn new(s: &'a CpuStorage, l: &Layout) -> Result<Self> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("linear weight: the CPU kernel needs a contiguous weight")
+        };
+        Ok(match s {
+            CpuStorage::BF16(v) => Self::Bf16(&v[start..end]),
+            CpuStorage::F16(v) => Self::F16(&v[start..end]),
+            _ => Self::F32(f32_input(s, l, "linear weight")?),
+        })
+    }
+
+    /// Values `range` (of the row-major `(out, in)` weight) as f32.
+    fn to_f32(&self, range: std::ops::Range<usize>) -> std::borrow::Cow<'_, [f32]> {
+        use std::borrow::Cow;
+        match self {
+            Self::F32(w) => Cow::Borrowed(&w[range]),
+            Self::Bf16(w) => Cow::Owned(w[range].iter().map(|v| v.to_f32()).collect()),
+            Self::F16(w) => Cow::Owned(w[range].iter().map(|v| v.to_f32()).collect()),
+        }
+    }
+
+    /// `y = x·wᵀ + b` for few rows of `x`, reading each weight row once, widened in lanes.
+    fn gemv(&self, xs: &[f32], bias: Option<&[f32]>, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+        // Output features in chunks big enough to amortise the task, small enough for both cores.
+        let chunk = (1usize << 16).div_ceil(k.max(1)).max(1);
+        let mut yt = vec![0f32; n * m];
+        yt.par_chunks_mut(chunk * m)
+            .enumerate()
+            .for_each(|(c, out)| {
+                for (j, yj) in out.chunks_exact_mut(m).enumerate() {
+                    let row = c * chunk + j;
+                    let w = self.to_f32(row * k..(row + 1) * k);
+                    for (r, y) in yj.iter_mut().enumerate() {
+                        *y = super::dot(&xs[r * k..(r + 1) * k], &w) + bias.map_or(0.0, |b| b[row]);
+                    }
+                }
+            });
+        // `yt` is (n, m); the output (m, n).
+        (0..m)
+            .flat_map(|r| (0..n).map(move |j| (r, j)))
+            .map(|(r, j)| yt[j * m + r])
+            .collect()
+    }
+}
 
 /// `y = x·wᵀ + b`, like `candle_nn::Linear` (whose weights and names it keeps).
 #[derive(Clone, Debug)]
@@ -63,6 +125,7 @@ impl Linear {
     fn fast(&self, xs: &Tensor) -> bool {
         let w = self.inner.weight();
         let f32 = |t: &Tensor| t.dtype() == candle_core::DType::F32;
+        let float = |t: &Tensor| super::kernel_dtype(t.dtype());
         let Ok((n, k)) = w.dims2() else { return false };
         // (No input features: the row count cannot be read off the flat input; candle's
         // matmul gives the zero-filled output.)
@@ -70,8 +133,11 @@ impl Linear {
             && xs.device().is_cpu()
             && has_avx2_fma()
             && f32(xs)
-            && f32(w)
-            && self.inner.bias().is_none_or(|b| f32(b) && b.dims() == [n])
+            && float(w)
+            && self
+                .inner
+                .bias()
+                .is_none_or(|b| float(b) && b.dims() == [n])
             && xs.dims().last() == Some(&k)
             && !xs.track_op()
             && !w.track_op()
@@ -97,7 +163,19 @@ impl Linear {
         if !fast {
             // Contiguous first: candle 0.11's batched CPU matmul gives wrong values for some
             // strided inputs (a transposed-then-transposed-back batch, tests/kernels.rs).
-            return self.inner.forward(&xs.contiguous()?);
+            let xs = xs.contiguous()?;
+            let w = self.inner.weight();
+            if w.dtype() == xs.dtype() {
+                return self.inner.forward(&xs);
+            }
+            // Half-precision weights under activations of another dtype: computed in the
+            // activations' dtype.
+            let bias = self
+                .inner
+                .bias()
+                .map(|b| b.to_dtype(xs.dtype()))
+                .transpose()?;
+            return candle_nn::Linear::new(w.to_dtype(xs.dtype())?, bias).forward(&xs);
         }
         let (xs, w) = (xs.contiguous()?, self.inner.weight().contiguous()?);
         match self.inner.bias() {
@@ -118,7 +196,7 @@ impl LinearOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, k) = w.1.shape().dims2()?;
         let xs = f32_input(x.0, x.1, "linear input")?;
-        let ws = f32_input(w.0, w.1, "linear weight")?;
+        let weight = Weight::new(w.0, w.1)?;
         let bias = bias
             .map(|(s, l)| f32_input(s, l, "linear bias"))
             .transpose()?;
@@ -127,7 +205,14 @@ impl LinearOp {
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
+        if m <= GEMV_MAX_ROWS && !matches!(weight, Weight::F32(_)) {
+            return Ok((
+                CpuStorage::F32(weight.gemv(&xs, bias.as_deref(), (m, n, k))),
+                Shape::from(dims),
+            ));
+        }
         if m <= TRANSPOSED_MAX_ROWS {
+            let ws = weight.to_f32(0..n * k);
             return Ok((
                 CpuStorage::F32(Self::transposed(&xs, &ws, bias.as_deref(), (m, n, k))),
                 Shape::from(dims),
@@ -141,12 +226,9 @@ impl LinearOp {
                 .enumerate()
                 .for_each(|(p, panel)| {
                     let rows = p * NR..((p + 1) * NR).min(n);
-                    pack_kt(
-                        &ws[rows.start * k..rows.end * k],
-                        (rows.len(), k, k),
-                        1.0,
-                        panel,
-                    )
+                    // (A half-precision weight is widened one panel at a time.)
+                    let ws = weight.to_f32(rows.start * k..rows.end * k);
+                    pack_kt(&ws, (rows.len(), k, k), 1.0, panel)
                 });
         }
         let mut out = unsafe { output_buffer(m * n) };

@@ -5,8 +5,13 @@
 //! `expected.safetensors` is compared. A case no runner claims, or that fails to run, fails the
 //! test with its name.
 
+mod controlnet;
+mod dit;
+mod flux;
 mod harness;
 mod sd;
+mod sd3;
+mod sdxl;
 
 use anyhow::{bail, Result};
 use diffuse_core::testing::{case_dirs, fixture_subdir, fixtures_dir, run_all};
@@ -15,7 +20,17 @@ use harness::{Case, Produced};
 type Runner = fn(&Case) -> Result<Produced>;
 
 /// diffusers pipeline class -> runner.
-const RUNNERS: &[(&str, Runner)] = &[("StableDiffusionPipeline", sd::run)];
+const RUNNERS: &[(&str, Runner)] = &[
+    ("StableDiffusionPipeline", sd::run),
+    ("StableDiffusion3Pipeline", sd3::run),
+    ("FluxPipeline", flux::run),
+    ("DiTPipeline", dit::run),
+    ("StableDiffusionXLPipeline", sdxl::run),
+    ("StableDiffusionXLImg2ImgPipeline", sdxl::run),
+    ("StableDiffusionXLInpaintPipeline", sdxl::run),
+    ("StableDiffusionControlNetPipeline", controlnet::run),
+    ("StableDiffusionXLControlNetPipeline", controlnet::run),
+];
 
 #[test]
 fn every_case_matches_diffusers() {

@@ -1,0 +1,119 @@
+//! Where generated images go: file names checked before any work, PNGs written atomically.
+
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use image::DynamicImage;
+
+/// The paths of images `mine` of the `n` output paths for `--output out` (a file, or an
+/// existing folder), none of which may exist unless `force`. (One of several ranks checks only
+/// its own files: the others may already have written theirs.)
+pub fn output_paths(
+    out: &Path,
+    n: usize,
+    mine: Range<usize>,
+    seed: u64,
+    force: bool,
+) -> Result<Vec<PathBuf>> {
+    check_output_parent(out)?;
+    let paths: Vec<PathBuf> = if out.is_dir() {
+        (0..n)
+            .map(|i| out.join(format!("diffuse-{seed}-{i}.png")))
+            .collect()
+    } else if n == 1 {
+        vec![out.to_path_buf()]
+    } else {
+        let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+        let ext = out
+            .extension()
+            .map(|e| e.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "png".into());
+        (0..n)
+            .map(|i| out.with_file_name(format!("{stem}-{i}.{ext}")))
+            .collect()
+    };
+    let paths = paths
+        .get(mine.clone())
+        .with_context(|| format!("images {mine:?} of {n}"))?
+        .to_vec();
+    for p in &paths {
+        if p.exists() && !force {
+            bail!("{} exists; pass --force to overwrite it", p.display());
+        }
+    }
+    Ok(paths)
+}
+
+/// The folder the output goes into must exist (checked before the slow model load).
+pub fn check_output_parent(out: &Path) -> Result<()> {
+    if out.is_dir() {
+        return Ok(());
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "output folder {} does not exist; create it first",
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes every image with the infotext, each to its path.
+pub fn save_all(
+    images: &[DynamicImage],
+    paths: &[PathBuf],
+    infotext: &str,
+    force: bool,
+) -> Result<()> {
+    if images.len() != paths.len() {
+        bail!(
+            "the pipeline returned {} images, {} were expected",
+            images.len(),
+            paths.len()
+        );
+    }
+    for (img, path) in images.iter().zip(paths) {
+        write_png(img, path, infotext, force)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Writes the PNG with its `parameters` chunk to a temp file, then renames it into place, so
+/// an interrupted run never leaves a partial PNG behind.
+fn write_png(img: &DynamicImage, path: &Path, infotext: &str, force: bool) -> Result<()> {
+    let bytes = diffuse_pipelines::png_info::encode_png(img, Some(infotext))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output.png".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| -> Result<()> {
+        let mut file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        if path.exists() && !force {
+            bail!(
+                "{} appeared meanwhile; pass --force to overwrite it",
+                path.display()
+            );
+        }
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("moving the image to {}", path.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
