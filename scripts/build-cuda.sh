@@ -22,4 +22,6 @@ if [ ! -s "$LINK/libcuda_stub.c" ]; then
 fi
 export PATH="$CU/bin:$PATH" CUDA_ROOT="$CU" CUDA_PATH="$CU" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export LIBRARY_PATH="$LINK:$CU/lib:${LIBRARY_PATH:-}" RUSTFLAGS="-L $LINK ${RUSTFLAGS:-}"
-cargo build --release -p diffuse-cli --features cuda --target-dir target-cuda
+# Without the default MPI feature: the GPU machine has no Open MPI libraries for the binary to
+# load (a multi-GPU cluster that has them: --features cuda,mpi).
+cargo build --release -p diffuse-cli --no-default-features --features cuda --target-dir target-cuda

@@ -130,6 +130,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             seed: args.seed + k as u64,
             class_labels: Some(chunk.to_vec()),
             guidance_scale: args.guidance_scale,
+            shard: None,
         };
         let mut on_step = |_: diffuse_pipelines::StepInfo<'_>| {
             bar.inc(1);

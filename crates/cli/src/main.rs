@@ -8,6 +8,7 @@ mod bench;
 mod classifier;
 mod convert;
 mod device;
+mod dist;
 mod eval;
 mod generate;
 mod info;

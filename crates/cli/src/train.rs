@@ -1,11 +1,12 @@
 //! `diffuse train`: train a UNet2DModel (DDPM) on an image dataset and save a diffusers
-//! `DDPMPipeline` folder.
+//! `DDPMPipeline` folder; data-parallel over the ranks when started by `mpirun`/`srun`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use diffuse_dist::{eprint_line, report, Dist};
 use diffuse_models::UNet2DConfig;
 use diffuse_schedulers::SchedulerConfig;
 use diffuse_training::trainer::latest_checkpoint;
@@ -87,6 +88,8 @@ pub struct TrainArgs {
     pub ema: Box<EmaArgs>,
     #[command(flatten)]
     pub run: Box<RunArgs>,
+    #[command(flatten)]
+    pub dist: crate::dist::DistArgs,
 }
 
 #[derive(Args, Debug)]
@@ -176,7 +179,8 @@ pub struct NoiseArgs {
 #[derive(Args, Debug)]
 #[command(next_help_heading = "Optimization")]
 pub struct OptimArgs {
-    /// Images per micro-batch.
+    /// Images per micro-batch: the global batch, split evenly among the ranks when started
+    /// by mpirun/srun (so it must be a multiple of their number).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Optimizer steps in total (a resumed run continues up to this count).
@@ -265,18 +269,27 @@ pub struct RunArgs {
     /// cpu, or cuda:N (needs a build with --features cuda, see scripts/build-cuda.sh).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// CPU threads for the tensor maths. Default: all cores.
+    /// CPU threads for the tensor maths. Default: all cores (divided among the ranks
+    /// on this machine).
     #[arg(long)]
     pub threads: Option<usize>,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    let dist = args.dist.init()?;
+    let result = train(args, &dist);
+    dist.finish(result)
+}
+
+fn train(args: TrainArgs, dist: &Dist) -> Result<()> {
+    // Of several ranks, rank 0 speaks for the job; each rank reports only its share.
+    let lead = dist.rank() == 0;
     // candle sizes its thread pools from RAYON_NUM_THREADS, and without it re-derives the core
     // count on every matmul by reading /proc/cpuinfo (a few % of a training step): always set it.
     let threads = match args.run.threads {
         Some(0) => bail!("--threads must be at least 1"),
         Some(n) => n,
-        None => candle_core::utils::get_num_threads(),
+        None => crate::dist::default_threads(),
     };
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let device = crate::device::parse_device(&args.run.device)?;
@@ -305,18 +318,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
         },
         max_images: args.data.max_images,
     })?;
-    eprintln!(
-        "dataset: {} images of {}×{}×{} from {} ({}) in {:.1}s",
-        dataset.len(),
-        dataset.channels(),
-        dataset.resolution(),
-        dataset.resolution(),
-        data_path.display(),
-        match dataset.num_classes() {
-            Some(n) => format!("{n} classes"),
-            None => "unlabelled".into(),
-        },
-        t_load.elapsed().as_secs_f64()
+    lead_eprintln(
+        lead,
+        format_args!(
+            "dataset: {} images of {}×{}×{} from {} ({}) in {:.1}s",
+            dataset.len(),
+            dataset.channels(),
+            dataset.resolution(),
+            dataset.resolution(),
+            data_path.display(),
+            match dataset.num_classes() {
+                Some(n) => format!("{n} classes"),
+                None => "unlabelled".into(),
+            },
+            t_load.elapsed().as_secs_f64()
+        ),
     );
     let conditional = args.model.class_conditional || args.model.classes.is_some();
     if conditional && unet.num_class_embeds.is_none() {
@@ -336,11 +352,24 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     let config = train_config(&args, unet, &dataset, kind)?;
-    let mut trainer = Trainer::new(config, dataset, &device)?;
+    let mut trainer = Trainer::new_distributed(config, dataset, &device, dist.comm())?;
     let params: usize = trainer.parameters().map(|(_, v)| v.elem_count()).sum();
-    eprintln!(
-        "model: UNet2DModel, {params} parameters ({:.1} MB in f32)",
-        params as f64 * 4.0 / 1e6
+    lead_eprintln(
+        lead,
+        format_args!(
+            "model: UNet2DModel, {params} parameters ({:.1} MB in f32)",
+            params as f64 * 4.0 / 1e6
+        ),
+    );
+    let shard = trainer.shard();
+    report(
+        trainer.comm(),
+        format_args!(
+            "images {}..{} of every global batch of {} ({threads} threads)",
+            shard.start,
+            shard.end,
+            trainer.config().batch_size
+        ),
     );
     if let Some(r) = &args.run.resume {
         let dir = if r == "latest" {
@@ -354,15 +383,29 @@ pub fn run(args: TrainArgs) -> Result<()> {
             PathBuf::from(r)
         };
         trainer.resume_from(&dir)?;
-        eprintln!("resumed from {} at step {}", dir.display(), trainer.step());
+        lead_eprintln(
+            lead,
+            format_args!("resumed from {} at step {}", dir.display(), trainer.step()),
+        );
     }
-    fit_with_progress(&mut trainer, &args.run.output)
+    fit_with_progress(&mut trainer, &args.run.output, lead)
 }
 
-fn fit_with_progress(trainer: &mut Trainer, output: &Path) -> Result<()> {
+/// A line from rank 0 only (the one that speaks for the job).
+fn lead_eprintln(lead: bool, text: std::fmt::Arguments) {
+    if lead {
+        eprint_line(text);
+    }
+}
+
+fn fit_with_progress(trainer: &mut Trainer, output: &Path, lead: bool) -> Result<()> {
     let total = trainer.config().steps;
     let start_step = trainer.step();
-    let bar = ProgressBar::new(total);
+    let bar = if lead {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -394,19 +437,28 @@ fn fit_with_progress(trainer: &mut Trainer, output: &Path) -> Result<()> {
             ));
         }
         // (`println` would print nothing when stderr is not a terminal.)
-        Event::Checkpoint(p) => bar.suspend(|| eprintln!("checkpoint: {}", p.display())),
-        Event::Samples(p) => bar.suspend(|| eprintln!("samples: {}", p.display())),
-        Event::Saved(p) => {
-            bar.suspend(|| eprintln!("saved the DDPMPipeline folder: {}", p.display()))
+        Event::Checkpoint(p) => {
+            bar.suspend(|| eprint_line(format_args!("checkpoint: {}", p.display())))
         }
+        Event::Samples(p) => bar.suspend(|| eprint_line(format_args!("samples: {}", p.display()))),
+        Event::Saved(p) => bar.suspend(|| {
+            eprint_line(format_args!(
+                "saved the DDPMPipeline folder: {}",
+                p.display()
+            ))
+        }),
     })?;
     bar.finish();
     let secs = started.elapsed().as_secs_f64();
-    eprintln!(
-        "trained steps {start_step}..{} in {secs:.1}s ({:.1} images/s in training steps), last loss {last_loss:.4}",
+    lead_eprintln(lead, format_args!(
+        "trained steps {start_step}..{} in {secs:.1}s ({:.1} images/s in training steps{}), last loss {last_loss:.4}",
         trainer.step(),
-        images as f64 / step_secs.max(1e-9)
-    );
+        images as f64 / step_secs.max(1e-9),
+        match trainer.comm().size() {
+            1 => String::new(),
+            n => format!(", {n} ranks together"),
+        }
+    ));
     Ok(())
 }
 

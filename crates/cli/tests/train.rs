@@ -1,7 +1,7 @@
 //! `diffuse train` run as a user would, on eight 8×8 images: train, resume, clear errors.
 
 mod common;
-use common::diffuse_err;
+use common::{diffuse_err, write_two_classes};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,19 +21,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn write_two_classes(dir: &Path) {
-    for (class, vertical) in [("a", false), ("b", true)] {
-        std::fs::create_dir_all(dir.join(class)).unwrap();
-        for i in 0..4u32 {
-            let img = image::GrayImage::from_fn(8, 8, |x, y| {
-                let k = if vertical { x } else { y };
-                image::Luma([if (k + i) % 4 < 2 { 255 } else { 0 }])
-            });
-            img.save(dir.join(class).join(format!("{i}.png"))).unwrap();
-        }
     }
 }
 

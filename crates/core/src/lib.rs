@@ -5,4 +5,4 @@ pub mod rng;
 pub mod testing;
 
 pub use error::{Error, Result};
-pub use rng::{Generator, NoiseSource};
+pub use rng::{BatchShard, Generator, NoiseSource};

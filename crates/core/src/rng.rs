@@ -19,6 +19,17 @@ pub struct Generator {
     index: usize,
     /// torch caches the second value of its scalar Box–Muller pair between calls.
     cached_normal: Option<f64>,
+    /// The part of the batch the per-image draws are for ([`Generator::randn_batch`]).
+    shard: Option<BatchShard>,
+}
+
+/// Images `start..start + len` of a batch of `batch`: what one of several processes makes of
+/// a batch they share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchShard {
+    pub batch: usize,
+    pub start: usize,
+    pub len: usize,
 }
 
 /// Serializable snapshot of a [`Generator`] (for training checkpoints).
@@ -43,7 +54,15 @@ impl Generator {
             mt,
             index: MT_N,
             cached_normal: None,
+            shard: None,
         }
+    }
+
+    /// This generator drawing per-image noise ([`Generator::randn_batch`]) for a shard of a
+    /// larger batch; `None` for the whole batch.
+    pub fn with_shard(mut self, shard: Option<BatchShard>) -> Self {
+        self.shard = shard;
+        self
     }
 
     pub fn state(&self) -> GeneratorState {
@@ -71,6 +90,7 @@ impl Generator {
             mt,
             index: state.index,
             cached_normal: state.cached_normal,
+            shard: None,
         })
     }
 
@@ -159,6 +179,43 @@ impl Generator {
         let shape = shape.into();
         let v = self.randn_vec(shape.elem_count());
         Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)
+    }
+
+    /// Per-image noise for a batch along the first dimension: [`Generator::randn`], except
+    /// that a generator with a [`BatchShard`] draws the whole batch (so its state moves as
+    /// an unsharded generator's does) and returns the shard's images, the same values they
+    /// get in the whole batch. A first dimension of `k` times the shard's images is `k`
+    /// stacked copies of the batch (DiT steps `[x; x]` when guided): the whole `k` copies
+    /// are drawn and the shard's rows of each kept. Draws shared by all images (one encoded
+    /// init image) use [`Generator::randn`].
+    pub fn randn_batch<S: Into<Shape>>(&mut self, shape: S, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let Some(shard) = self.shard else {
+            return self.randn(shape, device);
+        };
+        let dims = shape.dims();
+        let rows = dims.first().copied().unwrap_or(0);
+        if shard.len == 0
+            || rows == 0
+            || rows % shard.len != 0
+            || shard.start + shard.len > shard.batch
+        {
+            candle_core::bail!(
+                "noise of shape {dims:?} for images {}..{} of a batch of {}",
+                shard.start,
+                shard.start + shard.len,
+                shard.batch
+            );
+        }
+        let copies = rows / shard.len;
+        let per_image = shape.elem_count() / rows;
+        let all = self.randn_vec(copies * shard.batch * per_image);
+        let mut mine = Vec::with_capacity(rows * per_image);
+        for k in 0..copies {
+            let first = k * shard.batch + shard.start;
+            mine.extend_from_slice(&all[first * per_image..(first + shard.len) * per_image]);
+        }
+        Tensor::from_vec(mine, shape, &Device::Cpu)?.to_device(device)
     }
 
     /// `torch.rand(shape, generator=g)` as a tensor on `device`.
@@ -268,8 +325,9 @@ pub trait NoiseSource {
 }
 
 impl NoiseSource for Generator {
+    /// Schedulers draw noise like the latents: per image ([`Generator::randn_batch`]).
     fn randn_like(&mut self, t: &Tensor) -> Result<Tensor> {
-        self.randn(t.shape().clone(), t.device())?
+        self.randn_batch(t.shape().clone(), t.device())?
             .to_dtype(t.dtype())
     }
 }
@@ -277,6 +335,47 @@ impl NoiseSource for Generator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shard_gets_its_images_of_the_whole_batch() {
+        let dev = Device::Cpu;
+        // 5 images of 7 values: 35, not a multiple of torch's blocks of 16.
+        let mut whole = Generator::manual_seed(3);
+        let all = whole.randn_batch((5, 7), &dev).unwrap();
+        let next = whole.randn_batch((5, 7), &dev).unwrap();
+        // Two stacked copies of the batch (DiT's guided [x; x]).
+        let doubled = whole.randn_batch((10, 7), &dev).unwrap();
+        let shard = Some(BatchShard {
+            batch: 5,
+            start: 2,
+            len: 2,
+        });
+        let mut part = Generator::manual_seed(3).with_shard(shard);
+        let mine = part.randn_batch((2, 7), &dev).unwrap();
+        assert_eq!(
+            mine.to_vec2::<f32>().unwrap(),
+            all.narrow(0, 2, 2).unwrap().to_vec2::<f32>().unwrap()
+        );
+        let again = part.randn_like(&Tensor::zeros((2, 7), candle_core::DType::F32, &dev).unwrap());
+        assert_eq!(
+            again.unwrap().to_vec2::<f32>().unwrap(),
+            next.narrow(0, 2, 2).unwrap().to_vec2::<f32>().unwrap()
+        );
+        let both = part.randn_batch((4, 7), &dev).unwrap();
+        let want = Tensor::cat(
+            &[
+                doubled.narrow(0, 2, 2).unwrap(),
+                doubled.narrow(0, 7, 2).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            both.to_vec2::<f32>().unwrap(),
+            want.to_vec2::<f32>().unwrap()
+        );
+        assert!(part.randn_batch((3, 7), &dev).is_err());
+    }
 
     #[test]
     fn mt19937_matches_reference_sequence() {

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use diffuse_core::{Error, Generator, Result};
+use diffuse_core::{BatchShard, Error, Generator, Result};
 use diffuse_models::UNet2DModel;
 use diffuse_schedulers::Scheduler;
 use image::{GrayImage, RgbImage};
@@ -46,6 +46,10 @@ pub struct UnconditionalRequest {
     pub class_labels: Option<Vec<usize>>,
     /// Classifier-free guidance scale for class-conditional models; 1 or less disables it.
     pub guidance_scale: f64,
+    /// Make only images `start..start + len` (`len` = `batch_size`) of a batch of `batch`
+    /// drawn from `seed` (one of several processes sharing it): the same images, bit for bit,
+    /// as in the whole batch. `None`: the whole batch.
+    pub shard: Option<BatchShard>,
 }
 
 impl Default for UnconditionalRequest {
@@ -57,6 +61,7 @@ impl Default for UnconditionalRequest {
             seed: 0,
             class_labels: None,
             guidance_scale: 1.0,
+            shard: None,
         }
     }
 }
@@ -232,7 +237,7 @@ impl UnconditionalPipeline {
         let start = Instant::now();
         let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
         scheduler.set_eta(req.eta);
-        let mut generator = Generator::manual_seed(req.seed);
+        let mut generator = Generator::manual_seed(req.seed).with_shard(req.shard);
         let (c, h, w) = self.image_shape();
         let guidance = ClassGuidance::new(
             &self.unet,
@@ -241,7 +246,7 @@ impl UnconditionalPipeline {
             req.guidance_scale,
             &self.device,
         )?;
-        let mut image = generator.randn((req.batch_size, c, h, w), &self.device)?;
+        let mut image = generator.randn_batch((req.batch_size, c, h, w), &self.device)?;
         scheduler.set_timesteps(req.steps)?;
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {

@@ -75,7 +75,7 @@ pub(crate) fn initial_noise(
             }
             Ok(l.to_device(device)?.to_dtype(DType::F32)?)
         }
-        None => Ok(generator.randn(shape, device)?),
+        None => Ok(generator.randn_batch(shape, device)?),
     }
 }
 

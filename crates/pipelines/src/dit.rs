@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use diffuse_core::{Error, Generator, Result};
+use diffuse_core::{BatchShard, Error, Generator, Result};
 use diffuse_models::transformer_dit::DiTTransformer2DModel;
 use diffuse_schedulers::Scheduler;
 
@@ -50,6 +50,10 @@ pub struct ClassToImageRequest {
     pub seed: u64,
     /// Record every loop tensor in [`ImageOutput::trace`].
     pub record_trace: bool,
+    /// Make only images `start..start + len` of a batch of `batch` labels drawn from `seed`,
+    /// where `class_labels` are this request's own (one of several processes sharing the
+    /// batch): the same images, bit for bit, as in the whole batch. `None`: the whole batch.
+    pub shard: Option<BatchShard>,
 }
 
 impl Default for ClassToImageRequest {
@@ -60,6 +64,7 @@ impl Default for ClassToImageRequest {
             steps: 50,
             seed: 0,
             record_trace: false,
+            shard: None,
         }
     }
 }
@@ -188,8 +193,8 @@ impl DiTPipeline {
         let mut timings = Timings::default();
         let start = Instant::now();
         let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
-        let mut generator = Generator::manual_seed(req.seed);
-        let latents = generator.randn((n, c, s, s), &self.device)?;
+        let mut generator = Generator::manual_seed(req.seed).with_shard(req.shard);
+        let latents = generator.randn_batch((n, c, s, s), &self.device)?;
         let mut x = if guided {
             Tensor::cat(&[&latents, &latents], 0)?
         } else {

@@ -220,7 +220,7 @@ impl FluxPipeline {
         let img_ids = latent_image_ids(lh / 2, lw / 2, &self.device)?;
 
         let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
-        let mut generator = Generator::manual_seed(req.seed);
+        let mut generator = Generator::manual_seed(req.seed).with_shard(req.shard);
         let channels = self.transformer_config.in_channels / 4;
         let tokens = (lh / 2) * (lw / 2);
         let mut latents = match &req.latents {
@@ -232,7 +232,7 @@ impl FluxPipeline {
                 )))
             }
             Some(l) => l.to_device(&self.device)?.to_dtype(DType::F32)?,
-            None => pack_latents(&generator.randn((batch, channels, lh, lw), &self.device)?)?,
+            None => pack_latents(&generator.randn_batch((batch, channels, lh, lw), &self.device)?)?,
         };
         let flow_sigmas = scheduler
             .config()

@@ -82,11 +82,11 @@ impl StableDiffusionPipeline {
         scheduler.set_timesteps(p.steps)?;
         let timesteps = strength_timesteps(scheduler.as_mut(), p.steps, req.strength)?;
 
-        let mut generator = Generator::manual_seed(p.seed);
+        let mut generator = Generator::manual_seed(p.seed).with_shard(p.shard);
         let init = self.encode_image(&image, &mut generator)?;
         // One image for the whole batch: tile it, as diffusers does.
         let init = Tensor::cat(&vec![&init; prompt.batch], 0)?;
-        let noise = generator.randn(init.shape().clone(), &self.device)?;
+        let noise = generator.randn_batch(init.shape().clone(), &self.device)?;
         let latents = scheduler.add_noise(&init, &noise, &vec![timesteps[0]; prompt.batch])?;
         timings.image_encode = t1.elapsed();
 

@@ -161,7 +161,7 @@ pub(crate) fn prepare_inpaint(
     let b = prompt.batch;
     let tile = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&vec![t; b], 0)?) };
 
-    let mut generator = Generator::manual_seed(p.seed);
+    let mut generator = Generator::manual_seed(p.seed).with_shard(p.shard);
     let shape = (b, latent_channels, height / f, width / f);
     let image_latents = if !nine || (req.latents.is_none() && !strength_max) {
         Some(tile(&m.vae.encode(&image, &mut generator)?)?)

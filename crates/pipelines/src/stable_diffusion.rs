@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use diffuse_core::{Error, Generator, Result};
+use diffuse_core::{BatchShard, Error, Generator, Result};
 use diffuse_models::clip_text::ClipTextConfig;
 use diffuse_models::clip_text::ClipTextModel;
 use diffuse_models::clip_tokenizer::ClipTokenizer;
@@ -87,6 +87,11 @@ pub struct GenerationParams {
     pub prompt_syntax: PromptSyntax,
     /// ControlNets steering the run.
     pub controlnet: Option<ControlNetRequest>,
+    /// Make only images `start..start + len` of a batch of `batch` drawn from `seed`, where
+    /// `len` is this request's own batch (prompts × `num_images_per_prompt`, the prompts of
+    /// those images): one of several processes sharing the batch gets the same images, bit
+    /// for bit, as the whole batch has. `None`: the whole batch.
+    pub shard: Option<BatchShard>,
 }
 
 impl Default for GenerationParams {
@@ -104,6 +109,7 @@ impl Default for GenerationParams {
             record_trace: false,
             prompt_syntax: PromptSyntax::Plain,
             controlnet: None,
+            shard: None,
         }
     }
 }
@@ -304,7 +310,7 @@ impl StableDiffusionPipeline {
         let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
         scheduler.set_eta(p.eta);
         scheduler.set_timesteps(p.steps)?;
-        let mut generator = Generator::manual_seed(p.seed);
+        let mut generator = Generator::manual_seed(p.seed).with_shard(p.shard);
         let f = self.vae_scale_factor();
         let shape = (
             prompt.batch,

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use diffuse_core::{Error, Generator, Result};
+use diffuse_core::{BatchShard, Error, Generator, Result};
 use diffuse_models::clip_text::ClipTextModelWithProjection;
 use diffuse_models::clip_tokenizer::ClipTokenizer;
 use diffuse_models::t5::T5EncoderModel;
@@ -64,6 +64,11 @@ pub struct FlowText2ImageRequest {
     pub latents: Option<Tensor>,
     /// Record every loop tensor in [`ImageOutput::trace`].
     pub record_trace: bool,
+    /// Make only images `start..start + len` of the batch (prompts ×
+    /// `num_images_per_prompt`, where this request holds the prompts and count of those
+    /// images) drawn from `seed`: one of several processes sharing the batch gets the same
+    /// images, bit for bit, as the whole batch has. `None`: the whole batch.
+    pub shard: Option<BatchShard>,
 }
 
 impl Default for FlowText2ImageRequest {
@@ -82,6 +87,7 @@ impl Default for FlowText2ImageRequest {
             clip_skip: None,
             latents: None,
             record_trace: false,
+            shard: None,
         }
     }
 }
@@ -320,7 +326,7 @@ impl StableDiffusion3Pipeline {
         }
 
         let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
-        let mut generator = Generator::manual_seed(req.seed);
+        let mut generator = Generator::manual_seed(req.seed).with_shard(req.shard);
         let shape = (
             batch,
             self.transformer_config.in_channels,
@@ -335,7 +341,7 @@ impl StableDiffusion3Pipeline {
                 )))
             }
             Some(l) => l.to_device(&self.device)?.to_dtype(DType::F32)?,
-            None => generator.randn(shape, &self.device)?,
+            None => generator.randn_batch(shape, &self.device)?,
         };
         let p = self.transformer_config.patch_size;
         let seq_len = (shape.2 / p) * (shape.3 / p);

@@ -716,7 +716,7 @@ impl StableDiffusionXLPipeline {
         let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
         scheduler.set_eta(p.eta);
         scheduler.set_timesteps(p.steps)?;
-        let mut generator = Generator::manual_seed(p.seed);
+        let mut generator = Generator::manual_seed(p.seed).with_shard(p.shard);
         let f = self.vae_scale_factor();
         let shape = (
             prompt.batch,
@@ -868,7 +868,7 @@ impl StableDiffusionXLPipeline {
             }
         };
 
-        let mut generator = Generator::manual_seed(p.seed);
+        let mut generator = Generator::manual_seed(p.seed).with_shard(p.shard);
         let init_latents = match init {
             InitImage::Latents(l) => {
                 let c = self.unet.config().in_channels;
@@ -896,7 +896,7 @@ impl StableDiffusionXLPipeline {
         }
         let init_latents = Tensor::cat(&vec![&init_latents; b / rows], 0)?;
         let latents = if opts.denoising_start.is_none() {
-            let noise = generator.randn(init_latents.shape().clone(), &self.device)?;
+            let noise = generator.randn_batch(init_latents.shape().clone(), &self.device)?;
             scheduler.add_noise(&init_latents, &noise, &vec![timesteps[0]; b])?
         } else {
             init_latents

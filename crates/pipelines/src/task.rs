@@ -6,9 +6,10 @@
 //! [`describe`] reads what a pipeline folder generates (kind, classes, native size) from its
 //! configs alone, so a server can check a request before any model is loaded.
 
+use std::ops::Range;
 use std::path::Path;
 
-use diffuse_core::{Error, Result};
+use diffuse_core::{BatchShard, Error, Result};
 use image::{DynamicImage, GrayImage, RgbImage};
 
 use crate::png_info::{encode_png, InfoText};
@@ -243,6 +244,10 @@ pub struct TaskSettings {
     pub seed: u64,
     /// Images in the one batch drawn from `seed`.
     pub num_images: usize,
+    /// Make only these of the task's images (a range of `0..planned_images`, for one of
+    /// several processes sharing the batch): the same images, bit for bit, as in the whole
+    /// batch, and the same infotext. `None`: all of them.
+    pub shard: Option<Range<usize>>,
     pub width: Option<usize>,
     pub height: Option<usize>,
     /// DDIM's eta.
@@ -271,6 +276,7 @@ impl Default for TaskSettings {
             sampler: None,
             seed: 0,
             num_images: 1,
+            shard: None,
             width: None,
             height: None,
             eta: 0.0,
@@ -338,6 +344,20 @@ pub fn run_task(
     if s.num_images == 0 {
         return Err(Error::invalid("the number of images must be at least 1"));
     }
+    // (DiT checks its share against its labels below.)
+    let planned = planned_images(pipeline, s);
+    let rows = s.shard.clone().unwrap_or(0..planned);
+    if rows.is_empty() || rows.end > planned {
+        return Err(Error::invalid(format!(
+            "images {rows:?} are not a part of a batch of {planned}"
+        )));
+    }
+    let shard = s.shard.as_ref().map(|r| BatchShard {
+        batch: planned,
+        start: r.start,
+        len: r.len(),
+    });
+    let n = rows.len();
     let class_cond = matches!(pipeline, Pipeline::Unconditional(p) if !p.class_names.is_empty());
     let kind = match pipeline {
         Pipeline::Unconditional(_) => PipelineKind::Unconditional,
@@ -431,19 +451,20 @@ pub fn run_task(
                 }
                 let k = parse_class(&p.class_names, &s.prompt)?;
                 (
-                    Some(vec![k; s.num_images]),
+                    Some(vec![k; n]),
                     vec![("Class".to_string(), p.class_names[k].clone())],
                 )
             } else {
                 (None, Vec::new())
             };
             let req = UnconditionalRequest {
-                batch_size: s.num_images,
+                batch_size: n,
                 steps,
                 eta: s.eta,
                 seed: s.seed,
                 class_labels,
                 guidance_scale: guidance,
+                shard,
             };
             let out = p.generate(&req, callback)?;
             let images = if c == 1 {
@@ -467,13 +488,14 @@ pub fn run_task(
                 prompts: vec![s.prompt.clone()],
                 negative_prompts: p.negative_prompts(&s.negative_prompt),
                 guidance_scale: guidance,
-                num_images_per_prompt: s.num_images,
+                num_images_per_prompt: n,
                 steps,
                 eta: s.eta,
                 seed: s.seed,
                 prompt_syntax: s.prompt_syntax,
                 clip_skip: s.clip_skip,
                 controlnet: s.controlnet.clone(),
+                shard,
                 ..Default::default()
             };
             let (out, (w, h), mut extra) = match &s.init {
@@ -561,9 +583,10 @@ pub fn run_task(
                     vec![s.negative_prompt.clone()]
                 },
                 guidance_scale: guidance,
-                num_images_per_prompt: s.num_images,
+                num_images_per_prompt: n,
                 steps,
                 seed: s.seed,
+                shard,
                 height: Some(h),
                 width: Some(w),
                 max_sequence_length: s.max_sequence_length,
@@ -620,12 +643,22 @@ pub fn run_task(
                 .map(|l| l.to_string())
                 .collect::<Vec<_>>()
                 .join(",");
+            if rows.end > labels.len() {
+                return Err(Error::invalid(format!(
+                    "images {rows:?} are not a part of a batch of {}",
+                    labels.len()
+                )));
+            }
             let req = crate::ClassToImageRequest {
-                class_labels: labels,
+                class_labels: labels[rows.clone()].to_vec(),
                 guidance_scale: guidance,
                 steps,
                 seed: s.seed,
                 record_trace: false,
+                shard: shard.map(|sh| BatchShard {
+                    batch: labels.len(),
+                    ..sh
+                }),
             };
             let out = p.generate(&req, callback)?;
             Ok(TaskOutput {

@@ -351,6 +351,7 @@ impl GenerateRequest {
                 sampler,
                 seed,
                 num_images: batch,
+                shard: None,
                 width: Some(size[0]),
                 height: Some(size[1]),
                 eta,

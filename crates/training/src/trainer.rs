@@ -4,12 +4,15 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use diffuse_core::{Error, Generator, Result};
+use diffuse_dist::{Comm, SingleProcess};
 use diffuse_models::{UNet2DConfig, UNet2DModel};
 use diffuse_schedulers::common::{per_batch_lin2, PredictionType};
 use diffuse_schedulers::config::ConfigReader;
@@ -115,12 +118,13 @@ impl TrainConfig {
 pub struct StepStats {
     /// Steps done after this one.
     pub step: u64,
-    /// Mean loss over the step's micro-batches.
+    /// Mean loss over the step's micro-batches (over every rank's images).
     pub loss: f64,
     pub lr: f64,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
     pub ema_decay: Option<f64>,
+    /// Images in the step, on all ranks together.
     pub images: usize,
     pub epoch: u64,
 }
@@ -139,6 +143,13 @@ pub enum Event {
 }
 
 /// A model under training with its optimizer, EMA, data order and random state.
+///
+/// Data-parallel over the ranks of `comm`: `batch_size` is the global micro-batch, every rank
+/// draws all of it (data order, noise, timesteps, flips, label dropout) and computes the loss
+/// on its own contiguous share, and the gradients are summed over the ranks before the step.
+/// So N ranks train on exactly the inputs one rank would, every rank holds the same weights,
+/// optimizer and generator state, and a checkpoint resumes under any rank count. Only rank 0
+/// writes files.
 pub struct Trainer {
     config: TrainConfig,
     device: Device,
@@ -156,6 +167,9 @@ pub struct Trainer {
     step: u64,
     lr_step: u64,
     images_seen: u64,
+    comm: Arc<dyn Comm>,
+    /// This rank's share of each global micro-batch.
+    shard: Range<usize>,
 }
 
 /// A trainable `UNet2DModel`: the model and its parameters `(name, var)` sorted by name,
@@ -228,7 +242,27 @@ fn uniform(rng: &mut Generator, n: usize, bound: f64) -> Vec<f32> {
 impl Trainer {
     /// Checks the config against the dataset and builds a freshly initialised model.
     pub fn new(config: TrainConfig, dataset: Dataset, device: &Device) -> Result<Self> {
+        Self::new_distributed(config, dataset, device, Arc::new(SingleProcess))
+    }
+
+    /// [`Trainer::new`] for one rank of a data-parallel job: every rank of `comm` must call it
+    /// with the same config and dataset. The global batch must divide evenly among the ranks.
+    pub fn new_distributed(
+        config: TrainConfig,
+        dataset: Dataset,
+        device: &Device,
+        comm: Arc<dyn Comm>,
+    ) -> Result<Self> {
         check_config(&config, &dataset)?;
+        let ranks = comm.size();
+        if !config.batch_size.is_multiple_of(ranks) {
+            return Err(Error::invalid(format!(
+                "the batch size {} does not divide among {ranks} ranks: each rank takes an \
+                 equal share of the global batch, so use a multiple of {ranks}",
+                config.batch_size
+            )));
+        }
+        let shard = diffuse_dist::shard(config.batch_size, comm.rank(), ranks);
         let scheduler_cfg = config.scheduler_config();
         let scheduler = diffuse_schedulers::from_config("DDPMScheduler", &scheduler_cfg)?;
         let prediction =
@@ -262,7 +296,19 @@ impl Trainer {
             step: 0,
             lr_step: 0,
             images_seen: 0,
+            comm,
+            shard,
         })
+    }
+
+    /// This rank's share of each global micro-batch (`0..batch_size` on a single process).
+    pub fn shard(&self) -> Range<usize> {
+        self.shard.clone()
+    }
+
+    /// The ranks training together.
+    pub fn comm(&self) -> &dyn Comm {
+        self.comm.as_ref()
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -307,17 +353,32 @@ impl Trainer {
         }
     }
 
-    /// Draws one micro-batch and returns the (unscaled) loss tensor, with its graph.
+    /// Draws one global micro-batch and returns the (unscaled) loss tensor of this rank's
+    /// share, with its graph. Every random draw covers the whole global batch, in the order a
+    /// single process makes them, and the share is cut out of it.
     fn micro_batch_loss(&mut self) -> Result<Tensor> {
-        let bs = self.config.batch_size;
-        let indices = self.sampler.next_batch(bs);
+        let global = self.config.batch_size;
+        let mine = self.shard.clone();
+        let bs = mine.len();
+        let indices = self.sampler.next_batch(global);
         let flips: Vec<bool> = if self.config.random_flip {
-            self.rng.rand_vec(bs).into_iter().map(|u| u < 0.5).collect()
+            self.rng
+                .rand_vec(global)
+                .into_iter()
+                .map(|u| u < 0.5)
+                .collect()
         } else {
-            vec![false; bs]
+            vec![false; global]
         };
-        let (x0, labels) = self.dataset.batch(&indices, &flips, &self.device)?;
-        let noise = self.rng.randn(x0.shape().clone(), &self.device)?;
+        let (x0, labels) =
+            self.dataset
+                .batch(&indices[mine.clone()], &flips[mine.clone()], &self.device)?;
+        let mut noise_shape = x0.dims().to_vec();
+        noise_shape[0] = global;
+        let noise = self
+            .rng
+            .randn(noise_shape, &self.device)?
+            .narrow(0, mine.start, bs)?;
         let acp = self.scheduler.alphas_cumprod().ok_or_else(|| {
             diffuse_core::Error::invalid(format!(
                 "training needs a scheduler with a discrete noise schedule, not {}",
@@ -326,9 +387,10 @@ impl Trainer {
         })?;
         let n_train = acp.len() as u64;
         // Uniform integer timesteps in [0, n_train) from the top bits (no modulo bias).
-        let timesteps: Vec<u64> = (0..bs)
+        let timesteps: Vec<u64> = (0..global)
             .map(|_| (self.rng.next_u32() as u64 * n_train) >> 32)
-            .collect();
+            .collect::<Vec<_>>()[mine.clone()]
+        .to_vec();
         let t_f64: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
         let noisy = self.scheduler.add_noise(&x0, &noise, &t_f64)?;
         let target = match self.prediction {
@@ -345,9 +407,9 @@ impl Trainer {
         let labels = match (labels, self.config.unet.num_class_embeds) {
             (Some(l), Some(k)) => {
                 let null = (k - 1) as u32;
-                let drop = self.rng.rand_vec(bs);
+                let drop = &self.rng.rand_vec(global)[mine.clone()];
                 let mut v: Vec<u32> = l.to_vec1()?;
-                for (label, u) in v.iter_mut().zip(drop) {
+                for (label, &u) in v.iter_mut().zip(drop) {
                     if (u as f64) < self.config.class_dropout {
                         *label = null;
                     }
@@ -387,6 +449,15 @@ impl Trainer {
                 }
             }
         }
+        // A parameter the loss does not reach (e.g. an unused block) gets a zero gradient.
+        let mut grads = grads
+            .into_iter()
+            .zip(&self.vars)
+            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if self.comm.size() > 1 {
+            self.average_over_ranks(&mut grads, &mut loss_sum)?;
+        }
         let loss = loss_sum / accum as f64;
         if !loss.is_finite() {
             return Err(Error::invalid(format!(
@@ -394,12 +465,6 @@ impl Trainer {
                 self.step + 1
             )));
         }
-        // A parameter the loss does not reach (e.g. an unused block) gets a zero gradient.
-        let mut grads = grads
-            .into_iter()
-            .zip(&self.vars)
-            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<Vec<_>>>()?;
         let norm = match self.config.clip_grad {
             Some(max) => clip_grad_norm(&mut grads, max)?,
             None => grad_norm(&grads)?,
@@ -423,6 +488,54 @@ impl Trainer {
             images,
             epoch: self.sampler.epoch(),
         })
+    }
+
+    /// Replaces each rank's gradients and loss sum by their means over the ranks (the shares
+    /// are equal, so these are the gradient and loss of the global batch), in one sum of a
+    /// flat buffer.
+    fn average_over_ranks(&self, grads: &mut [Tensor], loss_sum: &mut f64) -> Result<()> {
+        let total: usize = grads.iter().map(Tensor::elem_count).sum();
+        let mut flat = Vec::with_capacity(total + 1);
+        for g in grads.iter() {
+            flat.extend(g.flatten_all()?.to_vec1::<f32>()?);
+        }
+        flat.push(*loss_sum as f32);
+        let what = format!("the gradient sum of step {}", self.step + 1);
+        self.comm.all_reduce_sum(&what, &mut flat)?;
+        let ranks = self.comm.size() as f32;
+        flat.iter_mut().for_each(|x| *x /= ranks);
+        let mut at = 0;
+        for g in grads.iter_mut() {
+            let n = g.elem_count();
+            *g = Tensor::from_slice(&flat[at..at + n], g.shape(), &self.device)?;
+            at += n;
+        }
+        *loss_sum = flat[total] as f64;
+        Ok(())
+    }
+
+    /// Checks that every rank holds the same weights (they get the same summed gradients, so
+    /// they should): a CRC-32 of the weights, compared with rank 0's.
+    pub fn check_ranks_agree(&self) -> Result<()> {
+        if self.comm.size() == 1 {
+            return Ok(());
+        }
+        let mut crc = crc32fast::Hasher::new();
+        for v in &self.vars {
+            let values = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+            crc.update(&bytes);
+        }
+        let what = format!("the weight check of step {}", self.step);
+        let all = self.comm.all_gather_u64(&what, crc.finalize() as u64)?;
+        match all.iter().position(|&c| c != all[0]) {
+            None => Ok(()),
+            Some(r) => Err(Error::invalid(format!(
+                "after step {} rank {r}'s weights differ from rank 0's (CRC-32 {:08x} vs {:08x}): \
+                 the ranks no longer train the same model",
+                self.step, all[r], all[0]
+            ))),
+        }
     }
 
     /// The checkpoint of the current state.
@@ -635,15 +748,20 @@ impl Trainer {
 
     /// Trains up to `config.steps`, appending to `<output>/metrics.jsonl`, writing checkpoints,
     /// sample grids and the loss curve on schedule, and the diffusers folder (plus a last
-    /// checkpoint, sample grid and loss curve) at the end.
+    /// checkpoint, sample grid and loss curve) at the end. Of several ranks, only rank 0 writes
+    /// (and reports checkpoints, samples and the saved folder); the others only train.
     pub fn fit(&mut self, output: &Path, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
-        std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
-        write_text(
-            &output.join(TRAIN_CONFIG_FILE),
-            &pretty(&to_json(&self.config)?)?,
-        )?;
+        let lead = self.comm.rank() == 0;
         let metrics_path = output.join(METRICS_FILE);
-        let mut history = restart_metrics(&metrics_path, self.step)?;
+        let mut history = Vec::new();
+        if lead {
+            std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
+            write_text(
+                &output.join(TRAIN_CONFIG_FILE),
+                &pretty(&to_json(&self.config)?)?,
+            )?;
+            history = restart_metrics(&metrics_path, self.step)?;
+        }
         let started = Instant::now();
         let (mut window_loss, mut window_steps, mut window_images) = (0.0, 0u64, 0usize);
         let mut window_start = Instant::now();
@@ -660,7 +778,7 @@ impl Trainer {
                 images_per_s,
             });
             let last = self.step == self.config.steps;
-            if self.step.is_multiple_of(self.config.log_every) || last {
+            if lead && (self.step.is_multiple_of(self.config.log_every) || last) {
                 let mean = window_loss / window_steps as f64;
                 let line = json!({
                     "step": self.step,
@@ -679,15 +797,22 @@ impl Trainer {
             }
             let due = |every: u64| every > 0 && self.step.is_multiple_of(every) && !last;
             if due(self.config.checkpoint_every) {
-                on_event(&Event::Checkpoint(self.save_checkpoint(output)?));
-                plot_history(&history, &output.join(LOSS_PLOT_FILE))?;
+                self.check_ranks_agree()?;
+                if lead {
+                    on_event(&Event::Checkpoint(self.save_checkpoint(output)?));
+                    plot_history(&history, &output.join(LOSS_PLOT_FILE))?;
+                }
             }
-            if due(self.config.sample_every) && self.config.num_samples > 0 {
+            if lead && due(self.config.sample_every) && self.config.num_samples > 0 {
                 std::fs::create_dir_all(&samples_dir).map_err(|e| Error::io(&samples_dir, e))?;
                 let path = samples_dir.join(format!("step-{:07}.png", self.step));
                 self.write_samples(&path)?;
                 on_event(&Event::Samples(path));
             }
+        }
+        self.check_ranks_agree()?;
+        if !lead {
+            return Ok(());
         }
         on_event(&Event::Checkpoint(self.save_checkpoint(output)?));
         plot_history(&history, &output.join(LOSS_PLOT_FILE))?;

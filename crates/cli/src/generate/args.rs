@@ -107,6 +107,8 @@ pub struct CommonArgs {
     pub vae_tiling: bool,
     #[command(flatten)]
     pub control: ControlArgs,
+    #[command(flatten)]
+    pub dist: crate::dist::DistArgs,
 }
 
 /// The ControlNet flags: `--controlnet DIR --control-image PNG --controlnet-scale C`, each

@@ -1,15 +1,23 @@
 //! `diffuse generate | img2img | inpaint`: load a model (with LoRAs and embeddings), run one
 //! task through `diffuse_pipelines::task::run_task` (the same code path as the server, so the
 //! same settings give the same PNG bytes) and write PNGs with A1111 infotext.
+//!
+//! Started by `mpirun -np N` (or `srun`), the ranks split the task's images: each makes a
+//! contiguous share of the batch (`TaskSettings::shard`), with rank 0's seed and the noise
+//! those images have in the whole batch, and writes its files, so the files are those of a
+//! single-process run, byte for byte.
 
 mod args;
 mod control;
 mod output;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use diffuse_dist::{eprint_line, report, Comm, Dist};
 use diffuse_pipelines::png_info::InfoText;
 use diffuse_pipelines::prompt_weighting::{extract_lora_tags, PromptSyntax};
 use diffuse_pipelines::task::{
@@ -27,8 +35,20 @@ pub use diffuse_pipelines::task::{CLASS_GUIDANCE, DDPM_STEPS};
 
 use crate::label_grid::labelled_grid;
 
+/// Runs a generating command as one rank of its job (of one process when not launched by
+/// mpirun/srun); an error on one rank ends the job.
+fn as_rank(common: &CommonArgs, run: impl FnOnce(&Dist) -> Result<()>) -> Result<()> {
+    let dist = common.dist.init()?;
+    let result = run(&dist);
+    dist.finish(result)
+}
+
 pub fn run_generate(args: GenerateArgs) -> Result<()> {
-    let session = Session::open(&args.common, false)?;
+    as_rank(&args.common, |dist| generate(&args, dist))
+}
+
+fn generate(args: &GenerateArgs, dist: &Dist) -> Result<()> {
+    let session = Session::open(&args.common, false, dist)?;
     if let Pipeline::Unconditional(p) = &session.pipeline {
         if !p.class_names.is_empty() && session.prompt.trim().is_empty() {
             if args.width.is_some() || args.height.is_some() {
@@ -58,7 +78,11 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
 }
 
 pub fn run_img2img(args: Img2ImgArgs) -> Result<()> {
-    let session = Session::open(&args.common, true)?;
+    as_rank(&args.common, |dist| img2img(&args, dist))
+}
+
+fn img2img(args: &Img2ImgArgs, dist: &Dist) -> Result<()> {
+    let session = Session::open(&args.common, true, dist)?;
     let image = read_image(&args.init_image)?.to_rgb8();
     session.run(TaskSettings {
         width: args.width,
@@ -73,7 +97,11 @@ pub fn run_img2img(args: Img2ImgArgs) -> Result<()> {
 }
 
 pub fn run_inpaint(args: InpaintArgs) -> Result<()> {
-    let session = Session::open(&args.common, true)?;
+    as_rank(&args.common, |dist| inpaint(&args, dist))
+}
+
+fn inpaint(args: &InpaintArgs, dist: &Dist) -> Result<()> {
+    let session = Session::open(&args.common, true, dist)?;
     let image = read_image(&args.init_image)?.to_rgb8();
     let mask = read_image(&args.mask)?.to_luma8();
     session.run(TaskSettings {
@@ -99,12 +127,17 @@ struct Session {
     model_name: String,
     /// `--controlnet` and its settings.
     controlnet: Option<ControlNetRequest>,
+    /// The ranks sharing the images.
+    comm: Arc<dyn Comm>,
+    /// When the model was loaded (the job's throughput counts from there).
+    started: Instant,
 }
 
 impl Session {
     /// `image_task`: img2img and inpainting, which need a Stable Diffusion pipeline (and so
     /// default to the tiny one).
-    fn open(args: &CommonArgs, image_task: bool) -> Result<Self> {
+    fn open(args: &CommonArgs, image_task: bool, dist: &Dist) -> Result<Self> {
+        let comm = dist.comm();
         if args.num_images == Some(0) {
             bail!("--num-images must be at least 1");
         }
@@ -182,8 +215,14 @@ impl Session {
             );
         }
         let controlnet = args.control.request(control_images, &opts)?;
-        let seed = args.seed.unwrap_or_else(random_seed);
-        eprintln!("seed: {seed}");
+        let mut seed = args.seed.unwrap_or_else(random_seed);
+        if comm.size() > 1 {
+            // Every rank draws from rank 0's seed (each picked its own random one).
+            seed = comm.all_gather_u64("the seed", seed)?[0];
+        }
+        if comm.rank() == 0 {
+            eprintln!("seed: {seed}");
+        }
         let spec = args.model.clone().unwrap_or_default();
         Ok(Self {
             args: args.clone(),
@@ -192,6 +231,8 @@ impl Session {
             seed,
             prompt,
             controlnet,
+            comm,
+            started: Instant::now(),
         })
     }
 
@@ -219,15 +260,26 @@ impl Session {
         }
     }
 
-    /// Runs one task with a progress bar, then saves and reports.
+    /// Runs this rank's share of one task with a progress bar, then saves and reports.
     fn run(&self, settings: TaskSettings) -> Result<()> {
+        let planned = planned_images(&self.pipeline, &settings);
+        let rows = self.share(planned);
+        // Each rank checks and writes its own files.
         let paths = output::output_paths(
             &self.args.output,
-            planned_images(&self.pipeline, &settings),
+            planned,
+            rows.clone(),
             self.seed,
             self.args.force,
         )?;
-        let bar = progress_bar("denoising");
+        if rows.is_empty() {
+            return self.done(0);
+        }
+        let settings = TaskSettings {
+            shard: (self.comm.size() > 1).then(|| rows.clone()),
+            ..settings
+        };
+        let bar = self.progress_bar();
         let out = run_task(
             &self.pipeline,
             &self.model_name,
@@ -235,19 +287,75 @@ impl Session {
             Some(&mut step_callback(&bar)),
         )?;
         bar.finish_and_clear();
-        for w in &out.warnings {
-            eprintln!("warning: {w}");
+        if self.comm.rank() == 0 {
+            for w in &out.warnings {
+                eprintln!("warning: {w}");
+            }
         }
         // The infotext keeps the prompt as typed, `<lora:...>` tags included (as A1111 does).
         let infotext = out.infotext.replacen(&self.prompt, &self.args.prompt, 1);
         output::save_all(&out.images, &paths, &infotext, self.args.force)?;
-        print_timings(&out.timings, settings.steps.unwrap_or(0));
+        self.print_timings(&out.timings, settings.steps.unwrap_or(0));
+        self.done(out.images.len())
+    }
+
+    /// This rank's images of the task's `n` (all of them in a job of one), said on stderr.
+    fn share(&self, n: usize) -> Range<usize> {
+        let comm = self.comm.as_ref();
+        let rows = diffuse_dist::shard(n, comm.rank(), comm.size());
+        report(
+            comm,
+            format_args!("images {}..{} of {n}", rows.start, rows.end),
+        );
+        rows
+    }
+
+    /// Rank 0's progress bar; the other ranks run silently.
+    fn progress_bar(&self) -> ProgressBar {
+        if self.comm.rank() == 0 {
+            progress_bar("denoising")
+        } else {
+            ProgressBar::hidden()
+        }
+    }
+
+    fn print_timings(&self, t: &Timings, steps: usize) {
+        if self.comm.rank() == 0 {
+            print_timings(t, steps);
+        }
+    }
+
+    /// Waits for every rank to have written its `made` images; rank 0 then reports the
+    /// job's throughput (from the model loaded to the last rank done).
+    fn done(&self, made: usize) -> Result<()> {
+        let comm = self.comm.as_ref();
+        let secs = self.started.elapsed().as_secs_f64();
+        let all = comm.all_gather_u64("the end of generation", made as u64)?;
+        let slowest = comm.all_gather_u64("the end of generation", (secs * 1e6) as u64)?;
+        if comm.rank() == 0 {
+            let total: u64 = all.iter().sum();
+            let secs = slowest.iter().copied().max().unwrap_or(0) as f64 / 1e6;
+            eprint_line(format_args!(
+                "generated {total} images in {secs:.2}s ({:.2} images/s{})",
+                total as f64 / secs.max(1e-9),
+                match comm.size() {
+                    1 => String::new(),
+                    n => format!(", {n} ranks together"),
+                }
+            ));
+        }
         Ok(())
     }
 }
 
 /// A class-conditional model without a class: one labelled row of images per class.
 fn class_grid(session: &Session, p: &UnconditionalPipeline) -> Result<()> {
+    if session.comm.size() > 1 {
+        bail!(
+            "a class grid is one picture, made by one process: name a class with --prompt to \
+             split the images among the ranks, or run without mpirun"
+        );
+    }
     let (c, h, w) = p.image_shape();
     if c != 1 && c != 3 {
         bail!("the model makes {c}-channel images; only grayscale and RGB can be saved");
@@ -255,7 +363,13 @@ fn class_grid(session: &Session, p: &UnconditionalPipeline) -> Result<()> {
     let n = session.args.num_images.unwrap_or(8);
     let steps = session.args.steps.unwrap_or(DDPM_STEPS);
     let guidance = session.args.guidance_scale.unwrap_or(CLASS_GUIDANCE);
-    let paths = output::output_paths(&session.args.output, 1, session.seed, session.args.force)?;
+    let paths = output::output_paths(
+        &session.args.output,
+        1,
+        0..1,
+        session.seed,
+        session.args.force,
+    )?;
     let labels = (0..p.class_names.len())
         .flat_map(|k| std::iter::repeat_n(k, n))
         .collect::<Vec<_>>();
@@ -266,6 +380,7 @@ fn class_grid(session: &Session, p: &UnconditionalPipeline) -> Result<()> {
         seed: session.seed,
         class_labels: Some(labels),
         guidance_scale: guidance,
+        shard: None,
     };
     let bar = progress_bar("denoising");
     let out = p.generate(&req, Some(&mut step_callback(&bar)))?;

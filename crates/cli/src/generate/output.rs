@@ -1,14 +1,22 @@
 //! Where generated images go: file names checked before any work, PNGs written atomically.
 
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use image::DynamicImage;
 
-/// The `n` output paths for `--output out` (a file, or an existing folder), none of which may
-/// exist unless `force`.
-pub fn output_paths(out: &Path, n: usize, seed: u64, force: bool) -> Result<Vec<PathBuf>> {
+/// The paths of images `mine` of the `n` output paths for `--output out` (a file, or an
+/// existing folder), none of which may exist unless `force`. (One of several ranks checks only
+/// its own files: the others may already have written theirs.)
+pub fn output_paths(
+    out: &Path,
+    n: usize,
+    mine: Range<usize>,
+    seed: u64,
+    force: bool,
+) -> Result<Vec<PathBuf>> {
     check_output_parent(out)?;
     let paths: Vec<PathBuf> = if out.is_dir() {
         (0..n)
@@ -26,6 +34,10 @@ pub fn output_paths(out: &Path, n: usize, seed: u64, force: bool) -> Result<Vec<
             .map(|i| out.with_file_name(format!("{stem}-{i}.{ext}")))
             .collect()
     };
+    let paths = paths
+        .get(mine.clone())
+        .with_context(|| format!("images {mine:?} of {n}"))?
+        .to_vec();
     for p in &paths {
         if p.exists() && !force {
             bail!("{} exists; pass --force to overwrite it", p.display());

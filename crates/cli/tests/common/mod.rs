@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
+use std::path::Path;
 use std::process::Command;
 
 /// Runs `diffuse args…`: (success, stdout, stderr).
@@ -21,4 +22,18 @@ pub fn diffuse<S: AsRef<OsStr>>(args: &[S]) -> (bool, String, String) {
 pub fn diffuse_err<S: AsRef<OsStr>>(args: &[S]) -> (bool, String) {
     let (ok, _, err) = diffuse(args);
     (ok, err)
+}
+
+/// A tiny labelled dataset: two class folders of four 8×8 stripe images (horizontal, vertical).
+pub fn write_two_classes(dir: &Path) {
+    for (class, vertical) in [("a", false), ("b", true)] {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..4u32 {
+            let img = image::GrayImage::from_fn(8, 8, |x, y| {
+                let k = if vertical { x } else { y };
+                image::Luma([if (k + i) % 4 < 2 { 255 } else { 0 }])
+            });
+            img.save(dir.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
 }

@@ -31,15 +31,15 @@ const POINTS: usize = A * A;
 /// Tiles per task of the cached-kernel path: the task's 36 GEMMs get `TILES` rows, enough
 /// to amortise streaming the transformed kernels, while its transformed tiles stay a few MiB.
 const TILES: usize = 96;
-/// From this many tiles on the transformed kernels are cached (from a layer's second call)
-/// and the tiles split among tasks; below it each call transforms the kernels itself
-/// (`convolve_small`). SD's 32×32 level with guidance (128 tiles) measured as fast or
+/// From this many tiles per image on the transformed kernels are cached (from a layer's
+/// second call) and the tiles split among tasks; below it each call transforms the kernels
+/// itself ([`convolve_small`]). SD's 32×32 level with guidance (128 tiles) measured as fast or
 /// faster per call (1280 → 1280: 193–202 vs 237–247 ms), and not caching its kernels saves
 /// 950 MiB of a UNet step's peak memory (4,782 → 3,830 MiB).
 const MIN_TILES: usize = 256;
-/// Below this many tiles transforming the kernels costs more than the 4× fewer
+/// Below this many tiles per image transforming the kernels costs more than the 4× fewer
 /// multiplications save, and the direct (im2col) convolution is faster (8 tiles, SD's 8×8
-/// level with guidance, measured about even).
+/// level with guidance, measured about even; 4 per image).
 const MIN_SMALL_TILES: usize = 8;
 /// The weight gradient sums the batch in at most this many groups (in parallel), then adds
 /// the groups in order.
@@ -529,7 +529,8 @@ impl CustomOp3 for Winograd {
         // Every element is written: the tiles cover the map, and every output tile is written.
         let mut out = output_buffer(n * cout * h * w);
         let ptr = SendPtr(out.as_mut_ptr());
-        if tiles < MIN_TILES {
+        // By the tiles of one image, as [`Conv2d::path`] chooses.
+        if grid.tiles_per_image < MIN_TILES {
             let wt = f32_input(sw, lw, "conv weight")?;
             convolve_small(&x, &wt, &bias, ptr, grid, (n, cin, cout));
             return Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, h, w))));
@@ -929,7 +930,7 @@ impl Conv2d {
         let Ok((_, cin, kh, kw)) = w.dims4() else {
             return Path::Candle;
         };
-        let (Some(_), Ok((n, xc, h, wd))) = (self.inner.bias(), xs.dims4()) else {
+        let (Some(_), Ok((_, xc, h, wd))) = (self.inner.bias(), xs.dims4()) else {
             return Path::Candle;
         };
         if h == 0 || wd == 0 || w.dim(0).is_ok_and(|cout| cout == 0) {
@@ -954,8 +955,11 @@ impl Conv2d {
         if (kh, kw, pad) == (1, 1, 0) && xs.dtype() != candle_core::DType::BF16 {
             return Path::Pointwise;
         }
+        // Chosen by the tiles of one image, not of the batch: the paths round differently,
+        // and an image must come out the same whatever batch it is in (several processes
+        // sharing a batch each run a part of it).
         match fused_ok {
-            true => match n * Grid::new(h, wd).tiles_per_image {
+            true => match Grid::new(h, wd).tiles_per_image {
                 t if t >= MIN_TILES => Path::Winograd { small: false },
                 t if t >= MIN_SMALL_TILES => Path::Winograd { small: true },
                 _ => Path::Im2col { stride: 1 },

@@ -33,6 +33,7 @@ pub fn run(case: &Case) -> Result<Produced> {
         steps: case.arg_usize("num_inference_steps")?,
         seed: case.seed()?,
         record_trace: true,
+        ..Default::default()
     };
     let out = pipe.generate(&req, None)?;
     let mut got = trace_tensors(out.trace.as_ref().context("no trace recorded")?)?;

@@ -1,0 +1,81 @@
+//! An image comes out of the CPU kernels the same, bit for bit, whatever batch it is in: the
+//! convolution and linear paths are chosen by the size of one image, not of the batch, so that
+//! processes sharing a batch (`mpirun -np N diffuse generate`) write the files one process
+//! writes. Each layer runs on a batch and on its first image alone.
+
+use candle_core::{Device, Module, Tensor};
+use diffuse_core::Generator;
+use diffuse_models::ops::{conv::Conv2d, linear::Linear};
+
+fn first_image(t: &Tensor) -> Vec<f32> {
+    t.narrow(0, 0, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn convolutions_give_an_image_the_same_values_in_any_batch() {
+    let dev = Device::Cpu;
+    let mut g = Generator::manual_seed(1);
+    // Maps of 1 (im2col), 4 (im2col; Winograd by the batch's 12 tiles before), 16 (small
+    // Winograd) and 256 tiles (Winograd with cached kernels), 3×3 stride 1 and 2, and 1×1.
+    for (c, hw) in [(16usize, 4usize), (16, 8), (16, 16), (8, 64)] {
+        for (k, stride, pad) in [(3usize, 1usize, 1usize), (3, 2, 1), (1, 1, 0)] {
+            let w = g.randn((c, c, k, k), &dev).unwrap();
+            let b = g.randn(c, &dev).unwrap();
+            let cfg = candle_nn::Conv2dConfig {
+                padding: pad,
+                stride,
+                ..Default::default()
+            };
+            let conv = Conv2d::from_candle(candle_nn::Conv2d::new(w, Some(b), cfg));
+            let x = g.randn((3, c, hw, hw), &dev).unwrap();
+            // Twice: the cached-kernel path caches from a layer's second call.
+            for _ in 0..2 {
+                let alone = conv.forward(&x.narrow(0, 0, 1).unwrap()).unwrap();
+                let batch = conv.forward(&x).unwrap();
+                assert_eq!(
+                    first_image(&alone),
+                    first_image(&batch),
+                    "{c} channels {hw}×{hw}, {k}×{k} stride {stride}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_layers_give_a_row_the_same_values_in_any_batch() {
+    let dev = Device::Cpu;
+    let mut g = Generator::manual_seed(2);
+    // Row counts on both sides of the transposed (≤ 256 rows) and packed-weight products.
+    for (m, k, n) in [
+        (1usize, 32usize, 40usize),
+        (2, 32, 128),
+        (150, 64, 48),
+        (200, 64, 64),
+    ] {
+        let l = Linear::new(
+            g.randn((n, k), &dev).unwrap(),
+            Some(g.randn(n, &dev).unwrap()),
+        );
+        let x = g.randn((3 * m, k), &dev).unwrap();
+        let alone = l.forward(&x.narrow(0, 0, m).unwrap()).unwrap();
+        let batch = l.forward(&x).unwrap();
+        assert_eq!(
+            alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            batch
+                .narrow(0, 0, m)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            "{m} of {} rows, {k} → {n}",
+            3 * m
+        );
+    }
+}
