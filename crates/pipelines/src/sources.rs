@@ -13,6 +13,9 @@ use diffuse_loaders::lora::{LoraFile, LoraSpec};
 use diffuse_loaders::single_file::{Family, SingleFile, TextEncoderLayout};
 use diffuse_loaders::CheckedBackend;
 use diffuse_models::clip_tokenizer::ClipTokenizer;
+use diffuse_models::{
+    AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel,
+};
 use diffuse_schedulers::{Scheduler, SchedulerConfig};
 use serde::de::DeserializeOwned;
 
@@ -391,4 +394,52 @@ pub(crate) fn build<M>(
     };
     adapters.apply(component, &backend, &ldm)?;
     diffuse_loaders::load_with(&backend, dtype, device, new)
+}
+
+/// The UNet of a Stable Diffusion family pipeline from its `config` (read and validated by the
+/// caller, which may check it first), with the LoRA updates for it fused in.
+pub(crate) fn build_unet(
+    source: &Source,
+    adapters: &Adapters,
+    cfg: &UNet2DConditionConfig,
+    opts: &LoadOptions,
+) -> Result<UNet2DConditionModel> {
+    let layout = (cfg.block_out_channels.len(), cfg.layers_per_block.get(0));
+    build(
+        source,
+        adapters,
+        "unet",
+        opts.variant.as_deref(),
+        layout,
+        opts.dtype,
+        &opts.device,
+        |vb| UNet2DConditionModel::new(vb, cfg),
+    )
+}
+
+/// The VAE and its dtype: f32 when the pipeline is f16 and the config asks to upcast
+/// (`force_upcast`: SD's and SDXL's VAEs overflow in f16).
+pub(crate) fn build_vae(
+    source: &Source,
+    adapters: &Adapters,
+    opts: &LoadOptions,
+) -> Result<(AutoencoderKL, DType)> {
+    let cfg: AutoencoderKLConfig = source.config("vae")?;
+    cfg.validate()?;
+    let dtype = if opts.dtype == DType::F16 && cfg.force_upcast {
+        DType::F32
+    } else {
+        opts.dtype
+    };
+    let vae = build(
+        source,
+        adapters,
+        "vae",
+        opts.variant.as_deref(),
+        (cfg.block_out_channels.len(), cfg.layers_per_block),
+        dtype,
+        &opts.device,
+        |vb| AutoencoderKL::new(vb, &cfg),
+    )?;
+    Ok((vae, dtype))
 }

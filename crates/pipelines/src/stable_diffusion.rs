@@ -19,9 +19,7 @@ use diffuse_core::{BatchShard, Error, Generator, Result};
 use diffuse_models::clip_text::ClipTextConfig;
 use diffuse_models::clip_text::ClipTextModel;
 use diffuse_models::clip_tokenizer::ClipTokenizer;
-use diffuse_models::{
-    AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel,
-};
+use diffuse_models::{AutoencoderKL, UNet2DConditionConfig, UNet2DConditionModel};
 use diffuse_schedulers::Scheduler;
 use image::RgbImage;
 
@@ -176,39 +174,8 @@ impl StableDiffusionPipeline {
         )?;
         let unet_cfg: UNet2DConditionConfig = src.config("unet")?;
         unet_cfg.validate()?;
-        let unet_layout = (
-            unet_cfg.block_out_channels.len(),
-            unet_cfg.layers_per_block.get(0),
-        );
-        let unet = sources::build(
-            src,
-            &adapters,
-            "unet",
-            variant,
-            unet_layout,
-            dtype,
-            device,
-            |vb| UNet2DConditionModel::new(vb, &unet_cfg),
-        )?;
-        // SD's VAE overflows in f16; its config says so with `force_upcast`.
-        let vae_cfg: AutoencoderKLConfig = src.config("vae")?;
-        vae_cfg.validate()?;
-        let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
-        let vae_layout = (vae_cfg.block_out_channels.len(), vae_cfg.layers_per_block);
-        let vae = sources::build(
-            src,
-            &adapters,
-            "vae",
-            variant,
-            vae_layout,
-            vae_dtype,
-            device,
-            |vb| AutoencoderKL::new(vb, &vae_cfg),
-        )?;
+        let unet = sources::build_unet(src, &adapters, &unet_cfg, opts)?;
+        let (vae, vae_dtype) = sources::build_vae(src, &adapters, opts)?;
         adapters.finish()?;
         src.check_unclaimed(&[
             diffuse_loaders::single_file::UNET_PREFIX,
@@ -234,11 +201,7 @@ impl StableDiffusionPipeline {
     /// the file names, else the file stem) and, for n vectors, `token_1 .. token_{n-1}`.
     pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<()> {
         let ti = diffuse_loaders::textual_inversion::TextualInversion::load(path)?;
-        let token = token
-            .map(str::to_string)
-            .or(ti.stored_token.clone())
-            .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
-            .ok_or_else(|| Error::invalid(format!("{}: no token given", path.display())))?;
+        let token = embedding_token(path, token, &ti)?;
         let [vectors] = ti.vectors.as_slice() else {
             return Err(Error::invalid(format!(
                 "{}: an embedding with one table per text encoder (SDXL's clip_l/clip_g) does not \
@@ -622,6 +585,20 @@ pub(crate) fn repeat_batch(t: &Tensor, n: usize) -> Result<Tensor> {
         .map(|i| t.i(i..i + 1))
         .collect::<candle_core::Result<_>>()?;
     Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// The token an embedding file is added under: `token` if given, else the token the file names,
+/// else the file's stem.
+pub(crate) fn embedding_token(
+    path: &Path,
+    token: Option<&str>,
+    ti: &diffuse_loaders::textual_inversion::TextualInversion,
+) -> Result<String> {
+    token
+        .map(str::to_string)
+        .or(ti.stored_token.clone())
+        .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .ok_or_else(|| Error::invalid(format!("{}: no token given", path.display())))
 }
 
 /// The tokens an `n`-vector embedding is added under: `token token_1 ... token_{n-1}`.

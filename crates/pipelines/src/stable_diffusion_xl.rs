@@ -23,9 +23,7 @@ use diffuse_loaders::single_file::Family;
 use diffuse_models::clip_text::ClipTextConfig;
 use diffuse_models::clip_text::{ClipTextModel, ClipTextModelWithProjection, ClipTextOutput};
 use diffuse_models::clip_tokenizer::ClipTokenizer;
-use diffuse_models::{
-    AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel,
-};
+use diffuse_models::{AutoencoderKL, UNet2DConditionConfig, UNet2DConditionModel};
 use diffuse_schedulers::Scheduler;
 use image::RgbImage;
 
@@ -38,8 +36,8 @@ use crate::img2img::strength_timesteps;
 use crate::inpaint::{check_inpaint_unet, prepare_inpaint, InpaintModels};
 use crate::sources::{self, Adapters, Source};
 use crate::stable_diffusion::{
-    embedding_tokens, expand_embedding_tokens, repeat_batch, token_ids, EncodedPrompt,
-    GenerationParams, ImageOutput, Text2ImageRequest,
+    embedding_token, embedding_tokens, expand_embedding_tokens, repeat_batch, token_ids,
+    EncodedPrompt, GenerationParams, ImageOutput, Text2ImageRequest,
 };
 use crate::{check_steps, fresh_scheduler};
 use crate::{Img2ImgRequest, InpaintRequest, LoadOptions, StepCallback, Timings, Trace};
@@ -259,38 +257,8 @@ impl StableDiffusionXLPipeline {
                 src.path().display()
             )));
         }
-        let unet_layout = (
-            unet_cfg.block_out_channels.len(),
-            unet_cfg.layers_per_block.get(0),
-        );
-        let unet = sources::build(
-            src,
-            &adapters,
-            "unet",
-            variant,
-            unet_layout,
-            dtype,
-            device,
-            |vb| UNet2DConditionModel::new(vb, &unet_cfg),
-        )?;
-        // SDXL's VAE overflows in f16 too; its config says so with `force_upcast`.
-        let vae_cfg: AutoencoderKLConfig = src.config("vae")?;
-        vae_cfg.validate()?;
-        let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
-        let vae = sources::build(
-            src,
-            &adapters,
-            "vae",
-            variant,
-            (vae_cfg.block_out_channels.len(), vae_cfg.layers_per_block),
-            vae_dtype,
-            device,
-            |vb| AutoencoderKL::new(vb, &vae_cfg),
-        )?;
+        let unet = sources::build_unet(src, &adapters, &unet_cfg, opts)?;
+        let (vae, vae_dtype) = sources::build_vae(src, &adapters, opts)?;
         adapters.finish()?;
         src.check_unclaimed(&[
             diffuse_loaders::single_file::UNET_PREFIX,
@@ -321,11 +289,7 @@ impl StableDiffusionXLPipeline {
     /// which has only the second encoder, takes `clip_g`).
     pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<()> {
         let ti = diffuse_loaders::textual_inversion::TextualInversion::load(path)?;
-        let token = token
-            .map(str::to_string)
-            .or(ti.stored_token.clone())
-            .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
-            .ok_or_else(|| Error::invalid(format!("{}: no token given", path.display())))?;
+        let token = embedding_token(path, token, &ti)?;
         let [clip_l, clip_g] = ti.vectors.as_slice() else {
             return Err(Error::invalid(format!(
                 "{}: an SDXL embedding needs a clip_l and a clip_g table; this file has {}",
