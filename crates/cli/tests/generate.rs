@@ -181,3 +181,85 @@ fn img2img_and_inpaint_run_on_the_fixture_images() {
     assert_eq!(image::open(&b).unwrap().width(), 64);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--prompts-file`: prompt k (comments and blank lines skipped) draws from seed + k, so its
+/// files are those of `--prompt P --seed S+k`; a file without prompts, or naming a LoRA, is
+/// refused before the model loads.
+#[test]
+fn a_prompts_file_makes_the_images_of_each_prompt_with_its_own_seed() {
+    let dir = temp_dir("prompts");
+    let sd = tiny_sd();
+    let sd = sd.to_str().unwrap();
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "# two prompts\na red square\n\n  a blue circle  \n",
+    )
+    .unwrap();
+    let (all, one) = (dir.join("all"), dir.join("one"));
+    std::fs::create_dir_all(&all).unwrap();
+    std::fs::create_dir_all(&one).unwrap();
+    let common = ["--model", sd, "--steps", "2", "--num-images", "2"];
+    let ok = |args: &[&str]| {
+        let run = diffuse(&[&["generate"][..], &common, args].concat());
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    };
+    let p = prompts.to_str().unwrap();
+    ok(&[
+        "--prompts-file",
+        p,
+        "--seed",
+        "7",
+        "--output",
+        all.to_str().unwrap(),
+    ]);
+    let mut names: Vec<String> = std::fs::read_dir(&all)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "diffuse-7-0.png",
+            "diffuse-7-1.png",
+            "diffuse-8-0.png",
+            "diffuse-8-1.png"
+        ]
+    );
+    ok(&[
+        "--prompt",
+        "a blue circle",
+        "--seed",
+        "8",
+        "--output",
+        one.to_str().unwrap(),
+    ]);
+    for k in 0..2 {
+        let name = format!("diffuse-8-{k}.png");
+        assert!(
+            std::fs::read(all.join(&name)).unwrap() == std::fs::read(one.join(&name)).unwrap(),
+            "{name} differs from the single-prompt run"
+        );
+    }
+    assert!(png_parameters(&all.join("diffuse-8-1.png"))
+        .2
+        .starts_with("a blue circle\n"));
+
+    for (text, want) in [
+        ("# nothing\n\n", "holds no prompts"),
+        ("a cat <lora:style:0.5>\n", "line 1: <lora:...> tags"),
+    ] {
+        std::fs::write(&prompts, text).unwrap();
+        let run = diffuse(&[&["generate"][..], &common, &["--prompts-file", p]].concat());
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            !run.status.success() && err.contains(want),
+            "{text:?}: {err}"
+        );
+    }
+}

@@ -355,7 +355,12 @@ fn assert_two_ranks_write_the_files_of_one(tasks: &[(Vec<&str>, usize)]) {
         );
         let args = |out: &Path| -> Vec<String> {
             std::fs::create_dir_all(out).unwrap();
-            let settings = ["--prompt", "sneaker", "--steps", "3", "--seed", "7"];
+            let prompt: &[&str] = if task.contains(&"--prompts-file") {
+                &[]
+            } else {
+                &["--prompt", "sneaker"]
+            };
+            let settings = [prompt, &["--steps", "3", "--seed", "7"]].concat();
             let more = ["--output", out.to_str().unwrap()];
             task.iter()
                 .chain(&settings)
@@ -373,14 +378,27 @@ fn assert_two_ranks_write_the_files_of_one(tasks: &[(Vec<&str>, usize)]) {
         ] {
             assert!(err.contains(&line), "{task:?}: no `{line}` in:\n{err}");
         }
-        for k in 0..*images {
-            let name = format!("diffuse-7-{k}.png");
+        let names = |dir: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let written = names(&one);
+        assert_eq!(
+            written.len(),
+            *images,
+            "{task:?}: files in {}",
+            one.display()
+        );
+        assert_eq!(names(&two), written, "{task:?}: files of 2 ranks\n{err}");
+        for name in written {
             let a = std::fs::read(one.join(&name)).unwrap();
-            let b = std::fs::read(two.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}\n{err}"));
+            let b = std::fs::read(two.join(&name)).unwrap();
             assert!(a == b, "{task:?}: {name} differs between 1 and 2 ranks");
         }
-        let written = std::fs::read_dir(&two).unwrap().count();
-        assert_eq!(written, *images, "{task:?}: files in {}", two.display());
     }
 }
 
@@ -394,7 +412,8 @@ fn repo(p: &str) -> String {
 
 /// `diffuse generate` (Stable Diffusion and the class-conditional DDPM model) and img2img with
 /// `--num-images 3`, in one process and split 2 + 1 between two ranks: the same files, byte for
-/// byte. Euler ancestral and DDPM draw new noise for the whole batch at every step, so each
+/// byte. And a prompts file of three prompts with two images each, split 3 + 3: rank 0 makes
+/// both images of the first prompt and the first of the second, rank 1 the rest. Euler ancestral and DDPM draw new noise for the whole batch at every step, so each
 /// rank must also draw the step noise of the images it does not make.
 #[test]
 fn two_ranks_write_the_files_of_one() {
@@ -402,8 +421,26 @@ fn two_ranks_write_the_files_of_one() {
     let ddpm = repo("models/fashion-mnist-ddpm");
     let init = repo("fixtures/pipelines/outputs/img2img_pndm.png");
     let n3 = ["--num-images", "3"];
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red square\na blue circle\na green field\n").unwrap();
+    let prompts = prompts.to_str().unwrap();
     // (The DDPM model is class-conditional: its prompt is a class name.)
     assert_two_ranks_write_the_files_of_one(&[
+        (
+            vec![
+                "generate",
+                "--model",
+                &sd,
+                "--scheduler",
+                "Euler a",
+                "--prompts-file",
+                prompts,
+                "--num-images",
+                "2",
+            ],
+            6,
+        ),
         (
             [
                 &["generate", "--model", &sd, "--scheduler", "Euler a"][..],

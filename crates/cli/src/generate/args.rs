@@ -158,6 +158,13 @@ pub struct GenerateArgs {
     /// comma-separated (`3,0,9` or `"golden retriever,tabby"`); files `out-0.png`, `out-1.png`, ...
     #[arg(long, value_name = "LIST")]
     pub class_labels: Option<String>,
+    /// A text file of prompts, one per line (blank lines and `#` comments skipped), instead of
+    /// --prompt: --num-images images of each, the prompt on line k (counting prompts from 0)
+    /// with seed --seed + k, so each image is that of `--prompt P --seed S+k`. Into a folder
+    /// they are written as `diffuse-<seed+k>-<n>.png`. Under mpirun the ranks split the
+    /// images of all the prompts.
+    #[arg(long, value_name = "FILE", conflicts_with = "prompt")]
+    pub prompts_file: Option<PathBuf>,
 }
 
 /// `diffuse img2img`: redraw an image following a prompt.

@@ -32,6 +32,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 pub use args::{CommonArgs, GenerateArgs, Img2ImgArgs, InpaintArgs, PromptSyntaxArg};
 pub use diffuse_pipelines::task::{CLASS_GUIDANCE, DDPM_STEPS};
+pub use output::check_output_parent;
 
 use crate::label_grid::labelled_grid;
 
@@ -48,9 +49,11 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn generate(args: &GenerateArgs, dist: &Dist) -> Result<()> {
+    // A bad prompts file fails before the (slow) model load.
+    let prompts = args.prompts_file.as_deref().map(read_prompts).transpose()?;
     let session = Session::open(&args.common, false, dist)?;
     if let Pipeline::Unconditional(p) = &session.pipeline {
-        if !p.class_names.is_empty() && session.prompt.trim().is_empty() {
+        if !p.class_names.is_empty() && session.prompt.trim().is_empty() && prompts.is_none() {
             if args.width.is_some() || args.height.is_some() {
                 let (_, h, w) = p.image_shape();
                 bail!(
@@ -68,13 +71,53 @@ fn generate(args: &GenerateArgs, dist: &Dist) -> Result<()> {
         .map(|l| l.trim().to_string())
         .filter(|l| !l.is_empty())
         .collect();
-    session.run(TaskSettings {
+    let task = TaskSettings {
         width: args.width,
         height: args.height,
         max_sequence_length: args.max_sequence_length,
         class_labels,
         ..session.settings()
-    })
+    };
+    match prompts {
+        None => session.run(&[task]),
+        // Prompt k draws from seed + k: its images are those of `--prompt P --seed S+k`.
+        Some(prompts) => session.run(
+            &prompts
+                .into_iter()
+                .enumerate()
+                .map(|(k, prompt)| TaskSettings {
+                    prompt,
+                    seed: task.seed.wrapping_add(k as u64),
+                    ..task.clone()
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
+/// The prompts of a `--prompts-file`: one per line, blank lines and `#` comments skipped.
+fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the prompts file {}", path.display()))?;
+    let mut prompts = Vec::new();
+    for (k, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if !extract_lora_tags(line)?.1.is_empty() {
+            bail!(
+                "{} line {}: <lora:...> tags apply to the whole job; load the LoRA with --lora",
+                path.display(),
+                k + 1
+            );
+        }
+        prompts.push(line.to_string());
+    }
+    if prompts.is_empty() {
+        bail!("the prompts file {} holds no prompts", path.display());
+    }
+    Ok(prompts)
 }
 
 pub fn run_img2img(args: Img2ImgArgs) -> Result<()> {
@@ -84,7 +127,7 @@ pub fn run_img2img(args: Img2ImgArgs) -> Result<()> {
 fn img2img(args: &Img2ImgArgs, dist: &Dist) -> Result<()> {
     let session = Session::open(&args.common, true, dist)?;
     let image = read_image(&args.init_image)?.to_rgb8();
-    session.run(TaskSettings {
+    session.run(&[TaskSettings {
         width: args.width,
         height: args.height,
         init: Some(InitImage {
@@ -93,7 +136,7 @@ fn img2img(args: &Img2ImgArgs, dist: &Dist) -> Result<()> {
             strength: args.strength,
         }),
         ..session.settings()
-    })
+    }])
 }
 
 pub fn run_inpaint(args: InpaintArgs) -> Result<()> {
@@ -104,7 +147,7 @@ fn inpaint(args: &InpaintArgs, dist: &Dist) -> Result<()> {
     let session = Session::open(&args.common, true, dist)?;
     let image = read_image(&args.init_image)?.to_rgb8();
     let mask = read_image(&args.mask)?.to_luma8();
-    session.run(TaskSettings {
+    session.run(&[TaskSettings {
         width: args.width,
         height: args.height,
         init: Some(InitImage {
@@ -113,7 +156,7 @@ fn inpaint(args: &InpaintArgs, dist: &Dist) -> Result<()> {
             strength: args.strength,
         }),
         ..session.settings()
-    })
+    }])
 }
 
 /// A loaded model and the settings of this run.
@@ -260,43 +303,58 @@ impl Session {
         }
     }
 
-    /// Runs this rank's share of one task with a progress bar, then saves and reports.
-    fn run(&self, settings: TaskSettings) -> Result<()> {
-        let planned = planned_images(&self.pipeline, &settings);
-        let rows = self.share(planned);
+    /// Runs this rank's share of a job's tasks, each with a progress bar, then saves and
+    /// reports. The job's images (every task's, in order) are split among the ranks.
+    fn run(&self, tasks: &[TaskSettings]) -> Result<()> {
+        let counts: Vec<usize> = tasks
+            .iter()
+            .map(|t| planned_images(&self.pipeline, t))
+            .collect();
+        let images: Vec<(u64, usize)> = tasks
+            .iter()
+            .zip(&counts)
+            .flat_map(|(t, &n)| (0..n).map(move |i| (t.seed, i)))
+            .collect();
+        let rows = self.share(images.len());
         // Each rank checks and writes its own files.
-        let paths = output::output_paths(
-            &self.args.output,
-            planned,
-            rows.clone(),
-            self.seed,
-            self.args.force,
-        )?;
-        if rows.is_empty() {
-            return self.done(0);
-        }
-        let settings = TaskSettings {
-            shard: (self.comm.size() > 1).then(|| rows.clone()),
-            ..settings
-        };
-        let bar = self.progress_bar();
-        let out = run_task(
-            &self.pipeline,
-            &self.model_name,
-            &settings,
-            Some(&mut step_callback(&bar)),
-        )?;
-        bar.finish_and_clear();
-        if self.comm.rank() == 0 {
-            for w in &out.warnings {
-                eprintln!("warning: {w}");
+        let paths =
+            output::output_paths(&self.args.output, &images, rows.clone(), self.args.force)?;
+        let mut made = 0;
+        let mut first = 0;
+        for (task, n) in tasks.iter().zip(counts) {
+            // This rank's images of this task, numbered within it.
+            let mine = rows.start.max(first) - first..rows.end.min(first + n).max(first) - first;
+            first += n;
+            if mine.is_empty() {
+                continue;
             }
+            let settings = TaskSettings {
+                shard: (self.comm.size() > 1).then(|| mine.clone()),
+                ..task.clone()
+            };
+            let bar = self.progress_bar();
+            let out = run_task(
+                &self.pipeline,
+                &self.model_name,
+                &settings,
+                Some(&mut step_callback(&bar)),
+            )?;
+            bar.finish_and_clear();
+            if self.comm.rank() == 0 {
+                for w in &out.warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            // The infotext keeps the prompt as typed, `<lora:...>` tags included (as A1111 does).
+            let infotext = out.infotext.replacen(&self.prompt, &self.args.prompt, 1);
+            let to = paths
+                .get(made..made + out.images.len())
+                .context("the pipeline returned more images than planned")?;
+            output::save_all(&out.images, to, &infotext, self.args.force)?;
+            made += out.images.len();
+            self.print_timings(&out.timings, settings.steps.unwrap_or(0));
         }
-        // The infotext keeps the prompt as typed, `<lora:...>` tags included (as A1111 does).
-        let infotext = out.infotext.replacen(&self.prompt, &self.args.prompt, 1);
-        output::save_all(&out.images, &paths, &infotext, self.args.force)?;
-        self.print_timings(&out.timings, settings.steps.unwrap_or(0));
-        self.done(out.images.len())
+        self.done(made)
     }
 
     /// This rank's images of the task's `n` (all of them in a job of one), said on stderr.
@@ -365,9 +423,8 @@ fn class_grid(session: &Session, p: &UnconditionalPipeline) -> Result<()> {
     let guidance = session.args.guidance_scale.unwrap_or(CLASS_GUIDANCE);
     let paths = output::output_paths(
         &session.args.output,
-        1,
+        &[(session.seed, 0)],
         0..1,
-        session.seed,
         session.args.force,
     )?;
     let labels = (0..p.class_names.len())

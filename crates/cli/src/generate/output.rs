@@ -7,20 +7,24 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use image::DynamicImage;
 
-/// The paths of images `mine` of the `n` output paths for `--output out` (a file, or an
-/// existing folder), none of which may exist unless `force`. (One of several ranks checks only
-/// its own files: the others may already have written theirs.)
+/// The output paths of images `mine` of a job for `--output out` (a file, or an existing
+/// folder), none of which may exist unless `force`. `images` lists every image of the job in
+/// order as (its task's seed, its index in the task): in a folder they are
+/// `diffuse-<seed>-<index>.png`; a file name gets `-<n>` (numbered through the job) before its
+/// extension when the job has several. (One of several ranks checks only its own files: the
+/// others may already have written theirs.)
 pub fn output_paths(
     out: &Path,
-    n: usize,
+    images: &[(u64, usize)],
     mine: Range<usize>,
-    seed: u64,
     force: bool,
 ) -> Result<Vec<PathBuf>> {
     check_output_parent(out)?;
+    let n = images.len();
     let paths: Vec<PathBuf> = if out.is_dir() {
-        (0..n)
-            .map(|i| out.join(format!("diffuse-{seed}-{i}.png")))
+        images
+            .iter()
+            .map(|(seed, i)| out.join(format!("diffuse-{seed}-{i}.png")))
             .collect()
     } else if n == 1 {
         vec![out.to_path_buf()]
