@@ -883,6 +883,16 @@ fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
 /// Writes tensors as a safetensors file atomically: to a temporary file next to `path`, then
 /// renamed over it, so that a crash never leaves a half-written file under the final name.
 pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    save_safetensors_with_metadata(tensors, None, path)
+}
+
+/// [`save_safetensors`] with string metadata in the header's `__metadata__` (as diffusers
+/// writes `lora_adapter_metadata` into LoRA files).
+pub fn save_safetensors_with_metadata(
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -896,12 +906,20 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resul
         std::process::id()
     ));
     let write = || -> Result<()> {
-        candle_core::safetensors::save(tensors, &tmp).map_err(|e| match e {
-            candle_core::Error::Io(io) => Error::io(&tmp, io),
+        safetensors::serialize_to_file(tensors.iter(), metadata, &tmp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(io) => Error::io(&tmp, io),
             other => Error::Weights(format!("writing {}: {other}", tmp.display())),
         })?;
         let f = std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        // safetensors writes through a private (0600) temporary file; a weights file is
+        // readable by everyone, as any other file the user writes.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::Permissions::from_mode(0o644);
+            std::fs::set_permissions(&tmp, mode).map_err(|e| Error::io(&tmp, e))?;
+        }
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     };
     let result = write();
