@@ -16,6 +16,7 @@ mod label_grid;
 mod schedulers_cmd;
 mod serve;
 mod train;
+mod train_lora;
 
 use clap::{Parser, Subcommand};
 
@@ -48,6 +49,9 @@ enum Command {
     Inpaint(generate::InpaintArgs),
     /// Train a UNet2DModel (DDPM) on an image dataset and save a diffusers DDPMPipeline folder.
     Train(train::TrainArgs),
+    /// Train a LoRA on a Stable Diffusion model's UNet from captioned images (or DreamBooth
+    /// style) and save it for diffuse, diffusers or A1111.
+    TrainLora(train_lora::TrainLoraArgs),
     /// Train the small CNN classifier that `eval` scores class-conditional models with.
     Classifier(classifier::ClassifierArgs),
     /// Score a class-conditional model: class accuracy of its samples, Fréchet distance.
@@ -89,6 +93,7 @@ fn main() {
         Command::Img2img(a) => generate::run_img2img(a),
         Command::Inpaint(a) => generate::run_inpaint(a),
         Command::Train(a) => train::run(a),
+        Command::TrainLora(a) => train_lora::run(a),
         Command::Classifier(a) => classifier::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),

@@ -417,6 +417,27 @@ pub(crate) fn build_unet(
     )
 }
 
+/// The UNet weights of a Stable Diffusion model (a diffusers folder or a single file, as
+/// [`crate::load_pipeline`] takes it) under their diffusers names, in `opts.dtype` on
+/// `opts.device`, with the UNet's config: what adapter training rebuilds the UNet from at each
+/// step. (`opts.loras` are not applied.)
+pub fn unet_weights(
+    path: &Path,
+    opts: &LoadOptions,
+) -> Result<(UNet2DConditionConfig, HashMap<String, candle_core::Tensor>)> {
+    let source = Source::open(path, opts.config.as_deref())?;
+    let cfg: UNet2DConditionConfig = source.config("unet")?;
+    cfg.validate()?;
+    let layout = (cfg.block_out_channels.len(), cfg.layers_per_block.get(0));
+    let backend = source.backend("unet", opts.variant.as_deref(), layout.0, layout.1)?;
+    let weights = backend
+        .read_all()?
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_dtype(opts.dtype)?.to_device(&opts.device)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    Ok((cfg, weights))
+}
+
 /// The VAE and its dtype: f32 when the pipeline is f16 and the config asks to upcast
 /// (`force_upcast`: SD's and SDXL's VAEs overflow in f16).
 pub(crate) fn build_vae(

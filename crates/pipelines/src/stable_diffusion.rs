@@ -476,6 +476,12 @@ impl StableDiffusionPipeline {
         }
     }
 
+    /// Text encoder embeddings (B, 77, hidden) of `texts` as diffusers' training scripts
+    /// take them: the last layer's output for the padded token ids, nothing else.
+    pub fn text_embeddings(&self, texts: &[String]) -> Result<Tensor> {
+        self.embed_texts(texts, None, &mut Vec::new())
+    }
+
     /// Text encoder embeddings (B, 77, hidden) of `texts` (multi-vector embedding tokens
     /// expanded first).
     fn embed_texts(

@@ -139,7 +139,7 @@ fn random_vb_dtype(device: &Device, dtype: DType) -> VarBuilder<'static> {
 }
 
 /// Peak resident memory of this process so far (Linux), in MiB.
-fn peak_rss_mib() -> Option<f64> {
+pub(crate) fn peak_rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -1,0 +1,261 @@
+//! `diffuse train-lora`: LoRA fine-tuning of a Stable Diffusion UNet on a folder of captioned
+//! images (or DreamBooth-style with one instance prompt), saved as a LoRA file that diffuse,
+//! diffusers (`load_lora_weights`) and, in Kohya format, A1111 load.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use diffuse_pipelines::{load_pipeline, unet_weights, LoadOptions, Pipeline};
+use diffuse_training::{
+    AdamWConfig, LoraSaveFormat, LoraTrainConfig, LoraTrainer, LrScheduleKind, PriorPreservation,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::train::LrScheduleArg;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LoraFormatArg {
+    /// diffusers / PEFT (`unet.<module>.lora_A.weight`): what diffusers' load_lora_weights and
+    /// PEFT read.
+    Peft,
+    /// Kohya / A1111 (`lora_unet_<module>.lora_down.weight`, `.alpha`).
+    Kohya,
+}
+
+/// Train a LoRA on a Stable Diffusion model's UNet (the attention projections by default):
+/// images from --data with their captions in `<image>.txt`, or one --instance-prompt for all of
+/// them (DreamBooth; with --class-data and --class-prompt, prior preservation). The VAE, the
+/// text encoder and the UNet's own weights stay frozen.
+#[derive(Args, Debug)]
+pub struct TrainLoraArgs {
+    /// The model: a Stable Diffusion 1.x/2.x diffusers folder, single file or hub id.
+    #[arg(long)]
+    pub model: String,
+    /// For a single-file --model: a diffusers folder with its component configs.
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+    /// Folder of PNG/JPEG images; each `name.png` captioned by `name.txt` next to it.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// DreamBooth: the prompt of every training image (e.g. "a photo of sks dog"); caption
+    /// files are then not read.
+    #[arg(long, value_name = "PROMPT")]
+    pub instance_prompt: Option<String>,
+    /// Prior preservation: a folder of images of the class (e.g. made with `diffuse generate
+    /// --prompt "a photo of a dog" --num-images 100 --output DIR`), trained with --class-prompt.
+    #[arg(long, value_name = "DIR", requires = "class_prompt")]
+    pub class_data: Option<PathBuf>,
+    /// The prompt of the --class-data images.
+    #[arg(long, value_name = "PROMPT", requires = "class_data")]
+    pub class_prompt: Option<String>,
+    /// Weight of the class images' loss.
+    #[arg(long, default_value_t = 1.0)]
+    pub prior_loss_weight: f64,
+    /// The LoRA file to write.
+    #[arg(long, short, default_value = "lora.safetensors")]
+    pub output: PathBuf,
+    /// Overwrite --output (and the --save-every files) if they exist.
+    #[arg(long)]
+    pub force: bool,
+    /// The file layout.
+    #[arg(long, value_enum, default_value = "peft")]
+    pub format: LoraFormatArg,
+    /// Rank of the updates.
+    #[arg(long, default_value_t = 4)]
+    pub rank: usize,
+    /// The updates are scaled by alpha / rank. Default: the rank.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// The layers to adapt, by the last part of their module path, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "to_q,to_k,to_v,to_out.0")]
+    pub target_modules: Vec<String>,
+    /// Training image size (short side resized to it, then center-cropped). Default: the
+    /// model's native size.
+    #[arg(long, value_name = "PX")]
+    pub resolution: Option<usize>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    pub steps: u64,
+    /// Images per micro-batch (plus as many class images with prior preservation).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Learning rate after warm-up.
+    #[arg(long, value_enum, default_value = "constant")]
+    pub lr_schedule: LrScheduleArg,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    /// Clip the gradient norm to this; 0 disables clipping.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip_grad: f64,
+    /// Mirror images at random (each is encoded both ways once).
+    #[arg(long)]
+    pub random_flip: bool,
+    /// Seed of the adapters' initialisation, the image order and the noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the LoRA every N steps, as `<output stem>-<step>.safetensors`.
+    #[arg(long, value_name = "N")]
+    pub save_every: Option<u64>,
+    /// `cpu`, or `cuda:N` (needs a build with CUDA support).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(args: TrainLoraArgs) -> Result<()> {
+    // Everything that can be checked cheaply fails before the (slow) model load.
+    crate::generate::check_output_parent(&args.output)?;
+    let save_every = save_every(&args)?;
+    if !args.data.is_dir() {
+        bail!("--data {}: no such folder", args.data.display());
+    }
+    let device = crate::device::parse_device(&args.device)?;
+    let path = if Path::new(&args.model).exists() {
+        PathBuf::from(&args.model)
+    } else {
+        diffuse_loaders::resolve_model(&args.model, None)?
+    };
+    let opts = LoadOptions {
+        device,
+        config: args.config.clone(),
+        ..Default::default()
+    };
+    let loaded = Instant::now();
+    let pipeline = match load_pipeline(&path, &opts)
+        .with_context(|| format!("loading the model {}", path.display()))?
+    {
+        Pipeline::StableDiffusion(p) => p,
+        other => bail!(
+            "train-lora trains Stable Diffusion 1.x/2.x UNets; {} holds a {}",
+            path.display(),
+            other.class_name()
+        ),
+    };
+    let unet = unet_weights(&path, &opts)?;
+    let resolution = args.resolution.unwrap_or_else(|| pipeline.default_size().0);
+    let config = LoraTrainConfig {
+        rank: args.rank,
+        alpha: args.alpha,
+        target_modules: args.target_modules.clone(),
+        resolution,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        steps: args.steps,
+        optimizer: AdamWConfig {
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            ..LoraTrainConfig::default().optimizer
+        },
+        lr_schedule: match args.lr_schedule {
+            LrScheduleArg::Cosine => LrScheduleKind::Cosine,
+            LrScheduleArg::Constant => LrScheduleKind::Constant,
+        },
+        warmup_steps: args.warmup,
+        clip_grad: (args.clip_grad > 0.0).then_some(args.clip_grad),
+        seed: args.seed,
+        random_flip: args.random_flip,
+        instance_prompt: args.instance_prompt.clone(),
+        prior: match (&args.class_data, &args.class_prompt) {
+            (Some(dir), Some(prompt)) => Some(PriorPreservation {
+                class_data: dir.clone(),
+                class_prompt: prompt.clone(),
+                weight: args.prior_loss_weight,
+            }),
+            _ => None,
+        },
+    };
+    let mut trainer = LoraTrainer::new(&pipeline, unet, &args.data, config)
+        .with_context(|| format!("preparing the images of {}", args.data.display()))?;
+    drop(pipeline);
+    eprintln!(
+        "{} images at {resolution}x{resolution}, rank {} on {} layers ({} trained parameters); \
+         ready in {:.1}s",
+        trainer.num_images(),
+        args.rank,
+        trainer.modules().len(),
+        trainer.num_parameters(),
+        loaded.elapsed().as_secs_f64()
+    );
+    let format = match args.format {
+        LoraFormatArg::Peft => LoraSaveFormat::Peft,
+        LoraFormatArg::Kohya => LoraSaveFormat::Kohya,
+    };
+    let bar = ProgressBar::new(args.steps);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let mut smoothed: Option<f64> = None;
+    for _ in 0..args.steps {
+        let stats = trainer.train_step()?;
+        let s = smoothed.map_or(stats.loss, |s| 0.9 * s + 0.1 * stats.loss);
+        smoothed = Some(s);
+        bar.set_position(stats.step);
+        bar.set_message(format!("loss {:.4} (avg {s:.4})", stats.loss));
+        if let Some(every) = save_every {
+            if stats.step % every == 0 && stats.step < args.steps {
+                let p = step_path(&args.output, stats.step);
+                trainer.save(&p, format)?;
+                bar.println(format!("wrote {}", p.display()));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    trainer.save(&args.output, format)?;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "trained {} steps in {secs:.1}s ({:.2} s/step), final loss (smoothed) {:.4}{}",
+        args.steps,
+        secs / args.steps as f64,
+        smoothed.unwrap_or(f64::NAN),
+        crate::bench::peak_rss_mib()
+            .map(|m| format!(", peak memory {m:.0} MiB"))
+            .unwrap_or_default()
+    );
+    println!("wrote {}", args.output.display());
+    Ok(())
+}
+
+/// `--save-every`'s interval, with every file the run will write checked up front.
+fn save_every(args: &TrainLoraArgs) -> Result<Option<u64>> {
+    let mut finals = vec![args.output.clone()];
+    let every = match args.save_every {
+        Some(0) => bail!("--save-every must be at least 1"),
+        Some(n) => Some(n),
+        None => None,
+    };
+    if let Some(n) = every {
+        finals.extend(
+            (1..args.steps)
+                .filter(|s| s % n == 0)
+                .map(|s| step_path(&args.output, s)),
+        );
+    }
+    if !args.force {
+        if let Some(p) = finals.iter().find(|p| p.exists()) {
+            bail!("{} exists; pass --force to overwrite it", p.display());
+        }
+    }
+    Ok(every)
+}
+
+/// `out.safetensors` at step 100: `out-100.safetensors`.
+fn step_path(output: &Path, step: u64) -> PathBuf {
+    let stem = output.file_stem().unwrap_or_default().to_string_lossy();
+    output.with_file_name(format!("{stem}-{step}.safetensors"))
+}

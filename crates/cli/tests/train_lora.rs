@@ -1,0 +1,118 @@
+//! `diffuse train-lora` run as a user would, on the tiny Stable Diffusion pipeline: the LoRA it
+//! writes loads with `--lora` and changes the image; bad input fails before any work.
+
+mod common;
+use common::diffuse;
+
+use std::path::{Path, PathBuf};
+
+fn repo(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(p)
+        .display()
+        .to_string()
+}
+
+fn run(args: &[&str]) -> String {
+    let (ok, out, err) = diffuse(args);
+    assert!(ok, "diffuse {args:?} failed:\n{err}");
+    out + &err
+}
+
+#[test]
+fn a_trained_lora_loads_and_changes_the_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sd, data) = (
+        repo("fixtures/pipelines/tiny_sd"),
+        repo("fixtures/lora_training/data"),
+    );
+    let lora: PathBuf = tmp.path().join("mine.safetensors");
+    let l = lora.to_str().unwrap();
+    let train = [
+        "train-lora",
+        "--model",
+        &sd,
+        "--data",
+        &data,
+        "--steps",
+        "4",
+        "--lr",
+        "5e-3",
+        "--save-every",
+        "2",
+        "--output",
+        l,
+    ];
+    let out = run(&train);
+    assert!(
+        out.contains("4 images at 64x64, rank 4 on 32 layers"),
+        "{out}"
+    );
+    assert!(out.contains("trained 4 steps"), "{out}");
+    assert!(tmp.path().join("mine-2.safetensors").is_file(), "{out}");
+    // A second run does not overwrite the file unless asked to.
+    let (ok, _, err) = diffuse(&train);
+    assert!(!ok && err.contains("exists; pass --force"), "{err}");
+
+    let image = |extra: &[&str], name: &str| -> Vec<u8> {
+        let png = tmp.path().join(name);
+        let mut args = vec![
+            "generate",
+            "--model",
+            &sd,
+            "--prompt",
+            "a red square in corner 1",
+            "--steps",
+            "3",
+            "--seed",
+            "4",
+            "--output",
+            png.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run(&args);
+        std::fs::read(png).unwrap()
+    };
+    assert_ne!(
+        image(&[], "plain.png"),
+        image(&["--lora", l], "lora.png"),
+        "the LoRA did not change the image"
+    );
+}
+
+#[test]
+fn bad_input_fails_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = repo("fixtures/pipelines/tiny_sd");
+    let ddpm = repo("models/fashion-mnist-ddpm");
+    let out = tmp.path().join("l.safetensors");
+    let o = out.to_str().unwrap();
+    let missing = tmp.path().join("nowhere");
+    let cases: [(Vec<&str>, &str); 3] = [
+        (
+            vec![
+                "--model",
+                &sd,
+                "--data",
+                missing.to_str().unwrap(),
+                "--output",
+                o,
+            ],
+            "nowhere: no such folder",
+        ),
+        (
+            vec!["--model", &sd, "--data", &sd, "--output", o],
+            "no images",
+        ),
+        (
+            vec!["--model", &ddpm, "--data", &sd, "--output", o],
+            "trains Stable Diffusion",
+        ),
+    ];
+    for (args, want) in cases {
+        let (ok, _, err) = diffuse(&[&["train-lora"][..], &args].concat());
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+}

@@ -1,0 +1,656 @@
+//! LoRA fine-tuning of a Stable Diffusion UNet, as diffusers' `train_text_to_image_lora.py` and
+//! `train_dreambooth_lora.py` do it: rank-r updates `W + (alpha / r) · B · A` on the attention
+//! projections (PEFT's Gaussian init: `A ~ N(0, 1/r)`, `B = 0`), trained on the noise-prediction
+//! MSE with everything else frozen, and saved in the diffusers/PEFT layout
+//! (`unet.<module>.lora_A.weight` / `.lora_B.weight`) that `load_lora_weights` reads, or in
+//! Kohya's.
+//!
+//! The VAE and the text encoder are frozen, so each image's latent distribution (and its
+//! mirror's, with random flips) and each caption's embeddings are computed once up front. Every
+//! step samples latents from the stored distributions (as `latent_dist.sample()` does), noises
+//! them at uniform timesteps and rebuilds the UNet from the frozen weights with the current
+//! updates added to the targeted ones; A and B are the only variables.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use diffuse_core::{Error, Generator, Result};
+use diffuse_models::{DiagonalGaussian, UNet2DConditionConfig, UNet2DConditionModel};
+use diffuse_pipelines::image_processor::preprocess_image;
+use diffuse_pipelines::StableDiffusionPipeline;
+use diffuse_schedulers::common::{per_batch_lin2, PredictionType};
+use diffuse_schedulers::config::ConfigReader;
+use diffuse_schedulers::Scheduler;
+use serde_json::json;
+
+use crate::dataset::{fit_image, BatchSampler, Fit};
+use crate::optimizer::{clip_grad_norm, grad_norm, AdamW, AdamWConfig, LrSchedule, LrScheduleKind};
+
+/// The layers diffusers' LoRA scripts adapt: the attention projections.
+pub const DEFAULT_TARGETS: &[&str] = &["to_q", "to_k", "to_v", "to_out.0"];
+
+/// The image files a training folder may hold.
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
+
+/// How a LoRA run is configured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraTrainConfig {
+    pub rank: usize,
+    /// The update is scaled by `alpha / rank`; none: alpha = rank (scale 1), diffusers' default.
+    pub alpha: Option<f64>,
+    /// Layer names (the last parts of module paths: `to_q`, `to_out.0`, `proj_in`, ...).
+    pub target_modules: Vec<String>,
+    /// Images are resized so that their short side is this, then center-cropped to a square.
+    pub resolution: usize,
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Optimizer steps.
+    pub steps: u64,
+    pub optimizer: AdamWConfig,
+    pub lr_schedule: LrScheduleKind,
+    pub warmup_steps: usize,
+    /// Maximum gradient L2 norm; none: no clipping.
+    pub clip_grad: Option<f64>,
+    pub seed: u64,
+    /// Mirror each image with probability 1/2.
+    pub random_flip: bool,
+    /// DreamBooth: one prompt for every instance image (caption files are then not read).
+    pub instance_prompt: Option<String>,
+    pub prior: Option<PriorPreservation>,
+}
+
+/// DreamBooth's prior preservation: images of the class (made by the model itself, as
+/// diffusers makes them) trained with the class prompt next to the instance images, so that the
+/// model keeps what it knew of the class.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PriorPreservation {
+    pub class_data: PathBuf,
+    pub class_prompt: String,
+    /// Weight of the class images' loss.
+    pub weight: f64,
+}
+
+impl Default for LoraTrainConfig {
+    /// diffusers' `train_text_to_image_lora.py` defaults (rank 4, lr 1e-4, AdamW β 0.9/0.999,
+    /// weight decay 1e-2, constant schedule, gradient clipping at 1), at 512 pixels.
+    fn default() -> Self {
+        Self {
+            rank: 4,
+            alpha: None,
+            target_modules: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+            resolution: 512,
+            batch_size: 1,
+            grad_accum: 1,
+            steps: 100,
+            optimizer: AdamWConfig {
+                lr: 1e-4,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 1e-2,
+            },
+            lr_schedule: LrScheduleKind::Constant,
+            warmup_steps: 0,
+            clip_grad: Some(1.0),
+            seed: 0,
+            random_flip: false,
+            instance_prompt: None,
+            prior: None,
+        }
+    }
+}
+
+impl LoraTrainConfig {
+    fn alpha(&self) -> f64 {
+        self.alpha.unwrap_or(self.rank as f64)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(Error::invalid("the LoRA rank must be at least 1"));
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 || self.steps == 0 {
+            return Err(Error::invalid(
+                "the batch size, gradient accumulation and step count must be at least 1",
+            ));
+        }
+        if self.target_modules.is_empty() {
+            return Err(Error::invalid("no target modules given"));
+        }
+        if let Some(p) = &self.prior {
+            if !(p.weight.is_finite() && p.weight >= 0.0) {
+                return Err(Error::invalid(format!(
+                    "the prior loss weight must be a number >= 0, not {}",
+                    p.weight
+                )));
+            }
+        }
+        self.optimizer.validate()
+    }
+}
+
+/// The file layout a LoRA is saved in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraSaveFormat {
+    /// diffusers / PEFT: `unet.<module>.lora_A.weight`, `.lora_B.weight`, and the rank, alpha
+    /// and target modules in the header's `lora_adapter_metadata`.
+    Peft,
+    /// Kohya / A1111: `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`
+    /// and `.alpha`.
+    Kohya,
+}
+
+/// One optimizer step's figures.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraStepStats {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+}
+
+/// A training image: the latent distribution of it (and of its mirror image) and its caption's
+/// text embeddings.
+struct Example {
+    latents: Vec<DiagonalGaussian>,
+    text: Tensor,
+}
+
+/// A set of examples and the order they are drawn in.
+struct Examples {
+    items: Vec<Example>,
+    sampler: BatchSampler,
+}
+
+/// One adapted layer.
+struct Adapter {
+    /// Its weight's name, `....to_q.weight`.
+    weight: String,
+    /// `A` (rank × in) and `B` (out × rank).
+    a: Var,
+    b: Var,
+}
+
+impl Adapter {
+    fn module(&self) -> &str {
+        self.weight.trim_end_matches(".weight")
+    }
+}
+
+/// A LoRA training run on a loaded Stable Diffusion pipeline.
+pub struct LoraTrainer {
+    config: LoraTrainConfig,
+    unet_config: UNet2DConditionConfig,
+    /// The UNet's weights, none of them trained.
+    frozen: HashMap<String, Tensor>,
+    adapters: Vec<Adapter>,
+    scheduler: Box<dyn Scheduler>,
+    prediction: PredictionType,
+    /// The VAE's latent scale.
+    scaling_factor: f64,
+    instances: Examples,
+    classes: Option<Examples>,
+    optimizer: AdamW,
+    lr: LrSchedule,
+    rng: Generator,
+    step: u64,
+    device: Device,
+    dtype: DType,
+}
+
+impl LoraTrainer {
+    /// Prepares a run: reads and encodes the images of `data` (captions from `<image>.txt`
+    /// unless the config has an instance prompt) and of the prior-preservation folder, and
+    /// creates the adapters on the layers of `unet` (its config and weights, as
+    /// [`diffuse_pipelines::unet_weights`] reads them) named by the config's target modules.
+    pub fn new(
+        pipeline: &StableDiffusionPipeline,
+        unet: (UNet2DConditionConfig, HashMap<String, Tensor>),
+        data: &Path,
+        config: LoraTrainConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (unet_config, frozen) = unet;
+        let factor = pipeline.vae_scale_factor();
+        if config.resolution == 0 || !config.resolution.is_multiple_of(factor) {
+            return Err(Error::invalid(format!(
+                "the resolution must be a positive multiple of {factor}, not {}",
+                config.resolution
+            )));
+        }
+        let device = pipeline.device.clone();
+        let dtype = pipeline.dtype;
+        let mut rng = Generator::manual_seed(config.seed);
+        let adapters = create_adapters(&frozen, &config, &mut rng, dtype, &device)?;
+        let prepare = |dir: &Path, prompt: Option<&str>, seed: u64| -> Result<Examples> {
+            let items = read_examples(pipeline, dir, prompt, &config)?;
+            let sampler = BatchSampler::new(items.len(), seed)?;
+            Ok(Examples { items, sampler })
+        };
+        let instances = prepare(data, config.instance_prompt.as_deref(), config.seed)?;
+        let classes = match &config.prior {
+            Some(p) => Some(prepare(
+                &p.class_data,
+                Some(&p.class_prompt),
+                config.seed.wrapping_add(1),
+            )?),
+            None => None,
+        };
+        // diffusers trains with a DDPMScheduler on the model's schedule.
+        let scheduler_config = pipeline.scheduler.config().clone();
+        let scheduler = diffuse_schedulers::from_config("DDPMScheduler", &scheduler_config)?;
+        let prediction =
+            PredictionType::read(&mut ConfigReader::new("DDPMScheduler", &scheduler_config))?;
+        let vars: Vec<Var> = adapters
+            .iter()
+            .flat_map(|a| [a.a.clone(), a.b.clone()])
+            .collect();
+        let optimizer = AdamW::new(config.optimizer, &vars)?;
+        let lr = LrSchedule {
+            kind: config.lr_schedule,
+            base_lr: config.optimizer.lr,
+            warmup_steps: config.warmup_steps,
+            total_steps: config.steps as usize,
+        };
+        Ok(Self {
+            config,
+            unet_config,
+            frozen,
+            adapters,
+            scheduler,
+            prediction,
+            scaling_factor: pipeline.vae.config().scaling_factor,
+            instances,
+            classes,
+            optimizer,
+            lr,
+            rng,
+            step: 0,
+            device,
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &LoraTrainConfig {
+        &self.config
+    }
+
+    /// Optimizer steps done.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Training images (instance images; not counting prior-preservation ones).
+    pub fn num_images(&self) -> usize {
+        self.instances.items.len()
+    }
+
+    /// The adapted layers' module paths.
+    pub fn modules(&self) -> Vec<&str> {
+        self.adapters.iter().map(Adapter::module).collect()
+    }
+
+    /// Trained parameters (A and B of every adapter).
+    pub fn num_parameters(&self) -> usize {
+        self.adapters
+            .iter()
+            .map(|a| a.a.elem_count() + a.b.elem_count())
+            .sum()
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.adapters
+            .iter()
+            .flat_map(|a| [a.a.clone(), a.b.clone()])
+            .collect()
+    }
+
+    /// The UNet with the current updates: built from the frozen weights, each targeted weight
+    /// replaced by `W + (alpha / r) · B · A` (a function of the variables, so gradients reach
+    /// them).
+    pub fn unet(&self) -> Result<UNet2DConditionModel> {
+        let scale = self.config.alpha() / self.config.rank as f64;
+        let mut weights = self.frozen.clone();
+        for a in &self.adapters {
+            let update = (a.b.as_tensor().matmul(a.a.as_tensor())? * scale)?;
+            let w = (&self.frozen[&a.weight] + update)?;
+            weights.insert(a.weight.clone(), w);
+        }
+        let vb = VarBuilder::from_tensors(weights, self.dtype, &self.device);
+        Ok(UNet2DConditionModel::new(vb, &self.unet_config)?)
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches.
+    pub fn train_step(&mut self) -> Result<LoraStepStats> {
+        let vars = self.vars();
+        let accum = self.config.grad_accum;
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut loss_sum = 0.0;
+        for _ in 0..accum {
+            let loss = self.micro_batch_loss()?;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let store = (loss / accum as f64)?.backward()?;
+            for (acc, var) in grads.iter_mut().zip(&vars) {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    let g = g.detach();
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + g)?,
+                        None => g,
+                    });
+                }
+            }
+        }
+        let mut grads = grads
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let loss = loss_sum / accum as f64;
+        if !loss.is_finite() {
+            return Err(Error::invalid(format!(
+                "the loss became {loss} at step {}; try a lower learning rate",
+                self.step + 1
+            )));
+        }
+        let norm = match self.config.clip_grad {
+            Some(max) => clip_grad_norm(&mut grads, max)?,
+            None => grad_norm(&grads)?,
+        };
+        let lr = self.lr.lr_at(self.step as usize);
+        self.optimizer.step(&vars, &grads, lr)?;
+        self.step += 1;
+        Ok(LoraStepStats {
+            step: self.step,
+            loss,
+            lr,
+            grad_norm: norm,
+        })
+    }
+
+    /// The loss of one micro-batch: instance images (and as many class images, weighted, with
+    /// prior preservation).
+    fn micro_batch_loss(&mut self) -> Result<Tensor> {
+        let bs = self.config.batch_size;
+        let (flip, scale) = (self.config.random_flip, self.scaling_factor);
+        let (x0, text) = draw(&mut self.instances, bs, flip, scale, &mut self.rng)?;
+        let (x0, text) = match &mut self.classes {
+            Some(c) => {
+                let (cx, ct) = draw(c, bs, flip, scale, &mut self.rng)?;
+                (Tensor::cat(&[x0, cx], 0)?, Tensor::cat(&[text, ct], 0)?)
+            }
+            None => (x0, text),
+        };
+        let n = x0.dim(0)?;
+        let noise = self.rng.randn(x0.shape().clone(), &self.device)?;
+        let train_steps = self.num_train_timesteps()?;
+        let timesteps: Vec<u64> = (0..n)
+            .map(|_| (self.rng.next_u32() as u64 * train_steps) >> 32)
+            .collect();
+        let per_image = self.prediction_loss(&x0, &noise, &timesteps, &text)?;
+        let instance = per_image.narrow(0, 0, bs)?.mean_all()?;
+        match &self.config.prior {
+            Some(p) => Ok((instance + (per_image.narrow(0, bs, bs)?.mean_all()? * p.weight)?)?),
+            None => Ok(instance),
+        }
+    }
+
+    fn num_train_timesteps(&self) -> Result<u64> {
+        let acp = self.scheduler.alphas_cumprod().ok_or_else(|| {
+            Error::invalid("LoRA training needs a scheduler with a discrete noise schedule")
+        })?;
+        Ok(acp.len() as u64)
+    }
+
+    /// Per-image MSE `(B,)` of the UNet's prediction for `x0` noised with `noise` at
+    /// `timesteps`.
+    fn prediction_loss(
+        &self,
+        x0: &Tensor,
+        noise: &Tensor,
+        timesteps: &[u64],
+        text: &Tensor,
+    ) -> Result<Tensor> {
+        let t_f64: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+        let noisy = self.scheduler.add_noise(x0, noise, &t_f64)?;
+        let target = match self.prediction {
+            PredictionType::Epsilon => noise.clone(),
+            PredictionType::Sample => x0.clone(),
+            PredictionType::VPrediction => {
+                let acp = self.scheduler.alphas_cumprod().unwrap_or_default();
+                let a: Vec<f64> = timesteps.iter().map(|&t| acp[t as usize] as f64).collect();
+                let ca: Vec<f64> = a.iter().map(|a| a.sqrt()).collect();
+                let cb: Vec<f64> = a.iter().map(|a| -(1.0 - a).sqrt()).collect();
+                per_batch_lin2(noise, x0, &ca, &cb)?
+            }
+        };
+        let t = Tensor::from_vec(
+            timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+            timesteps.len(),
+            &self.device,
+        )?;
+        let pred = self.unet()?.forward(&noisy, &t, text)?;
+        let err = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?;
+        Ok(err.flatten_from(1)?.mean(1)?)
+    }
+
+    /// The loss over every instance image at noise and timesteps drawn from `seed` (latents
+    /// at their means, no flips): a measure that, unlike the step losses, does not move with
+    /// the noise draws, for comparing the weights before and after training.
+    pub fn fixed_loss(&self, seed: u64) -> Result<f64> {
+        let mut rng = Generator::manual_seed(seed);
+        let train_steps = self.num_train_timesteps()?;
+        let mut total = 0.0;
+        for e in &self.instances.items {
+            let x0 = (e.latents[0].mode() * self.scaling_factor)?;
+            let noise = rng.randn(x0.shape().clone(), &self.device)?;
+            let t = (rng.next_u32() as u64 * train_steps) >> 32;
+            let loss = self.prediction_loss(&x0, &noise, &[t], &e.text)?;
+            total += loss.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        }
+        Ok(total / self.instances.items.len() as f64)
+    }
+
+    /// The adapters as the tensors of a LoRA file in `format`, with the header metadata.
+    pub fn lora_tensors(
+        &self,
+        format: LoraSaveFormat,
+    ) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+        let alpha = self.config.alpha();
+        let mut tensors = HashMap::new();
+        let mut metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        for a in &self.adapters {
+            let (down, up) = (
+                a.a.as_tensor().to_dtype(DType::F32)?,
+                a.b.as_tensor().to_dtype(DType::F32)?,
+            );
+            let module = a.module();
+            match format {
+                LoraSaveFormat::Peft => {
+                    tensors.insert(format!("unet.{module}.lora_A.weight"), down);
+                    tensors.insert(format!("unet.{module}.lora_B.weight"), up);
+                }
+                LoraSaveFormat::Kohya => {
+                    let key = format!("lora_unet_{}", module.replace('.', "_"));
+                    tensors.insert(format!("{key}.lora_down.weight"), down);
+                    tensors.insert(format!("{key}.lora_up.weight"), up);
+                    tensors.insert(
+                        format!("{key}.alpha"),
+                        Tensor::new(alpha as f32, &Device::Cpu)?,
+                    );
+                }
+            }
+        }
+        if format == LoraSaveFormat::Peft {
+            // What diffusers' `save_lora_weights(unet_lora_adapter_metadata=...)` writes: the
+            // PEFT config under the component's prefix; `load_lora_weights` builds its
+            // `LoraConfig` from it.
+            let peft = json!({
+                "unet.r": self.config.rank,
+                "unet.lora_alpha": alpha,
+                "unet.target_modules": self.config.target_modules,
+                "unet.init_lora_weights": "gaussian",
+            });
+            metadata.insert("lora_adapter_metadata".into(), peft.to_string());
+        }
+        Ok((tensors, metadata))
+    }
+
+    /// Writes the adapters as a LoRA file (atomically).
+    pub fn save(&self, path: &Path, format: LoraSaveFormat) -> Result<()> {
+        let (tensors, metadata) = self.lora_tensors(format)?;
+        diffuse_loaders::save_safetensors_with_metadata(&tensors, Some(metadata), path)
+    }
+}
+
+/// Adapters on every 2-D weight whose module path ends in a target name.
+fn create_adapters(
+    frozen: &HashMap<String, Tensor>,
+    config: &LoraTrainConfig,
+    rng: &mut Generator,
+    dtype: DType,
+    device: &Device,
+) -> Result<Vec<Adapter>> {
+    let mut names: Vec<&String> = frozen
+        .keys()
+        .filter(|name| {
+            let module = name.strip_suffix(".weight").unwrap_or("");
+            config
+                .target_modules
+                .iter()
+                .any(|t| module == t || module.ends_with(&format!(".{t}")))
+        })
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(Error::invalid(format!(
+            "no layer of the UNet is named {}",
+            config.target_modules.join(", ")
+        )));
+    }
+    let r = config.rank;
+    names
+        .into_iter()
+        .map(|name| {
+            let w = &frozen[name];
+            let &[out, inp] = w.dims() else {
+                return Err(Error::invalid(format!(
+                    "{name} has shape {:?}: only linear layers take a LoRA here",
+                    w.dims()
+                )));
+            };
+            if r > out.min(inp) {
+                return Err(Error::invalid(format!(
+                    "rank {r} exceeds {name}'s size {out}x{inp}"
+                )));
+            }
+            // PEFT's "gaussian" init: A ~ N(0, 1/r), B = 0 (the model starts unchanged).
+            let a = (rng.randn((r, inp), device)? * (1.0 / r as f64))?.to_dtype(dtype)?;
+            let b = Tensor::zeros((out, r), dtype, device)?;
+            Ok(Adapter {
+                weight: name.clone(),
+                a: Var::from_tensor(&a)?,
+                b: Var::from_tensor(&b)?,
+            })
+        })
+        .collect()
+}
+
+/// The images of `dir` (sorted by name) with their captions, encoded.
+fn read_examples(
+    pipeline: &StableDiffusionPipeline,
+    dir: &Path,
+    prompt: Option<&str>,
+    config: &LoraTrainConfig,
+) -> Result<Vec<Example>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut images: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    images.sort();
+    if images.is_empty() {
+        return Err(Error::invalid(format!(
+            "{}: no images ({}) in the folder",
+            dir.display(),
+            IMAGE_EXTENSIONS.join(", ")
+        )));
+    }
+    let res = config.resolution;
+    let vae_dtype = pipeline.vae_dtype;
+    images
+        .iter()
+        .map(|path| {
+            let caption = match prompt {
+                Some(p) => p.to_string(),
+                None => read_caption(path)?,
+            };
+            let img = image::open(path)
+                .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+            let img = fit_image(img, res as u32, Fit::Resize).to_rgb8();
+            let mut views = vec![img.clone()];
+            if config.random_flip {
+                views.push(image::imageops::flip_horizontal(&img));
+            }
+            let latents = views
+                .iter()
+                .map(|v| {
+                    let x = preprocess_image(v, res, res, &pipeline.device)?.to_dtype(vae_dtype)?;
+                    let d = pipeline.vae.encode(&x)?;
+                    Ok(DiagonalGaussian {
+                        mean: d.mean.to_dtype(DType::F32)?,
+                        logvar: d.logvar.to_dtype(DType::F32)?,
+                        std: d.std.to_dtype(DType::F32)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let text = pipeline.text_embeddings(&[caption])?;
+            Ok(Example { latents, text })
+        })
+        .collect()
+}
+
+/// The caption of `image.png`: the text of `image.txt` next to it.
+fn read_caption(image: &Path) -> Result<String> {
+    let path = image.with_extension("txt");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::invalid(format!(
+            "{}: no caption ({}: {e}); write one, or train with one instance prompt",
+            image.display(),
+            path.display()
+        ))
+    })?;
+    Ok(text.trim().to_string())
+}
+
+/// The next `n` examples: latents sampled from their distributions (scaled), and their text
+/// embeddings.
+fn draw(
+    set: &mut Examples,
+    n: usize,
+    flip: bool,
+    scaling_factor: f64,
+    rng: &mut Generator,
+) -> Result<(Tensor, Tensor)> {
+    let indices = set.sampler.next_batch(n);
+    let mut latents = Vec::with_capacity(n);
+    let mut texts = Vec::with_capacity(n);
+    for i in indices {
+        let e = &set.items[i];
+        let view = if flip && rng.rand_vec(1)[0] < 0.5 {
+            1
+        } else {
+            0
+        };
+        let d = &e.latents[view];
+        latents.push((d.sample_with(rng)? * scaling_factor)?);
+        texts.push(e.text.clone());
+    }
+    Ok((Tensor::cat(&latents, 0)?, Tensor::cat(&texts, 0)?))
+}
