@@ -479,6 +479,64 @@ fn conv_gradients_match_candle() -> Result<()> {
     Ok(())
 }
 
+/// Frozen layers under a tracked input (adapter training): the fast paths' backward gives the
+/// input's gradient only, equal to candle's; the frozen weights get none.
+#[test]
+fn frozen_layers_give_the_input_gradient_of_candle() -> Result<()> {
+    use diffuse_models::ops::linear::Linear;
+    fn input_grad(y: Tensor, x: &Var, weights: &Tensor, frozen: &[&Tensor]) -> Result<Tensor> {
+        let g = (y * weights)?.sum_all()?.backward()?;
+        for w in frozen {
+            assert!(g.get(w).is_none(), "a frozen weight got a gradient");
+        }
+        Ok(g.get(x.as_tensor()).expect("the input's gradient").clone())
+    }
+    // Winograd (large and small maps), im2col, 1×1.
+    for (k, n, cin, cout, h) in [
+        (3, 2, 3, 5, 48),
+        (3, 2, 9, 2, 30),
+        (3, 2, 3, 5, 6),
+        (1, 2, 3, 5, 7),
+    ] {
+        let (conv, _) = random_conv(cin, cout, k, k / 2, true)?;
+        let x = Var::from_tensor(&randn(&[n, cin, h, h + 3], 1.0)?)?;
+        let weights = randn(&[n, cout, h, h + 3], 1.0)?;
+        let got = input_grad(conv.forward(&x)?, &x, &weights, &[])?;
+        let want = {
+            let y = conv.forward_reference(&x)?;
+            let g = (y * &weights)?.sum_all()?.backward()?;
+            g.get(x.as_tensor()).expect("the input's gradient").clone()
+        };
+        assert_close(
+            &format!("frozen conv{k}x{k} {cin}->{cout} {h}"),
+            &got,
+            &want,
+            1e-4,
+        )?;
+    }
+    for (shape, out) in [(vec![2, 300, 40], 33), (vec![2, 77, 24], 20)] {
+        let k = *shape.last().unwrap();
+        let (w, b) = (randn(&[out, k], 0.1)?, randn(&[out], 1.0)?);
+        for bias in [Some(b.clone()), None] {
+            let layer = Linear::new(w.clone(), bias.clone());
+            let x = Var::from_tensor(&randn(&shape, 1.0)?)?;
+            let mut out_shape = shape.clone();
+            *out_shape.last_mut().unwrap() = out;
+            let weights = randn(&out_shape, 1.0)?;
+            let frozen: Vec<&Tensor> = std::iter::once(&w).chain(bias.as_ref()).collect();
+            let got = input_grad(layer.forward(&x)?, &x, &weights, &frozen)?;
+            let want = input_grad(layer.forward_reference(&x)?, &x, &weights, &[])?;
+            assert_close(
+                &format!("frozen linear {shape:?} -> {out}"),
+                &got,
+                &want,
+                1e-4,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 type UnaryOp = fn(&Tensor) -> candle_core::Result<Tensor>;
 
 /// The gradient of `sum(f(x) ⊙ weights)` with respect to `x`.

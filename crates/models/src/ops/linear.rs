@@ -6,8 +6,9 @@
 //! rows (the 8×8 level, cross-attention keys over 77 tokens, time embeddings, CLIP) packing
 //! the weight would cost about as much as the product, so those compute `yᵀ = w·xᵀ` instead
 //! (measured in one process, alternating: 128 × 1280 → 1280 3.7 vs 4.7 ms, 154 × 3072 → 768
-//! 6.9 vs 9.2 ms). Training (the weight or
-//! input tracks gradients) and other devices take candle's matmul.
+//! 6.9 vs 9.2 ms). A layer whose weight trains, and other devices, take candle's matmul; a
+//! frozen layer under a tracked input (adapter training) keeps the fast path, with a backward
+//! that computes the input's gradient only.
 //!
 //! The weight may be kept in half precision (bf16/f16) under f32 activations: the layer then
 //! computes in f32, widening the weight as it packs it (the diffusion transformers at their real
@@ -139,8 +140,8 @@ impl Linear {
                 .bias()
                 .is_none_or(|b| float(b) && b.dims() == [n])
             && xs.dims().last() == Some(&k)
-            && !xs.track_op()
             && !w.track_op()
+            && self.inner.bias().is_none_or(|b| !b.track_op())
     }
 }
 
@@ -178,14 +179,33 @@ impl Linear {
             return candle_nn::Linear::new(w.to_dtype(xs.dtype())?, bias).forward(&xs);
         }
         let (xs, w) = (xs.contiguous()?, self.inner.weight().contiguous()?);
-        match self.inner.bias() {
-            Some(b) => xs.apply_op3_no_bwd(&w, b, &LinearOp),
-            None => xs.apply_op2_no_bwd(&w, &LinearOp),
+        // A frozen layer under a tracked input (adapter training): the op's backward gives
+        // the input's gradient only, where candle's matmul would also compute the weight's.
+        match (self.inner.bias(), xs.track_op()) {
+            (Some(b), true) => xs.apply_op3(&w, b, LinearOp),
+            (Some(b), false) => xs.apply_op3_no_bwd(&w, b, &LinearOp),
+            (None, true) => xs.apply_op2(&w, LinearOp),
+            (None, false) => xs.apply_op2_no_bwd(&w, &LinearOp),
         }
     }
 }
 
-/// The op behind [`Linear`]'s fast path (inference only: it is applied without a backward).
+/// `dx = dy · w` for `y = x · wᵀ (+ b)`, in `dy`'s dtype.
+fn linear_input_grad(w: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let (n, k) = w.dims2()?;
+    let mut shape = grad.dims().to_vec();
+    let rows = grad.elem_count() / n.max(1);
+    *shape
+        .last_mut()
+        .expect("a linear output has a last dimension") = k;
+    grad.contiguous()?
+        .reshape((rows, n))?
+        .matmul(&w.to_dtype(grad.dtype())?)?
+        .reshape(shape)
+}
+
+/// The op behind [`Linear`]'s fast path. Its backward serves frozen weights only (the input's
+/// gradient); a layer whose weight trains takes candle's matmul.
 struct LinearOp;
 
 impl LinearOp {
@@ -304,6 +324,16 @@ impl CustomOp2 for LinearOp {
     ) -> Result<(CpuStorage, Shape)> {
         Self::forward((s1, l1), (s2, l2), None)
     }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(linear_input_grad(w, grad)?), None))
+    }
 }
 
 impl CustomOp3 for LinearOp {
@@ -321,5 +351,16 @@ impl CustomOp3 for LinearOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         Self::forward((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(linear_input_grad(w, grad)?), None, None))
     }
 }
