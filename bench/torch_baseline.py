@@ -41,6 +41,8 @@ def main():
                     help="also an SD3-medium step and a FLUX.1-dev double and single block at --transformer-size")
     ap.add_argument("--transformer-size", type=int, default=1024)
     ap.add_argument("--large", action="store_true", help="also the SDXL / 2048x2048 lines (10+ GiB each)")
+    ap.add_argument("--lora-train", action="store_true",
+                    help="also one LoRA training step of the SD 1.5 UNet (peft, rank 4, batch 1) at 256 and 512")
     args = ap.parse_args()
 
     import torch
@@ -196,6 +198,38 @@ def main():
                                 guidance_scale=0.0, height=512, width=512, generator=gen, output_type="np"))
         peak_rss(turbo)
         del pipe
+    for px in [256, 512]:
+        name = f"lora sd15 train step {px}"
+        if not (args.lora_train and want(name)):
+            continue
+        # As diffusers' train_text_to_image_lora.py: the UNet frozen, a PEFT adapter of rank 4
+        # (gaussian init) on the attention projections, AdamW (lr 1e-4, weight decay 1e-2),
+        # gradients clipped at 1; one step on one image's latents.
+        from peft import LoraConfig
+
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(sd, "unet"))).to(dev)
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+        lat, ctx = randn(1, 4, px // 8, px // 8), randn(1, 77, 768)
+
+        def step():
+            noise = torch.randn_like(lat)
+            t = torch.randint(0, 1000, (1,), device=dev)
+            noisy = 0.7 * lat + 0.7 * noise
+            loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=ctx).sample, noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        out[name] = median_ms(step, args.runs, args.warmup, sync)
+        peak_rss(name)
+        print(f"{name}: {out[name]:.1f} ms, peak RSS {out[name + ' peak_rss_mib']:.0f} MiB", file=sys.stderr)
+        del unet, opt, params
     if args.pipeline:
         from diffusers import PNDMScheduler, StableDiffusionPipeline
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer

@@ -18,7 +18,7 @@ pub mod trainer;
 
 pub use dataset::{Dataset, DatasetKind, DatasetOptions, Fit, Split};
 pub use ema::EmaConfig;
-pub use lora::{LoraSaveFormat, LoraTrainConfig, LoraTrainer, PriorPreservation};
+pub use lora::{LoraSaveFormat, LoraTrainConfig, LoraTrainer, PriorPreservation, TrainingExample};
 pub use optimizer::{AdamWConfig, LrScheduleKind};
 pub use sample::SampleSettings;
 pub use trainer::{Event, StepStats, TrainConfig, Trainer};

@@ -22,7 +22,7 @@ use diffuse_pipelines::image_processor::preprocess_image;
 use diffuse_pipelines::StableDiffusionPipeline;
 use diffuse_schedulers::common::{per_batch_lin2, PredictionType};
 use diffuse_schedulers::config::ConfigReader;
-use diffuse_schedulers::Scheduler;
+use diffuse_schedulers::{Scheduler, SchedulerConfig};
 use serde_json::json;
 
 use crate::dataset::{fit_image, BatchSampler, Fit};
@@ -152,16 +152,17 @@ pub struct LoraStepStats {
     pub grad_norm: f64,
 }
 
-/// A training image: the latent distribution of it (and of its mirror image) and its caption's
-/// text embeddings.
-struct Example {
-    latents: Vec<DiagonalGaussian>,
-    text: Tensor,
+/// A training image, encoded: the VAE's latent distribution of it (and, for random flips, of
+/// its mirror image, as the second entry) and its caption's text embeddings `(1, L, D)`.
+#[derive(Clone, Debug)]
+pub struct TrainingExample {
+    pub latents: Vec<DiagonalGaussian>,
+    pub text: Tensor,
 }
 
 /// A set of examples and the order they are drawn in.
 struct Examples {
-    items: Vec<Example>,
+    items: Vec<TrainingExample>,
     sampler: BatchSampler,
 }
 
@@ -213,7 +214,6 @@ impl LoraTrainer {
         config: LoraTrainConfig,
     ) -> Result<Self> {
         config.validate()?;
-        let (unet_config, frozen) = unet;
         let factor = pipeline.vae_scale_factor();
         if config.resolution == 0 || !config.resolution.is_multiple_of(factor) {
             return Err(Error::invalid(format!(
@@ -221,29 +221,60 @@ impl LoraTrainer {
                 config.resolution
             )));
         }
-        let device = pipeline.device.clone();
-        let dtype = pipeline.dtype;
-        let mut rng = Generator::manual_seed(config.seed);
-        let adapters = create_adapters(&frozen, &config, &mut rng, dtype, &device)?;
-        let prepare = |dir: &Path, prompt: Option<&str>, seed: u64| -> Result<Examples> {
-            let items = read_examples(pipeline, dir, prompt, &config)?;
-            let sampler = BatchSampler::new(items.len(), seed)?;
-            Ok(Examples { items, sampler })
-        };
-        let instances = prepare(data, config.instance_prompt.as_deref(), config.seed)?;
+        let instances = read_examples(pipeline, data, config.instance_prompt.as_deref(), &config)?;
         let classes = match &config.prior {
-            Some(p) => Some(prepare(
+            Some(p) => Some(read_examples(
+                pipeline,
                 &p.class_data,
                 Some(&p.class_prompt),
-                config.seed.wrapping_add(1),
+                &config,
             )?),
             None => None,
         };
-        // diffusers trains with a DDPMScheduler on the model's schedule.
-        let scheduler_config = pipeline.scheduler.config().clone();
-        let scheduler = diffuse_schedulers::from_config("DDPMScheduler", &scheduler_config)?;
-        let prediction =
-            PredictionType::read(&mut ConfigReader::new("DDPMScheduler", &scheduler_config))?;
+        Self::from_examples(
+            unet,
+            pipeline.scheduler.config(),
+            pipeline.vae.config().scaling_factor,
+            (instances, classes),
+            config,
+        )
+    }
+
+    /// A run on examples already encoded (the latent distributions of the images, scaled by
+    /// `scaling_factor` when sampled, and their text embeddings); `classes`, the
+    /// prior-preservation examples, go with a config that has `prior`. The noise schedule and
+    /// prediction type come from `scheduler` (trained as a DDPMScheduler on it, as diffusers
+    /// does); the device and dtype are the UNet weights'.
+    pub fn from_examples(
+        unet: (UNet2DConditionConfig, HashMap<String, Tensor>),
+        scheduler: &SchedulerConfig,
+        scaling_factor: f64,
+        (instances, classes): (Vec<TrainingExample>, Option<Vec<TrainingExample>>),
+        config: LoraTrainConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        if classes.is_some() != config.prior.is_some() {
+            return Err(Error::invalid(
+                "prior-preservation examples go with a config that has `prior`",
+            ));
+        }
+        let (unet_config, frozen) = unet;
+        let (device, dtype) = match frozen.values().next() {
+            Some(t) => (t.device().clone(), t.dtype()),
+            None => return Err(Error::invalid("the UNet has no weights")),
+        };
+        let mut rng = Generator::manual_seed(config.seed);
+        let adapters = create_adapters(&frozen, &config, &mut rng, dtype, &device)?;
+        let examples = |items: Vec<TrainingExample>, seed: u64| -> Result<Examples> {
+            let sampler = BatchSampler::new(items.len(), seed)?;
+            Ok(Examples { items, sampler })
+        };
+        let instances = examples(instances, config.seed)?;
+        let classes = classes
+            .map(|c| examples(c, config.seed.wrapping_add(1)))
+            .transpose()?;
+        let prediction = PredictionType::read(&mut ConfigReader::new("DDPMScheduler", scheduler))?;
+        let scheduler = diffuse_schedulers::from_config("DDPMScheduler", scheduler)?;
         let vars: Vec<Var> = adapters
             .iter()
             .flat_map(|a| [a.a.clone(), a.b.clone()])
@@ -262,7 +293,7 @@ impl LoraTrainer {
             adapters,
             scheduler,
             prediction,
-            scaling_factor: pipeline.vae.config().scaling_factor,
+            scaling_factor,
             instances,
             classes,
             optimizer,
@@ -564,7 +595,7 @@ fn read_examples(
     dir: &Path,
     prompt: Option<&str>,
     config: &LoraTrainConfig,
-) -> Result<Vec<Example>> {
+) -> Result<Vec<TrainingExample>> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut images: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -611,7 +642,7 @@ fn read_examples(
                 })
                 .collect::<Result<Vec<_>>>()?;
             let text = pipeline.text_embeddings(&[caption])?;
-            Ok(Example { latents, text })
+            Ok(TrainingExample { latents, text })
         })
         .collect()
 }

@@ -6,6 +6,7 @@
 //! program, not a test.
 
 mod large;
+mod lora;
 mod pipeline;
 mod torch;
 mod transformers;
@@ -63,6 +64,11 @@ pub struct BenchArgs {
     /// 1-step 512x512 text-to-image run (both text encoders, no guidance, decode).
     #[arg(long)]
     pub large: bool,
+    /// Also time one LoRA training step of the SD 1.5 UNet (random weights, rank 4 on the
+    /// attention projections, batch 1, as `diffuse train-lora` runs it) at 256x256 and 512x512
+    /// (the 512 line needs about 10 GiB; `--only "lora sd15 train step 256"` runs one).
+    #[arg(long)]
+    pub lora_train: bool,
     /// Denoising steps of the --pipeline run (the peak memory does not depend on them).
     #[arg(long, default_value_t = 20)]
     pub pipeline_steps: usize,
@@ -383,6 +389,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             b.flux_bf16_step(spec)?;
         }
         b.large()?;
+        if args.lora_train {
+            b.lora_train()?;
+        }
         if args.pipeline {
             b.pipeline()?;
         }

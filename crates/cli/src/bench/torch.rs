@@ -61,6 +61,11 @@ pub(super) fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> 
             vec![]
         })
         .args(if args.large { vec!["--large"] } else { vec![] })
+        .args(if args.lora_train {
+            vec!["--lora-train"]
+        } else {
+            vec![]
+        })
         .args(if args.pipeline {
             vec![
                 "--pipeline".to_string(),
