@@ -18,8 +18,11 @@ use super::SendPtr;
 
 /// Columns per tile and per packed panel: two ymm registers per row.
 pub(crate) const NR: usize = 16;
-/// Rows per tile.
+/// Rows per AVX2 tile.
 const MR: usize = 6;
+/// Row blocks of the parallel driver are multiples of this: whole tiles of every instruction
+/// set (6 rows for AVX2, 8 for AVX-512).
+const ROW_ALIGN: usize = 24;
 /// Largest K-block: a tile's `MR × KC` slice of `a` (9 KiB) stays in L1 and the `KC × NR`
 /// panel slices of `b` (24 KiB each) in L2 across a row block. K is split into equal blocks
 /// so that no thin last block pays a full pass of loads and stores of `c`.
@@ -167,8 +170,10 @@ impl Gemm {
     /// writes.
     unsafe fn run_raw(&self, a: *const f32, b: *const f32, c: *mut f32, bias: *const f32) {
         #[cfg(x86_simd)]
-        if super::has_avx2_fma() {
-            return avx2::gemm(self, a, b, c, bias);
+        match super::kernels() {
+            super::Kernels::Avx512 => return avx512::gemm(self, a, b, c, bias),
+            super::Kernels::Avx2 => return avx2::gemm(self, a, b, c, bias),
+            super::Kernels::Portable => {}
         }
         self.run_portable(a, b, c, bias)
     }
@@ -346,7 +351,7 @@ pub(crate) fn gemm_parallel(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias:
     let col_blocks = panels
         .div_ceil(16)
         .max(want.div_ceil(row_blocks).min(panels.div_ceil(4)));
-    let rows = g.m.div_ceil(row_blocks).next_multiple_of(MR);
+    let rows = g.m.div_ceil(row_blocks).next_multiple_of(ROW_ALIGN);
     let pb = panels.div_ceil(col_blocks);
     let (row_blocks, col_blocks) = (g.m.div_ceil(rows), panels.div_ceil(pb));
     let c_ptr = SendPtr(c.as_mut_ptr());
@@ -388,9 +393,104 @@ pub(crate) fn gemm_parallel(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias:
     });
 }
 
+/// The register tiles of one instruction set, which [`drive`] runs a product on.
+#[cfg(x86_simd)]
+pub(crate) trait TileKernels {
+    /// Rows per tile.
+    const MR: usize;
+
+    /// One tile of `rows ≤ MR` rows and `cols ≤ NR` columns over a K-block of `kc`:
+    /// `c (+)= a · b (+ bias)`; `flags`: (add to `c`, the bias or null).
+    ///
+    /// # Safety
+    /// The CPU has the tiles' instruction set; the pointers cover the tile.
+    unsafe fn tile_at(
+        g: &Gemm,
+        shape: (usize, usize, usize),
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        flags: (bool, *const f32),
+    );
+}
+
+/// Runs the product `g` on this thread with the tiles `T`: K-blocks, then column panels (a
+/// panel's K-block slice stays in L1), then row tiles. Inlined into each instruction set's
+/// `gemm`, so that it is compiled for it.
+///
+/// # Safety
+/// The CPU has `T`'s instruction set; `a`, `b`, `c` (and `bias`, unless null) cover `g`.
+#[cfg(x86_simd)]
+#[inline(always)]
+unsafe fn drive<T: TileKernels>(
+    g: &Gemm,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    bias: *const f32,
+) {
+    let (m, n, k) = (g.m, g.n, g.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    thread_local! {
+        // Packed K-blocks of a row-major `b`, reused from call to call.
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let mut scratch = SCRATCH.take();
+    let kc_max = even_split(k, KC);
+    let (full, rem) = (n / NR, n % NR);
+    let mut k0 = 0;
+    loop {
+        let kc = kc_max.min(k - k0);
+        // Panel p of this K-block: `kc × NR`, rows NR apart. A row-major `b` is packed
+        // first: its rows are often a power-of-two apart (image planes), and a panel read
+        // straight from them would map to a few L1 sets and be re-read from L2 by every
+        // row tile.
+        let (bk, panel_stride) = match g.b {
+            B::Packed { panel_stride } => (b.add(k0 * NR), panel_stride),
+            B::Rows { ld } => {
+                scratch.resize(scratch.len().max((full + 1) * NR * kc), 0.0);
+                let len = if kc == 0 { 0 } else { (kc - 1) * ld + n };
+                let rows = std::slice::from_raw_parts(b.add(k0 * ld), len);
+                pack_rows(rows, ld, kc, n, &mut scratch);
+                (scratch.as_ptr(), NR * kc)
+            }
+        };
+        // Later K-blocks add to what the first wrote; the bias goes in once.
+        let load_c = g.accumulate || k0 > 0;
+        let panels = full + usize::from(rem > 0);
+        // Panels outer: a panel's K-block slice (≤ 24 KiB) stays in L1 while every row
+        // tile passes over it, and `a` streams from L2 (a tile's rows at a time).
+        for p in 0..panels {
+            let cols = NR.min(n - p * NR);
+            for r0 in (0..m).step_by(T::MR) {
+                let bias = match (bias.is_null() || k0 > 0, g.bias_per_col) {
+                    (true, _) => std::ptr::null(),
+                    (false, true) => bias.add(p * NR),
+                    (false, false) => bias.add(r0),
+                };
+                T::tile_at(
+                    g,
+                    (T::MR.min(m - r0), cols, kc),
+                    a.add(r0 * g.lda + k0),
+                    bk.add(p * panel_stride),
+                    c.add(r0 * g.rs_c + p * NR * g.cs_c),
+                    (load_c, bias),
+                );
+            }
+        }
+        k0 += kc;
+        if k0 >= k {
+            break;
+        }
+    }
+    SCRATCH.set(scratch);
+}
+
 #[cfg(x86_simd)]
 pub(crate) mod avx2 {
-    use super::{Gemm, B, KC, MR, NR};
+    use super::{Gemm, MR, NR};
     use std::arch::x86_64::*;
 
     /// Calls `$tile::<R, ..>` with `R = $rows` (1..=MR).
@@ -542,8 +642,26 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// Runs the product `g` on this thread: K-blocks, then row tiles (the tile's slice of `a`
-    /// stays in L1), then column panels.
+    /// The AVX2 register tiles.
+    pub(crate) struct Avx2;
+
+    impl super::TileKernels for Avx2 {
+        const MR: usize = MR;
+
+        #[inline(always)]
+        unsafe fn tile_at(
+            g: &Gemm,
+            shape: (usize, usize, usize),
+            a: *const f32,
+            b: *const f32,
+            c: *mut f32,
+            flags: (bool, *const f32),
+        ) {
+            tile_at(g, shape, a, b, c, flags)
+        }
+    }
+
+    /// Runs the product `g` on this thread with the AVX2 tiles ([`super::drive`]).
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; `a`, `b`, `c` (and `bias`, unless null) cover `g`.
@@ -555,63 +673,7 @@ pub(crate) mod avx2 {
         c: *mut f32,
         bias: *const f32,
     ) {
-        let (m, n, k) = (g.m, g.n, g.k);
-        if m == 0 || n == 0 {
-            return;
-        }
-        thread_local! {
-            // Packed K-blocks of a row-major `b`, reused from call to call.
-            static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        let mut scratch = SCRATCH.take();
-        let kc_max = super::even_split(k, KC);
-        let (full, rem) = (n / NR, n % NR);
-        let mut k0 = 0;
-        loop {
-            let kc = kc_max.min(k - k0);
-            // Panel p of this K-block: `kc × NR`, rows NR apart. A row-major `b` is packed
-            // first: its rows are often a power-of-two apart (image planes), and a panel read
-            // straight from them would map to a few L1 sets and be re-read from L2 by every
-            // row tile.
-            let (bk, panel_stride) = match g.b {
-                B::Packed { panel_stride } => (b.add(k0 * NR), panel_stride),
-                B::Rows { ld } => {
-                    scratch.resize(scratch.len().max((full + 1) * NR * kc), 0.0);
-                    let len = if kc == 0 { 0 } else { (kc - 1) * ld + n };
-                    let rows = std::slice::from_raw_parts(b.add(k0 * ld), len);
-                    super::pack_rows(rows, ld, kc, n, &mut scratch);
-                    (scratch.as_ptr(), NR * kc)
-                }
-            };
-            // Later K-blocks add to what the first wrote; the bias goes in once.
-            let load_c = g.accumulate || k0 > 0;
-            let panels = full + usize::from(rem > 0);
-            // Panels outer: a panel's K-block slice (≤ 24 KiB) stays in L1 while every row
-            // tile passes over it, and `a` streams from L2 (6 rows at a time).
-            for p in 0..panels {
-                let cols = NR.min(n - p * NR);
-                for r0 in (0..m).step_by(MR) {
-                    let bias = match (bias.is_null() || k0 > 0, g.bias_per_col) {
-                        (true, _) => std::ptr::null(),
-                        (false, true) => bias.add(p * NR),
-                        (false, false) => bias.add(r0),
-                    };
-                    tile_at(
-                        g,
-                        (MR.min(m - r0), cols, kc),
-                        a.add(r0 * g.lda + k0),
-                        bk.add(p * panel_stride),
-                        c.add(r0 * g.rs_c + p * NR * g.cs_c),
-                        (load_c, bias),
-                    );
-                }
-            }
-            k0 += kc;
-            if k0 >= k {
-                break;
-            }
-        }
-        SCRATCH.set(scratch);
+        super::drive::<Avx2>(g, a, b, c, bias)
     }
 
     /// `exp(x)` of 8 lanes, to about 1 ulp, 0 below −87: `x = n·ln2 + f` with the reduction in
@@ -707,6 +769,168 @@ pub(crate) mod avx2 {
     }
 }
 
+/// The AVX-512 tiles: 8 rows of `a` by one 16-column zmm register of `b`, whose 8
+/// accumulators hide the FMA latency; each `a` value is broadcast straight from memory into
+/// its FMA. Every element of `c` gets the same FMAs in the same order as in the AVX2 tiles
+/// (and the same final additions), so both give the same bits.
+#[cfg(x86_simd)]
+pub(crate) mod avx512 {
+    use super::{Gemm, NR};
+    use std::arch::x86_64::*;
+
+    /// Rows per tile.
+    const MR: usize = 8;
+
+    /// Calls `$tile::<R, ..>` with `R = $rows` (1..=MR).
+    macro_rules! with_rows {
+        ($rows:expr, $tile:ident, [$($c:tt)*], $($arg:expr),*) => {
+            match $rows {
+                1 => $tile::<1, $($c)*>($($arg),*),
+                2 => $tile::<2, $($c)*>($($arg),*),
+                3 => $tile::<3, $($c)*>($($arg),*),
+                4 => $tile::<4, $($c)*>($($arg),*),
+                5 => $tile::<5, $($c)*>($($arg),*),
+                6 => $tile::<6, $($c)*>($($arg),*),
+                7 => $tile::<7, $($c)*>($($arg),*),
+                _ => $tile::<MR, $($c)*>($($arg),*),
+            }
+        };
+    }
+
+    /// One step of the K loop: `acc[r] += a[r][kk] · b[kk]`.
+    #[inline(always)]
+    unsafe fn fma_step<const R: usize, const MASK: bool>(
+        acc: &mut [__m512; R],
+        rows: &[*const f32; R],
+        row: *const f32,
+        mask: __mmask16,
+    ) {
+        let bv = if MASK {
+            _mm512_maskz_loadu_ps(mask, row)
+        } else {
+            _mm512_loadu_ps(row)
+        };
+        for (acc, &at) in acc.iter_mut().zip(rows) {
+            *acc = _mm512_fmadd_ps(_mm512_set1_ps(*at), bv, *acc);
+        }
+    }
+
+    /// One register tile, as the AVX2 `tile` (`cols ≤ 16`; `MASK`: `cols < 16`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize, const MASK: bool>(
+        g: &Gemm,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        kc: usize,
+        c: *mut f32,
+        cols: usize,
+        (load_c, bias): (bool, *const f32),
+    ) {
+        let mask: __mmask16 = if MASK { (1u16 << cols) - 1 } else { !0 };
+        if g.cs_c == 1 {
+            for r in 0..R {
+                let row = c.add(r * g.rs_c) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(row);
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(4 * (NR - 1)));
+            }
+        }
+        let mut rows = [a; R];
+        for (r, at) in rows.iter_mut().enumerate() {
+            *at = a.add(r * g.lda);
+        }
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut kk = 0;
+        while kk + 4 <= kc {
+            for u in 0..4 {
+                let at = rows.map(|p| p.add(kk + u));
+                fma_step::<R, MASK>(&mut acc, &at, b.add((kk + u) * ldb), mask);
+            }
+            kk += 4;
+        }
+        while kk < kc {
+            let at = rows.map(|p| p.add(kk));
+            fma_step::<R, MASK>(&mut acc, &at, b.add(kk * ldb), mask);
+            kk += 1;
+        }
+        let (row_bias, col_bias) = match (bias.is_null(), g.bias_per_col) {
+            (true, _) => (false, false),
+            (false, per_col) => (!per_col, per_col),
+        };
+        // The AVX2 tiles store whole 8-column registers as `(acc + bias) + c` and everything
+        // else element by element as `(c + acc) + bias`; the same order here gives the same
+        // bits.
+        let vector_order = g.cs_c == 1 && (cols == NR || cols == 8);
+        for (r, &acc) in acc.iter().enumerate() {
+            let dst = c.add(r * g.rs_c);
+            let add = if row_bias { *bias.add(r) } else { 0.0 };
+            if g.cs_c == 1 {
+                let addv = match col_bias {
+                    true => _mm512_maskz_loadu_ps(mask, bias),
+                    false => _mm512_set1_ps(add),
+                };
+                let x = match (load_c, vector_order) {
+                    (false, _) => _mm512_add_ps(acc, addv),
+                    (true, true) => {
+                        _mm512_add_ps(_mm512_add_ps(acc, addv), _mm512_maskz_loadu_ps(mask, dst))
+                    }
+                    (true, false) => {
+                        _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), acc), addv)
+                    }
+                };
+                _mm512_mask_storeu_ps(dst, mask, x);
+            } else {
+                let mut tmp = [0f32; NR];
+                _mm512_storeu_ps(tmp.as_mut_ptr(), acc);
+                for (j, &t) in tmp.iter().enumerate().take(cols) {
+                    let d = dst.add(j * g.cs_c);
+                    let add = if col_bias { *bias.add(j) } else { add };
+                    *d = if load_c { *d + t + add } else { t + add };
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 register tiles.
+    pub(crate) struct Avx512;
+
+    impl super::TileKernels for Avx512 {
+        const MR: usize = MR;
+
+        #[inline(always)]
+        unsafe fn tile_at(
+            g: &Gemm,
+            (rows, cols, kc): (usize, usize, usize),
+            a: *const f32,
+            b: *const f32,
+            c: *mut f32,
+            flags: (bool, *const f32),
+        ) {
+            match cols {
+                NR => with_rows!(rows, tile, [false], g, a, b, NR, kc, c, NR, flags),
+                _ => with_rows!(rows, tile, [true], g, a, b, NR, kc, c, cols, flags),
+            }
+        }
+    }
+
+    /// Runs the product `g` on this thread with the AVX-512 tiles ([`super::drive`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX2 and FMA; `a`, `b`, `c` (and `bias`, unless null) cover `g`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(crate) unsafe fn gemm(
+        g: &Gemm,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        bias: *const f32,
+    ) {
+        super::drive::<Avx512>(g, a, b, c, bias)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -780,6 +1004,8 @@ mod tests {
             (200, 300, 64),
             (50, 70, 900),
             (20, 8, 50),
+            (17, 24, 390),
+            (8, 3, 9),
         ] {
             for packed in [false, true] {
                 for transposed in [false, true] {
@@ -824,20 +1050,38 @@ mod tests {
                             bias_per_col,
                         };
                         let b = if packed { &b_packed } else { &b_rows };
-                        for how in ["tiles", "parallel", "portable"] {
+                        // Each instruction set's tiles this CPU has.
+                        let mut by_isa: Vec<Vec<f32>> = vec![];
+                        for how in ["tiles", "parallel", "portable", "avx2", "avx512"] {
                             let mut c = c0.clone();
+                            let (pa, pb, pc, pbias) =
+                                (a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), bias.as_ptr());
                             match how {
                                 "parallel" => gemm_parallel(&g, &a, b, &mut c, Some(&bias)),
                                 // SAFETY: the slices cover the product.
-                                "portable" => unsafe {
-                                    g.run_portable(
-                                        a.as_ptr(),
-                                        b.as_ptr(),
-                                        c.as_mut_ptr(),
-                                        bias.as_ptr(),
-                                    )
-                                },
+                                "portable" => unsafe { g.run_portable(pa, pb, pc, pbias) },
+                                #[cfg(x86_simd)]
+                                "avx2"
+                                    if std::arch::is_x86_feature_detected!("avx2")
+                                        && std::arch::is_x86_feature_detected!("fma") =>
+                                {
+                                    // SAFETY: the CPU has the features; the slices cover
+                                    // the product.
+                                    unsafe { avx2::gemm(&g, pa, pb, pc, pbias) }
+                                }
+                                #[cfg(x86_simd)]
+                                "avx512"
+                                    if std::arch::is_x86_feature_detected!("avx512f")
+                                        && std::arch::is_x86_feature_detected!("fma") =>
+                                {
+                                    // SAFETY: as above.
+                                    unsafe { avx512::gemm(&g, pa, pb, pc, pbias) }
+                                }
+                                "avx2" | "avx512" => continue,
                                 _ => g.run(&a, b, &mut c, Some(&bias)),
+                            }
+                            if how.starts_with("avx") {
+                                by_isa.push(c.clone());
                             }
                             for i in 0..m {
                                 for j in 0..n {
@@ -857,6 +1101,16 @@ mod tests {
                                     );
                                 }
                             }
+                        }
+                        if let [avx2, avx512] = &by_isa[..] {
+                            let same = avx2
+                                .iter()
+                                .zip(avx512)
+                                .all(|(x, y)| x.to_bits() == y.to_bits());
+                            assert!(
+                                same,
+                                "{m}x{n}x{k} packed {packed} transposed {transposed} accumulate {accumulate}: AVX2 and AVX-512 tiles differ"
+                            );
                         }
                     }
                 }

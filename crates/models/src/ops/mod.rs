@@ -6,7 +6,7 @@
 //!
 //! The build targets baseline x86-64 (SSE2), so hot loops are compiled a second time with
 //! AVX2+FMA and picked at run time (`simd_fn!`, [`kernels`]; `DIFFUSE_KERNELS=portable`
-//! forces the plain copies). The x86 code sits behind `cfg(x86_simd)`, which `build.rs` sets on
+//! forces the plain copies), and the register-tile GEMM has AVX2 and AVX-512 tiles. The x86 code sits behind `cfg(x86_simd)`, which `build.rs` sets on
 //! x86-64 unless the `portable` feature asks for the build other architectures get.
 
 pub mod activation;
@@ -29,6 +29,9 @@ pub enum Kernels {
     Portable,
     /// AVX2 + FMA copies of the hot loops and the register-tile GEMM.
     Avx2,
+    /// The AVX2 loops, and the register-tile GEMM on AVX-512 registers (same results, bit for
+    /// bit, as the AVX2 GEMM).
+    Avx512,
 }
 
 impl Kernels {
@@ -37,6 +40,7 @@ impl Kernels {
         match self {
             Kernels::Portable => "portable",
             Kernels::Avx2 => "avx2",
+            Kernels::Avx512 => "avx512",
         }
     }
 }
@@ -45,14 +49,18 @@ impl Kernels {
 pub fn detected_kernels() -> Kernels {
     #[cfg(x86_simd)]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Kernels::Avx512;
+        }
         return Kernels::Avx2;
     }
     Kernels::Portable
 }
 
 /// The kernels in use: [`detected_kernels`], capped by the environment variable
-/// `DIFFUSE_KERNELS` (`portable`, `avx2`, or `auto`, the default), read once, so that each
-/// path can be tested on one machine. An unknown value is reported on stderr and ignored.
+/// `DIFFUSE_KERNELS` (`portable`, `avx2`, `avx512`, or `auto`, the default), read once, so
+/// that each path can be tested on one machine. An unknown value is reported on stderr and
+/// ignored.
 pub fn kernels() -> Kernels {
     static ACTIVE: OnceLock<Kernels> = OnceLock::new();
     *ACTIVE.get_or_init(|| {
@@ -62,9 +70,11 @@ pub fn kernels() -> Kernels {
             "" | "auto" => best,
             "portable" => Kernels::Portable,
             "avx2" => Kernels::Avx2.min(best),
+            "avx512" => Kernels::Avx512.min(best),
             other => {
                 eprintln!(
-                    "warning: DIFFUSE_KERNELS={other:?} is not portable, avx2 or auto; using {}",
+                    "warning: DIFFUSE_KERNELS={other:?} is not portable, avx2, avx512 or auto; \
+                     using {}",
                     best.name()
                 );
                 best
