@@ -166,17 +166,27 @@ impl Linear {
             // strided inputs (a transposed-then-transposed-back batch, tests/kernels.rs).
             let xs = xs.contiguous()?;
             let w = self.inner.weight();
-            if w.dtype() == xs.dtype() {
-                return self.inner.forward(&xs);
+            let widened;
+            let layer = if w.dtype() == xs.dtype() {
+                &self.inner
+            } else {
+                // Half-precision weights under activations of another dtype: computed in the
+                // activations' dtype.
+                let bias = self
+                    .inner
+                    .bias()
+                    .map(|b| b.to_dtype(xs.dtype()))
+                    .transpose()?;
+                widened = candle_nn::Linear::new(w.to_dtype(xs.dtype())?, bias);
+                &widened
+            };
+            let tracked = xs.track_op()
+                || layer.weight().track_op()
+                || layer.bias().is_some_and(|b| b.track_op());
+            if xs.device().is_cpu() && !tracked {
+                return forward_in_fixed_blocks(layer, &xs);
             }
-            // Half-precision weights under activations of another dtype: computed in the
-            // activations' dtype.
-            let bias = self
-                .inner
-                .bias()
-                .map(|b| b.to_dtype(xs.dtype()))
-                .transpose()?;
-            return candle_nn::Linear::new(w.to_dtype(xs.dtype())?, bias).forward(&xs);
+            return layer.forward(&xs);
         }
         let (xs, w) = (xs.contiguous()?, self.inner.weight().contiguous()?);
         // A frozen layer under a tracked input (adapter training): the op's backward gives
@@ -188,6 +198,36 @@ impl Linear {
             (None, false) => xs.apply_op2_no_bwd(&w, &LinearOp),
         }
     }
+}
+
+/// Rows per product of [`forward_in_fixed_blocks`].
+const FIXED_BLOCK_ROWS: usize = 128;
+
+/// `layer` over the rows of `xs` in products of exactly [`FIXED_BLOCK_ROWS`] rows (the last
+/// padded with zeros). candle's CPU matmul (the `gemm` crate) picks its kernels by the row
+/// count, so a row's values would depend on how many rows share the call; with one shape for
+/// every call, an image comes out the same in any batch on the portable path too (ranks
+/// sharing a batch write the files of one process).
+fn forward_in_fixed_blocks(layer: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
+    let (n, k) = layer.weight().dims2()?;
+    let rows = xs.elem_count() / k.max(1);
+    if k == 0 || rows == 0 {
+        return layer.forward(xs);
+    }
+    let x = xs.reshape((rows, k))?;
+    let mut blocks = Vec::with_capacity(rows.div_ceil(FIXED_BLOCK_ROWS));
+    for r0 in (0..rows).step_by(FIXED_BLOCK_ROWS) {
+        let len = FIXED_BLOCK_ROWS.min(rows - r0);
+        let block = x
+            .narrow(0, r0, len)?
+            .pad_with_zeros(0, 0, FIXED_BLOCK_ROWS - len)?;
+        blocks.push(layer.forward(&block)?.narrow(0, 0, len)?);
+    }
+    let mut shape = xs.dims().to_vec();
+    *shape
+        .last_mut()
+        .expect("a linear input has a last dimension") = n;
+    Tensor::cat(&blocks, 0)?.reshape(shape)
 }
 
 /// `dx = dy · w` for `y = x · wᵀ (+ b)`, in `dy`'s dtype.
