@@ -96,6 +96,10 @@ def main():
         ctx = randn(2, 77, 768)
         t = torch.tensor([999.0, 999.0], device=dev)
         run("unet sd15 step", lambda: unet(lat, t, encoder_hidden_states=ctx).sample)
+        # The tuned configuration a PyTorch CPU user would try: NHWC weights and input.
+        unet = unet.to(memory_format=torch.channels_last)
+        lat_cl = lat.contiguous(memory_format=torch.channels_last)
+        run("unet sd15 step channels_last", lambda: unet(lat_cl, t, encoder_hidden_states=ctx).sample)
         del unet
     if want("vae sd15 decode"):
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(sd, "vae"))).eval().to(dev)

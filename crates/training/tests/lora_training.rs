@@ -220,6 +220,7 @@ fn loras_written_by_train_lora_patch_the_unet_as_diffusers_does() {
         };
         let got = sd(&opts).unet.forward(x, ts, text).unwrap();
         let d = max_abs_diff(&got, &want[name]);
+        eprintln!("{name}: largest difference from diffusers {d:e}");
         assert!(d < 1e-4, "{name}: differs from diffusers by {d}");
     }
     // (And the LoRA does change the output.)

@@ -432,12 +432,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "\n{:<34} {:>10} {:>10} {:>8}   {what}",
             "line", "ours ms", "torch ms", "ratio"
         );
-        for l in &lines {
-            // Each round's ratio compares runs minutes apart, not hours.
+        // Our line `name` against PyTorch's line `key`: per-round ratios (each compares runs
+        // minutes apart, not hours), their median and range.
+        let ratio = |name: &str, key: &str| -> (Option<f64>, String) {
             let ratios: Vec<f64> = ours_rounds
                 .iter()
                 .zip(&torch_rounds)
-                .filter_map(|(o, t)| Some(o.get(&l.name)? / t.get(&l.name)?))
+                .filter_map(|(o, t)| Some(o.get(name)? / t.get(key)?))
                 .collect();
             let range = match (
                 ratios.iter().copied().reduce(f64::min),
@@ -446,7 +447,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 (Some(lo), Some(hi)) if rounds > 1 => format!("{lo:.2}-{hi:.2}"),
                 _ => String::new(),
             };
-            match (ours.get(&l.name), t.get(&l.name), median(ratios)) {
+            (median(ratios), range)
+        };
+        for l in &lines {
+            let (median_ratio, range) = ratio(&l.name, &l.name);
+            match (ours.get(&l.name), t.get(&l.name), median_ratio) {
                 (Some(o), Some(tm), Some(ratio)) => {
                     println!(
                         "{:<34} {:>10.1} {:>10.1} {:>7.2}x   {range}",
@@ -466,6 +471,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     }
                 }
                 _ => println!("{:<34} {:>10} {:>10} {:>8}", l.name, "-", "-", "-"),
+            }
+            // PyTorch tuned (channels_last) next, where the baseline times it too.
+            let tuned = format!("{} channels_last", l.name);
+            if let (Some(o), Some(tm), (Some(r), range)) =
+                (ours.get(&l.name), t.get(&tuned), ratio(&l.name, &tuned))
+            {
+                println!("{tuned:<34} {o:>10.1} {tm:>10.1} {r:>7.2}x   {range}");
             }
         }
         // The transformer lines run before the pipeline: the peak then is theirs.
