@@ -19,6 +19,7 @@ use super::SendPtr;
 /// Columns per tile and per packed panel: two ymm registers per row.
 pub(crate) const NR: usize = 16;
 /// Rows per AVX2 tile.
+#[cfg_attr(not(x86_simd), allow(dead_code))]
 const MR: usize = 6;
 /// Row blocks of the parallel driver are multiples of this: whole tiles of every instruction
 /// set (6 rows for AVX2, 8 for AVX-512).
