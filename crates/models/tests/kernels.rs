@@ -448,8 +448,10 @@ fn conv_matches_candle() -> Result<()> {
 #[test]
 fn conv_gradients_match_candle() -> Result<()> {
     // Winograd with its own backward (partial edge tiles, one input channel, more inputs
-    // than outputs), a small map (im2col + GEMM, the same backward), then 1×1.
+    // than outputs; a map of over 256 tiles, whose kernels are transformed whole), a small
+    // map (im2col + GEMM, the same backward), then 1×1.
     for (k, n, cin, cout, h) in [
+        (3, 1, 3, 17, 64),
         (3, 2, 3, 5, 48),
         (3, 3, 1, 4, 37),
         (3, 2, 9, 2, 30),
@@ -494,6 +496,7 @@ fn frozen_layers_give_the_input_gradient_of_candle() -> Result<()> {
     }
     // Winograd (large and small maps), im2col, 1×1.
     for (k, n, cin, cout, h) in [
+        (3, 1, 18, 3, 64),
         (3, 2, 3, 5, 48),
         (3, 2, 9, 2, 30),
         (3, 2, 3, 5, 6),

@@ -192,8 +192,10 @@ simd_fn! {
     /// channel fastest) at `dst[p · point_stride(nb)..]`. A block of input channels is first
     /// regrouped (`taps[ci][tap][j]`, 8 × 8 transposes), so that the transform runs on whole
     /// vectors of output channels (gathering lane by lane into vectors stalled on store
-    /// forwarding).
-    fn transform_kernel_panel(w: &[f32], cout: usize, cin: usize, o0: usize, c0: usize, nb: usize, dst: &mut [f32]) {
+    /// forwarding). `flipped`: `w` is stored `(Cin, Cout, 3, 3)` and the kernel is its
+    /// transpose rotated by 180° (a backward pass's `dx`), read so without a copy of `w`.
+    #[allow(clippy::too_many_arguments)]
+    fn transform_kernel_panel(w: &[f32], cout: usize, cin: usize, o0: usize, c0: usize, nb: usize, flipped: bool, dst: &mut [f32]) {
         let cols = NR.min(cout - o0);
         let mut taps = [[[0f32; NR]; 9]; KERNEL_BLOCK];
         for b0 in (c0..c0 + nb).step_by(KERNEL_BLOCK) {
@@ -202,7 +204,18 @@ simd_fn! {
             let len = block.len() * 9;
             let run = |j: usize| &w[((o0 + j) * cin + b0) * 9..][..len];
             let flat = block.as_flattened_mut().as_flattened_mut();
-            for j0 in (0..cols).step_by(LANES) {
+            if flipped {
+                // Each (input, output) pair's nine taps are a run of `w`, reversed.
+                for (ci, ci_taps) in flat.chunks_exact_mut(9 * NR).enumerate() {
+                    for j in 0..cols {
+                        let taps = &w[((b0 + ci) * cout + o0 + j) * 9..][..9];
+                        for (t, &x) in taps.iter().rev().enumerate() {
+                            ci_taps[t * NR + j] = x;
+                        }
+                    }
+                }
+            }
+            for j0 in (0..cols).step_by(LANES).filter(|_| !flipped) {
                 if j0 + LANES <= cols {
                     transpose_rows8(std::array::from_fn(|j| run(j0 + j)), len, &mut flat[j0..], NR);
                 } else {
@@ -239,11 +252,13 @@ simd_fn! {
 /// Kernels `(Cout, Cin, 3, 3)` → `G·g·Gᵀ` packed for the GEMMs' `b` operand: per panel of
 /// [`NR`] output channels, the 36 points' `Cin × NR` panels ([`transform_kernel_panel`]),
 /// one panel per task on every core: a point's panels are [`kernel_panels`] apart.
-fn transform_kernels(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+fn transform_kernels(w: &[f32], cout: usize, cin: usize, flipped: bool) -> Vec<f32> {
     let mut u = vec![0f32; cout.div_ceil(NR) * kernel_panels(cin)];
     u.par_chunks_mut(kernel_panels(cin).max(1))
         .enumerate()
-        .for_each(|(panel, dst)| transform_kernel_panel(w, cout, cin, panel * NR, 0, cin, dst));
+        .for_each(|(panel, dst)| {
+            transform_kernel_panel(w, cout, cin, panel * NR, 0, cin, flipped, dst)
+        });
     u
 }
 
@@ -438,6 +453,7 @@ fn convolve_small(
     out: SendPtr,
     grid: Grid,
     (n, cin, cout): (usize, usize, usize),
+    flipped: bool,
 ) {
     let nt = n * grid.tiles_per_image;
     let chunk = Chunk { t0: 0, nt };
@@ -465,7 +481,7 @@ fn convolve_small(
         }
         for c0 in (0..cin).step_by(block) {
             let nb = block.min(cin - c0);
-            transform_kernel_panel(w, cout, cin, o0, c0, nb, u);
+            transform_kernel_panel(w, cout, cin, o0, c0, nb, flipped, u);
             let g = Gemm {
                 m: nt,
                 n: NR,
@@ -501,9 +517,11 @@ struct WinogradCache {
 }
 
 /// The Winograd op over `(x, weight, bias)`; `cache` holds the transformed kernels of a frozen
-/// weight.
+/// weight. `flipped`: the weight is stored `(Cin, Cout, 3, 3)` and convolved transposed and
+/// rotated by 180° (a backward pass's input gradient).
 struct Winograd {
     cache: Option<Arc<WinogradCache>>,
+    flipped: bool,
 }
 
 impl CustomOp3 for Winograd {
@@ -521,7 +539,8 @@ impl CustomOp3 for Winograd {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, cin, h, w) = lx.shape().dims4()?;
-        let (cout, ..) = lw.shape().dims4()?;
+        let (w0, w1, ..) = lw.shape().dims4()?;
+        let cout = if self.flipped { w1 } else { w0 };
         let x = f32_input(sx, lx, "conv input")?;
         let bias = f32_input(sb, lb, "conv bias")?;
         let grid = Grid::new(h, w);
@@ -532,7 +551,7 @@ impl CustomOp3 for Winograd {
         // By the tiles of one image, as [`Conv2d::path`] chooses.
         if grid.tiles_per_image < MIN_TILES {
             let wt = f32_input(sw, lw, "conv weight")?;
-            convolve_small(&x, &wt, &bias, ptr, grid, (n, cin, cout));
+            convolve_small(&x, &wt, &bias, ptr, grid, (n, cin, cout), self.flipped);
             return Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, h, w))));
         }
         let transform = || -> Result<Vec<f32>> {
@@ -540,6 +559,7 @@ impl CustomOp3 for Winograd {
                 &f32_input(sw, lw, "conv weight")?,
                 cout,
                 cin,
+                self.flipped,
             ))
         };
         let fresh;
@@ -593,14 +613,12 @@ impl CustomOp3 for Winograd {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (cout, cin, ..) = w.dims4()?;
         let grad = grad.contiguous()?;
-        let rotate = Tensor::from_vec((0..9u32).rev().collect::<Vec<_>>(), 9, w.device())?;
-        let w_t = w
-            .transpose(0, 1)?
-            .reshape((cin, cout, 9))?
-            .index_select(&rotate, 2)?
-            .reshape((cin, cout, 3, 3))?;
         let zero_bias = Tensor::zeros(cin, grad.dtype(), grad.device())?;
-        let grad_x = grad.apply_op3_no_bwd(&w_t, &zero_bias, &Winograd { cache: None })?;
+        let flipped = Winograd {
+            cache: None,
+            flipped: true,
+        };
+        let grad_x = grad.apply_op3_no_bwd(&w.contiguous()?, &zero_bias, &flipped)?;
         if !w.track_op() && !b.track_op() {
             // A frozen layer (adapter training): its weight gradient would be thrown away.
             return Ok((Some(grad_x), None, None));
@@ -782,7 +800,11 @@ impl CustomOp3 for Im2colConv {
             candle_core::bail!("im2col-conv3x3: no backward pass for stride 2");
         }
         // The gradients of a stride-1 "same" convolution, whichever kernel computed it.
-        Winograd { cache: None }.bwd(x, w, b, res, grad)
+        Winograd {
+            cache: None,
+            flipped: false,
+        }
+        .bwd(x, w, b, res, grad)
     }
 }
 
@@ -1022,15 +1044,25 @@ impl Conv2d {
                     .reshape((n, cout, h, wd))?
                     .broadcast_add(&bias.reshape((1, cout, 1, 1))?)
             }
-            Path::Winograd { small: true } => {
-                xs.contiguous()?
-                    .apply_op3(&w.contiguous()?, bias, Winograd { cache: None })
-            }
+            Path::Winograd { small: true } => xs.contiguous()?.apply_op3(
+                &w.contiguous()?,
+                bias,
+                Winograd {
+                    cache: None,
+                    flipped: false,
+                },
+            ),
             Path::Winograd { small: false } => {
                 let again = self.winograd.used.swap(true, Ordering::Relaxed);
                 let cache = (!w.is_variable() && again).then(|| self.winograd.clone());
-                xs.contiguous()?
-                    .apply_op3(&w.contiguous()?, bias, Winograd { cache })
+                xs.contiguous()?.apply_op3(
+                    &w.contiguous()?,
+                    bias,
+                    Winograd {
+                        cache,
+                        flipped: false,
+                    },
+                )
             }
             Path::Im2col { stride } => {
                 xs.contiguous()?
