@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::write_two_classes;
+use common::{repo, write_two_classes};
 
 const BIN: &str = env!("CARGO_BIN_EXE_diffuse");
 
@@ -400,14 +400,6 @@ fn assert_two_ranks_write_the_files_of_one(tasks: &[(Vec<&str>, usize)]) {
             assert!(a == b, "{task:?}: {name} differs between 1 and 2 ranks");
         }
     }
-}
-
-fn repo(p: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(p)
-        .display()
-        .to_string()
 }
 
 /// `diffuse generate` (Stable Diffusion and the class-conditional DDPM model) and img2img with

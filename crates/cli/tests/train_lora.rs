@@ -2,17 +2,9 @@
 //! writes loads with `--lora` and changes the image; bad input fails before any work.
 
 mod common;
-use common::diffuse;
+use common::{diffuse, repo};
 
-use std::path::{Path, PathBuf};
-
-fn repo(p: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(p)
-        .display()
-        .to_string()
-}
+use std::path::PathBuf;
 
 fn run(args: &[&str]) -> String {
     let (ok, out, err) = diffuse(args);

@@ -26,7 +26,9 @@ use diffuse_schedulers::{Scheduler, SchedulerConfig};
 use serde_json::json;
 
 use crate::dataset::{fit_image, BatchSampler, Fit};
-use crate::optimizer::{clip_grad_norm, grad_norm, AdamW, AdamWConfig, LrSchedule, LrScheduleKind};
+use crate::optimizer::{
+    clip_grad_norm, grad_norm, AdamW, AdamWConfig, GradientSum, LrSchedule, LrScheduleKind,
+};
 
 /// The layers diffusers' LoRA scripts adapt: the attention projections.
 pub const DEFAULT_TARGETS: &[&str] = &["to_q", "to_k", "to_v", "to_out.0"];
@@ -358,27 +360,14 @@ impl LoraTrainer {
     pub fn train_step(&mut self) -> Result<LoraStepStats> {
         let vars = self.vars();
         let accum = self.config.grad_accum;
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut sum = GradientSum::new(&vars);
         let mut loss_sum = 0.0;
         for _ in 0..accum {
             let loss = self.micro_batch_loss()?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let store = (loss / accum as f64)?.backward()?;
-            for (acc, var) in grads.iter_mut().zip(&vars) {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    let g = g.detach();
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + g)?,
-                        None => g,
-                    });
-                }
-            }
+            sum.add(&(loss / accum as f64)?.backward()?)?;
         }
-        let mut grads = grads
-            .into_iter()
-            .zip(&vars)
-            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut grads = sum.finish()?;
         let loss = loss_sum / accum as f64;
         if !loss.is_finite() {
             return Err(Error::invalid(format!(

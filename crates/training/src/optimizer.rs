@@ -202,6 +202,50 @@ impl LrSchedule {
     }
 }
 
+/// The gradients of `vars` over micro-batches: each [`GradientSum::add`] takes the gradient
+/// store of one micro-batch's backward pass.
+pub struct GradientSum<'a> {
+    vars: &'a [Var],
+    sums: Vec<Option<Tensor>>,
+}
+
+impl<'a> GradientSum<'a> {
+    pub fn new(vars: &'a [Var]) -> Self {
+        Self {
+            vars,
+            sums: vec![None; vars.len()],
+        }
+    }
+
+    /// Adds one backward pass's gradients.
+    pub fn add(&mut self, store: &candle_core::backprop::GradStore) -> Result<()> {
+        for (sum, var) in self.sums.iter_mut().zip(self.vars) {
+            if let Some(g) = store.get(var.as_tensor()) {
+                // candle's gradients still reference this step's graph; detached, the
+                // optimizer moments built from them don't chain every past step's graph
+                // (unbounded memory).
+                let g = g.detach();
+                *sum = Some(match sum.take() {
+                    Some(s) => (s + g)?,
+                    None => g,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The sums, in the order of `vars`; a variable the loss never reached (an unused
+    /// block) gets a zero gradient.
+    pub fn finish(self) -> Result<Vec<Tensor>> {
+        Ok(self
+            .sums
+            .into_iter()
+            .zip(self.vars)
+            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<Vec<_>>>()?)
+    }
+}
+
 /// Scales `grads` in place so that their joint L2 norm is at most `max_norm`; returns the norm
 /// before clipping (torch's `clip_grad_norm_`, including its 1e-6 guard).
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {

@@ -23,7 +23,9 @@ use serde_json::{json, Map, Value};
 use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::dataset::{BatchSampler, Dataset};
 use crate::ema::{Ema, EmaConfig};
-use crate::optimizer::{clip_grad_norm, grad_norm, AdamW, AdamWConfig, LrSchedule, LrScheduleKind};
+use crate::optimizer::{
+    clip_grad_norm, grad_norm, AdamW, AdamWConfig, GradientSum, LrSchedule, LrScheduleKind,
+};
 use crate::sample::{grid_labels, sample, save_grid, SampleSettings};
 
 /// The diffusers version written into saved configs (the format they follow).
@@ -430,31 +432,15 @@ impl Trainer {
     /// One optimizer step over `grad_accum` micro-batches.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let accum = self.config.grad_accum;
-        let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let vars = self.vars.clone();
+        let mut sum = GradientSum::new(&vars);
         let mut loss_sum = 0.0;
         for _ in 0..accum {
             let loss = self.micro_batch_loss()?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
-            let store = (loss / accum as f64)?.backward()?;
-            for (acc, var) in grads.iter_mut().zip(&self.vars) {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    // candle's gradients still reference this step's graph; detached, the
-                    // optimizer moments built from them don't chain every past step's graph
-                    // (unbounded memory).
-                    let g = g.detach();
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + g)?,
-                        None => g,
-                    });
-                }
-            }
+            sum.add(&(loss / accum as f64)?.backward()?)?;
         }
-        // A parameter the loss does not reach (e.g. an unused block) gets a zero gradient.
-        let mut grads = grads
-            .into_iter()
-            .zip(&self.vars)
-            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut grads = sum.finish()?;
         if self.comm.size() > 1 {
             self.average_over_ranks(&mut grads, &mut loss_sum)?;
         }

@@ -24,6 +24,15 @@ pub fn diffuse_err<S: AsRef<OsStr>>(args: &[S]) -> (bool, String) {
     (ok, err)
 }
 
+/// A path in the repository, as a string for the command line.
+pub fn repo(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(p)
+        .display()
+        .to_string()
+}
+
 /// A tiny labelled dataset: two class folders of four 8×8 stripe images (horizontal, vertical).
 pub fn write_two_classes(dir: &Path) {
     for (class, vertical) in [("a", false), ("b", true)] {
