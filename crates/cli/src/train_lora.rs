@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use diffuse_pipelines::task::{model_display_name, run_task, TaskSettings};
 use diffuse_pipelines::{load_pipeline, unet_weights, LoadOptions, Pipeline};
+use diffuse_training::lora::image_files;
 use diffuse_training::{
     AdamWConfig, LoraSaveFormat, LoraTrainConfig, LoraTrainer, LrScheduleKind, PriorPreservation,
 };
@@ -53,6 +55,11 @@ pub struct TrainLoraArgs {
     /// Weight of the class images' loss.
     #[arg(long, default_value_t = 1.0)]
     pub prior_loss_weight: f64,
+    /// Top --class-data up to N images first, drawn by the model itself from --class-prompt
+    /// (as diffusers' DreamBooth script does), saved there as `class-<k>.png` with seed
+    /// --seed + k and the model's default steps.
+    #[arg(long, value_name = "N", requires = "class_data")]
+    pub num_class_images: Option<usize>,
     /// The LoRA file to write.
     #[arg(long, short, default_value = "lora.safetensors")]
     pub output: PathBuf,
@@ -132,15 +139,23 @@ pub fn run(args: TrainLoraArgs) -> Result<()> {
         ..Default::default()
     };
     let loaded = Instant::now();
-    let pipeline = match load_pipeline(&path, &opts)
-        .with_context(|| format!("loading the model {}", path.display()))?
-    {
-        Pipeline::StableDiffusion(p) => p,
-        other => bail!(
+    let pipeline = load_pipeline(&path, &opts)
+        .with_context(|| format!("loading the model {}", path.display()))?;
+    if !matches!(pipeline, Pipeline::StableDiffusion(_)) {
+        bail!(
             "train-lora trains Stable Diffusion 1.x/2.x UNets; {} holds a {}",
             path.display(),
-            other.class_name()
-        ),
+            pipeline.class_name()
+        );
+    }
+    if let (Some(n), Some(dir), Some(prompt)) =
+        (args.num_class_images, &args.class_data, &args.class_prompt)
+    {
+        let name = model_display_name(&args.model, &path);
+        make_class_images(&pipeline, &name, dir, prompt, n, args.seed)?;
+    }
+    let Pipeline::StableDiffusion(pipeline) = pipeline else {
+        unreachable!("checked above")
     };
     let unet = unet_weights(&path, &opts)?;
     let resolution = args.resolution.unwrap_or_else(|| pipeline.default_size().0);
@@ -228,6 +243,52 @@ pub fn run(args: TrainLoraArgs) -> Result<()> {
             .unwrap_or_default()
     );
     println!("wrote {}", args.output.display());
+    Ok(())
+}
+
+/// Tops the class-image folder up to `n` images drawn by the model from `prompt` (prior
+/// preservation's class images, made before training as diffusers' DreamBooth script does):
+/// `class-<k>.png` with seed `seed + k`, skipping names already taken.
+fn make_class_images(
+    pipeline: &Pipeline,
+    model_name: &str,
+    dir: &Path,
+    prompt: &str,
+    n: usize,
+    seed: u64,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let have = image_files(dir)?.len();
+    if have >= n {
+        return Ok(());
+    }
+    eprintln!(
+        "making {} class images of \"{prompt}\" in {}",
+        n - have,
+        dir.display()
+    );
+    let bar = ProgressBar::new((n - have) as u64);
+    let mut k = 0u64;
+    for _ in have..n {
+        let path = loop {
+            let p = dir.join(format!("class-{k}.png"));
+            if !p.exists() {
+                break p;
+            }
+            k += 1;
+        };
+        let task = TaskSettings {
+            prompt: prompt.to_string(),
+            seed: seed.wrapping_add(k),
+            ..Default::default()
+        };
+        let out = run_task(pipeline, model_name, &task, None)?;
+        let image = out.images.first().context("the pipeline made no image")?;
+        crate::generate::write_png(image, &path, &out.infotext, false)?;
+        bar.inc(1);
+        k += 1;
+    }
+    bar.finish_and_clear();
     Ok(())
 }
 

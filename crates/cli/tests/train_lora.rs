@@ -108,3 +108,59 @@ fn bad_input_fails_naming_it() {
         assert!(!out.exists(), "{args:?} wrote {}", out.display());
     }
 }
+
+/// DreamBooth with prior preservation: the class folder is topped up to --num-class-images with
+/// the model's own pictures of the class prompt, then both sets train; a full folder is used
+/// as it is.
+#[test]
+fn dreambooth_makes_the_missing_class_images_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sd, data) = (
+        repo("fixtures/pipelines/tiny_sd"),
+        repo("fixtures/lora_training/data"),
+    );
+    let class = tmp.path().join("class");
+    std::fs::create_dir(&class).unwrap();
+    // One class image already there, under a name the generated ones would take.
+    std::fs::copy(
+        std::path::Path::new(&data).join("img0.png"),
+        class.join("class-0.png"),
+    )
+    .unwrap();
+    let out = tmp.path().join("db.safetensors");
+    let args = [
+        "train-lora",
+        "--model",
+        &sd,
+        "--data",
+        &data,
+        "--steps",
+        "2",
+        "--instance-prompt",
+        "a photo of sks square",
+        "--class-data",
+        class.to_str().unwrap(),
+        "--class-prompt",
+        "a photo of a square",
+        "--num-class-images",
+        "3",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    let log = run(&args);
+    assert!(log.contains("making 2 class images"), "{log}");
+    let mut names: Vec<String> = std::fs::read_dir(&class)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["class-0.png", "class-1.png", "class-2.png"]);
+    // The copied image is left as it was.
+    assert_eq!(
+        std::fs::read(class.join("class-0.png")).unwrap(),
+        std::fs::read(std::path::Path::new(&data).join("img0.png")).unwrap()
+    );
+    assert!(out.is_file());
+    let again = run(&[&args[..], &["--force"]].concat());
+    assert!(!again.contains("making"), "{again}");
+}

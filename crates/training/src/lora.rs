@@ -585,16 +585,7 @@ fn read_examples(
     prompt: Option<&str>,
     config: &LoraTrainConfig,
 ) -> Result<Vec<TrainingExample>> {
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut images: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        })
-        .collect();
-    images.sort();
+    let images = image_files(dir)?;
     if images.is_empty() {
         return Err(Error::invalid(format!(
             "{}: no images ({}) in the folder",
@@ -634,6 +625,21 @@ fn read_examples(
             Ok(TrainingExample { latents, text })
         })
         .collect()
+}
+
+/// The training images of a folder (PNG and JPEG, by extension), sorted by name.
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut images: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    images.sort();
+    Ok(images)
 }
 
 /// The caption of `image.png`: the text of `image.txt` next to it.

@@ -32,7 +32,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 pub use args::{CommonArgs, GenerateArgs, Img2ImgArgs, InpaintArgs, PromptSyntaxArg};
 pub use diffuse_pipelines::task::{CLASS_GUIDANCE, DDPM_STEPS};
-pub use output::check_output_parent;
+pub use output::{check_output_parent, write_png};
 
 use crate::label_grid::labelled_grid;
 

@@ -91,7 +91,7 @@ pub fn save_all(
 
 /// Writes the PNG with its `parameters` chunk to a temp file, then renames it into place, so
 /// an interrupted run never leaves a partial PNG behind.
-fn write_png(img: &DynamicImage, path: &Path, infotext: &str, force: bool) -> Result<()> {
+pub fn write_png(img: &DynamicImage, path: &Path, infotext: &str, force: bool) -> Result<()> {
     let bytes = diffuse_pipelines::png_info::encode_png(img, Some(infotext))?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
