@@ -45,8 +45,8 @@ pub struct TrainLoraArgs {
     /// files are then not read.
     #[arg(long, value_name = "PROMPT")]
     pub instance_prompt: Option<String>,
-    /// Prior preservation: a folder of images of the class (e.g. made with `diffuse generate
-    /// --prompt "a photo of a dog" --num-images 100 --output DIR`), trained with --class-prompt.
+    /// Prior preservation: a folder of images of the class, trained with --class-prompt
+    /// (--num-class-images has the model draw the missing ones first).
     #[arg(long, value_name = "DIR", requires = "class_prompt")]
     pub class_data: Option<PathBuf>,
     /// The prompt of the --class-data images.
