@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{repo, write_two_classes};
+use common::{file_names, repo, write_two_classes};
 
 const BIN: &str = env!("CARGO_BIN_EXE_diffuse");
 
@@ -378,22 +378,18 @@ fn assert_two_ranks_write_the_files_of_one(tasks: &[(Vec<&str>, usize)]) {
         ] {
             assert!(err.contains(&line), "{task:?}: no `{line}` in:\n{err}");
         }
-        let names = |dir: &Path| -> Vec<String> {
-            let mut v: Vec<String> = std::fs::read_dir(dir)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
-            v.sort();
-            v
-        };
-        let written = names(&one);
+        let written = file_names(&one);
         assert_eq!(
             written.len(),
             *images,
             "{task:?}: files in {}",
             one.display()
         );
-        assert_eq!(names(&two), written, "{task:?}: files of 2 ranks\n{err}");
+        assert_eq!(
+            file_names(&two),
+            written,
+            "{task:?}: files of 2 ranks\n{err}"
+        );
         for name in written {
             let a = std::fs::read(one.join(&name)).unwrap();
             let b = std::fs::read(two.join(&name)).unwrap();

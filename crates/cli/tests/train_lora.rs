@@ -2,7 +2,7 @@
 //! writes loads with `--lora` and changes the image; bad input fails before any work.
 
 mod common;
-use common::{diffuse, repo};
+use common::{diffuse, file_names, repo};
 
 use std::path::PathBuf;
 
@@ -12,13 +12,18 @@ fn run(args: &[&str]) -> String {
     out + &err
 }
 
+/// The tiny pipeline and the four captioned pictures of `fixtures/lora_training/data`.
+fn tiny_sd_and_data() -> (String, String) {
+    (
+        repo("fixtures/pipelines/tiny_sd"),
+        repo("fixtures/lora_training/data"),
+    )
+}
+
 #[test]
 fn a_trained_lora_loads_and_changes_the_image() {
     let tmp = tempfile::tempdir().unwrap();
-    let (sd, data) = (
-        repo("fixtures/pipelines/tiny_sd"),
-        repo("fixtures/lora_training/data"),
-    );
+    let (sd, data) = tiny_sd_and_data();
     let lora: PathBuf = tmp.path().join("mine.safetensors");
     let l = lora.to_str().unwrap();
     let train = [
@@ -115,10 +120,7 @@ fn bad_input_fails_naming_it() {
 #[test]
 fn dreambooth_makes_the_missing_class_images_first() {
     let tmp = tempfile::tempdir().unwrap();
-    let (sd, data) = (
-        repo("fixtures/pipelines/tiny_sd"),
-        repo("fixtures/lora_training/data"),
-    );
+    let (sd, data) = tiny_sd_and_data();
     let class = tmp.path().join("class");
     std::fs::create_dir(&class).unwrap();
     // One class image already there, under a name the generated ones would take.
@@ -149,12 +151,10 @@ fn dreambooth_makes_the_missing_class_images_first() {
     ];
     let log = run(&args);
     assert!(log.contains("making 2 class images"), "{log}");
-    let mut names: Vec<String> = std::fs::read_dir(&class)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    assert_eq!(names, ["class-0.png", "class-1.png", "class-2.png"]);
+    assert_eq!(
+        file_names(&class),
+        ["class-0.png", "class-1.png", "class-2.png"]
+    );
     // The copied image is left as it was.
     assert_eq!(
         std::fs::read(class.join("class-0.png")).unwrap(),

@@ -33,6 +33,16 @@ pub fn repo(p: &str) -> String {
         .to_string()
 }
 
+/// The names of the files in `dir`, sorted.
+pub fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 /// A tiny labelled dataset: two class folders of four 8×8 stripe images (horizontal, vertical).
 pub fn write_two_classes(dir: &Path) {
     for (class, vertical) in [("a", false), ("b", true)] {
