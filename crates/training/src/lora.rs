@@ -27,7 +27,7 @@ use serde_json::json;
 
 use crate::dataset::{fit_image, BatchSampler, Fit};
 use crate::optimizer::{
-    clip_grad_norm, grad_norm, AdamW, AdamWConfig, GradientSum, LrSchedule, LrScheduleKind,
+    check_and_clip, AdamW, AdamWConfig, GradientSum, LrSchedule, LrScheduleKind,
 };
 
 /// The layers diffusers' LoRA scripts adapt: the attention projections.
@@ -369,16 +369,7 @@ impl LoraTrainer {
         }
         let mut grads = sum.finish()?;
         let loss = loss_sum / accum as f64;
-        if !loss.is_finite() {
-            return Err(Error::invalid(format!(
-                "the loss became {loss} at step {}; try a lower learning rate",
-                self.step + 1
-            )));
-        }
-        let norm = match self.config.clip_grad {
-            Some(max) => clip_grad_norm(&mut grads, max)?,
-            None => grad_norm(&grads)?,
-        };
+        let norm = check_and_clip(loss, self.step + 1, &mut grads, self.config.clip_grad)?;
         let lr = self.lr.lr_at(self.step as usize);
         self.optimizer.step(&vars, &grads, lr)?;
         self.step += 1;

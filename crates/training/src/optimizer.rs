@@ -246,6 +246,26 @@ impl<'a> GradientSum<'a> {
     }
 }
 
+/// The checks and clipping between the gradients of optimizer step `step` (1-based) and the
+/// update: fails with a hint when `loss` is not finite, then clips `grads` to `max_norm` when
+/// given and returns their norm before clipping.
+pub fn check_and_clip(
+    loss: f64,
+    step: u64,
+    grads: &mut [Tensor],
+    max_norm: Option<f64>,
+) -> Result<f64> {
+    if !loss.is_finite() {
+        return Err(Error::invalid(format!(
+            "the loss became {loss} at step {step}; try a lower learning rate or gradient clipping"
+        )));
+    }
+    match max_norm {
+        Some(max) => clip_grad_norm(grads, max),
+        None => grad_norm(grads),
+    }
+}
+
 /// Scales `grads` in place so that their joint L2 norm is at most `max_norm`; returns the norm
 /// before clipping (torch's `clip_grad_norm_`, including its 1e-6 guard).
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {

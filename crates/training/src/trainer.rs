@@ -24,7 +24,7 @@ use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::dataset::{BatchSampler, Dataset};
 use crate::ema::{Ema, EmaConfig};
 use crate::optimizer::{
-    clip_grad_norm, grad_norm, AdamW, AdamWConfig, GradientSum, LrSchedule, LrScheduleKind,
+    check_and_clip, AdamW, AdamWConfig, GradientSum, LrSchedule, LrScheduleKind,
 };
 use crate::sample::{grid_labels, sample, save_grid, SampleSettings};
 
@@ -445,16 +445,7 @@ impl Trainer {
             self.average_over_ranks(&mut grads, &mut loss_sum)?;
         }
         let loss = loss_sum / accum as f64;
-        if !loss.is_finite() {
-            return Err(Error::invalid(format!(
-                "the loss became {loss} at step {}; try a lower learning rate or gradient clipping",
-                self.step + 1
-            )));
-        }
-        let norm = match self.config.clip_grad {
-            Some(max) => clip_grad_norm(&mut grads, max)?,
-            None => grad_norm(&grads)?,
-        };
+        let norm = check_and_clip(loss, self.step + 1, &mut grads, self.config.clip_grad)?;
         let lr = self.lr.lr_at(self.lr_step as usize);
         self.optimizer.step(&self.vars, &grads, lr)?;
         self.lr_step += 1;
