@@ -160,7 +160,9 @@ simd_fn! {
     #[allow(clippy::too_many_arguments)]
     fn channel_dy(x: &[f32], grad: &[f32], dst: &mut [f32], mean: f32, rstd: f32, w: f32, b: f32, with_silu: bool) -> (f64, f64) {
         let (mut sdy, mut sdyx) = ([0f32; LANES], [0f32; LANES]);
-        for (i, ((d, &x), &g)) in dst.iter_mut().zip(x).zip(grad).enumerate() {
+        // Element `i` is summed in lane `i % LANES`; whole groups of lanes first, so that the
+        // loop vectorises.
+        let mut step = |i: usize, d: &mut f32, x: f32, g: f32| {
             let xhat = (x - mean) * rstd;
             let dy = if with_silu {
                 // silu'(y) = s·(1 + y·(1 − s)), s = sigmoid(y)
@@ -173,6 +175,16 @@ simd_fn! {
             *d = dy;
             sdy[i % LANES] += dy;
             sdyx[i % LANES] += dy * xhat;
+        };
+        let whole = dst.len() / LANES * LANES;
+        let (head, tail) = dst.split_at_mut(whole);
+        for ((d, x), g) in head.chunks_exact_mut(LANES).zip(x.chunks_exact(LANES)).zip(grad.chunks_exact(LANES)) {
+            for l in 0..LANES {
+                step(l, &mut d[l], x[l], g[l]);
+            }
+        }
+        for (i, d) in tail.iter_mut().enumerate() {
+            step(i, d, x[whole + i], grad[whole + i]);
         }
         let sum = |a: [f32; LANES]| a.iter().map(|&v| v as f64).sum::<f64>();
         (sum(sdy), sum(sdyx))
