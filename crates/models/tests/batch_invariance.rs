@@ -20,9 +20,23 @@ fn first_image(t: &Tensor) -> Vec<f32> {
 fn convolutions_give_an_image_the_same_values_in_any_batch() {
     let dev = Device::Cpu;
     let mut g = Generator::manual_seed(1);
-    // Maps of 1 (im2col), 4 (im2col; Winograd by the batch's 12 tiles before), 16 (small
-    // Winograd) and 256 tiles (Winograd with cached kernels), 3×3 stride 1 and 2, and 1×1.
-    for (c, hw) in [(16usize, 4usize), (16, 8), (16, 16), (8, 64)] {
+    // Maps of 1 (im2col), 4 (im2col; Winograd by the batch's 12 tiles before), 16 (Winograd
+    // with kernels transformed whole; per block with many channels) and 256 tiles (Winograd
+    // with cached kernels), 3×3 stride 1 and 2, and 1×1; batches of 3, and of 9 (an image per
+    // task on two cores, as this test runs them on any machine).
+    let two_cores = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    for (c, hw, n) in [
+        (16usize, 4usize, 3usize),
+        (16, 8, 3),
+        (16, 8, 9),
+        (16, 16, 3),
+        (130, 16, 3),
+        (8, 64, 3),
+        (8, 16, 9),
+    ] {
         for (k, stride, pad) in [(3usize, 1usize, 1usize), (3, 2, 1), (1, 1, 0)] {
             let w = g.randn((c, c, k, k), &dev).unwrap();
             let b = g.randn(c, &dev).unwrap();
@@ -32,15 +46,17 @@ fn convolutions_give_an_image_the_same_values_in_any_batch() {
                 ..Default::default()
             };
             let conv = Conv2d::from_candle(candle_nn::Conv2d::new(w, Some(b), cfg));
-            let x = g.randn((3, c, hw, hw), &dev).unwrap();
+            let x = g.randn((n, c, hw, hw), &dev).unwrap();
             // Twice: the cached-kernel path caches from a layer's second call.
             for _ in 0..2 {
-                let alone = conv.forward(&x.narrow(0, 0, 1).unwrap()).unwrap();
-                let batch = conv.forward(&x).unwrap();
+                let (alone, batch) = two_cores.install(|| {
+                    let alone = conv.forward(&x.narrow(0, 0, 1).unwrap()).unwrap();
+                    (alone, conv.forward(&x).unwrap())
+                });
                 assert_eq!(
                     first_image(&alone),
                     first_image(&batch),
-                    "{c} channels {hw}×{hw}, {k}×{k} stride {stride}"
+                    "{c} channels {hw}×{hw}, {k}×{k} stride {stride}, batch {n}"
                 );
             }
         }

@@ -353,16 +353,6 @@ fn group_norm_gradients_case(groups: usize, shape: &[usize]) -> Result<()> {
 }
 
 /// A convolution with random weights and bias; frozen (plain tensors) or training variables.
-fn random_conv(
-    cin: usize,
-    cout: usize,
-    k: usize,
-    pad: usize,
-    frozen: bool,
-) -> Result<(Conv2d, VarMap)> {
-    random_conv_strided(cin, cout, k, pad, 1, frozen)
-}
-
 fn random_conv_strided(
     cin: usize,
     cout: usize,
@@ -409,6 +399,7 @@ fn conv_matches_candle() -> Result<()> {
         (1, 5, 7, 50, 50, 3, false, 1),
         (2, 4, 6, 10, 10, 3, true, 1),
         (1, 130, 20, 12, 11, 3, true, 1),
+        (1, 130, 131, 12, 11, 3, true, 1),
         (2, 0, 5, 9, 9, 3, true, 1),
         (1, 0, 3, 48, 48, 3, true, 1),
         (1, 3, 4, 6, 6, 3, true, 1),
@@ -445,22 +436,52 @@ fn conv_matches_candle() -> Result<()> {
     Ok(())
 }
 
+/// candle's convolution of `x`; for stride 2 (whose odd sizes candle's backward gets wrong)
+/// every other row and column of the stride-1 convolution with the same weights.
+fn strided_reference(conv: &Conv2d, stride: usize, x: &Tensor) -> Result<Tensor> {
+    if stride == 1 {
+        return Ok(conv.forward_reference(x)?);
+    }
+    let cfg = candle_nn::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let dense = Conv2d::from_candle(candle_nn::Conv2d::new(
+        conv.weight().clone(),
+        conv.bias().cloned(),
+        cfg,
+    ))
+    .forward_reference(x)?;
+    let every_other =
+        |len: usize| Tensor::arange_step(0u32, len as u32, stride as u32, &Device::Cpu);
+    let (_, _, h, w) = dense.dims4()?;
+    Ok(dense
+        .index_select(&every_other(h)?, 2)?
+        .index_select(&every_other(w)?, 3)?)
+}
+
 #[test]
 fn conv_gradients_match_candle() -> Result<()> {
     // Winograd with its own backward (partial edge tiles, one input channel, more inputs
-    // than outputs; a map of over 256 tiles, whose kernels are transformed whole), a small
-    // map (im2col + GEMM, the same backward), then 1×1.
-    for (k, n, cin, cout, h) in [
-        (3, 1, 3, 17, 64),
-        (3, 2, 3, 5, 48),
-        (3, 3, 1, 4, 37),
-        (3, 2, 9, 2, 30),
-        (3, 2, 3, 5, 6),
-        (1, 2, 3, 5, 7),
+    // than outputs; a map of over 256 tiles, whose kernels are transformed whole; a small map
+    // with many channels, whose kernels are transformed per block), a tiny map (im2col + GEMM,
+    // the same backward), stride 2 (odd and even sizes; im2col + GEMM and its adjoint), 1×1.
+    for (k, stride, n, cin, cout, h) in [
+        (3, 1, 1, 3, 17, 64),
+        (3, 1, 2, 3, 5, 48),
+        (3, 1, 3, 1, 4, 37),
+        (3, 1, 2, 9, 2, 30),
+        (3, 1, 1, 130, 131, 12),
+        (3, 1, 2, 3, 5, 6),
+        (3, 2, 2, 6, 5, 11),
+        (3, 2, 1, 3, 4, 8),
+        (1, 1, 2, 3, 5, 7),
+        (1, 1, 3, 12, 20, 9),
     ] {
-        let (conv, varmap) = random_conv(cin, cout, k, k / 2, false)?;
+        let (conv, varmap) = random_conv_strided(cin, cout, k, k / 2, stride, false)?;
         let x = Var::from_tensor(&randn(&[n, cin, h, h + 3], 1.0)?)?;
-        let weights = randn(&[n, cout, h, h + 3], 1.0)?;
+        let want_y = strided_reference(&conv, stride, &x)?;
+        let weights = randn(want_y.dims(), 1.0)?;
         let params: Vec<Tensor> = varmap
             .all_vars()
             .iter()
@@ -474,9 +495,10 @@ fn conv_gradients_match_candle() -> Result<()> {
                 .collect())
         };
         let got = grads(conv.forward(&x)?)?;
-        let want = grads(conv.forward_reference(&x)?)?;
+        let want = grads(want_y)?;
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_close(&format!("conv{k}x{k} gradient {i}"), g, w, 1e-4)?;
+            let what = format!("conv{k}x{k}/{stride} {n}x{cin}x{h} -> {cout} gradient {i}");
+            assert_close(&what, g, w, 1e-4)?;
         }
     }
     Ok(())
@@ -494,25 +516,26 @@ fn frozen_layers_give_the_input_gradient_of_candle() -> Result<()> {
         }
         Ok(g.get(x.as_tensor()).expect("the input's gradient").clone())
     }
-    // Winograd (large and small maps), im2col, 1×1.
-    for (k, n, cin, cout, h) in [
-        (3, 1, 18, 3, 64),
-        (3, 2, 3, 5, 48),
-        (3, 2, 9, 2, 30),
-        (3, 2, 3, 5, 6),
-        (1, 2, 3, 5, 7),
+    // Winograd (large and small maps), im2col, stride 2, 1×1.
+    for (k, stride, n, cin, cout, h) in [
+        (3, 1, 1, 18, 3, 64),
+        (3, 1, 2, 3, 5, 48),
+        (3, 1, 2, 9, 2, 30),
+        (3, 1, 2, 3, 5, 6),
+        (3, 2, 2, 4, 3, 9),
+        (1, 1, 2, 3, 5, 7),
     ] {
-        let (conv, _) = random_conv(cin, cout, k, k / 2, true)?;
+        let (conv, _) = random_conv_strided(cin, cout, k, k / 2, stride, true)?;
         let x = Var::from_tensor(&randn(&[n, cin, h, h + 3], 1.0)?)?;
-        let weights = randn(&[n, cout, h, h + 3], 1.0)?;
+        let weights = randn(conv.forward_reference(&x)?.dims(), 1.0)?;
         let got = input_grad(conv.forward(&x)?, &x, &weights, &[])?;
         let want = {
-            let y = conv.forward_reference(&x)?;
+            let y = strided_reference(&conv, stride, &x)?;
             let g = (y * &weights)?.sum_all()?.backward()?;
             g.get(x.as_tensor()).expect("the input's gradient").clone()
         };
         assert_close(
-            &format!("frozen conv{k}x{k} {cin}->{cout} {h}"),
+            &format!("frozen conv{k}x{k}/{stride} {cin}->{cout} {h}"),
             &got,
             &want,
             1e-4,

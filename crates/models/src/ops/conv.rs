@@ -1,7 +1,9 @@
 //! The models' `Conv2d`: 3×3 stride-1 padding-1 convolutions on the CPU by Winograd
-//! F(4×4, 3×3) (by im2col and one GEMM per image on tiny maps, and for stride 2 in
-//! inference), 1×1 convolutions as one GEMM per image straight from NCHW (a batched matmul
-//! in training), everything else candle's `conv2d`.
+//! F(4×4, 3×3) (by im2col and one GEMM per image on tiny maps, and for stride 2), 1×1
+//! convolutions as one GEMM per image straight from NCHW, everything else candle's `conv2d`.
+//! Each has its own backward pass, of GEMMs on the same register tiles (candle's CPU backward
+//! of a convolution goes through `conv_transpose2d`, tens of times slower than the forward,
+//! and got the shapes of odd-sized stride-2 maps wrong).
 //!
 //! Winograd turns the 3×3 convolution of each 4×4 output tile into 36 element-wise products
 //! of transformed 6×6 input tiles and transformed kernels, i.e. 36 GEMMs
@@ -21,7 +23,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
-use super::microkernel::{gemm_parallel, gemm_rows, transpose_rows8, Gemm, B, NR};
+use super::microkernel::{gemm_parallel, pack_kt, transpose, transpose_rows8, Gemm, B, NR};
 use super::{f32_input, f32_output, kernel_dtype, output_buffer, simd_fn, SendPtr, LANES};
 
 /// Output tile side, input tile side (m + r − 1) and transformed points per tile.
@@ -41,6 +43,16 @@ const MIN_TILES: usize = 256;
 /// multiplications save, and the direct (im2col) convolution is faster (8 tiles, SD's 8×8
 /// level with guidance, measured about even; 4 per image).
 const MIN_SMALL_TILES: usize = 8;
+/// Most `Cin·Cout` for which the kernels are transformed whole even on small maps (64 KiB per
+/// point): the training-sized models' layers, whose batches have thousands of tiles that
+/// [`convolve_small`] would stream through memory on one thread (a 32 → 32 layer at 32×32,
+/// batch 32: 44 vs 124 GFLOP/s).
+const CHEAP_KERNELS: usize = 16384;
+
+fn cheap_kernels(cin: usize, cout: usize) -> bool {
+    cin * cout <= CHEAP_KERNELS
+}
+
 /// The weight gradient sums the batch in at most this many groups (in parallel), then adds
 /// the groups in order.
 const WEIGHT_GRAD_GROUPS: usize = 8;
@@ -549,7 +561,7 @@ impl CustomOp3 for Winograd {
         let mut out = output_buffer(n * cout * h * w);
         let ptr = SendPtr(out.as_mut_ptr());
         // By the tiles of one image, as [`Conv2d::path`] chooses.
-        if grid.tiles_per_image < MIN_TILES {
+        if grid.tiles_per_image < MIN_TILES && !cheap_kernels(cin, cout) {
             let wt = f32_input(sw, lw, "conv weight")?;
             convolve_small(&x, &wt, &bias, ptr, grid, (n, cin, cout), self.flipped);
             return Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, h, w))));
@@ -623,18 +635,59 @@ impl CustomOp3 for Winograd {
             // A frozen layer (adapter training): its weight gradient would be thrown away.
             return Ok((Some(grad_x), None, None));
         }
-        let dwb = x.apply_op2_no_bwd(&grad, &WeightGrad)?;
+        let cols = Columns::Im2col { stride: 1 };
+        let dwb = x.apply_op2_no_bwd(&grad, &WeightGrad { cols })?;
         let grad_w = dwb.narrow(0, 0, cout * cin * 9)?.reshape(w.shape())?;
         let grad_b = dwb.narrow(0, cout * cin * 9, cout)?;
         Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
     }
 }
 
-/// `dw` and `db` of a 3×3 stride-1 padding-1 convolution from `(x, dy)`, flat one after the
-/// other: per image, the im2col matrix `(Cin·9, H·W)` of `x`, `dw += dy (Cout × H·W) · colᵀ`
-/// and `db += Σ dy` per channel (cheaper here than candle's strided sum), accumulated per
-/// thread.
-struct WeightGrad;
+/// How a convolution's GEMM operand is read from one `(C, H, W)` image: the image itself
+/// (a 1×1 convolution) or its im2col matrix (3×3, padding 1, stride 1 or 2).
+#[derive(Clone, Copy, Debug)]
+enum Columns {
+    Pointwise,
+    Im2col { stride: usize },
+}
+
+impl Columns {
+    /// Rows of the matrix per input channel.
+    fn taps(self) -> usize {
+        match self {
+            Columns::Pointwise => 1,
+            Columns::Im2col { .. } => 9,
+        }
+    }
+
+    /// The matrix `(C·taps, Ho·Wo)` of `img`: the image itself, or its im2col rows in `col`.
+    fn of<'a>(
+        self,
+        img: &'a [f32],
+        col: &'a mut [f32],
+        (h, w): (usize, usize),
+        (ho, wo): (usize, usize),
+    ) -> &'a [f32] {
+        match self {
+            Columns::Pointwise => img,
+            Columns::Im2col { stride: 1 } => {
+                im2col(img, col, h, w);
+                col
+            }
+            Columns::Im2col { .. } => {
+                im2col_stride2(img, col, h, w, ho, wo);
+                col
+            }
+        }
+    }
+}
+
+/// `dw` and `db` of a convolution read as `out = W · cols(x) + b` ([`Columns`]), flat one
+/// after the other, from `(x, dy)`: per image `dw += dy (Cout × Ho·Wo) · colsᵀ` and
+/// `db += Σ dy` per channel (cheaper here than candle's strided sum), accumulated per thread.
+struct WeightGrad {
+    cols: Columns,
+}
 
 /// Rows `(c, ky, kx)` of the im2col matrix of one `(C, H, W)` image with padding 1 and
 /// stride 2: row `j` holds `x[c, 2·oy + ky − 1, 2·ox + kx − 1]` (0 outside) for every output
@@ -689,7 +742,7 @@ fn im2col(img: &[f32], col: &mut [f32], h: usize, w: usize) {
 
 impl candle_core::CustomOp2 for WeightGrad {
     fn name(&self) -> &'static str {
-        "conv3x3-weight-grad"
+        "conv-weight-grad"
     }
 
     fn cpu_fwd(
@@ -700,10 +753,11 @@ impl candle_core::CustomOp2 for WeightGrad {
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, cin, h, w) = lx.shape().dims4()?;
-        let (_, cout, ..) = lg.shape().dims4()?;
+        let (_, cout, ho, wo) = lg.shape().dims4()?;
         let x = f32_input(sx, lx, "conv input")?;
         let g = f32_input(sg, lg, "conv output gradient")?;
-        let (plane, k) = (h * w, cin * 9);
+        let (plane, k) = (ho * wo, cin * self.cols.taps());
+        let col_len = if self.cols.taps() == 1 { 0 } else { k * plane };
         // Images are summed in fixed groups, and the groups in order, so that the gradient
         // does not depend on how rayon splits the work: training is reproducible bit for
         // bit (a resumed run equals an uninterrupted one).
@@ -712,13 +766,27 @@ impl candle_core::CustomOp2 for WeightGrad {
             .into_par_iter()
             .map(|grp| {
                 let mut dwb = vec![0f32; cout * (k + 1)];
-                let mut col = vec![0f32; k * plane];
+                let mut col = vec![0f32; col_len];
+                let mut dy_t = vec![0f32; cout.div_ceil(NR) * NR * plane];
                 for i in grp * per_group..((grp + 1) * per_group).min(n) {
-                    im2col(&x[i * cin * plane..(i + 1) * cin * plane], &mut col, h, w);
+                    let img = &x[i * cin * h * w..(i + 1) * cin * h * w];
+                    let cols = self.cols.of(img, &mut col, (h, w), (ho, wo));
                     let dy = &g[i * cout * plane..(i + 1) * cout * plane];
+                    pack_kt(dy, (cout, plane, plane), 1.0, &mut dy_t);
                     let (dw, db) = dwb.split_at_mut(cout * k);
-                    // colᵀ is read through strides (row stride 1, column stride H·W).
-                    gemm_rows(cout, k, plane, dw, dy, &col, 1, plane, 1.0, 1.0);
+                    // dwᵀ (K × Cout) += cols · dyᵀ, stored transposed into dw.
+                    let gemm = Gemm {
+                        m: k,
+                        n: cout,
+                        k: plane,
+                        lda: plane,
+                        b: B::packed(plane),
+                        rs_c: 1,
+                        cs_c: k,
+                        accumulate: true,
+                        bias_per_col: false,
+                    };
+                    gemm.run(cols, &dy_t, dw, None);
                     for (b, row) in db.iter_mut().zip(dy.chunks_exact(plane)) {
                         *b += super::sum(row);
                     }
@@ -736,11 +804,129 @@ impl candle_core::CustomOp2 for WeightGrad {
     }
 }
 
+/// `dx` of a convolution read as `out = W · cols(x) + b` ([`Columns`]) from `(w, dy)`: per
+/// image `Wᵀ · dy`, the gradient of the columns, which for im2col columns is then added back
+/// to the pixels they were read from. `(h, w)`: the input's size (a stride-2 output does not
+/// tell it).
+struct InputGrad {
+    cols: Columns,
+    h: usize,
+    w: usize,
+}
+
+impl candle_core::CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "conv-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, cout, ho, wo) = lg.shape().dims4()?;
+        let cin = lw.shape().dims4()?.1;
+        let (h, w) = (self.h, self.w);
+        let wt = f32_input(sw, lw, "conv weight")?;
+        let g = f32_input(sg, lg, "conv output gradient")?;
+        let (plane, k) = (ho * wo, cin * self.cols.taps());
+        let mut w_t = vec![0f32; k * cout];
+        transpose(&wt, (cout, k, k), &mut w_t);
+        let gemm = Gemm {
+            m: k,
+            n: plane,
+            k: cout,
+            lda: cout,
+            b: B::Rows { ld: plane },
+            rs_c: plane,
+            cs_c: 1,
+            accumulate: false,
+            bias_per_col: false,
+        };
+        // Pointwise: the product is the gradient and writes all of it; im2col: the columns'
+        // gradients are summed into zeros.
+        let mut out = match self.cols {
+            Columns::Pointwise => output_buffer(n * cin * h * w),
+            Columns::Im2col { .. } => vec![0f32; n * cin * h * w],
+        };
+        per_image(&mut out, cin * h * w, |i, dx, parallel| {
+            let dy = &g[i * cout * plane..(i + 1) * cout * plane];
+            match self.cols {
+                Columns::Pointwise => run_gemm(&gemm, &w_t, dy, dx, None, parallel),
+                Columns::Im2col { stride } => {
+                    let mut col = vec![0f32; k * plane];
+                    run_gemm(&gemm, &w_t, dy, &mut col, None, parallel);
+                    col2im(&col, dx, (h, w), (ho, wo), stride);
+                }
+            }
+        });
+        Ok((f32_output(out, sg.dtype())?, Shape::from((n, cin, h, w))))
+    }
+}
+
+/// Adds im2col rows `(c, ky, kx)` (padding 1, `stride`) of an `(Ho, Wo)` output back onto the
+/// `(C, H, W)` pixels they were read from: the adjoint of [`im2col`] / [`im2col_stride2`].
+fn col2im(
+    col: &[f32],
+    img: &mut [f32],
+    (h, w): (usize, usize),
+    (ho, wo): (usize, usize),
+    stride: usize,
+) {
+    let plane = h * w;
+    for (j, row) in col.chunks_exact(ho * wo).enumerate() {
+        let (c, ky, kx) = (j / 9, j % 9 / 3, j % 3);
+        let dst = &mut img[c * plane..(c + 1) * plane];
+        for (oy, src) in row.chunks_exact(wo).enumerate() {
+            let sy = (stride * oy + ky).wrapping_sub(1);
+            if sy >= h {
+                continue;
+            }
+            let d = &mut dst[sy * w..(sy + 1) * w];
+            for (ox, &v) in src.iter().enumerate() {
+                let sx = (stride * ox + kx).wrapping_sub(1);
+                if sx < w {
+                    d[sx] += v;
+                }
+            }
+        }
+    }
+}
+
+/// The gradients of a convolution read as `out = W · cols(x) + b`: `dx` always (`x` is the
+/// activation), `dw` and `db` unless the layer is frozen (adapter training).
+fn gemm_conv_grads(
+    cols: Columns,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (_, _, h, wd) = x.dims4()?;
+    let (cout, cin, kh, kw) = w.dims4()?;
+    let grad = grad.contiguous()?;
+    let grad_x = w
+        .contiguous()?
+        .apply_op2_no_bwd(&grad, &InputGrad { cols, h, w: wd })?;
+    if !w.track_op() && !b.track_op() {
+        return Ok((Some(grad_x), None, None));
+    }
+    let k = cin * kh * kw;
+    let dwb = x
+        .contiguous()?
+        .apply_op2_no_bwd(&grad, &WeightGrad { cols })?;
+    let grad_w = dwb.narrow(0, 0, cout * k)?.reshape(w.shape())?;
+    let grad_b = dwb.narrow(0, cout * k, cout)?;
+    Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+}
+
 /// A 3×3 padding-1 convolution (stride 1 or 2) as im2col and one multi-threaded GEMM per
 /// image, `out (Cout × Ho·Wo) = W (Cout × Cin·9) · col + b`, written straight into NCHW: for
 /// maps of fewer than [`MIN_SMALL_TILES`] tiles, where transforming the kernels would cost more
-/// than Winograd saves, and for the downsamplers. candle's own path (im2col in NHWC order, a batched matmul, then a transpose
-/// copy) ran at half the speed here.
+/// than Winograd saves, and for the downsamplers. candle's own path (im2col in NHWC order, a
+/// batched matmul, then a transpose copy) ran at half the speed here.
 struct Im2colConv {
     stride: usize,
 }
@@ -766,24 +952,27 @@ impl CustomOp3 for Im2colConv {
         // PyTorch's output size for kernel 3, padding 1.
         let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
         let (plane, k) = (ho * wo, cin * 9);
-        let mut col = vec![0f32; k * plane];
-        // Every element is written: each image's GEMM writes all of its output (K = 9·Cin > 0).
+        // Every element is written: each image's GEMM writes all of its output.
         let mut out = output_buffer(n * cout * plane);
-        for (i, dst) in out.chunks_exact_mut(cout * plane).enumerate() {
+        per_image(&mut out, cout * plane, |i, dst, parallel| {
             let img = &x[i * cin * h * w..(i + 1) * cin * h * w];
-            // Rows of the im2col matrix in parallel: a channel's 9 rows per task.
-            col.par_chunks_mut(9 * plane)
-                .enumerate()
-                .for_each(|(c, rows)| {
-                    let src = &img[c * h * w..(c + 1) * h * w];
-                    if s == 1 {
-                        im2col(src, rows, h, w);
-                    } else {
-                        im2col_stride2(src, rows, h, w, ho, wo);
-                    }
-                });
-            weight_times_image(&wt, &col, &bias, dst);
-        }
+            let mut col = vec![0f32; k * plane];
+            // A channel's 9 rows of the im2col matrix at a time.
+            let rows = |(c, rows): (usize, &mut [f32])| {
+                let src = &img[c * h * w..(c + 1) * h * w];
+                if s == 1 {
+                    im2col(src, rows, h, w);
+                } else {
+                    im2col_stride2(src, rows, h, w, ho, wo);
+                }
+            };
+            if parallel {
+                col.par_chunks_mut(9 * plane).enumerate().for_each(rows);
+            } else {
+                col.chunks_mut(9 * plane).enumerate().for_each(rows);
+            }
+            weight_times_image(&wt, &col, &bias, dst, parallel);
+        });
         Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, ho, wo))))
     }
 
@@ -796,8 +985,15 @@ impl CustomOp3 for Im2colConv {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if self.stride != 1 {
-            // Not taken: Conv2d only sends frozen stride-2 inputs here.
-            candle_core::bail!("im2col-conv3x3: no backward pass for stride 2");
+            return gemm_conv_grads(
+                Columns::Im2col {
+                    stride: self.stride,
+                },
+                x,
+                w,
+                b,
+                grad,
+            );
         }
         // The gradients of a stride-1 "same" convolution, whichever kernel computed it.
         Winograd {
@@ -824,9 +1020,9 @@ fn conv_operands<'a>(
 }
 
 /// `dst (Cout × P) = w (Cout × K) · x (K × P) + bias` for one image, all row-major, on every
-/// core: an im2col matrix (K = 9·Cin) or the image itself (a 1×1 convolution, K = Cin). The
-/// bias enters in the GEMM's first store, not as a pass of its own.
-fn weight_times_image(w: &[f32], x: &[f32], bias: &[f32], dst: &mut [f32]) {
+/// core when `parallel`: an im2col matrix (K = 9·Cin) or the image itself (a 1×1 convolution,
+/// K = Cin). The bias enters in the GEMM's first store, not as a pass of its own.
+fn weight_times_image(w: &[f32], x: &[f32], bias: &[f32], dst: &mut [f32], parallel: bool) {
     let cout = bias.len();
     let k = w.len().checked_div(cout).unwrap_or(0);
     let plane = dst.len().checked_div(cout).unwrap_or(0);
@@ -841,12 +1037,41 @@ fn weight_times_image(w: &[f32], x: &[f32], bias: &[f32], dst: &mut [f32]) {
         accumulate: false,
         bias_per_col: false,
     };
-    gemm_parallel(&g, w, x, dst, Some(bias));
+    run_gemm(&g, w, x, dst, Some(bias), parallel);
 }
 
-/// A 1×1 convolution: `W·x + b` per image straight from NCHW, no copies (with a backward for
-/// frozen weights: the input's gradient).
-/// (candle's batched matmul and a broadcast add of the bias ran at about 80 GFLOP/s here.)
+/// `g` on every core (`parallel`) or on this thread: the same values either way, since
+/// [`gemm_parallel`] splits the rows and columns, never K.
+fn run_gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias: Option<&[f32]>, parallel: bool) {
+    if parallel {
+        gemm_parallel(g, a, b, c, bias)
+    } else {
+        g.run(a, b, c, bias)
+    }
+}
+
+/// Calls `f(i, dst, parallel)` on image `i`'s slice `dst` (`len` values) of `out`: one image
+/// per task when the batch gives every core several (a training batch of small maps, where
+/// splitting each image's small GEMM cost more than it saved), else image after image with
+/// `parallel` set, each image's work split over the cores.
+fn per_image(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32], bool) + Sync) {
+    if len == 0 {
+        return;
+    }
+    if out.len() / len >= 4 * rayon::current_num_threads() {
+        out.par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, dst)| f(i, dst, false));
+    } else {
+        out.chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, dst)| f(i, dst, true));
+    }
+}
+
+/// A 1×1 convolution: `W·x + b` per image straight from NCHW, no copies. (candle's batched
+/// matmul and a broadcast add of the bias ran at about 80 GFLOP/s here, and its backward
+/// materialised the weight's gradient once per image.)
 struct PointwiseConv;
 
 impl CustomOp3 for PointwiseConv {
@@ -867,43 +1092,25 @@ impl CustomOp3 for PointwiseConv {
         let (cout, ..) = lw.shape().dims4()?;
         let (x, wt, bias) = conv_operands((sx, lx), (sw, lw), (sb, lb))?;
         let plane = h * w;
-        // Every element is written: each image's GEMM, or its bias fill when there are no input channels,
-        // writes all of its output.
+        // Every element is written: each image's GEMM, or its bias fill when there are no
+        // input channels, writes all of its output.
         let mut out = output_buffer(n * cout * plane);
-        // Indexed rather than chunked: no input channels (the output is the bias) is valid.
-        for i in 0..n {
+        per_image(&mut out, cout * plane, |i, dst, parallel| {
             let img = &x[i * cin * plane..(i + 1) * cin * plane];
-            weight_times_image(
-                &wt,
-                img,
-                &bias,
-                &mut out[i * cout * plane..(i + 1) * cout * plane],
-            );
-        }
+            weight_times_image(&wt, img, &bias, dst, parallel);
+        });
         Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, h, w))))
     }
 
-    /// The input's gradient `wᵀ · dy` per image: [`Conv2d`] applies this op with a backward
-    /// only to frozen weights.
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, cout, h, wd) = grad.dims4()?;
-        let cin = w.dim(1)?;
-        let wt = w
-            .reshape((cout, cin))?
-            .t()?
-            .contiguous()?
-            .broadcast_left(n)?;
-        let grad_x = wt
-            .matmul(&grad.contiguous()?.reshape((n, cout, h * wd))?)?
-            .reshape((n, cin, h, wd))?;
-        Ok((Some(grad_x), None, None))
+        gemm_conv_grads(Columns::Pointwise, x, w, b, grad)
     }
 }
 
@@ -977,13 +1184,13 @@ enum Path {
 impl Conv2d {
     fn path(&self, xs: &Tensor) -> Path {
         let w = self.inner.weight();
-        let Ok((_, cin, kh, kw)) = w.dims4() else {
+        let Ok((cout, cin, kh, kw)) = w.dims4() else {
             return Path::Candle;
         };
         let (Some(_), Ok((_, xc, h, wd))) = (self.inner.bias(), xs.dims4()) else {
             return Path::Candle;
         };
-        if h == 0 || wd == 0 || w.dim(0).is_ok_and(|cout| cout == 0) {
+        if h == 0 || wd == 0 || cout == 0 {
             // An empty output: nothing for the kernels to do.
             return Path::Candle;
         }
@@ -994,15 +1201,13 @@ impl Conv2d {
             && kernel_dtype(xs.dtype())
             && w.dtype() == xs.dtype()
             && (kh, kw, pad, cfg.groups, cfg.dilation) == (3, 3, 1, 1, 1);
-        // Downsamplers (stride 2) in inference; in training candle's conv has the backward.
-        if fused_ok && cfg.stride == 2 && !xs.track_op() && !w.track_op() {
+        if fused_ok && cfg.stride == 2 {
             return Path::Im2col { stride: 2 };
         }
         if !self.plain() || xc != cin || !xs.device().is_cpu() {
             return Path::Candle;
         }
-        // (candle's CPU matmul has no bf16.)
-        if (kh, kw, pad) == (1, 1, 0) && xs.dtype() != candle_core::DType::BF16 {
+        if (kh, kw, pad) == (1, 1, 0) && kernel_dtype(xs.dtype()) && w.dtype() == xs.dtype() {
             return Path::Pointwise;
         }
         // Chosen by the tiles of one image, not of the batch: the paths round differently,
@@ -1010,7 +1215,9 @@ impl Conv2d {
         // sharing a batch each run a part of it).
         match fused_ok {
             true => match Grid::new(h, wd).tiles_per_image {
-                t if t >= MIN_TILES => Path::Winograd { small: false },
+                t if t >= MIN_TILES || (t >= MIN_SMALL_TILES && cheap_kernels(cin, cout)) => {
+                    Path::Winograd { small: false }
+                }
                 t if t >= MIN_SMALL_TILES => Path::Winograd { small: true },
                 _ => Path::Im2col { stride: 1 },
             },
@@ -1024,26 +1231,13 @@ impl Conv2d {
             (Path::Candle, _) | (_, None) => return self.inner.forward(xs),
             (_, Some(b)) => b,
         };
-        let (n, cin, h, wd) = xs.dims4()?;
-        let cout = w.dim(0)?;
         match path {
-            Path::Pointwise if !xs.track_op() && !w.track_op() && kernel_dtype(xs.dtype()) => xs
+            Path::Pointwise if !xs.track_op() && !w.track_op() && !bias.track_op() => xs
                 .contiguous()?
                 .apply_op3_no_bwd(&w.contiguous()?, bias, &PointwiseConv),
-            // A frozen layer under a tracked input (adapter training): the op's backward gives
-            // the input's gradient only, where the batched matmul would also compute the
-            // weight's.
-            Path::Pointwise if !w.track_op() && !bias.track_op() && kernel_dtype(xs.dtype()) => xs
+            Path::Pointwise => xs
                 .contiguous()?
                 .apply_op3(&w.contiguous()?, bias, PointwiseConv),
-            Path::Pointwise => {
-                // Training: one batched matmul (output already NCHW), which has a backward.
-                let x = xs.reshape((n, cin, h * wd))?;
-                let w = w.reshape((cout, cin))?.broadcast_left(n)?;
-                w.matmul(&x)?
-                    .reshape((n, cout, h, wd))?
-                    .broadcast_add(&bias.reshape((1, cout, 1, 1))?)
-            }
             Path::Winograd { small: true } => xs.contiguous()?.apply_op3(
                 &w.contiguous()?,
                 bias,

@@ -231,50 +231,6 @@ impl Gemm {
     }
 }
 
-/// `dst (m×n) = alpha·dst + beta·lhs (m×k) · rhs`, row-major `lhs`/`dst`; `rhs` given by its
-/// row and column strides so that `kᵀ` needs no copy. Single-threaded: the callers are the
-/// parallel tasks.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_rows(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    lhs: &[f32],
-    rhs: &[f32],
-    rhs_rs: usize,
-    rhs_cs: usize,
-    alpha: f32,
-    beta: f32,
-) {
-    assert!(dst.len() >= m * n && lhs.len() >= m * k);
-    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
-    // SAFETY: the asserts bound every index gemm touches.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            alpha != 0.0,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            alpha,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 /// `dst[e · ld + j] = rows[j][e]` for `j < 8`, `e < len`: eight rows become the first eight
 /// columns of `len` rows of `dst`, 8 × 8 blocks at a time with AVX2 shuffles (scalar copies
 /// leave one store per element).
