@@ -500,6 +500,15 @@ fn conv_gradients_match_candle() -> Result<()> {
             let what = format!("conv{k}x{k}/{stride} {n}x{cin}x{h} -> {cout} gradient {i}");
             assert_close(&what, g, w, 1e-4)?;
         }
+        // The first layer's input is data: no gradient for it, the same ones for the weights.
+        let data = x.as_tensor().detach();
+        let g = (conv.forward(&data)? * &weights)?.sum_all()?.backward()?;
+        assert!(g.get(&data).is_none(), "data got a gradient");
+        for (i, (p, w)) in params.iter().zip(&want[1..]).enumerate() {
+            let what =
+                format!("conv{k}x{k}/{stride} {n}x{cin}x{h} -> {cout} on data, gradient {i}");
+            assert_close(&what, g.get(p).expect("gradient"), w, 1e-4)?;
+        }
     }
     Ok(())
 }

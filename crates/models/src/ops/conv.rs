@@ -630,16 +630,20 @@ impl CustomOp3 for Winograd {
             cache: None,
             flipped: true,
         };
-        let grad_x = grad.apply_op3_no_bwd(&w.contiguous()?, &zero_bias, &flipped)?;
+        // Not for data (the first layer's input): its gradient would be thrown away.
+        let grad_x = match x.track_op() {
+            true => Some(grad.apply_op3_no_bwd(&w.contiguous()?, &zero_bias, &flipped)?),
+            false => None,
+        };
         if !w.track_op() && !b.track_op() {
             // A frozen layer (adapter training): its weight gradient would be thrown away.
-            return Ok((Some(grad_x), None, None));
+            return Ok((grad_x, None, None));
         }
         let cols = Columns::Im2col { stride: 1 };
         let dwb = x.apply_op2_no_bwd(&grad, &WeightGrad { cols })?;
         let grad_w = dwb.narrow(0, 0, cout * cin * 9)?.reshape(w.shape())?;
         let grad_b = dwb.narrow(0, cout * cin * 9, cout)?;
-        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+        Ok((grad_x, Some(grad_w), Some(grad_b)))
     }
 }
 
@@ -895,8 +899,8 @@ fn col2im(
     }
 }
 
-/// The gradients of a convolution read as `out = W · cols(x) + b`: `dx` always (`x` is the
-/// activation), `dw` and `db` unless the layer is frozen (adapter training).
+/// The gradients of a convolution read as `out = W · cols(x) + b`: `dx` unless `x` is data
+/// (nothing tracked), `dw` and `db` unless the layer is frozen (adapter training).
 fn gemm_conv_grads(
     cols: Columns,
     x: &Tensor,
@@ -907,11 +911,15 @@ fn gemm_conv_grads(
     let (_, _, h, wd) = x.dims4()?;
     let (cout, cin, kh, kw) = w.dims4()?;
     let grad = grad.contiguous()?;
-    let grad_x = w
-        .contiguous()?
-        .apply_op2_no_bwd(&grad, &InputGrad { cols, h, w: wd })?;
+    let grad_x = match x.track_op() {
+        true => Some(
+            w.contiguous()?
+                .apply_op2_no_bwd(&grad, &InputGrad { cols, h, w: wd })?,
+        ),
+        false => None,
+    };
     if !w.track_op() && !b.track_op() {
-        return Ok((Some(grad_x), None, None));
+        return Ok((grad_x, None, None));
     }
     let k = cin * kh * kw;
     let dwb = x
@@ -919,7 +927,7 @@ fn gemm_conv_grads(
         .apply_op2_no_bwd(&grad, &WeightGrad { cols })?;
     let grad_w = dwb.narrow(0, 0, cout * k)?.reshape(w.shape())?;
     let grad_b = dwb.narrow(0, cout * k, cout)?;
-    Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+    Ok((grad_x, Some(grad_w), Some(grad_b)))
 }
 
 /// A 3×3 padding-1 convolution (stride 1 or 2) as im2col and one multi-threaded GEMM per
