@@ -573,6 +573,68 @@ fn frozen_layers_give_the_input_gradient_of_candle() -> Result<()> {
     Ok(())
 }
 
+/// A linear layer whose weights train: the fast path's gradients (input, weight, bias) equal
+/// candle's, and data (an untracked input) gets none.
+#[test]
+fn linear_gradients_match_reference() -> Result<()> {
+    use diffuse_models::ops::linear::Linear;
+    // The packed product (over 256 rows) and the transposed one (few rows), with and
+    // without a bias.
+    for (shape, out, bias) in [
+        (vec![2, 300, 40], 33, true),
+        (vec![1100, 24], 20, false),
+        (vec![2, 77, 24], 50, true),
+    ] {
+        let k = *shape.last().unwrap();
+        let w = Var::from_tensor(&randn(&[out, k], 0.1)?)?;
+        let b = bias
+            .then(|| -> Result<Var> { Ok(Var::from_tensor(&randn(&[out], 1.0)?)?) })
+            .transpose()?;
+        let layer = Linear::new(
+            w.as_tensor().clone(),
+            b.as_ref().map(|b| b.as_tensor().clone()),
+        );
+        let mut out_shape = shape.clone();
+        *out_shape.last_mut().unwrap() = out;
+        let weights = randn(&out_shape, 1.0)?;
+        let params: Vec<&Tensor> = std::iter::once(w.as_tensor())
+            .chain(b.as_ref().map(|b| b.as_tensor()))
+            .collect();
+        for tracked in [true, false] {
+            let x = Var::from_tensor(&randn(&shape, 1.0)?)?;
+            let x = match tracked {
+                true => x.as_tensor().clone(),
+                false => x.as_tensor().detach(),
+            };
+            let grads = |y: Tensor| -> Result<Vec<Option<Tensor>>> {
+                let g = (y * &weights)?.sum_all()?.backward()?;
+                Ok(std::iter::once(&x)
+                    .chain(params.iter().copied())
+                    .map(|t| g.get(t).cloned())
+                    .collect())
+            };
+            let got = grads(layer.forward(&x)?)?;
+            let want = grads(layer.forward_reference(&x)?)?;
+            assert_eq!(got[0].is_some(), tracked, "input gradient of {shape:?}");
+            for (i, (g, w)) in got
+                .iter()
+                .zip(&want)
+                .enumerate()
+                .skip(usize::from(!tracked))
+            {
+                let (g, w) = (g.as_ref().expect("gradient"), w.as_ref().expect("gradient"));
+                assert_close(
+                    &format!("linear {shape:?} -> {out} gradient {i}"),
+                    g,
+                    w,
+                    1e-4,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 type UnaryOp = fn(&Tensor) -> candle_core::Result<Tensor>;
 
 /// The gradient of `sum(f(x) ⊙ weights)` with respect to `x`.

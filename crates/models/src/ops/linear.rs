@@ -6,9 +6,9 @@
 //! rows (the 8×8 level, cross-attention keys over 77 tokens, time embeddings, CLIP) packing
 //! the weight would cost about as much as the product, so those compute `yᵀ = w·xᵀ` instead
 //! (measured in one process, alternating: 128 × 1280 → 1280 3.7 vs 4.7 ms, 154 × 3072 → 768
-//! 6.9 vs 9.2 ms). A layer whose weight trains, and other devices, take candle's matmul; a
-//! frozen layer under a tracked input (adapter training) keeps the fast path, with a backward
-//! that computes the input's gradient only.
+//! 6.9 vs 9.2 ms). Other devices take candle's matmul. In training the fast path has its own
+//! backward, which computes only the gradients of what is tracked (a frozen layer under a
+//! tracked input, adapter training, gets the input's alone).
 //!
 //! The weight may be kept in half precision (bf16/f16) under f32 activations: the layer then
 //! computes in f32, widening the weight as it packs it (the diffusion transformers at their real
@@ -140,8 +140,6 @@ impl Linear {
                 .bias()
                 .is_none_or(|b| float(b) && b.dims() == [n])
             && xs.dims().last() == Some(&k)
-            && !w.track_op()
-            && self.inner.bias().is_none_or(|b| !b.track_op())
     }
 }
 
@@ -189,9 +187,11 @@ impl Linear {
             return layer.forward(&xs);
         }
         let (xs, w) = (xs.contiguous()?, self.inner.weight().contiguous()?);
-        // A frozen layer under a tracked input (adapter training): the op's backward gives
-        // the input's gradient only, where candle's matmul would also compute the weight's.
-        match (self.inner.bias(), xs.track_op()) {
+        // The op's backward gives the gradients of what is tracked only: a frozen layer
+        // under a tracked input (adapter training) computes no weight gradient.
+        let tracked =
+            xs.track_op() || w.track_op() || self.inner.bias().is_some_and(|b| b.track_op());
+        match (self.inner.bias(), tracked) {
             (Some(b), true) => xs.apply_op3(&w, b, LinearOp),
             (Some(b), false) => xs.apply_op3_no_bwd(&w, b, &LinearOp),
             (None, true) => xs.apply_op2(&w, LinearOp),
@@ -244,8 +244,34 @@ fn linear_input_grad(w: &Tensor, grad: &Tensor) -> Result<Tensor> {
         .reshape(shape)
 }
 
-/// The op behind [`Linear`]'s fast path. Its backward serves frozen weights only (the input's
-/// gradient); a layer whose weight trains takes candle's matmul.
+/// `(dw, db)` for `y = x · wᵀ + b`: `dyᵀ · x` over all rows in one product (no per-image
+/// weight gradients to sum, as candle's batched matmul makes) and the column sums of `dy`.
+fn linear_weight_grads(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, k) = w.dims2()?;
+    let rows = grad.elem_count() / n.max(1);
+    let dy = grad.contiguous()?.reshape((rows, n))?;
+    let x = x.contiguous()?.reshape((rows, k))?.to_dtype(dy.dtype())?;
+    let dw = dy.t()?.contiguous()?.matmul(&x)?.to_dtype(w.dtype())?;
+    Ok((dw, dy.sum(0)?))
+}
+
+/// The gradients of [`LinearOp`]: of the input, the weight and the bias, each only when tracked.
+fn linear_grads(x: &Tensor, w: &Tensor, b: Option<&Tensor>, grad: &Tensor) -> Result<LinearGrads> {
+    let dx = match x.track_op() {
+        true => Some(linear_input_grad(w, grad)?),
+        false => None,
+    };
+    if !w.track_op() && !b.is_some_and(|b| b.track_op()) {
+        return Ok((dx, None, None));
+    }
+    let (dw, db) = linear_weight_grads(x, w, grad)?;
+    let db = b.map(|b| db.to_dtype(b.dtype())).transpose()?;
+    Ok((dx, Some(dw), db))
+}
+
+type LinearGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// The op behind [`Linear`]'s fast path (with a backward of its own).
 struct LinearOp;
 
 impl LinearOp {
@@ -367,12 +393,13 @@ impl CustomOp2 for LinearOp {
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(linear_input_grad(w, grad)?), None))
+        let (dx, dw, _) = linear_grads(x, w, None, grad)?;
+        Ok((dx, dw))
     }
 }
 
@@ -395,12 +422,12 @@ impl CustomOp3 for LinearOp {
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(linear_input_grad(w, grad)?), None, None))
+        linear_grads(x, w, Some(b), grad)
     }
 }
