@@ -574,7 +574,7 @@ fn frozen_layers_give_the_input_gradient_of_candle() -> Result<()> {
 }
 
 /// A linear layer whose weights train: the fast path's gradients (input, weight, bias) equal
-/// candle's, and data (an untracked input) gets none.
+/// candle's, and data (an untracked input) gets none there.
 #[test]
 fn linear_gradients_match_reference() -> Result<()> {
     use diffuse_models::ops::linear::Linear;
@@ -615,7 +615,11 @@ fn linear_gradients_match_reference() -> Result<()> {
             };
             let got = grads(layer.forward(&x)?)?;
             let want = grads(layer.forward_reference(&x)?)?;
-            assert_eq!(got[0].is_some(), tracked, "input gradient of {shape:?}");
+            // (candle's matmul, the portable path, gives data a gradient too.)
+            let fast = diffuse_models::ops::kernels() != diffuse_models::ops::Kernels::Portable;
+            if tracked || fast {
+                assert_eq!(got[0].is_some(), tracked, "input gradient of {shape:?}");
+            }
             for (i, (g, w)) in got
                 .iter()
                 .zip(&want)
