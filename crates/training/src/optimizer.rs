@@ -132,24 +132,106 @@ impl AdamW {
                 self.exp_avg.len()
             )));
         }
-        let c = self.config;
         self.step += 1;
-        let t = self.step as i32;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let step_size = lr / bias1;
+        let k = Coefficients::new(&self.config, self.step, lr);
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            let m = ((&self.exp_avg[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((&self.exp_avg_sq[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((v.sqrt()? / bias2_sqrt)? + c.eps)?;
-            let decayed = (p.as_tensor().detach() * (1.0 - lr * c.weight_decay))?;
-            let update = ((m.div(&denom))? * step_size)?;
-            p.set(&(decayed - update)?)?;
+            let (m, v) = (&self.exp_avg[i], &self.exp_avg_sq[i]);
+            let (param, m, v) = match fused_update(p.as_tensor(), g, m, v, &k)? {
+                Some(new) => new,
+                None => tensor_update(p.as_tensor(), g, m, v, &k)?,
+            };
+            p.set(&param)?;
             self.exp_avg[i] = m;
             self.exp_avg_sq[i] = v;
         }
         Ok(())
     }
+}
+
+/// The scalars of one AdamW step, each as the f32 that candle's `tensor * scalar` (an affine
+/// map `x·a + b` in the tensor's dtype) multiplies or adds.
+struct Coefficients {
+    beta1: f64,
+    beta2: f64,
+    /// `1 / sqrt(1 − β2ᵗ)`: dividing by a scalar is multiplying by its inverse.
+    inv_bias2_sqrt: f64,
+    eps: f64,
+    /// `1 − lr·wd`
+    decay: f64,
+    /// `lr / (1 − β1ᵗ)`
+    step_size: f64,
+}
+
+impl Coefficients {
+    fn new(c: &AdamWConfig, step: u64, lr: f64) -> Self {
+        let t = step as i32;
+        Self {
+            beta1: c.beta1,
+            beta2: c.beta2,
+            inv_bias2_sqrt: 1.0 / (1.0 - c.beta2.powi(t)).sqrt(),
+            eps: c.eps,
+            decay: 1.0 - lr * c.weight_decay,
+            step_size: lr / (1.0 - c.beta1.powi(t)),
+        }
+    }
+}
+
+/// `(p, m, v)` after one step, in candle ops (any device and dtype).
+fn tensor_update(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    k: &Coefficients,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let m = (m.affine(k.beta1, 0.0)? + g.affine(1.0 - k.beta1, 0.0)?)?;
+    let v = (v.affine(k.beta2, 0.0)? + g.sqr()?.affine(1.0 - k.beta2, 0.0)?)?;
+    let denom = v
+        .sqrt()?
+        .affine(k.inv_bias2_sqrt, 0.0)?
+        .affine(1.0, k.eps)?;
+    let decayed = p.detach().affine(k.decay, 0.0)?;
+    let update = m.div(&denom)?.affine(k.step_size, 0.0)?;
+    Ok(((decayed - update)?, m, v))
+}
+
+/// [`tensor_update`] in one pass over the values, on every core, for f32 tensors on the CPU
+/// (`None` otherwise): the same f32 operations in the same order, so the same bits, where the
+/// ten tensor ops per parameter cost more than the rest of a small model's step.
+fn fused_update(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    k: &Coefficients,
+) -> candle_core::Result<Option<(Tensor, Tensor, Tensor)>> {
+    use rayon::prelude::*;
+    let f32_cpu = |t: &Tensor| t.dtype() == candle_core::DType::F32 && t.device().is_cpu();
+    if ![p, g, m, v].iter().all(|t| f32_cpu(t)) {
+        return Ok(None);
+    }
+    let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    let (mut p_new, g) = (values(p)?, values(g)?);
+    let (mut m_new, mut v_new) = (values(m)?, values(v)?);
+    // As candle's affine map: `x·a + b` with `a`, `b` rounded to f32.
+    let affine = |x: f32, a: f64, b: f64| x * a as f32 + b as f32;
+    const CHUNK: usize = 1 << 14;
+    p_new
+        .par_chunks_mut(CHUNK)
+        .zip(m_new.par_chunks_mut(CHUNK))
+        .zip(v_new.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(((p, m), v), g)| {
+            for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                *m = affine(*m, k.beta1, 0.0) + affine(g, 1.0 - k.beta1, 0.0);
+                *v = affine(*v, k.beta2, 0.0) + affine(g * g, 1.0 - k.beta2, 0.0);
+                let denom = affine(affine(v.sqrt(), k.inv_bias2_sqrt, 0.0), 1.0, k.eps);
+                let update = affine(*m / denom, k.step_size, 0.0);
+                *p = affine(*p, k.decay, 0.0) - update;
+            }
+        });
+    let shaped = |x: Vec<f32>| Tensor::from_vec(x, p.shape(), p.device());
+    Ok(Some((shaped(p_new)?, shaped(m_new)?, shaped(v_new)?)))
 }
 
 /// The learning-rate curve after warm-up.
@@ -290,4 +372,41 @@ pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
             .to_scalar::<f64>()?;
     }
     Ok(sum.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one-pass update gives the tensor ops' values bit for bit, over steps whose moments
+    /// build up (signed zeros and large and tiny values included).
+    #[test]
+    fn fused_update_equals_the_tensor_ops() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let cfg = AdamWConfig {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+        };
+        let mut p = Tensor::randn(0f32, 1.0, 40_000, &dev)?;
+        let mut m = p.zeros_like()?;
+        let mut v = p.zeros_like()?;
+        for step in 1..=5u64 {
+            let g = (Tensor::randn(0f32, 1.0, 40_000, &dev)? * 10f64.powi(step as i32 - 3))?;
+            let g = g.slice_assign(&[0..2], &Tensor::new(&[-0.0f32, 0.0], &dev)?)?;
+            let k = Coefficients::new(&cfg, step, cfg.lr);
+            let want = tensor_update(&p, &g, &m, &v, &k)?;
+            let got = fused_update(&p, &g, &m, &v, &k)?.expect("f32 on the CPU");
+            for (a, b) in [(&got.0, &want.0), (&got.1, &want.1), (&got.2, &want.2)] {
+                let bits = |t: &Tensor| -> candle_core::Result<Vec<u32>> {
+                    Ok(t.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect())
+                };
+                assert_eq!(bits(a)?, bits(b)?, "step {step}");
+            }
+            (p, m, v) = want;
+        }
+        Ok(())
+    }
 }
