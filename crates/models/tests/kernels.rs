@@ -124,13 +124,16 @@ fn causal_attention_matches_reference() -> Result<()> {
         let want = causal_attention_reference(&q, &k, &v, scale)?;
         assert_close(&format!("causal attention {bh}x{n}x{d}"), &got, &want, 1e-5)?;
     }
-    // The gradients too.
-    assert_attention_gradients(
-        "causal",
-        (2, 150, 150, 16, 16),
-        causal_attention,
-        causal_attention_reference,
-    )
+    // The gradients too: small heads (plain loops) and bigger ones (matmuls).
+    for shape in [(2, 150, 150, 16, 16), (1, 300, 300, 16, 16)] {
+        assert_attention_gradients(
+            "causal",
+            shape,
+            causal_attention,
+            causal_attention_reference,
+        )?;
+    }
+    Ok(())
 }
 
 type AttentionFn = fn(&Tensor, &Tensor, &Tensor, f64) -> candle_core::Result<Tensor>;
@@ -179,12 +182,16 @@ fn attention_half_inputs_are_computed_in_f32() -> Result<()> {
 
 #[test]
 fn attention_gradients_match_reference() -> Result<()> {
-    assert_attention_gradients(
-        "attention",
-        (3, 70, 90, 16, 12),
-        scaled_dot_product_attention,
-        scaled_dot_product_attention_reference,
-    )
+    // Small heads (plain loops; one query row) and bigger ones (matmuls).
+    for shape in [(3, 70, 90, 16, 12), (2, 1, 5, 8, 8), (1, 300, 200, 16, 24)] {
+        assert_attention_gradients(
+            "attention",
+            shape,
+            scaled_dot_product_attention,
+            scaled_dot_product_attention_reference,
+        )?;
+    }
+    Ok(())
 }
 
 /// Affine parameters drawn at random instead of the 1/0 initialisation.
