@@ -322,9 +322,12 @@ fn small_head_grads(
     let per_head: Vec<[Vec<f32>; 3]> = (0..heads)
         .into_par_iter()
         .map(|h| {
-            let at = |x: &[f32], rows: usize, w: usize| x[h * rows * w..][..rows * w].to_vec();
-            let (q, k, v) = (at(&q, n, d), at(&k, m, d), at(&v, m, dv));
-            let (o, go) = (at(&o, n, dv), at(&go, n, dv));
+            // This head's rows, borrowed.
+            fn head(x: &[f32], h: usize, len: usize) -> &[f32] {
+                &x[h * len..(h + 1) * len]
+            }
+            let (q, k, v) = (head(&q, h, n * d), head(&k, h, m * d), head(&v, h, m * dv));
+            let (o, go) = (head(&o, h, n * dv), head(&go, h, n * dv));
             let (mut dq, mut dk, mut dvv) =
                 (vec![0f32; n * d], vec![0f32; m * d], vec![0f32; m * dv]);
             let mut p = vec![0f32; m];
