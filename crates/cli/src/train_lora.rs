@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use diffuse_pipelines::task::{model_display_name, run_task, TaskSettings};
-use diffuse_pipelines::{load_pipeline, unet_weights, LoadOptions, Pipeline};
+use diffuse_pipelines::{load_pipeline, text_encoder_weights, unet_weights, LoadOptions, Pipeline};
 use diffuse_training::lora::image_files;
 use diffuse_training::{
     AdamWConfig, LoraSaveFormat, LoraTrainConfig, LoraTrainer, LrScheduleKind, PriorPreservation,
@@ -28,8 +28,9 @@ pub enum LoraFormatArg {
 
 /// Train a LoRA on a Stable Diffusion model's UNet (the attention projections by default):
 /// images from --data with their captions in `<image>.txt`, or one --instance-prompt for all of
-/// them (DreamBooth; with --class-data and --class-prompt, prior preservation). The VAE, the
-/// text encoder and the UNet's own weights stay frozen.
+/// them (DreamBooth; with --class-data and --class-prompt, prior preservation). The VAE and
+/// the UNet's own weights stay frozen; so does the text encoder, unless --train-text-encoder
+/// adapts its attention projections too.
 #[derive(Args, Debug)]
 pub struct TrainLoraArgs {
     /// The model: a Stable Diffusion 1.x/2.x diffusers folder, single file or hub id.
@@ -78,6 +79,11 @@ pub struct TrainLoraArgs {
     /// The layers to adapt, by the last part of their module path, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "to_q,to_k,to_v,to_out.0")]
     pub target_modules: Vec<String>,
+    /// Also train a LoRA on the text encoder's attention projections (q_proj, k_proj, v_proj,
+    /// out_proj; same rank, alpha and learning rate), saved under `text_encoder.` (PEFT) or
+    /// `lora_te_` (Kohya) in the same file. Captions are then encoded at every step.
+    #[arg(long)]
+    pub train_text_encoder: bool,
     /// Training image size (short side resized to it, then center-cropped). Default: the
     /// model's native size.
     #[arg(long, value_name = "PX")]
@@ -193,6 +199,10 @@ pub fn run(args: TrainLoraArgs) -> Result<()> {
     let mut trainer = LoraTrainer::new(&pipeline, unet, &args.data, config)
         .with_context(|| format!("preparing the images of {}", args.data.display()))?;
     drop(pipeline);
+    if args.train_text_encoder {
+        let (cfg, weights) = text_encoder_weights(&path, &opts)?;
+        trainer = trainer.with_text_encoder(cfg, weights)?;
+    }
     eprintln!(
         "{} images at {resolution}x{resolution}, rank {} on {} layers ({} trained parameters); \
          ready in {:.1}s",

@@ -164,3 +164,43 @@ fn dreambooth_makes_the_missing_class_images_first() {
     let again = run(&[&args[..], &["--force"]].concat());
     assert!(!again.contains("making"), "{again}");
 }
+
+/// `--train-text-encoder` adapts the text encoder's eight attention projections too; the file
+/// (Kohya layout here) loads with `--lora`, where every module must find its layer.
+#[test]
+fn a_text_encoder_lora_trains_and_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sd, data) = tiny_sd_and_data();
+    let lora = tmp.path().join("te.safetensors");
+    let l = lora.to_str().unwrap();
+    let out = run(&[
+        "train-lora",
+        "--model",
+        &sd,
+        "--data",
+        &data,
+        "--steps",
+        "2",
+        "--train-text-encoder",
+        "--format",
+        "kohya",
+        "--output",
+        l,
+    ]);
+    assert!(out.contains("rank 4 on 40 layers"), "{out}");
+    let png = tmp.path().join("te.png");
+    run(&[
+        "generate",
+        "--model",
+        &sd,
+        "--prompt",
+        "a red square in corner 1",
+        "--steps",
+        "2",
+        "--lora",
+        l,
+        "--output",
+        png.to_str().unwrap(),
+    ]);
+    assert!(png.is_file());
+}

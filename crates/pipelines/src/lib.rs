@@ -41,7 +41,7 @@ pub use dit::{ClassToImageRequest, DiTPipeline};
 pub use flux::FluxPipeline;
 pub use img2img::Img2ImgRequest;
 pub use inpaint::InpaintRequest;
-pub use sources::unet_weights;
+pub use sources::{text_encoder_weights, unet_weights};
 pub use stable_diffusion::{
     EncodedPrompt, GenerationParams, ImageOutput, PromptEmbeds, StableDiffusionPipeline,
     Text2ImageRequest,

@@ -12,6 +12,7 @@ use diffuse_core::{Error, Result};
 use diffuse_loaders::lora::{LoraFile, LoraSpec};
 use diffuse_loaders::single_file::{Family, SingleFile, TextEncoderLayout};
 use diffuse_loaders::CheckedBackend;
+use diffuse_models::clip_text::ClipTextConfig;
 use diffuse_models::clip_tokenizer::ClipTokenizer;
 use diffuse_models::{
     AutoencoderKL, AutoencoderKLConfig, UNet2DConditionConfig, UNet2DConditionModel,
@@ -429,13 +430,42 @@ pub fn unet_weights(
     let cfg: UNet2DConditionConfig = source.config("unet")?;
     cfg.validate()?;
     let layout = (cfg.block_out_channels.len(), cfg.layers_per_block.get(0));
-    let backend = source.backend("unet", opts.variant.as_deref(), layout.0, layout.1)?;
-    let weights = backend
+    let weights = component_weights(&source, "unet", layout, opts)?;
+    Ok((cfg, weights))
+}
+
+/// The text encoder weights of a Stable Diffusion model, as [`unet_weights`] reads the UNet's,
+/// under transformers' names (`text_model.…`, also for files stored without that prefix).
+pub fn text_encoder_weights(
+    path: &Path,
+    opts: &LoadOptions,
+) -> Result<(ClipTextConfig, HashMap<String, candle_core::Tensor>)> {
+    let source = Source::open(path, opts.config.as_deref())?;
+    let cfg: ClipTextConfig = source.config("text_encoder")?;
+    cfg.validate("text_encoder config")?;
+    let weights = component_weights(&source, "text_encoder", (cfg.num_hidden_layers, 0), opts)?
+        .into_iter()
+        .map(|(name, t)| match name.starts_with("text_model.") {
+            true => (name, t),
+            false => (format!("text_model.{name}"), t),
+        })
+        .collect();
+    Ok((cfg, weights))
+}
+
+/// Every tensor of a component, in `opts.dtype` on `opts.device`.
+fn component_weights(
+    source: &Source,
+    component: &str,
+    (blocks, layers_per_block): (usize, usize),
+    opts: &LoadOptions,
+) -> Result<HashMap<String, candle_core::Tensor>> {
+    let backend = source.backend(component, opts.variant.as_deref(), blocks, layers_per_block)?;
+    backend
         .read_all()?
         .into_iter()
         .map(|(name, t)| Ok((name, t.to_dtype(opts.dtype)?.to_device(&opts.device)?)))
-        .collect::<Result<HashMap<_, _>>>()?;
-    Ok((cfg, weights))
+        .collect()
 }
 
 /// The VAE and its dtype: f32 when the pipeline is f16 and the config asks to upcast

@@ -482,6 +482,21 @@ impl StableDiffusionPipeline {
         self.embed_texts(texts, None, &mut Vec::new())
     }
 
+    /// The padded token ids (B, 77) of `texts` that [`Self::text_embeddings`] encodes (what
+    /// text-encoder training feeds its adapted encoder).
+    pub fn prompt_token_ids(&self, texts: &[String]) -> Result<Tensor> {
+        self.texts_to_ids(texts, &mut Vec::new())
+    }
+
+    /// Token ids (B, 77) of `texts`, multi-vector embedding tokens expanded first.
+    fn texts_to_ids(&self, texts: &[String], warnings: &mut Vec<String>) -> Result<Tensor> {
+        let texts: Vec<String> = texts
+            .iter()
+            .map(|t| self.expand_embedding_tokens(t))
+            .collect();
+        token_ids(&self.tokenizer, &texts, &self.device, warnings)
+    }
+
     /// Text encoder embeddings (B, 77, hidden) of `texts` (multi-vector embedding tokens
     /// expanded first).
     fn embed_texts(
@@ -490,11 +505,7 @@ impl StableDiffusionPipeline {
         clip_skip: Option<usize>,
         warnings: &mut Vec<String>,
     ) -> Result<Tensor> {
-        let texts: Vec<String> = texts
-            .iter()
-            .map(|t| self.expand_embedding_tokens(t))
-            .collect();
-        let ids = token_ids(&self.tokenizer, &texts, &self.device, warnings)?;
+        let ids = self.texts_to_ids(texts, warnings)?;
         self.encode_ids(&ids, clip_skip)
     }
 

@@ -5,11 +5,13 @@
 //! (`unet.<module>.lora_A.weight` / `.lora_B.weight`) that `load_lora_weights` reads, or in
 //! Kohya's.
 //!
-//! The VAE and the text encoder are frozen, so each image's latent distribution (and its
-//! mirror's, with random flips) and each caption's embeddings are computed once up front. Every
-//! step samples latents from the stored distributions (as `latent_dist.sample()` does), noises
-//! them at uniform timesteps and rebuilds the UNet from the frozen weights with the current
-//! updates added to the targeted ones; A and B are the only variables.
+//! The VAE is frozen, so each image's latent distribution (and its mirror's, with random flips)
+//! is computed once up front, and so are the captions' embeddings unless the text encoder is
+//! adapted too ([`LoraTrainer::with_text_encoder`], `train_dreambooth_lora.py
+//! --train_text_encoder`: its attention projections, saved under `text_encoder.`). Every step
+//! samples latents from the stored distributions (as `latent_dist.sample()` does), noises them
+//! at uniform timesteps and rebuilds the adapted models from their frozen weights with the
+//! current updates added to the targeted ones; A and B are the only variables.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use diffuse_core::{Error, Generator, Result};
+use diffuse_models::clip_text::{ClipTextConfig, ClipTextModel};
 use diffuse_models::{DiagonalGaussian, UNet2DConditionConfig, UNet2DConditionModel};
 use diffuse_pipelines::image_processor::preprocess_image;
 use diffuse_pipelines::StableDiffusionPipeline;
@@ -32,6 +35,10 @@ use crate::optimizer::{
 
 /// The layers diffusers' LoRA scripts adapt: the attention projections.
 pub const DEFAULT_TARGETS: &[&str] = &["to_q", "to_k", "to_v", "to_out.0"];
+
+/// The text encoder's layers `train_dreambooth_lora.py --train_text_encoder` adapts: its
+/// attention projections.
+pub const TEXT_ENCODER_TARGETS: &[&str] = &["q_proj", "k_proj", "v_proj", "out_proj"];
 
 /// The image files a training folder may hold.
 const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
@@ -155,11 +162,13 @@ pub struct LoraStepStats {
 }
 
 /// A training image, encoded: the VAE's latent distribution of it (and, for random flips, of
-/// its mirror image, as the second entry) and its caption's text embeddings `(1, L, D)`.
+/// its mirror image, as the second entry), its caption's text embeddings `(1, L, D)` and
+/// token ids `(1, L)` (what an adapted text encoder encodes instead).
 #[derive(Clone, Debug)]
 pub struct TrainingExample {
     pub latents: Vec<DiagonalGaussian>,
     pub text: Tensor,
+    pub ids: Option<Tensor>,
 }
 
 /// A set of examples and the order they are drawn in.
@@ -183,13 +192,81 @@ impl Adapter {
     }
 }
 
+/// A model with adapters: its frozen weights and the adapters on its targeted layers.
+struct Adapted {
+    /// `unet` or `text_encoder`: the key prefix of its modules in a PEFT file.
+    component: &'static str,
+    /// Kohya's key prefix of its modules.
+    kohya_prefix: &'static str,
+    targets: Vec<String>,
+    frozen: HashMap<String, Tensor>,
+    adapters: Vec<Adapter>,
+}
+
+impl Adapted {
+    /// Adapters of rank `config.rank` on every 2-D weight of `frozen` whose module path ends
+    /// in one of `targets`.
+    fn new(
+        (component, kohya_prefix): (&'static str, &'static str),
+        frozen: HashMap<String, Tensor>,
+        targets: Vec<String>,
+        config: &LoraTrainConfig,
+        rng: &mut Generator,
+    ) -> Result<Self> {
+        let (device, dtype) = match frozen.values().next() {
+            Some(t) => (t.device().clone(), t.dtype()),
+            None => return Err(Error::invalid(format!("the {component} has no weights"))),
+        };
+        let adapters = create_adapters(
+            component,
+            &frozen,
+            &targets,
+            config.rank,
+            rng,
+            dtype,
+            &device,
+        )?;
+        Ok(Self {
+            component,
+            kohya_prefix,
+            targets,
+            frozen,
+            adapters,
+        })
+    }
+
+    fn vars(&self) -> impl Iterator<Item = Var> + '_ {
+        self.adapters
+            .iter()
+            .flat_map(|a| [a.a.clone(), a.b.clone()])
+    }
+
+    /// The frozen weights with `scale · B · A` added to each targeted one (a function of the
+    /// variables, so gradients reach them).
+    fn weights(&self, scale: f64) -> Result<HashMap<String, Tensor>> {
+        let mut weights = self.frozen.clone();
+        for a in &self.adapters {
+            let update = (a.b.as_tensor().matmul(a.a.as_tensor())? * scale)?;
+            let w = (&self.frozen[&a.weight] + update)?;
+            weights.insert(a.weight.clone(), w);
+        }
+        Ok(weights)
+    }
+
+    fn var_builder(&self, scale: f64) -> Result<VarBuilder<'static>> {
+        let weights = self.weights(scale)?;
+        let t = &self.frozen[&self.adapters[0].weight];
+        Ok(VarBuilder::from_tensors(weights, t.dtype(), t.device()))
+    }
+}
+
 /// A LoRA training run on a loaded Stable Diffusion pipeline.
 pub struct LoraTrainer {
     config: LoraTrainConfig,
     unet_config: UNet2DConditionConfig,
-    /// The UNet's weights, none of them trained.
-    frozen: HashMap<String, Tensor>,
-    adapters: Vec<Adapter>,
+    unet: Adapted,
+    /// With text-encoder training: its config and adapters.
+    text_encoder: Option<(ClipTextConfig, Adapted)>,
     scheduler: Box<dyn Scheduler>,
     prediction: PredictionType,
     /// The VAE's latent scale.
@@ -201,7 +278,6 @@ pub struct LoraTrainer {
     rng: Generator,
     step: u64,
     device: Device,
-    dtype: DType,
 }
 
 impl LoraTrainer {
@@ -261,12 +337,13 @@ impl LoraTrainer {
             ));
         }
         let (unet_config, frozen) = unet;
-        let (device, dtype) = match frozen.values().next() {
-            Some(t) => (t.device().clone(), t.dtype()),
+        let device = match frozen.values().next() {
+            Some(t) => t.device().clone(),
             None => return Err(Error::invalid("the UNet has no weights")),
         };
         let mut rng = Generator::manual_seed(config.seed);
-        let adapters = create_adapters(&frozen, &config, &mut rng, dtype, &device)?;
+        let targets = config.target_modules.clone();
+        let unet = Adapted::new(("unet", "lora_unet_"), frozen, targets, &config, &mut rng)?;
         let examples = |items: Vec<TrainingExample>, seed: u64| -> Result<Examples> {
             let sampler = BatchSampler::new(items.len(), seed)?;
             Ok(Examples { items, sampler })
@@ -277,10 +354,7 @@ impl LoraTrainer {
             .transpose()?;
         let prediction = PredictionType::read(&mut ConfigReader::new("DDPMScheduler", scheduler))?;
         let scheduler = diffuse_schedulers::from_config("DDPMScheduler", scheduler)?;
-        let vars: Vec<Var> = adapters
-            .iter()
-            .flat_map(|a| [a.a.clone(), a.b.clone()])
-            .collect();
+        let vars: Vec<Var> = unet.vars().collect();
         let optimizer = AdamW::new(config.optimizer, &vars)?;
         let lr = LrSchedule {
             kind: config.lr_schedule,
@@ -291,8 +365,8 @@ impl LoraTrainer {
         Ok(Self {
             config,
             unet_config,
-            frozen,
-            adapters,
+            unet,
+            text_encoder: None,
             scheduler,
             prediction,
             scaling_factor,
@@ -303,8 +377,47 @@ impl LoraTrainer {
             rng,
             step: 0,
             device,
-            dtype,
         })
+    }
+
+    /// Adapts the text encoder too (`--train_text_encoder` of diffusers' DreamBooth LoRA
+    /// script): LoRA on its [`TEXT_ENCODER_TARGETS`] with the run's rank, alpha and learning
+    /// rate, from its config and weights (as [`diffuse_pipelines::text_encoder_weights`] reads
+    /// them). Captions are then encoded at every step, from the examples' token ids. Call it
+    /// before the first step.
+    pub fn with_text_encoder(
+        mut self,
+        config: ClipTextConfig,
+        weights: HashMap<String, Tensor>,
+    ) -> Result<Self> {
+        if self.step > 0 || self.text_encoder.is_some() {
+            return Err(Error::invalid(
+                "the text encoder is adapted once, before the first step",
+            ));
+        }
+        let classes = self.classes.iter().flat_map(|c| c.items.iter());
+        if self
+            .instances
+            .items
+            .iter()
+            .chain(classes)
+            .any(|e| e.ids.is_none())
+        {
+            return Err(Error::invalid(
+                "text-encoder training needs the token ids of every caption",
+            ));
+        }
+        let targets = TEXT_ENCODER_TARGETS.iter().map(|s| s.to_string()).collect();
+        let adapted = Adapted::new(
+            ("text_encoder", "lora_te_"),
+            weights,
+            targets,
+            &self.config,
+            &mut self.rng,
+        )?;
+        self.text_encoder = Some((config, adapted));
+        self.optimizer = AdamW::new(self.config.optimizer, &self.vars())?;
+        Ok(self)
     }
 
     pub fn config(&self) -> &LoraTrainConfig {
@@ -321,39 +434,70 @@ impl LoraTrainer {
         self.instances.items.len()
     }
 
-    /// The adapted layers' module paths.
+    /// The adapted models: the UNet, then the text encoder when it is trained.
+    fn adapted(&self) -> impl Iterator<Item = &Adapted> + '_ {
+        std::iter::once(&self.unet).chain(self.text_encoder.as_ref().map(|(_, a)| a))
+    }
+
+    /// The adapted layers' module paths (the UNet's, then the text encoder's).
     pub fn modules(&self) -> Vec<&str> {
-        self.adapters.iter().map(Adapter::module).collect()
+        self.adapted()
+            .flat_map(|m| m.adapters.iter().map(Adapter::module))
+            .collect()
     }
 
     /// Trained parameters (A and B of every adapter).
     pub fn num_parameters(&self) -> usize {
-        self.adapters
-            .iter()
-            .map(|a| a.a.elem_count() + a.b.elem_count())
-            .sum()
+        self.vars().iter().map(|v| v.elem_count()).sum()
     }
 
     fn vars(&self) -> Vec<Var> {
-        self.adapters
-            .iter()
-            .flat_map(|a| [a.a.clone(), a.b.clone()])
-            .collect()
+        self.adapted().flat_map(Adapted::vars).collect()
+    }
+
+    /// `alpha / r`, the scale of `B · A`.
+    fn scale(&self) -> f64 {
+        self.config.alpha() / self.config.rank as f64
     }
 
     /// The UNet with the current updates: built from the frozen weights, each targeted weight
     /// replaced by `W + (alpha / r) · B · A` (a function of the variables, so gradients reach
     /// them).
     pub fn unet(&self) -> Result<UNet2DConditionModel> {
-        let scale = self.config.alpha() / self.config.rank as f64;
-        let mut weights = self.frozen.clone();
-        for a in &self.adapters {
-            let update = (a.b.as_tensor().matmul(a.a.as_tensor())? * scale)?;
-            let w = (&self.frozen[&a.weight] + update)?;
-            weights.insert(a.weight.clone(), w);
-        }
-        let vb = VarBuilder::from_tensors(weights, self.dtype, &self.device);
+        let vb = self.unet.var_builder(self.scale())?;
         Ok(UNet2DConditionModel::new(vb, &self.unet_config)?)
+    }
+
+    /// The text encoder with the current updates, when it is trained.
+    pub fn text_encoder(&self) -> Result<Option<ClipTextModel>> {
+        let Some((config, adapted)) = &self.text_encoder else {
+            return Ok(None);
+        };
+        let vb = adapted.var_builder(self.scale())?;
+        Ok(Some(ClipTextModel::new(vb, config)?))
+    }
+
+    /// The UNet's text conditioning `(B, L, D)` for `examples`: their stored embeddings, or
+    /// with text-encoder training their captions encoded by the adapted encoder.
+    fn conditioning(&self, examples: &[&TrainingExample]) -> Result<Tensor> {
+        let Some(encoder) = self.text_encoder()? else {
+            let texts: Vec<&Tensor> = examples.iter().map(|e| &e.text).collect();
+            return Ok(Tensor::cat(&texts, 0)?);
+        };
+        let ids = examples
+            .iter()
+            .map(|e| {
+                e.ids
+                    .as_ref()
+                    .ok_or_else(|| Error::invalid("an example has no token ids"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let text = encoder.forward(&Tensor::cat(&ids, 0)?)?.last_hidden_state;
+        Ok(text.to_dtype(self.unet_dtype())?)
+    }
+
+    fn unet_dtype(&self) -> DType {
+        self.unet.frozen[&self.unet.adapters[0].weight].dtype()
     }
 
     /// One optimizer step over `grad_accum` micro-batches.
@@ -386,14 +530,20 @@ impl LoraTrainer {
     fn micro_batch_loss(&mut self) -> Result<Tensor> {
         let bs = self.config.batch_size;
         let (flip, scale) = (self.config.random_flip, self.scaling_factor);
-        let (x0, text) = draw(&mut self.instances, bs, flip, scale, &mut self.rng)?;
-        let (x0, text) = match &mut self.classes {
+        let (x0, picked) = draw(&mut self.instances, bs, flip, scale, &mut self.rng)?;
+        let (x0, class_picked) = match &mut self.classes {
             Some(c) => {
-                let (cx, ct) = draw(c, bs, flip, scale, &mut self.rng)?;
-                (Tensor::cat(&[x0, cx], 0)?, Tensor::cat(&[text, ct], 0)?)
+                let (cx, picked) = draw(c, bs, flip, scale, &mut self.rng)?;
+                (Tensor::cat(&[x0, cx], 0)?, picked)
             }
-            None => (x0, text),
+            None => (x0, Vec::new()),
         };
+        let mut examples: Vec<&TrainingExample> =
+            picked.iter().map(|&i| &self.instances.items[i]).collect();
+        if let Some(c) = &self.classes {
+            examples.extend(class_picked.iter().map(|&i| &c.items[i]));
+        }
+        let text = self.conditioning(&examples)?;
         let n = x0.dim(0)?;
         let noise = self.rng.randn(x0.shape().clone(), &self.device)?;
         let train_steps = self.num_train_timesteps()?;
@@ -458,7 +608,7 @@ impl LoraTrainer {
             let x0 = (e.latents[0].mode() * self.scaling_factor)?;
             let noise = rng.randn(x0.shape().clone(), &self.device)?;
             let t = (rng.next_u32() as u64 * train_steps) >> 32;
-            let loss = self.prediction_loss(&x0, &noise, &[t], &e.text)?;
+            let loss = self.prediction_loss(&x0, &noise, &[t], &self.conditioning(&[e])?)?;
             total += loss.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         }
         Ok(total / self.instances.items.len() as f64)
@@ -472,39 +622,43 @@ impl LoraTrainer {
         let alpha = self.config.alpha();
         let mut tensors = HashMap::new();
         let mut metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        for a in &self.adapters {
-            let (down, up) = (
-                a.a.as_tensor().to_dtype(DType::F32)?,
-                a.b.as_tensor().to_dtype(DType::F32)?,
-            );
-            let module = a.module();
-            match format {
-                LoraSaveFormat::Peft => {
-                    tensors.insert(format!("unet.{module}.lora_A.weight"), down);
-                    tensors.insert(format!("unet.{module}.lora_B.weight"), up);
-                }
-                LoraSaveFormat::Kohya => {
-                    let key = format!("lora_unet_{}", module.replace('.', "_"));
-                    tensors.insert(format!("{key}.lora_down.weight"), down);
-                    tensors.insert(format!("{key}.lora_up.weight"), up);
-                    tensors.insert(
-                        format!("{key}.alpha"),
-                        Tensor::new(alpha as f32, &Device::Cpu)?,
-                    );
+        let mut peft = serde_json::Map::new();
+        for m in self.adapted() {
+            for a in &m.adapters {
+                let (down, up) = (
+                    a.a.as_tensor().to_dtype(DType::F32)?,
+                    a.b.as_tensor().to_dtype(DType::F32)?,
+                );
+                let module = a.module();
+                match format {
+                    LoraSaveFormat::Peft => {
+                        let key = format!("{}.{module}", m.component);
+                        tensors.insert(format!("{key}.lora_A.weight"), down);
+                        tensors.insert(format!("{key}.lora_B.weight"), up);
+                    }
+                    LoraSaveFormat::Kohya => {
+                        let key = format!("{}{}", m.kohya_prefix, module.replace('.', "_"));
+                        tensors.insert(format!("{key}.lora_down.weight"), down);
+                        tensors.insert(format!("{key}.lora_up.weight"), up);
+                        tensors.insert(
+                            format!("{key}.alpha"),
+                            Tensor::new(alpha as f32, &Device::Cpu)?,
+                        );
+                    }
                 }
             }
+            // What diffusers' `save_lora_weights(unet_lora_adapter_metadata=...,
+            // text_encoder_lora_adapter_metadata=...)` writes: each component's PEFT config
+            // under its prefix; `load_lora_weights` builds its `LoraConfig`s from it.
+            let c = m.component;
+            peft.insert(format!("{c}.r"), json!(self.config.rank));
+            peft.insert(format!("{c}.lora_alpha"), json!(alpha));
+            peft.insert(format!("{c}.target_modules"), json!(m.targets));
+            peft.insert(format!("{c}.init_lora_weights"), json!("gaussian"));
         }
         if format == LoraSaveFormat::Peft {
-            // What diffusers' `save_lora_weights(unet_lora_adapter_metadata=...)` writes: the
-            // PEFT config under the component's prefix; `load_lora_weights` builds its
-            // `LoraConfig` from it.
-            let peft = json!({
-                "unet.r": self.config.rank,
-                "unet.lora_alpha": alpha,
-                "unet.target_modules": self.config.target_modules,
-                "unet.init_lora_weights": "gaussian",
-            });
-            metadata.insert("lora_adapter_metadata".into(), peft.to_string());
+            let peft = serde_json::Value::Object(peft).to_string();
+            metadata.insert("lora_adapter_metadata".into(), peft);
         }
         Ok((tensors, metadata))
     }
@@ -518,8 +672,10 @@ impl LoraTrainer {
 
 /// Adapters on every 2-D weight whose module path ends in a target name.
 fn create_adapters(
+    component: &str,
     frozen: &HashMap<String, Tensor>,
-    config: &LoraTrainConfig,
+    targets: &[String],
+    r: usize,
     rng: &mut Generator,
     dtype: DType,
     device: &Device,
@@ -528,8 +684,7 @@ fn create_adapters(
         .keys()
         .filter(|name| {
             let module = name.strip_suffix(".weight").unwrap_or("");
-            config
-                .target_modules
+            targets
                 .iter()
                 .any(|t| module == t || module.ends_with(&format!(".{t}")))
         })
@@ -537,11 +692,10 @@ fn create_adapters(
     names.sort();
     if names.is_empty() {
         return Err(Error::invalid(format!(
-            "no layer of the UNet is named {}",
-            config.target_modules.join(", ")
+            "no layer of the {component} is named {}",
+            targets.join(", ")
         )));
     }
-    let r = config.rank;
     names
         .into_iter()
         .map(|name| {
@@ -612,8 +766,10 @@ fn read_examples(
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let text = pipeline.text_embeddings(&[caption])?;
-            Ok(TrainingExample { latents, text })
+            let captions = [caption];
+            let text = pipeline.text_embeddings(&captions)?;
+            let ids = Some(pipeline.prompt_token_ids(&captions)?);
+            Ok(TrainingExample { latents, text, ids })
         })
         .collect()
 }
@@ -646,19 +802,18 @@ fn read_caption(image: &Path) -> Result<String> {
     Ok(text.trim().to_string())
 }
 
-/// The next `n` examples: latents sampled from their distributions (scaled), and their text
-/// embeddings.
+/// The next `n` examples: latents sampled from their distributions (scaled), and the
+/// examples' indices.
 fn draw(
     set: &mut Examples,
     n: usize,
     flip: bool,
     scaling_factor: f64,
     rng: &mut Generator,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Vec<usize>)> {
     let indices = set.sampler.next_batch(n);
     let mut latents = Vec::with_capacity(n);
-    let mut texts = Vec::with_capacity(n);
-    for i in indices {
+    for &i in &indices {
         let e = &set.items[i];
         let view = if flip && rng.rand_vec(1)[0] < 0.5 {
             1
@@ -667,7 +822,6 @@ fn draw(
         };
         let d = &e.latents[view];
         latents.push((d.sample_with(rng)? * scaling_factor)?);
-        texts.push(e.text.clone());
     }
-    Ok((Tensor::cat(&latents, 0)?, Tensor::cat(&texts, 0)?))
+    Ok((Tensor::cat(&latents, 0)?, indices))
 }

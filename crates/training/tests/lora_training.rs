@@ -1,12 +1,15 @@
 //! LoRA training on the tiny Stable Diffusion pipeline: the loss at fixed noise goes down, the
 //! saved file (PEFT and Kohya layouts) reloads through the normal LoRA loader into the same
-//! UNet the trainer trained, and bad input is refused by name.
+//! UNet (and text encoder) the trainer trained, files it wrote patch the models as diffusers
+//! patches them, and bad input is refused by name.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use diffuse_pipelines::StableDiffusionPipeline;
-use diffuse_pipelines::{load_pipeline, unet_weights, LoadOptions, LoraSpec, Pipeline};
+use diffuse_pipelines::{
+    load_pipeline, text_encoder_weights, unet_weights, LoadOptions, LoraSpec, Pipeline,
+};
 use diffuse_training::{LoraSaveFormat, LoraTrainConfig, LoraTrainer, PriorPreservation};
 
 fn tiny_sd() -> PathBuf {
@@ -55,6 +58,31 @@ fn trainer(data: &Path, config: LoraTrainConfig) -> diffuse_core::Result<LoraTra
     let opts = LoadOptions::default();
     let p = sd(&opts);
     LoraTrainer::new(&p, unet_weights(&tiny_sd(), &opts)?, data, config)
+}
+
+/// A trainer that adapts the text encoder too.
+fn text_encoder_trainer(data: &Path, config: LoraTrainConfig) -> LoraTrainer {
+    let (cfg, weights) = text_encoder_weights(&tiny_sd(), &LoadOptions::default()).unwrap();
+    trainer(data, config)
+        .unwrap()
+        .with_text_encoder(cfg, weights)
+        .unwrap()
+}
+
+/// The tiny pipeline with one LoRA file fused in (none: the plain pipeline).
+fn sd_with_lora(file: Option<PathBuf>) -> Box<StableDiffusionPipeline> {
+    let loras = file
+        .into_iter()
+        .map(|path| LoraSpec { path, scale: 1.0 })
+        .collect();
+    sd(&LoadOptions {
+        loras,
+        ..Default::default()
+    })
+}
+
+fn hidden_state(p: &StableDiffusionPipeline, ids: &Tensor) -> Tensor {
+    p.text_encoder.forward(ids).unwrap().last_hidden_state
 }
 
 /// A fixed UNet input for the tiny model: latents (1, 4, 8, 8), timestep, text (1, 77, 32).
@@ -225,4 +253,99 @@ fn loras_written_by_train_lora_patch_the_unet_as_diffusers_does() {
     }
     // (And the LoRA does change the output.)
     assert!(max_abs_diff(&want["peft"], &want["base"]) > 0.1);
+}
+
+#[test]
+fn text_encoder_training_adapts_both_models_and_the_file_reloads_into_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = text_encoder_trainer(&fixtures().join("data"), config(40));
+    // The tiny encoder's two layers, four projections each, after the UNet's layers.
+    let te: Vec<&str> = t
+        .modules()
+        .into_iter()
+        .filter(|m| m.starts_with("text_model.encoder.layers."))
+        .collect();
+    assert_eq!(te.len(), 8, "{te:?}");
+    assert!(t.modules().len() > te.len());
+    let plain = sd_with_lora(None);
+    let ids = plain
+        .prompt_token_ids(&["a red square in corner 2".into()])
+        .unwrap();
+    // Rebuilt from its weights with the (zero) updates, the encoder is the pipeline's.
+    let encoder = |t: &LoraTrainer| t.text_encoder().unwrap().unwrap();
+    let start = encoder(&t).forward(&ids).unwrap().last_hidden_state;
+    let d = max_abs_diff(&start, &hidden_state(&plain, &ids));
+    assert!(d < 1e-5, "the rebuilt text encoder differs by {d}");
+
+    let before = t.fixed_loss(5).unwrap();
+    for _ in 0..40 {
+        let s = t.train_step().unwrap();
+        assert!(s.loss.is_finite() && s.grad_norm > 0.0, "{s:?}");
+    }
+    let after = t.fixed_loss(5).unwrap();
+    eprintln!("loss at fixed noise: {before} before, {after} after 40 steps");
+    assert!(after < 0.9 * before, "{before} -> {after}");
+    let text = encoder(&t).forward(&ids).unwrap().last_hidden_state;
+    assert!(
+        max_abs_diff(&text, &start) > 1e-3,
+        "training left the text encoder unchanged"
+    );
+    let (x, ts, _) = unet_input();
+    let trained = t.unet().unwrap().forward(&x, &ts, &text).unwrap();
+    for (format, name) in [
+        (LoraSaveFormat::Peft, "peft.safetensors"),
+        (LoraSaveFormat::Kohya, "kohya.safetensors"),
+    ] {
+        let file = tmp.path().join(name);
+        t.save(&file, format).unwrap();
+        let p = sd_with_lora(Some(file));
+        let d_text = max_abs_diff(&hidden_state(&p, &ids), &text);
+        let d_unet = max_abs_diff(&p.unet.forward(&x, &ts, &text).unwrap(), &trained);
+        assert!(
+            d_text < 1e-5 && d_unet < 1e-5,
+            "{name}: reloaded models differ from the trained ones by {d_text} (text encoder), \
+             {d_unet} (UNet)"
+        );
+    }
+    // The encoder is adapted once, before training.
+    let (cfg, weights) = text_encoder_weights(&tiny_sd(), &LoadOptions::default()).unwrap();
+    match t.with_text_encoder(cfg, weights) {
+        Ok(_) => panic!("adapted twice"),
+        Err(e) => assert!(e.to_string().contains("before the first step"), "{e}"),
+    }
+}
+
+/// Text-encoder LoRAs written by `diffuse train-lora --train-text-encoder` patch both models
+/// here as diffusers' `load_lora_weights` patches them (fixtures/generate/lora_training.py
+/// `check_te`).
+#[test]
+fn text_encoder_loras_written_by_train_lora_patch_both_models_as_diffusers_does() {
+    let want =
+        candle_core::safetensors::load(fixtures().join("diffusers_te.safetensors"), &Device::Cpu)
+            .unwrap();
+    let (x, ts, ids) = (&want["sample"], &want["timestep"], &want["input_ids"]);
+    let plain = sd_with_lora(None);
+    assert_eq!(
+        plain
+            .prompt_token_ids(&["a red square in corner 2".into()])
+            .unwrap()
+            .to_vec2::<i64>()
+            .unwrap(),
+        ids.to_vec2::<i64>().unwrap()
+    );
+    for name in ["base", "peft_te", "kohya_te"] {
+        let file = (name != "base").then(|| fixtures().join(format!("{name}.safetensors")));
+        let p = sd_with_lora(file);
+        let text = hidden_state(&p, ids);
+        let d_text = max_abs_diff(&text, &want[&format!("text.{name}")]);
+        let unet = p.unet.forward(x, ts, &text).unwrap();
+        let d_unet = max_abs_diff(&unet, &want[&format!("unet.{name}")]);
+        eprintln!("{name}: largest difference from diffusers {d_text:e} (text), {d_unet:e} (UNet)");
+        assert!(
+            d_text < 1e-4 && d_unet < 1e-4,
+            "{name}: differs from diffusers by {d_text} (text encoder), {d_unet} (UNet)"
+        );
+    }
+    // (And the LoRA does change the text encoder's output.)
+    assert!(max_abs_diff(&want["text.peft_te"], &want["text.base"]) > 1e-2);
 }

@@ -66,6 +66,7 @@ impl Bench<'_> {
                     logvar,
                 }],
                 text: Tensor::randn(0f32, 1.0, (1, 77, 768), dev)?,
+                ids: None,
             };
             let config = LoraTrainConfig {
                 resolution: px,
