@@ -12,7 +12,7 @@ use diffuse_schedulers::SchedulerConfig;
 use diffuse_training::trainer::latest_checkpoint;
 use diffuse_training::{
     AdamWConfig, Dataset, DatasetKind, DatasetOptions, EmaConfig, Event, Fit, LrScheduleKind,
-    SampleSettings, TrainConfig, Trainer,
+    MixedPrecision, SampleSettings, TrainConfig, Trainer,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -210,6 +210,18 @@ pub struct OptimArgs {
     /// Clip the gradient norm to this; 0 disables clipping.
     #[arg(long, default_value_t = 1.0)]
     pub clip_grad: f64,
+    /// Precision of the forward and backward passes. bf16: through a bf16 copy of the
+    /// weights made at every step (the weights, gradients, optimizer and EMA stay f32).
+    #[arg(long, value_enum, default_value = "no")]
+    pub mixed_precision: MixedPrecisionArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum MixedPrecisionArg {
+    /// Everything in f32.
+    No,
+    /// bf16 compute, f32 master weights.
+    Bf16,
 }
 
 #[derive(Args, Debug)]
@@ -594,6 +606,10 @@ fn train_config(
     };
     c.warmup_steps = args.optim.warmup;
     c.clip_grad = (args.optim.clip_grad > 0.0).then_some(args.optim.clip_grad);
+    c.mixed_precision = match args.optim.mixed_precision {
+        MixedPrecisionArg::No => MixedPrecision::No,
+        MixedPrecisionArg::Bf16 => MixedPrecision::Bf16,
+    };
     c.ema = (args.ema.ema_decay > 0.0).then_some(EmaConfig {
         decay: args.ema.ema_decay,
         min_decay: args.ema.ema_min_decay,

@@ -21,4 +21,4 @@ pub use ema::EmaConfig;
 pub use lora::{LoraSaveFormat, LoraTrainConfig, LoraTrainer, PriorPreservation, TrainingExample};
 pub use optimizer::{AdamWConfig, LrScheduleKind};
 pub use sample::SampleSettings;
-pub use trainer::{Event, StepStats, TrainConfig, Trainer};
+pub use trainer::{Event, MixedPrecision, StepStats, TrainConfig, Trainer};

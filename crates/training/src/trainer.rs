@@ -52,6 +52,9 @@ pub struct TrainConfig {
     pub warmup_steps: usize,
     /// Maximum gradient L2 norm; none: no clipping.
     pub clip_grad: Option<f64>,
+    /// The precision of the forward and backward passes (absent in older configs: f32).
+    #[serde(default)]
+    pub mixed_precision: MixedPrecision,
     /// EMA of the weights; none: no EMA (the final model is the raw weights).
     pub ema: Option<EmaConfig>,
     /// Probability of replacing a class label by the null class (classifier-free guidance).
@@ -90,6 +93,7 @@ impl TrainConfig {
             lr_schedule: LrScheduleKind::Cosine,
             warmup_steps: 500,
             clip_grad: Some(1.0),
+            mixed_precision: MixedPrecision::No,
             ema: Some(EmaConfig::default()),
             class_dropout: 0.1,
             random_flip: true,
@@ -113,6 +117,19 @@ impl TrainConfig {
     fn model_identity(&self) -> Value {
         json!({ "unet": self.unet, "scheduler": self.scheduler })
     }
+}
+
+/// The precision a training step computes in (accelerate's `--mixed_precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    /// Everything in f32.
+    #[default]
+    No,
+    /// The forward and backward passes in bf16, through a bf16 copy of the weights cast from
+    /// the f32 master weights at every micro-batch; the loss, the gradients of the master
+    /// weights, the optimizer and the EMA stay in f32.
+    Bf16,
 }
 
 /// What one optimizer step did.
@@ -425,8 +442,27 @@ impl Trainer {
             bs,
             &self.device,
         )?;
-        let pred = self.model.forward_with_class(&noisy, &t, labels.as_ref())?;
+        let pred = match self.config.mixed_precision {
+            MixedPrecision::No => self.model.forward_with_class(&noisy, &t, labels.as_ref())?,
+            MixedPrecision::Bf16 => self
+                .cast_model(DType::BF16)?
+                .forward_with_class(&noisy, &t, labels.as_ref())?
+                .to_dtype(DType::F32)?,
+        };
         Ok((pred - target)?.sqr()?.mean_all()?)
+    }
+
+    /// The model with its weights cast to `dtype` from the f32 variables (the casts are part
+    /// of the graph, so the gradients reach the variables, in f32).
+    fn cast_model(&self, dtype: DType) -> Result<UNet2DModel> {
+        let weights = self
+            .names
+            .iter()
+            .zip(&self.vars)
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(dtype)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        let vb = VarBuilder::from_tensors(weights, dtype, &self.device);
+        Ok(UNet2DModel::new(vb, &self.config.unet)?)
     }
 
     /// One optimizer step over `grad_accum` micro-batches.

@@ -1169,6 +1169,19 @@ impl Conv2d {
         self.inner.forward(xs)
     }
 
+    /// candle's convolution; in bf16 on the CPU computed in f32 and rounded back (candle's
+    /// CPU convolution and its backward run on its matmul, which has no bf16).
+    fn candle_forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let bf16 = candle_core::DType::BF16;
+        if xs.dtype() != bf16 || !xs.device().is_cpu() {
+            return self.inner.forward(xs);
+        }
+        let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+        let bias = self.inner.bias().map(f32).transpose()?;
+        let wide = candle_nn::Conv2d::new(f32(self.inner.weight())?, bias, *self.inner.config());
+        wide.forward(&f32(xs)?)?.to_dtype(bf16)
+    }
+
     fn plain(&self) -> bool {
         let c = self.inner.config();
         c.groups == 1 && c.stride == 1 && c.dilation == 1
@@ -1236,7 +1249,7 @@ impl Conv2d {
     fn run(&self, path: Path, xs: &Tensor) -> Result<Tensor> {
         let w = self.inner.weight();
         let bias = match (path, self.inner.bias()) {
-            (Path::Candle, _) | (_, None) => return self.inner.forward(xs),
+            (Path::Candle, _) | (_, None) => return self.candle_forward(xs),
             (_, Some(b)) => b,
         };
         match path {

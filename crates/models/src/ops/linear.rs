@@ -145,6 +145,12 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.dtype() == candle_core::DType::BF16 && xs.device().is_cpu() {
+            // candle's CPU matmul has no bf16: computed in f32 (as the bf16 kernels of PyTorch
+            // accumulate), rounded back to bf16.
+            let wide = xs.to_dtype(candle_core::DType::F32)?;
+            return self.forward(&wide)?.to_dtype(xs.dtype());
+        }
         let fast = self.fast(xs);
         let (n, k) = self.inner.weight().dims2()?;
         let rows = xs.elem_count() / k.max(1);
