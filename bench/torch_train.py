@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                    help="bf16: the forward under torch.autocast(bfloat16), as accelerate does")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -77,8 +79,9 @@ def main():
         if null_class is not None:
             drop = torch.rand(args.batch_size, device=dev) < 0.1
             labels = torch.where(drop, torch.full_like(y, null_class), y)
-        pred = model(noisy, t, class_labels=labels).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
+            pred = model(noisy, t, class_labels=labels).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -102,6 +105,7 @@ def main():
         "seconds": secs,
         "threads": args.threads,
         "device": args.device,
+        "mixed_precision": args.mixed_precision,
         "data": source,
         "torch": torch.__version__,
     }))
