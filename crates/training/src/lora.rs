@@ -550,7 +550,7 @@ impl LoraTrainer {
         let timesteps: Vec<u64> = (0..n)
             .map(|_| (self.rng.next_u32() as u64 * train_steps) >> 32)
             .collect();
-        let per_image = self.prediction_loss(&x0, &noise, &timesteps, &text)?;
+        let per_image = self.prediction_loss(&self.unet()?, &x0, &noise, &timesteps, &text)?;
         let instance = per_image.narrow(0, 0, bs)?.mean_all()?;
         match &self.config.prior {
             Some(p) => Ok((instance + (per_image.narrow(0, bs, bs)?.mean_all()? * p.weight)?)?),
@@ -569,6 +569,7 @@ impl LoraTrainer {
     /// `timesteps`.
     fn prediction_loss(
         &self,
+        unet: &UNet2DConditionModel,
         x0: &Tensor,
         noise: &Tensor,
         timesteps: &[u64],
@@ -592,7 +593,7 @@ impl LoraTrainer {
             timesteps.len(),
             &self.device,
         )?;
-        let pred = self.unet()?.forward(&noisy, &t, text)?;
+        let pred = unet.forward(&noisy, &t, text)?;
         let err = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?;
         Ok(err.flatten_from(1)?.mean(1)?)
     }
@@ -603,12 +604,16 @@ impl LoraTrainer {
     pub fn fixed_loss(&self, seed: u64) -> Result<f64> {
         let mut rng = Generator::manual_seed(seed);
         let train_steps = self.num_train_timesteps()?;
+        let unet = self.unet()?;
+        let items: Vec<&TrainingExample> = self.instances.items.iter().collect();
+        let texts = self.conditioning(&items)?;
         let mut total = 0.0;
-        for e in &self.instances.items {
+        for (i, e) in items.iter().enumerate() {
             let x0 = (e.latents[0].mode() * self.scaling_factor)?;
             let noise = rng.randn(x0.shape().clone(), &self.device)?;
             let t = (rng.next_u32() as u64 * train_steps) >> 32;
-            let loss = self.prediction_loss(&x0, &noise, &[t], &self.conditioning(&[e])?)?;
+            let text = texts.narrow(0, i, 1)?;
+            let loss = self.prediction_loss(&unet, &x0, &noise, &[t], &text)?;
             total += loss.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         }
         Ok(total / self.instances.items.len() as f64)
