@@ -174,6 +174,11 @@ pub struct NoiseArgs {
     /// What the model predicts. Default: the scheduler config's, else epsilon.
     #[arg(long, value_enum)]
     pub prediction_type: Option<PredictionArg>,
+    /// Min-SNR-γ loss weighting, as diffusers' --snr_gamma (5 is the paper's choice): each
+    /// timestep's loss is weighted by min(SNR, γ) over what the prediction already scales
+    /// with, which lowers the weight of the nearly clean timesteps. Default: unweighted.
+    #[arg(long, value_name = "GAMMA")]
+    pub snr_gamma: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -592,6 +597,7 @@ fn train_config(
         };
         c.scheduler.insert("prediction_type".into(), json!(name));
     }
+    c.snr_gamma = args.noise.snr_gamma;
     c.batch_size = args.optim.batch_size;
     c.steps = args.optim.steps;
     c.grad_accum = args.optim.grad_accum;

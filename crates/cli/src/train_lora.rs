@@ -112,6 +112,10 @@ pub struct TrainLoraArgs {
     /// Clip the gradient norm to this; 0 disables clipping.
     #[arg(long, default_value_t = 1.0)]
     pub clip_grad: f64,
+    /// Min-SNR-γ loss weighting, as diffusers' --snr_gamma (5 is the paper's choice).
+    /// Default: unweighted.
+    #[arg(long, value_name = "GAMMA")]
+    pub snr_gamma: Option<f64>,
     /// Mirror images at random (each is encoded both ways once).
     #[arg(long)]
     pub random_flip: bool,
@@ -130,6 +134,7 @@ pub fn run(args: TrainLoraArgs) -> Result<()> {
     // Everything that can be checked cheaply fails before the (slow) model load.
     crate::generate::check_output_parent(&args.output)?;
     let save_every = save_every(&args)?;
+    diffuse_training::loss::check_snr_gamma(args.snr_gamma)?;
     if !args.data.is_dir() {
         bail!("--data {}: no such folder", args.data.display());
     }
@@ -195,6 +200,7 @@ pub fn run(args: TrainLoraArgs) -> Result<()> {
             }),
             _ => None,
         },
+        snr_gamma: args.snr_gamma,
     };
     let mut trainer = LoraTrainer::new(&pipeline, unet, &args.data, config)
         .with_context(|| format!("preparing the images of {}", args.data.display()))?;

@@ -86,7 +86,7 @@ fn bad_input_fails_naming_it() {
     let out = tmp.path().join("l.safetensors");
     let o = out.to_str().unwrap();
     let missing = tmp.path().join("nowhere");
-    let cases: [(Vec<&str>, &str); 3] = [
+    let cases: [(Vec<&str>, &str); 4] = [
         (
             vec![
                 "--model",
@@ -105,6 +105,19 @@ fn bad_input_fails_naming_it() {
         (
             vec!["--model", &ddpm, "--data", &sd, "--output", o],
             "trains Stable Diffusion",
+        ),
+        (
+            vec![
+                "--model",
+                &sd,
+                "--data",
+                &sd,
+                "--snr-gamma",
+                "0",
+                "--output",
+                o,
+            ],
+            "snr_gamma must be a positive number, not 0",
         ),
     ];
     for (args, want) in cases {

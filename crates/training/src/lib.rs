@@ -11,6 +11,7 @@ pub mod ema;
 pub mod eval;
 pub mod frechet;
 pub mod lora;
+pub mod loss;
 pub mod optimizer;
 pub mod plot;
 pub mod sample;

@@ -23,12 +23,13 @@ use diffuse_models::clip_text::{ClipTextConfig, ClipTextModel};
 use diffuse_models::{DiagonalGaussian, UNet2DConditionConfig, UNet2DConditionModel};
 use diffuse_pipelines::image_processor::preprocess_image;
 use diffuse_pipelines::StableDiffusionPipeline;
-use diffuse_schedulers::common::{per_batch_lin2, PredictionType};
+use diffuse_schedulers::common::PredictionType;
 use diffuse_schedulers::config::ConfigReader;
 use diffuse_schedulers::{Scheduler, SchedulerConfig};
 use serde_json::json;
 
 use crate::dataset::{fit_image, BatchSampler, Fit};
+use crate::loss::{check_snr_gamma, min_snr_weights, per_image_mse, prediction_target};
 use crate::optimizer::{
     check_and_clip, AdamW, AdamWConfig, GradientSum, LrSchedule, LrScheduleKind,
 };
@@ -69,6 +70,8 @@ pub struct LoraTrainConfig {
     /// DreamBooth: one prompt for every instance image (caption files are then not read).
     pub instance_prompt: Option<String>,
     pub prior: Option<PriorPreservation>,
+    /// Min-SNR-γ loss weighting (diffusers' `--snr_gamma`); none: unweighted.
+    pub snr_gamma: Option<f64>,
 }
 
 /// DreamBooth's prior preservation: images of the class (made by the model itself, as
@@ -108,6 +111,7 @@ impl Default for LoraTrainConfig {
             random_flip: false,
             instance_prompt: None,
             prior: None,
+            snr_gamma: None,
         }
     }
 }
@@ -129,6 +133,7 @@ impl LoraTrainConfig {
         if self.target_modules.is_empty() {
             return Err(Error::invalid("no target modules given"));
         }
+        check_snr_gamma(self.snr_gamma)?;
         if let Some(p) = &self.prior {
             if !(p.weight.is_finite() && p.weight >= 0.0) {
                 return Err(Error::invalid(format!(
@@ -550,7 +555,14 @@ impl LoraTrainer {
         let timesteps: Vec<u64> = (0..n)
             .map(|_| (self.rng.next_u32() as u64 * train_steps) >> 32)
             .collect();
-        let per_image = self.prediction_loss(&self.unet()?, &x0, &noise, &timesteps, &text)?;
+        let per_image = self.prediction_loss(
+            &self.unet()?,
+            &x0,
+            &noise,
+            &timesteps,
+            &text,
+            self.config.snr_gamma,
+        )?;
         let instance = per_image.narrow(0, 0, bs)?.mean_all()?;
         match &self.config.prior {
             Some(p) => Ok((instance + (per_image.narrow(0, bs, bs)?.mean_all()? * p.weight)?)?),
@@ -566,7 +578,7 @@ impl LoraTrainer {
     }
 
     /// Per-image MSE `(B,)` of the UNet's prediction for `x0` noised with `noise` at
-    /// `timesteps`.
+    /// `timesteps`, Min-SNR-weighted when `snr_gamma` is given.
     fn prediction_loss(
         &self,
         unet: &UNet2DConditionModel,
@@ -574,28 +586,22 @@ impl LoraTrainer {
         noise: &Tensor,
         timesteps: &[u64],
         text: &Tensor,
+        snr_gamma: Option<f64>,
     ) -> Result<Tensor> {
+        let acp = self.scheduler.alphas_cumprod().unwrap_or_default();
         let t_f64: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
         let noisy = self.scheduler.add_noise(x0, noise, &t_f64)?;
-        let target = match self.prediction {
-            PredictionType::Epsilon => noise.clone(),
-            PredictionType::Sample => x0.clone(),
-            PredictionType::VPrediction => {
-                let acp = self.scheduler.alphas_cumprod().unwrap_or_default();
-                let a: Vec<f64> = timesteps.iter().map(|&t| acp[t as usize] as f64).collect();
-                let ca: Vec<f64> = a.iter().map(|a| a.sqrt()).collect();
-                let cb: Vec<f64> = a.iter().map(|a| -(1.0 - a).sqrt()).collect();
-                per_batch_lin2(noise, x0, &ca, &cb)?
-            }
-        };
+        let target = prediction_target(self.prediction, x0, noise, acp, timesteps)?;
+        let weights = snr_gamma
+            .map(|g| min_snr_weights(self.prediction, acp, timesteps, g))
+            .transpose()?;
         let t = Tensor::from_vec(
             timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
             timesteps.len(),
             &self.device,
         )?;
         let pred = unet.forward(&noisy, &t, text)?;
-        let err = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?;
-        Ok(err.flatten_from(1)?.mean(1)?)
+        per_image_mse(&pred, &target, weights.as_deref())
     }
 
     /// The loss over every instance image at noise and timesteps drawn from `seed` (latents
@@ -613,7 +619,7 @@ impl LoraTrainer {
             let noise = rng.randn(x0.shape().clone(), &self.device)?;
             let t = (rng.next_u32() as u64 * train_steps) >> 32;
             let text = texts.narrow(0, i, 1)?;
-            let loss = self.prediction_loss(&unet, &x0, &noise, &[t], &text)?;
+            let loss = self.prediction_loss(&unet, &x0, &noise, &[t], &text, None)?;
             total += loss.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         }
         Ok(total / self.instances.items.len() as f64)

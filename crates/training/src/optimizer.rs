@@ -395,7 +395,7 @@ mod tests {
         let mut v = p.zeros_like()?;
         for step in 1..=5u64 {
             let g = (Tensor::randn(0f32, 1.0, 40_000, &dev)? * 10f64.powi(step as i32 - 3))?;
-            let g = g.slice_assign(&[0..2], &Tensor::new(&[-0.0f32, 0.0], &dev)?)?;
+            let g = g.slice_assign(&[..2], &Tensor::new(&[-0.0f32, 0.0], &dev)?)?;
             let k = Coefficients::new(&cfg, step, cfg.lr);
             let want = tensor_update(&p, &g, &m, &v, &k)?;
             let got = fused_update(&p, &g, &m, &v, &k)?.expect("f32 on the CPU");

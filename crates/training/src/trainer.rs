@@ -14,7 +14,7 @@ use candle_nn::{VarBuilder, VarMap};
 use diffuse_core::{Error, Generator, Result};
 use diffuse_dist::{Comm, SingleProcess};
 use diffuse_models::{UNet2DConfig, UNet2DModel};
-use diffuse_schedulers::common::{per_batch_lin2, PredictionType};
+use diffuse_schedulers::common::PredictionType;
 use diffuse_schedulers::config::ConfigReader;
 use diffuse_schedulers::{Scheduler, SchedulerConfig};
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,7 @@ use serde_json::{json, Map, Value};
 use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::dataset::{BatchSampler, Dataset};
 use crate::ema::{Ema, EmaConfig};
+use crate::loss::{check_snr_gamma, min_snr_weights, per_image_mse, prediction_target};
 use crate::optimizer::{
     check_and_clip, AdamW, AdamWConfig, GradientSum, LrSchedule, LrScheduleKind,
 };
@@ -55,6 +56,10 @@ pub struct TrainConfig {
     /// The precision of the forward and backward passes (absent in older configs: f32).
     #[serde(default)]
     pub mixed_precision: MixedPrecision,
+    /// Min-SNR-γ loss weighting (diffusers' `--snr_gamma`); none: every timestep weighs the
+    /// same (absent in older configs).
+    #[serde(default)]
+    pub snr_gamma: Option<f64>,
     /// EMA of the weights; none: no EMA (the final model is the raw weights).
     pub ema: Option<EmaConfig>,
     /// Probability of replacing a class label by the null class (classifier-free guidance).
@@ -94,6 +99,7 @@ impl TrainConfig {
             warmup_steps: 500,
             clip_grad: Some(1.0),
             mixed_precision: MixedPrecision::No,
+            snr_gamma: None,
             ema: Some(EmaConfig::default()),
             class_dropout: 0.1,
             random_flip: true,
@@ -412,17 +418,12 @@ impl Trainer {
         .to_vec();
         let t_f64: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
         let noisy = self.scheduler.add_noise(&x0, &noise, &t_f64)?;
-        let target = match self.prediction {
-            PredictionType::Epsilon => noise,
-            PredictionType::Sample => x0,
-            PredictionType::VPrediction => {
-                // diffusers `get_velocity`: sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x₀.
-                let a: Vec<f64> = timesteps.iter().map(|&t| acp[t as usize] as f64).collect();
-                let ca: Vec<f64> = a.iter().map(|a| a.sqrt()).collect();
-                let cb: Vec<f64> = a.iter().map(|a| -(1.0 - a).sqrt()).collect();
-                per_batch_lin2(&noise, &x0, &ca, &cb)?
-            }
-        };
+        let target = prediction_target(self.prediction, &x0, &noise, acp, &timesteps)?;
+        let weights = self
+            .config
+            .snr_gamma
+            .map(|g| min_snr_weights(self.prediction, acp, &timesteps, g))
+            .transpose()?;
         let labels = match (labels, self.config.unet.num_class_embeds) {
             (Some(l), Some(k)) => {
                 let null = (k - 1) as u32;
@@ -449,7 +450,7 @@ impl Trainer {
                 .forward_with_class(&noisy, &t, labels.as_ref())?
                 .to_dtype(DType::F32)?,
         };
-        Ok((pred - target)?.sqr()?.mean_all()?)
+        Ok(per_image_mse(&pred, &target, weights.as_deref())?.mean_all()?)
     }
 
     /// The model with its weights cast to `dtype` from the f32 variables (the casts are part
@@ -876,6 +877,7 @@ fn check_config(c: &TrainConfig, ds: &Dataset) -> Result<()> {
             return fail(format!("gradient clipping norm {m} must be positive"));
         }
     }
+    check_snr_gamma(c.snr_gamma)?;
     let u = &c.unet;
     u.validate()?;
     if u.time_embedding_type != "positional" {

@@ -81,6 +81,35 @@ fn bf16_mixed_precision_follows_the_f32_run() {
     }
 }
 
+/// Min-SNR-γ weighting reaches the loss: with γ above every timestep's SNR (ε prediction:
+/// all weights 1) the run is the unweighted one; with γ = 5 the first loss (same images,
+/// noise and timesteps) is smaller, as every weight is at most 1 and the clean timesteps' fall
+/// below it.
+#[test]
+fn min_snr_weighting_reaches_the_loss() {
+    let (_d, ds) = stripes();
+    let mut cfg = common::tiny_config(3);
+    cfg.batch_size = 8;
+    let first = |gamma: Option<f64>| {
+        let mut c = cfg.clone();
+        c.snr_gamma = gamma;
+        let mut t = Trainer::new(c, ds.clone(), &Device::Cpu).unwrap();
+        (0..3)
+            .map(|_| t.train_step().unwrap().loss)
+            .collect::<Vec<_>>()
+    };
+    let plain = first(None);
+    let uncapped = first(Some(1e9));
+    for (a, b) in plain.iter().zip(&uncapped) {
+        assert!((a - b).abs() <= 1e-6 * a.abs(), "{plain:?} vs {uncapped:?}");
+    }
+    let capped = first(Some(5.0));
+    assert!(
+        capped[0] < 0.999 * plain[0],
+        "γ = 5 did not lower the first loss: {capped:?} vs {plain:?}"
+    );
+}
+
 #[test]
 fn checkpoint_resume_continues_exactly_and_output_reloads() {
     let (_d, ds) = stripes();
@@ -255,6 +284,11 @@ fn bad_settings_give_clear_errors() {
     let mut c = common::tiny_config(2);
     c.unet.sample_size = Some(serde_json::from_value(serde_json::json!(16)).unwrap());
     assert!(err(c).contains("sample_size"));
+
+    let mut c = common::tiny_config(2);
+    c.snr_gamma = Some(0.0);
+    let e = err(c);
+    assert!(e.contains("snr_gamma must be a positive number"), "{e}");
 
     let mut c = common::tiny_config(2);
     c.unet.in_channels = 3;
