@@ -14,7 +14,7 @@ use diffuse_training::{Dataset, Fit, Split};
 use image::DynamicImage;
 
 use crate::classifier::IdxDataArgs;
-use crate::generate::{bundled, progress_bar, CLASS_GUIDANCE, DDPM_STEPS};
+use crate::generate::{bundled, progress_bar, unconditional_steps, CLASS_GUIDANCE};
 use crate::label_grid::labelled_grid;
 
 /// Generate samples of every class of a class-conditional DDPM model and score them with a
@@ -33,9 +33,10 @@ pub struct EvalArgs {
     /// Samples generated per class.
     #[arg(long, default_value_t = 100)]
     pub samples_per_class: usize,
-    /// Denoising steps (default as `generate`: 50).
-    #[arg(long, default_value_t = DDPM_STEPS)]
-    pub steps: usize,
+    /// Denoising steps. Default as `generate`: 50 with the DDPM or DDIM scheduler, 20 with
+    /// any other.
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Classifier-free guidance scale (default as `generate`: 3).
     #[arg(long, default_value_t = CLASS_GUIDANCE)]
     pub guidance_scale: f64,
@@ -66,7 +67,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    if args.samples_per_class < 2 || args.batch_size == 0 || args.steps == 0 {
+    if args.samples_per_class < 2 || args.batch_size == 0 || args.steps == Some(0) {
         bail!("--samples-per-class must be at least 2, --batch-size and --steps at least 1");
     }
     let device = crate::device::parse_device(&args.device)?;
@@ -95,6 +96,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             model_dir.display()
         ),
     };
+    let steps = args
+        .steps
+        .unwrap_or_else(|| unconditional_steps(pipeline.scheduler.class_name()));
     let names = pipeline.class_names.clone();
     let cc = classifier.config();
     let (c, h, w) = pipeline.image_shape();
@@ -119,13 +123,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .collect();
     let batches: Vec<&[usize]> = labels.chunks(args.batch_size).collect();
     let bar = progress_bar("generating");
-    bar.set_length((batches.len() * args.steps) as u64);
+    bar.set_length((batches.len() * steps) as u64);
     let start = Instant::now();
     let mut images: Vec<DynamicImage> = Vec::with_capacity(labels.len());
     for (k, chunk) in batches.iter().enumerate() {
         let req = UnconditionalRequest {
             batch_size: chunk.len(),
-            steps: args.steps,
+            steps,
             eta: args.eta,
             seed: args.seed + k as u64,
             class_labels: Some(chunk.to_vec()),
@@ -168,7 +172,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     println!(
         "model {} ({} steps, guidance {}, seed {}): {} samples in {gen_seconds:.1}s",
         model_dir.display(),
-        args.steps,
+        steps,
         args.guidance_scale,
         args.seed,
         report.generated
@@ -201,7 +205,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let mut v = serde_json::to_value(&report)?;
         v["model"] = model_dir.display().to_string().into();
-        v["steps"] = args.steps.into();
+        v["scheduler"] = pipeline.scheduler.class_name().into();
+        v["steps"] = steps.into();
         v["guidance_scale"] = args.guidance_scale.into();
         v["seed"] = args.seed.into();
         v["generate_seconds"] = gen_seconds.into();

@@ -54,11 +54,11 @@ pub fn describe(dir: &Path) -> Result<String> {
         let (line, _) = component_line(dir)?;
         out += &format!("{}: {line}\n", dir.display());
     } else if dir.join("scheduler_config.json").is_file() {
-        let cfg = read_json(&dir.join("scheduler_config.json"))?;
+        let cfg = read_scheduler_config(dir)?;
         out += &format!(
             "{}: scheduler {}\n",
             dir.display(),
-            cfg["_class_name"].as_str().unwrap_or("?")
+            cfg.class_name().unwrap_or("?")
         );
     } else {
         bail!(
@@ -72,8 +72,12 @@ pub fn describe(dir: &Path) -> Result<String> {
 /// "<params> params, <dtypes>, <files>" for one component, and its parameter count.
 fn component_line(dir: &Path) -> Result<(String, u64)> {
     if dir.join("scheduler_config.json").is_file() {
-        let cfg = read_json(&dir.join("scheduler_config.json"))?;
-        let n = cfg["num_train_timesteps"].as_u64().unwrap_or(1000);
+        let cfg = read_scheduler_config(dir)?;
+        let n = cfg
+            .map
+            .get("num_train_timesteps")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(1000);
         return Ok((format!("{n} training timesteps"), 0));
     }
     if dir.join("vocab.json").is_file() {
@@ -142,6 +146,14 @@ pub fn safetensors_header(path: &Path) -> Result<Vec<(String, String, u64)>> {
         out.push((name.clone(), dtype, numel));
     }
     Ok(out)
+}
+
+/// A scheduler config as diffusers writes it (Python's json may write `-Infinity`, which plain
+/// JSON readers refuse).
+fn read_scheduler_config(dir: &Path) -> Result<diffuse_schedulers::SchedulerConfig> {
+    Ok(diffuse_schedulers::SchedulerConfig::from_file(
+        &dir.join("scheduler_config.json"),
+    )?)
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {

@@ -97,8 +97,8 @@ fn class_prompt_grid_and_errors() {
     assert!(ok, "{err}");
     let (color, w, h, text) = parameters(&one);
     assert_eq!((color, w, h), (png::ColorType::Grayscale, 8, 8));
-    // 3: the default guidance of class-conditional models.
-    for want in ["Class: Rows", "Steps: 3", "CFG scale: 3", "Seed: 7"] {
+    // 2.5: the default guidance of class-conditional models.
+    for want in ["Class: Rows", "Steps: 3", "CFG scale: 2.5", "Seed: 7"] {
         assert!(text.contains(want), "{want:?} missing from {text:?}");
     }
 

@@ -38,6 +38,26 @@ fn info_reports_components_and_parameter_counts() {
     assert!(out.contains("49408 tokens"), "{out}");
 }
 
+/// The bundled model's scheduler config is diffusers' DPM-Solver++ one, with the
+/// `"lambda_min_clipped": -Infinity` Python's json writes (not strict JSON).
+#[test]
+fn info_reads_diffusers_scheduler_configs() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fashion-mnist-ddpm");
+    let text = std::fs::read_to_string(model.join("scheduler/scheduler_config.json")).unwrap();
+    assert!(text.contains("-Infinity"), "{text}");
+    let (ok, out, err) = diffuse(&["info", model.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("DPMSolverMultistepScheduler") && out.contains("1000 training timesteps"),
+        "{out}"
+    );
+    let (ok, out, err) = diffuse(&["info", model.join("scheduler").to_str().unwrap()]);
+    assert!(
+        ok && out.contains("scheduler DPMSolverMultistepScheduler"),
+        "{out}{err}"
+    );
+}
+
 #[test]
 fn info_on_a_missing_folder_fails_with_a_message() {
     let (ok, _, err) = diffuse(&["info", "/no/such/folder"]);

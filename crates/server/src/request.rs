@@ -183,8 +183,7 @@ impl GenerateRequest {
                 .map_err(|e| ApiError::field("prompt", e.to_string()))?;
         }
 
-        let steps = int_in("steps", self.steps, 1, limits.max_steps)?
-            .unwrap_or_else(|| info.default_steps());
+        let steps = int_in("steps", self.steps, 1, limits.max_steps)?;
         let guidance = float_in("cfg_scale", self.cfg_scale, 0.0, 50.0)?
             .unwrap_or_else(|| info.default_guidance());
         let eta = float_in("eta", self.eta, 0.0, 1.0)?.unwrap_or(0.0);
@@ -228,6 +227,16 @@ impl GenerateRequest {
                     "scheduler",
                     format!("scheduler `{kind}` needs a sampler_name to go with"),
                 ))
+            }
+        };
+        let steps = match steps {
+            Some(n) => n,
+            None => {
+                let class = match &sampler {
+                    Some(name) => diffuse_schedulers::resolve_name(name).ok().map(|(c, _)| c),
+                    None => None,
+                };
+                info.default_steps_for(class)
             }
         };
         let seed = match self.seed {

@@ -42,11 +42,12 @@ pub struct CommonArgs {
     /// How the prompts are read: `plain` (as diffusers) or `a1111` (weights, long prompts).
     #[arg(long, value_enum, default_value = "plain")]
     pub prompt_syntax: PromptSyntaxArg,
-    /// Denoising steps. Default: 50 for DDPM/DDIM models, 25 for Stable Diffusion.
+    /// Denoising steps. Default: for DDPM/DDIM models 50 with the DDPM or DDIM scheduler and
+    /// 20 with any other (the bundled model's DPM-Solver++); 25 for Stable Diffusion.
     #[arg(long)]
     pub steps: Option<usize>,
     /// Classifier-free guidance scale; 1 or less disables guidance (and halves the work).
-    /// Default: 3 for class-conditional DDPM models, 7.5 for Stable Diffusion.
+    /// Default: 2.5 for class-conditional DDPM models, 7.5 for Stable Diffusion.
     #[arg(long, alias = "cfg-scale")]
     pub guidance_scale: Option<f64>,
     /// Scheduler: a diffusers class (EulerDiscreteScheduler) or an A1111 name ("Euler a",

@@ -31,7 +31,7 @@ use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub use args::{CommonArgs, GenerateArgs, Img2ImgArgs, InpaintArgs, PromptSyntaxArg};
-pub use diffuse_pipelines::task::{CLASS_GUIDANCE, DDPM_STEPS};
+pub use diffuse_pipelines::task::{unconditional_steps, CLASS_GUIDANCE};
 pub use output::{check_output_parent, write_png};
 
 use crate::label_grid::labelled_grid;
@@ -419,7 +419,10 @@ fn class_grid(session: &Session, p: &UnconditionalPipeline) -> Result<()> {
         bail!("the model makes {c}-channel images; only grayscale and RGB can be saved");
     }
     let n = session.args.num_images.unwrap_or(8);
-    let steps = session.args.steps.unwrap_or(DDPM_STEPS);
+    let steps = session
+        .args
+        .steps
+        .unwrap_or_else(|| unconditional_steps(p.scheduler.class_name()));
     let guidance = session.args.guidance_scale.unwrap_or(CLASS_GUIDANCE);
     let paths = output::output_paths(
         &session.args.output,
