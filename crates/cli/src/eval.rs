@@ -183,14 +183,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
         100.0 * report.classifier_test_accuracy,
         report.test_images
     );
-    println!("{:<14} {:>8}", "class", "accuracy");
+    println!(
+        "{:<14} {:>8}  {:>9}  {:>14}",
+        "class", "accuracy", "(correct)", "real test imgs"
+    );
     for s in &report.per_class {
         println!(
-            "{:<14} {:>7.1}%  ({}/{})",
+            "{:<14} {:>7.1}%  {:>9}  {:>13.1}%",
             s.class,
             100.0 * s.accuracy(),
-            s.correct,
-            s.total
+            format!("{}/{}", s.correct, s.total),
+            100.0 * s.test_accuracy(),
         );
     }
     println!(

@@ -129,6 +129,20 @@ fn classifier_then_eval() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["generated"], 20, "{v}");
     assert_eq!(v["per_class"].as_array().unwrap().len(), 10);
+    // The per-class test scores add up to the overall one, over every test image.
+    let (right, all) = v["per_class"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .fold((0, 0), |(r, a), s| {
+            (
+                r + s["test_correct"].as_u64().unwrap(),
+                a + s["test_total"].as_u64().unwrap(),
+            )
+        });
+    assert_eq!(all, v["test_images"].as_u64().unwrap(), "{v}");
+    let overall = v["classifier_test_accuracy"].as_f64().unwrap();
+    assert!((right as f64 / all as f64 - overall).abs() < 1e-12, "{v}");
     let acc = v["class_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc), "{acc}");
     for k in ["frechet_generated_test", "frechet_train_test"] {

@@ -147,6 +147,10 @@ fn classifier_learns_saves_loads_and_scores() {
     assert_eq!(report.class_accuracy, 1.0);
     assert_eq!(report.per_class.len(), 2);
     assert!(report.per_class.iter().all(|s| s.total == 4));
+    assert!(report
+        .per_class
+        .iter()
+        .all(|s| (s.test_correct, s.test_total) == (4, 4)));
     assert!(report.frechet_generated_test.abs() < 1e-6);
     assert!(report.frechet_train_test >= 0.0);
     // Samples all of the wrong class: accuracy 0 and a larger distance.
