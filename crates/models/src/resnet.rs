@@ -40,14 +40,10 @@ pub fn interpolate_nearest(xs: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (_, _, in_h, in_w) = xs.dims4()?;
     if (h, w) == (in_h * 2, in_w * 2) {
         if xs.track_op() {
-            // In training: each pixel broadcast to its 2×2 block, whose backward sums the
+            // In training: each pixel copied to its 2×2 block, whose backward sums the
             // blocks (candle's backward of its upsampling kernel is a convolution with a
             // kernel of ones: slower, and with no bf16 on the CPU).
-            let (b, c, ..) = xs.dims4()?;
-            return xs
-                .reshape((b, c, in_h, 1, in_w, 1))?
-                .broadcast_as((b, c, in_h, 2, in_w, 2))?
-                .reshape((b, c, h, w));
+            return crate::ops::upsample::upsample_nearest_2x(xs);
         }
         // The common ×2 case has a dedicated kernel.
         return xs.upsample_nearest2d(h, w);

@@ -867,3 +867,32 @@ fn multi_head_attention_matches_split_heads() -> Result<()> {
     }
     Ok(())
 }
+
+/// Nearest ×2 upsampling and its backward (the sum of each 2×2 block) equal, to the bit, the
+/// broadcast from candle ops they replace in training; odd sizes, several planes per task,
+/// and bf16 inputs (computed in f32, rounded once).
+#[test]
+fn upsample_2x_matches_reference_with_gradients() -> Result<()> {
+    use diffuse_models::ops::upsample::{upsample_nearest_2x, upsample_nearest_2x_reference};
+    for shape in [[2usize, 3, 5, 7], [1, 1, 1, 1], [3, 16, 8, 8]] {
+        let x = Var::from_tensor(&randn(&shape, 1.0)?)?;
+        let (got, want) = (
+            upsample_nearest_2x(&x)?,
+            upsample_nearest_2x_reference(&x)?,
+        );
+        assert_close("upsample", &got, &want, 0.0)?;
+        let weights = randn(got.dims(), 1.0)?;
+        let grad = |f| weighted_grad(f, &x, &weights);
+        assert_close(
+            "upsample grad",
+            &grad(upsample_nearest_2x)?,
+            &grad(upsample_nearest_2x_reference)?,
+            0.0,
+        )?;
+        let half = x.to_dtype(DType::BF16)?;
+        let got = upsample_nearest_2x(&half)?;
+        assert_eq!(got.dtype(), DType::BF16);
+        assert_close("upsample bf16", &got, &upsample_nearest_2x_reference(&half)?, 0.0)?;
+    }
+    Ok(())
+}

@@ -317,28 +317,35 @@ simd_fn! {
     /// one row per tile); pixels outside the image (padding 1, partial tiles) are zeros.
     fn transform_inputs(x: &[f32], v: &mut [f32], grid: Grid, cin: usize, chunk: Chunk) {
         let Chunk { t0, nt } = chunk;
-        let plane = grid.h * grid.w;
-        // Eight channels at a time, one per lane: each tile's 36 point values then go to
-        // `v` as 8-float runs, and the eight planes are read tile after tile.
-        for c0 in (0..cin).step_by(LANES) {
-            let lanes = LANES.min(cin - c0);
-            for t in 0..nt {
-                let (n, y0, x0) = grid.locate(t0 + t);
+        // Eight channels at a time, one per lane. The six input rows of a row of tiles are
+        // first interleaved into a band per eight channels (`band[r][x + 1][lane]`, zero
+        // outside the image), by 8 × 8 transposes; each tile's 36 point vectors are then
+        // plain loads. (Gathering them lane by lane from the eight planes stalled every
+        // vector on store forwarding.) Tile by tile, all channels: each point's row of `v`
+        // is written whole, not in 32-byte pieces a pass over the tiles apart.
+        let bw = grid.tiles_x * M + 2;
+        let band_len = A * bw * LANES;
+        let mut bands = vec![0f32; cin.div_ceil(LANES) * band_len];
+        let zeros = vec![0f32; grid.w];
+        let mut filled = None;
+        for t in 0..nt {
+            let (n, y0, x0) = grid.locate(t0 + t);
+            if filled != Some((n, y0)) {
+                for (g, band) in bands.chunks_exact_mut(band_len).enumerate() {
+                    let c0 = g * LANES;
+                    let lanes = LANES.min(cin - c0);
+                    fill_band(x, band, &zeros, grid, (n * cin + c0, lanes), y0);
+                }
+                filled = Some((n, y0));
+            }
+            for (g, band) in bands.chunks_exact(band_len).enumerate() {
+                let c0 = g * LANES;
+                let lanes = LANES.min(cin - c0);
                 let mut d = [[Lanes::ZERO; A]; A];
-                for l in 0..lanes {
-                    let img = &x[(n * cin + c0 + l) * plane..][..plane];
-                    for (r, row) in d.iter_mut().enumerate() {
-                        let y = (y0 + r).wrapping_sub(1);
-                        if y >= grid.h {
-                            continue;
-                        }
-                        let src = &img[y * grid.w..(y + 1) * grid.w];
-                        for (k, px) in row.iter_mut().enumerate() {
-                            let xx = (x0 + k).wrapping_sub(1);
-                            if xx < grid.w {
-                                px.0[l] = src[xx];
-                            }
-                        }
+                for (r, row) in d.iter_mut().enumerate() {
+                    let src = &band[(r * bw + x0) * LANES..][..A * LANES];
+                    for (px, vals) in row.iter_mut().zip(src.chunks_exact(LANES)) {
+                        px.0.copy_from_slice(vals);
                     }
                 }
                 let tv = transform_2d(&d, input_1d);
@@ -348,6 +355,34 @@ simd_fn! {
                 }
             }
         }
+    }
+}
+
+/// The band of [`transform_inputs`] for the row of tiles at `y0` of planes
+/// `first..first + lanes`: input rows `y0 − 1 ..= y0 + 4`, each pixel's lanes side by side
+/// one column along (column 0 and those past the image stay zero: never written).
+fn fill_band(
+    x: &[f32],
+    band: &mut [f32],
+    zeros: &[f32],
+    grid: Grid,
+    (first, lanes): (usize, usize),
+    y0: usize,
+) {
+    let plane = grid.h * grid.w;
+    let row_len = band.len() / A;
+    for (r, dst) in band.chunks_exact_mut(row_len).enumerate() {
+        let dst = &mut dst[LANES..][..grid.w * LANES];
+        let y = (y0 + r).wrapping_sub(1);
+        if y >= grid.h {
+            dst.fill(0.0);
+            continue;
+        }
+        let rows = std::array::from_fn(|l| match l < lanes {
+            true => &x[(first + l) * plane + y * grid.w..][..grid.w],
+            false => zeros,
+        });
+        transpose_rows8(rows, grid.w, dst, LANES);
     }
 }
 

@@ -16,6 +16,7 @@ pub mod geglu;
 pub mod group_norm;
 pub mod linear;
 mod microkernel;
+pub mod upsample;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result};
