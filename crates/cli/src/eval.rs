@@ -14,7 +14,9 @@ use diffuse_training::{Dataset, Fit, Split};
 use image::DynamicImage;
 
 use crate::classifier::IdxDataArgs;
-use crate::generate::{bundled, progress_bar, unconditional_steps, CLASS_GUIDANCE};
+use crate::generate::{
+    bundled, class_guidance_interval, progress_bar, unconditional_steps, CLASS_GUIDANCE,
+};
 use crate::label_grid::labelled_grid;
 
 /// Generate samples of every class of a class-conditional DDPM model and score them with a
@@ -37,9 +39,13 @@ pub struct EvalArgs {
     /// any other.
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Classifier-free guidance scale (default as `generate`: 3).
+    /// Classifier-free guidance scale (default as `generate`).
     #[arg(long, default_value_t = CLASS_GUIDANCE)]
     pub guidance_scale: f64,
+    /// Guide only at the timesteps LO to HI (as `generate`; default 100,600; 0,1000 guides
+    /// every step).
+    #[arg(long, value_name = "LO,HI", value_parser = crate::generate::args::parse_guidance_interval)]
+    pub guidance_interval: Option<(f64, f64)>,
     /// Replace the model's scheduler (a diffusers class or an A1111 name).
     #[arg(long)]
     pub scheduler: Option<String>,
@@ -99,6 +105,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let steps = args
         .steps
         .unwrap_or_else(|| unconditional_steps(pipeline.scheduler.class_name()));
+    let interval = class_guidance_interval(args.guidance_interval, args.guidance_scale);
     let names = pipeline.class_names.clone();
     let cc = classifier.config();
     let (c, h, w) = pipeline.image_shape();
@@ -134,6 +141,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             seed: args.seed + k as u64,
             class_labels: Some(chunk.to_vec()),
             guidance_scale: args.guidance_scale,
+            guidance_interval: interval,
             shard: None,
         };
         let mut on_step = |_: diffuse_pipelines::StepInfo<'_>| {
@@ -169,8 +177,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     .with_class_names(names.clone())?;
     let report = evaluate(&classifier, &generated, &test, &train, &device)?;
 
+    let at = interval.map_or(String::new(), |(lo, hi)| format!(" at timesteps {lo}-{hi}"));
     println!(
-        "model {} ({} steps, guidance {}, seed {}): {} samples in {gen_seconds:.1}s",
+        "model {} ({} steps, guidance {}{at}, seed {}): {} samples in {gen_seconds:.1}s",
         model_dir.display(),
         steps,
         args.guidance_scale,
@@ -211,6 +220,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         v["scheduler"] = pipeline.scheduler.class_name().into();
         v["steps"] = steps.into();
         v["guidance_scale"] = args.guidance_scale.into();
+        if let Some((lo, hi)) = interval {
+            v["guidance_interval"] = serde_json::json!([lo, hi]);
+        }
         v["seed"] = args.seed.into();
         v["generate_seconds"] = gen_seconds.into();
         std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")

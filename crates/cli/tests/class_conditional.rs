@@ -97,8 +97,12 @@ fn class_prompt_grid_and_errors() {
     assert!(ok, "{err}");
     let (color, w, h, text) = parameters(&one);
     assert_eq!((color, w, h), (png::ColorType::Grayscale, 8, 8));
-    // 2.5: the default guidance of class-conditional models.
-    for want in ["Class: Rows", "Steps: 3", "CFG scale: 2.5", "Seed: 7"] {
+    // The default guidance of class-conditional models: 3 at timesteps 100 to 600.
+    let defaults = ["CFG scale: 3", "Guidance interval: 100-600"];
+    for want in ["Class: Rows", "Steps: 3", "Seed: 7"]
+        .into_iter()
+        .chain(defaults)
+    {
         assert!(text.contains(want), "{want:?} missing from {text:?}");
     }
 
@@ -116,15 +120,35 @@ fn class_prompt_grid_and_errors() {
         "DDIMScheduler",
         "--guidance-scale",
         "3",
+        "--guidance-interval",
+        "100,900",
         "--output",
         idx.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     let text = parameters(&idx).3;
-    assert!(
-        text.contains("Class: Columns") && text.contains("DDIMScheduler"),
-        "{text}"
-    );
+    for want in [
+        "Class: Columns",
+        "DDIMScheduler",
+        "Guidance interval: 100-900",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from {text:?}");
+    }
+    for (bad, why) in [("9,1", "the lower first"), ("5", "LO,HI"), ("a,b", "LO,HI")] {
+        let (ok, err) = diffuse_err(&[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "0",
+            "--guidance-interval",
+            bad,
+            "--output",
+            root.join("never.png").to_str().unwrap(),
+        ]);
+        assert!(!ok && err.contains(why), "{bad}: {err}");
+        assert!(!root.join("never.png").exists());
+    }
 
     // No prompt: one labelled row of `--num-images` tiles per class, in one PNG.
     let grid = root.join("grid.png");
@@ -191,15 +215,51 @@ fn class_prompt_grid_and_errors() {
         .err()
         .expect("class 2 is out of range");
     assert!(err.to_string().contains("0..=1"), "{err}");
-    let out = p
-        .generate(
-            &UnconditionalRequest {
-                class_labels: Some(vec![1, 0]),
-                ..req
-            },
-            None,
-        )
-        .unwrap();
+    let req = UnconditionalRequest {
+        class_labels: Some(vec![1, 0]),
+        ..req
+    };
+    let out = p.generate(&req, None).unwrap();
     assert_eq!((out.gray.len(), out.rgb.len()), (2, 0));
+
+    // A guidance interval: guided steps inside it, the class's prediction alone outside.
+    let images = |r: &UnconditionalRequest| p.generate(r, None).unwrap().images;
+    let with = |interval, scale| UnconditionalRequest {
+        guidance_interval: interval,
+        guidance_scale: scale,
+        ..req.clone()
+    };
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let guided = images(&req);
+    let unguided = images(&with(None, 1.0));
+    let mut schedule =
+        diffuse_schedulers::from_config(p.scheduler.class_name(), p.scheduler.config()).unwrap();
+    schedule.set_timesteps(req.steps).unwrap();
+    let timesteps = schedule.timesteps().to_vec();
+    let (first, last) = (timesteps[0], timesteps[timesteps.len() - 1]);
+    assert!(
+        diff(&guided, &unguided) > 0.0,
+        "guidance changes the images"
+    );
+    let all = images(&with(Some((last, first)), 2.0));
+    assert_eq!(diff(&all, &guided), 0.0, "an interval holding every step");
+    let none = images(&with(Some((first + 1.0, first + 2.0)), 2.0));
+    assert_eq!(diff(&none, &unguided), 0.0, "an interval holding no step");
+    let part = images(&with(Some((first, first)), 2.0));
+    assert!(diff(&part, &guided) > 0.0 && diff(&part, &unguided) > 0.0);
+    let err = p
+        .generate(&with(Some((5.0, 1.0)), 2.0), None)
+        .err()
+        .expect("an interval out of order");
+    assert!(err.to_string().contains("guidance interval 5,1"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }

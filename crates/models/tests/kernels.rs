@@ -876,10 +876,7 @@ fn upsample_2x_matches_reference_with_gradients() -> Result<()> {
     use diffuse_models::ops::upsample::{upsample_nearest_2x, upsample_nearest_2x_reference};
     for shape in [[2usize, 3, 5, 7], [1, 1, 1, 1], [3, 16, 8, 8]] {
         let x = Var::from_tensor(&randn(&shape, 1.0)?)?;
-        let (got, want) = (
-            upsample_nearest_2x(&x)?,
-            upsample_nearest_2x_reference(&x)?,
-        );
+        let (got, want) = (upsample_nearest_2x(&x)?, upsample_nearest_2x_reference(&x)?);
         assert_close("upsample", &got, &want, 0.0)?;
         let weights = randn(got.dims(), 1.0)?;
         let grad = |f| weighted_grad(f, &x, &weights);
@@ -892,7 +889,12 @@ fn upsample_2x_matches_reference_with_gradients() -> Result<()> {
         let half = x.to_dtype(DType::BF16)?;
         let got = upsample_nearest_2x(&half)?;
         assert_eq!(got.dtype(), DType::BF16);
-        assert_close("upsample bf16", &got, &upsample_nearest_2x_reference(&half)?, 0.0)?;
+        assert_close(
+            "upsample bf16",
+            &got,
+            &upsample_nearest_2x_reference(&half)?,
+            0.0,
+        )?;
     }
     Ok(())
 }

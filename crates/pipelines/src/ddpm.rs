@@ -46,6 +46,12 @@ pub struct UnconditionalRequest {
     pub class_labels: Option<Vec<usize>>,
     /// Classifier-free guidance scale for class-conditional models; 1 or less disables it.
     pub guidance_scale: f64,
+    /// Guide only at the timesteps `t` with `lo ≤ t ≤ hi`; the other steps take the
+    /// conditional prediction alone (one forward pass instead of two). Guidance at the
+    /// noisiest steps narrows the variety of the samples and at the last ones adds little
+    /// (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves sample and
+    /// distribution quality in diffusion models"). `None`: every step.
+    pub guidance_interval: Option<(f64, f64)>,
     /// Make only images `start..start + len` (`len` = `batch_size`) of a batch of `batch`
     /// drawn from `seed` (one of several processes sharing it): the same images, bit for bit,
     /// as in the whole batch. `None`: the whole batch.
@@ -61,6 +67,7 @@ impl Default for UnconditionalRequest {
             seed: 0,
             class_labels: None,
             guidance_scale: 1.0,
+            guidance_interval: None,
             shard: None,
         }
     }
@@ -152,16 +159,22 @@ impl ClassGuidance {
     }
 
     /// The UNet's (guided) prediction for `x` at `t`; a plain forward without conditioning.
+    /// `guided: false` takes the conditional prediction alone at this step (outside a
+    /// guidance interval).
     pub fn predict(
         guidance: Option<&Self>,
         unet: &UNet2DModel,
         x: &Tensor,
         t: &Tensor,
+        guided: bool,
     ) -> Result<Tensor> {
         Ok(match guidance {
             None => unet.forward(x, t)?,
             Some(g) => match g.scale {
                 None => unet.forward_with_class(x, t, Some(&g.labels))?,
+                Some(_) if !guided => {
+                    unet.forward_with_class(x, t, Some(&g.labels.narrow(0, 0, g.n)?))?
+                }
                 Some(scale) => {
                     let out =
                         unet.forward_with_class(&Tensor::cat(&[x, x], 0)?, t, Some(&g.labels))?;
@@ -171,6 +184,16 @@ impl ClassGuidance {
                 }
             },
         })
+    }
+}
+
+/// Refuses a guidance interval whose ends are not numbers or are out of order.
+pub fn check_guidance_interval(interval: Option<(f64, f64)>) -> Result<()> {
+    match interval {
+        Some((lo, hi)) if !(lo.is_finite() && hi.is_finite() && lo <= hi) => Err(Error::invalid(
+            format!("guidance interval {lo},{hi}: give two timesteps, the lower first"),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -234,6 +257,7 @@ impl UnconditionalPipeline {
                 "batch size must be at least 1",
             ));
         }
+        check_guidance_interval(req.guidance_interval)?;
         let start = Instant::now();
         let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
         scheduler.set_eta(req.eta);
@@ -251,8 +275,12 @@ impl UnconditionalPipeline {
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
             let t_tensor = Tensor::new(t as f32, &self.device)?;
-            let out = ClassGuidance::predict(guidance.as_ref(), &self.unet, &image, &t_tensor)?
-                .to_dtype(DType::F32)?;
+            let guided = req
+                .guidance_interval
+                .is_none_or(|(lo, hi)| lo <= t && t <= hi);
+            let out =
+                ClassGuidance::predict(guidance.as_ref(), &self.unet, &image, &t_tensor, guided)?
+                    .to_dtype(DType::F32)?;
             image = scheduler.step(&out, t, &image, &mut generator)?.prev_sample;
             if let Some(cb) = callback.as_deref_mut() {
                 cb(StepInfo {

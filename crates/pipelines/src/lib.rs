@@ -36,7 +36,10 @@ use diffuse_schedulers::{Scheduler, SchedulerConfig};
 
 pub use canny::canny;
 pub use controlnet::{load_controlnet, ControlNetRequest, ControlNetUnit};
-pub use ddpm::{ClassGuidance, UnconditionalOutput, UnconditionalPipeline, UnconditionalRequest};
+pub use ddpm::{
+    check_guidance_interval, ClassGuidance, UnconditionalOutput, UnconditionalPipeline,
+    UnconditionalRequest,
+};
 pub use dit::{ClassToImageRequest, DiTPipeline};
 pub use flux::FluxPipeline;
 pub use img2img::Img2ImgRequest;

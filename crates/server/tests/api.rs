@@ -191,9 +191,13 @@ async fn listings_options_and_model_switch() {
         .await;
     let (w, h, text) = png_info(&unb64(v["images"][0].as_str().unwrap()));
     assert_eq!((w, h), (32, 32));
-    assert!(text
-        .unwrap()
-        .ends_with("Model: fashion-mnist-ddpm, Class: Trouser"));
+    // (With the class-conditional defaults: guidance 3 at timesteps 100 to 600.)
+    let text = text.unwrap();
+    assert!(
+        text.ends_with("Model: fashion-mnist-ddpm, Class: Trouser, Guidance interval: 100-600")
+            && text.contains("CFG scale: 3,"),
+        "{text}"
+    );
     // A request may still name another model.
     let v: Value = s.post_json("/sdapi/v1/txt2img", &json!({"prompt": "x", "steps": 1, "override_settings": {"sd_model_checkpoint": "tiny_sd"}})).await;
     assert_eq!(png_info(&unb64(v["images"][0].as_str().unwrap())).0, 64);

@@ -68,7 +68,7 @@ pub fn sample(
     for t in timesteps {
         let input = scheduler.scale_model_input(&x, t)?;
         let tt = Tensor::new(t as f32, device)?;
-        let eps = ClassGuidance::predict(guidance.as_ref(), model, &input, &tt)?;
+        let eps = ClassGuidance::predict(guidance.as_ref(), model, &input, &tt, true)?;
         x = scheduler.step(&eps, t, &x, &mut rng)?.prev_sample;
     }
     Ok(x.clamp(-1.0, 1.0)?)

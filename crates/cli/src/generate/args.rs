@@ -47,9 +47,15 @@ pub struct CommonArgs {
     #[arg(long)]
     pub steps: Option<usize>,
     /// Classifier-free guidance scale; 1 or less disables guidance (and halves the work).
-    /// Default: 2.5 for class-conditional DDPM models, 7.5 for Stable Diffusion.
+    /// Default: 3 for class-conditional DDPM models (at timesteps 100 to 600: see
+    /// --guidance-interval), 7.5 for Stable Diffusion.
     #[arg(long, alias = "cfg-scale")]
     pub guidance_scale: Option<f64>,
+    /// Class-conditional DDPM models: guide only at the timesteps LO to HI (of the 1000 of
+    /// training); the other steps take the class's prediction alone, one UNet pass instead of
+    /// two. Default 100,600; 0,1000 guides every step.
+    #[arg(long, value_name = "LO,HI", value_parser = parse_guidance_interval)]
+    pub guidance_interval: Option<(f64, f64)>,
     /// Scheduler: a diffusers class (EulerDiscreteScheduler) or an A1111 name ("Euler a",
     /// "DPM++ 2M Karras"; `diffuse schedulers` lists them). Default: the model's own.
     #[arg(long)]
@@ -208,4 +214,16 @@ pub struct InpaintArgs {
     /// Output height, as --width.
     #[arg(long)]
     pub height: Option<usize>,
+}
+
+/// `LO,HI` of `--guidance-interval`: two timesteps, the lower first.
+pub fn parse_guidance_interval(s: &str) -> Result<(f64, f64), String> {
+    let bad = || format!("{s:?}: give two timesteps as LO,HI, e.g. 200,800");
+    let (lo, hi) = s.split_once(',').ok_or_else(bad)?;
+    let (lo, hi): (f64, f64) = (
+        lo.trim().parse().map_err(|_| bad())?,
+        hi.trim().parse().map_err(|_| bad())?,
+    );
+    diffuse_pipelines::check_guidance_interval(Some((lo, hi))).map_err(|e| e.to_string())?;
+    Ok((lo, hi))
 }

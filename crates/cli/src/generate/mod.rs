@@ -7,7 +7,7 @@
 //! those images have in the whole batch, and writes its files, so the files are those of a
 //! single-process run, byte for byte.
 
-mod args;
+pub(crate) mod args;
 mod control;
 mod output;
 
@@ -21,7 +21,8 @@ use diffuse_dist::{eprint_line, report, Comm, Dist};
 use diffuse_pipelines::png_info::InfoText;
 use diffuse_pipelines::prompt_weighting::{extract_lora_tags, PromptSyntax};
 use diffuse_pipelines::task::{
-    model_display_name, parse_class, planned_images, random_seed, run_task, InitImage, TaskSettings,
+    interval_info, model_display_name, parse_class, planned_images, random_seed, run_task,
+    InitImage, TaskSettings,
 };
 use diffuse_pipelines::{
     load_pipeline, ControlNetRequest, EmbeddingSpec, LoadOptions, LoraSpec, Pipeline, StepInfo,
@@ -31,7 +32,7 @@ use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub use args::{CommonArgs, GenerateArgs, Img2ImgArgs, InpaintArgs, PromptSyntaxArg};
-pub use diffuse_pipelines::task::{unconditional_steps, CLASS_GUIDANCE};
+pub use diffuse_pipelines::task::{class_guidance_interval, unconditional_steps, CLASS_GUIDANCE};
 pub use output::{check_output_parent, write_png};
 
 use crate::label_grid::labelled_grid;
@@ -286,6 +287,7 @@ impl Session {
             negative_prompt: a.negative_prompt.clone(),
             steps: a.steps,
             guidance_scale: a.guidance_scale,
+            guidance_interval: a.guidance_interval,
             sampler: a.scheduler.clone(),
             seed: self.seed,
             num_images: a.num_images.unwrap_or(1),
@@ -424,6 +426,7 @@ fn class_grid(session: &Session, p: &UnconditionalPipeline) -> Result<()> {
         .steps
         .unwrap_or_else(|| unconditional_steps(p.scheduler.class_name()));
     let guidance = session.args.guidance_scale.unwrap_or(CLASS_GUIDANCE);
+    let interval = class_guidance_interval(session.args.guidance_interval, guidance);
     let paths = output::output_paths(
         &session.args.output,
         &[(session.seed, 0)],
@@ -440,6 +443,7 @@ fn class_grid(session: &Session, p: &UnconditionalPipeline) -> Result<()> {
         seed: session.seed,
         class_labels: Some(labels),
         guidance_scale: guidance,
+        guidance_interval: interval,
         shard: None,
     };
     let bar = progress_bar("denoising");
@@ -465,7 +469,9 @@ fn class_grid(session: &Session, p: &UnconditionalPipeline) -> Result<()> {
         width: w,
         height: h,
         model: session.model_name.clone(),
-        extra: vec![("Class".into(), "all, one row per class".into())],
+        extra: std::iter::once(("Class".into(), "all, one row per class".into()))
+            .chain(interval_info(interval))
+            .collect(),
     }
     .to_string();
     output::save_all(&[grid], &paths, &infotext, session.args.force)?;
