@@ -41,6 +41,9 @@ pub struct GenerateRequest {
     pub batch_size: Option<i64>,
     pub n_iter: Option<i64>,
     pub eta: Option<f64>,
+    /// Class-conditional DDPM models: `[lo, hi]`, guide only at these timesteps (default
+    /// `[100, 600]`; `[0, 1000]` guides every step).
+    pub guidance_interval: Option<[f64; 2]>,
     /// A configured model name (the default model when absent).
     pub model: Option<String>,
     pub override_settings: Option<OverrideSettings>,
@@ -187,6 +190,18 @@ impl GenerateRequest {
         let guidance = float_in("cfg_scale", self.cfg_scale, 0.0, 50.0)?
             .unwrap_or_else(|| info.default_guidance());
         let eta = float_in("eta", self.eta, 0.0, 1.0)?.unwrap_or(0.0);
+        let guidance_interval = self.guidance_interval.map(|[lo, hi]| (lo, hi));
+        if guidance_interval.is_some() && info.class_names.is_empty() {
+            return Err(ApiError::field(
+                "guidance_interval",
+                format!(
+                    "a guidance interval is for class-conditional DDPM models, not `{}`",
+                    entry.name
+                ),
+            ));
+        }
+        diffuse_pipelines::check_guidance_interval(guidance_interval)
+            .map_err(|e| ApiError::field("guidance_interval", e.to_string()))?;
         let sampler = match self
             .sampler_name
             .as_ref()
@@ -357,6 +372,7 @@ impl GenerateRequest {
                 negative_prompt,
                 steps: Some(steps),
                 guidance_scale: Some(guidance),
+                guidance_interval,
                 sampler,
                 seed,
                 num_images: batch,

@@ -198,6 +198,29 @@ async fn listings_options_and_model_switch() {
             && text.contains("CFG scale: 3,"),
         "{text}"
     );
+    // A request's own interval, and one out of order (refused by field).
+    let v: Value = s
+        .post_json(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "trouser", "steps": 2, "seed": 3, "guidance_interval": [0, 1000]}),
+        )
+        .await;
+    let text = png_info(&unb64(v["images"][0].as_str().unwrap()))
+        .2
+        .unwrap();
+    assert!(text.ends_with("Guidance interval: 0-1000"), "{text}");
+    let r = s
+        .post(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "trouser", "steps": 2, "guidance_interval": [600, 100]}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("guidance_interval") && body.contains("the lower first"),
+        "{body}"
+    );
     // A request may still name another model.
     let v: Value = s.post_json("/sdapi/v1/txt2img", &json!({"prompt": "x", "steps": 1, "override_settings": {"sd_model_checkpoint": "tiny_sd"}})).await;
     assert_eq!(png_info(&unb64(v["images"][0].as_str().unwrap())).0, 64);
