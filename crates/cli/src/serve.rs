@@ -85,33 +85,48 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     eprintln!("loading the models...");
     let server = Server::start(config).await?;
+    let shutdown = shutdown_signal();
     let names = server.state().models.names().join(", ");
     println!("diffuse serve: listening on http://{addr} (models: {names})");
     std::io::stdout().flush()?;
-    server.serve(listener, shutdown_signal()).await?;
+    server.serve(listener, shutdown).await?;
     eprintln!("diffuse serve: stopped");
     Ok(())
 }
 
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Ctrl-C or SIGTERM. The handlers are installed here, before the server says it listens (a
+/// signal future installs its handler only when first polled, and a SIGTERM arriving before
+/// that took the default action: the process died instead of shutting down).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            let (int, term) = signals;
+            tokio::select! {
+                _ = wait(int) => {},
+                _ = wait(term) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        eprintln!("diffuse serve: shutting down (queued jobs cancelled, the running one finishes)");
     }
-    eprintln!("diffuse serve: shutting down (queued jobs cancelled, the running one finishes)");
 }
