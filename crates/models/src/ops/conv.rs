@@ -649,7 +649,8 @@ impl CustomOp3 for Winograd {
     /// Exact gradients without candle's CPU `conv_transpose2d` (tens of times slower than
     /// the forward): `dx` is itself a 3×3 "same" convolution of `dy` with the kernel
     /// transposed (in ↔ out) and rotated 180°, so it takes this Winograd path too; `dw` is
-    /// one im2col GEMM per image, with `db` in the same pass ([`WeightGrad`]).
+    /// nine GEMMs per image over shifted views of a bordered copy, with `db` in the same pass
+    /// ([`WeightGrad`], [`same_conv_weight_grad`]).
     fn bwd(
         &self,
         x: &Tensor,
@@ -805,6 +806,11 @@ impl candle_core::CustomOp2 for WeightGrad {
             .into_par_iter()
             .map(|grp| {
                 let mut dwb = vec![0f32; cout * (k + 1)];
+                if let Columns::Im2col { stride: 1 } = self.cols {
+                    let images = grp * per_group..((grp + 1) * per_group).min(n);
+                    same_conv_weight_grad(&x, &g, images, (cin, cout, h, w), &mut dwb);
+                    return dwb;
+                }
                 let mut col = vec![0f32; col_len];
                 let mut dy_t = vec![0f32; cout.div_ceil(NR) * NR * plane];
                 for i in grp * per_group..((grp + 1) * per_group).min(n) {
@@ -840,6 +846,65 @@ impl candle_core::CustomOp2 for WeightGrad {
         }
         let len = dwb.len();
         Ok((f32_output(dwb, sx.dtype())?, Shape::from(len)))
+    }
+}
+
+/// `dw` and `db` (flat, as [`WeightGrad`]) of a 3×3 padding-1 stride-1 convolution, summed
+/// over `images` of `x` (`(N, Cin, H, W)`) and `dy` (`(N, Cout, H, W)`), without an im2col
+/// matrix. Each image is copied into a zero border, `(H+2) × (W+2)` per channel, and `dy` into
+/// rows of `W+2` whose last two values are 0. Then, over `m = y·(W+2) + x`, tap `(ky, kx)`'s
+/// input `x[c, y+ky−1, x+kx−1]` is the bordered image at `c·(H+2)(W+2) + ky·(W+2) + kx + m`:
+/// one shifted view, so each tap is one GEMM reading its rows straight from the bordered
+/// copy (lda = the bordered plane), where the im2col matrix wrote and re-read 9 copies of the
+/// image. The two padding columns of `dy` cancel the values that wrap around a row.
+fn same_conv_weight_grad(
+    x: &[f32],
+    g: &[f32],
+    images: std::ops::Range<usize>,
+    (cin, cout, h, w): (usize, usize, usize, usize),
+    dwb: &mut [f32],
+) {
+    let (plane, wp) = (h * w, w + 2);
+    let (pp, kp, k) = ((h + 2) * wp, h * wp, cin * 9);
+    // The borders stay 0; only the interiors are written per image. Tap (2, 2) reads two
+    // values past the last channel's plane (multiplied by the 0 columns of `dy`).
+    let mut bordered = vec![0f32; cin * pp + 2];
+    let mut dy_rows = vec![0f32; cout * kp];
+    let mut dy_t = vec![0f32; cout.div_ceil(NR) * NR * kp];
+    let (dw, db) = dwb.split_at_mut(cout * k);
+    for i in images {
+        let img = &x[i * cin * plane..(i + 1) * cin * plane];
+        for (src, dst) in img.chunks_exact(plane).zip(bordered.chunks_exact_mut(pp)) {
+            for (s, d) in src.chunks_exact(w).zip(dst[wp + 1..].chunks_mut(wp)) {
+                d[..w].copy_from_slice(s);
+            }
+        }
+        let dy = &g[i * cout * plane..(i + 1) * cout * plane];
+        for (src, dst) in dy.chunks_exact(plane).zip(dy_rows.chunks_exact_mut(kp)) {
+            for (s, d) in src.chunks_exact(w).zip(dst.chunks_exact_mut(wp)) {
+                d[..w].copy_from_slice(s);
+            }
+        }
+        pack_kt(&dy_rows, (cout, kp, kp), 1.0, &mut dy_t);
+        for tap in 0..9 {
+            // dwᵀ rows (c, tap) for every c: 9 rows apart in dw stored transposed.
+            let gemm = Gemm {
+                m: cin,
+                n: cout,
+                k: kp,
+                lda: pp,
+                b: B::packed(kp),
+                rs_c: 9,
+                cs_c: k,
+                accumulate: true,
+                bias_per_col: false,
+            };
+            let shift = tap / 3 * wp + tap % 3;
+            gemm.run(&bordered[shift..], &dy_t, &mut dw[tap..], None);
+        }
+        for (b, row) in db.iter_mut().zip(dy.chunks_exact(plane)) {
+            *b += super::sum(row);
+        }
     }
 }
 
