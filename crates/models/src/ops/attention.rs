@@ -302,7 +302,6 @@ impl CustomOp3 for FlashAttention {
     }
 }
 
-/// `(n, m)` additive mask: 0 where key `j ≤` query `i`, −∞ after.
 /// Most `N·M·(d + dv)` per head for [`small_head_grads`]: the small heads of pixel-space UNets
 /// (64 tokens of width 8 at the bundled model's 8×8 level), where the batched matmuls below
 /// ran at ten times the forward's time. Bigger heads (Stable Diffusion's) take the matmuls.
@@ -330,36 +329,9 @@ fn small_head_grads(
             let (o, go) = (head(&o, h, n * dv), head(&go, h, n * dv));
             let (mut dq, mut dk, mut dvv) =
                 (vec![0f32; n * d], vec![0f32; m * d], vec![0f32; m * dv]);
-            let mut p = vec![0f32; m];
-            for i in 0..n {
-                let qi = &q[i * d..(i + 1) * d];
-                // Keys past `i` are masked out when causal.
-                let keys = if op.causal { (i + 1).min(m) } else { m };
-                for (j, pj) in p.iter_mut().enumerate().take(keys) {
-                    *pj = super::dot(qi, &k[j * d..(j + 1) * d]) * scale;
-                }
-                let top = max(&p[..keys]);
-                let mut total = 0f32;
-                for pj in &mut p[..keys] {
-                    *pj = exp(*pj - top);
-                    total += *pj;
-                }
-                let (goi, oi) = (&go[i * dv..(i + 1) * dv], &o[i * dv..(i + 1) * dv]);
-                let delta = super::dot(goi, oi);
-                let dqi = &mut dq[i * d..(i + 1) * d];
-                for (j, &e) in p[..keys].iter().enumerate() {
-                    let pij = e / total;
-                    // dv += pᵀ·do, ds = p ⊙ (do·vᵀ − rowsum(do ⊙ o)), dq += ds·k, dk += dsᵀ·q.
-                    let dvj = &mut dvv[j * dv..(j + 1) * dv];
-                    dvj.iter_mut().zip(goi).for_each(|(a, &g)| *a += pij * g);
-                    let ds = pij * (super::dot(goi, &v[j * dv..(j + 1) * dv]) - delta);
-                    let kj = &k[j * d..(j + 1) * d];
-                    dqi.iter_mut().zip(kj).for_each(|(a, &x)| *a += ds * x);
-                    let dkj = &mut dk[j * d..(j + 1) * d];
-                    dkj.iter_mut().zip(qi).for_each(|(a, &x)| *a += ds * x);
-                }
-            }
-            dq.iter_mut().chain(&mut dk).for_each(|x| *x *= scale);
+            let operands = [q, k, v, o, go];
+            let grads = [&mut dq[..], &mut dk[..], &mut dvv[..]];
+            head_grads(operands, grads, [n, m, d, dv], scale, op.causal);
             [dq, dk, dvv]
         })
         .collect();
@@ -370,6 +342,69 @@ fn small_head_grads(
     Ok([joined(0, n, d)?, joined(1, m, d)?, joined(2, m, dv)?])
 }
 
+simd_fn! {
+    /// One head's `[dq, dk, dv]` (zeroed on entry) from `[q, k, v, o, do]`, query row by query
+    /// row with every inner loop running over the keys: `kᵀ` and `vᵀ` are copied once, so the
+    /// scores, `do·vᵀ` and the `dk`/`dv` updates are `d` (or `dv`) scaled additions of rows of
+    /// `m` values, where a loop over keys of width-8 dot products ran at a third of the speed.
+    fn head_grads(x: [&[f32]; 5], grads: [&mut [f32]; 3], dims: [usize; 4], scale: f32, causal: bool) {
+        let [q, k, v, o, go] = x;
+        let [dq, dk, dv_out] = grads;
+        let [n, m, d, dv] = dims;
+        let transposed = |x: &[f32], w: usize| -> Vec<f32> {
+            let mut t = vec![0f32; w * m];
+            for (j, row) in x.chunks_exact(w).enumerate() {
+                row.iter().enumerate().for_each(|(c, &e)| t[c * m + j] = e);
+            }
+            t
+        };
+        let (kt, vt) = (transposed(k, d), transposed(v, dv));
+        let (mut dkt, mut dvt) = (vec![0f32; d * m], vec![0f32; dv * m]);
+        let (mut p, mut ds) = (vec![0f32; m], vec![0f32; m]);
+        // row += a · x
+        fn axpy(row: &mut [f32], a: f32, x: &[f32]) {
+            row.iter_mut().zip(x).for_each(|(r, &e)| *r += a * e);
+        }
+        for i in 0..n {
+            // Keys past `i` are masked out when causal.
+            let keys = if causal { (i + 1).min(m) } else { m };
+            let (qi, goi) = (&q[i * d..(i + 1) * d], &go[i * dv..(i + 1) * dv]);
+            let (p, ds) = (&mut p[..keys], &mut ds[..keys]);
+            p.fill(0.0);
+            for (c, &x) in qi.iter().enumerate() {
+                axpy(p, x, &kt[c * m..c * m + keys]);
+            }
+            p.iter_mut().for_each(|s| *s *= scale);
+            let top = max(p);
+            let total = exp_shifted_sum(p, top);
+            let inv = 1.0 / total;
+            p.iter_mut().for_each(|e| *e *= inv);
+            // ds = p ⊙ (do·vᵀ − rowsum(do ⊙ o))
+            let delta = super::dot(goi, &o[i * dv..(i + 1) * dv]);
+            ds.fill(0.0);
+            for (c, &g) in goi.iter().enumerate() {
+                axpy(ds, g, &vt[c * m..c * m + keys]);
+            }
+            ds.iter_mut().zip(p.iter()).for_each(|(s, &pj)| *s = pj * (*s - delta));
+            // dv += pᵀ·do, dk += dsᵀ·q, dq = ds·k
+            for (c, &g) in goi.iter().enumerate() {
+                axpy(&mut dvt[c * m..c * m + keys], g, p);
+            }
+            for (c, &x) in qi.iter().enumerate() {
+                axpy(&mut dkt[c * m..c * m + keys], x, ds);
+                dq[i * d + c] = super::dot(ds, &kt[c * m..c * m + keys]) * scale;
+            }
+        }
+        for (c, row) in dkt.chunks_exact(m).enumerate() {
+            row.iter().enumerate().for_each(|(j, &e)| dk[j * d + c] = e * scale);
+        }
+        for (c, row) in dvt.chunks_exact(m).enumerate() {
+            row.iter().enumerate().for_each(|(j, &e)| dv_out[j * dv + c] = e);
+        }
+    }
+}
+
+/// `(n, m)` additive mask: 0 where key `j ≤` query `i`, −∞ after.
 pub(crate) fn causal_mask(n: usize, m: usize, device: &candle_core::Device) -> Result<Tensor> {
     let data: Vec<f32> = (0..n)
         .flat_map(|i| (0..m).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
