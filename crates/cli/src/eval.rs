@@ -42,7 +42,7 @@ pub struct EvalArgs {
     /// Classifier-free guidance scale (default as `generate`).
     #[arg(long, default_value_t = CLASS_GUIDANCE)]
     pub guidance_scale: f64,
-    /// Guide only at the timesteps LO to HI (as `generate`; default 100,600; 0,1000 guides
+    /// Guide only at the timesteps LO to HI (as `generate`; default 100,550; 0,1000 guides
     /// every step).
     #[arg(long, value_name = "LO,HI", value_parser = crate::generate::args::parse_guidance_interval)]
     pub guidance_interval: Option<(f64, f64)>,

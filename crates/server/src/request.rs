@@ -42,7 +42,7 @@ pub struct GenerateRequest {
     pub n_iter: Option<i64>,
     pub eta: Option<f64>,
     /// Class-conditional DDPM models: `[lo, hi]`, guide only at these timesteps (default
-    /// `[100, 600]`; `[0, 1000]` guides every step).
+    /// `[100, 550]`; `[0, 1000]` guides every step).
     pub guidance_interval: Option<[f64; 2]>,
     /// A configured model name (the default model when absent).
     pub model: Option<String>,

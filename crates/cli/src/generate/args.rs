@@ -47,13 +47,13 @@ pub struct CommonArgs {
     #[arg(long)]
     pub steps: Option<usize>,
     /// Classifier-free guidance scale; 1 or less disables guidance (and halves the work).
-    /// Default: 3 for class-conditional DDPM models (at timesteps 100 to 600: see
+    /// Default: 3 for class-conditional DDPM models (at timesteps 100 to 550: see
     /// --guidance-interval), 7.5 for Stable Diffusion.
     #[arg(long, alias = "cfg-scale")]
     pub guidance_scale: Option<f64>,
     /// Class-conditional DDPM models: guide only at the timesteps LO to HI (of the 1000 of
     /// training); the other steps take the class's prediction alone, one UNet pass instead of
-    /// two. Default 100,600; 0,1000 guides every step.
+    /// two. Default 100,550; 0,1000 guides every step.
     #[arg(long, value_name = "LO,HI", value_parser = parse_guidance_interval)]
     pub guidance_interval: Option<(f64, f64)>,
     /// Scheduler: a diffusers class (EulerDiscreteScheduler) or an A1111 name ("Euler a",
