@@ -959,11 +959,11 @@ impl candle_core::CustomOp2 for InputGrad {
             let dy = &g[i * cout * plane..(i + 1) * cout * plane];
             match self.cols {
                 Columns::Pointwise => run_gemm(&gemm, &w_t, dy, dx, None, parallel),
-                Columns::Im2col { stride } => {
-                    let mut col = vec![0f32; k * plane];
-                    run_gemm(&gemm, &w_t, dy, &mut col, None, parallel);
-                    col2im(&col, dx, (h, w), (ho, wo), stride);
-                }
+                // The GEMM writes every element of the columns.
+                Columns::Im2col { stride } => with_scratch(k * plane, |col| {
+                    run_gemm(&gemm, &w_t, dy, col, None, parallel);
+                    col2im(col, dx, (h, w), (ho, wo), stride);
+                }),
             }
         });
         Ok((f32_output(out, sg.dtype())?, Shape::from((n, cin, h, w))))
@@ -1064,22 +1064,24 @@ impl CustomOp3 for Im2colConv {
         let mut out = output_buffer(n * cout * plane);
         per_image(&mut out, cout * plane, |i, dst, parallel| {
             let img = &x[i * cin * h * w..(i + 1) * cin * h * w];
-            let mut col = vec![0f32; k * plane];
-            // A channel's 9 rows of the im2col matrix at a time.
-            let rows = |(c, rows): (usize, &mut [f32])| {
-                let src = &img[c * h * w..(c + 1) * h * w];
-                if s == 1 {
-                    im2col(src, rows, h, w);
+            // The im2col functions write every element of the matrix.
+            with_scratch(k * plane, |col| {
+                // A channel's 9 rows of the im2col matrix at a time.
+                let rows = |(c, rows): (usize, &mut [f32])| {
+                    let src = &img[c * h * w..(c + 1) * h * w];
+                    if s == 1 {
+                        im2col(src, rows, h, w);
+                    } else {
+                        im2col_stride2(src, rows, h, w, ho, wo);
+                    }
+                };
+                if parallel {
+                    col.par_chunks_mut(9 * plane).enumerate().for_each(rows);
                 } else {
-                    im2col_stride2(src, rows, h, w, ho, wo);
+                    col.chunks_mut(9 * plane).enumerate().for_each(rows);
                 }
-            };
-            if parallel {
-                col.par_chunks_mut(9 * plane).enumerate().for_each(rows);
-            } else {
-                col.chunks_mut(9 * plane).enumerate().for_each(rows);
-            }
-            weight_times_image(&wt, &col, &bias, dst, parallel);
+                weight_times_image(&wt, col, &bias, dst, parallel);
+            });
         });
         Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, ho, wo))))
     }
@@ -1150,6 +1152,32 @@ fn weight_times_image(w: &[f32], x: &[f32], bias: &[f32], dst: &mut [f32], paral
 
 /// `g` on every core (`parallel`) or on this thread: the same values either way, since
 /// [`gemm_parallel`] splits the rows and columns, never K.
+/// Largest buffer [`with_scratch`] keeps (16 MiB): the im2col matrices of small maps (a
+/// training batch's 8×8 level, SD's 8×8 level: 3 MiB), not those of a VAE's stride-2
+/// downsampler at 512² (300 MiB), which would stay allocated after the layer.
+const SCRATCH_MAX: usize = 4 << 20;
+
+/// Runs `f` on `len` values of a buffer this thread keeps from call to call, instead of
+/// allocating and zeroing one per image: the values are whatever its last user left, so `f`
+/// must write every element it reads.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    if len > SCRATCH_MAX {
+        return f(&mut vec![0f32; len]);
+    }
+    let mut buf = SCRATCH.take();
+    buf.resize(buf.len().max(len), 0.0);
+    if cfg!(debug_assertions) {
+        // As `output_buffer`: an element `f` reads before writing shows up in the tests.
+        buf[..len].fill(f32::NAN);
+    }
+    let r = f(&mut buf[..len]);
+    SCRATCH.set(buf);
+    r
+}
+
 fn run_gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias: Option<&[f32]>, parallel: bool) {
     if parallel {
         gemm_parallel(g, a, b, c, bias)
