@@ -806,14 +806,14 @@ impl candle_core::CustomOp2 for WeightGrad {
             .into_par_iter()
             .map(|grp| {
                 let mut dwb = vec![0f32; cout * (k + 1)];
+                let images = grp * per_group..((grp + 1) * per_group).min(n);
                 if let Columns::Im2col { stride: 1 } = self.cols {
-                    let images = grp * per_group..((grp + 1) * per_group).min(n);
                     same_conv_weight_grad(&x, &g, images, (cin, cout, h, w), &mut dwb);
                     return dwb;
                 }
                 let mut col = vec![0f32; col_len];
                 let mut dy_t = vec![0f32; cout.div_ceil(NR) * NR * plane];
-                for i in grp * per_group..((grp + 1) * per_group).min(n) {
+                for i in images {
                     let img = &x[i * cin * h * w..(i + 1) * cin * h * w];
                     let cols = self.cols.of(img, &mut col, (h, w), (ho, wo));
                     let dy = &g[i * cout * plane..(i + 1) * cout * plane];
@@ -1150,8 +1150,6 @@ fn weight_times_image(w: &[f32], x: &[f32], bias: &[f32], dst: &mut [f32], paral
     run_gemm(&g, w, x, dst, Some(bias), parallel);
 }
 
-/// `g` on every core (`parallel`) or on this thread: the same values either way, since
-/// [`gemm_parallel`] splits the rows and columns, never K.
 /// Largest buffer [`with_scratch`] keeps (16 MiB): the im2col matrices of small maps (a
 /// training batch's 8×8 level, SD's 8×8 level: 3 MiB), not those of a VAE's stride-2
 /// downsampler at 512² (300 MiB), which would stay allocated after the layer.
@@ -1178,6 +1176,8 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     r
 }
 
+/// `g` on every core (`parallel`) or on this thread: the same values either way, since
+/// [`gemm_parallel`] splits the rows and columns, never K.
 fn run_gemm(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias: Option<&[f32]>, parallel: bool) {
     if parallel {
         gemm_parallel(g, a, b, c, bias)
