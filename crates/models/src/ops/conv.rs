@@ -57,8 +57,8 @@ fn cheap_kernels(cin: usize, cout: usize) -> bool {
 /// the groups in order.
 const WEIGHT_GRAD_GROUPS: usize = 8;
 
-/// Eight tiles side by side: the input and output transforms run on all eight at once, one
-/// tile per SIMD lane.
+/// Eight channels of one tile point side by side: the input and output transforms run on
+/// eight channels at once, one per SIMD lane.
 #[derive(Clone, Copy)]
 struct Lanes([f32; LANES]);
 
@@ -113,29 +113,45 @@ impl Num for Lanes {
     const ZERO: Self = Lanes([0.0; LANES]);
 }
 
+/// A 1-d transform of `I` values into `O`, applied by [`transform_2d`] to columns and rows.
+/// A trait rather than a function value: a function passed by value was called through
+/// `Fn::call`, which was not inlined into the AVX2 copies and ran as 4-wide SSE code on
+/// values spilled to the stack.
+trait Transform1d<const I: usize, const O: usize> {
+    fn apply<T: Num>(d: [T; I]) -> [T; O];
+}
+
 /// `Bᵀ·d` for one column (or row) of a 6×6 input tile.
-#[inline(always)]
-fn input_1d<T: Num>(d: [T; A]) -> [T; A] {
-    [
-        d[0] * 4.0 - d[2] * 5.0 + d[4],
-        d[3] + d[4] - (d[1] + d[2]) * 4.0,
-        (d[1] - d[2]) * 4.0 - d[3] + d[4],
-        (d[3] - d[1]) * 2.0 - d[2] + d[4],
-        (d[1] - d[3]) * 2.0 - d[2] + d[4],
-        d[1] * 4.0 - d[3] * 5.0 + d[5],
-    ]
+struct InputTransform;
+
+impl Transform1d<A, A> for InputTransform {
+    #[inline(always)]
+    fn apply<T: Num>(d: [T; A]) -> [T; A] {
+        [
+            d[0] * 4.0 - d[2] * 5.0 + d[4],
+            d[3] + d[4] - (d[1] + d[2]) * 4.0,
+            (d[1] - d[2]) * 4.0 - d[3] + d[4],
+            (d[3] - d[1]) * 2.0 - d[2] + d[4],
+            (d[1] - d[3]) * 2.0 - d[2] + d[4],
+            d[1] * 4.0 - d[3] * 5.0 + d[5],
+        ]
+    }
 }
 
 /// `Aᵀ·m` for one column (or row) of a 6×6 product tile.
-#[inline(always)]
-fn output_1d<T: Num>(m: [T; A]) -> [T; M] {
-    let (s12, d12, s34, d34) = (m[1] + m[2], m[1] - m[2], m[3] + m[4], m[3] - m[4]);
-    [
-        m[0] + s12 + s34,
-        d12 + d34 * 2.0,
-        s12 + s34 * 4.0,
-        d12 + d34 * 8.0 + m[5],
-    ]
+struct OutputTransform;
+
+impl Transform1d<A, M> for OutputTransform {
+    #[inline(always)]
+    fn apply<T: Num>(m: [T; A]) -> [T; M] {
+        let (s12, d12, s34, d34) = (m[1] + m[2], m[1] - m[2], m[3] + m[4], m[3] - m[4]);
+        [
+            m[0] + s12 + s34,
+            d12 + d34 * 2.0,
+            s12 + s34 * 4.0,
+            d12 + d34 * 8.0 + m[5],
+        ]
+    }
 }
 
 /// `G·g` for one column (or row) of a 3×3 kernel.
@@ -153,9 +169,8 @@ fn kernel_1d<T: Num>(g: [T; 3]) -> [T; A] {
 
 /// Applies a 1-d transform to the columns, then to the rows, of a row-major tile.
 #[inline(always)]
-fn transform_2d<T: Num, const I: usize, const O: usize>(
+fn transform_2d<F: Transform1d<I, O>, T: Num, const I: usize, const O: usize>(
     tile: &[[T; I]; I],
-    f: impl Fn([T; I]) -> [T; O],
 ) -> [[T; O]; O] {
     let mut cols = [[T::ZERO; I]; O]; // cols[o][i]: transformed column i, transposed
     for i in 0..I {
@@ -163,14 +178,14 @@ fn transform_2d<T: Num, const I: usize, const O: usize>(
         for r in 0..I {
             col[r] = tile[r][i];
         }
-        let t = f(col);
+        let t = F::apply(col);
         for o in 0..O {
             cols[o][i] = t[o];
         }
     }
     let mut out = [[T::ZERO; O]; O];
     for o in 0..O {
-        out[o] = f(cols[o]);
+        out[o] = F::apply(cols[o]);
     }
     out
 }
@@ -348,7 +363,7 @@ simd_fn! {
                         px.0.copy_from_slice(vals);
                     }
                 }
-                let tv = transform_2d(&d, input_1d);
+                let tv = transform_2d::<InputTransform, _, A, A>(&d);
                 for (p, val) in tv.iter().flatten().enumerate() {
                     let at = (p * nt + t) * cin + c0;
                     copy_lanes(&mut v[at..], &val.0, lanes);
@@ -420,7 +435,7 @@ simd_fn! {
                     let at = (p * nt + t) * ld + c0 - couts.start;
                     copy_lanes(&mut val.0, &m[at..], lanes);
                 }
-                let y = transform_2d(&tile, output_1d);
+                let y = transform_2d::<OutputTransform, _, A, M>(&tile);
                 let (n, y0, x0) = grid.locate(t0 + t);
                 for (l, &b) in bias[c0..c0 + lanes].iter().enumerate() {
                     let base = (n * cout + c0 + l) * plane;
