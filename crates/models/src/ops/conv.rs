@@ -408,8 +408,17 @@ fn copy_lanes(dst: &mut [f32], src: &[f32], lanes: usize) {
     if lanes == LANES {
         dst[..LANES].copy_from_slice(&src[..LANES]);
     } else {
-        dst[..lanes].copy_from_slice(&src[..lanes]);
+        copy_some_lanes(dst, src, lanes);
     }
+}
+
+/// The partial group of [`copy_lanes`], out of line: inlined, both branches were the same
+/// `memcpy(dst, src, 4 · lanes)` to the compiler, which merged them into one `memcpy` call
+/// with a run-time length for every group (a tenth of a training step of the bundled model).
+#[cold]
+#[inline(never)]
+fn copy_some_lanes(dst: &mut [f32], src: &[f32], lanes: usize) {
+    dst[..lanes].copy_from_slice(&src[..lanes]);
 }
 
 /// Tiles `t0..t0 + nt` of one task.
