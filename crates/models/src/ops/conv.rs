@@ -117,18 +117,18 @@ impl Num for Lanes {
     const ZERO: Self = Lanes([0.0; LANES]);
 }
 
-/// A 1-d transform of `I` values into `O`, applied by [`transform_2d`] to columns and rows.
-/// A trait rather than a function value: a function passed by value was called through
-/// `Fn::call`, which was not inlined into the AVX2 copies and ran as 4-wide SSE code on
-/// values spilled to the stack.
-trait Transform1d<const I: usize, const O: usize> {
-    fn apply<T: Num>(d: [T; I]) -> [T; O];
+/// A 1-d transform of a 6×6 tile's column (or row) into `O` values, applied by
+/// [`transform_2d`] to columns and rows. A trait rather than a function value: a function
+/// passed by value was called through `Fn::call`, which was not inlined into the AVX2 copies
+/// and ran as 4-wide SSE code on values spilled to the stack.
+trait Transform1d<const O: usize> {
+    fn apply<T: Num>(d: [T; A]) -> [T; O];
 }
 
 /// `Bᵀ·d` for one column (or row) of a 6×6 input tile.
 struct InputTransform;
 
-impl Transform1d<A, A> for InputTransform {
+impl Transform1d<A> for InputTransform {
     #[inline(always)]
     fn apply<T: Num>(d: [T; A]) -> [T; A] {
         [
@@ -145,7 +145,7 @@ impl Transform1d<A, A> for InputTransform {
 /// `Aᵀ·m` for one column (or row) of a 6×6 product tile.
 struct OutputTransform;
 
-impl Transform1d<A, M> for OutputTransform {
+impl Transform1d<M> for OutputTransform {
     #[inline(always)]
     fn apply<T: Num>(m: [T; A]) -> [T; M] {
         let (s12, d12, s34, d34) = (m[1] + m[2], m[1] - m[2], m[3] + m[4], m[3] - m[4]);
@@ -173,13 +173,11 @@ fn kernel_1d<T: Num>(g: [T; 3]) -> [T; A] {
 
 /// Applies a 1-d transform to the columns, then to the rows, of a row-major tile.
 #[inline(always)]
-fn transform_2d<F: Transform1d<I, O>, T: Num, const I: usize, const O: usize>(
-    tile: &[[T; I]; I],
-) -> [[T; O]; O] {
-    let mut cols = [[T::ZERO; I]; O]; // cols[o][i]: transformed column i, transposed
-    for i in 0..I {
-        let mut col = [T::ZERO; I];
-        for r in 0..I {
+fn transform_2d<F: Transform1d<O>, T: Num, const O: usize>(tile: &[[T; A]; A]) -> [[T; O]; O] {
+    let mut cols = [[T::ZERO; A]; O]; // cols[o][i]: transformed column i, transposed
+    for i in 0..A {
+        let mut col = [T::ZERO; A];
+        for r in 0..A {
             col[r] = tile[r][i];
         }
         let t = F::apply(col);
@@ -367,7 +365,7 @@ simd_fn! {
                         px.0.copy_from_slice(vals);
                     }
                 }
-                let tv = transform_2d::<InputTransform, _, A, A>(&d);
+                let tv = transform_2d::<InputTransform, _, A>(&d);
                 for (p, val) in tv.iter().flatten().enumerate() {
                     let at = (p * nt + t) * cin + c0;
                     copy_lanes(&mut v[at..], &val.0, lanes);
@@ -418,7 +416,7 @@ fn copy_lanes(dst: &mut [f32], src: &[f32], lanes: usize) {
 
 /// The partial group of [`copy_lanes`], out of line: inlined, both branches were the same
 /// `memcpy(dst, src, 4 · lanes)` to the compiler, which merged them into one `memcpy` call
-/// with a run-time length for every group (a tenth of a training step of the bundled model).
+/// with a run-time length for every group, whole ones included.
 #[cold]
 #[inline(never)]
 fn copy_some_lanes(dst: &mut [f32], src: &[f32], lanes: usize) {
@@ -448,7 +446,7 @@ simd_fn! {
                     let at = (p * nt + t) * ld + c0 - couts.start;
                     copy_lanes(&mut val.0, &m[at..], lanes);
                 }
-                let y = transform_2d::<OutputTransform, _, A, M>(&tile);
+                let y = transform_2d::<OutputTransform, _, M>(&tile);
                 let (n, y0, x0) = grid.locate(t0 + t);
                 for (l, &b) in bias[c0..c0 + lanes].iter().enumerate() {
                     let base = (n * cout + c0 + l) * plane;
@@ -651,8 +649,8 @@ impl CustomOp3 for Winograd {
                 &fresh
             }
         };
-        // Equal chunks of about TILES tiles, at least one per thread where there are enough
-        // tiles, so that both cores finish together.
+        // Equal chunks of about `per_task` tiles, at least one per thread where there are
+        // enough tiles, so that both cores finish together.
         let per_task = match cheap_kernels(cin, cout) {
             true => CHEAP_TILES,
             false => TILES,
