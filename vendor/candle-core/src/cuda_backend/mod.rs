@@ -2103,7 +2103,10 @@ impl BackendStorage for CudaStorage {
                 let inp = &inp.slice(inp_l.start_offset()..);
                 let k = &k.slice(kernel_l.start_offset()..);
                 let mut out = unsafe { device.alloc::<f16>(dst_el)? };
-                crate::cudnn::launch_conv2d::<f16, f16>(inp, inp_l, k, &mut out, params, &device)
+                // diffuse: f32 accumulation (cuDNN's PSEUDO_HALF_CONFIG), as PyTorch runs half
+                // convolutions; the all-half configuration gets slower kernels and rounds
+                // every partial sum.
+                crate::cudnn::launch_conv2d::<f16, f32>(inp, inp_l, k, &mut out, params, &device)
                     .map_err(crate::Error::wrap)?;
                 S::F16(out)
             }
