@@ -16,6 +16,27 @@ pub fn fixtures_dir() -> PathBuf {
     }
 }
 
+/// The device the device-aware parity tests run on: `DIFFUSE_DEVICE` (`cpu`, `cuda` or
+/// `cuda:N`; default the CPU). A GPU device needs a build with CUDA (the crates' `cuda`
+/// features) and the GPU itself; without them the tests fail saying so, never fall back.
+pub fn test_device() -> Result<Device> {
+    let spec = std::env::var("DIFFUSE_DEVICE").unwrap_or_default();
+    let spec = spec.trim().to_ascii_lowercase();
+    if spec.is_empty() || spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match spec.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("DIFFUSE_DEVICE={spec}: use cpu or cuda:N"))?,
+        None => bail!("DIFFUSE_DEVICE={spec}: use cpu or cuda:N"),
+    };
+    Device::new_cuda(ordinal)
+        .with_context(|| format!("DIFFUSE_DEVICE={spec} (needs a CUDA build and a GPU)"))
+}
+
 /// A sub-folder of the fixtures directory; its absence is an error, not a skip.
 pub fn fixture_subdir(name: &str) -> PathBuf {
     let d = fixtures_dir().join(name);
@@ -55,6 +76,7 @@ pub fn get<'a>(m: &'a HashMap<String, Tensor>, k: &str) -> Result<&'a Tensor> {
 }
 
 pub fn to_vec_f64(t: &Tensor) -> Result<Vec<f64>> {
+    let t = t.to_device(&Device::Cpu)?;
     Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
 }
 

@@ -61,7 +61,29 @@ fn attention_path(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) 
             .contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
+    if !causal && q.device().is_cuda() && crate::ops::fused_on(&[q, k, v]) {
+        return softmax_attention(q, k, v, scale);
+    }
     attention_reference(q, k, v, scale, causal)
+}
+
+/// Attention as two batched matmuls with the fused [`ScaledSoftmax`] between them (the path on
+/// CUDA): the score matrix is written once and read once, in the input's dtype.
+///
+/// [`ScaledSoftmax`]: crate::ops::attention::ScaledSoftmax
+pub fn softmax_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    // Half-precision scores are rounded as the matmul stores them; scaling q first (N·d values,
+    // not N·M) rounds the scaled scores instead, as a GEMM with alpha = scale would.
+    let (q, scale) = match q.dtype() {
+        DType::F16 | DType::BF16 => ((q * scale)?, 1.0),
+        _ => (q.clone(), scale),
+    };
+    let softmax = crate::ops::attention::ScaledSoftmax { scale };
+    let probs = q
+        .matmul(&k.t()?)?
+        .contiguous()?
+        .apply_op1_no_bwd(&softmax)?;
+    probs.to_dtype(v.dtype())?.matmul(v)
 }
 
 /// Multi-head attention over the projections as they come: `q` `(B, N, heads·d)`, `k`

@@ -40,10 +40,11 @@ impl LayerNorm {
 }
 
 impl Module for LayerNorm {
-    /// On the CPU, the fused kernel of [`crate::ops::group_norm`] (rows as one-group maps;
+    /// The fused kernel of [`crate::ops::group_norm`] where it runs (rows as one-group maps;
     /// without affine parameters, with a unit scale and zero shift).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if xs.device().is_cpu() && crate::ops::kernel_dtype(xs.dtype()) && xs.rank() > 0 {
+        let params: Vec<&Tensor> = [&self.weight, &self.bias].into_iter().flatten().collect();
+        if crate::ops::fused_on(&[&[xs], params.as_slice()].concat()) && xs.rank() > 0 {
             let c = xs.dim(D::Minus1)?;
             let param = |p: &Option<Tensor>, fill: f64| match p {
                 Some(p) => p.to_dtype(xs.dtype()),
@@ -110,7 +111,7 @@ impl GroupNorm {
     }
 
     /// The norm followed by an activation: the `norm → act` pair every ResNet block starts with.
-    /// SiLU is fused into the CPU kernel.
+    /// SiLU is fused into the kernel.
     pub fn forward_act(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
         if act == Activation::Silu {
             if let Some(ys) = self.forward_fused(xs, true)? {
@@ -134,10 +135,10 @@ impl GroupNorm {
         Ok(())
     }
 
-    /// The fused CPU kernel ([`crate::ops::group_norm`]); `None` where it does not apply.
+    /// The fused kernel ([`crate::ops::group_norm`]); `None` where it does not run.
     fn forward_fused(&self, xs: &Tensor, silu: bool) -> Result<Option<Tensor>> {
         self.check_input(xs)?;
-        if !xs.device().is_cpu() || !crate::ops::kernel_dtype(xs.dtype()) {
+        if !crate::ops::fused_on(&[xs, &self.weight, &self.bias]) {
             return Ok(None);
         }
         let op = crate::ops::group_norm::GroupNormOp {

@@ -1,6 +1,8 @@
-//! An opt-in per-layer profile of the CPU forward passes: wall time, calls and FLOPs of each
-//! kind of layer at each shape (e.g. `conv3x3 winograd 320->320 64x64`), summed over a run.
-//! `diffuse bench --profile` prints it, to show where a UNet step's time goes.
+//! An opt-in per-layer profile of the forward passes: wall time, calls and FLOPs of each kind
+//! of layer at each shape (e.g. `conv3x3 winograd 320->320 64x64`), summed over a run.
+//! `diffuse bench --profile` prints it, to show where a UNet step's time goes. On a GPU, whose
+//! work runs behind the host's, [`sync_with`] makes each timed layer wait for the device before
+//! and after it (the waits add a little to every layer).
 //!
 //! Off by default, and then each instrumented layer pays one relaxed atomic load. Layers are
 //! timed around the whole call, so time spent in candle ops between them (residual adds,
@@ -28,6 +30,8 @@ pub struct Entry {
 pub struct Profiler {
     enabled: AtomicBool,
     table: Mutex<Option<HashMap<String, Entry>>>,
+    /// The device to wait for around each timed layer.
+    sync: Mutex<Option<candle_core::Device>>,
 }
 
 impl Profiler {
@@ -35,6 +39,19 @@ impl Profiler {
         Self {
             enabled: AtomicBool::new(false),
             table: Mutex::new(None),
+            sync: Mutex::new(None),
+        }
+    }
+
+    /// Waits for `device`'s queued work around each timed layer (`None`: time the host only).
+    pub fn sync_with(&self, device: Option<candle_core::Device>) {
+        *self.sync.lock().unwrap_or_else(|e| e.into_inner()) = device;
+    }
+
+    fn wait(&self) {
+        if let Some(d) = self.sync.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            // A failed wait shows up in the next op; the profile only loses precision.
+            let _ = d.synchronize();
         }
     }
 
@@ -60,8 +77,10 @@ impl Profiler {
         if !self.enabled.load(Ordering::Relaxed) {
             return f();
         }
+        self.wait();
         let start = Instant::now();
         let out = f();
+        self.wait();
         let time = start.elapsed();
         if let Some(table) = self
             .table
@@ -87,6 +106,11 @@ impl Default for Profiler {
 /// Starts (clearing what was recorded) or stops the global profile.
 pub fn enable(on: bool) {
     GLOBAL.enable(on)
+}
+
+/// [`Profiler::sync_with`] on the global profiler.
+pub fn sync_with(device: Option<candle_core::Device>) {
+    GLOBAL.sync_with(device)
 }
 
 /// What the global profile recorded since [`enable`]`(true)`, most time first.

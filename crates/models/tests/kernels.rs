@@ -8,7 +8,7 @@ use diffuse_core::testing::to_vec_f64;
 use diffuse_models::activations::Activation;
 use diffuse_models::attention::{
     causal_attention, causal_attention_reference, scaled_dot_product_attention,
-    scaled_dot_product_attention_reference,
+    scaled_dot_product_attention_reference, softmax_attention,
 };
 use diffuse_models::normalization::{GroupNorm, LayerNorm};
 use diffuse_models::ops::conv::Conv2d;
@@ -161,6 +161,30 @@ fn assert_attention_gradients(
     let (got, want) = (grads(f)?, grads(reference)?);
     for ((name, g), w) in ["q", "k", "v"].iter().zip(&got).zip(&want) {
         assert_close(&format!("{what} d{name}"), g, w, 1e-4)?;
+    }
+    Ok(())
+}
+
+/// The two-product attention the CUDA path runs (its scaled softmax has a CPU copy), against
+/// the reference: the scale folded into the softmax in f32, into q for half inputs.
+#[test]
+fn softmax_attention_matches_reference() -> Result<()> {
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 5e-3)] {
+        for (n, m, d) in [(100usize, 77usize, 40usize), (5, 300, 9)] {
+            let q = randn(&[3, n, d], 1.0)?.to_dtype(dtype)?;
+            let k = randn(&[3, m, d], 1.0)?.to_dtype(dtype)?;
+            let v = randn(&[3, m, d], 1.0)?.to_dtype(dtype)?;
+            let got = softmax_attention(&q, &k, &v, 0.3)?;
+            assert_eq!(got.dtype(), dtype);
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            let want = scaled_dot_product_attention_reference(&f(&q)?, &f(&k)?, &f(&v)?, 0.3)?;
+            assert_close(
+                &format!("softmax attention {dtype:?} {n}x{m}x{d}"),
+                &got,
+                &want,
+                tol,
+            )?;
+        }
     }
     Ok(())
 }

@@ -8,6 +8,9 @@
 //! diffusion transformers' cases hold their other
 //! inputs under the same prefix (`a_encoder_hidden_states`, `a_pooled_projections`, Flux's
 //! `a_img_ids`, `a_txt_ids` and, for a guidance-distilled model, `a_guidance`).
+//!
+//! The models run on `DIFFUSE_DEVICE` (default the CPU; `cuda:0` in a CUDA build checks the
+//! GPU path against the same fixtures and tolerances).
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -47,9 +50,14 @@ struct Io {
 }
 
 impl Io {
-    fn load(path: &Path) -> Result<Self> {
+    /// The io file's tensors, on `dev`.
+    fn load(path: &Path, dev: &Device) -> Result<Self> {
+        let tensors = load_tensors(path)?
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(dev)?)))
+            .collect::<Result<_>>()?;
         Ok(Self {
-            tensors: load_tensors(path)?,
+            tensors,
             read: RefCell::default(),
         })
     }
@@ -127,22 +135,23 @@ fn run_unet_cases(io: &Io, forward: impl Fn(&str) -> Result<Tensor>) -> Result<(
 
 fn run_case(models: &Path, name: &str) -> Result<()> {
     let dir = models.join(name);
-    let io = Io::load(&models.join(format!("{name}_io.safetensors")))?;
-    run_model(&dir, &io)?;
+    let dev = test_device()?;
+    let io = Io::load(&models.join(format!("{name}_io.safetensors")), &dev)?;
+    run_model(&dir, &io, &dev)?;
     io.all_read()
 }
 
-fn run_model(dir: &Path, io: &Io) -> Result<()> {
+fn run_model(dir: &Path, io: &Io, dev: &Device) -> Result<()> {
     let t = |k: String| io.get(&k);
     match class_of(dir)?.as_str() {
         "UNet2DModel" => {
-            let model = UNet2DModel::from_pretrained(dir, DType::F32, &Device::Cpu)?;
+            let model = UNet2DModel::from_pretrained(dir, DType::F32, dev)?;
             run_unet_cases(io, |c| {
                 Ok(model.forward(&t(format!("{c}_sample"))?, &t(format!("{c}_timestep"))?)?)
             })
         }
         "UNet2DConditionModel" => {
-            let model = UNet2DConditionModel::from_pretrained(dir, DType::F32, &Device::Cpu)?;
+            let model = UNet2DConditionModel::from_pretrained(dir, DType::F32, dev)?;
             run_unet_cases(io, |c| {
                 let ehs = t(format!("{c}_encoder_hidden_states"))?;
                 // SDXL's added conditioning and LCM's timestep condition, where the case has them.
@@ -150,7 +159,7 @@ fn run_model(dir: &Path, io: &Io) -> Result<()> {
                 let timestep_cond = match opt("timestep_cond") {
                     Some(want) => {
                         let (rows, dim) = want.dims2()?;
-                        let ours = guidance_scale_embedding(6.5, rows, dim, &Device::Cpu)?;
+                        let ours = guidance_scale_embedding(6.5, rows, dim, dev)?;
                         check(&format!("case {c} guidance embedding"), &ours, want)?;
                         Some(ours)
                     }
@@ -173,8 +182,7 @@ fn run_model(dir: &Path, io: &Io) -> Result<()> {
             })
         }
         "ControlNetModel" => {
-            let model =
-                ControlNetModel::from_pretrained_variant(dir, None, DType::F32, &Device::Cpu)?;
+            let model = ControlNetModel::from_pretrained_variant(dir, None, DType::F32, dev)?;
             let cases = case_prefixes(io);
             if cases.is_empty() {
                 bail!("no `<case>_sample` tensors in the io file");
@@ -223,7 +231,7 @@ fn run_model(dir: &Path, io: &Io) -> Result<()> {
             Ok(())
         }
         "AutoencoderKL" => {
-            let vae = AutoencoderKL::from_pretrained(dir, DType::F32, &Device::Cpu)?;
+            let vae = AutoencoderKL::from_pretrained(dir, DType::F32, dev)?;
             let posterior = vae.encode(&t("image".into())?)?;
             check(
                 "posterior_mean",
@@ -249,8 +257,7 @@ fn run_model(dir: &Path, io: &Io) -> Result<()> {
             )
         }
         "SD3Transformer2DModel" => {
-            let model =
-                SD3Transformer2DModel::from_pretrained(dir, None, DType::F32, &Device::Cpu)?;
+            let model = SD3Transformer2DModel::from_pretrained(dir, None, DType::F32, dev)?;
             run_unet_cases(io, |c| {
                 Ok(model.forward(
                     &t(format!("{c}_sample"))?,
@@ -261,8 +268,7 @@ fn run_model(dir: &Path, io: &Io) -> Result<()> {
             })
         }
         "FluxTransformer2DModel" => {
-            let model =
-                FluxTransformer2DModel::from_pretrained(dir, None, DType::F32, &Device::Cpu)?;
+            let model = FluxTransformer2DModel::from_pretrained(dir, None, DType::F32, dev)?;
             run_unet_cases(io, |c| {
                 let (ehs, pooled) = (
                     t(format!("{c}_encoder_hidden_states"))?,
@@ -286,7 +292,7 @@ fn run_model(dir: &Path, io: &Io) -> Result<()> {
             })
         }
         "CLIPTextModel" => {
-            let model = ClipTextModel::from_pretrained(dir, DType::F32, &Device::Cpu)?;
+            let model = ClipTextModel::from_pretrained(dir, DType::F32, dev)?;
             for p in id_prefixes(io)? {
                 let out = model.forward(&t(format!("{p}input_ids"))?)?;
                 let what = |k: &str| format!("{p}{k}");
@@ -316,7 +322,7 @@ fn run_model(dir: &Path, io: &Io) -> Result<()> {
             Ok(())
         }
         "T5EncoderModel" => {
-            let model = T5EncoderModel::from_pretrained(dir, None, DType::F32, &Device::Cpu)?;
+            let model = T5EncoderModel::from_pretrained(dir, None, DType::F32, dev)?;
             for p in id_prefixes(io)? {
                 let out = model.forward(&t(format!("{p}input_ids"))?)?;
                 let key = format!("{p}last_hidden_state");

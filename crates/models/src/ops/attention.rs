@@ -8,7 +8,7 @@
 //! the kernel then reads and writes them in place, with no copies to split and merge them.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::microkernel::{pack_kt, pack_rows, Gemm, B, NR};
@@ -164,6 +164,43 @@ fn pack_heads(count: usize, dst_len: usize, pack: impl Fn(usize, &mut [f32]) + S
             .for_each(|(i, dst)| pack(i, dst));
     }
     out
+}
+
+/// `softmax(scale · x)` over the last dimension: the attention softmax with the score scale
+/// folded in, one pass in the input's dtype. The CUDA attention path runs it between its two
+/// cuBLAS products; the CPU copy states the same maths for tests (the CPU attention is the
+/// flash kernel above).
+pub struct ScaledSoftmax {
+    pub scale: f64,
+}
+
+impl CustomOp1 for ScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_input(s, l, "softmax input")?;
+        let cols = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let scale = self.scale as f32;
+        let mut out: Vec<f32> = x.iter().map(|v| v * scale).collect();
+        out.par_chunks_mut(cols).for_each(|row| {
+            let m = max(row);
+            row.iter_mut().for_each(|v| *v = exp(*v - m));
+            let inv = 1.0 / row.iter().sum::<f32>();
+            row.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((f32_output(out, s.dtype())?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::scaled_softmax(s, l, self.scale)
+    }
 }
 
 impl CustomOp3 for FlashAttention {

@@ -6,7 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{exp, f32_input, f32_output, kernel_dtype, output_buffer, simd_fn};
+use super::{exp, f32_input, f32_output, output_buffer, simd_fn};
 
 /// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7 in exact arithmetic).
 #[inline(always)]
@@ -60,6 +60,15 @@ impl CustomOp1 for Geglu {
         Ok((f32_output(out, s.dtype())?, Shape::from(out_dims)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::geglu(s, l)
+    }
+
     /// `da = dy·gelu(g)`, `dg = dy·a·gelu'(g)`, by generic ops.
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (a, g) = halves(h)?;
@@ -87,13 +96,13 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     if h.dim(D::Minus1)? % 2 != 0 {
         candle_core::bail!("geglu: the last dimension {} is odd", h.dim(D::Minus1)?);
     }
-    if h.device().is_cpu() && kernel_dtype(h.dtype()) {
+    if super::fused_on(&[h]) {
         return h.contiguous()?.apply_op1(Geglu);
     }
     geglu_reference(h)
 }
 
-/// The generic-op GEGLU: the reference for the kernel, and the path off the CPU.
+/// The generic-op GEGLU: the reference for the kernels, and the path where they do not run.
 pub fn geglu_reference(h: &Tensor) -> Result<Tensor> {
     let (a, g) = halves(h)?;
     a * g.gelu_erf()?

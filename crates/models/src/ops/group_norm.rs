@@ -108,6 +108,20 @@ impl CustomOp3 for GroupNormOp {
         Ok((f32_output(out, sx.dtype())?, lx.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+        sb: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (x, w, b) = ((sx, lx), (sw, lw), (sb, lb));
+        super::cuda::group_norm(x, w, b, self.num_groups, self.eps, self.silu)
+    }
+
     /// Gradients by [`GroupNormGrad`]; the per-batch `dw`/`db` partial sums it returns are
     /// reduced here.
     fn bwd(

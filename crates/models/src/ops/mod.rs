@@ -2,7 +2,8 @@
 //! quick-GELU and GELU, Winograd 3×3 convolution, and linear layers and 1×1 convolutions on our register-tile
 //! GEMM (`microkernel`). Each has a generic-op backward pass so that training works (the
 //! linear and 1×1 fast paths are inference-only and leave training to candle's matmul), and
-//! falls back to plain candle ops off the CPU.
+//! falls back to plain candle ops off the CPU. With the `cuda` feature, GroupNorm(+SiLU),
+//! LayerNorm, GEGLU and the attention softmax also have CUDA kernels (`cuda`, forward only).
 //!
 //! The build targets baseline x86-64 (SSE2), so hot loops are compiled a second time with
 //! AVX2+FMA and picked at run time (`simd_fn!`, [`kernels`]; `DIFFUSE_KERNELS=portable`
@@ -12,6 +13,8 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod geglu;
 pub mod group_norm;
 pub mod linear;
@@ -249,4 +252,43 @@ pub(crate) fn f32_output(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
 /// Whether the fused CPU kernels handle tensors of this dtype (computed in f32).
 pub(crate) fn kernel_dtype(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// Prepares `device` for the models: on a CUDA device (in a `cuda` build) the memory pool keeps
+/// freed memory for the next allocations. Nothing to do on the CPU.
+pub fn prepare_device(device: &candle_core::Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        return cuda::keep_freed_memory(dev);
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// Hands the memory that [`prepare_device`] keeps for reuse back to the driver (on a CUDA
+/// device, after waiting for it to finish), as PyTorch's `empty_cache` does; for measuring
+/// what a piece of work needs on its own. Nothing to do on the CPU.
+pub fn release_freed_memory(device: &candle_core::Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        return cuda::release_freed_memory(dev);
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// Whether a fused op runs on `inputs` (the first one's dtype and device decide): on the CPU,
+/// where the ops have backward passes, and in a `cuda` build on a CUDA device when no input
+/// tracks a gradient (the CUDA kernels are forward-only; training takes the generic ops).
+pub(crate) fn fused_on(inputs: &[&candle_core::Tensor]) -> bool {
+    let Some(first) = inputs.first() else {
+        return false;
+    };
+    if !kernel_dtype(first.dtype()) {
+        return false;
+    }
+    if first.device().is_cpu() {
+        return true;
+    }
+    cfg!(feature = "cuda") && first.device().is_cuda() && !inputs.iter().any(|t| t.track_op())
 }
