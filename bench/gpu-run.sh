@@ -1,12 +1,32 @@
 #!/usr/bin/env bash
 # One prepared run on a GPU machine (the device tool's H100/H200 image: CUDA 13 driver, PyTorch
-# with NVIDIA's cu13 libraries in python3's site-packages, no diffusers): `diffuse bench` on
-# cuda:0 against PyTorch+diffusers on the same GPU. Expects the CUDA build of diffuse at
-# target-cuda/release/diffuse (scripts/build-cuda.sh) and the diffusers wheels in .whl/.
+# with NVIDIA's cu13 libraries and cuDNN in python3's site-packages, no diffusers), after
+# bench/gpu-prepare.sh here:
+# 1. the GPU tests on cuda:0: the fused CUDA kernels against the generic ops (f32/f16/bf16) and
+#    every model parity fixture (f32, the fixtures' tolerances);
+# 2. `diffuse bench` in $DTYPE (default f16) against PyTorch + diffusers in the same dtype with
+#    SDPA attention, on the same GPU: the ops, the SD 1.5 UNet step, VAE decode and CLIP, the SDXL
+#    UNet step, whole SD 1.5 (512², 20 steps) and SDXL (1024², 20 steps) images, each line with
+#    its peak GPU memory. SKIP_TESTS / SKIP_BENCH leave a part out; ONLY picks bench lines;
+#    PROFILE (line names) adds a per-layer profile of those lines.
 set -uo pipefail
 . "$(dirname "$0")/gpu-env.sh"
-export DIFFUSE_TORCH_PYTHON=python3
-[ -n "${SKIP_BENCH:-}" ] || "$bin" bench --device cuda:0 --runs 5 --warmup 1 --compare-torch --json "$out/bench-cuda.json" 2>&1 | tee "$out/bench-cuda.log"
+export DIFFUSE_TORCH_PYTHON=python3 DIFFUSE_FIXTURES=$PWD/fixtures
+if [ -z "${SKIP_TESTS:-}" ]; then
+    for t in cuda_kernels model_fixtures; do
+        unpack "$t" || continue
+        DIFFUSE_DEVICE=cuda:0 timeout 240 "/tmp/$t" --test-threads 1 --nocapture > "$out/test-$t.log" 2>&1
+        echo "$t: exit $?"
+        grep -E "^test |test result|panicked|Error|max \|diff\|" "$out/test-$t.log" | tail -60
+    done
+fi
+[ -n "${SKIP_BENCH:-}" ] || "$bin" bench --device cuda:0 --dtype "${DTYPE:-f16}" --configs fixtures_configs \
+    --runs "${RUNS:-10}" --warmup 2 --compare-torch --pipeline --large \
+    --only "${ONLY:-op,unet sd15,unet sdxl,vae sd15 decode,clip,pipeline}" \
+    --json "$out/bench-cuda.json" 2>&1 | tee "$out/bench-cuda.log"
+# Where the time of the lines in $PROFILE goes, per kind of layer (each layer synchronised).
+[ -z "${PROFILE:-}" ] || "$bin" bench --device cuda:0 --dtype "${DTYPE:-f16}" --configs fixtures_configs \
+    --runs 3 --warmup 1 --profile --only "$PROFILE" 2>&1 | tee "$out/profile.log"
 
 # Optional: train the bundled Fashion-MNIST model on this GPU when a dataset folder is given
 # (IDX files), sizing the run to TRAIN_SECONDS from a short probe.

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """PyTorch / diffusers CPU baseline for `diffuse bench --compare-torch`.
 
-Times the same models and ops as `diffuse bench` (fp32, random weights, the same thread count)
-and prints one JSON object {name: median_ms}. The names match diffuse's bench lines.
+Times the same models and ops as `diffuse bench` (random weights in --dtype, the same thread
+count) and prints one JSON object {name: median_ms}. The names match diffuse's bench lines. On
+a GPU each line also gets "<name> peak_gpu_mib": the most device memory in use while it ran
+(sampled every millisecond, as diffuse samples its own), less what was in use at the start.
 Needs `pip install torch diffusers transformers`. A benchmark, not a test.
 """
 import argparse
@@ -10,6 +12,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 
 
@@ -26,6 +29,43 @@ def median_ms(fn, runs, warmup, sync):
     return statistics.median(times)
 
 
+class GpuMemory:
+    """The device's used memory (cudaMemGetInfo), sampled every millisecond by a thread; a
+    line's peak is the most seen since its reset, less what was in use at the start."""
+
+    def __init__(self, torch):
+        self.torch = torch
+        torch.cuda.init()
+        self.idle = self.used()
+        self.peak = self.idle
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def used(self):
+        free, total = self.torch.cuda.mem_get_info()
+        return total - free
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.used())
+            time.sleep(0.001)
+
+    def stop(self):
+        # A CUDA call from the thread during interpreter shutdown aborts the process.
+        self.running = False
+        self.thread.join()
+
+    def reset(self):
+        # Blocks cached by earlier lines would count as this line's.
+        self.torch.cuda.synchronize()
+        self.torch.cuda.empty_cache()
+        self.peak = self.used()
+
+    def peak_mib(self):
+        return (self.peak - self.idle) / 2**20
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", required=True, help="fixtures_configs folder")
@@ -34,6 +74,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated name prefixes to run")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="weights and inputs (attention is diffusers' default, SDPA)")
     ap.add_argument("--pipeline", action="store_true", help="also a 512x512 SD 1.5 text-to-image run")
     ap.add_argument("--pipeline-steps", type=int, default=20, help="denoising steps of the --pipeline run")
     ap.add_argument("--fixtures", default=None, help="the repo's fixtures folder (tokenizer, scheduler config)")
@@ -51,18 +93,26 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
+    dt = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    randn = lambda *shape: torch.randn(*shape, device=dev)
+    randn = lambda *shape: torch.randn(*shape, device=dev, dtype=dt)
+    gpu = GpuMemory(torch) if dev.type == "cuda" else None
     only = [o.strip() for o in args.only.split(",") if o.strip()]
     want = lambda name: not only or any(name.startswith(o) for o in only)
     out = {}
     sd = os.path.join(args.configs, "runwayml_stable_diffusion_v1_5")
 
-    def run(name, fn, runs=args.runs):
+    def run(name, fn, runs=args.runs, warmup=args.warmup):
         if want(name):
+            if gpu:
+                gpu.reset()
             with torch.inference_mode():
-                out[name] = median_ms(fn, runs, args.warmup, sync)
-            print(f"{name}: {out[name]:.1f} ms", file=sys.stderr)
+                out[name] = median_ms(fn, runs, warmup, sync)
+            mem = ""
+            if gpu:
+                out[name + " peak_gpu_mib"] = gpu.peak_mib()
+                mem = f", peak GPU {out[name + ' peak_gpu_mib']:.0f} MiB"
+            print(f"{name}: {out[name]:.1f} ms{mem}", file=sys.stderr)
 
     # Ops.
     x = randn(2, 320, 64, 64)
@@ -79,10 +129,10 @@ def main():
     for tokens, heads, d in [(4096, 16, 40), (1024, 16, 80)]:
         q, k, v = (randn(1, heads, tokens, d) for _ in range(3))
         run(f"op attention {heads}x{tokens}x{d}", lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
-    gn = torch.nn.GroupNorm(32, 320).to(dev)
+    gn = torch.nn.GroupNorm(32, 320).to(dev, dt)
     run("op groupnorm+silu 2x320x64x64", lambda: F.silu(gn(x)))
     for rows, k, n in [(8192, 320, 2560), (512, 1280, 10240), (154, 768, 3072)]:
-        lin, xl = torch.nn.Linear(k, n).to(dev), randn(rows, k)
+        lin, xl = torch.nn.Linear(k, n).to(dev, dt), randn(rows, k)
         run(f"op linear {rows}x{k}x{n}", lambda lin=lin, xl=xl: lin(xl))
     a, b = randn(8192, 320), randn(320, 1280)
     run("op matmul 8192x320x1280", lambda: a @ b)
@@ -91,7 +141,7 @@ def main():
     from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 
     if want("unet sd15 step"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(sd, "unet"))).eval().to(dev)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(sd, "unet"))).eval().to(dev, dt)
         lat = randn(2, 4, 64, 64)
         ctx = randn(2, 77, 768)
         t = torch.tensor([999.0, 999.0], device=dev)
@@ -102,20 +152,20 @@ def main():
         run("unet sd15 step channels_last", lambda: unet(lat_cl, t, encoder_hidden_states=ctx).sample)
         del unet
     if want("vae sd15 decode"):
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(sd, "vae"))).eval().to(dev)
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(sd, "vae"))).eval().to(dev, dt)
         z = randn(1, 4, 64, 64)
         run("vae sd15 decode", lambda: vae.decode(z).sample)
         del vae
     if want("clip sd15 encode"):
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        clip = CLIPTextModel(CLIPTextConfig.from_json_file(os.path.join(sd, "text_encoder", "config.json"))).eval().to(dev)
+        clip = CLIPTextModel(CLIPTextConfig.from_json_file(os.path.join(sd, "text_encoder", "config.json"))).eval().to(dev, dt)
         ids = torch.randint(0, 49408, (2, 77), device=dev)
         run("clip sd15 encode", lambda: clip(ids).last_hidden_state)
         del clip
     if want("unet ddpm-cat-256 step"):
         cat = os.path.join(args.configs, "google_ddpm_cat_256", "unet")
-        unet = UNet2DModel.from_config(UNet2DModel.load_config(cat)).eval().to(dev)
+        unet = UNet2DModel.from_config(UNet2DModel.load_config(cat)).eval().to(dev, dt)
         img = randn(1, 3, 256, 256)
         run("unet ddpm-cat-256 step", lambda: unet(img, torch.tensor([500.0], device=dev)).sample)
     if args.transformers:
@@ -161,9 +211,9 @@ def main():
     xl = os.path.join(args.configs, "stabilityai_stable_diffusion_xl_base_1_0")
     fixtures = args.fixtures or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
     if args.large and want("unet sdxl step"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(xl, "unet"))).eval().to(dev)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(xl, "unet"))).eval().to(dev, dt)
         lat, ctx, pooled = randn(2, 4, 128, 128), randn(2, 77, 2048), randn(2, 1280)
-        ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2, device=dev)
+        ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2, device=dev, dtype=dt)
         t = torch.tensor([999.0, 999.0], device=dev)
         cond = {"text_embeds": pooled, "time_ids": ids}
         run("unet sdxl step", lambda: unet(lat, t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample)
@@ -172,20 +222,25 @@ def main():
     for name, folder, side, tiled in [("vae sdxl decode 1024", xl, 1024, False),
                                       ("vae sd15 tiled decode 2048", sd, 2048, True)]:
         if args.large and want(name):
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(folder, "vae"))).eval().to(dev)
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(folder, "vae"))).eval().to(dev, dt)
             if tiled:
                 vae.enable_tiling()
             z = randn(1, 4, side // 8, side // 8)
             run(name, lambda: vae.decode(z).sample)
             peak_rss(name)
             del vae
-    turbo = "pipeline sdxl-turbo 512 1 step"
-    if args.large and want(turbo):
-        from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+    def sdxl_pipeline(name, sched, side, steps, guidance):
+        # SDXL on random weights, both text encoders and the decode included; diffusers runs the
+        # VAE in f32 when its config says force_upcast (SDXL's does), as diffuse does.
+        from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
         from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                                   CLIPTokenizer)
 
         models = os.path.join(fixtures, "cases", "_models")
+        classes = {"EulerDiscreteScheduler": EulerDiscreteScheduler,
+                   "EulerAncestralDiscreteScheduler": EulerAncestralDiscreteScheduler}
+        sched_dir = os.path.join(models, sched, "scheduler")
+        sched_cls = classes[json.load(open(os.path.join(sched_dir, "scheduler_config.json")))["_class_name"]]
         pipe = StableDiffusionXLPipeline(
             vae=AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(xl, "vae"))),
             text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(os.path.join(xl, "text_encoder", "config.json"))),
@@ -194,14 +249,20 @@ def main():
             tokenizer=CLIPTokenizer.from_pretrained(os.path.join(models, "tiny_sdxl", "tokenizer")),
             tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(models, "tiny_sdxl", "tokenizer_2")),
             unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(xl, "unet"))),
-            scheduler=EulerAncestralDiscreteScheduler.from_pretrained(os.path.join(models, "tiny_sdxl_turbo", "scheduler")),
-        ).to(dev)
+            scheduler=sched_cls.from_pretrained(sched_dir),
+        ).to(dev, dt)
         pipe.set_progress_bar_config(disable=True)
         gen = torch.Generator("cpu").manual_seed(0)
-        run(turbo, lambda: pipe("a photograph of an astronaut riding a horse", num_inference_steps=1,
-                                guidance_scale=0.0, height=512, width=512, generator=gen, output_type="np"))
-        peak_rss(turbo)
+        run(name, lambda: pipe("a photograph of an astronaut riding a horse", num_inference_steps=steps,
+                               guidance_scale=guidance, height=side, width=side, generator=gen, output_type="np"),
+            runs=1 if steps > 1 else args.runs, warmup=0 if steps > 1 else args.warmup)
+        peak_rss(name)
         del pipe
+
+    if args.large and want("pipeline sdxl-turbo 512 1 step"):
+        sdxl_pipeline("pipeline sdxl-turbo 512 1 step", "tiny_sdxl_turbo", 512, 1, 0.0)
+    if args.large and want("pipeline sdxl txt2img 1024 20 steps"):
+        sdxl_pipeline("pipeline sdxl txt2img 1024 20 steps", "tiny_sdxl", 1024, 20, 5.0)
     for px in [256, 512]:
         name = f"lora sd15 train step {px}"
         if not (args.lora_train and want(name)):
@@ -248,18 +309,16 @@ def main():
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
-        ).to(dev)
+        ).to(dev, dt)
         pipe.set_progress_bar_config(disable=True)
         name = f"pipeline sd15 txt2img 512 {args.pipeline_steps} steps"
         gen = torch.Generator("cpu").manual_seed(0)
         run_once = lambda: pipe("a photograph of an astronaut riding a horse", num_inference_steps=args.pipeline_steps, height=512,
                                 width=512, guidance_scale=7.5, generator=gen, output_type="np")
-        with torch.inference_mode():
-            out[name] = median_ms(run_once, 1, 0, sync)
-        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
-        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
-        out[name + " peak_rss_mib"] = int(hwm[0].split()[1]) / 1024.0 if hwm else float("nan")
-        print(f"{name}: {out[name]:.1f} ms, peak RSS {out[name + ' peak_rss_mib']:.0f} MiB", file=sys.stderr)
+        run(name, run_once, runs=1, warmup=0)
+        peak_rss(name)
+    if gpu:
+        gpu.stop()
     print(json.dumps(out))
 
 

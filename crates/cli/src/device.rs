@@ -41,7 +41,9 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             "device `{spec}`: this diffuse binary was built without CUDA support; use --device cpu"
         );
     }
-    Device::new_cuda(ordinal).with_context(|| format!("opening {spec}"))
+    let device = Device::new_cuda(ordinal).with_context(|| format!("opening {spec}"))?;
+    diffuse_models::ops::prepare_device(&device).with_context(|| format!("setting up {spec}"))?;
+    Ok(device)
 }
 
 #[cfg(test)]

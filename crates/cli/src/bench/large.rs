@@ -1,4 +1,5 @@
-//! The `--large` lines: SDXL's UNet and VAE, a tiled 2048² SD 1.5 decode, a 1-step SDXL run.
+//! The `--large` lines: SDXL's UNet and VAE, a tiled 2048² SD 1.5 decode, a 1-step SDXL run
+//! and a whole 20-step SDXL image at 1024².
 
 use super::*;
 
@@ -8,7 +9,8 @@ impl Bench<'_> {
         self.args.large && self.wanted(name)
     }
 
-    /// The `--large` lines: SDXL's UNet and VAE, a tiled 2048² SD 1.5 decode, a 1-step SDXL run.
+    /// The `--large` lines: SDXL's UNet and VAE, a tiled 2048² SD 1.5 decode, a 1-step SDXL run,
+    /// a 20-step SDXL run at 1024².
     pub(super) fn large(&mut self) -> Result<()> {
         use diffuse_models::embeddings::TimeConditioning;
         use diffuse_models::UNetConditioning;
@@ -19,12 +21,13 @@ impl Bench<'_> {
             .join("stabilityai_stable_diffusion_xl_base_1_0");
         if self.wanted_large("unet sdxl step") {
             let cfg: UNet2DConditionConfig = read_config(&xl.join("unet/config.json"))?;
-            let unet = UNet2DConditionModel::new(random_vb(&dev), &cfg)?;
-            let lat = Tensor::randn(0f32, 1.0, (2, 4, 128, 128), &dev)?;
-            let ctx = Tensor::randn(0f32, 1.0, (2, 77, 2048), &dev)?;
-            let pooled = Tensor::randn(0f32, 1.0, (2, 1280), &dev)?;
+            let unet = UNet2DConditionModel::new(self.vb(), &cfg)?;
+            let lat = self.randn((2, 4, 128, 128))?;
+            let ctx = self.randn((2, 77, 2048))?;
+            let pooled = self.randn((2, 1280))?;
             let ids = [1024f32, 1024., 0., 0., 1024., 1024.];
-            let time_ids = Tensor::from_vec([ids, ids].concat(), (2, 6), &dev)?;
+            let time_ids =
+                Tensor::from_vec([ids, ids].concat(), (2, 6), &dev)?.to_dtype(self.dtype)?;
             let t = Tensor::new(&[999f32, 999.0], &dev)?;
             let cond = UNetConditioning {
                 time: TimeConditioning {
@@ -40,11 +43,11 @@ impl Bench<'_> {
         let decode =
             |b: &mut Self, name: &str, dir: &Path, side: usize, tiled: bool| -> Result<()> {
                 let cfg: AutoencoderKLConfig = read_config(&dir.join("vae/config.json"))?;
-                let mut vae = AutoencoderKL::new(random_vb(&dev), &cfg)?;
+                let mut vae = AutoencoderKL::new(b.vb(), &cfg)?;
                 if tiled {
                     vae.enable_tiling();
                 }
-                let z = Tensor::randn(0f32, 1.0, (1, 4, side / 8, side / 8), &dev)?;
+                let z = b.randn((1, 4, side / 8, side / 8))?;
                 b.time(name, None, || Ok(vae.decode(&z)?))
             };
         if self.wanted_large("vae sdxl decode 1024") {
@@ -55,46 +58,57 @@ impl Bench<'_> {
             decode(self, "vae sd15 tiled decode 2048", &sd, 2048, true)?;
         }
         if self.wanted_large(TURBO) {
-            self.turbo(&xl)?;
+            // SDXL-Turbo's use: one step of EulerAncestral with trailing spacing, no guidance.
+            self.sdxl_pipeline(&xl, TURBO, "tiny_sdxl_turbo", 512, 1, 0.0)?;
+        }
+        if self.wanted_large(SDXL_1024) {
+            // SDXL base's defaults: EulerDiscrete, guidance 5.
+            self.sdxl_pipeline(&xl, SDXL_1024, "tiny_sdxl", 1024, 20, 5.0)?;
         }
         Ok(())
     }
 
-    /// An SDXL-Turbo-like run on the real SDXL architecture with random weights: one step of
-    /// EulerAncestral with trailing spacing, guidance 0, 512x512, both text encoders and the
-    /// decode included.
-    fn turbo(&mut self, xl: &Path) -> Result<()> {
+    /// A whole text-to-image run on the real SDXL architecture with random weights, both text
+    /// encoders and the decode included, with the scheduler of the fixture pipeline `sched`.
+    fn sdxl_pipeline(
+        &mut self,
+        xl: &Path,
+        name: &str,
+        sched: &str,
+        side: usize,
+        steps: usize,
+        guidance_scale: f64,
+    ) -> Result<()> {
         use diffuse_models::clip_text::ClipTextModelWithProjection;
         use diffuse_models::clip_tokenizer::ClipTokenizer;
         use diffuse_pipelines::{
             GenerationParams, SdxlOptions, StableDiffusionXLPipeline, Text2ImageRequest,
         };
         let dev = self.device.clone();
-        let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/cases/_models");
+        let tiny = repo_path("fixtures/cases/_models");
         let sched = diffuse_schedulers::SchedulerConfig::from_file(
-            &tiny.join("tiny_sdxl_turbo/scheduler/scheduler_config.json"),
+            &tiny.join(sched).join("scheduler/scheduler_config.json"),
         )?;
         let clip = |name: &str| -> Result<ClipTextConfig> {
             Ok(read_config(&xl.join(name).join("config.json"))?)
         };
+        let vae_cfg: AutoencoderKLConfig = read_config(&xl.join("vae/config.json"))?;
+        let vae_dtype = vae_dtype(self.dtype, &vae_cfg);
         let pipe = StableDiffusionXLPipeline {
             class_name: "StableDiffusionXLPipeline".into(),
             unet: UNet2DConditionModel::new(
-                random_vb(&dev),
+                self.vb(),
                 &read_config(&xl.join("unet/config.json"))?,
             )?,
-            vae: AutoencoderKL::new(random_vb(&dev), &read_config(&xl.join("vae/config.json"))?)?,
-            text_encoder: Some(ClipTextModel::new(random_vb(&dev), &clip("text_encoder")?)?),
+            vae: AutoencoderKL::new(random_vb_dtype(&dev, vae_dtype), &vae_cfg)?,
+            text_encoder: Some(ClipTextModel::new(self.vb(), &clip("text_encoder")?)?),
             tokenizer: Some(ClipTokenizer::from_dir(&tiny.join("tiny_sdxl/tokenizer"))?),
-            text_encoder_2: ClipTextModelWithProjection::new(
-                random_vb(&dev),
-                &clip("text_encoder_2")?,
-            )?,
+            text_encoder_2: ClipTextModelWithProjection::new(self.vb(), &clip("text_encoder_2")?)?,
             tokenizer_2: ClipTokenizer::from_dir(&tiny.join("tiny_sdxl/tokenizer_2"))?,
             scheduler: diffuse_schedulers::from_own_config(&sched)?,
             device: dev.clone(),
-            dtype: DType::F32,
-            vae_dtype: DType::F32,
+            dtype: self.dtype,
+            vae_dtype,
             force_zeros_for_empty_prompt: true,
             requires_aesthetics_score: false,
             multi_vector_tokens: Vec::new(),
@@ -102,17 +116,17 @@ impl Bench<'_> {
         let req = Text2ImageRequest {
             params: GenerationParams {
                 prompts: vec!["a photograph of an astronaut riding a horse".into()],
-                steps: 1,
-                guidance_scale: 0.0,
+                steps,
+                guidance_scale,
                 seed: 0,
                 ..Default::default()
             },
-            height: Some(512),
-            width: Some(512),
+            height: Some(side),
+            width: Some(side),
             latents: None,
         };
         let opts = SdxlOptions::default();
-        self.time(TURBO, None, || {
+        self.time(name, None, || {
             let out = pipe.text_to_image(&req, &opts, None)?;
             let t = &out.timings;
             println!(

@@ -5,6 +5,7 @@
 //! the median ratio and its range, for machines whose speed drifts (shared VMs). A benchmark
 //! program, not a test.
 
+mod gpu_memory;
 mod large;
 mod lora;
 mod pipeline;
@@ -53,6 +54,10 @@ pub struct BenchArgs {
     /// Device: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Weight and activation precision of the op, model and pipeline lines (PyTorch's baseline
+    /// runs the same; f16 on a GPU compares against PyTorch fp16 with SDPA attention).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: crate::device::DtypeArg,
     /// Also run a whole 512x512 SD 1.5 text-to-image generation (random weights of the real
     /// architecture, PNDM, guidance 7.5) and report each phase and the peak RSS; minutes on a
     /// CPU. `--only pipeline` runs it alone (so the peak RSS is the pipeline's).
@@ -60,8 +65,9 @@ pub struct BenchArgs {
     pub pipeline: bool,
     /// Also the large lines (minutes and 10+ GiB each; run them one at a time with --only so
     /// each peak RSS is its own): the SDXL UNet step (batch 2, 128x128 latents), the SDXL VAE
-    /// decode at 1024x1024, the SD 1.5 VAE tiled decode at 2048x2048, and an SDXL-Turbo-like
-    /// 1-step 512x512 text-to-image run (both text encoders, no guidance, decode).
+    /// decode at 1024x1024, the SD 1.5 VAE tiled decode at 2048x2048, an SDXL-Turbo-like
+    /// 1-step 512x512 text-to-image run (both text encoders, no guidance, decode) and a whole
+    /// 20-step 1024x1024 SDXL image (EulerDiscrete, guidance 5).
     #[arg(long)]
     pub large: bool,
     /// Also time one LoRA training step of the SD 1.5 UNet (random weights, rank 4 on the
@@ -144,6 +150,28 @@ fn random_vb_dtype(device: &Device, dtype: DType) -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
 }
 
+/// A file of this repository: where the build saw it, else relative to the current folder
+/// (a binary carried to another machine and run from a copy of the repository).
+pub(crate) fn repo_path(rel: &str) -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel);
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from(rel)
+    }
+}
+
+/// The VAE's dtype in a pipeline run in `dtype`, as `diffuse generate` loads it: f16 becomes
+/// f32 when the VAE's config says `force_upcast` (SD's and SDXL's VAEs overflow in f16).
+fn vae_dtype(dtype: DType, cfg: &AutoencoderKLConfig) -> DType {
+    match dtype {
+        DType::F16 if cfg.force_upcast => DType::F32,
+        d => d,
+    }
+}
+
 /// Peak resident memory of this process so far (Linux), in MiB.
 pub(crate) fn peak_rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -156,17 +184,31 @@ struct Line {
     name: String,
     ms: f64,
     gflop: Option<f64>,
-    /// The process's peak RSS when the line finished.
-    peak_rss_mib: Option<f64>,
+    /// On a GPU the line's peak device memory, else the process's peak RSS when it finished.
+    peak_mib: Option<f64>,
 }
 
 struct Bench<'a> {
     args: &'a BenchArgs,
     device: Device,
+    /// `--dtype`.
+    dtype: DType,
     lines: Vec<Line>,
+    /// Peak device memory per line on a GPU.
+    gpu_memory: Option<gpu_memory::Sampler>,
 }
 
 impl Bench<'_> {
+    /// Random weights in `--dtype`.
+    fn vb(&self) -> VarBuilder<'static> {
+        random_vb_dtype(&self.device, self.dtype)
+    }
+
+    /// A standard-normal input in `--dtype`.
+    fn randn<S: Into<Shape>>(&self, shape: S) -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, shape, &self.device)?.to_dtype(self.dtype)?)
+    }
+
     fn wanted(&self, name: &str) -> bool {
         let only: Vec<&str> = self
             .args
@@ -189,6 +231,9 @@ impl Bench<'_> {
             f()?;
         }
         let mut times = vec![];
+        if let Some(m) = &self.gpu_memory {
+            m.reset();
+        }
         diffuse_models::profile::enable(self.args.profile);
         for _ in 0..self.args.runs.max(1) {
             let t0 = Instant::now();
@@ -202,9 +247,12 @@ impl Bench<'_> {
         let rate = gflop
             .map(|g| format!("{:>7.1} GFLOP/s", g / (ms / 1000.0)))
             .unwrap_or_default();
-        let rss = peak_rss_mib()
-            .map(|m| format!("peak RSS {m:.0} MiB"))
-            .unwrap_or_default();
+        let rss = match &self.gpu_memory {
+            Some(m) => format!("peak GPU {:.0} MiB", m.peak_mib()),
+            None => peak_rss_mib()
+                .map(|m| format!("peak RSS {m:.0} MiB"))
+                .unwrap_or_default(),
+        };
         // The fastest run too: on a shared machine it is the least disturbed one.
         let min = times[0];
         println!("{name:<34} {ms:>10.1} ms (min {min:>8.1}) {rate:>16}   {rss}");
@@ -213,17 +261,26 @@ impl Bench<'_> {
             let total: f64 = times.iter().sum();
             print_profile(diffuse_models::profile::take(), total, times.len());
         }
+        let peak = self.peak_memory_mib();
         self.lines.push(Line {
             name: name.to_string(),
             ms,
             gflop,
-            peak_rss_mib: peak_rss_mib(),
+            peak_mib: peak,
         });
         Ok(())
     }
 
+    /// The memory a line is judged by: the peak device memory on a GPU (this line's), else the
+    /// process's peak RSS so far.
+    fn peak_memory_mib(&self) -> Option<f64> {
+        match &self.gpu_memory {
+            Some(m) => Some(m.peak_mib()),
+            None => peak_rss_mib(),
+        }
+    }
+
     fn ops(&mut self) -> Result<()> {
-        let dev = self.device.clone();
         // The convolution layer the models use (Winograd for 3x3 at these sizes). On large
         // maps a layer caches its transformed kernels from its *second* call on, so one
         // warm-up run would leave the transform in the first timed run: each layer is called
@@ -249,8 +306,8 @@ impl Bench<'_> {
                     stride,
                     ..Default::default()
                 };
-                let conv = diffuse_models::ops::conv::Conv2d::new(c, c, 3, cfg, random_vb(&dev))?;
-                let x = Tensor::randn(0f32, 1.0, (n, c, h, h), &dev)?;
+                let conv = diffuse_models::ops::conv::Conv2d::new(c, c, 3, cfg, self.vb())?;
+                let x = self.randn((n, c, h, h))?;
                 let g = 2.0 * (n * c * h * h * c * 9) as f64 / 1e9 / (stride * stride) as f64;
                 candle_core::Module::forward(&conv, &x)?;
                 self.time(&name, Some(g), || {
@@ -261,11 +318,8 @@ impl Bench<'_> {
         for (tokens, heads, d) in [(4096usize, 16usize, 40usize), (1024, 16, 80)] {
             let name = format!("op attention {heads}x{tokens}x{d}");
             if self.wanted(&name) {
-                let q = Tensor::randn(0f32, 1.0, (heads, tokens, d), &dev)?;
-                let (k, v) = (
-                    q.clone(),
-                    Tensor::randn(0f32, 1.0, (heads, tokens, d), &dev)?,
-                );
+                let q = self.randn((heads, tokens, d))?;
+                let (k, v) = (q.clone(), self.randn((heads, tokens, d))?);
                 let g = 4.0 * (heads * tokens * tokens * d) as f64 / 1e9;
                 let scale = 1.0 / (d as f64).sqrt();
                 self.time(&name, Some(g), || {
@@ -277,8 +331,8 @@ impl Bench<'_> {
         }
         let name = "op groupnorm+silu 2x320x64x64";
         if self.wanted(name) {
-            let gn = diffuse_models::normalization::GroupNorm::new(random_vb(&dev), 32, 320, 1e-5)?;
-            let x = Tensor::randn(0f32, 1.0, (2, 320, 64, 64), &dev)?;
+            let gn = diffuse_models::normalization::GroupNorm::new(self.vb(), 32, 320, 1e-5)?;
+            let x = self.randn((2, 320, 64, 64))?;
             self.time(name, None, || {
                 Ok(gn.forward_act(&x, diffuse_models::activations::Activation::Silu)?)
             })?;
@@ -293,8 +347,8 @@ impl Bench<'_> {
         ] {
             let name = format!("op linear {rows}x{k}x{n}");
             if self.wanted(&name) {
-                let lin = diffuse_models::ops::linear::linear(k, n, random_vb(&dev))?;
-                let x = Tensor::randn(0f32, 1.0, (rows, k), &dev)?;
+                let lin = diffuse_models::ops::linear::linear(k, n, self.vb())?;
+                let x = self.randn((rows, k))?;
                 let g = 2.0 * (rows * k * n) as f64 / 1e9;
                 self.time(&name, Some(g), || {
                     Ok(candle_core::Module::forward(&lin, &x)?)
@@ -303,8 +357,7 @@ impl Bench<'_> {
         }
         let name = "op matmul 8192x320x1280";
         if self.wanted(name) {
-            let a = Tensor::randn(0f32, 1.0, (8192, 320), &dev)?;
-            let b = Tensor::randn(0f32, 1.0, (320, 1280), &dev)?;
+            let (a, b) = (self.randn((8192, 320))?, self.randn((320, 1280))?);
             self.time(name, Some(2.0 * 8192.0 * 320.0 * 1280.0 / 1e9), || {
                 Ok(a.matmul(&b)?)
             })?;
@@ -318,21 +371,20 @@ impl Bench<'_> {
         let cfg_path = |p: &Path| p.join("config.json");
         if self.wanted("unet sd15 step") {
             let cfg: UNet2DConditionConfig = read_config(&cfg_path(&sd.join("unet")))?;
-            let unet = UNet2DConditionModel::new(random_vb(&dev), &cfg)?;
-            let lat = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &dev)?;
-            let ctx = Tensor::randn(0f32, 1.0, (2, 77, 768), &dev)?;
+            let unet = UNet2DConditionModel::new(self.vb(), &cfg)?;
+            let (lat, ctx) = (self.randn((2, 4, 64, 64))?, self.randn((2, 77, 768))?);
             let t = Tensor::new(&[999f32, 999.0], &dev)?;
             self.time("unet sd15 step", None, || Ok(unet.forward(&lat, &t, &ctx)?))?;
         }
         if self.wanted("vae sd15 decode") {
             let cfg: AutoencoderKLConfig = read_config(&cfg_path(&sd.join("vae")))?;
-            let vae = AutoencoderKL::new(random_vb(&dev), &cfg)?;
-            let z = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev)?;
+            let vae = AutoencoderKL::new(self.vb(), &cfg)?;
+            let z = self.randn((1, 4, 64, 64))?;
             self.time("vae sd15 decode", None, || Ok(vae.decode(&z)?))?;
         }
         if self.wanted("clip sd15 encode") {
             let cfg: ClipTextConfig = read_config(&cfg_path(&sd.join("text_encoder")))?;
-            let clip = ClipTextModel::new(random_vb(&dev), &cfg)?;
+            let clip = ClipTextModel::new(self.vb(), &cfg)?;
             let ids: Vec<u32> = (0..154u32).map(|i| (i * 7919) % 49408).collect();
             let ids = Tensor::from_vec(ids, (2, 77), &dev)?;
             self.time("clip sd15 encode", None, || {
@@ -342,8 +394,8 @@ impl Bench<'_> {
         if self.wanted("unet ddpm-cat-256 step") {
             let p = self.args.configs.join("google_ddpm_cat_256/unet");
             let cfg: UNet2DConfig = read_config(&cfg_path(&p))?;
-            let unet = UNet2DModel::new(random_vb(&dev), &cfg)?;
-            let x = Tensor::randn(0f32, 1.0, (1, 3, 256, 256), &dev)?;
+            let unet = UNet2DModel::new(self.vb(), &cfg)?;
+            let x = self.randn((1, 3, 256, 256))?;
             let t = Tensor::new(&[500f32], &dev)?;
             self.time("unet ddpm-cat-256 step", None, || Ok(unet.forward(&x, &t)?))?;
         }
@@ -359,13 +411,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.configs.display()
         );
     }
+    let dtype = DType::from(args.dtype);
     println!(
-        "diffuse bench on {:?}, {} threads, f32, median of {} runs after {} warm-up",
+        "diffuse bench on {:?}, {} threads, {}, median of {} runs after {} warm-up",
         device,
         rayon_threads(),
+        dtype.as_str(),
         args.runs,
         args.warmup
     );
+    let gpu_memory = gpu_memory::Sampler::start(&device)?;
+    if args.profile && device.is_cuda() {
+        diffuse_models::profile::sync_with(Some(device.clone()));
+    }
     let rounds = if args.compare_torch { args.rounds } else { 1 };
     let mut lines: Vec<Line> = vec![];
     // Per round: ours and PyTorch's ms per line.
@@ -378,7 +436,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let mut b = Bench {
             args: &args,
             device: device.clone(),
+            dtype,
             lines: vec![],
+            gpu_memory: gpu_memory.clone(),
         };
         b.ops()?;
         b.models()?;
@@ -457,15 +517,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         "{:<34} {:>10.1} {:>10.1} {:>7.2}x   {range}",
                         l.name, o, tm, ratio
                     );
-                    // The large lines' peak RSS (their own when run alone with --only).
+                    // The large lines' peak RSS (their own when run alone with --only), or
+                    // on a GPU every line's peak device memory.
+                    let (key, label) = match gpu_memory {
+                        Some(_) => ("peak_gpu_mib", "  peak GPU memory"),
+                        None => ("peak_rss_mib", "  peak RSS"),
+                    };
                     if let (Some(ours), Some(theirs)) =
-                        (l.peak_rss_mib, t.get(&format!("{} peak_rss_mib", l.name)))
+                        (l.peak_mib, t.get(&format!("{} {key}", l.name)))
                     {
                         println!(
-                            "{:<34} {:>6.0} MiB {:>6.0} MiB {:>7.2}x",
-                            "  peak RSS",
-                            ours,
-                            theirs,
+                            "{label:<34} {ours:>6.0} MiB {theirs:>6.0} MiB {:>7.2}x",
                             ours / theirs
                         );
                     }
@@ -513,7 +575,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let lines: Vec<serde_json::Value> = lines
             .iter()
-            .map(|l| serde_json::json!({"name": l.name, "ms": ours.get(&l.name), "gflop": l.gflop, "peak_rss_mib": l.peak_rss_mib, "torch_ms": torch.as_ref().and_then(|t| t.get(&l.name))}))
+            .map(|l| serde_json::json!({"name": l.name, "ms": ours.get(&l.name), "gflop": l.gflop, "peak_mib": l.peak_mib, "torch_ms": torch.as_ref().and_then(|t| t.get(&l.name))}))
             .collect();
         let doc = serde_json::json!({"device": args.device, "threads": rayon_threads(), "peak_rss_mib": peak_rss_mib(), "lines": lines, "ours_ms": ours, "rounds": {"ours_ms": ours_rounds, "torch_ms": torch_rounds}});
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
@@ -557,6 +619,8 @@ fn print_profile(rows: Vec<(String, diffuse_models::profile::Entry)>, total_ms: 
 
 /// The `--large` SDXL-Turbo-like line.
 const TURBO: &str = "pipeline sdxl-turbo 512 1 step";
+/// The `--large` whole SDXL image.
+const SDXL_1024: &str = "pipeline sdxl txt2img 1024 20 steps";
 
 fn pipeline_name(steps: usize) -> String {
     format!("pipeline sd15 txt2img 512 {steps} steps")

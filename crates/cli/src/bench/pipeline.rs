@@ -10,29 +10,31 @@ impl Bench<'_> {
         };
         let dev = self.device.clone();
         let sd = self.args.configs.join("runwayml_stable_diffusion_v1_5");
-        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+        let fixtures = repo_path("fixtures");
         let tokenizer =
             diffuse_models::clip_tokenizer::ClipTokenizer::from_dir(&fixtures.join("tokenizer"))?;
         // SD 1.5's own scheduler config (the tiny pipeline carries an exact copy of its keys).
         let sched_cfg = diffuse_schedulers::SchedulerConfig::from_file(
             &fixtures.join("pipelines/tiny_sd/scheduler/scheduler_config.json"),
         )?;
+        let vae_cfg: AutoencoderKLConfig = read_config(&sd.join("vae/config.json"))?;
+        let vae_dtype = vae_dtype(self.dtype, &vae_cfg);
         let pipe = StableDiffusionPipeline {
             class_name: "StableDiffusionPipeline".into(),
             unet: UNet2DConditionModel::new(
-                random_vb(&dev),
+                self.vb(),
                 &read_config(&sd.join("unet/config.json"))?,
             )?,
-            vae: AutoencoderKL::new(random_vb(&dev), &read_config(&sd.join("vae/config.json"))?)?,
+            vae: AutoencoderKL::new(random_vb_dtype(&dev, vae_dtype), &vae_cfg)?,
             text_encoder: ClipTextModel::new(
-                random_vb(&dev),
+                self.vb(),
                 &read_config(&sd.join("text_encoder/config.json"))?,
             )?,
             tokenizer,
             scheduler: diffuse_schedulers::from_own_config(&sched_cfg)?,
             device: dev.clone(),
-            dtype: DType::F32,
-            vae_dtype: DType::F32,
+            dtype: self.dtype,
+            vae_dtype,
             multi_vector_tokens: Vec::new(),
         };
         let steps = self.args.pipeline_steps;
@@ -49,13 +51,19 @@ impl Bench<'_> {
             width: Some(512),
             latents: None,
         };
+        if let Some(m) = &self.gpu_memory {
+            m.reset();
+        }
         let t0 = Instant::now();
         let out = pipe.text_to_image(&req, None)?;
+        self.device.synchronize()?;
         let total = t0.elapsed().as_secs_f64() * 1000.0;
         let t = &out.timings;
-        let rss = peak_rss_mib()
-            .map(|m| format!("peak RSS {m:.0} MiB"))
-            .unwrap_or_default();
+        let rss = match (&self.gpu_memory, peak_rss_mib()) {
+            (Some(m), _) => format!("peak GPU {:.0} MiB", m.peak_mib()),
+            (None, Some(m)) => format!("peak RSS {m:.0} MiB"),
+            (None, None) => String::new(),
+        };
         let name = pipeline_name(steps);
         println!(
             "{name} {total:>10.1} ms   text encode {:.1} s, denoise {:.1} s, decode {:.1} s   {rss}",
@@ -67,7 +75,7 @@ impl Bench<'_> {
             name,
             ms: total,
             gflop: None,
-            peak_rss_mib: peak_rss_mib(),
+            peak_mib: self.peak_memory_mib(),
         });
         Ok(())
     }

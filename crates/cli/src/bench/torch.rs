@@ -23,11 +23,8 @@ pub(super) fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> 
         .clone()
         .or_else(|| std::env::var("DIFFUSE_TORCH_PYTHON").ok())
         .unwrap_or_else(|| "python3".into());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/torch_baseline.py");
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .to_string_lossy()
-        .into_owned();
+    let script = super::repo_path("bench/torch_baseline.py");
+    let fixtures = super::repo_path("fixtures").to_string_lossy().into_owned();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "\nPyTorch baseline: {python} {} ({threads} threads)",
@@ -49,6 +46,14 @@ pub(super) fn torch_baseline(args: &BenchArgs) -> Result<BTreeMap<String, f64>> 
                 "cuda"
             } else {
                 "cpu"
+            },
+        ])
+        .args([
+            "--dtype",
+            match args.dtype {
+                crate::device::DtypeArg::F32 => "float32",
+                crate::device::DtypeArg::F16 => "float16",
+                crate::device::DtypeArg::Bf16 => "bfloat16",
             },
         ])
         .args(if args.transformers {
