@@ -10,6 +10,8 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, WithDType};
 
+use super::group_norm::GroupNormOp;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "diffuse_models";
 
@@ -55,38 +57,35 @@ fn launch_config(blocks: usize, threads: u32, what: &str) -> Result<LaunchConfig
     })
 }
 
-/// GroupNorm over `x` `(B, C, *)` with `groups` groups (a LayerNorm over rows of `C`: `x`
-/// `(rows, C, 1)`, one group), then `w`/`b` per channel and SiLU when `silu`.
+/// [`GroupNormOp`] over `x` `(B, C, *)`: GroupNorm (a LayerNorm over rows of `C` is `x`
+/// `(rows, C, 1)` with one group), then `w`/`b` per channel and SiLU when the op says so.
 pub(crate) fn group_norm(
-    (x, lx): (&CudaStorage, &Layout),
-    (w, lw): (&CudaStorage, &Layout),
-    (b, lb): (&CudaStorage, &Layout),
-    groups: usize,
-    eps: f64,
-    silu: bool,
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    op: &GroupNormOp,
 ) -> Result<(CudaStorage, Shape)> {
-    for (l, what) in [(lx, "group norm input"), (lw, "weight"), (lb, "bias")] {
+    for ((s, l), what) in [(x, "group norm input"), (w, "weight"), (b, "bias")] {
         contiguous(l, what)?;
+        if s.dtype() != x.0.dtype() {
+            bail!("group norm: the {what} must be in the input's dtype");
+        }
     }
-    let dims = lx.shape().dims();
-    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+    let dims = x.1.shape().dims();
+    let groups = op.num_groups;
+    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
         bail!("group norm: {groups} groups for input {dims:?}");
-    }
-    if w.dtype() != x.dtype() || b.dtype() != x.dtype() {
-        bail!("group norm: weight and bias must be in the input's dtype");
     }
     fn run<T: CudaDType + DeviceRepr + WithDType>(
         (x, lx): (&CudaStorage, &Layout),
         (w, lw): (&CudaStorage, &Layout),
         (b, lb): (&CudaStorage, &Layout),
-        groups: usize,
-        eps: f64,
-        silu: bool,
+        op: &GroupNormOp,
     ) -> Result<CudaStorage> {
         let dev = x.device();
         let dims = lx.shape().dims();
         let inner: usize = dims[2..].iter().product();
-        let cpg = dims[1] / groups;
+        let cpg = dims[1] / op.num_groups;
         let (n, group_len) = (lx.shape().elem_count(), cpg * inner);
         // SAFETY: the kernel writes every element (each block its whole group).
         let out = unsafe { dev.alloc::<T>(n)? };
@@ -99,27 +98,22 @@ pub(crate) fn group_norm(
             let xs = x.as_cuda_slice::<T>()?.slice(lx.start_offset()..);
             let ws = w.as_cuda_slice::<T>()?.slice(lw.start_offset()..);
             let bs = b.as_cuda_slice::<T>()?.slice(lb.start_offset()..);
-            let (len, g) = (u32_arg(group_len, "group size")?, groups as u32);
+            let (len, g) = (u32_arg(group_len, "group size")?, op.num_groups as u32);
             let (cpg, inner) = (cpg as u32, u32_arg(inner, "spatial size")?);
-            let (eps, silu) = (eps as f32, silu as i32);
+            let (eps, silu) = (op.eps as f32, op.silu as i32);
             let cfg = launch_config(n / group_len, row_threads(group_len), "groups")?;
             let mut builder = func.builder();
             builder.arg(&xs).arg(&ws).arg(&bs).arg(&out);
-            builder
-                .arg(&len)
-                .arg(&g)
-                .arg(&cpg)
-                .arg(&inner)
-                .arg(&eps)
-                .arg(&silu);
+            builder.arg(&len).arg(&g).arg(&cpg).arg(&inner);
+            builder.arg(&eps).arg(&silu);
             // SAFETY: the argument list matches the kernel's signature; every index the kernel
             // reads is below `n` (input) or `C` (weight, bias), checked above.
             unsafe { builder.launch(cfg) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
-    let out = with_dtype!(x.dtype(), run((x, lx), (w, lw), (b, lb), groups, eps, silu))?;
-    Ok((out, lx.shape().clone()))
+    let out = with_dtype!(x.0.dtype(), run(x, w, b, op))?;
+    Ok((out, x.1.shape().clone()))
 }
 
 /// The longest softmax row kept in shared memory (48 KiB of f32).
@@ -174,7 +168,7 @@ pub(crate) fn geglu(h: &CudaStorage, lh: &Layout) -> Result<(CudaStorage, Shape)
     contiguous(lh, "geglu input")?;
     let dims = lh.shape().dims();
     let last = dims.last().copied().unwrap_or(0);
-    if last % 2 != 0 {
+    if !last.is_multiple_of(2) {
         bail!("geglu: the last dimension ({last}) must be even");
     }
     fn run<T: CudaDType + DeviceRepr + WithDType>(

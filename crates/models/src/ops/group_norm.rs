@@ -118,8 +118,7 @@ impl CustomOp3 for GroupNormOp {
         sb: &candle_core::CudaStorage,
         lb: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (x, w, b) = ((sx, lx), (sw, lw), (sb, lb));
-        super::cuda::group_norm(x, w, b, self.num_groups, self.eps, self.silu)
+        super::cuda::group_norm((sx, lx), (sw, lw), (sb, lb), self)
     }
 
     /// Gradients by [`GroupNormGrad`]; the per-batch `dw`/`db` partial sums it returns are
