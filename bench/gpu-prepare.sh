@@ -3,7 +3,8 @@
 # diffuse and of the GPU test binaries (scripts/build-cuda.sh with CUDA_TESTS=1), packed with xz
 # into .gpu-bin/, and the wheels PyTorch's baseline needs there (diffusers and what the GPU
 # image lacks) into .whl/. Both folders are for the device tool's `carry`; keep them out of git
-# (`printf '/.gpu-bin/\n/.whl/\n' >> .git/info/exclude`).
+# (`printf '/.gpu-bin/\n/.whl/\n' >> .git/info/exclude`). The rest of the working tree must fit
+# the tool's 64 MiB too: bench/gpu-sparse.txt says how.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CUDA_TESTS=1 scripts/build-cuda.sh
