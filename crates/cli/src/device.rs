@@ -1,6 +1,6 @@
 //! `--device` and `--dtype`, shared by every subcommand that runs a model.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::ValueEnum;
 
@@ -22,26 +22,10 @@ impl From<DtypeArg> for DType {
     }
 }
 
-/// `cpu`, `cuda` or `cuda:N`; a CUDA device in a build without CUDA is an error saying so.
+/// `cpu`, `cuda` or `cuda:N` ([`diffuse_core::device::parse_device`]); a CUDA device is set up
+/// for the models ([`diffuse_models::ops::prepare_device`]).
 pub fn parse_device(spec: &str) -> Result<Device> {
-    let s = spec.trim().to_ascii_lowercase();
-    if s == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let ordinal = match s.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(rest) => rest
-            .strip_prefix(':')
-            .and_then(|n| n.parse::<usize>().ok())
-            .with_context(|| format!("bad device `{spec}`; use cpu or cuda:N"))?,
-        None => bail!("unknown device `{spec}`; use cpu or cuda:N"),
-    };
-    if !candle_core::utils::cuda_is_available() {
-        bail!(
-            "device `{spec}`: this diffuse binary was built without CUDA support; use --device cpu"
-        );
-    }
-    let device = Device::new_cuda(ordinal).with_context(|| format!("opening {spec}"))?;
+    let device = diffuse_core::device::parse_device(spec)?;
     diffuse_models::ops::prepare_device(&device).with_context(|| format!("setting up {spec}"))?;
     Ok(device)
 }

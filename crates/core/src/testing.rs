@@ -21,20 +21,12 @@ pub fn fixtures_dir() -> PathBuf {
 /// features) and the GPU itself; without them the tests fail saying so, never fall back.
 pub fn test_device() -> Result<Device> {
     let spec = std::env::var("DIFFUSE_DEVICE").unwrap_or_default();
-    let spec = spec.trim().to_ascii_lowercase();
-    if spec.is_empty() || spec == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let ordinal = match spec.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(rest) => rest
-            .strip_prefix(':')
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("DIFFUSE_DEVICE={spec}: use cpu or cuda:N"))?,
-        None => bail!("DIFFUSE_DEVICE={spec}: use cpu or cuda:N"),
+    let spec = if spec.trim().is_empty() {
+        "cpu"
+    } else {
+        spec.as_str()
     };
-    Device::new_cuda(ordinal)
-        .with_context(|| format!("DIFFUSE_DEVICE={spec} (needs a CUDA build and a GPU)"))
+    crate::device::parse_device(spec).context("DIFFUSE_DEVICE")
 }
 
 /// A sub-folder of the fixtures directory; its absence is an error, not a skip.

@@ -43,8 +43,12 @@ impl Module for LayerNorm {
     /// The fused kernel of [`crate::ops::group_norm`] where it runs (rows as one-group maps;
     /// without affine parameters, with a unit scale and zero shift).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let params: Vec<&Tensor> = [&self.weight, &self.bias].into_iter().flatten().collect();
-        if crate::ops::fused_on(&[&[xs], params.as_slice()].concat()) && xs.rank() > 0 {
+        let inputs: Vec<&Tensor> = [xs]
+            .into_iter()
+            .chain(&self.weight)
+            .chain(&self.bias)
+            .collect();
+        if crate::ops::fused_on(&inputs) && xs.rank() > 0 {
             let c = xs.dim(D::Minus1)?;
             let param = |p: &Option<Tensor>, fill: f64| match p {
                 Some(p) => p.to_dtype(xs.dtype()),

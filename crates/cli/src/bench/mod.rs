@@ -247,12 +247,7 @@ impl Bench<'_> {
         let rate = gflop
             .map(|g| format!("{:>7.1} GFLOP/s", g / (ms / 1000.0)))
             .unwrap_or_default();
-        let rss = match &self.gpu_memory {
-            Some(m) => format!("peak GPU {:.0} MiB", m.peak_mib()),
-            None => peak_rss_mib()
-                .map(|m| format!("peak RSS {m:.0} MiB"))
-                .unwrap_or_default(),
-        };
+        let rss = self.peak_memory_text();
         // The fastest run too: on a shared machine it is the least disturbed one.
         let min = times[0];
         println!("{name:<34} {ms:>10.1} ms (min {min:>8.1}) {rate:>16}   {rss}");
@@ -278,6 +273,18 @@ impl Bench<'_> {
             Some(m) => Some(m.peak_mib()),
             None => peak_rss_mib(),
         }
+    }
+
+    /// [`Self::peak_memory_mib`] as the bench lines print it.
+    fn peak_memory_text(&self) -> String {
+        let what = if self.gpu_memory.is_some() {
+            "GPU"
+        } else {
+            "RSS"
+        };
+        self.peak_memory_mib()
+            .map(|m| format!("peak {what} {m:.0} MiB"))
+            .unwrap_or_default()
     }
 
     fn ops(&mut self) -> Result<()> {

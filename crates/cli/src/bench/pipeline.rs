@@ -59,11 +59,7 @@ impl Bench<'_> {
         self.device.synchronize()?;
         let total = t0.elapsed().as_secs_f64() * 1000.0;
         let t = &out.timings;
-        let rss = match (&self.gpu_memory, peak_rss_mib()) {
-            (Some(m), _) => format!("peak GPU {:.0} MiB", m.peak_mib()),
-            (None, Some(m)) => format!("peak RSS {m:.0} MiB"),
-            (None, None) => String::new(),
-        };
+        let rss = self.peak_memory_text();
         let name = pipeline_name(steps);
         println!(
             "{name} {total:>10.1} ms   text encode {:.1} s, denoise {:.1} s, decode {:.1} s   {rss}",
