@@ -468,16 +468,19 @@ fn component_weights(
         .collect()
 }
 
-/// The VAE and its dtype: f32 when the pipeline is f16 and the config asks to upcast
-/// (`force_upcast`: SD's and SDXL's VAEs overflow in f16).
+/// The VAE and its dtype: f32 when the pipeline is f16, `upcast` is set and the config asks
+/// for it (`force_upcast`: SDXL's VAE overflows in f16). diffusers' SDXL pipelines honour the
+/// flag; its SD 1.x/2.x pipelines decode in the pipeline's dtype whatever the flag says (their
+/// VAE's config sets it too, by default, and runs fine in f16).
 pub(crate) fn build_vae(
     source: &Source,
     adapters: &Adapters,
     opts: &LoadOptions,
+    upcast: bool,
 ) -> Result<(AutoencoderKL, DType)> {
     let cfg: AutoencoderKLConfig = source.config("vae")?;
     cfg.validate()?;
-    let dtype = if opts.dtype == DType::F16 && cfg.force_upcast {
+    let dtype = if opts.dtype == DType::F16 && upcast && cfg.force_upcast {
         DType::F32
     } else {
         opts.dtype

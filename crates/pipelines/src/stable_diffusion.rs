@@ -175,7 +175,7 @@ impl StableDiffusionPipeline {
         let unet_cfg: UNet2DConditionConfig = src.config("unet")?;
         unet_cfg.validate()?;
         let unet = sources::build_unet(src, &adapters, &unet_cfg, opts)?;
-        let (vae, vae_dtype) = sources::build_vae(src, &adapters, opts)?;
+        let (vae, vae_dtype) = sources::build_vae(src, &adapters, opts, false)?;
         adapters.finish()?;
         src.check_unclaimed(&[
             diffuse_loaders::single_file::UNET_PREFIX,

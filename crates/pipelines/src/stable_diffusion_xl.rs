@@ -258,7 +258,7 @@ impl StableDiffusionXLPipeline {
             )));
         }
         let unet = sources::build_unet(src, &adapters, &unet_cfg, opts)?;
-        let (vae, vae_dtype) = sources::build_vae(src, &adapters, opts)?;
+        let (vae, vae_dtype) = sources::build_vae(src, &adapters, opts, true)?;
         adapters.finish()?;
         src.check_unclaimed(&[
             diffuse_loaders::single_file::UNET_PREFIX,

@@ -18,7 +18,8 @@ impl Bench<'_> {
             &fixtures.join("pipelines/tiny_sd/scheduler/scheduler_config.json"),
         )?;
         let vae_cfg: AutoencoderKLConfig = read_config(&sd.join("vae/config.json"))?;
-        let vae_dtype = vae_dtype(self.dtype, &vae_cfg);
+        // In the pipeline's dtype, as diffusers' SD pipeline decodes (only SDXL's upcasts).
+        let vae_dtype = self.dtype;
         let pipe = StableDiffusionPipeline {
             class_name: "StableDiffusionPipeline".into(),
             unet: UNet2DConditionModel::new(
