@@ -8,7 +8,8 @@
 #    SDPA attention, on the same GPU: the ops, the SD 1.5 UNet step, VAE decode and CLIP, the SDXL
 #    UNet step, whole SD 1.5 (512², 20 steps) and SDXL (1024², 20 steps) images, each line with
 #    its peak GPU memory. SKIP_TESTS / SKIP_BENCH leave a part out; ONLY picks bench lines;
-#    PROFILE (line names) adds a per-layer profile of those lines.
+#    PROFILE (line names) adds a per-layer profile of those lines; VARIANTS and VARIANT_LINES
+#    run lines again under other settings (see below).
 set -uo pipefail
 . "$(dirname "$0")/gpu-env.sh"
 export DIFFUSE_TORCH_PYTHON=python3 DIFFUSE_FIXTURES=$PWD/fixtures
@@ -24,9 +25,17 @@ fi
     --runs "${RUNS:-10}" --warmup 2 --compare-torch --pipeline --large \
     --only "${ONLY:-op,unet sd15,unet sdxl,vae sd15 decode,clip,pipeline}" \
     --json "$out/bench-cuda.json" 2>&1 | tee "$out/bench-cuda.log"
+# The lines in $VARIANT_LINES again under each setting of $VARIANTS, in the same run: e.g.
+# "DIFFUSE_CUDA_CONV=cudnn DIFFUSE_CUDA_ATTENTION=materialized" (candle's cuDNN convolutions;
+# attention through the score matrix).
+for setting in ${VARIANTS:-}; do
+    echo "== $setting"
+    env "$setting" "$bin" bench --device cuda:0 --dtype "${DTYPE:-f16}" --configs fixtures_configs \
+        --runs "${RUNS:-10}" --warmup 2 --large --only "${VARIANT_LINES:-unet sd15 step}" 2>&1
+done | tee "$out/bench-variants.log"
 # Where the time of the lines in $PROFILE goes, per kind of layer (each layer synchronised).
 [ -z "${PROFILE:-}" ] || "$bin" bench --device cuda:0 --dtype "${DTYPE:-f16}" --configs fixtures_configs \
-    --runs 3 --warmup 1 --profile --only "$PROFILE" 2>&1 | tee "$out/profile.log"
+    --runs 3 --warmup 1 --profile --large --only "$PROFILE" 2>&1 | tee "$out/profile.log"
 
 # Optional: train the bundled Fashion-MNIST model on this GPU when a dataset folder is given
 # (IDX files), sizing the run to TRAIN_SECONDS from a short probe.

@@ -1,9 +1,10 @@
-//! The fused CUDA kernels against the generic ops they replace: GroupNorm(+SiLU), LayerNorm,
-//! the attention softmax (through the attention entry points) and GEGLU, in f32, f16 and bf16,
-//! on `DIFFUSE_DEVICE` (default `cuda:0`). Built only with the `cuda` feature (Cargo.toml's
-//! `required-features`). The reference is the generic-op path on the CPU in f32, fed the same
-//! inputs rounded to the tested dtype, so a half-precision result differs from it only by what
-//! its own storage rounds.
+//! The CUDA kernels against the generic ops they replace: GroupNorm(+SiLU) (one block per group
+//! and the chunked form for large groups), LayerNorm, the attention softmax and the flash kernel
+//! (through the attention entry points and directly), GEGLU, the im2col + cuBLAS and direct
+//! convolutions, and the cuBLAS linear layer, in f32, f16 and bf16, on `DIFFUSE_DEVICE` (default
+//! `cuda:0`). Built only with the `cuda` feature (Cargo.toml's `required-features`). The
+//! reference is the generic-op path on the CPU in f32, fed the same inputs rounded to the tested
+//! dtype, so a half-precision result differs from it only by what its own storage rounds.
 
 use std::collections::HashMap;
 
@@ -13,7 +14,8 @@ use candle_nn::VarBuilder;
 use diffuse_core::testing::{assert_close, max_abs_diff, to_vec_f64};
 use diffuse_models::activations::Activation;
 use diffuse_models::attention::{
-    multi_head_attention, scaled_dot_product_attention, scaled_dot_product_attention_reference,
+    flash_attention, multi_head_attention, scaled_dot_product_attention,
+    scaled_dot_product_attention_reference,
 };
 use diffuse_models::normalization::{GroupNorm, LayerNorm};
 use diffuse_models::ops::geglu::{geglu, geglu_reference};
@@ -86,11 +88,12 @@ fn affine(
 #[test]
 fn group_norm_matches_generic_ops() -> Result<()> {
     let dev = gpu()?;
-    let shapes: [(&[usize], usize); 4] = [
+    let shapes: [(&[usize], usize); 5] = [
         (&[2, 320, 64, 64], 32),
         (&[1, 128, 7, 9], 32),
         (&[3, 64, 5], 8),
         (&[2, 1280, 8, 8], 32),
+        (&[1, 128, 256, 256], 32),
     ];
     for dtype in DTYPES {
         for (shape, groups) in shapes {
@@ -174,6 +177,27 @@ fn attention_matches_generic_ops() -> Result<()> {
                 dtype,
             )?;
         }
+        // The flash kernel itself (the paths above take it only for very large score
+        // matrices): split heads, merged heads, a head size padded from 40 to 48, keys past a
+        // multiple of 64, and the largest head size.
+        if dtype != DType::F32 {
+            for (b, n, m, heads, dh) in [
+                (4usize, 4096usize, 4096usize, 1usize, 40usize),
+                (2, 300, 77, 8, 40),
+                (2, 129, 1000, 2, 64),
+                (1, 70, 65, 3, 128),
+                (3, 5, 7, 1, 9),
+            ] {
+                let scale = 1.0 / (dh as f64).sqrt();
+                let (q, q_ref) = pair(&randn(&[b, n, heads * dh], 1.0)?, dtype, &dev)?;
+                let (k, k_ref) = pair(&randn(&[b, m, heads * dh], 1.0)?, dtype, &dev)?;
+                let (v, v_ref) = pair(&randn(&[b, m, heads * dh], 1.0)?, dtype, &dev)?;
+                let want = multi_head_attention(&q_ref, &k_ref, &v_ref, heads, scale, false)?;
+                let ours = flash_attention(&q, &k, &v, heads, scale)?;
+                let what = format!("flash attention {dtype:?} {b}x{n}x{heads}x{dh} over {m}");
+                compare(&what, &ours, &want, dtype)?;
+            }
+        }
         // Heads merged in the channels, as the attention layers call it.
         let (b, n, m, heads, dh) = (2usize, 256usize, 77usize, 8usize, 40usize);
         let (q, q_ref) = pair(&randn(&[b, n, heads * dh], 1.0)?, dtype, &dev)?;
@@ -205,6 +229,85 @@ fn geglu_matches_generic_ops() -> Result<()> {
                 &want,
                 dtype,
             )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn gemm_convolution_matches_generic_ops() -> Result<()> {
+    use candle_nn::Conv2dConfig;
+    use diffuse_models::ops::conv::cuda_gemm;
+    let dev = gpu()?;
+    // (input, weight, padding, stride, dilation, column budget in elements). By GEMM (more
+    // than 8 output channels): SD's 3×3 in one batched GEMM, bands of three output rows (the
+    // last one short), one image per call, stride 2 on an odd-sized map, a 1×1 straight from
+    // the input, a dilated kernel. Direct (at most 8): a non-square kernel, stride 2, dilation,
+    // and a model's last layer (320 → 4).
+    type Case<'a> = (&'a [usize], &'a [usize], usize, usize, usize, usize);
+    let cases: [Case; 10] = [
+        (&[2, 64, 32, 32], &[96, 64, 3, 3], 1, 1, 1, 1 << 24),
+        (&[1, 16, 13, 11], &[12, 16, 3, 3], 1, 1, 1, 3 * 144 * 11),
+        (&[3, 8, 9, 9], &[9, 8, 3, 3], 1, 1, 1, 72 * 81 + 5),
+        (&[2, 8, 9, 7], &[10, 8, 3, 3], 1, 2, 1, 1 << 24),
+        (&[2, 24, 10, 6], &[12, 24, 1, 1], 0, 1, 1, 1),
+        (&[1, 6, 12, 12], &[9, 6, 3, 3], 2, 1, 2, 1 << 24),
+        (&[2, 5, 8, 6], &[3, 5, 3, 1], 1, 1, 1, 1 << 24),
+        (&[2, 8, 9, 7], &[5, 8, 3, 3], 1, 2, 1, 1 << 24),
+        (&[1, 6, 12, 12], &[4, 6, 3, 3], 2, 1, 2, 1 << 24),
+        (&[2, 320, 16, 16], &[4, 320, 3, 3], 1, 1, 1, 1 << 24),
+    ];
+    for dtype in DTYPES {
+        for (xs, ws, padding, stride, dilation, budget) in cases {
+            let k: usize = ws[1..].iter().product();
+            let (x, x_ref) = pair(&randn(xs, 1.0)?, dtype, &dev)?;
+            let (w, w_ref) = pair(&randn(ws, 1.0 / (k as f32).sqrt())?, dtype, &dev)?;
+            let (b, b_ref) = pair(&randn(&[ws[0]], 0.5)?, dtype, &dev)?;
+            let want = x_ref
+                .conv2d(&w_ref, padding, stride, dilation, 1)?
+                .broadcast_add(&b_ref.reshape((1, ws[0], 1, 1))?)?;
+            let cfg = Conv2dConfig {
+                padding,
+                stride,
+                dilation,
+                groups: 1,
+                cudnn_fwd_algo: None,
+            };
+            let ours = cuda_gemm(&x, &w, &b, &cfg, budget * dtype.size_in_bytes())?;
+            assert_eq!(ours.dims(), want.dims(), "{xs:?} * {ws:?}");
+            let what = format!("conv {dtype:?} {xs:?} * {ws:?} pad {padding} stride {stride}");
+            compare(&format!("{what} dil {dilation}"), &ours, &want, dtype)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn linear_matches_generic_ops() -> Result<()> {
+    use diffuse_models::ops::linear::Linear;
+    let dev = gpu()?;
+    // SD's feed-forward input (batched tokens), a 2-D batch of odd sizes, and a layer without
+    // a bias (the attention projections).
+    let cases: [(&[usize], usize, bool); 3] = [
+        (&[2, 1024, 320], 1280, true),
+        (&[7, 13], 5, true),
+        (&[2, 77, 64], 96, false),
+    ];
+    for dtype in DTYPES {
+        for (xs, n, with_bias) in cases {
+            let k = *xs.last().unwrap();
+            let (x, x_ref) = pair(&randn(xs, 1.0)?, dtype, &dev)?;
+            let (w, w_ref) = pair(&randn(&[n, k], 1.0 / (k as f32).sqrt())?, dtype, &dev)?;
+            let (b, b_ref) = pair(&randn(&[n], 0.5)?, dtype, &dev)?;
+            let (b, b_ref) = match with_bias {
+                true => (Some(b), Some(b_ref)),
+                false => (None, None),
+            };
+            let want = candle_nn::Linear::new(w_ref, b_ref).forward(&x_ref)?;
+            let ours = Linear::from_candle(candle_nn::Linear::new(w, b)).forward(&x)?;
+            assert_eq!(ours.dims(), want.dims());
+            let what = format!("linear {dtype:?} {xs:?} -> {n} bias {with_bias}");
+            compare(&what, &ours, &want, dtype)?;
         }
     }
     Ok(())

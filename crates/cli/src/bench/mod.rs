@@ -163,8 +163,8 @@ pub(crate) fn repo_path(rel: &str) -> PathBuf {
     }
 }
 
-/// The VAE's dtype in a pipeline run in `dtype`, as `diffuse generate` loads it: f16 becomes
-/// f32 when the VAE's config says `force_upcast` (SD's and SDXL's VAEs overflow in f16).
+/// The VAE's dtype in an SDXL pipeline run in `dtype`, as `diffuse generate` loads it: f16
+/// becomes f32 when the VAE's config says `force_upcast` (SDXL's VAE overflows in f16).
 fn vae_dtype(dtype: DType, cfg: &AutoencoderKLConfig) -> DType {
     match dtype {
         DType::F16 if cfg.force_upcast => DType::F32,
@@ -230,7 +230,7 @@ impl Bench<'_> {
         for _ in 0..self.args.warmup {
             f()?;
         }
-        let mut times = vec![];
+        let (mut times, mut host) = (vec![], vec![]);
         if let Some(m) = &self.gpu_memory {
             m.reset();
         }
@@ -238,16 +238,23 @@ impl Bench<'_> {
         for _ in 0..self.args.runs.max(1) {
             let t0 = Instant::now();
             let out = f()?;
+            host.push(t0.elapsed().as_secs_f64() * 1000.0);
             self.device.synchronize()?;
             drop(out);
             times.push(t0.elapsed().as_secs_f64() * 1000.0);
         }
         times.sort_by(f64::total_cmp);
+        host.sort_by(f64::total_cmp);
         let ms = times[times.len() / 2];
         let rate = gflop
             .map(|g| format!("{:>7.1} GFLOP/s", g / (ms / 1000.0)))
             .unwrap_or_default();
-        let rss = self.peak_memory_text();
+        let mut rss = self.peak_memory_text();
+        if !self.device.is_cpu() {
+            // The time to queue the work, before waiting for the device: near the total, the
+            // line is bound by the host's per-op cost rather than by the GPU.
+            rss += &format!("   host {:.1} ms", host[host.len() / 2]);
+        }
         // The fastest run too: on a shared machine it is the least disturbed one.
         let min = times[0];
         println!("{name:<34} {ms:>10.1} ms (min {min:>8.1}) {rate:>16}   {rss}");

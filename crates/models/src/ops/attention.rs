@@ -203,9 +203,28 @@ impl CustomOp1 for ScaledSoftmax {
     }
 }
 
+/// The largest head size of the CUDA flash-attention kernel (f16/bf16, no causal mask).
+pub(crate) const CUDA_FLASH_MAX_HEAD: usize = 128;
+
 impl CustomOp3 for FlashAttention {
     fn name(&self) -> &'static str {
         "flash-attention"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sq: &candle_core::CudaStorage,
+        lq: &Layout,
+        sk: &candle_core::CudaStorage,
+        lk: &Layout,
+        sv: &candle_core::CudaStorage,
+        lv: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.causal {
+            candle_core::bail!("the CUDA flash attention has no causal mask");
+        }
+        super::cuda::flash_attention((sq, lq), (sk, lk), (sv, lv), self.heads, self.scale)
     }
 
     fn cpu_fwd(

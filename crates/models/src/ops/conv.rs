@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
@@ -1346,10 +1346,97 @@ impl Conv2d {
     }
 }
 
+/// The most bytes the CUDA convolution's im2col buffer takes per call (larger inputs go in
+/// bands of output rows): 256 MiB, a small part of a GPU next to the UNet's weights, and enough
+/// for every convolution of SD 1.5's and SDXL's UNets at batch 2 in one or two GEMMs.
+const CUDA_COL_BYTES: usize = 256 << 20;
+
+/// Whether CUDA convolutions take [`cuda_gemm`]: yes unless `DIFFUSE_CUDA_CONV=cudnn`, which
+/// keeps candle's cuDNN call (for comparing the two in `diffuse bench`).
+fn cuda_gemm_enabled() -> bool {
+    static GEMM: OnceLock<bool> = OnceLock::new();
+    *GEMM.get_or_init(|| std::env::var("DIFFUSE_CUDA_CONV").map_or(true, |v| v != "cudnn"))
+}
+
+/// `conv2d(xs, w) + bias` on a CUDA device by im2col and cuBLAS GEMMs with f32 accumulation
+/// (a 1×1 stride-1 convolution multiplies the input directly), the column buffer bounded by
+/// `max_col_bytes`. Forward only (no gradient); groups must be 1. [`Conv2d`] takes this path
+/// on CUDA devices; it is public for tests and callers with their own weights.
+pub fn cuda_gemm(
+    xs: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    cfg: &Conv2dConfig,
+    max_col_bytes: usize,
+) -> Result<Tensor> {
+    if cfg.groups != 1 {
+        candle_core::bail!(
+            "the CUDA GEMM convolution takes groups = 1, not {}",
+            cfg.groups
+        );
+    }
+    let op = CudaGemmConv {
+        stride: cfg.stride,
+        padding: cfg.padding,
+        dilation: cfg.dilation,
+        max_col_bytes,
+    };
+    xs.contiguous()?
+        .apply_op3_no_bwd(&w.contiguous()?, &bias.contiguous()?, &op)
+}
+
+// Read only by `cuda_fwd`, which a build without the `cuda` feature does not have.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct CudaGemmConv {
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    max_col_bytes: usize,
+}
+
+impl CustomOp3 for CudaGemmConv {
+    fn name(&self) -> &'static str {
+        "conv2d-cuda-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the CUDA GEMM convolution runs on CUDA devices only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        w: &candle_core::CudaStorage,
+        lw: &Layout,
+        b: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let spec = super::cuda::ConvSpec {
+            stride: self.stride,
+            padding: self.padding,
+            dilation: self.dilation,
+            max_col_bytes: self.max_col_bytes,
+        };
+        super::cuda::conv2d_gemm((x, lx), (w, lw), (b, lb), &spec)
+    }
+}
+
 /// Which kernel a [`Conv2d`] call takes.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Path {
     Candle,
+    /// im2col (or the input itself) and cuBLAS, on a CUDA device ([`cuda_gemm`]).
+    CudaGemm,
     Im2col {
         stride: usize,
     },
@@ -1374,6 +1461,19 @@ impl Conv2d {
             return Path::Candle;
         }
         let cfg = self.inner.config();
+        if xs.device().is_cuda() {
+            let half_or_f32 = matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16);
+            let ok = cuda_gemm_enabled()
+                && half_or_f32
+                && w.dtype() == xs.dtype()
+                && xc == cin
+                && cfg.groups == 1
+                && self
+                    .inner
+                    .bias()
+                    .is_some_and(|b| super::fused_on(&[xs, w, b]));
+            return if ok { Path::CudaGemm } else { Path::Candle };
+        }
         let pad = cfg.padding;
         let fused_ok = xc == cin
             && xs.device().is_cpu()
@@ -1441,6 +1541,7 @@ impl Conv2d {
                 xs.contiguous()?
                     .apply_op3(&w.contiguous()?, bias, Im2colConv { stride })
             }
+            Path::CudaGemm => cuda_gemm(xs, w, bias, self.inner.config(), CUDA_COL_BYTES),
             Path::Candle => unreachable!("handled above"),
         }
     }
@@ -1462,6 +1563,7 @@ impl Module for Conv2d {
         let name = || {
             let kind = match path {
                 Path::Candle => "candle",
+                Path::CudaGemm => "gemm",
                 Path::Im2col { .. } => "im2col",
                 Path::Pointwise => "matmul",
                 Path::Winograd { small: false } => "winograd",

@@ -87,6 +87,9 @@ pub(crate) fn group_norm(
         let inner: usize = dims[2..].iter().product();
         let cpg = dims[1] / op.num_groups;
         let (n, group_len) = (lx.shape().elem_count(), cpg * inner);
+        if n > 0 && group_len >= SPLIT_GROUP && inner >= 32 {
+            return group_norm_split::<T>((x, lx), (w, lw), (b, lb), op, [dims[1], cpg, inner]);
+        }
         // SAFETY: the kernel writes every element (each block its whole group).
         let out = unsafe { dev.alloc::<T>(n)? };
         if n > 0 {
@@ -114,6 +117,87 @@ pub(crate) fn group_norm(
     }
     let out = with_dtype!(x.0.dtype(), run(x, w, b, op))?;
     Ok((out, x.1.shape().clone()))
+}
+
+/// From this many values per group on, GroupNorm's statistics are taken in chunks of
+/// [`GROUP_CHUNK`] by many blocks ([`group_norm_split`]) rather than one block per group.
+const SPLIT_GROUP: usize = 32768;
+const GROUP_CHUNK: usize = 8192;
+
+/// GroupNorm over large groups in three launches (`group_norm_partial`, `_merge`, `_apply` in
+/// kernels.cu): chunk statistics, merged per group, applied element-wise.
+fn group_norm_split<T: CudaDType + DeviceRepr + WithDType>(
+    (x, lx): (&CudaStorage, &Layout),
+    (w, lw): (&CudaStorage, &Layout),
+    (b, lb): (&CudaStorage, &Layout),
+    op: &GroupNormOp,
+    [channels, cpg, inner]: [usize; 3],
+) -> Result<CudaStorage> {
+    let dev = x.device();
+    let n = lx.shape().elem_count();
+    let group_len = cpg * inner;
+    let groups_total = n / group_len;
+    let chunks = group_len.div_ceil(GROUP_CHUNK);
+    let xs = x.as_cuda_slice::<T>()?.slice(lx.start_offset()..);
+    let ws = w.as_cuda_slice::<T>()?.slice(lw.start_offset()..);
+    let bs = b.as_cuda_slice::<T>()?.slice(lb.start_offset()..);
+    // SAFETY: the partial kernel writes both values of every (group, chunk), the merge both
+    // of every group, the apply pass every element.
+    let stats = unsafe { dev.alloc::<f32>(groups_total * chunks * 2)? };
+    let mean_rstd = unsafe { dev.alloc::<f32>(groups_total * 2)? };
+    let out = unsafe { dev.alloc::<T>(n)? };
+    let (len32, chunk32) = (u32_arg(group_len, "group size")?, GROUP_CHUNK as u32);
+    let (groups32, chunks32) = (u32_arg(groups_total, "groups")?, u32_arg(chunks, "chunks")?);
+    let dtype = T::DTYPE.as_str();
+    let partial =
+        dev.get_or_load_custom_func(&format!("group_norm_partial_{dtype}"), MODULE, PTX)?;
+    let cfg = LaunchConfig {
+        grid_dim: (chunks32, groups32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut builder = partial.builder();
+    builder.arg(&xs).arg(&stats).arg(&len32).arg(&chunk32);
+    // SAFETY: the argument list matches the kernel's signature; every chunk lies inside its
+    // group, and the grid has one block per (chunk, group) of the statistics buffer.
+    unsafe { builder.launch(cfg) }.w()?;
+    let merge = dev.get_or_load_custom_func("group_norm_merge", MODULE, PTX)?;
+    let mut builder = merge.builder();
+    let eps = op.eps as f32;
+    builder
+        .arg(&stats)
+        .arg(&mean_rstd)
+        .arg(&groups32)
+        .arg(&chunks32);
+    builder.arg(&len32).arg(&chunk32).arg(&eps);
+    // SAFETY: the argument list matches the kernel's signature; threads past the last group
+    // return.
+    unsafe { builder.launch(launch_config(groups_total.div_ceil(128), 128, "groups")?) }.w()?;
+    let apply = dev.get_or_load_custom_func(&format!("group_norm_apply_{dtype}"), MODULE, PTX)?;
+    let rows = u32_arg(n / inner, "rows")?;
+    let (inner32, channels32, cpg32) = (
+        u32_arg(inner, "spatial size")?,
+        u32_arg(channels, "channels")?,
+        u32_arg(cpg, "channels per group")?,
+    );
+    let silu = op.silu as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (inner32.div_ceil(256), rows.min(65_535), 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut builder = apply.builder();
+    builder.arg(&xs).arg(&ws).arg(&bs).arg(&mean_rstd).arg(&out);
+    builder
+        .arg(&rows)
+        .arg(&inner32)
+        .arg(&channels32)
+        .arg(&cpg32)
+        .arg(&silu);
+    // SAFETY: the argument list matches the kernel's signature; rows · inner = n, channels
+    // index the weight and bias, and row / cpg the groups.
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
 /// The longest softmax row kept in shared memory (48 KiB of f32).
@@ -197,6 +281,512 @@ pub(crate) fn geglu(h: &CudaStorage, lh: &Layout) -> Result<(CudaStorage, Shape)
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("rank ≥ 1") = last / 2;
     Ok((out, Shape::from(out_dims)))
+}
+
+/// Most output channels for the direct convolution kernel (its `CONV_DIRECT_COUT`).
+const DIRECT_MAX_COUT: usize = 8;
+
+/// Pixels per thread of the im2col kernel (its `IM2COL_PIXELS`).
+const IM2COL_PIXELS: u32 = 4;
+
+/// The `ConvGeom` argument of the im2col kernel: input channels and size, kernel size,
+/// stride, padding, dilation and the output width.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConvGeom {
+    c: u32,
+    h: u32,
+    w: u32,
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    pad: u32,
+    dil: u32,
+    wo: u32,
+}
+
+// SAFETY: nine u32 fields, `repr(C)`, laid out as the kernel's struct of nine uint32_t.
+unsafe impl DeviceRepr for ConvGeom {}
+
+/// A convolution's stride, padding and dilation, and the most bytes its column buffer may take.
+pub(crate) struct ConvSpec {
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+    pub max_col_bytes: usize,
+}
+
+/// The element types cuBLAS multiplies here, all with f32 accumulation.
+trait GemmDType:
+    CudaDType + DeviceRepr + WithDType + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits
+{
+    const CUBLAS: candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType;
+}
+impl GemmDType for f32 {
+    const CUBLAS: candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType =
+        candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType::CUDA_R_32F;
+}
+impl GemmDType for half::f16 {
+    const CUBLAS: candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType =
+        candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType::CUDA_R_16F;
+}
+impl GemmDType for half::bf16 {
+    const CUBLAS: candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType =
+        candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType::CUDA_R_16BF;
+}
+
+/// `C = A · B + beta · C` for `batch` column-major problems (`A` m×k, stored transposed (k×m)
+/// when `transpose_a`; `B` k×n; `C` m×n; strides between the problems in elements, 0 to share
+/// one matrix) on the device's cuBLAS handle and stream, accumulating in f32 (TF32 only where
+/// candle's f32 GEMMs allow it).
+struct Gemm {
+    transpose_a: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
+    ldc: usize,
+    stride: [usize; 3],
+    batch: usize,
+}
+
+impl Gemm {
+    /// SAFETY: `a`, `b` and `c` must point to device memory of `T` holding every element the
+    /// problems address, on `dev`, and stay alive until the stream has run the GEMM.
+    unsafe fn run<T: GemmDType>(
+        &self,
+        dev: &candle_core::CudaDevice,
+        [a, b, c]: [u64; 3],
+        beta: f32,
+    ) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::{result, sys};
+        let int = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} {v} exceeds i32")))
+        };
+        let long = |v: usize| v as std::ffi::c_longlong;
+        let compute =
+            if T::DTYPE == DType::F32 && candle_core::cuda_backend::gemm_reduced_precision_f32() {
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+            } else {
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+            };
+        let alpha = 1f32;
+        let op = sys::cublasOperation_t::CUBLAS_OP_N;
+        let op_a = match self.transpose_a {
+            true => sys::cublasOperation_t::CUBLAS_OP_T,
+            false => op,
+        };
+        let blas = dev.cublas_handle();
+        result::gemm_strided_batched_ex(
+            *blas.handle(),
+            op_a,
+            op,
+            int(self.m, "GEMM rows")?,
+            int(self.n, "GEMM columns")?,
+            int(self.k, "GEMM depth")?,
+            (&alpha as *const f32).cast(),
+            a as *const std::ffi::c_void,
+            T::CUBLAS,
+            int(self.lda, "lda")?,
+            long(self.stride[0]),
+            b as *const std::ffi::c_void,
+            T::CUBLAS,
+            int(self.ldb, "ldb")?,
+            long(self.stride[1]),
+            (&beta as *const f32).cast(),
+            c as *mut std::ffi::c_void,
+            T::CUBLAS,
+            int(self.ldc, "ldc")?,
+            long(self.stride[2]),
+            int(self.batch, "GEMM batch")?,
+            compute,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+        )
+        .map_err(candle_core::Error::wrap)
+    }
+}
+
+/// A 2-D convolution plus bias, NCHW, by GEMMs on cuBLAS: the output starts as the bias and
+/// each image's `weight (Cout × C·KH·KW) · columns (C·KH·KW × pixels)` is added to it. The
+/// columns are the input itself for a 1×1 stride-1 convolution, else im2col's, built for as
+/// many whole images, or else output rows of one image, as fit `max_col_bytes`. cuDNN 9's
+/// legacy convolution call costs about a millisecond of CPU per call whatever its size (SD
+/// 1.5's UNet makes 95 of them per step); this costs two kernel launches per band.
+pub(crate) fn conv2d_gemm(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    spec: &ConvSpec,
+) -> Result<(CudaStorage, Shape)> {
+    for ((s, l), what) in [(x, "convolution input"), (w, "weight"), (b, "bias")] {
+        contiguous(l, what)?;
+        if s.dtype() != x.0.dtype() {
+            bail!("convolution: the {what} must be in the input's dtype");
+        }
+    }
+    let (n, c, h, wd) = x.1.shape().dims4()?;
+    let (cout, cin, kh, kw) = w.1.shape().dims4()?;
+    if cin != c || b.1.shape().elem_count() != cout || spec.stride == 0 || spec.dilation == 0 {
+        bail!(
+            "convolution: input {:?}, weight {:?}, bias {:?}, stride {}, dilation {}",
+            x.1.shape(),
+            w.1.shape(),
+            b.1.shape(),
+            spec.stride,
+            spec.dilation
+        );
+    }
+    let extent = |size: usize, k: usize| {
+        (size + 2 * spec.padding)
+            .checked_sub(spec.dilation * (k - 1) + 1)
+            .map(|v| v / spec.stride + 1)
+    };
+    let (Some(ho), Some(wo)) = (extent(h, kh), extent(wd, kw)) else {
+        bail!("convolution: kernel {kh}×{kw} larger than the padded input {h}×{wd}");
+    };
+    fn run<T: GemmDType>(
+        x: (&CudaStorage, &Layout),
+        w: (&CudaStorage, &Layout),
+        b: (&CudaStorage, &Layout),
+        spec: &ConvSpec,
+        [n, c, h, wd, cout, kh, kw, ho, wo]: [usize; 9],
+    ) -> Result<CudaStorage> {
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+        let dev = x.0.device();
+        let stream = dev.cuda_stream();
+        let (pixels, k_len, image_len) = (ho * wo, c * kh * kw, c * h * wd);
+        let total = n * cout * pixels;
+        // SAFETY: bias_fill writes every element below `total`.
+        let mut out = unsafe { dev.alloc::<T>(total)? };
+        if total == 0 {
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+        }
+        let xs = x.0.as_cuda_slice::<T>()?.slice(x.1.start_offset()..);
+        let ws = w.0.as_cuda_slice::<T>()?.slice(w.1.start_offset()..);
+        let bs = b.0.as_cuda_slice::<T>()?.slice(b.1.start_offset()..);
+        let geom = ConvGeom {
+            c: u32_arg(c, "channels")?,
+            h: u32_arg(h, "input height")?,
+            w: u32_arg(wd, "input width")?,
+            kh: u32_arg(kh, "kernel height")?,
+            kw: u32_arg(kw, "kernel width")?,
+            stride: u32_arg(spec.stride, "stride")?,
+            pad: u32_arg(spec.padding, "padding")?,
+            dil: u32_arg(spec.dilation, "dilation")?,
+            wo: u32_arg(wo, "output width")?,
+        };
+        if cout <= DIRECT_MAX_COUT {
+            let func = dev.get_or_load_custom_func(
+                &format!("conv_direct_{}", T::DTYPE.as_str()),
+                MODULE,
+                PTX,
+            )?;
+            let (cout32, ho32) = (u32_arg(cout, "channels")?, u32_arg(ho, "output height")?);
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    u32_arg(pixels, "output size")?.div_ceil(128),
+                    u32_arg(n, "images")?,
+                    1,
+                ),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = func.builder();
+            builder.arg(&xs).arg(&ws).arg(&bs).arg(&mut out);
+            builder.arg(&geom).arg(&cout32).arg(&ho32);
+            // SAFETY: the argument list matches the kernel's signature; each thread writes its
+            // pixel's `cout` channels of its image and reads inside the input and weight.
+            unsafe { builder.launch(cfg) }.w()?;
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+        }
+        let rows = u32_arg(n * cout, "output channels")?;
+        let pixels32 = u32_arg(pixels, "output size")?;
+        let channels = u32_arg(cout, "channels")?;
+        fill_bias(dev, &bs, &mut out, [rows, pixels32], [channels, 1, 0])?;
+        let size = std::mem::size_of::<T>();
+        let (out_ptr, out_guard) = out.device_ptr_mut(&stream);
+        let (w_ptr, _w_guard) = ws.device_ptr(&stream);
+        let (x_ptr, _x_guard) = xs.device_ptr(&stream);
+        if (kh, kw, spec.stride, spec.padding) == (1, 1, 1, 0) {
+            let gemm = Gemm {
+                transpose_a: false,
+                m: pixels,
+                n: cout,
+                k: c,
+                lda: pixels,
+                ldb: c,
+                ldc: pixels,
+                stride: [image_len, 0, cout * pixels],
+                batch: n,
+            };
+            // SAFETY: the input holds `n` images of `c × pixels`, the weight `cout × c`, the
+            // output `n × cout × pixels`; all three outlive the stream's use (candle frees
+            // device memory stream-ordered).
+            unsafe { gemm.run::<T>(dev, [x_ptr, w_ptr, out_ptr], 1.0)? };
+        } else {
+            let budget = (spec.max_col_bytes / size).max(1);
+            let (images, band) = match budget / (k_len * pixels) {
+                0 => (1, ((budget / (k_len * wo)).max(1) * wo).min(pixels)),
+                fit => (fit.min(n), pixels),
+            };
+            // SAFETY: im2col writes every element of the columns a GEMM reads.
+            let mut col = unsafe { dev.alloc::<T>(images * k_len * band)? };
+            let (col_ptr, _col_guard) = col.device_ptr_mut(&stream);
+            let func =
+                dev.get_or_load_custom_func(&format!("im2col_{}", T::DTYPE.as_str()), MODULE, PTX)?;
+            for first_image in (0..n).step_by(images) {
+                let count = images.min(n - first_image);
+                for first in (0..pixels).step_by(band) {
+                    let len = band.min(pixels - first);
+                    let rows = u32_arg(count * k_len, "im2col rows")?;
+                    let x_img = x_ptr + (first_image * image_len * size) as u64;
+                    let (first32, len32) = (u32_arg(first, "pixel")?, u32_arg(len, "band")?);
+                    let cfg = LaunchConfig {
+                        grid_dim: (len32.div_ceil(256 * IM2COL_PIXELS), rows.min(65_535), 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let mut builder = func.builder();
+                    builder.arg(&x_img).arg(&col_ptr).arg(&geom).arg(&image_len);
+                    builder.arg(&first32).arg(&len32).arg(&rows);
+                    // SAFETY: the argument list matches the kernel's signature; the kernel
+                    // reads inside `count` images from `x_img` and writes `rows × len` values,
+                    // no more than the buffer holds.
+                    unsafe { builder.launch(cfg) }.w()?;
+                    let gemm = Gemm {
+                        transpose_a: false,
+                        m: len,
+                        n: cout,
+                        k: k_len,
+                        lda: len,
+                        ldb: k_len,
+                        ldc: pixels,
+                        stride: [k_len * len, 0, cout * pixels],
+                        batch: count,
+                    };
+                    let out_band = out_ptr + ((first_image * cout * pixels + first) * size) as u64;
+                    // SAFETY: the columns hold `count` blocks of `k_len × len`, the weight
+                    // `cout × k_len`, and the band's rows lie inside the output; the stream
+                    // runs this GEMM before the next im2col overwrites the columns.
+                    unsafe { gemm.run::<T>(dev, [col_ptr, w_ptr, out_band], 1.0)? };
+                }
+            }
+        }
+        drop(out_guard);
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let dims = [n, c, h, wd, cout, kh, kw, ho, wo];
+    let out = with_dtype!(x.0.dtype(), run(x, w, b, spec, dims))?;
+    Ok((out, Shape::from((n, cout, ho, wo))))
+}
+
+/// The `bias_fill` kernel over `out` (on `dev`) as `rows × cols`: value (r, c) is
+/// `bias[(r % channels) · row_step + c · col_step]`.
+fn fill_bias<T: GemmDType>(
+    dev: &candle_core::CudaDevice,
+    bias: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
+    out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    [rows, cols]: [u32; 2],
+    [channels, row_step, col_step]: [u32; 3],
+) -> Result<()> {
+    let func =
+        dev.get_or_load_custom_func(&format!("bias_fill_{}", T::DTYPE.as_str()), MODULE, PTX)?;
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(256), rows.clamp(1, 65_535), 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut builder = func.builder();
+    builder.arg(bias).arg(out).arg(&rows).arg(&cols);
+    builder.arg(&channels).arg(&row_step).arg(&col_step);
+    // SAFETY: the argument list matches the kernel's signature; the callers size `out` as
+    // `rows × cols` and index the bias below its length (`channels` values per row, or `cols`).
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// A linear layer on cuBLAS: `x (rows × k) · wᵀ + bias`, the output filled with the bias first
+/// and the GEMM accumulated onto it (candle-nn adds the bias in a separate broadcast kernel,
+/// which took longer than the product on SD's layers), or without a bias, the GEMM alone.
+pub(crate) fn linear_gemm(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    let mut inputs = vec![(x, "linear input"), (w, "weight")];
+    inputs.extend(b.map(|b| (b, "bias")));
+    for ((s, l), what) in inputs {
+        contiguous(l, what)?;
+        if s.dtype() != x.0.dtype() {
+            bail!("linear: the {what} must be in the input's dtype");
+        }
+    }
+    let (n, k) = w.1.shape().dims2()?;
+    let dims = x.1.shape().dims();
+    if dims.last() != Some(&k) || b.is_some_and(|b| b.1.shape().elem_count() != n) {
+        bail!(
+            "linear: input {:?}, weight {:?}, bias {:?}",
+            x.1.shape(),
+            w.1.shape(),
+            b.map(|b| b.1.shape())
+        );
+    }
+    let rows = x.1.shape().elem_count() / k.max(1);
+    fn run<T: GemmDType>(
+        x: (&CudaStorage, &Layout),
+        w: (&CudaStorage, &Layout),
+        b: Option<(&CudaStorage, &Layout)>,
+        [rows, n, k]: [usize; 3],
+    ) -> Result<CudaStorage> {
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+        let dev = x.0.device();
+        let stream = dev.cuda_stream();
+        let total = rows * n;
+        let mut out = match b {
+            // SAFETY: the bias fill writes every element.
+            Some(_) => unsafe { dev.alloc::<T>(total)? },
+            // beta = 0: cuBLAS does not read C, but zeros keep an empty product (k = 0) right.
+            None => dev.alloc_zeros::<T>(total)?,
+        };
+        if total == 0 {
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+        }
+        if let Some((bs, lb)) = b {
+            let bs = bs.as_cuda_slice::<T>()?.slice(lb.start_offset()..);
+            let shape = [u32_arg(rows, "rows")?, u32_arg(n, "features")?];
+            fill_bias(dev, &bs, &mut out, shape, [1, 0, 1])?;
+        }
+        if k > 0 {
+            let xs = x.0.as_cuda_slice::<T>()?.slice(x.1.start_offset()..);
+            let ws = w.0.as_cuda_slice::<T>()?.slice(w.1.start_offset()..);
+            let (out_ptr, _out_guard) = out.device_ptr_mut(&stream);
+            let (w_ptr, _w_guard) = ws.device_ptr(&stream);
+            let (x_ptr, _x_guard) = xs.device_ptr(&stream);
+            // Column-major: outᵀ (n × rows) = w (n × k, stored k × n: transposed) · xᵀ.
+            let gemm = Gemm {
+                transpose_a: true,
+                m: n,
+                n: rows,
+                k,
+                lda: k,
+                ldb: k,
+                ldc: n,
+                stride: [0, 0, 0],
+                batch: 1,
+            };
+            let beta = if b.is_some() { 1.0 } else { 0.0 };
+            // SAFETY: x holds `rows × k` values, w `n × k`, out `rows × n`; all outlive the
+            // stream's use (candle frees device memory stream-ordered).
+            unsafe { gemm.run::<T>(dev, [w_ptr, x_ptr, out_ptr], beta)? };
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let out = with_dtype!(x.0.dtype(), run(x, w, b, [rows, n, k]))?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("rank ≥ 1") = n;
+    Ok((out, Shape::from(out_dims)))
+}
+
+/// Attention without the score matrix, f16/bf16 (`flash_attention` in kernels.cu): `q`
+/// `(B, N, heads·d)`, `k` and `v` `(B, M, heads·d)`, all contiguous, give `(B, N, heads·d)` with
+/// the heads where they came in; `scale` multiplies the scores before the softmax.
+pub(crate) fn flash_attention(
+    q: (&CudaStorage, &Layout),
+    k: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+    heads: usize,
+    scale: f64,
+) -> Result<(CudaStorage, Shape)> {
+    for ((s, l), what) in [(q, "query"), (k, "key"), (v, "value")] {
+        contiguous(l, what)?;
+        if s.dtype() != q.0.dtype() {
+            bail!("flash attention: the {what} must be in the query's dtype");
+        }
+    }
+    let (b, n, c) = q.1.shape().dims3()?;
+    let (bk, m, ck) = k.1.shape().dims3()?;
+    if heads == 0
+        || !c.is_multiple_of(heads)
+        || (bk, ck) != (b, c)
+        || v.1.shape().dims() != [b, m, c]
+    {
+        bail!(
+            "flash attention: query {:?}, key {:?}, value {:?}, {heads} heads",
+            q.1.shape(),
+            k.1.shape(),
+            v.1.shape()
+        );
+    }
+    let d = c / heads;
+    let padded = d.div_ceil(16) * 16;
+    let max = super::attention::CUDA_FLASH_MAX_HEAD;
+    if padded == 0 || padded > max || m == 0 {
+        bail!("flash attention: head size {d} (1 to {max}) over {m} keys");
+    }
+    fn run<T: GemmDType>(
+        [q, k, v]: [(&CudaStorage, &Layout); 3],
+        [b, n, m, c, heads, padded]: [usize; 6],
+        scale: f64,
+    ) -> Result<CudaStorage> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+        let dev = q.0.device();
+        // SAFETY: the kernel writes every value of every row below n, each head's d columns.
+        let out = unsafe { dev.alloc::<T>(b * n * c)? };
+        if out.is_empty() {
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+        }
+        let name = format!("flash_attention_{}_{padded}", T::DTYPE.as_str());
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        // Q, K and V tiles (64 rows each, padded to D + 8), the scores (four warps × 16 rows of
+        // 64 + 4 floats), P (16 × 72 per warp) and the output (16 × (D + 4) floats per warp).
+        let half = std::mem::size_of::<T>();
+        let smem = 192 * (padded + 8) * half + 64 * 68 * 4 + 64 * 72 * half + 64 * (padded + 4) * 4;
+        let smem = u32_arg(smem, "shared memory")?;
+        let func = func.into_cuda_function();
+        func.set_attribute(
+            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        let qs = q.0.as_cuda_slice::<T>()?.slice(q.1.start_offset()..);
+        let ks = k.0.as_cuda_slice::<T>()?.slice(k.1.start_offset()..);
+        let vs = v.0.as_cuda_slice::<T>()?.slice(v.1.start_offset()..);
+        let (n32, m32) = (u32_arg(n, "queries")?, u32_arg(m, "keys")?);
+        let (d32, heads32, row) = (
+            u32_arg(c / heads, "head size")?,
+            u32_arg(heads, "heads")?,
+            u32_arg(c, "row")?,
+        );
+        let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+        let cfg = LaunchConfig {
+            grid_dim: (n32.div_ceil(64), u32_arg(b * heads, "batch × heads")?, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(&qs).arg(&ks).arg(&vs).arg(&out);
+        builder.arg(&n32).arg(&m32).arg(&d32).arg(&heads32);
+        builder
+            .arg(&row)
+            .arg(&row)
+            .arg(&row)
+            .arg(&row)
+            .arg(&scale_log2);
+        // SAFETY: the argument list matches the kernel's signature; every row the kernel
+        // reads or writes is below n (queries, output) or m (keys, values) of its batch, and
+        // each head's d columns lie inside a row of `c`.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    let dims = [b, n, m, c, heads, padded];
+    let out = match q.0.dtype() {
+        DType::F16 => run::<half::f16>([q, k, v], dims, scale)?,
+        DType::BF16 => run::<half::bf16>([q, k, v], dims, scale)?,
+        d => bail!("flash attention takes f16 or bf16, not {d:?}"),
+    };
+    Ok((out, Shape::from((b, n, c))))
 }
 
 /// The default memory pool of `dev`'s GPU (the one candle's stream-ordered allocations use),

@@ -155,7 +155,11 @@ impl Module for Linear {
         let (n, k) = self.inner.weight().dims2()?;
         let rows = xs.elem_count() / k.max(1);
         let name = || {
-            let kind = if fast { "packed" } else { "candle" };
+            let kind = match (fast, xs.device().is_cuda()) {
+                (true, _) => "packed",
+                (false, true) => "cuda",
+                (false, false) => "candle",
+            };
             format!("linear {kind} {k}->{n} x{rows}")
         };
         let flops = 2.0 * (rows * n * k) as f64;
@@ -189,6 +193,14 @@ impl Linear {
                 || layer.bias().is_some_and(|b| b.track_op());
             if xs.device().is_cpu() && !tracked {
                 return forward_in_fixed_blocks(layer, &xs);
+            }
+            let same_dtype = layer.bias().is_none_or(|b| b.dtype() == xs.dtype());
+            if xs.device().is_cuda() && !tracked && same_dtype && super::kernel_dtype(xs.dtype()) {
+                let w = layer.weight().contiguous()?;
+                return match layer.bias() {
+                    Some(b) => xs.apply_op3_no_bwd(&w, &b.contiguous()?, &CudaLinear),
+                    None => xs.apply_op2_no_bwd(&w, &CudaLinear),
+                };
             }
             return layer.forward(&xs);
         }
@@ -438,5 +450,67 @@ impl CustomOp3 for LinearOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         linear_grads(x, w, Some(b), grad)
+    }
+}
+
+/// A linear layer on a CUDA device by one cuBLAS GEMM onto the bias (`cuda::linear_gemm`):
+/// a CustomOp2 without a bias, a CustomOp3 with one. Forward only.
+struct CudaLinear;
+
+impl CustomOp2 for CudaLinear {
+    fn name(&self) -> &'static str {
+        "linear-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the CUDA linear layer runs on CUDA devices only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        w: &candle_core::CudaStorage,
+        lw: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::linear_gemm((x, lx), (w, lw), None)
+    }
+}
+
+impl CustomOp3 for CudaLinear {
+    fn name(&self) -> &'static str {
+        "linear-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the CUDA linear layer runs on CUDA devices only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        w: &candle_core::CudaStorage,
+        lw: &Layout,
+        b: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::linear_gemm((x, lx), (w, lw), Some((b, lb)))
     }
 }

@@ -255,10 +255,16 @@ pub(crate) fn kernel_dtype(dtype: DType) -> bool {
 }
 
 /// Prepares `device` for the models: on a CUDA device (in a `cuda` build) the memory pool keeps
-/// freed memory for the next allocations. Nothing to do on the CPU.
+/// freed memory for the next allocations, and allocations made from here on carry no
+/// cross-stream events. Call it before loading weights. Nothing to do on the CPU.
 pub fn prepare_device(device: &candle_core::Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(dev) = device {
+        // SAFETY: cudarc's events order a buffer's uses across streams, and it consults them
+        // only once a context has several streams; diffuse runs all of a device's work on the
+        // one stream candle gives it and creates no other. Each allocation otherwise creates
+        // and destroys two driver events that nothing waits on.
+        unsafe { dev.disable_event_tracking() };
         return cuda::keep_freed_memory(dev);
     }
     let _ = device;
