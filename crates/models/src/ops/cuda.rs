@@ -34,6 +34,19 @@ fn contiguous(l: &Layout, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks that an op's `inputs` (each with its name) are contiguous and all in the first one's
+/// dtype.
+fn contiguous_same_dtype(op: &str, inputs: &[((&CudaStorage, &Layout), &str)]) -> Result<()> {
+    let dtype = inputs.first().map(|((s, _), _)| s.dtype());
+    for ((s, l), what) in inputs {
+        contiguous(l, what)?;
+        if Some(s.dtype()) != dtype {
+            bail!("{op}: the {what} must be in the {}'s dtype", inputs[0].1);
+        }
+    }
+    Ok(())
+}
+
 fn u32_arg(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} {v} exceeds u32")))
 }
@@ -65,12 +78,7 @@ pub(crate) fn group_norm(
     b: (&CudaStorage, &Layout),
     op: &GroupNormOp,
 ) -> Result<(CudaStorage, Shape)> {
-    for ((s, l), what) in [(x, "group norm input"), (w, "weight"), (b, "bias")] {
-        contiguous(l, what)?;
-        if s.dtype() != x.0.dtype() {
-            bail!("group norm: the {what} must be in the input's dtype");
-        }
-    }
+    contiguous_same_dtype("group norm", &[(x, "input"), (w, "weight"), (b, "bias")])?;
     let dims = x.1.shape().dims();
     let groups = op.num_groups;
     if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
@@ -419,12 +427,7 @@ pub(crate) fn conv2d_gemm(
     b: (&CudaStorage, &Layout),
     spec: &ConvSpec,
 ) -> Result<(CudaStorage, Shape)> {
-    for ((s, l), what) in [(x, "convolution input"), (w, "weight"), (b, "bias")] {
-        contiguous(l, what)?;
-        if s.dtype() != x.0.dtype() {
-            bail!("convolution: the {what} must be in the input's dtype");
-        }
-    }
+    contiguous_same_dtype("convolution", &[(x, "input"), (w, "weight"), (b, "bias")])?;
     let (n, c, h, wd) = x.1.shape().dims4()?;
     let (cout, cin, kh, kw) = w.1.shape().dims4()?;
     if cin != c || b.1.shape().elem_count() != cout || spec.stride == 0 || spec.dilation == 0 {
@@ -614,14 +617,9 @@ pub(crate) fn linear_gemm(
     w: (&CudaStorage, &Layout),
     b: Option<(&CudaStorage, &Layout)>,
 ) -> Result<(CudaStorage, Shape)> {
-    let mut inputs = vec![(x, "linear input"), (w, "weight")];
+    let mut inputs = vec![(x, "input"), (w, "weight")];
     inputs.extend(b.map(|b| (b, "bias")));
-    for ((s, l), what) in inputs {
-        contiguous(l, what)?;
-        if s.dtype() != x.0.dtype() {
-            bail!("linear: the {what} must be in the input's dtype");
-        }
-    }
+    contiguous_same_dtype("linear", &inputs)?;
     let (n, k) = w.1.shape().dims2()?;
     let dims = x.1.shape().dims();
     if dims.last() != Some(&k) || b.is_some_and(|b| b.1.shape().elem_count() != n) {
@@ -698,12 +696,7 @@ pub(crate) fn flash_attention(
     heads: usize,
     scale: f64,
 ) -> Result<(CudaStorage, Shape)> {
-    for ((s, l), what) in [(q, "query"), (k, "key"), (v, "value")] {
-        contiguous(l, what)?;
-        if s.dtype() != q.0.dtype() {
-            bail!("flash attention: the {what} must be in the query's dtype");
-        }
-    }
+    contiguous_same_dtype("flash attention", &[(q, "query"), (k, "key"), (v, "value")])?;
     let (b, n, c) = q.1.shape().dims3()?;
     let (bk, m, ck) = k.1.shape().dims3()?;
     if heads == 0

@@ -44,6 +44,21 @@ __device__ float block_max(float v, float* shared) {
     return warp_max(lane < warps ? shared[lane] : -INFINITY);
 }
 
+// The mean of `len` values and the sum of their squared deviations from it, block-wide: two
+// passes, so no cancellation.
+template <typename T>
+__device__ float2 block_mean_m2(const T* x, uint32_t len, float* shared) {
+    float s = 0.f;
+    for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) s += load(x, i);
+    const float mean = block_sum(s, shared) / (float)len;
+    float v = 0.f;
+    for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) {
+        const float d = load(x, i) - mean;
+        v += d * d;
+    }
+    return make_float2(mean, block_sum(v, shared));
+}
+
 // GroupNorm (+ SiLU) over contiguous groups, one block per group: `x` is `groups_total`
 // groups of `group_len` values; value `i` of group `g` belongs to channel
 // `(g % groups) * channels_per_group + i / inner`, whose weight and bias are applied after
@@ -58,15 +73,8 @@ __device__ void group_norm(const T* x, const T* w, const T* b, T* y, uint32_t gr
     const size_t g = blockIdx.x;
     const T* xg = x + g * group_len;
     T* yg = y + g * group_len;
-    float s = 0.f;
-    for (uint32_t i = threadIdx.x; i < group_len; i += blockDim.x) s += load(xg, i);
-    const float mean = block_sum(s, shared) / (float)group_len;
-    float v = 0.f;
-    for (uint32_t i = threadIdx.x; i < group_len; i += blockDim.x) {
-        const float d = load(xg, i) - mean;
-        v += d * d;
-    }
-    const float rstd = rsqrtf(block_sum(v, shared) / (float)group_len + eps);
+    const float2 stats = block_mean_m2(xg, group_len, shared);
+    const float mean = stats.x, rstd = rsqrtf(stats.y / (float)group_len + eps);
     const uint32_t ch0 = (uint32_t)(g % groups) * channels_per_group;
     for (uint32_t i = threadIdx.x; i < group_len; i += blockDim.x) {
         const uint32_t ch = ch0 + i / inner;
@@ -87,19 +95,10 @@ __device__ void group_norm_partial(const T* x, float* stats, uint32_t group_len,
     __shared__ float shared[32];
     const uint32_t c = blockIdx.x, start = c * chunk, len = min(chunk, group_len - start);
     const size_t g = blockIdx.y;
-    const T* xc = x + g * group_len + start;
-    float s = 0.f;
-    for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) s += load(xc, i);
-    const float mean = block_sum(s, shared) / (float)len;
-    float v = 0.f;
-    for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) {
-        const float d = load(xc, i) - mean;
-        v += d * d;
-    }
-    v = block_sum(v, shared);
+    const float2 mean_m2 = block_mean_m2(x + g * group_len + start, len, shared);
     if (threadIdx.x == 0) {
-        stats[(g * gridDim.x + c) * 2] = mean;
-        stats[(g * gridDim.x + c) * 2 + 1] = v;
+        stats[(g * gridDim.x + c) * 2] = mean_m2.x;
+        stats[(g * gridDim.x + c) * 2 + 1] = mean_m2.y;
     }
 }
 
