@@ -3,7 +3,9 @@
 //! convolutions as one GEMM per image straight from NCHW, everything else candle's `conv2d`.
 //! Each has its own backward pass, of GEMMs on the same register tiles (candle's CPU backward
 //! of a convolution goes through `conv_transpose2d`, tens of times slower than the forward,
-//! and got the shapes of odd-sized stride-2 maps wrong).
+//! and got the shapes of odd-sized stride-2 maps wrong). On a CUDA device, inference (nothing
+//! tracked) takes [`cuda_gemm`]: im2col and cuBLAS, bypassing cuDNN's per-call cost; training
+//! takes candle's `conv2d`.
 //!
 //! Winograd turns the 3×3 convolution of each 4×4 output tile into 36 element-wise products
 //! of transformed 6×6 input tiles and transformed kernels, i.e. 36 GEMMs
@@ -1348,7 +1350,7 @@ impl Conv2d {
 
 /// The most bytes the CUDA convolution's im2col buffer takes per call (larger inputs go in
 /// bands of output rows): 256 MiB, a small part of a GPU next to the UNet's weights, and enough
-/// for every convolution of SD 1.5's and SDXL's UNets at batch 2 in one or two GEMMs.
+/// for most convolutions of SD 1.5's and SDXL's UNets at batch 2 in one GEMM.
 const CUDA_COL_BYTES: usize = 256 << 20;
 
 /// Whether CUDA convolutions take [`cuda_gemm`]: yes unless `DIFFUSE_CUDA_CONV=cudnn`, which
@@ -1359,8 +1361,8 @@ fn cuda_gemm_enabled() -> bool {
 }
 
 /// `conv2d(xs, w) + bias` on a CUDA device by im2col and cuBLAS GEMMs with f32 accumulation
-/// (a 1×1 stride-1 convolution multiplies the input directly), the column buffer bounded by
-/// `max_col_bytes`. Forward only (no gradient); groups must be 1. [`Conv2d`] takes this path
+/// (a 1×1 stride-1 convolution multiplies the input directly; at most 8 output channels take a
+/// direct kernel), the column buffer bounded by `max_col_bytes`. Forward only (no gradient); groups must be 1. [`Conv2d`] takes this path
 /// on CUDA devices; it is public for tests and callers with their own weights.
 pub fn cuda_gemm(
     xs: &Tensor,
@@ -1435,7 +1437,8 @@ impl CustomOp3 for CudaGemmConv {
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Path {
     Candle,
-    /// im2col (or the input itself) and cuBLAS, on a CUDA device ([`cuda_gemm`]).
+    /// On a CUDA device: im2col (or the input itself) and cuBLAS, or the direct kernel
+    /// ([`cuda_gemm`]).
     CudaGemm,
     Im2col {
         stride: usize,
@@ -1563,7 +1566,7 @@ impl Module for Conv2d {
         let name = || {
             let kind = match path {
                 Path::Candle => "candle",
-                Path::CudaGemm => "gemm",
+                Path::CudaGemm => "cuda",
                 Path::Im2col { .. } => "im2col",
                 Path::Pointwise => "matmul",
                 Path::Winograd { small: false } => "winograd",
