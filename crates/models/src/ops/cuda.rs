@@ -507,6 +507,10 @@ pub(crate) fn conv2d_gemm(
         let pixels32 = u32_arg(pixels, "output size")?;
         let channels = u32_arg(cout, "channels")?;
         fill_bias(dev, &bs, &mut out, [rows, pixels32], [channels, 1, 0])?;
+        if k_len == 0 {
+            // No input channels: the output is the bias alone.
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+        }
         let size = std::mem::size_of::<T>();
         let (out_ptr, out_guard) = out.device_ptr_mut(&stream);
         let (w_ptr, _w_guard) = ws.device_ptr(&stream);
