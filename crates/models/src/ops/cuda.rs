@@ -1,9 +1,11 @@
-//! Launches the fused CUDA kernels (`cuda/kernels.cu`, compiled to PTX by build.rs) behind the
-//! `cuda_fwd` of the ops that have them: GroupNorm(+SiLU) and LayerNorm, the attention softmax
-//! with its scale folded in, and GEGLU. One pass each over the activation, in the input's dtype
-//! (f32, f16 or bf16) with f32 arithmetic, instead of candle's chains of generic kernels (the
-//! norms alone were a dozen full-tensor passes in f32). Inference only: with gradients tracked
-//! the callers take the generic ops, whose backward candle knows.
+//! Launches the CUDA kernels (`cuda/kernels.cu`, compiled to PTX by build.rs) and cuBLAS behind
+//! the `cuda_fwd` of the ops that have them: GroupNorm(+SiLU) and LayerNorm, the attention
+//! softmax with its scale folded in, GEGLU, flash attention, convolutions (im2col + GEMM, or
+//! direct) and linear layers (a GEMM onto the bias). The fused kernels make one pass over the
+//! activation where candle chains generic kernels (the norms alone were a dozen full-tensor
+//! passes in f32); the GEMM paths avoid cuDNN's per-call cost and candle-nn's separate bias
+//! pass. Input's dtype (f32, f16 or bf16), f32 arithmetic. Inference only: with gradients
+//! tracked the callers take the generic ops, whose backward candle knows.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};

@@ -3,7 +3,9 @@
 //! GEMM (`microkernel`). Each has a generic-op backward pass so that training works (the
 //! linear and 1×1 fast paths are inference-only and leave training to candle's matmul), and
 //! falls back to plain candle ops off the CPU. With the `cuda` feature, GroupNorm(+SiLU),
-//! LayerNorm, GEGLU and the attention softmax also have CUDA kernels (`cuda`, forward only).
+//! LayerNorm, GEGLU, the attention softmax and flash attention, convolutions (im2col + cuBLAS,
+//! or direct) and linear layers (cuBLAS onto the bias) also have CUDA paths (`cuda`, forward
+//! only).
 //!
 //! The build targets baseline x86-64 (SSE2), so hot loops are compiled a second time with
 //! AVX2+FMA and picked at run time (`simd_fn!`, [`kernels`]; `DIFFUSE_KERNELS=portable`
