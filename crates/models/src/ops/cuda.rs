@@ -64,6 +64,17 @@ fn row_threads(len: usize) -> u32 {
     }
 }
 
+/// The grid of the kernels that walk rows (im2col, bias_fill, group_norm_apply): x covers a row
+/// of `row_len` values, `per_thread` each, in blocks of 256 threads; y covers the rows, at most
+/// 65,535 blocks of them (the kernels loop over the rest).
+fn row_grid(row_len: u32, per_thread: u32, rows: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (row_len.div_ceil(256 * per_thread), rows.clamp(1, 65_535), 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn launch_config(blocks: usize, threads: u32, what: &str) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
         grid_dim: (u32_arg(blocks, what)?, 1, 1),
@@ -191,11 +202,7 @@ fn group_norm_split<T: CudaDType + DeviceRepr + WithDType>(
         u32_arg(cpg, "channels per group")?,
     );
     let silu = op.silu as i32;
-    let cfg = LaunchConfig {
-        grid_dim: (inner32.div_ceil(256), rows.min(65_535), 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = row_grid(inner32, 1, rows);
     let mut builder = apply.builder();
     builder.arg(&xs).arg(&ws).arg(&bs).arg(&mean_rstd).arg(&out);
     builder
@@ -551,11 +558,7 @@ pub(crate) fn conv2d_gemm(
                     let rows = u32_arg(count * k_len, "im2col rows")?;
                     let x_img = x_ptr + (first_image * image_len * size) as u64;
                     let (first32, len32) = (u32_arg(first, "pixel")?, u32_arg(len, "band")?);
-                    let cfg = LaunchConfig {
-                        grid_dim: (len32.div_ceil(256 * IM2COL_PIXELS), rows.min(65_535), 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
+                    let cfg = row_grid(len32, IM2COL_PIXELS, rows);
                     let mut builder = func.builder();
                     builder.arg(&x_img).arg(&col_ptr).arg(&geom).arg(&image_len);
                     builder.arg(&first32).arg(&len32).arg(&rows);
@@ -601,11 +604,7 @@ fn fill_bias<T: GemmDType>(
 ) -> Result<()> {
     let func =
         dev.get_or_load_custom_func(&format!("bias_fill_{}", T::DTYPE.as_str()), MODULE, PTX)?;
-    let cfg = LaunchConfig {
-        grid_dim: (cols.div_ceil(256), rows.clamp(1, 65_535), 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = row_grid(cols, 1, rows);
     let mut builder = func.builder();
     builder.arg(bias).arg(out).arg(&rows).arg(&cols);
     builder.arg(&channels).arg(&row_step).arg(&col_step);
