@@ -46,7 +46,8 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) -> Result<()>
 
 /// The kernels in use follow the build and `DIFFUSE_KERNELS` (`scripts/test` runs this file
 /// with the `portable` feature, with `DIFFUSE_KERNELS=portable` and, so that an AVX-512
-/// machine tests the AVX2 path too, with `DIFFUSE_KERNELS=avx2`).
+/// machine tests the AVX2 path too, with `DIFFUSE_KERNELS=avx2`; on a machine with bf16 dot
+/// products that run also takes bf16 layers through the f32 tiles).
 #[test]
 fn kernel_choice_follows_build_and_environment() {
     use diffuse_models::ops::{detected_kernels, kernels, Kernels};
@@ -57,7 +58,8 @@ fn kernel_choice_follows_build_and_environment() {
     let cap = match asked.as_str() {
         "portable" => Kernels::Portable,
         "avx2" => Kernels::Avx2,
-        _ => Kernels::Avx512,
+        "avx512" => Kernels::Avx512,
+        _ => Kernels::Avx512Bf16,
     };
     assert_eq!(kernels(), cap.min(detected_kernels()));
     eprintln!("kernels: {}", kernels().name());
@@ -771,6 +773,18 @@ fn linear_matches_reference() -> Result<()> {
                 1e-5,
             )?;
         }
+        // A bf16 layer under bf16 activations (inference at `--dtype bf16`): bf16 products
+        // (AVX512-BF16 where the CPU has it, f32 ones elsewhere), the output rounded to bf16
+        // (2⁻⁹ relative at most), on the packed, transposed and one-dot-per-output paths.
+        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
+        let half = Linear::new(bf16(layer.weight())?, layer.bias().map(bf16).transpose()?);
+        let xh = bf16(&x)?;
+        let got = half.forward(&xh)?;
+        assert_eq!(got.dtype(), DType::BF16);
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let widened = Linear::new(f32(half.weight())?, half.bias().map(f32).transpose()?);
+        let want = widened.forward_reference(&f32(&xh)?)?;
+        assert_close(&format!("linear bf16 {shape:?}"), &f32(&got)?, &want, 4e-3)?;
     }
     Ok(())
 }

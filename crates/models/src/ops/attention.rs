@@ -87,14 +87,16 @@ fn exp_shifted_sum_portable(row: &mut [f32], m: f32) -> f32 {
 /// packed as `scale · kᵀ` by [`pack_kt`], with values `v` (M × dv) packed by [`pack_rows`],
 /// written to `out` (rows × dv).
 /// `causal`: the index of the block's first row in its head, whose row `i` sees keys `0..=i`.
+/// `bf16`: bf16 inputs, whose two products are bf16 ones ([`Gemm::bf16`]; the probabilities
+/// are rounded to bf16 for the second, as PyTorch's bf16 attention rounds them).
 fn attend_block(
     q: &[f32],
-    kt: &[f32],
+    (kt, v): (&[f32], &[f32]),
     m_keys: usize,
-    v: &[f32],
     out: &mut [f32],
     (d, dv): (usize, usize),
     causal: Option<usize>,
+    bf16: bool,
 ) {
     let rows = out.len() / dv;
     let bk = BLOCK_K.min(m_keys.next_multiple_of(NR));
@@ -121,6 +123,7 @@ fn attend_block(
             cs_c: 1,
             accumulate: false,
             bias_per_col: false,
+            bf16,
         };
         scores.run(q, &kt[k0 * d..], &mut s, None);
         if let Some(r0) = causal {
@@ -145,6 +148,7 @@ fn attend_block(
             cs_c: 1,
             accumulate: true,
             bias_per_col: false,
+            bf16,
         };
         values.run(&s, &v[k0 * NR..], out, None);
     }
@@ -249,6 +253,7 @@ impl CustomOp3 for FlashAttention {
             )
         }
         let (d, dv) = (cq / h, cv / h);
+        let bf16 = sq.dtype() == candle_core::DType::BF16;
         let q = f32_input(sq, lq, "attention q")?;
         let k = f32_input(sk, lk, "attention k")?;
         let v = f32_input(sv, lv, "attention v")?;
@@ -289,12 +294,15 @@ impl CustomOp3 for FlashAttention {
                     }
                     attend_block(
                         &qb,
-                        &kt[head * per_head..(head + 1) * per_head],
+                        (
+                            &kt[head * per_head..(head + 1) * per_head],
+                            &vp[head * v_per_head..(head + 1) * v_per_head],
+                        ),
                         m,
-                        &vp[head * v_per_head..(head + 1) * v_per_head],
                         &mut ob,
                         (d, dv),
                         self.causal.then_some(t0),
+                        bf16,
                     );
                 }
                 for (r, row) in ob.chunks_exact(dv).enumerate() {

@@ -25,7 +25,10 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
-use super::microkernel::{gemm_parallel, pack_kt, transpose, transpose_rows8, Gemm, B, NR};
+use super::microkernel::{
+    gemm_parallel, gemm_parallel_bf16, pack_kt, transpose, transpose_rows8, BfA, BfB, BfOut, Gemm,
+    B, NR,
+};
 use super::{f32_input, f32_output, kernel_dtype, output_buffer, simd_fn, SendPtr, LANES};
 
 /// Output tile side, input tile side (m + r − 1) and transformed points per tile.
@@ -501,6 +504,7 @@ fn convolve_tiles(
         cs_c: 1,
         accumulate: false,
         bias_per_col: false,
+        bf16: false,
     };
     for p in 0..POINTS {
         g.run(
@@ -523,7 +527,7 @@ fn convolve_tiles(
 /// transform out to memory before its GEMMs cost more than the GEMMs at 8×8.
 fn convolve_small(
     x: &[f32],
-    w: &[f32],
+    w: &GemmWeight<'_>,
     bias: &[f32],
     out: SendPtr,
     grid: Grid,
@@ -549,6 +553,18 @@ fn convolve_small(
             scratch.len().max(kernel_panels(block) + POINTS * NR * nt),
             0.0,
         );
+        // A bf16 weight as stored: this task's output channels widened (one contiguous run
+        // of the weight), not all of it for every call.
+        let cols = NR.min(cout - o0);
+        let widened: Vec<f32>;
+        let (wk, wk_cout, wk_o0) = match w {
+            GemmWeight::F32(w) => (&w[..], cout, o0),
+            GemmWeight::InPlace(w) => {
+                let run = &w[o0 * cin * 9..(o0 + cols) * cin * 9];
+                widened = run.iter().map(|v| v.to_f32()).collect();
+                (&widened[..], cols, 0)
+            }
+        };
         let (u, m) = scratch.split_at_mut(kernel_panels(block));
         if cin == 0 {
             // No GEMM writes the products: the output is the bias alone.
@@ -556,7 +572,7 @@ fn convolve_small(
         }
         for c0 in (0..cin).step_by(block) {
             let nb = block.min(cin - c0);
-            transform_kernel_panel(w, cout, cin, o0, c0, nb, flipped, u);
+            transform_kernel_panel(wk, wk_cout, cin, wk_o0, c0, nb, flipped, u);
             let g = Gemm {
                 m: nt,
                 n: NR,
@@ -567,6 +583,7 @@ fn convolve_small(
                 cs_c: 1,
                 accumulate: c0 > 0,
                 bias_per_col: false,
+                bf16: false,
             };
             for p in 0..POINTS {
                 g.run(
@@ -625,7 +642,11 @@ impl CustomOp3 for Winograd {
         let ptr = SendPtr(out.as_mut_ptr());
         // By the tiles of one image, as [`Conv2d::path`] chooses.
         if grid.tiles_per_image < MIN_TILES && !cheap_kernels(cin, cout) {
-            let wt = f32_input(sw, lw, "conv weight")?;
+            let wt = match self.flipped {
+                // (A flipped weight's output channels are not runs of it.)
+                true => GemmWeight::F32(f32_input(sw, lw, "conv weight")?),
+                false => GemmWeight::new(sw, lw)?,
+            };
             convolve_small(&x, &wt, &bias, ptr, grid, (n, cin, cout), self.flipped);
             return Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, h, w))));
         }
@@ -862,6 +883,7 @@ impl candle_core::CustomOp2 for WeightGrad {
                         cs_c: k,
                         accumulate: true,
                         bias_per_col: false,
+                        bf16: false,
                     };
                     gemm.run(cols, &dy_t, dw, None);
                     for (b, row) in db.iter_mut().zip(dy.chunks_exact(plane)) {
@@ -930,6 +952,7 @@ fn same_conv_weight_grad(
                 cs_c: k,
                 accumulate: true,
                 bias_per_col: false,
+                bf16: false,
             };
             let shift = tap / 3 * wp + tap % 3;
             gemm.run(&bordered[shift..], &dy_t, &mut dw[tap..], None);
@@ -980,6 +1003,7 @@ impl candle_core::CustomOp2 for InputGrad {
             cs_c: 1,
             accumulate: false,
             bias_per_col: false,
+            bf16: false,
         };
         // Pointwise: the product is the gradient and writes all of it; im2col: the columns'
         // gradients are summed into zeros.
@@ -1087,7 +1111,10 @@ impl CustomOp3 for Im2colConv {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, cin, h, w) = lx.shape().dims4()?;
         let (cout, ..) = lw.shape().dims4()?;
-        let (x, wt, bias) = conv_operands((sx, lx), (sw, lw), (sb, lb))?;
+        let x = f32_input(sx, lx, "conv input")?;
+        let bias = f32_input(sb, lb, "conv bias")?;
+        let wt = GemmWeight::new(sw, lw)?;
+        let bf16 = sx.dtype() == DType::BF16;
         let s = self.stride;
         // PyTorch's output size for kernel 3, padding 1.
         let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
@@ -1112,7 +1139,7 @@ impl CustomOp3 for Im2colConv {
                 } else {
                     col.chunks_mut(9 * plane).enumerate().for_each(rows);
                 }
-                weight_times_image(&wt, col, &bias, dst, parallel);
+                weight_times_image(wt.operand(), col, &bias, dst, (parallel, bf16));
             });
         });
         Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, ho, wo))))
@@ -1146,27 +1173,50 @@ impl CustomOp3 for Im2colConv {
     }
 }
 
-/// The input, weight and bias of a convolution op as f32 (borrowed when they already are).
-type Operands<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>, Cow<'a, [f32]>);
+/// A convolution's weight for its GEMM: a bf16 layer's as stored where the bf16 tiles read it
+/// in place (the other paths would widen all of it on every call: 118 MB for SD's
+/// 2560 → 1280 layers), else in f32.
+enum GemmWeight<'a> {
+    InPlace(&'a [half::bf16]),
+    F32(Cow<'a, [f32]>),
+}
 
-fn conv_operands<'a>(
-    x: (&'a CpuStorage, &Layout),
-    w: (&'a CpuStorage, &Layout),
-    b: (&'a CpuStorage, &Layout),
-) -> Result<Operands<'a>> {
-    Ok((
-        f32_input(x.0, x.1, "conv input")?,
-        f32_input(w.0, w.1, "conv weight")?,
-        f32_input(b.0, b.1, "conv bias")?,
-    ))
+impl<'a> GemmWeight<'a> {
+    fn new(s: &'a CpuStorage, l: &Layout) -> Result<Self> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::BF16(v), Some((start, end))) if super::has_bf16_dot() => {
+                Ok(Self::InPlace(&v[start..end]))
+            }
+            _ => Ok(Self::F32(f32_input(s, l, "conv weight")?)),
+        }
+    }
+
+    fn operand(&self) -> BfA<'_> {
+        match self {
+            Self::InPlace(w) => BfA::Bf16(w),
+            Self::F32(w) => BfA::F32(w),
+        }
+    }
 }
 
 /// `dst (Cout × P) = w (Cout × K) · x (K × P) + bias` for one image, all row-major, on every
 /// core when `parallel`: an im2col matrix (K = 9·Cin) or the image itself (a 1×1 convolution,
-/// K = Cin). The bias enters in the GEMM's first store, not as a pass of its own.
-fn weight_times_image(w: &[f32], x: &[f32], bias: &[f32], dst: &mut [f32], parallel: bool) {
+/// K = Cin). The bias enters in the GEMM's first store, not as a pass of its own. `bf16`: a
+/// bf16 layer's product ([`Gemm::bf16`]), on every core (the same values: the split is over
+/// rows and columns, never K).
+fn weight_times_image(
+    w: BfA<'_>,
+    x: &[f32],
+    bias: &[f32],
+    dst: &mut [f32],
+    (parallel, bf16): (bool, bool),
+) {
     let cout = bias.len();
-    let k = w.len().checked_div(cout).unwrap_or(0);
+    let w_len = match w {
+        BfA::F32(w) => w.len(),
+        BfA::Bf16(w) => w.len(),
+    };
+    let k = w_len.checked_div(cout).unwrap_or(0);
     let plane = dst.len().checked_div(cout).unwrap_or(0);
     let g = Gemm {
         m: cout,
@@ -1178,8 +1228,12 @@ fn weight_times_image(w: &[f32], x: &[f32], bias: &[f32], dst: &mut [f32], paral
         cs_c: 1,
         accumulate: false,
         bias_per_col: false,
+        bf16,
     };
-    run_gemm(&g, w, x, dst, Some(bias), parallel);
+    match w {
+        BfA::F32(w) if !bf16 => run_gemm(&g, w, x, dst, Some(bias), parallel),
+        w => gemm_parallel_bf16(&g, w, BfB::F32(x), BfOut::F32(dst), Some(bias)),
+    }
 }
 
 /// Largest buffer [`with_scratch`] keeps (16 MiB): the im2col matrices of small maps (a
@@ -1258,14 +1312,17 @@ impl CustomOp3 for PointwiseConv {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, cin, h, w) = lx.shape().dims4()?;
         let (cout, ..) = lw.shape().dims4()?;
-        let (x, wt, bias) = conv_operands((sx, lx), (sw, lw), (sb, lb))?;
+        let x = f32_input(sx, lx, "conv input")?;
+        let bias = f32_input(sb, lb, "conv bias")?;
+        let wt = GemmWeight::new(sw, lw)?;
+        let bf16 = sx.dtype() == DType::BF16;
         let plane = h * w;
         // Every element is written: each image's GEMM, or its bias fill when there are no
         // input channels, writes all of its output.
         let mut out = output_buffer(n * cout * plane);
         per_image(&mut out, cout * plane, |i, dst, parallel| {
             let img = &x[i * cin * plane..(i + 1) * cin * plane];
-            weight_times_image(&wt, img, &bias, dst, parallel);
+            weight_times_image(wt.operand(), img, &bias, dst, (parallel, bf16));
         });
         Ok((f32_output(out, sx.dtype())?, Shape::from((n, cout, h, w))))
     }

@@ -14,12 +14,16 @@
 //! computes in f32, widening the weight as it packs it (the diffusion transformers at their real
 //! sizes keep their weights in bf16 to halve their memory).
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::microkernel::{gemm_parallel, pack_kt, transpose, Gemm, B, NR};
-use super::{f32_input, has_avx2_fma, output_buffer};
+use super::microkernel::{
+    gemm_parallel, gemm_parallel_bf16, pack_kt, pack_pairs, pack_pairs_bf16_rows, transpose, BfA,
+    BfB, BfOut, Gemm, B, NR,
+};
+use super::{f32_input, f32_output, has_avx2_fma, output_buffer};
 
 /// Most rows for [`LinearOp::transposed`]; more pack the weight.
 const TRANSPOSED_MAX_ROWS: usize = 256;
@@ -122,10 +126,17 @@ impl Linear {
         self.inner.forward(xs)
     }
 
-    /// Whether `xs` takes the packed AVX2 GEMM.
+    /// Whether `xs` takes the packed AVX2 GEMM: f32 inputs, and bf16 ones outside training
+    /// (bf16 products; the backward is f32's).
     fn fast(&self, xs: &Tensor) -> bool {
         let w = self.inner.weight();
-        let f32 = |t: &Tensor| t.dtype() == candle_core::DType::F32;
+        let input_dtype = match xs.dtype() {
+            candle_core::DType::F32 => true,
+            candle_core::DType::BF16 => {
+                !(xs.track_op() || w.track_op() || self.inner.bias().is_some_and(|b| b.track_op()))
+            }
+            _ => false,
+        };
         let float = |t: &Tensor| super::kernel_dtype(t.dtype());
         let Ok((n, k)) = w.dims2() else { return false };
         // (No input features: the row count cannot be read off the flat input; candle's
@@ -133,7 +144,7 @@ impl Linear {
         k > 0
             && xs.device().is_cpu()
             && has_avx2_fma()
-            && f32(xs)
+            && input_dtype
             && float(w)
             && self
                 .inner
@@ -145,17 +156,19 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if xs.dtype() == candle_core::DType::BF16 && xs.device().is_cpu() {
+        let fast = self.fast(xs);
+        if xs.dtype() == candle_core::DType::BF16 && xs.device().is_cpu() && !fast {
             // candle's CPU matmul has no bf16: computed in f32 (as the bf16 kernels of PyTorch
             // accumulate), rounded back to bf16.
             let wide = xs.to_dtype(candle_core::DType::F32)?;
             return self.forward(&wide)?.to_dtype(xs.dtype());
         }
-        let fast = self.fast(xs);
         let (n, k) = self.inner.weight().dims2()?;
         let rows = xs.elem_count() / k.max(1);
         let name = || {
+            let bf16 = xs.dtype() == candle_core::DType::BF16 && super::has_bf16_dot();
             let kind = match (fast, xs.device().is_cuda()) {
+                (true, _) if bf16 => "packed bf16",
                 (true, _) => "packed",
                 (false, true) => "cuda",
                 (false, false) => "candle",
@@ -302,44 +315,43 @@ impl LinearOp {
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, k) = w.1.shape().dims2()?;
-        let xs = f32_input(x.0, x.1, "linear input")?;
+        // A bf16 input (inference at `--dtype bf16`) gets bf16 products and a bf16 output.
+        let dtype = x.0.dtype();
+        let bf16 = dtype == candle_core::DType::BF16;
         let weight = Weight::new(w.0, w.1)?;
         let bias = bias
             .map(|(s, l)| f32_input(s, l, "linear bias"))
             .transpose()?;
-        let m = xs.len().checked_div(k).unwrap_or(0);
+        let m = x.1.shape().elem_count().checked_div(k).unwrap_or(0);
         let mut dims = x.1.shape().dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
+        // The bf16 tiles read a bf16 input in place; the other paths take it in f32.
+        let bf16_x = match x.0 {
+            CpuStorage::BF16(v) if m > TRANSPOSED_MAX_ROWS && super::has_bf16_dot() => {
+                let Some((start, end)) = x.1.contiguous_offsets() else {
+                    candle_core::bail!("linear input: the CPU kernel needs a contiguous input")
+                };
+                Some(&v[start..end])
+            }
+            _ => None,
+        };
+        let xs = match bf16_x {
+            Some(_) => std::borrow::Cow::Borrowed(&[][..]),
+            None => f32_input(x.0, x.1, "linear input")?,
+        };
         if m <= GEMV_MAX_ROWS && !matches!(weight, Weight::F32(_)) {
             return Ok((
-                CpuStorage::F32(weight.gemv(&xs, bias.as_deref(), (m, n, k))),
+                f32_output(weight.gemv(&xs, bias.as_deref(), (m, n, k)), dtype)?,
                 Shape::from(dims),
             ));
         }
         if m <= TRANSPOSED_MAX_ROWS {
             let ws = weight.to_f32(0..n * k);
-            return Ok((
-                CpuStorage::F32(Self::transposed(&xs, &ws, bias.as_deref(), (m, n, k))),
-                Shape::from(dims),
-            ));
+            let out = Self::transposed(&xs, &ws, bias.as_deref(), (m, n, k), bf16);
+            return Ok((f32_output(out, dtype)?, Shape::from(dims)));
         }
-        // Every element is written (here and below): `pack_kt` writes every panel value,
-        // padding included, and the GEMMs (K > 0, not accumulating) and the transpose every
-        // output value.
-        let mut wt = output_buffer(n.div_ceil(NR) * NR * k);
-        if k > 0 {
-            wt.par_chunks_mut(NR * k)
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    let rows = p * NR..((p + 1) * NR).min(n);
-                    // (A half-precision weight is widened one panel at a time.)
-                    let ws = weight.to_f32(rows.start * k..rows.end * k);
-                    pack_kt(&ws, (rows.len(), k, k), 1.0, panel)
-                });
-        }
-        let mut out = output_buffer(m * n);
         let g = Gemm {
             m,
             n,
@@ -350,7 +362,38 @@ impl LinearOp {
             cs_c: 1,
             accumulate: false,
             bias_per_col: true,
+            bf16,
         };
+        // A bf16 layer on the bf16 tiles: the weight rounded to bf16 once, or taken as it is
+        // stored (every row block would otherwise convert it again), the input read in place.
+        let pairs = match (&weight, bf16) {
+            (Weight::Bf16(w), true) => pack_pairs_bf16_rows(w, (n, k)),
+            _ => None,
+        };
+        // Every element is written (here and below): `pack_kt` writes every panel value,
+        // padding included, and the GEMMs (K > 0, not accumulating) and the transpose every
+        // output value.
+        let panels = if pairs.is_some() { 0 } else { n.div_ceil(NR) };
+        let mut wt = output_buffer(panels * NR * k);
+        if k > 0 {
+            wt.par_chunks_mut(NR * k)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    let rows = p * NR..((p + 1) * NR).min(n);
+                    // (A half-precision weight is widened one panel at a time.)
+                    let ws = weight.to_f32(rows.start * k..rows.end * k);
+                    pack_kt(&ws, (rows.len(), k, k), 1.0, panel)
+                });
+        }
+        if bf16 {
+            let pairs = pairs.or_else(|| pack_pairs(&g, &wt));
+            let a = bf16_x.map_or(BfA::F32(&xs), BfA::Bf16);
+            let b = pairs.as_ref().map_or(BfB::F32(&wt), BfB::Pairs);
+            let mut out = vec![half::bf16::ZERO; m * n];
+            gemm_parallel_bf16(&g, a, b, BfOut::Bf16(&mut out), bias.as_deref());
+            return Ok((CpuStorage::BF16(out), Shape::from(dims)));
+        }
+        let mut out = output_buffer(m * n);
         gemm_parallel(&g, &xs, &wt, &mut out, bias.as_deref());
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
@@ -367,6 +410,7 @@ impl LinearOp {
         ws: &[f32],
         bias: Option<&[f32]>,
         (m, n, k): (usize, usize, usize),
+        bf16: bool,
     ) -> Vec<f32> {
         let mut xt = output_buffer(m.div_ceil(NR) * NR * k);
         pack_kt(xs, (m, k, k), 1.0, &mut xt);
@@ -389,6 +433,7 @@ impl LinearOp {
             cs_c: 1,
             accumulate: false,
             bias_per_col: false,
+            bf16,
         };
         gemm_parallel(&g, ws, &xt, &mut yt, bias);
         let mut out = output_buffer(m * n);

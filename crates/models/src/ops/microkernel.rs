@@ -11,6 +11,11 @@
 //! layer over few rows computes `(x·wᵀ)ᵀ = w·xᵀ` so that the weight needs no packed copy).
 //! Packing `a` as well (tiles of 6 rows, interleaved) made the K loop ~6% faster on one core
 //! but cost more than that in copies, measured on the linear layers.
+//!
+//! Products of bf16 layers ([`Gemm::bf16`]) run on bf16 tiles where the CPU has AVX512-BF16
+//! ([`avx512bf16`]): twice the multiply-adds per instruction. Their operands may come as the
+//! layers hold them ([`gemm_parallel_bf16`]): a bf16 `a` read in place, a weight rounded into
+//! bf16 panels once per call ([`PairPanels`]), a bf16 output.
 
 use rayon::prelude::*;
 
@@ -124,6 +129,11 @@ pub(crate) struct Gemm {
     pub accumulate: bool,
     /// The bias has one value per column of `c` (a linear layer's), not one per row.
     pub bias_per_col: bool,
+    /// A bf16 layer's product: `a` and `b` rounded to bf16 and multiplied by AVX512-BF16 dot
+    /// products, accumulated in f32, where the CPU has them ([`avx512bf16`]); elsewhere the f32
+    /// product, which is the same maths when the operands are bf16 values already.
+    #[cfg_attr(not(x86_simd), allow(dead_code))] // (read by the x86 dispatch only)
+    pub bf16: bool,
 }
 
 impl Gemm {
@@ -142,13 +152,10 @@ impl Gemm {
         (a, b, (m - 1) * self.rs_c + (n - 1) * self.cs_c + 1)
     }
 
-    /// Panics unless the slices cover the product.
-    fn check(&self, a: &[f32], b: &[f32], c: &[f32], bias: Option<&[f32]>) {
+    /// Panics unless operands of these lengths (`a`, `b`, `c`) and the bias cover the product.
+    fn check(&self, (a, b, c): (usize, usize, usize), bias: Option<&[f32]>) {
         let (ea, eb, ec) = self.extents();
-        assert!(
-            a.len() >= ea && b.len() >= eb && c.len() >= ec,
-            "GEMM operands too short"
-        );
+        assert!(a >= ea && b >= eb && c >= ec, "GEMM operands too short");
         assert!(
             bias.is_none_or(|x| x.len() >= if self.bias_per_col { self.n } else { self.m }),
             "GEMM bias too short"
@@ -158,7 +165,7 @@ impl Gemm {
     /// Runs the product on this thread (the callers are parallel tasks): the AVX2 tiles, or
     /// the `gemm` crate on other CPUs.
     pub(crate) fn run(&self, a: &[f32], b: &[f32], c: &mut [f32], bias: Option<&[f32]>) {
-        self.check(a, b, c, bias);
+        self.check((a.len(), b.len(), c.len()), bias);
         let bias = bias.map_or(std::ptr::null(), |x| x.as_ptr());
         // SAFETY: checked above.
         unsafe { self.run_raw(a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), bias) }
@@ -172,7 +179,13 @@ impl Gemm {
     unsafe fn run_raw(&self, a: *const f32, b: *const f32, c: *mut f32, bias: *const f32) {
         #[cfg(x86_simd)]
         match super::kernels() {
-            super::Kernels::Avx512 => return avx512::gemm(self, a, b, c, bias),
+            super::Kernels::Avx512Bf16 if self.bf16 => {
+                use avx512bf16::{ASrc, BSrc};
+                return avx512bf16::gemm(self, ASrc::F32(a), BSrc::F32(b), c, bias);
+            }
+            super::Kernels::Avx512 | super::Kernels::Avx512Bf16 => {
+                return avx512::gemm(self, a, b, c, bias)
+            }
             super::Kernels::Avx2 => return avx2::gemm(self, a, b, c, bias),
             super::Kernels::Portable => {}
         }
@@ -289,29 +302,59 @@ pub(crate) fn transpose(src: &[f32], (rows, cols, ld): (usize, usize, usize), ds
         });
 }
 
-/// Runs `g` on every core, split into row blocks × column blocks (whole panels) of about
-/// equal size, at least `4 ×` as many as threads when the product is big enough.
-pub(crate) fn gemm_parallel(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias: Option<&[f32]>) {
-    g.check(a, b, c, bias);
+/// A block of a product that one task of the parallel drivers runs: `sub` starts at row `r0`
+/// and column `n0` of the whole product.
+struct Block {
+    sub: Gemm,
+    r0: usize,
+    n0: usize,
+}
+
+impl Block {
+    /// Where the block's bias starts.
+    fn bias_at(&self) -> usize {
+        if self.sub.bias_per_col {
+            self.n0
+        } else {
+            self.r0
+        }
+    }
+
+    /// Where the block's `b` starts in an f32 `b` laid out as the product says.
+    fn b_off(&self) -> usize {
+        match self.sub.b {
+            B::Rows { .. } => self.n0,
+            B::Packed { panel_stride } => self.n0 / NR * panel_stride,
+        }
+    }
+}
+
+/// Calls `f` on every core with blocks of `g` (rows × whole panels of `width` columns) of
+/// about equal size, at least `4 ×` as many as threads when the product is big enough; a
+/// small product is one block, on this thread.
+fn for_each_block(g: &Gemm, width: usize, f: impl Fn(Block) + Sync) {
     if g.m == 0 || g.n == 0 {
         return;
     }
     if g.m * g.n * g.k < 1 << 16 {
         // Too small to split.
-        return g.run(a, b, c, bias);
+        return f(Block {
+            sub: *g,
+            r0: 0,
+            n0: 0,
+        });
     }
     // Blocks of at least 48 rows × 64 columns (enough work per task to hide its startup),
     // at most 192 × 256 (a's K-block slice in L2).
     let want = 4 * rayon::current_num_threads();
-    let panels = g.n.div_ceil(NR);
+    let panels = g.n.div_ceil(width);
     let row_blocks = g.m.div_ceil(192).max(want.min(g.m.div_ceil(48)));
     let col_blocks = panels
-        .div_ceil(16)
-        .max(want.div_ceil(row_blocks).min(panels.div_ceil(4)));
+        .div_ceil(256 / width)
+        .max(want.div_ceil(row_blocks).min(panels.div_ceil(64 / width)));
     let rows = g.m.div_ceil(row_blocks).next_multiple_of(ROW_ALIGN);
     let pb = panels.div_ceil(col_blocks);
     let (row_blocks, col_blocks) = (g.m.div_ceil(rows), panels.div_ceil(pb));
-    let c_ptr = SendPtr(c.as_mut_ptr());
     // Consecutive tasks (one thread's share of the range) walk along the bigger operand, so
     // that the smaller one is what they re-read from cache: row-block-major when `a` is the
     // bigger (column-block-major made both threads stream all of an 8192-token activation
@@ -324,29 +367,239 @@ pub(crate) fn gemm_parallel(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias:
         } else {
             (t % row_blocks, t / row_blocks)
         };
-        let (r0, p0) = (rb * rows, cb * pb);
-        let n0 = p0 * NR;
+        let (r0, n0) = (rb * rows, cb * pb * width);
         let sub = Gemm {
             m: rows.min(g.m - r0),
-            n: (pb * NR).min(g.n - n0),
+            n: (pb * width).min(g.n - n0),
             ..*g
         };
-        let b_off = match g.b {
-            B::Rows { .. } => n0,
-            B::Packed { panel_stride } => p0 * panel_stride,
-        };
-        let bias_at = if g.bias_per_col { n0 } else { r0 };
-        let bias = bias.map_or(std::ptr::null(), |x| x[bias_at..].as_ptr());
+        f(Block { sub, r0, n0 })
+    });
+}
+
+/// Runs `g` on every core ([`for_each_block`]).
+pub(crate) fn gemm_parallel(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias: Option<&[f32]>) {
+    g.check((a.len(), b.len(), c.len()), bias);
+    let c_ptr = SendPtr(c.as_mut_ptr());
+    for_each_block(g, NR, |blk| {
+        let bias = bias.map_or(std::ptr::null(), |x| x[blk.bias_at()..].as_ptr());
         // SAFETY: the blocks are parts of the product checked above, and no two write the
         // same element of `c`.
         unsafe {
-            sub.run_raw(
-                a.as_ptr().add(r0 * g.lda),
-                b.as_ptr().add(b_off),
-                c_ptr.get().add(r0 * g.rs_c + n0 * g.cs_c),
+            blk.sub.run_raw(
+                a.as_ptr().add(blk.r0 * g.lda),
+                b.as_ptr().add(blk.b_off()),
+                c_ptr.get().add(blk.r0 * g.rs_c + blk.n0 * g.cs_c),
                 bias,
             )
         }
+    });
+}
+
+/// The `a` of a bf16 product ([`gemm_parallel_bf16`]) as the layer holds it.
+#[derive(Clone, Copy)]
+pub(crate) enum BfA<'a> {
+    F32(&'a [f32]),
+    /// Read in place by the bf16 tiles (widened first on other CPUs).
+    Bf16(&'a [half::bf16]),
+}
+
+/// The `b` of a bf16 product: f32 values laid out as the product says, or [`PairPanels`].
+#[derive(Clone, Copy)]
+pub(crate) enum BfB<'a> {
+    F32(&'a [f32]),
+    Pairs(&'a PairPanels),
+}
+
+/// Where a bf16 product writes: `c` in f32 (as [`gemm_parallel`]), or row-major bf16 values
+/// (`rs_c = n`, not accumulating), each task's block computed into an f32 buffer it keeps and
+/// rounded from there. (An f32 output the size of the whole product, then rounded, took as
+/// long again as the product of a linear layer at 8192 × 320 → 2560: 84 MB of fresh pages,
+/// then a second pass.)
+pub(crate) enum BfOut<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [half::bf16]),
+}
+
+/// A product's whole `b` rounded to bf16 once, in the layout the bf16 tiles read in place
+/// (panels of 32 columns, K values interleaved in pairs): for a `b` that every row block would
+/// otherwise convert again (a linear layer's weight).
+pub(crate) struct PairPanels {
+    #[cfg_attr(not(x86_simd), allow(dead_code))] // (read by the bf16 tiles only)
+    data: Vec<u16>,
+    n: usize,
+    k: usize,
+}
+
+/// `b` (f32, laid out as `g` says) as [`PairPanels`], on every core; `None` where the CPU has
+/// no bf16 dot products.
+pub(crate) fn pack_pairs(g: &Gemm, b: &[f32]) -> Option<PairPanels> {
+    #[cfg(x86_simd)]
+    if super::has_bf16_dot() {
+        use avx512bf16::{pair_panel_len, NB};
+        let (_, eb, _) = g.extents();
+        assert!(b.len() >= eb, "GEMM operand too short");
+        let len = pair_panel_len(g.k);
+        let mut data = vec![0u16; g.n.div_ceil(NB) * len];
+        if len > 0 {
+            data.par_chunks_mut(len).enumerate().for_each(|(p, panel)| {
+                // SAFETY: the CPU has the features; `b` covers the product's `b` (checked) and
+                // `panel` one panel.
+                unsafe { avx512bf16::pack_pairs(g, b.as_ptr(), p..p + 1, panel.as_mut_ptr()) }
+            });
+        }
+        return Some(PairPanels {
+            data,
+            n: g.n,
+            k: g.k,
+        });
+    }
+    let _ = (g, b);
+    None
+}
+
+/// A bf16 weight `w` stored `n × k` (a linear layer's: the product's `b` is `wᵀ`) as
+/// [`PairPanels`], on every core: each column's pairs of K values sit side by side in its row
+/// of `w` already, so the panels are a transpose of 32-bit pairs (no rounding, no f32 copy).
+/// `None` where the CPU has no bf16 dot products.
+pub(crate) fn pack_pairs_bf16_rows(w: &[half::bf16], (n, k): (usize, usize)) -> Option<PairPanels> {
+    #[cfg(x86_simd)]
+    if super::has_bf16_dot() {
+        use avx512bf16::{pair_panel_len, NB};
+        assert!(w.len() >= n * k, "GEMM operand too short");
+        let len = pair_panel_len(k);
+        let mut data = vec![0u16; n.div_ceil(NB) * len];
+        if len > 0 {
+            data.par_chunks_mut(len).enumerate().for_each(|(p, panel)| {
+                for j in 0..NB.min(n - p * NB) {
+                    let row = &w[(p * NB + j) * k..(p * NB + j + 1) * k];
+                    for (q, two) in row.chunks(2).enumerate() {
+                        let at = q * 2 * NB + 2 * j;
+                        panel[at] = two[0].to_bits();
+                        // (An odd K's last pair keeps its zero.)
+                        if let Some(second) = two.get(1) {
+                            panel[at + 1] = second.to_bits();
+                        }
+                    }
+                }
+            });
+        }
+        return Some(PairPanels { data, n, k });
+    }
+    let _ = (w, n, k);
+    None
+}
+
+/// Runs the bf16 product `g` on every core ([`for_each_block`]) from operands as the layers
+/// hold them: on the bf16 tiles where the CPU has them, else (the `a` widened) the f32 tiles.
+pub(crate) fn gemm_parallel_bf16(
+    g: &Gemm,
+    a: BfA<'_>,
+    b: BfB<'_>,
+    out: BfOut<'_>,
+    bias: Option<&[f32]>,
+) {
+    let (_, eb, _) = g.extents();
+    let a_len = match a {
+        BfA::F32(x) => x.len(),
+        BfA::Bf16(x) => x.len(),
+    };
+    let b_len = match b {
+        BfB::F32(x) => x.len(),
+        BfB::Pairs(p) => {
+            assert!(
+                p.n == g.n && p.k == g.k,
+                "GEMM operand packed for another product"
+            );
+            eb
+        }
+    };
+    let (c_f32, c_bf16, c_len) = match out {
+        BfOut::F32(c) => (
+            SendPtr(c.as_mut_ptr()),
+            SendPtr(std::ptr::null_mut()),
+            c.len(),
+        ),
+        BfOut::Bf16(c) => {
+            assert!(g.rs_c == g.n && g.cs_c == 1 && !g.accumulate);
+            (
+                SendPtr(std::ptr::null_mut()),
+                SendPtr(c.as_mut_ptr()),
+                c.len(),
+            )
+        }
+    };
+    g.check((a_len, b_len, c_len), bias);
+    let tiles = cfg!(x86_simd) && super::has_bf16_dot();
+    let widened;
+    let a = match a {
+        BfA::Bf16(x) if !tiles => {
+            widened = x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+            BfA::F32(&widened)
+        }
+        a => a,
+    };
+    let width = match b {
+        BfB::Pairs(_) => 2 * NR,
+        BfB::F32(_) => NR,
+    };
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    for_each_block(g, width, |blk| {
+        let (m, n) = (blk.sub.m, blk.sub.n);
+        let bias = bias.map_or(std::ptr::null(), |x| x[blk.bias_at()..].as_ptr());
+        let mut scratch = SCRATCH.take();
+        // The block's `c`: in place, or in the scratch (row-major, `n` apart).
+        let (sub, c) = if c_bf16.get().is_null() {
+            let at = blk.r0 * g.rs_c + blk.n0 * g.cs_c;
+            // SAFETY: within the output (checked above).
+            (blk.sub, unsafe { c_f32.get().add(at) })
+        } else {
+            scratch.resize(scratch.len().max(m * n), 0.0);
+            (Gemm { rs_c: n, ..blk.sub }, scratch.as_mut_ptr())
+        };
+        // SAFETY: the blocks are parts of the product checked above, and no two write the
+        // same elements of the output; the bf16 tiles run only where the CPU has them.
+        unsafe {
+            match (a, b) {
+                #[cfg(x86_simd)]
+                (a, b) if tiles => {
+                    use avx512bf16::{pair_panel_len, ASrc, BSrc, NB};
+                    let a = match a {
+                        BfA::F32(x) => ASrc::F32(x.as_ptr().add(blk.r0 * g.lda)),
+                        BfA::Bf16(x) => ASrc::Bf16((x.as_ptr() as *const u16).add(blk.r0 * g.lda)),
+                    };
+                    let b = match b {
+                        BfB::F32(x) => BSrc::F32(x.as_ptr().add(blk.b_off())),
+                        BfB::Pairs(p) => BSrc::Pairs {
+                            at: p.data.as_ptr().add(blk.n0 / NB * pair_panel_len(g.k)),
+                            panel_stride: pair_panel_len(g.k),
+                        },
+                    };
+                    avx512bf16::gemm(&sub, a, b, c, bias)
+                }
+                (BfA::F32(a), BfB::F32(b)) => sub.run_raw(
+                    a.as_ptr().add(blk.r0 * g.lda),
+                    b.as_ptr().add(blk.b_off()),
+                    c,
+                    bias,
+                ),
+                _ => unreachable!("bf16 operands reach the bf16 tiles only"),
+            }
+        }
+        if !c_bf16.get().is_null() {
+            for (i, row) in scratch[..m * n].chunks_exact(n).enumerate() {
+                // SAFETY: row `r0 + i`, columns `n0..n0 + n` of the output (checked above to
+                // hold the product) belong to this block alone.
+                let dst = unsafe {
+                    let at = c_bf16.get().add((blk.r0 + i) * g.n + blk.n0);
+                    std::slice::from_raw_parts_mut(at, n)
+                };
+                super::narrow_bf16(row, dst);
+            }
+        }
+        SCRATCH.set(scratch);
     });
 }
 
@@ -826,37 +1079,52 @@ pub(crate) mod avx512 {
             fma_step::<R, MASK>(&mut acc, &at, b.add(kk * ldb), mask);
             kk += 1;
         }
-        let (row_bias, col_bias) = match (bias.is_null(), g.bias_per_col) {
-            (true, _) => (false, false),
-            (false, per_col) => (!per_col, per_col),
-        };
-        // The AVX2 tiles store whole 8-column registers as `(acc + bias) + c` and everything
-        // else element by element as `(c + acc) + bias`; the same order here gives the same
-        // bits.
-        let vector_order = g.cs_c == 1 && (cols == NR || cols == 8);
         for (r, &acc) in acc.iter().enumerate() {
-            let dst = c.add(r * g.rs_c);
-            let add = if row_bias { *bias.add(r) } else { 0.0 };
-            if g.cs_c == 1 {
-                let addv = match col_bias {
-                    true => _mm512_maskz_loadu_ps(mask, bias),
-                    false => _mm512_set1_ps(add),
-                };
-                let x = match (load_c, vector_order) {
-                    (false, _) => _mm512_add_ps(acc, addv),
-                    (true, true) => {
-                        _mm512_add_ps(_mm512_add_ps(acc, addv), _mm512_maskz_loadu_ps(mask, dst))
-                    }
-                    (true, false) => {
-                        _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), acc), addv)
-                    }
-                };
-                _mm512_mask_storeu_ps(dst, mask, x);
-            } else {
-                let mut tmp = [0f32; NR];
-                _mm512_storeu_ps(tmp.as_mut_ptr(), acc);
-                super::store_row_scalar(g, dst, &tmp, cols, load_c, add, col_bias, bias);
-            }
+            store_row(g, c.add(r * g.rs_c), acc, cols, (load_c, bias), r);
+        }
+    }
+
+    /// Stores row `r` of a tile, its first `cols ≤ 16` columns from `acc`: `c (+)= acc + bias`
+    /// (the row's bias, or the columns').
+    #[inline(always)]
+    pub(super) unsafe fn store_row(
+        g: &Gemm,
+        dst: *mut f32,
+        acc: __m512,
+        cols: usize,
+        (load_c, bias): (bool, *const f32),
+        r: usize,
+    ) {
+        let mask: __mmask16 = if cols < NR { (1u16 << cols) - 1 } else { !0 };
+        let col_bias = !bias.is_null() && g.bias_per_col;
+        let add = if !bias.is_null() && !g.bias_per_col {
+            *bias.add(r)
+        } else {
+            0.0
+        };
+        if g.cs_c == 1 {
+            // The AVX2 tiles store whole 8-column registers as `(acc + bias) + c` and
+            // everything else element by element as `(c + acc) + bias`; the same order here
+            // gives the same bits.
+            let vector_order = cols == NR || cols == 8;
+            let addv = match col_bias {
+                true => _mm512_maskz_loadu_ps(mask, bias),
+                false => _mm512_set1_ps(add),
+            };
+            let x = match (load_c, vector_order) {
+                (false, _) => _mm512_add_ps(acc, addv),
+                (true, true) => {
+                    _mm512_add_ps(_mm512_add_ps(acc, addv), _mm512_maskz_loadu_ps(mask, dst))
+                }
+                (true, false) => {
+                    _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), acc), addv)
+                }
+            };
+            _mm512_mask_storeu_ps(dst, mask, x);
+        } else {
+            let mut tmp = [0f32; NR];
+            _mm512_storeu_ps(tmp.as_mut_ptr(), acc);
+            super::store_row_scalar(g, dst, &tmp, cols, load_c, add, col_bias, bias);
         }
     }
 
@@ -895,6 +1163,302 @@ pub(crate) mod avx512 {
         bias: *const f32,
     ) {
         super::drive::<Avx512>(g, a, b, c, bias)
+    }
+}
+
+/// The bf16 products: `a` and `b` rounded to bf16 (round to nearest even, as PyTorch's bf16
+/// kernels see their operands) and multiplied by `vdpbf16ps`, which adds the products of two
+/// consecutive K values into each f32 lane: twice the multiply-adds per instruction of the
+/// f32 tiles. Each K-block of `a` is converted into rows of bf16 values, and of `b` into
+/// panels of [`NB`] columns whose K values are interleaved in pairs; a tile of [`MB`] rows ×
+/// 32 columns keeps its 16 accumulators in registers for the whole K-block.
+#[cfg(x86_simd)]
+pub(crate) mod avx512bf16 {
+    use super::{even_split, Gemm, B, KC, NR};
+    use std::arch::x86_64::*;
+
+    /// Columns per tile and per converted panel: two zmm registers per row.
+    pub(crate) const NB: usize = 2 * NR;
+    /// Rows per tile (a divisor of `ROW_ALIGN`): 16 accumulators, 2 panel registers.
+    const MB: usize = 8;
+
+    /// Where a bf16 product's `a` comes from (rows `g.lda` values apart).
+    #[derive(Clone, Copy)]
+    pub(crate) enum ASrc {
+        /// f32 values, rounded one K-block at a time.
+        F32(*const f32),
+        /// bf16 values, read in place (a K-block of odd length is copied with a zero pad).
+        Bf16(*const u16),
+    }
+
+    /// Where its `b` comes from.
+    #[derive(Clone, Copy)]
+    pub(crate) enum BSrc {
+        /// f32 values laid out as `g.b` says, rounded one K-block at a time.
+        F32(*const f32),
+        /// Panels laid out as [`pack_pairs`] makes them, `panel_stride` values apart, the
+        /// first at the product's first column and K value, read in place.
+        Pairs { at: *const u16, panel_stride: usize },
+    }
+
+    /// The bits of 16 bf16 values as an integer vector.
+    #[inline(always)]
+    fn bits256(v: __m256bh) -> __m256i {
+        // SAFETY: both are 256 bits of plain data, every pattern valid for either.
+        unsafe { std::mem::transmute::<__m256bh, __m256i>(v) }
+    }
+
+    /// 32 bf16 values from their bits.
+    #[inline(always)]
+    fn bf16x32(v: __m512i) -> __m512bh {
+        // SAFETY: both are 512 bits of plain data, every pattern valid for either.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+    }
+
+    /// `f32 → bf16` of `n ≤ 16` values (the rest zero), round to nearest even.
+    #[inline(always)]
+    unsafe fn to_bf16(src: *const f32, n: usize) -> __m256bh {
+        let v = if n >= 16 {
+            _mm512_loadu_ps(src)
+        } else {
+            _mm512_maskz_loadu_ps((1u16 << n).wrapping_sub(1), src)
+        };
+        _mm512_cvtneps_pbh(v)
+    }
+
+    /// Rows `0..m` of `a` (`lda` apart), `kc` values each, as bf16 rows of `kp` (even) values,
+    /// the padding zero.
+    #[inline(always)]
+    unsafe fn copy_a(a: ASrc, lda: usize, (m, kc, kp): (usize, usize, usize), out: *mut u16) {
+        for r in 0..m {
+            let dst = out.add(r * kp);
+            match a {
+                ASrc::F32(a) => {
+                    let src = a.add(r * lda);
+                    for k0 in (0..kp).step_by(16) {
+                        let v = to_bf16(src.add(k0), kc.saturating_sub(k0).min(16));
+                        let n = (kp - k0).min(16);
+                        let mask = (1u32 << n).wrapping_sub(1) as u16;
+                        _mm256_mask_storeu_epi16(dst.add(k0) as *mut i16, mask, bits256(v));
+                    }
+                }
+                ASrc::Bf16(a) => {
+                    std::ptr::copy_nonoverlapping(a.add(r * lda), dst, kc);
+                    dst.add(kc).write_bytes(0, kp - kc);
+                }
+            }
+        }
+    }
+
+    /// Element `(kk, j)` of `b` for `j` in `j0..j0 + 16` (`n` columns in all, `kk < kc`):
+    /// its address and how many of the 16 exist.
+    #[inline(always)]
+    unsafe fn b_row(g: &Gemm, b: *const f32, kk: usize, j0: usize) -> (*const f32, usize) {
+        let cols = g.n.saturating_sub(j0).min(NR);
+        let at = match g.b {
+            B::Rows { ld } => b.add(kk * ld + j0),
+            // Whole NR-column panels: `j0` is a multiple of NR.
+            B::Packed { panel_stride } => b.add(j0 / NR * panel_stride + kk * NR),
+        };
+        (at, cols)
+    }
+
+    /// Rows `k0..k0 + kc` of `b` (f32, laid out as `g.b` says) as panels `panels` of [`NB`]
+    /// columns, `kp / 2` pairs of K values each, one after the other from `out`: a pair is 32
+    /// bf16, column `j`'s two values side by side; the padding zero.
+    #[inline(always)]
+    unsafe fn convert_b(
+        g: &Gemm,
+        b: *const f32,
+        (k0, kc, kp): (usize, usize, usize),
+        panels: std::ops::Range<usize>,
+        out: *mut u16,
+    ) {
+        // Interleaves the 16 values of x (low half) and y (high half): x0 y0 x1 y1 …
+        let order = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        for (i, p) in panels.enumerate() {
+            let panel = out.add(i * NB * kp);
+            for pair in 0..kp / 2 {
+                for half in 0..2 {
+                    let j0 = p * NB + half * NR;
+                    let row = |kk: usize| {
+                        if kk >= kc || j0 >= g.n {
+                            return _mm512_castsi256_si512(_mm256_setzero_si256());
+                        }
+                        let (at, cols) = b_row(g, b, k0 + kk, j0);
+                        _mm512_castsi256_si512(bits256(to_bf16(at, cols)))
+                    };
+                    let (x, y) = (row(2 * pair), row(2 * pair + 1));
+                    let both = _mm512_inserti64x4::<1>(x, _mm512_castsi512_si256(y));
+                    let v = _mm512_permutexvar_epi16(order, both);
+                    _mm512_storeu_si512(panel.add(pair * 2 * NB + half * 2 * NR) as *mut _, v);
+                }
+            }
+        }
+    }
+
+    /// Values per panel of [`pack_pairs`] for `k` rows.
+    pub(crate) fn pair_panel_len(k: usize) -> usize {
+        NB * k.next_multiple_of(2)
+    }
+
+    /// Panels `panels` of all of `b` (f32, laid out as `g.b` says, `g.k` rows) in the layout
+    /// [`BSrc::Pairs`] reads, [`pair_panel_len`] values each, into `out`.
+    ///
+    /// # Safety
+    /// The CPU has AVX512-F/BW/VL/BF16; `b` covers `g`'s `b` and `out` the panels.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+    pub(crate) unsafe fn pack_pairs(
+        g: &Gemm,
+        b: *const f32,
+        panels: std::ops::Range<usize>,
+        out: *mut u16,
+    ) {
+        let kp = g.k.next_multiple_of(2);
+        convert_b(g, b, (0, g.k, kp), panels, out)
+    }
+
+    /// One tile: `R ≤ MB` rows × `cols ≤ 32` columns over `kp / 2` pairs (rows of `a` `lda`
+    /// values apart); `W` registers per row (1 when `cols ≤ 16`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize, const W: usize>(
+        g: &Gemm,
+        (a, lda): (*const u16, usize),
+        kp: usize,
+        b: *const u16,
+        c: *mut f32,
+        cols: usize,
+        flags: (bool, *const f32),
+    ) {
+        let rows: [*const u16; R] = std::array::from_fn(|r| a.add(r * lda));
+        let mut acc = [[_mm512_setzero_ps(); W]; R];
+        for pair in 0..kp / 2 {
+            let bv: [__m512bh; W] = std::array::from_fn(|w| {
+                bf16x32(_mm512_loadu_si512(
+                    b.add(pair * 2 * NB + w * 2 * NR) as *const _
+                ))
+            });
+            for (acc, &row) in acc.iter_mut().zip(&rows) {
+                let two = (row.add(2 * pair) as *const i32).read_unaligned();
+                let av = bf16x32(_mm512_set1_epi32(two));
+                for w in 0..W {
+                    acc[w] = _mm512_dpbf16_ps(acc[w], av, bv[w]);
+                }
+            }
+        }
+        let (_, bias) = flags;
+        for (r, acc) in acc.iter().enumerate() {
+            for (w, &acc) in acc.iter().enumerate() {
+                let part = cols.saturating_sub(w * NR).min(NR);
+                if part == 0 {
+                    continue;
+                }
+                // The columns' bias moves with them; a row's stays.
+                let bias = match (bias.is_null(), g.bias_per_col) {
+                    (false, true) => bias.add(w * NR),
+                    _ => bias,
+                };
+                let dst = c.add(r * g.rs_c + w * NR * g.cs_c);
+                super::avx512::store_row(g, dst, acc, part, (flags.0, bias), r);
+            }
+        }
+    }
+
+    /// Calls `tile::<R, W>` with `R = rows` (1..=MB).
+    macro_rules! with_rows {
+        ($rows:expr, $w:literal, $($arg:expr),*) => {
+            match $rows {
+                1 => tile::<1, $w>($($arg),*),
+                2 => tile::<2, $w>($($arg),*),
+                3 => tile::<3, $w>($($arg),*),
+                4 => tile::<4, $w>($($arg),*),
+                5 => tile::<5, $w>($($arg),*),
+                6 => tile::<6, $w>($($arg),*),
+                7 => tile::<7, $w>($($arg),*),
+                _ => tile::<MB, $w>($($arg),*),
+            }
+        };
+    }
+
+    /// Runs the product `g` on this thread: per K-block (of even length but the last), `a`
+    /// and `b` converted unless they are read in place, then column panels (a panel's K-block,
+    /// at most 24 KiB, stays in L1), then row tiles.
+    ///
+    /// # Safety
+    /// The CPU has AVX512-F/BW/VL/BF16; `a`, `b`, `c` (and `bias`, unless null) cover `g`
+    /// (`b` as [`pack_pairs`] lays it out for `BSrc::Pairs`, whose panel `p` is the product's
+    /// column panel `p`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+    pub(crate) unsafe fn gemm(g: &Gemm, a: ASrc, b: BSrc, c: *mut f32, bias: *const f32) {
+        let (m, n, k) = (g.m, g.n, g.k);
+        if m == 0 || n == 0 {
+            return;
+        }
+        thread_local! {
+            // The converted K-blocks of `a` and `b`, reused from call to call.
+            static SCRATCH: std::cell::RefCell<(Vec<u16>, Vec<u16>)> =
+                const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        }
+        let (mut sa, mut sb) = SCRATCH.take();
+        // Even, so that every K-block starts on a pair.
+        let kc_max = even_split(k, KC).next_multiple_of(2);
+        let panels = n.div_ceil(NB);
+        let mut k0 = 0;
+        loop {
+            let kc = kc_max.min(k - k0);
+            let kp = kc.next_multiple_of(2);
+            let a_block = match a {
+                ASrc::F32(a) => ASrc::F32(a.add(k0)),
+                ASrc::Bf16(a) => ASrc::Bf16(a.add(k0)),
+            };
+            let a_rows = match a_block {
+                ASrc::Bf16(a) if kc == kp => (a, g.lda),
+                _ => {
+                    sa.resize(sa.len().max(m * kp), 0);
+                    copy_a(a_block, g.lda, (m, kc, kp), sa.as_mut_ptr());
+                    (sa.as_ptr(), kp)
+                }
+            };
+            let (b_panels, panel_stride) = match b {
+                BSrc::Pairs { at, panel_stride } => (at.add(k0 * NB), panel_stride),
+                BSrc::F32(b) => {
+                    sb.resize(sb.len().max(panels * NB * kp), 0);
+                    convert_b(g, b, (k0, kc, kp), 0..panels, sb.as_mut_ptr());
+                    (sb.as_ptr(), NB * kp)
+                }
+            };
+            // Later K-blocks add to what the first wrote; the bias goes in once.
+            let load_c = g.accumulate || k0 > 0;
+            for p in 0..panels {
+                let cols = NB.min(n - p * NB);
+                for r0 in (0..m).step_by(MB) {
+                    let bias = match (bias.is_null() || k0 > 0, g.bias_per_col) {
+                        (true, _) => std::ptr::null(),
+                        (false, true) => bias.add(p * NB),
+                        (false, false) => bias.add(r0),
+                    };
+                    let a = (a_rows.0.add(r0 * a_rows.1), a_rows.1);
+                    let b = b_panels.add(p * panel_stride);
+                    let c = c.add(r0 * g.rs_c + p * NB * g.cs_c);
+                    let rows = MB.min(m - r0);
+                    if cols > NR {
+                        with_rows!(rows, 2, g, a, kp, b, c, cols, (load_c, bias));
+                    } else {
+                        with_rows!(rows, 1, g, a, kp, b, c, cols, (load_c, bias));
+                    }
+                }
+            }
+            k0 += kc;
+            if k0 >= k {
+                break;
+            }
+        }
+        SCRATCH.set((sa, sb));
     }
 }
 
@@ -1015,6 +1579,7 @@ mod tests {
                             cs_c,
                             accumulate,
                             bias_per_col,
+                            bf16: false,
                         };
                         let b = if packed { &b_packed } else { &b_rows };
                         // Each instruction set's tiles this CPU has.
@@ -1077,6 +1642,122 @@ mod tests {
                             assert!(
                                 same,
                                 "{m}x{n}x{k} packed {packed} transposed {transposed} accumulate {accumulate}: AVX2 and AVX-512 tiles differ"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The bf16 products: every tile shape (8-row tiles and their remainders, 32-column panels,
+    /// one-register panels of at most 16 columns, odd K, several K-blocks), both `b` layouts,
+    /// transposed output, accumulation and both biases, on one thread and split over the
+    /// pool, and from operands as the layers hold them (`a` in bf16, `b` packed in pairs, a
+    /// bf16 output), against a triple loop in f64 over the operands rounded to bf16 (round to
+    /// nearest even). Where the CPU has no bf16 dot products the f32 tiles run, on the f32
+    /// operands as given: the expectation follows.
+    #[test]
+    fn bf16_gemm_matches_naive() {
+        let round = |x: f32| half::bf16::from_f32(x).to_f32();
+        let rounds = crate::ops::has_bf16_dot();
+        let mut seed = 11;
+        for (m, n, k) in [
+            (1, 1, 1),
+            (9, 17, 3),
+            (8, 32, 2),
+            (13, 40, 77),
+            (25, 50, 800),
+            (100, 8, 0),
+            (200, 300, 64),
+            (17, 33, 391),
+            (3, 16, 5),
+        ] {
+            for (packed, transposed, accumulate) in [
+                (false, false, false),
+                (true, false, true),
+                (true, true, false),
+                (false, true, true),
+            ] {
+                let lda = k + 3;
+                let a = rand(m * lda, &mut seed);
+                let bias_per_col = accumulate;
+                let bias = rand(if bias_per_col { n } else { m }, &mut seed);
+                let ld = n + 5;
+                let b_rows = rand(k * ld, &mut seed);
+                let bt: Vec<f32> = (0..n * k).map(|i| b_rows[(i % k) * ld + i / k]).collect();
+                let mut b_packed = vec![0f32; n.div_ceil(NR) * NR * k];
+                pack_kt(&bt, (n, k, k), 1.0, &mut b_packed);
+                let (rs_c, cs_c) = if transposed { (1, m) } else { (n, 1) };
+                let c0 = rand(m * n, &mut seed);
+                let g = Gemm {
+                    m,
+                    n,
+                    k,
+                    lda,
+                    b: if packed { B::packed(k) } else { B::Rows { ld } },
+                    rs_c,
+                    cs_c,
+                    accumulate,
+                    bias_per_col,
+                    bf16: true,
+                };
+                let b = if packed { &b_packed } else { &b_rows };
+                let op = |x: f32| if rounds { round(x) } else { x };
+                // The operands as the layers hold them: `a` in bf16 (read in place), `b` packed
+                // into pairs once (where the CPU has bf16 dot products), a bf16 output.
+                let a_bf16: Vec<half::bf16> = a.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                let pairs = pack_pairs(&g, b);
+                assert_eq!(pairs.is_some(), rounds);
+                let bf16_out = !transposed && !accumulate;
+                for how in ["one thread", "parallel", "in place", "bf16 output"] {
+                    let mut c = c0.clone();
+                    // Where `a` is given in bf16, the expectation rounds it whatever the CPU.
+                    let a_rounded = matches!(how, "in place" | "bf16 output");
+                    let b_src = pairs.as_ref().map_or(BfB::F32(b), BfB::Pairs);
+                    match how {
+                        "one thread" => g.run(&a, b, &mut c, Some(&bias)),
+                        "parallel" => gemm_parallel(&g, &a, b, &mut c, Some(&bias)),
+                        "in place" => {
+                            let out = BfOut::F32(&mut c);
+                            gemm_parallel_bf16(&g, BfA::Bf16(&a_bf16), b_src, out, Some(&bias))
+                        }
+                        _ if !bf16_out => continue,
+                        _ => {
+                            let mut out = vec![half::bf16::ZERO; m * n];
+                            let a_src = BfA::Bf16(&a_bf16);
+                            gemm_parallel_bf16(
+                                &g,
+                                a_src,
+                                b_src,
+                                BfOut::Bf16(&mut out),
+                                Some(&bias),
+                            );
+                            c = out.iter().map(|x| x.to_f32()).collect();
+                        }
+                    }
+                    let op_a = |x: f32| if a_rounded { round(x) } else { op(x) };
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..k)
+                                .map(|kk| {
+                                    op_a(a[i * lda + kk]) as f64 * op(b_rows[kk * ld + j]) as f64
+                                })
+                                .sum();
+                            let at = i * rs_c + j * cs_c;
+                            let want = dot
+                                + bias[if bias_per_col { j } else { i }] as f64
+                                + if accumulate { c0[at] as f64 } else { 0.0 };
+                            // A bf16 output is rounded once more (2⁻⁹ relative at most).
+                            let rounding = if how == "bf16 output" {
+                                want.abs() / 256.0
+                            } else {
+                                0.0
+                            };
+                            assert!(
+                                (c[at] as f64 - want).abs() <= 1e-5 * (1.0 + k as f64).sqrt() + rounding,
+                                "{m}x{n}x{k} packed {packed} transposed {transposed} accumulate {accumulate} {how} at ({i},{j}): {} vs {want}",
+                                c[at]
                             );
                         }
                     }

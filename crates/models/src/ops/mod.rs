@@ -9,8 +9,11 @@
 //!
 //! The build targets baseline x86-64 (SSE2), so hot loops are compiled a second time with
 //! AVX2+FMA and picked at run time (`simd_fn!`, [`kernels`]; `DIFFUSE_KERNELS=portable`
-//! forces the plain copies), and the register-tile GEMM has AVX2 and AVX-512 tiles. The x86 code sits behind `cfg(x86_simd)`, which `build.rs` sets on
-//! x86-64 unless the `portable` feature asks for the build other architectures get.
+//! forces the plain copies), and the register-tile GEMM has AVX2 and AVX-512 tiles, and bf16
+//! tiles (AVX512-BF16 dot products) for the products of bf16 layers: linear layers, 1×1 and
+//! im2col convolutions and attention at `--dtype bf16`. The x86 code sits behind
+//! `cfg(x86_simd)`, which `build.rs` sets on x86-64 unless the `portable` feature asks for the
+//! build other architectures get.
 
 pub mod activation;
 pub mod attention;
@@ -25,6 +28,7 @@ pub mod upsample;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result};
+use rayon::prelude::*;
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
@@ -38,6 +42,9 @@ pub enum Kernels {
     /// The AVX2 loops, and the register-tile GEMM on AVX-512 registers (same results, bit for
     /// bit, as the AVX2 GEMM).
     Avx512,
+    /// The AVX-512 kernels, and bf16 dot products (AVX512-BF16) for the products of bf16
+    /// layers (`--dtype bf16`), which the narrower sets compute in f32.
+    Avx512Bf16,
 }
 
 impl Kernels {
@@ -47,6 +54,7 @@ impl Kernels {
             Kernels::Portable => "portable",
             Kernels::Avx2 => "avx2",
             Kernels::Avx512 => "avx512",
+            Kernels::Avx512Bf16 => "avx512bf16",
         }
     }
 }
@@ -56,6 +64,12 @@ pub fn detected_kernels() -> Kernels {
     #[cfg(x86_simd)]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         if std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx512bf16")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+            {
+                return Kernels::Avx512Bf16;
+            }
             return Kernels::Avx512;
         }
         return Kernels::Avx2;
@@ -64,7 +78,7 @@ pub fn detected_kernels() -> Kernels {
 }
 
 /// The kernels in use: [`detected_kernels`], capped by the environment variable
-/// `DIFFUSE_KERNELS` (`portable`, `avx2`, `avx512`, or `auto`, the default), read once, so
+/// `DIFFUSE_KERNELS` (`portable`, `avx2`, `avx512`, `avx512bf16`, or `auto`, the default), read once, so
 /// that each path can be tested on one machine. An unknown value is reported on stderr and
 /// ignored.
 pub fn kernels() -> Kernels {
@@ -77,10 +91,11 @@ pub fn kernels() -> Kernels {
             "portable" => Kernels::Portable,
             "avx2" => Kernels::Avx2.min(best),
             "avx512" => Kernels::Avx512.min(best),
+            "avx512bf16" => Kernels::Avx512Bf16.min(best),
             other => {
                 eprintln!(
-                    "warning: DIFFUSE_KERNELS={other:?} is not portable, avx2, avx512 or auto; \
-                     using {}",
+                    "warning: DIFFUSE_KERNELS={other:?} is not portable, avx2, avx512, avx512bf16 \
+                     or auto; using {}",
                     best.name()
                 );
                 best
@@ -92,6 +107,11 @@ pub fn kernels() -> Kernels {
 /// Whether the AVX2+FMA copies of the hot loops run.
 pub(crate) fn has_avx2_fma() -> bool {
     kernels() >= Kernels::Avx2
+}
+
+/// Whether the products of bf16 layers run as bf16 dot products ([`Kernels::Avx512Bf16`]).
+pub(crate) fn has_bf16_dot() -> bool {
+    kernels() >= Kernels::Avx512Bf16
 }
 
 /// Defines a function whose body is compiled twice — for the baseline target and with
@@ -199,15 +219,22 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// A raw pointer into a kernel's output that parallel tasks share, each writing elements no
 /// other task writes.
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub *mut f32);
+pub(crate) struct SendPtr<T = f32>(pub *mut T);
 // SAFETY: only used for writes to disjoint elements (see each use).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
-impl SendPtr {
+// (By hand: derived, they would ask `T: Clone`.)
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
     /// (A method, so that closures capture the whole wrapper rather than its field.)
-    pub(crate) fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }
@@ -236,7 +263,7 @@ pub(crate) fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
     Ok(match s {
         CpuStorage::F32(v) => Cow::Borrowed(&v[start..end]),
         CpuStorage::F16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
-        CpuStorage::BF16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::BF16(v) => Cow::Owned(bf16_to_f32(&v[start..end])),
         other => candle_core::bail!("{what}: unsupported dtype {:?}", other.dtype()),
     })
 }
@@ -246,9 +273,50 @@ pub(crate) fn f32_output(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(v),
         DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(f32_to_bf16(&v)),
         d => candle_core::bail!("unsupported dtype {d:?}"),
     })
+}
+
+/// Values per task of the dtype conversions: large enough to hide a task's start.
+const CONVERT_CHUNK: usize = 1 << 16;
+
+/// `bf16 → f32` on every core (exact: the bf16 bits are the f32's upper half).
+fn bf16_to_f32(src: &[half::bf16]) -> Vec<f32> {
+    simd_fn! {
+        fn widen(src: &[half::bf16], dst: &mut [f32]) {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = f32::from_bits((s.to_bits() as u32) << 16);
+            }
+        }
+    }
+    let mut out = vec![0f32; src.len()];
+    out.par_chunks_mut(CONVERT_CHUNK)
+        .zip(src.par_chunks(CONVERT_CHUNK))
+        .for_each(|(d, s)| widen(s, d));
+    out
+}
+
+simd_fn! {
+    /// `dst = src` rounded to bf16, to nearest even as `half::bf16::from_f32` rounds (NaN stays
+    /// NaN), in a branch-free form that vectorises; on this thread.
+    pub(crate) fn narrow_bf16(src: &[f32], dst: &mut [half::bf16]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            let x = s.to_bits();
+            let rounded = (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16;
+            let nan = x & 0x7fff_ffff > 0x7f80_0000;
+            *d = half::bf16::from_bits(if nan { (x >> 16) as u16 | 0x40 } else { rounded });
+        }
+    }
+}
+
+/// `f32 → bf16` ([`narrow_bf16`]) on every core.
+fn f32_to_bf16(src: &[f32]) -> Vec<half::bf16> {
+    let mut out = vec![half::bf16::ZERO; src.len()];
+    out.par_chunks_mut(CONVERT_CHUNK)
+        .zip(src.par_chunks(CONVERT_CHUNK))
+        .for_each(|(d, s)| narrow_bf16(s, d));
+    out
 }
 
 /// Whether the fused CPU kernels handle tensors of this dtype (computed in f32).
@@ -299,4 +367,55 @@ pub(crate) fn fused_on(inputs: &[&candle_core::Tensor]) -> bool {
         return true;
     }
     cfg!(feature = "cuda") && first.device().is_cuda() && !inputs.iter().any(|t| t.track_op())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The vectorised conversions against `half`'s, on every kind of value: both signs, ties
+    /// that round to even up and down, values that carry into the exponent, the largest finite
+    /// values (which round to infinity), infinities, NaNs, subnormals and zeros.
+    #[test]
+    fn bf16_conversions_match_half() {
+        let mut bits: Vec<u32> = vec![
+            0,
+            0x8000_0000,
+            1,
+            0x0000_8000,
+            0x0001_8000,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_8001,
+            0x3f80_7fff,
+            0x3fff_ffff,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0x7f80_0001,
+            0xffff_ffff,
+            0x007f_ffff,
+            0x8000_8000,
+        ];
+        let mut seed = 1u32;
+        bits.extend((0..100_000).map(|_| {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            seed
+        }));
+        let xs: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let narrow = super::f32_to_bf16(&xs);
+        for (x, got) in xs.iter().zip(&narrow) {
+            let want = half::bf16::from_f32(*x);
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{x:e} ({:#010x})",
+                x.to_bits()
+            );
+        }
+        let wide = super::bf16_to_f32(&narrow);
+        for (got, b) in wide.iter().zip(&narrow) {
+            assert_eq!(got.to_bits(), b.to_f32().to_bits());
+        }
+    }
 }
