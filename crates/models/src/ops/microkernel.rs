@@ -1475,6 +1475,79 @@ mod tests {
             .collect()
     }
 
+    /// Random operands of an `m × n × k` product: `a` with rows `k + 3` apart, a bias per row
+    /// or (with accumulation, to keep the cases few) per column, `b` as `k × n` with rows
+    /// `n + 5` apart and packed ([`pack_kt`], panels one after the other), and `c`'s values
+    /// before the product.
+    struct Operands {
+        a: Vec<f32>,
+        lda: usize,
+        bias: Vec<f32>,
+        b_rows: Vec<f32>,
+        ld: usize,
+        b_dense: Vec<f32>,
+        c0: Vec<f32>,
+    }
+
+    impl Operands {
+        fn new((m, n, k): (usize, usize, usize), bias_per_col: bool, seed: &mut u32) -> Self {
+            let (lda, ld) = (k + 3, n + 5);
+            let a = rand(m * lda, seed);
+            let bias = rand(if bias_per_col { n } else { m }, seed);
+            let b_rows = rand(k * ld, seed);
+            let bt: Vec<f32> = (0..n * k).map(|i| b_rows[(i % k) * ld + i / k]).collect();
+            let mut b_dense = vec![0f32; n.div_ceil(NR) * NR * k];
+            pack_kt(&bt, (n, k, k), 1.0, &mut b_dense);
+            let c0 = rand(m * n, seed);
+            Self {
+                a,
+                lda,
+                bias,
+                b_rows,
+                ld,
+                b_dense,
+                c0,
+            }
+        }
+
+        /// Asserts that `c` holds `g`'s product of these operands (each passed through `op_a`,
+        /// `op_b` first), computed in f64, to within `1e-5·√(k+1)` plus `rel` of its size.
+        fn assert_product(
+            &self,
+            g: &Gemm,
+            c: &[f32],
+            (op_a, op_b): (impl Fn(f32) -> f32, impl Fn(f32) -> f32),
+            rel: f64,
+            what: &str,
+        ) {
+            let (m, n, k) = (g.m, g.n, g.k);
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k)
+                        .map(|kk| {
+                            op_a(self.a[i * self.lda + kk]) as f64
+                                * op_b(self.b_rows[kk * self.ld + j]) as f64
+                        })
+                        .sum();
+                    let at = i * g.rs_c + j * g.cs_c;
+                    let want = dot
+                        + self.bias[if g.bias_per_col { j } else { i }] as f64
+                        + if g.accumulate {
+                            self.c0[at] as f64
+                        } else {
+                            0.0
+                        };
+                    assert!(
+                        (c[at] as f64 - want).abs()
+                            <= 1e-5 * (1.0 + k as f64).sqrt() + rel * want.abs(),
+                        "{m}x{n}x{k} {what} at ({i},{j}): {} vs {want}",
+                        c[at]
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn transpose_rows8_matches_scalar() {
         let mut seed = 3;
@@ -1541,19 +1614,10 @@ mod tests {
             for packed in [false, true] {
                 for transposed in [false, true] {
                     for accumulate in [false, true] {
-                        let lda = k + 3;
-                        let a = rand(m * lda, &mut seed);
-                        // A bias per row, or (with accumulation, to keep the cases few) per
-                        // column.
                         let bias_per_col = accumulate;
-                        let bias = rand(if bias_per_col { n } else { m }, &mut seed);
-                        // b as k × n, row stride n + 5, and its packed form.
-                        let ld = n + 5;
-                        let b_rows = rand(k * ld, &mut seed);
-                        let bt: Vec<f32> =
-                            (0..n * k).map(|i| b_rows[(i % k) * ld + i / k]).collect();
-                        let mut dense = vec![0f32; n.div_ceil(NR) * NR * k];
-                        pack_kt(&bt, (n, k, k), 1.0, &mut dense);
+                        let ops = Operands::new((m, n, k), bias_per_col, &mut seed);
+                        let (a, lda, bias, ld) = (&ops.a, ops.lda, &ops.bias, ops.ld);
+                        let (b_rows, dense, c0) = (&ops.b_rows, &ops.b_dense, &ops.c0);
                         // Panels with NaN gaps between them: the stride is honoured.
                         let panel_stride = NR * k + 24;
                         let mut b_packed = vec![f32::NAN; n.div_ceil(NR) * panel_stride];
@@ -1564,7 +1628,6 @@ mod tests {
                             dst[..src.len()].copy_from_slice(src);
                         }
                         let (rs_c, cs_c) = if transposed { (1, m) } else { (n, 1) };
-                        let c0 = rand(m * n, &mut seed);
                         let g = Gemm {
                             m,
                             n,
@@ -1581,7 +1644,7 @@ mod tests {
                             bias_per_col,
                             bf16: false,
                         };
-                        let b = if packed { &b_packed } else { &b_rows };
+                        let b = if packed { &b_packed } else { b_rows };
                         // Each instruction set's tiles this CPU has.
                         let mut by_isa: Vec<Vec<f32>> = vec![];
                         for how in ["tiles", "parallel", "portable", "avx2", "avx512"] {
@@ -1589,7 +1652,7 @@ mod tests {
                             let (pa, pb, pc, pbias) =
                                 (a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), bias.as_ptr());
                             match how {
-                                "parallel" => gemm_parallel(&g, &a, b, &mut c, Some(&bias)),
+                                "parallel" => gemm_parallel(&g, a, b, &mut c, Some(bias)),
                                 // SAFETY: the slices cover the product.
                                 "portable" => unsafe { g.run_portable(pa, pb, pc, pbias) },
                                 #[cfg(x86_simd)]
@@ -1610,29 +1673,14 @@ mod tests {
                                     unsafe { avx512::gemm(&g, pa, pb, pc, pbias) }
                                 }
                                 "avx2" | "avx512" => continue,
-                                _ => g.run(&a, b, &mut c, Some(&bias)),
+                                _ => g.run(a, b, &mut c, Some(bias)),
                             }
                             if how.starts_with("avx") {
                                 by_isa.push(c.clone());
                             }
-                            for i in 0..m {
-                                for j in 0..n {
-                                    let dot: f64 = (0..k)
-                                        .map(|kk| {
-                                            a[i * lda + kk] as f64 * b_rows[kk * ld + j] as f64
-                                        })
-                                        .sum();
-                                    let at = i * rs_c + j * cs_c;
-                                    let want = dot
-                                        + bias[if bias_per_col { j } else { i }] as f64
-                                        + if accumulate { c0[at] as f64 } else { 0.0 };
-                                    assert!(
-                                        (c[at] as f64 - want).abs() <= 1e-5 * (1.0 + k as f64).sqrt(),
-                                        "{m}x{n}x{k} packed {packed} transposed {transposed} accumulate {accumulate} {how} at ({i},{j}): {} vs {want}",
-                                        c[at]
-                                    );
-                                }
-                            }
+                            let what = format!("packed {packed} transposed {transposed} accumulate {accumulate} {how}");
+                            let same = |x: f32| x;
+                            ops.assert_product(&g, &c, (same, same), 0.0, &what);
                         }
                         if let [avx2, avx512] = &by_isa[..] {
                             let same = avx2
@@ -1679,17 +1727,11 @@ mod tests {
                 (true, true, false),
                 (false, true, true),
             ] {
-                let lda = k + 3;
-                let a = rand(m * lda, &mut seed);
                 let bias_per_col = accumulate;
-                let bias = rand(if bias_per_col { n } else { m }, &mut seed);
-                let ld = n + 5;
-                let b_rows = rand(k * ld, &mut seed);
-                let bt: Vec<f32> = (0..n * k).map(|i| b_rows[(i % k) * ld + i / k]).collect();
-                let mut b_packed = vec![0f32; n.div_ceil(NR) * NR * k];
-                pack_kt(&bt, (n, k, k), 1.0, &mut b_packed);
+                let ops = Operands::new((m, n, k), bias_per_col, &mut seed);
+                let (a, lda, bias, ld) = (&ops.a, ops.lda, &ops.bias, ops.ld);
+                let (b_rows, b_packed, c0) = (&ops.b_rows, &ops.b_dense, &ops.c0);
                 let (rs_c, cs_c) = if transposed { (1, m) } else { (n, 1) };
-                let c0 = rand(m * n, &mut seed);
                 let g = Gemm {
                     m,
                     n,
@@ -1716,51 +1758,31 @@ mod tests {
                     let a_rounded = matches!(how, "in place" | "bf16 output");
                     let b_src = pairs.as_ref().map_or(BfB::F32(b), BfB::Pairs);
                     match how {
-                        "one thread" => g.run(&a, b, &mut c, Some(&bias)),
-                        "parallel" => gemm_parallel(&g, &a, b, &mut c, Some(&bias)),
+                        "one thread" => g.run(a, b, &mut c, Some(bias)),
+                        "parallel" => gemm_parallel(&g, a, b, &mut c, Some(bias)),
                         "in place" => {
                             let out = BfOut::F32(&mut c);
-                            gemm_parallel_bf16(&g, BfA::Bf16(&a_bf16), b_src, out, Some(&bias))
+                            gemm_parallel_bf16(&g, BfA::Bf16(&a_bf16), b_src, out, Some(bias))
                         }
                         _ if !bf16_out => continue,
                         _ => {
                             let mut out = vec![half::bf16::ZERO; m * n];
                             let a_src = BfA::Bf16(&a_bf16);
-                            gemm_parallel_bf16(
-                                &g,
-                                a_src,
-                                b_src,
-                                BfOut::Bf16(&mut out),
-                                Some(&bias),
-                            );
+                            gemm_parallel_bf16(&g, a_src, b_src, BfOut::Bf16(&mut out), Some(bias));
                             c = out.iter().map(|x| x.to_f32()).collect();
                         }
                     }
                     let op_a = |x: f32| if a_rounded { round(x) } else { op(x) };
-                    for i in 0..m {
-                        for j in 0..n {
-                            let dot: f64 = (0..k)
-                                .map(|kk| {
-                                    op_a(a[i * lda + kk]) as f64 * op(b_rows[kk * ld + j]) as f64
-                                })
-                                .sum();
-                            let at = i * rs_c + j * cs_c;
-                            let want = dot
-                                + bias[if bias_per_col { j } else { i }] as f64
-                                + if accumulate { c0[at] as f64 } else { 0.0 };
-                            // A bf16 output is rounded once more (2⁻⁹ relative at most).
-                            let rounding = if how == "bf16 output" {
-                                want.abs() / 256.0
-                            } else {
-                                0.0
-                            };
-                            assert!(
-                                (c[at] as f64 - want).abs() <= 1e-5 * (1.0 + k as f64).sqrt() + rounding,
-                                "{m}x{n}x{k} packed {packed} transposed {transposed} accumulate {accumulate} {how} at ({i},{j}): {} vs {want}",
-                                c[at]
-                            );
-                        }
-                    }
+                    // A bf16 output is rounded once more (2⁻⁹ relative at most).
+                    let rel = if how == "bf16 output" {
+                        1.0 / 256.0
+                    } else {
+                        0.0
+                    };
+                    let what = format!(
+                        "packed {packed} transposed {transposed} accumulate {accumulate} {how}"
+                    );
+                    ops.assert_product(&g, &c, (op_a, op), rel, &what);
                 }
             }
         }
