@@ -13,6 +13,12 @@
 //! The weight may be kept in half precision (bf16/f16) under f32 activations: the layer then
 //! computes in f32, widening the weight as it packs it (the diffusion transformers at their real
 //! sizes keep their weights in bf16 to halve their memory).
+//!
+//! A bf16 layer under bf16 inputs outside training (`--dtype bf16`) gets bf16 products on CPUs
+//! with AVX512-BF16: over 256 rows the input is read in place, the weight arranged into bf16
+//! pair panels as it is stored (one pass per call), and the output rounded to bf16 block by
+//! block; fewer rows take the transposed product above, its operands rounded to bf16 one
+//! K-block at a time (the one-dot-per-output path stays f32).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
