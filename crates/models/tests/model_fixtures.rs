@@ -383,8 +383,8 @@ fn an_unread_fixture_tensor_fails_the_case() -> Result<()> {
 /// The SD 1.x fixture UNet run in bf16 (weights and activations, as `--dtype bf16` runs it: bf16
 /// products on CPUs with AVX512-BF16) stays within bf16's precision of diffusers' f32 outputs:
 /// each case's largest difference under 3% of its largest value. PyTorch's own bf16 run of
-/// this UNet (torch 2.15, diffusers 0.42.1, this CPU) differs from the f32 outputs by 1.9% and
-/// 1.4% (cases a, b); a wrong product lands far outside.
+/// this UNet differs from the f32 outputs by 1.9% and 1.4% (cases a, b;
+/// `fixtures/generate/bf16_unet_probe.py`); a wrong product lands far outside.
 #[test]
 fn sd_unet_in_bf16_stays_near_python() -> Result<()> {
     let models = fixture_subdir("models");
