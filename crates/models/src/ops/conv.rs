@@ -561,7 +561,11 @@ fn convolve_small(
             GemmWeight::F32(w) => (&w[..], cout, o0),
             GemmWeight::InPlace(w) => {
                 let run = &w[o0 * cin * 9..(o0 + cols) * cin * 9];
-                widened = run.iter().map(|v| v.to_f32()).collect();
+                widened = {
+                    let mut v = vec![0f32; run.len()];
+                    super::widen_bf16(run, &mut v);
+                    v
+                };
                 (&widened[..], cols, 0)
             }
         };

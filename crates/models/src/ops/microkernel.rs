@@ -534,7 +534,7 @@ pub(crate) fn gemm_parallel_bf16(
     let widened;
     let a = match a {
         BfA::Bf16(x) if !tiles => {
-            widened = x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+            widened = super::bf16_to_f32(x);
             BfA::F32(&widened)
         }
         a => a,

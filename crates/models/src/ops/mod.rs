@@ -282,19 +282,21 @@ pub(crate) fn f32_output(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
 const CONVERT_CHUNK: usize = 1 << 16;
 
 /// `bf16 → f32` on every core (exact: the bf16 bits are the f32's upper half).
-fn bf16_to_f32(src: &[half::bf16]) -> Vec<f32> {
-    simd_fn! {
-        fn widen(src: &[half::bf16], dst: &mut [f32]) {
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d = f32::from_bits((s.to_bits() as u32) << 16);
-            }
-        }
-    }
+pub(crate) fn bf16_to_f32(src: &[half::bf16]) -> Vec<f32> {
     let mut out = vec![0f32; src.len()];
     out.par_chunks_mut(CONVERT_CHUNK)
         .zip(src.par_chunks(CONVERT_CHUNK))
-        .for_each(|(d, s)| widen(s, d));
+        .for_each(|(d, s)| widen_bf16(s, d));
     out
+}
+
+simd_fn! {
+    /// `dst = src` widened to f32 (exact), in a form that vectorises; on this thread.
+    pub(crate) fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
+    }
 }
 
 simd_fn! {
