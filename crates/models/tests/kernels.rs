@@ -497,57 +497,115 @@ fn strided_reference(conv: &Conv2d, stride: usize, x: &Tensor) -> Result<Tensor>
         .index_select(&every_other(w)?, 3)?)
 }
 
+/// Our convolutions' outputs and gradients are candle's ([`conv_gradients_case`]).
 #[test]
 fn conv_gradients_match_candle() -> Result<()> {
-    // Winograd with its own backward (partial edge tiles, one input channel, more inputs
-    // than outputs; a map of over 256 tiles, whose kernels are transformed whole; a small map
-    // with many channels, whose kernels are transformed per block), a tiny map (im2col + GEMM,
-    // the same backward), stride 2 (odd and even sizes; im2col + GEMM and its adjoint), 1×1.
-    for (k, stride, n, cin, cout, h) in [
-        (3, 1, 1, 3, 17, 64),
-        (3, 1, 2, 3, 5, 48),
-        (3, 1, 3, 1, 4, 37),
-        (3, 1, 2, 9, 2, 30),
-        (3, 1, 1, 130, 131, 12),
-        (3, 1, 2, 3, 5, 6),
-        (3, 2, 2, 6, 5, 11),
-        (3, 2, 1, 3, 4, 8),
-        (1, 1, 2, 3, 5, 7),
-        (1, 1, 3, 12, 20, 9),
-    ] {
-        let (conv, varmap) = random_conv_strided(cin, cout, k, k / 2, stride, false)?;
-        let x = Var::from_tensor(&randn(&[n, cin, h, h + 3], 1.0)?)?;
-        let want_y = strided_reference(&conv, stride, &x)?;
-        let weights = randn(want_y.dims(), 1.0)?;
-        let params: Vec<Tensor> = varmap
-            .all_vars()
-            .iter()
-            .map(|v| v.as_tensor().clone())
-            .collect();
-        let grads = |y: Tensor| -> Result<Vec<Tensor>> {
-            let g = (y * &weights)?.sum_all()?.backward()?;
-            Ok(std::iter::once(x.as_tensor())
-                .chain(&params)
-                .map(|t| g.get(t).expect("gradient").clone())
-                .collect())
-        };
-        let got = grads(conv.forward(&x)?)?;
-        let want = grads(want_y)?;
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let what = format!("conv{k}x{k}/{stride} {n}x{cin}x{h} -> {cout} gradient {i}");
-            assert_close(&what, g, w, 1e-4)?;
-        }
-        // The first layer's input is data: no gradient for it, the same ones for the weights.
-        let data = x.as_tensor().detach();
-        let g = (conv.forward(&data)? * &weights)?.sum_all()?.backward()?;
-        assert!(g.get(&data).is_none(), "data got a gradient");
-        for (i, (p, w)) in params.iter().zip(&want[1..]).enumerate() {
-            let what =
-                format!("conv{k}x{k}/{stride} {n}x{cin}x{h} -> {cout} on data, gradient {i}");
-            assert_close(&what, g.get(p).expect("gradient"), w, 1e-4)?;
+    for case in CONV_GRADIENT_CASES {
+        conv_gradients_case(case, &[false])?;
+    }
+    Ok(())
+}
+
+/// Under bf16 autocast (how `--mixed-precision bf16` trains on the CPU) every path's output
+/// and gradients stay near candle's f32 ones ([`conv_gradients_case`]). On a CPU with bf16 dot
+/// products the weight gradient (the 4-d one: the variables come in no set order), a product
+/// on every path, is not our f32 one (it did run in bf16); elsewhere autocast changes
+/// nothing, bit for bit.
+#[test]
+fn conv_gradients_under_bf16_autocast_stay_near_candle() -> Result<()> {
+    use diffuse_models::ops::{kernels, Kernels};
+    let bf16 = kernels() == Kernels::Avx512Bf16;
+    for case in CONV_GRADIENT_CASES {
+        let runs = conv_gradients_case(case, &[false, true])?;
+        for (i, (a, b)) in runs[1].iter().zip(&runs[0]).enumerate() {
+            let same = to_vec_f64(a)? == to_vec_f64(b)?;
+            if !bf16 {
+                assert!(same, "{case:?} output/gradient {i}: autocast changed it");
+            } else if i >= 2 && a.rank() == 4 {
+                assert!(!same, "{case:?}: autocast gave the f32 weight gradient");
+            }
         }
     }
     Ok(())
+}
+
+/// Convolutions whose gradients the tests check, `(kernel, stride, n, cin, cout, h)`:
+/// Winograd with its own backward (partial edge tiles, one input channel, more inputs than
+/// outputs; a map of over 256 tiles, whose kernels are transformed whole; a small map with
+/// many channels, whose kernels are transformed per block), a tiny map (im2col + GEMM, the same
+/// backward), stride 2 (odd and even sizes; im2col + GEMM and its adjoint), 1×1.
+const CONV_GRADIENT_CASES: [(usize, usize, usize, usize, usize, usize); 10] = [
+    (3, 1, 1, 3, 17, 64),
+    (3, 1, 2, 3, 5, 48),
+    (3, 1, 3, 1, 4, 37),
+    (3, 1, 2, 9, 2, 30),
+    (3, 1, 1, 130, 131, 12),
+    (3, 1, 2, 3, 5, 6),
+    (3, 2, 2, 6, 5, 11),
+    (3, 2, 1, 3, 4, 8),
+    (1, 1, 2, 3, 5, 7),
+    (1, 1, 3, 12, 20, 9),
+];
+
+/// `f()`, under [`diffuse_models::ops::autocast_bf16`] when `on`.
+fn autocast_if<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    match on {
+        true => diffuse_models::ops::autocast_bf16(f),
+        false => f(),
+    }
+}
+
+/// One random convolution and input of a case, run once per entry of `autocast` (f32, or
+/// under bf16 autocast): its output and gradients (input, weight, bias) are checked against
+/// candle's, within 1e-4 of the largest value in f32 and 1e-2 under autocast (8 bits of
+/// mantissa), and a layer fed
+/// data must give the same weight gradients and no input gradient. Returns each run's output
+/// and gradients.
+fn conv_gradients_case(
+    (k, stride, n, cin, cout, h): (usize, usize, usize, usize, usize, usize),
+    autocast: &[bool],
+) -> Result<Vec<Vec<Tensor>>> {
+    let (conv, varmap) = random_conv_strided(cin, cout, k, k / 2, stride, false)?;
+    let x = Var::from_tensor(&randn(&[n, cin, h, h + 3], 1.0)?)?;
+    let want_y = strided_reference(&conv, stride, &x)?;
+    let weights = randn(want_y.dims(), 1.0)?;
+    let params: Vec<Tensor> = varmap
+        .all_vars()
+        .iter()
+        .map(|v| v.as_tensor().clone())
+        .collect();
+    let outputs = |y: Tensor| -> Result<Vec<Tensor>> {
+        let g = (&y * &weights)?.sum_all()?.backward()?;
+        let grads = std::iter::once(x.as_tensor())
+            .chain(&params)
+            .map(|t| g.get(t).expect("gradient").clone());
+        Ok(std::iter::once(y).chain(grads).collect())
+    };
+    let want = outputs(want_y)?;
+    let data = x.as_tensor().detach();
+    let mut runs = Vec::new();
+    for &on in autocast {
+        let (tol, mode) = match on {
+            true => (1e-2, ", bf16 autocast"),
+            false => (1e-4, ""),
+        };
+        let what = format!("conv{k}x{k}/{stride} {n}x{cin}x{h} -> {cout}{mode}");
+        let got = autocast_if(on, || outputs(conv.forward(&x)?))?;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            check_close(&format!("{what}: output/gradient {i}"), g, w, tol)?;
+        }
+        // The first layer's input is data: no gradient for it, the same ones for the weights.
+        let g = autocast_if(on, || {
+            (conv.forward(&data)? * &weights)?.sum_all()?.backward()
+        })?;
+        assert!(g.get(&data).is_none(), "data got a gradient");
+        for (i, (p, w)) in params.iter().zip(&want[2..]).enumerate() {
+            let grad = g.get(p).expect("gradient");
+            check_close(&format!("{what} on data: gradient {i}"), grad, w, tol)?;
+        }
+        runs.push(got);
+    }
+    Ok(runs)
 }
 
 /// Frozen layers under a tracked input (adapter training): the fast paths' backward gives the

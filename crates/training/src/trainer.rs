@@ -132,9 +132,13 @@ pub enum MixedPrecision {
     /// Everything in f32.
     #[default]
     No,
-    /// The forward and backward passes in bf16, through a bf16 copy of the weights cast from
-    /// the f32 master weights at every micro-batch; the loss, the gradients of the master
-    /// weights, the optimizer and the EMA stay in f32.
+    /// bf16 products, f32 master weights. On the CPU, autocast after PyTorch's CPU autocast
+    /// (`diffuse_models::ops::autocast_bf16`): the model and its activations stay f32, and the
+    /// convolutions' weight gradients (and the products of the non-Winograd ones) multiply
+    /// bf16-rounded operands on the AVX512-BF16 tiles with f32 accumulation; on CPUs without
+    /// them the step is the f32 one. On a GPU, the forward and backward passes in bf16 through a bf16 copy of the
+    /// weights cast from the f32 master weights at every micro-batch. Either way the loss,
+    /// the gradients of the master weights, the optimizer and the EMA stay in f32.
     Bf16,
 }
 
@@ -444,11 +448,12 @@ impl Trainer {
             &self.device,
         )?;
         let pred = match self.config.mixed_precision {
-            MixedPrecision::No => self.model.forward_with_class(&noisy, &t, labels.as_ref())?,
-            MixedPrecision::Bf16 => self
+            MixedPrecision::Bf16 if !self.device.is_cpu() => self
                 .cast_model(DType::BF16)?
                 .forward_with_class(&noisy, &t, labels.as_ref())?
                 .to_dtype(DType::F32)?,
+            // (CPU autocast is set around the whole step: `train_step`.)
+            _ => self.model.forward_with_class(&noisy, &t, labels.as_ref())?,
         };
         Ok(per_image_mse(&pred, &target, weights.as_deref())?.mean_all()?)
     }
@@ -472,10 +477,22 @@ impl Trainer {
         let vars = self.vars.clone();
         let mut sum = GradientSum::new(&vars);
         let mut loss_sum = 0.0;
+        let autocast = self.config.mixed_precision == MixedPrecision::Bf16 && self.device.is_cpu();
         for _ in 0..accum {
-            let loss = self.micro_batch_loss()?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            sum.add(&(loss / accum as f64)?.backward()?)?;
+            // The ops read the autocast setting as they run, so it covers the backward pass.
+            let mut pass = || -> Result<_> {
+                let loss = self.micro_batch_loss()?;
+                Ok((
+                    loss.to_scalar::<f32>()? as f64,
+                    (loss / accum as f64)?.backward()?,
+                ))
+            };
+            let (loss, grads) = match autocast {
+                true => diffuse_models::ops::autocast_bf16(pass)?,
+                false => pass()?,
+            };
+            loss_sum += loss;
+            sum.add(&grads)?;
         }
         let mut grads = sum.finish()?;
         if self.comm.size() > 1 {

@@ -26,8 +26,8 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
 use super::microkernel::{
-    gemm_parallel, gemm_parallel_bf16, pack_kt, transpose, transpose_rows8, BfA, BfB, BfOut, Gemm,
-    B, NR,
+    gemm_parallel, gemm_parallel_bf16, pack_kt, pack_pairs, transpose, transpose_rows8, BfA, BfB,
+    BfOut, Gemm, B, NR,
 };
 use super::{f32_input, f32_output, kernel_dtype, output_buffer, simd_fn, SendPtr, LANES};
 
@@ -854,6 +854,7 @@ impl candle_core::CustomOp2 for WeightGrad {
         let x = f32_input(sx, lx, "conv input")?;
         let g = f32_input(sg, lg, "conv output gradient")?;
         let (plane, k) = (ho * wo, cin * self.cols.taps());
+        let bf16 = super::autocast();
         let col_len = if self.cols.taps() == 1 { 0 } else { k * plane };
         // Images are summed in fixed groups, and the groups in order, so that the gradient
         // does not depend on how rayon splits the work: training is reproducible bit for
@@ -865,7 +866,7 @@ impl candle_core::CustomOp2 for WeightGrad {
                 let mut dwb = vec![0f32; cout * (k + 1)];
                 let images = grp * per_group..((grp + 1) * per_group).min(n);
                 if let Columns::Im2col { stride: 1 } = self.cols {
-                    same_conv_weight_grad(&x, &g, images, (cin, cout, h, w), &mut dwb);
+                    same_conv_weight_grad(&x, &g, images, (cin, cout, h, w), bf16, &mut dwb);
                     return dwb;
                 }
                 let mut col = vec![0f32; col_len];
@@ -887,7 +888,7 @@ impl candle_core::CustomOp2 for WeightGrad {
                         cs_c: k,
                         accumulate: true,
                         bias_per_col: false,
-                        bf16: false,
+                        bf16,
                     };
                     gemm.run(cols, &dy_t, dw, None);
                     for (b, row) in db.iter_mut().zip(dy.chunks_exact(plane)) {
@@ -920,6 +921,7 @@ fn same_conv_weight_grad(
     g: &[f32],
     images: std::ops::Range<usize>,
     (cin, cout, h, w): (usize, usize, usize, usize),
+    bf16: bool,
     dwb: &mut [f32],
 ) {
     let (plane, wp) = (h * w, w + 2);
@@ -927,9 +929,24 @@ fn same_conv_weight_grad(
     // The borders stay 0; only the interiors are written per image. Tap (2, 2) reads two
     // values past the last channel's plane (multiplied by the 0 columns of `dy`).
     let mut bordered = vec![0f32; cin * pp + 2];
+    // In bf16, both operands are converted once per image rather than once per tap.
+    let mut bordered_bf16 = vec![half::bf16::ZERO; if bf16 { bordered.len() } else { 0 }];
     let mut dy_rows = vec![0f32; cout * kp];
     let mut dy_t = vec![0f32; cout.div_ceil(NR) * NR * kp];
     let (dw, db) = dwb.split_at_mut(cout * k);
+    // dwᵀ rows (c, tap) for every c: 9 rows apart in dw stored transposed.
+    let gemm = Gemm {
+        m: cin,
+        n: cout,
+        k: kp,
+        lda: pp,
+        b: B::packed(kp),
+        rs_c: 9,
+        cs_c: k,
+        accumulate: true,
+        bias_per_col: false,
+        bf16,
+    };
     for i in images {
         let img = &x[i * cin * plane..(i + 1) * cin * plane];
         for (src, dst) in img.chunks_exact(plane).zip(bordered.chunks_exact_mut(pp)) {
@@ -944,22 +961,24 @@ fn same_conv_weight_grad(
             }
         }
         pack_kt(&dy_rows, (cout, kp, kp), 1.0, &mut dy_t);
+        let pairs = match bf16 {
+            true => {
+                super::narrow_bf16(&bordered, &mut bordered_bf16);
+                pack_pairs(&gemm, &dy_t)
+            }
+            false => None,
+        };
         for tap in 0..9 {
-            // dwᵀ rows (c, tap) for every c: 9 rows apart in dw stored transposed.
-            let gemm = Gemm {
-                m: cin,
-                n: cout,
-                k: kp,
-                lda: pp,
-                b: B::packed(kp),
-                rs_c: 9,
-                cs_c: k,
-                accumulate: true,
-                bias_per_col: false,
-                bf16: false,
-            };
             let shift = tap / 3 * wp + tap % 3;
-            gemm.run(&bordered[shift..], &dy_t, &mut dw[tap..], None);
+            match &pairs {
+                Some(pairs) => gemm.run_bf16(
+                    BfA::Bf16(&bordered_bf16[shift..]),
+                    BfB::Pairs(pairs),
+                    &mut dw[tap..],
+                    None,
+                ),
+                None => gemm.run(&bordered[shift..], &dy_t, &mut dw[tap..], None),
+            }
         }
         for (b, row) in db.iter_mut().zip(dy.chunks_exact(plane)) {
             *b += super::sum(row);
@@ -1007,7 +1026,7 @@ impl candle_core::CustomOp2 for InputGrad {
             cs_c: 1,
             accumulate: false,
             bias_per_col: false,
-            bf16: false,
+            bf16: super::autocast(),
         };
         // Pointwise: the product is the gradient and writes all of it; im2col: the columns'
         // gradients are summed into zeros.
@@ -1118,7 +1137,7 @@ impl CustomOp3 for Im2colConv {
         let x = f32_input(sx, lx, "conv input")?;
         let bias = f32_input(sb, lb, "conv bias")?;
         let wt = GemmWeight::new(sw, lw)?;
-        let bf16 = sx.dtype() == DType::BF16;
+        let bf16 = sx.dtype() == DType::BF16 || super::autocast();
         let s = self.stride;
         // PyTorch's output size for kernel 3, padding 1.
         let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
@@ -1319,7 +1338,7 @@ impl CustomOp3 for PointwiseConv {
         let x = f32_input(sx, lx, "conv input")?;
         let bias = f32_input(sb, lb, "conv bias")?;
         let wt = GemmWeight::new(sw, lw)?;
-        let bf16 = sx.dtype() == DType::BF16;
+        let bf16 = sx.dtype() == DType::BF16 || super::autocast();
         let plane = h * w;
         // Every element is written: each image's GEMM, or its bias fill when there are no
         // input channels, writes all of its output.

@@ -244,6 +244,93 @@ impl Gemm {
     }
 }
 
+impl Gemm {
+    /// The lengths of a bf16 product's operands, for [`Gemm::check`]: a [`PairPanels`] `b`
+    /// must have been packed for this product's `n` and `k` (and then covers it).
+    fn bf16_operand_lens(&self, a: BfA<'_>, b: BfB<'_>) -> (usize, usize) {
+        let a_len = match a {
+            BfA::F32(x) => x.len(),
+            BfA::Bf16(x) => x.len(),
+        };
+        let b_len = match b {
+            BfB::F32(x) => x.len(),
+            BfB::Pairs(p) => {
+                assert!(
+                    p.n == self.n && p.k == self.k,
+                    "GEMM operand packed for another product"
+                );
+                self.extents().1
+            }
+        };
+        (a_len, b_len)
+    }
+
+    /// [`Gemm::run`] of a bf16 product ([`Gemm::bf16`]) from operands as
+    /// [`gemm_parallel_bf16`] takes them, on this thread: operands converted once by the
+    /// caller (a bf16 `a`, [`PairPanels`]) for products that would otherwise convert the same
+    /// values again and again. On CPUs without the bf16 tiles a bf16 `a` is widened (and
+    /// [`PairPanels`] do not exist there: [`pack_pairs`] gives none).
+    pub(crate) fn run_bf16(&self, a: BfA<'_>, b: BfB<'_>, c: &mut [f32], bias: Option<&[f32]>) {
+        let (a_len, b_len) = self.bf16_operand_lens(a, b);
+        self.check((a_len, b_len, c.len()), bias);
+        let widened;
+        let a = match a {
+            BfA::Bf16(x) if !(cfg!(x86_simd) && super::has_bf16_dot()) => {
+                widened = super::bf16_to_f32(x);
+                BfA::F32(&widened)
+            }
+            a => a,
+        };
+        let bias = bias.map_or(std::ptr::null(), |x| x.as_ptr());
+        // SAFETY: checked above; `a` is f32 unless the CPU has the bf16 tiles.
+        unsafe { self.run_bf16_raw(a, b, (0, 0, 0), c.as_mut_ptr(), bias) }
+    }
+
+    /// Runs this product, the block of a bf16 product whose first row of `a` is `r0`, whose
+    /// first column is `n0` and whose `b` starts `b_off` values into an f32 `b`
+    /// ([`Block`]), on the bf16 tiles where the CPU has them, else on the f32 tiles.
+    ///
+    /// # Safety
+    /// As [`Gemm::run_raw`], for the block; `a` is f32 and `b` not [`PairPanels`] unless the
+    /// CPU has the bf16 tiles.
+    unsafe fn run_bf16_raw(
+        &self,
+        a: BfA<'_>,
+        b: BfB<'_>,
+        (r0, n0, b_off): (usize, usize, usize),
+        c: *mut f32,
+        bias: *const f32,
+    ) {
+        #[cfg(not(x86_simd))]
+        let _ = n0; // (the first column locates pair panels, which only the bf16 tiles read)
+        match (a, b) {
+            #[cfg(x86_simd)]
+            (a, b) if super::has_bf16_dot() => {
+                use avx512bf16::{pair_panel_len, ASrc, BSrc, NB};
+                let a = match a {
+                    BfA::F32(x) => ASrc::F32(x.as_ptr().add(r0 * self.lda)),
+                    BfA::Bf16(x) => ASrc::Bf16((x.as_ptr() as *const u16).add(r0 * self.lda)),
+                };
+                let b = match b {
+                    BfB::F32(x) => BSrc::F32(x.as_ptr().add(b_off)),
+                    BfB::Pairs(p) => BSrc::Pairs {
+                        at: p.data.as_ptr().add(n0 / NB * pair_panel_len(p.k)),
+                        panel_stride: pair_panel_len(p.k),
+                    },
+                };
+                avx512bf16::gemm(self, a, b, c, bias)
+            }
+            (BfA::F32(a), BfB::F32(b)) => self.run_raw(
+                a.as_ptr().add(r0 * self.lda),
+                b.as_ptr().add(b_off),
+                c,
+                bias,
+            ),
+            _ => unreachable!("bf16 operands reach the bf16 tiles only"),
+        }
+    }
+}
+
 /// `dst[e · ld + j] = rows[j][e]` for `j < 8`, `e < len`: eight rows become the first eight
 /// columns of `len` rows of `dst`, 8 × 8 blocks at a time with AVX2 shuffles (scalar copies
 /// leave one store per element).
@@ -499,21 +586,7 @@ pub(crate) fn gemm_parallel_bf16(
     out: BfOut<'_>,
     bias: Option<&[f32]>,
 ) {
-    let (_, eb, _) = g.extents();
-    let a_len = match a {
-        BfA::F32(x) => x.len(),
-        BfA::Bf16(x) => x.len(),
-    };
-    let b_len = match b {
-        BfB::F32(x) => x.len(),
-        BfB::Pairs(p) => {
-            assert!(
-                p.n == g.n && p.k == g.k,
-                "GEMM operand packed for another product"
-            );
-            eb
-        }
-    };
+    let (a_len, b_len) = g.bf16_operand_lens(a, b);
     let (c_f32, c_bf16, c_len) = match out {
         BfOut::F32(c) => (
             SendPtr(c.as_mut_ptr()),
@@ -560,34 +633,8 @@ pub(crate) fn gemm_parallel_bf16(
             (Gemm { rs_c: n, ..blk.sub }, scratch.as_mut_ptr())
         };
         // SAFETY: the blocks are parts of the product checked above, and no two write the
-        // same elements of the output; the bf16 tiles run only where the CPU has them.
-        unsafe {
-            match (a, b) {
-                #[cfg(x86_simd)]
-                (a, b) if tiles => {
-                    use avx512bf16::{pair_panel_len, ASrc, BSrc, NB};
-                    let a = match a {
-                        BfA::F32(x) => ASrc::F32(x.as_ptr().add(blk.r0 * g.lda)),
-                        BfA::Bf16(x) => ASrc::Bf16((x.as_ptr() as *const u16).add(blk.r0 * g.lda)),
-                    };
-                    let b = match b {
-                        BfB::F32(x) => BSrc::F32(x.as_ptr().add(blk.b_off())),
-                        BfB::Pairs(p) => BSrc::Pairs {
-                            at: p.data.as_ptr().add(blk.n0 / NB * pair_panel_len(g.k)),
-                            panel_stride: pair_panel_len(g.k),
-                        },
-                    };
-                    avx512bf16::gemm(&sub, a, b, c, bias)
-                }
-                (BfA::F32(a), BfB::F32(b)) => sub.run_raw(
-                    a.as_ptr().add(blk.r0 * g.lda),
-                    b.as_ptr().add(blk.b_off()),
-                    c,
-                    bias,
-                ),
-                _ => unreachable!("bf16 operands reach the bf16 tiles only"),
-            }
-        }
+        // same elements of the output; `a` is f32 unless the CPU has the bf16 tiles.
+        unsafe { sub.run_bf16_raw(a, b, (blk.r0, blk.n0, blk.b_off()), c, bias) }
         if !c_bf16.get().is_null() {
             for (i, row) in scratch[..m * n].chunks_exact(n).enumerate() {
                 // SAFETY: row `r0 + i`, columns `n0..n0 + n` of the output (checked above to

@@ -114,6 +114,38 @@ pub(crate) fn has_bf16_dot() -> bool {
     kernels() >= Kernels::Avx512Bf16
 }
 
+thread_local! {
+    static AUTOCAST_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the convolutions' products in bf16 on this thread, after PyTorch's
+/// `torch.autocast("cpu", dtype=torch.bfloat16)`: f32 tensors stay f32, but the GEMM
+/// convolutions (im2col, 1×1, stride 2: forward and input gradient) and every convolution's
+/// weight gradient multiply their operands rounded to bf16 on the AVX512-BF16 tiles,
+/// accumulating in f32 into an f32 output (PyTorch rounds that output to bf16 as well).
+/// Winograd convolutions stay f32: their products are of transformed tiles, sums of several
+/// inputs with weights up to 5, and in bf16 the outputs were off by 6–8% of their largest
+/// value. Normalisations, activations, attention and the loss stay f32. On CPUs without bf16
+/// dot products it changes nothing: there bf16 could only be emulated, slower than the f32
+/// tiles. The ops read the setting on the thread that applies them (candle runs a backward
+/// pass on the thread that calls it), so a training step wraps its forward and backward passes
+/// in one call.
+pub fn autocast_bf16<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            AUTOCAST_BF16.set(self.0);
+        }
+    }
+    let _restore = Restore(AUTOCAST_BF16.replace(true));
+    f()
+}
+
+/// Whether the products run in bf16 here ([`autocast_bf16`] on a CPU with bf16 dot products).
+pub(crate) fn autocast() -> bool {
+    AUTOCAST_BF16.get() && has_bf16_dot()
+}
+
 /// Defines a function whose body is compiled twice — for the baseline target and with
 /// AVX2+FMA — and dispatched on the running CPU. Everything the body calls in its inner loops
 /// must be `#[inline(always)]` to be compiled with the wider instructions too.
