@@ -217,7 +217,7 @@ pub struct OptimArgs {
     pub clip_grad: f64,
     /// Precision of the forward and backward passes; the weights, gradients, optimizer and EMA
     /// stay f32 either way. bf16 on the CPU is autocast: the convolutions' weight gradients
-    /// and GEMM convolutions multiply in bf16 on AVX512-BF16 CPUs (10-20% faster steps;
+    /// and GEMM convolutions multiply in bf16 on AVX512-BF16 CPUs (about 10% faster steps;
     /// elsewhere it is the f32 step). On a GPU: the passes run through a bf16 copy of the
     /// weights made at every step.
     #[arg(long, value_enum, default_value = "no")]

@@ -136,9 +136,10 @@ pub enum MixedPrecision {
     /// (`diffuse_models::ops::autocast_bf16`): the model and its activations stay f32, and the
     /// convolutions' weight gradients (and the products of the non-Winograd ones) multiply
     /// bf16-rounded operands on the AVX512-BF16 tiles with f32 accumulation; on CPUs without
-    /// them the step is the f32 one. On a GPU, the forward and backward passes in bf16 through a bf16 copy of the
-    /// weights cast from the f32 master weights at every micro-batch. Either way the loss,
-    /// the gradients of the master weights, the optimizer and the EMA stay in f32.
+    /// them the step is the f32 one. On a GPU, the forward and backward passes in bf16
+    /// through a bf16 copy of the weights cast from the f32 master weights at every
+    /// micro-batch. Either way the loss, the gradients of the master weights, the optimizer
+    /// and the EMA stay in f32.
     Bf16,
 }
 

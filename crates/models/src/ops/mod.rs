@@ -11,7 +11,8 @@
 //! AVX2+FMA and picked at run time (`simd_fn!`, [`kernels`]; `DIFFUSE_KERNELS=portable`
 //! forces the plain copies), and the register-tile GEMM has AVX2 and AVX-512 tiles, and bf16
 //! tiles (AVX512-BF16 dot products) for the products of bf16 layers: linear layers, 1×1 and
-//! im2col convolutions and attention at `--dtype bf16`. The x86 code sits behind
+//! im2col convolutions and attention at `--dtype bf16`, and for the convolutions of f32
+//! layers under [`autocast_bf16`] (mixed-precision training). The x86 code sits behind
 //! `cfg(x86_simd)`, which `build.rs` sets on x86-64 unless the `portable` feature asks for the
 //! build other architectures get.
 
