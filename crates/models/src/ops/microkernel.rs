@@ -242,9 +242,7 @@ impl Gemm {
             )
         }
     }
-}
 
-impl Gemm {
     /// The lengths of a bf16 product's operands, for [`Gemm::check`]: a [`PairPanels`] `b`
     /// must have been packed for this product's `n` and `k` (and then covers it).
     fn bf16_operand_lens(&self, a: BfA<'_>, b: BfB<'_>) -> (usize, usize) {
