@@ -449,11 +449,11 @@ impl Trainer {
             &self.device,
         )?;
         let pred = match self.config.mixed_precision {
-            MixedPrecision::Bf16 if !self.device.is_cpu() => self
+            MixedPrecision::Bf16 if !self.cpu_autocast() => self
                 .cast_model(DType::BF16)?
                 .forward_with_class(&noisy, &t, labels.as_ref())?
                 .to_dtype(DType::F32)?,
-            // (CPU autocast is set around the whole step: `train_step`.)
+            // (CPU autocast is set around the whole pass: `train_step`.)
             _ => self.model.forward_with_class(&noisy, &t, labels.as_ref())?,
         };
         Ok(per_image_mse(&pred, &target, weights.as_deref())?.mean_all()?)
@@ -472,13 +472,19 @@ impl Trainer {
         Ok(UNet2DModel::new(vb, &self.config.unet)?)
     }
 
+    /// Whether bf16 mixed precision runs as CPU autocast (around each micro-batch's passes,
+    /// in `train_step`) rather than through a bf16 copy of the weights (on a GPU).
+    fn cpu_autocast(&self) -> bool {
+        self.config.mixed_precision == MixedPrecision::Bf16 && self.device.is_cpu()
+    }
+
     /// One optimizer step over `grad_accum` micro-batches.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let accum = self.config.grad_accum;
         let vars = self.vars.clone();
         let mut sum = GradientSum::new(&vars);
         let mut loss_sum = 0.0;
-        let autocast = self.config.mixed_precision == MixedPrecision::Bf16 && self.device.is_cpu();
+        let autocast = self.cpu_autocast();
         for _ in 0..accum {
             // The ops read the autocast setting as they run, so it covers the backward pass.
             let mut pass = || -> Result<_> {
