@@ -3,9 +3,10 @@
 //! blocks, and keeps a running max and sum per row (online softmax), so memory is
 //! `O(block_q × (block_k + d))` per thread. The keys are packed (and scaled) once per head; the
 //! two block products run on the register tiles of `microkernel` (the `gemm` crate on
-//! CPUs without AVX2), and the exponentials on AVX2 too. The heads may also sit side by side
-//! in the last dimension, as the q/k/v projections produce them (`FlashAttention::heads`):
-//! the kernel then reads and writes them in place, with no copies to split and merge them.
+//! CPUs without AVX2), and the exponentials on AVX2 or AVX-512 (with the same bits). The heads
+//! may also sit side by side in the last dimension, as the q/k/v projections produce them
+//! (`FlashAttention::heads`): the kernel then reads and writes them in place, with no copies to
+//! split and merge them.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
@@ -56,9 +57,15 @@ simd_fn! {
 /// `row[i] = exp(row[i] − m)`; returns their sum.
 fn exp_shifted_sum(row: &mut [f32], m: f32) -> f32 {
     #[cfg(x86_simd)]
-    if super::has_avx2_fma() {
-        // SAFETY: the CPU has the features.
-        return unsafe { super::microkernel::avx2::exp_shifted_sum(row, m) };
+    match super::kernels() {
+        // SAFETY (both): the CPU has the features.
+        super::Kernels::Avx512 | super::Kernels::Avx512Bf16 => {
+            return unsafe { super::microkernel::avx512::exp_shifted_sum(row, m) }
+        }
+        super::Kernels::Avx2 => {
+            return unsafe { super::microkernel::avx2::exp_shifted_sum(row, m) }
+        }
+        super::Kernels::Portable => {}
     }
     exp_shifted_sum_portable(row, m)
 }
@@ -501,6 +508,13 @@ mod tests {
                 super::super::microkernel::avx2::exp_shifted_sum(r, m)
             }));
         }
+        #[cfg(x86_simd)]
+        if super::super::kernels() >= super::super::Kernels::Avx512 {
+            // SAFETY: checked just above.
+            kernels.push(("avx512", |r, m| unsafe {
+                super::super::microkernel::avx512::exp_shifted_sum(r, m)
+            }));
+        }
         for (name, f) in kernels {
             let mut row = xs.clone();
             let sum = f(&mut row, m);
@@ -515,6 +529,36 @@ mod tests {
                 (sum as f64 - want_sum).abs() <= 1e-6 * want_sum,
                 "{name} sum"
             );
+        }
+    }
+
+    /// The AVX-512 row kernel gives the AVX2 one's values and sum bit for bit (so attention's
+    /// output does not depend on which of the two the CPU runs), at every length's mix of
+    /// 16-wide chunks, a last 8 and a scalar tail.
+    #[cfg(x86_simd)]
+    #[test]
+    fn avx512_exp_rows_equal_avx2_bits() {
+        use super::super::microkernel::{avx2, avx512};
+        if super::super::kernels() < super::super::Kernels::Avx512 {
+            eprintln!("no AVX-512 on this CPU: nothing to compare");
+            return;
+        }
+        for len in (0..=48).chain([129, 1003]) {
+            let xs: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919 % 1000) as f32 - 900.0) * 0.1)
+                .collect();
+            let (mut a, mut b) = (xs.clone(), xs.clone());
+            // SAFETY: the CPU has AVX-512 (checked above), hence AVX2 and FMA too.
+            let (sa, sb) = unsafe {
+                (
+                    avx2::exp_shifted_sum(&mut a, 1.5),
+                    avx512::exp_shifted_sum(&mut b, 1.5),
+                )
+            };
+            assert_eq!(sa.to_bits(), sb.to_bits(), "sum of {len}");
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert_eq!(x.to_bits(), y.to_bits(), "element {i} of {len}: {x} vs {y}");
+            }
         }
     }
 }
