@@ -529,6 +529,58 @@ fn conv_gradients_under_bf16_autocast_stay_near_candle() -> Result<()> {
     Ok(())
 }
 
+/// Linear layers and attention under bf16 autocast (`--mixed-precision bf16`, LoRA training
+/// included): outputs and input gradients within 1e-2 of the f32 ones' largest value. On a
+/// CPU with bf16 dot products the products that run in bf16 (the outputs; the input gradient
+/// of a linear layer over 256 rows) are not the f32 ones; every other value, and everything
+/// on other CPUs, is equal bit for bit.
+#[test]
+fn linear_and_attention_under_bf16_autocast_stay_near_f32() -> Result<()> {
+    use diffuse_models::ops::linear::Linear;
+    use diffuse_models::ops::{kernels, Kernels};
+    let bf16 = kernels() == Kernels::Avx512Bf16;
+    // `runs[on]`: the values of the f32 run and of the autocast one; `in_bf16[i]`: whether
+    // value `i` is a bf16 product under autocast.
+    let check = |what: &str, runs: [Vec<Tensor>; 2], in_bf16: &[bool]| -> Result<()> {
+        for (i, (a, b)) in runs[1].iter().zip(&runs[0]).enumerate() {
+            assert_close(&format!("{what} value {i} under autocast"), a, b, 1e-2)?;
+            let same = to_vec_f64(a)? == to_vec_f64(b)?;
+            assert_eq!(
+                same,
+                !(bf16 && in_bf16[i]),
+                "{what} value {i}: equal {same}"
+            );
+        }
+        Ok(())
+    };
+    // The packed product (over 256 rows) and the transposed one.
+    for (rows, k, n, dx_in_bf16) in [(600, 40, 33, true), (77, 24, 50, false)] {
+        let layer = Linear::new(randn(&[n, k], 0.1)?, Some(randn(&[n], 1.0)?));
+        let x = Var::from_tensor(&randn(&[rows, k], 1.0)?)?;
+        let weights = randn(&[rows, n], 1.0)?;
+        let run = |on| {
+            autocast_if(on, || -> Result<Vec<Tensor>> {
+                let y = layer.forward(&x)?;
+                let g = (&y * &weights)?.sum_all()?.backward()?;
+                Ok(vec![y, g.get(&x).expect("the input's gradient").clone()])
+            })
+        };
+        let what = format!("linear {rows}x{k} -> {n}");
+        check(&what, [run(false)?, run(true)?], &[true, dx_in_bf16])?;
+    }
+    let (q, k, v) = (
+        randn(&[2, 150, 40], 1.0)?,
+        randn(&[2, 90, 40], 1.0)?,
+        randn(&[2, 90, 24], 1.0)?,
+    );
+    let run = |on| {
+        autocast_if(on, || -> Result<Vec<Tensor>> {
+            Ok(vec![scaled_dot_product_attention(&q, &k, &v, 0.2)?])
+        })
+    };
+    check("attention", [run(false)?, run(true)?], &[true])
+}
+
 /// Convolutions whose gradients the tests check, `(kernel, stride, n, cin, cout, h)`:
 /// Winograd with its own backward (partial edge tiles, one input channel, more inputs than
 /// outputs; a map of over 256 tiles, whose kernels are transformed whole; a small map with

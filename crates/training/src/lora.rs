@@ -33,6 +33,7 @@ use crate::loss::{check_snr_gamma, min_snr_weights, per_image_mse, prediction_ta
 use crate::optimizer::{
     check_and_clip, AdamW, AdamWConfig, GradientSum, LrSchedule, LrScheduleKind,
 };
+use crate::trainer::MixedPrecision;
 
 /// The layers diffusers' LoRA scripts adapt: the attention projections.
 pub const DEFAULT_TARGETS: &[&str] = &["to_q", "to_k", "to_v", "to_out.0"];
@@ -72,6 +73,9 @@ pub struct LoraTrainConfig {
     pub prior: Option<PriorPreservation>,
     /// Min-SNR-γ loss weighting (diffusers' `--snr_gamma`); none: unweighted.
     pub snr_gamma: Option<f64>,
+    /// bf16: each step's passes under CPU autocast ([`MixedPrecision::Bf16`]); the adapters,
+    /// their gradients and the optimizer stay f32. CPU only.
+    pub mixed_precision: MixedPrecision,
 }
 
 /// DreamBooth's prior preservation: images of the class (made by the model itself, as
@@ -112,6 +116,7 @@ impl Default for LoraTrainConfig {
             instance_prompt: None,
             prior: None,
             snr_gamma: None,
+            mixed_precision: MixedPrecision::No,
         }
     }
 }
@@ -346,6 +351,12 @@ impl LoraTrainer {
             Some(t) => t.device().clone(),
             None => return Err(Error::invalid("the UNet has no weights")),
         };
+        if config.mixed_precision == MixedPrecision::Bf16 && !device.is_cpu() {
+            return Err(Error::invalid(
+                "bf16 mixed precision of LoRA training is CPU autocast: on a GPU, train in f32 \
+                 (--mixed-precision no)",
+            ));
+        }
         let mut rng = Generator::manual_seed(config.seed);
         let targets = config.target_modules.clone();
         let unet = Adapted::new(("unet", "lora_unet_"), frozen, targets, &config, &mut rng)?;
@@ -511,10 +522,20 @@ impl LoraTrainer {
         let accum = self.config.grad_accum;
         let mut sum = GradientSum::new(&vars);
         let mut loss_sum = 0.0;
+        let autocast = self.config.mixed_precision == MixedPrecision::Bf16;
         for _ in 0..accum {
-            let loss = self.micro_batch_loss()?;
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            sum.add(&(loss / accum as f64)?.backward()?)?;
+            // The ops read the autocast setting as they run: it covers the backward pass too.
+            let mut pass = || -> Result<(f64, candle_core::backprop::GradStore)> {
+                let loss = self.micro_batch_loss()?;
+                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                Ok((value, (loss / accum as f64)?.backward()?))
+            };
+            let (loss, grads) = match autocast {
+                true => diffuse_models::ops::autocast_bf16(pass)?,
+                false => pass()?,
+            };
+            loss_sum += loss;
+            sum.add(&grads)?;
         }
         let mut grads = sum.finish()?;
         let loss = loss_sum / accum as f64;

@@ -1,13 +1,13 @@
 //! The `--lora-train` lines: one LoRA training step of the SD 1.5 UNet (random weights, rank 4
 //! on the attention projections, batch 1) at 256² and 512², through `LoraTrainer` as
-//! `diffuse train-lora` runs it.
+//! `diffuse train-lora` runs it; `--dtype bf16` runs it with `--mixed-precision bf16`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use diffuse_models::DiagonalGaussian;
 use diffuse_schedulers::SchedulerConfig;
-use diffuse_training::{LoraTrainConfig, LoraTrainer, TrainingExample};
+use diffuse_training::{LoraTrainConfig, LoraTrainer, MixedPrecision, TrainingExample};
 
 use super::*;
 
@@ -68,9 +68,17 @@ impl Bench<'_> {
                 text: Tensor::randn(0f32, 1.0, (1, 77, 768), dev)?,
                 ids: None,
             };
+            let mixed_precision = match self.dtype {
+                DType::F32 => MixedPrecision::No,
+                DType::BF16 => MixedPrecision::Bf16,
+                other => {
+                    bail!("the LoRA training lines run in f32 or bf16 (autocast), not {other:?}")
+                }
+            };
             let config = LoraTrainConfig {
                 resolution: px,
                 steps: 1_000,
+                mixed_precision,
                 ..Default::default()
             };
             let mut trainer = LoraTrainer::from_examples(

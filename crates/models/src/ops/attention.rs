@@ -260,7 +260,11 @@ impl CustomOp3 for FlashAttention {
             )
         }
         let (d, dv) = (cq / h, cv / h);
-        let bf16 = sq.dtype() == candle_core::DType::BF16;
+        // bf16 products for bf16 inputs, and for f32 ones under autocast (f32 out).
+        let bf16 = match sq.dtype() {
+            candle_core::DType::BF16 => true,
+            dtype => dtype == candle_core::DType::F32 && super::autocast(),
+        };
         let q = f32_input(sq, lq, "attention q")?;
         let k = f32_input(sk, lk, "attention k")?;
         let v = f32_input(sv, lv, "attention v")?;

@@ -172,7 +172,10 @@ impl Module for Linear {
         let (n, k) = self.inner.weight().dims2()?;
         let rows = xs.elem_count() / k.max(1);
         let name = || {
-            let bf16 = xs.dtype() == candle_core::DType::BF16 && super::has_bf16_dot();
+            let bf16 = match xs.dtype() {
+                candle_core::DType::BF16 => super::has_bf16_dot(),
+                dtype => dtype == candle_core::DType::F32 && super::autocast(),
+            };
             let kind = match (fast, xs.device().is_cuda()) {
                 (true, _) if bf16 => "packed bf16",
                 (true, _) => "packed",
@@ -267,18 +270,76 @@ fn forward_in_fixed_blocks(layer: &candle_nn::Linear, xs: &Tensor) -> Result<Ten
     Tensor::cat(&blocks, 0)?.reshape(shape)
 }
 
-/// `dx = dy · w` for `y = x · wᵀ (+ b)`, in `dy`'s dtype.
+/// `dx = dy · w` for `y = x · wᵀ (+ b)`, in `dy`'s dtype: candle's matmul, or under autocast
+/// our bf16 tiles ([`AutocastInputGrad`]).
 fn linear_input_grad(w: &Tensor, grad: &Tensor) -> Result<Tensor> {
     let (n, k) = w.dims2()?;
-    let mut shape = grad.dims().to_vec();
+    let grad = grad.contiguous()?;
     let rows = grad.elem_count() / n.max(1);
+    let f32_cpu = grad.device().is_cpu() && grad.dtype() == candle_core::DType::F32;
+    if f32_cpu && rows > TRANSPOSED_MAX_ROWS && super::autocast() {
+        return grad.apply_op2_no_bwd(&w.contiguous()?, &AutocastInputGrad);
+    }
+    let mut shape = grad.dims().to_vec();
     *shape
         .last_mut()
         .expect("a linear output has a last dimension") = k;
-    grad.contiguous()?
-        .reshape((rows, n))?
+    grad.reshape((rows, n))?
         .matmul(&w.to_dtype(grad.dtype())?)?
         .reshape(shape)
+}
+
+/// `dx = dy · w` over `(dy, w)` under autocast: the weight (`n × k`, the product's `b` as it is
+/// stored) rounded into bf16 pair panels once, `dy` rounded as the tiles read it, f32 out.
+/// Over few rows the weight's conversion would cost about as much as the product (as
+/// packing it does in the forward pass), so those stay with candle's f32 matmul; in f32, our
+/// tiles with a packed weight measured no faster than candle's matmul on these shapes.
+struct AutocastInputGrad;
+
+impl CustomOp2 for AutocastInputGrad {
+    fn name(&self) -> &'static str {
+        "linear-input-grad-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = lw.shape().dims2()?;
+        let dy = f32_input(sg, lg, "linear output gradient")?;
+        let weight = Weight::new(sw, lw)?;
+        let w = weight.to_f32(0..n * k);
+        let rows = dy.len().checked_div(n).unwrap_or(0);
+        let mut dims = lg.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = k;
+        }
+        let g = Gemm {
+            m: rows,
+            n: k,
+            k: n,
+            lda: n,
+            b: B::Rows { ld: k },
+            rs_c: k,
+            cs_c: 1,
+            accumulate: false,
+            bias_per_col: false,
+            bf16: true,
+        };
+        // A product over no outputs (K = 0) writes nothing: zeros. Otherwise every element is
+        // written.
+        let mut out = match n {
+            0 => vec![0f32; rows * k],
+            _ => output_buffer(rows * k),
+        };
+        let pairs = pack_pairs(&g, &w);
+        let b = pairs.as_ref().map_or(BfB::F32(&w), BfB::Pairs);
+        gemm_parallel_bf16(&g, BfA::F32(&dy), b, BfOut::F32(&mut out), None);
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
 }
 
 /// `(dw, db)` for `y = x · wᵀ + b`: `dyᵀ · x` over all rows in one product (no per-image
@@ -321,9 +382,11 @@ impl LinearOp {
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, k) = w.1.shape().dims2()?;
-        // A bf16 input (inference at `--dtype bf16`) gets bf16 products and a bf16 output.
+        // A bf16 input (inference at `--dtype bf16`) gets bf16 products and a bf16 output; an
+        // f32 one under autocast bf16 products and an f32 output.
         let dtype = x.0.dtype();
-        let bf16 = dtype == candle_core::DType::BF16;
+        let bf16_out = dtype == candle_core::DType::BF16;
+        let bf16 = bf16_out || (dtype == candle_core::DType::F32 && super::autocast());
         let weight = Weight::new(w.0, w.1)?;
         let bias = bias
             .map(|(s, l)| f32_input(s, l, "linear bias"))
@@ -395,6 +458,11 @@ impl LinearOp {
             let pairs = pairs.or_else(|| pack_pairs(&g, &wt));
             let a = bf16_x.map_or(BfA::F32(&xs), BfA::Bf16);
             let b = pairs.as_ref().map_or(BfB::F32(&wt), BfB::Pairs);
+            if !bf16_out {
+                let mut out = output_buffer(m * n);
+                gemm_parallel_bf16(&g, a, b, BfOut::F32(&mut out), bias.as_deref());
+                return Ok((CpuStorage::F32(out), Shape::from(dims)));
+            }
             let mut out = vec![half::bf16::ZERO; m * n];
             gemm_parallel_bf16(&g, a, b, BfOut::Bf16(&mut out), bias.as_deref());
             return Ok((CpuStorage::BF16(out), Shape::from(dims)));

@@ -119,14 +119,15 @@ thread_local! {
     static AUTOCAST_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `f` with the convolutions' products in bf16 on this thread, after PyTorch's
+/// Runs `f` with the models' products in bf16 on this thread, after PyTorch's
 /// `torch.autocast("cpu", dtype=torch.bfloat16)`: f32 tensors stay f32, but the GEMM
-/// convolutions (im2col, 1×1, stride 2: forward and input gradient) and every convolution's
-/// weight gradient multiply their operands rounded to bf16 on the AVX512-BF16 tiles,
-/// accumulating in f32 into an f32 output (PyTorch rounds that output to bf16 as well).
-/// Winograd convolutions stay f32: their products are of transformed tiles, sums of several
-/// inputs with weights up to 5, and in bf16 the outputs were off by 6–8% of their largest
-/// value. Normalisations, activations, attention and the loss stay f32. On CPUs without bf16
+/// convolutions (im2col, 1×1, stride 2: forward and input gradient), every convolution's
+/// weight gradient, the linear layers (forward, and the input gradient over 256 rows) and
+/// attention's two products (forward) multiply their operands rounded to bf16 on the
+/// AVX512-BF16 tiles, accumulating in f32 into an f32 output (PyTorch rounds that output to
+/// bf16 as well). Winograd convolutions stay f32: their products are of transformed tiles,
+/// sums of several inputs with weights up to 5, and in bf16 the outputs were off by 6–8% of
+/// their largest value. Normalisations, activations and the loss stay f32. On CPUs without bf16
 /// dot products it changes nothing: there bf16 could only be emulated, slower than the f32
 /// tiles. The ops read the setting on the thread that applies them (candle runs a backward
 /// pass on the thread that calls it), so a training step wraps its forward and backward passes
