@@ -126,8 +126,12 @@ fn causal_attention_matches_reference() -> Result<()> {
         let want = causal_attention_reference(&q, &k, &v, scale)?;
         assert_close(&format!("causal attention {bh}x{n}x{d}"), &got, &want, 1e-5)?;
     }
-    // The gradients too: small heads (plain loops) and bigger ones (matmuls).
-    for shape in [(2, 150, 150, 16, 16), (1, 300, 300, 16, 16)] {
+    // The gradients too: small heads (plain loops) and bigger ones (the blocked pass).
+    for shape in [
+        (2, 150, 150, 16, 16),
+        (1, 300, 300, 16, 16),
+        (2, 333, 333, 40, 40),
+    ] {
         assert_attention_gradients(
             "causal",
             shape,
@@ -208,8 +212,16 @@ fn attention_half_inputs_are_computed_in_f32() -> Result<()> {
 
 #[test]
 fn attention_gradients_match_reference() -> Result<()> {
-    // Small heads (plain loops; one query row) and bigger ones (matmuls).
-    for shape in [(3, 70, 90, 16, 12), (2, 1, 5, 8, 8), (1, 300, 200, 16, 24)] {
+    // Small heads (plain loops; one query row) and bigger ones (the blocked pass: partial
+    // query and key blocks, one head split into runs of keys, widths that are not multiples
+    // of a panel).
+    for shape in [
+        (3, 70, 90, 16, 12),
+        (2, 1, 5, 8, 8),
+        (1, 300, 200, 16, 24),
+        (2, 333, 270, 40, 40),
+        (1, 260, 520, 20, 36),
+    ] {
         assert_attention_gradients(
             "attention",
             shape,

@@ -6,7 +6,8 @@
 //! CPUs without AVX2), and the exponentials on AVX2 or AVX-512 (with the same bits). The heads
 //! may also sit side by side in the last dimension, as the q/k/v projections produce them
 //! (`FlashAttention::heads`): the kernel then reads and writes them in place, with no copies to
-//! split and merge them.
+//! split and merge them. The backward pass is blocked the same way (`flash_grads`): the score
+//! matrix is recomputed tile by tile, never stored.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
@@ -329,9 +330,10 @@ impl CustomOp3 for FlashAttention {
         Ok((f32_output(out, sq.dtype())?, Shape::from((b, n, cv))))
     }
 
-    /// The standard attention gradients, from the recomputed probabilities (training runs at
-    /// sizes where the score matrix fits): with `p = softmax(s)`, `o = p·v`,
-    /// `dv = pᵀ·do`, `ds = p ⊙ (do·vᵀ − rowsum(do ⊙ o))`, `dq = ds·k·scale`, `dk = dsᵀ·q·scale`.
+    /// The standard attention gradients, from the recomputed probabilities: with
+    /// `p = softmax(s)`, `o = p·v`, `dv = pᵀ·do`, `ds = p ⊙ (do·vᵀ − rowsum(do ⊙ o))`,
+    /// `dq = ds·k·scale`, `dk = dsᵀ·q·scale`. On the CPU without the score matrix
+    /// ([`small_head_grads`], [`flash_grads`]); on other devices by batched matmuls over it.
     fn bwd(
         &self,
         q: &Tensor,
@@ -347,9 +349,12 @@ impl CustomOp3 for FlashAttention {
         let (qf, kf, vf, of, gof) = (f32(q)?, f32(k)?, f32(v)?, f32(o)?, f32(grad_o)?);
         let (n, d) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?);
         let (m, dv) = (v.dim(D::Minus2)?, v.dim(D::Minus1)?);
-        if q.device().is_cpu() && n * m * (d + dv) <= SMALL_HEAD_WORK {
-            let grads = small_head_grads([&qf, &kf, &vf, &of, &gof], (n, m, d, dv), self)?;
-            let [dq, dk, dv] = grads;
+        if q.device().is_cpu() {
+            let operands = [&qf, &kf, &vf, &of, &gof];
+            let [dq, dk, dv] = match n * m * (d + dv) <= SMALL_HEAD_WORK || d * dv == 0 {
+                true => small_head_grads(operands, (n, m, d, dv), self)?,
+                false => flash_grads(operands, (n, m, d, dv), self)?,
+            };
             return Ok((
                 Some(dq.reshape(q.shape())?.to_dtype(q.dtype())?),
                 Some(dk.reshape(k.shape())?.to_dtype(k.dtype())?),
@@ -378,9 +383,315 @@ impl CustomOp3 for FlashAttention {
 }
 
 /// Most `N·M·(d + dv)` per head for [`small_head_grads`]: the small heads of pixel-space UNets
-/// (64 tokens of width 8 at the bundled model's 8×8 level), where the batched matmuls below
-/// ran at ten times the forward's time. Bigger heads (Stable Diffusion's) take the matmuls.
+/// (64 tokens of width 8 at the bundled model's 8×8 level), where batched matmuls ran at ten
+/// times the forward's time. Bigger heads (Stable Diffusion's) take [`flash_grads`].
 const SMALL_HEAD_WORK: usize = 1 << 20;
+
+/// Queries per block of [`flash_grads`] (the columns of its transposed score tiles).
+const BWD_BLOCK_Q: usize = 128;
+/// Keys per block of [`flash_grads`] (the rows of its tiles): the tile of `sᵀ` and of `dpᵀ`
+/// (32 KiB each) and the block's `dk`, `dv` rows stay in L2 while the queries stream by.
+const BWD_BLOCK_K: usize = 64;
+const _: () = assert!(BWD_BLOCK_Q.is_multiple_of(NR) && BLOCK_Q.is_multiple_of(NR));
+
+/// One head's operands of [`flash_grads`], each laid out once for the product that reads it.
+struct HeadOperands {
+    /// `scale · q` as [`pack_kt`] panels: the `b` of `sᵀ = k · (scale · q)ᵀ`.
+    q_t: Vec<f32>,
+    /// `do` as [`pack_kt`] panels: the `b` of `dpᵀ = v · doᵀ`.
+    do_t: Vec<f32>,
+    /// `q` as [`pack_rows`] panels (N rows each): the `b` of `dk += dsᵀ · q`.
+    q_rows: Vec<f32>,
+    /// `do` as [`pack_rows`] panels: the `b` of `dv += pᵀ · do`.
+    do_rows: Vec<f32>,
+    /// `kᵀ` (d × M, row-major): the `a` of `dqᵀ += kᵀ · dsᵀ`.
+    k_t: Vec<f32>,
+    /// `log Σⱼ exp(scale · q·kⱼ)` per query: `p = exp(scale · q·kᵀ − lse)`.
+    lse: Vec<f32>,
+    /// `rowsum(do ⊙ o)` per query.
+    delta: Vec<f32>,
+}
+
+/// The attention gradients without the `N × M` score matrix (FlashAttention-2's backward
+/// pass): per head, the softmax's log-sum-exp per query from a pass like the forward's, then
+/// per block of keys and block of queries `sᵀ`, `pᵀ = exp(sᵀ − lse)`, `dpᵀ = v·doᵀ`,
+/// `dsᵀ = pᵀ ⊙ (dpᵀ − rowsum(do ⊙ o))`, and `dv += pᵀ·do`, `dk += dsᵀ·q`, `dqᵀ += kᵀ·dsᵀ`:
+/// five products of tiles that stay in cache, where the matmul path wrote and read several
+/// score-sized matrices per head (8 × 4096² values, 512 MiB each, at SD 1.5's 512² level).
+/// The tiles are transposed (keys as rows) so that every product reads row-major operands.
+/// Tasks own runs of one head's keys (their `dk`, `dv` rows) and add into a `dqᵀ` of their own,
+/// summed per head at the end.
+fn flash_grads(
+    [q, k, v, o, go]: [&Tensor; 5],
+    (n, m, d, dv): (usize, usize, usize, usize),
+    op: &FlashAttention,
+) -> Result<[Tensor; 3]> {
+    let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    let (q, k, v, o, go) = (values(q)?, values(k)?, values(v)?, values(o)?, values(go)?);
+    let heads = q.len().checked_div(n * d).unwrap_or(0);
+    let scale = op.scale as f32;
+    let head = |x: &[f32], h: usize, len: usize| x[h * len..(h + 1) * len].to_vec();
+    let packed: Vec<HeadOperands> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let (qh, kh) = (
+                &q[h * n * d..(h + 1) * n * d],
+                &k[h * m * d..(h + 1) * m * d],
+            );
+            let (oh, goh) = (head(&o, h, n * dv), head(&go, h, n * dv));
+            let np = n.div_ceil(NR) * NR;
+            let mut ops = HeadOperands {
+                q_t: vec![0f32; np * d],
+                do_t: vec![0f32; np * dv],
+                q_rows: vec![0f32; d.div_ceil(NR) * NR * n],
+                do_rows: vec![0f32; dv.div_ceil(NR) * NR * n],
+                k_t: vec![0f32; d * m],
+                lse: vec![0f32; n],
+                delta: oh
+                    .chunks_exact(dv.max(1))
+                    .zip(goh.chunks_exact(dv.max(1)))
+                    .map(|(o, g)| super::dot(o, g))
+                    .collect(),
+            };
+            pack_kt(qh, (n, d, d), scale, &mut ops.q_t);
+            pack_kt(&goh, (n, dv, dv), 1.0, &mut ops.do_t);
+            pack_rows(qh, d, n, d, &mut ops.q_rows);
+            pack_rows(&goh, dv, n, dv, &mut ops.do_rows);
+            super::microkernel::transpose(kh, (m, d, d), &mut ops.k_t);
+            row_logsumexp(qh, kh, (n, m, d), scale, op.causal, &mut ops.lse);
+            ops
+        })
+        .collect();
+    // Runs of keys per head: enough tasks for every core even with one head.
+    let threads = rayon::current_num_threads();
+    let runs = (2 * threads)
+        .div_ceil(heads.max(1))
+        .min(m.div_ceil(BWD_BLOCK_K))
+        .max(1);
+    let run_len = m.div_ceil(runs).next_multiple_of(BWD_BLOCK_K);
+    let runs = m.div_ceil(run_len).max(1);
+    let mut dk = vec![0f32; heads * m * d];
+    let mut dv_out = vec![0f32; heads * m * dv];
+    let (dk_ptr, dv_ptr) = (SendPtr(dk.as_mut_ptr()), SendPtr(dv_out.as_mut_ptr()));
+    let dq_parts: Vec<Vec<f32>> = (0..heads * runs)
+        .into_par_iter()
+        .map(|t| {
+            let (h, r) = (t / runs, t % runs);
+            let keys = r * run_len..((r + 1) * run_len).min(m);
+            let mut dq_t = vec![0f32; d * n];
+            let kh = &k[h * m * d..(h + 1) * m * d];
+            let vh = &v[h * m * dv..(h + 1) * m * dv];
+            // SAFETY: the task's keys are its own: rows `keys` of head `h` of `dk` and `dv`
+            // are written by this task alone, and lie in the buffers.
+            let (dk_run, dv_run) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(
+                        dk_ptr.get().add((h * m + keys.start) * d),
+                        keys.len() * d,
+                    ),
+                    std::slice::from_raw_parts_mut(
+                        dv_ptr.get().add((h * m + keys.start) * dv),
+                        keys.len() * dv,
+                    ),
+                )
+            };
+            key_run_grads(
+                &packed[h],
+                (kh, vh),
+                keys,
+                (dk_run, dv_run, &mut dq_t),
+                (n, m, d, dv),
+                op.causal,
+            );
+            dq_t
+        })
+        .collect();
+    let mut dq = vec![0f32; heads * n * d];
+    dq.par_chunks_mut((n * d).max(1))
+        .enumerate()
+        .for_each(|(h, dq)| {
+            let parts = &dq_parts[h * runs..(h + 1) * runs];
+            let mut sum = parts[0].clone();
+            for p in &parts[1..] {
+                sum.iter_mut().zip(p).for_each(|(s, x)| *s += x);
+            }
+            super::microkernel::transpose(&sum, (d, n, n), dq);
+            dq.iter_mut().for_each(|x| *x *= scale);
+        });
+    dk.iter_mut().for_each(|x| *x *= scale);
+    let dev = &candle_core::Device::Cpu;
+    Ok([
+        Tensor::from_vec(dq, (heads, n, d), dev)?,
+        Tensor::from_vec(dk, (heads, m, d), dev)?,
+        Tensor::from_vec(dv_out, (heads, m, dv), dev)?,
+    ])
+}
+
+/// `lse[i] = log Σⱼ exp(scale · qᵢ·kⱼ)` over the keys query `i` sees, by the forward pass's
+/// online softmax over blocks of keys (scores of [`BLOCK_Q`] queries at a time).
+fn row_logsumexp(
+    q: &[f32],
+    k: &[f32],
+    (n, m, d): (usize, usize, usize),
+    scale: f32,
+    causal: bool,
+    lse: &mut [f32],
+) {
+    let mut kt = vec![0f32; m.div_ceil(NR) * NR * d];
+    pack_kt(k, (m, d, d), scale, &mut kt);
+    let bk = BLOCK_K.min(m.next_multiple_of(NR));
+    let lds = bk + NR;
+    let mut s = vec![0f32; BLOCK_Q * lds];
+    for r0 in (0..n).step_by(BLOCK_Q) {
+        let rows = BLOCK_Q.min(n - r0);
+        let mut mx = vec![f32::NEG_INFINITY; rows];
+        let mut l = vec![0f32; rows];
+        let keys = if causal { m.min(r0 + rows) } else { m };
+        for k0 in (0..keys).step_by(bk) {
+            let kb = bk.min(keys - k0);
+            Gemm {
+                m: rows,
+                n: kb,
+                k: d,
+                lda: d,
+                b: B::packed(d),
+                rs_c: lds,
+                cs_c: 1,
+                accumulate: false,
+                bias_per_col: false,
+                bf16: false,
+            }
+            .run(&q[r0 * d..], &kt[k0 * d..], &mut s, None);
+            if causal {
+                for (r, row) in s.chunks_exact_mut(lds).take(rows).enumerate() {
+                    let visible = (r0 + r + 1).saturating_sub(k0).min(kb);
+                    row[visible..kb].fill(f32::NEG_INFINITY);
+                }
+            }
+            softmax_step(&mut s[..rows * lds], lds, kb, &mut mx, &mut l, &mut [], 0);
+        }
+        for (i, (mx, l)) in mx.iter().zip(&l).enumerate() {
+            lse[r0 + i] = mx + l.ln();
+        }
+    }
+}
+
+/// The gradients from one head's keys `keys` (see [`flash_grads`]): their rows of `dk`
+/// (unscaled) and `dv`, and their part of `dqᵀ` (d × N, unscaled), added.
+fn key_run_grads(
+    ops: &HeadOperands,
+    (k, v): (&[f32], &[f32]),
+    keys: std::ops::Range<usize>,
+    (dk, dv_out, dq_t): (&mut [f32], &mut [f32], &mut [f32]),
+    (n, m, d, dv): (usize, usize, usize, usize),
+    causal: bool,
+) {
+    let lds = BWD_BLOCK_Q + NR;
+    let mut st = vec![0f32; BWD_BLOCK_K * lds];
+    let mut dpt = vec![0f32; BWD_BLOCK_K * lds];
+    let gemm = |m, n, k, lda, b, rs_c, accumulate| Gemm {
+        m,
+        n,
+        k,
+        lda,
+        b,
+        rs_c,
+        cs_c: 1,
+        accumulate,
+        bias_per_col: false,
+        bf16: false,
+    };
+    for k0 in keys.clone().step_by(BWD_BLOCK_K) {
+        let kb = BWD_BLOCK_K.min(keys.end - k0);
+        let at = k0 - keys.start;
+        let (dk_blk, dv_blk) = (
+            &mut dk[at * d..(at + kb) * d],
+            &mut dv_out[at * dv..(at + kb) * dv],
+        );
+        // With a causal mask, queries before the block's first key see none of it.
+        let first = if causal {
+            k0 / BWD_BLOCK_Q * BWD_BLOCK_Q
+        } else {
+            0
+        };
+        for r0 in (first..n).step_by(BWD_BLOCK_Q) {
+            let rows = BWD_BLOCK_Q.min(n - r0);
+            // sᵀ = k · (scale · q)ᵀ and dpᵀ = v · doᵀ, kb × rows.
+            gemm(kb, rows, d, d, B::packed(d), lds, false).run(
+                &k[k0 * d..],
+                &ops.q_t[r0 * d..],
+                &mut st,
+                None,
+            );
+            gemm(kb, rows, dv, dv, B::packed(dv), lds, false).run(
+                &v[k0 * dv..],
+                &ops.do_t[r0 * dv..],
+                &mut dpt,
+                None,
+            );
+            let cols = (&ops.lse[r0..r0 + rows], &ops.delta[r0..r0 + rows]);
+            probs_and_score_grads(
+                &mut st,
+                &mut dpt,
+                (lds, kb, rows),
+                cols,
+                causal.then_some((k0, r0)),
+            );
+            // dv += pᵀ · do, dk += dsᵀ · q (over these queries).
+            let rows_b = |len: usize| B::Packed {
+                panel_stride: len * NR,
+            };
+            gemm(kb, dv, rows, lds, rows_b(n), dv, true).run(
+                &st,
+                &ops.do_rows[r0 * NR..],
+                dv_blk,
+                None,
+            );
+            gemm(kb, d, rows, lds, rows_b(n), d, true).run(
+                &dpt,
+                &ops.q_rows[r0 * NR..],
+                dk_blk,
+                None,
+            );
+            // dqᵀ[:, r0..] += kᵀ[:, k0..] · dsᵀ.
+            gemm(d, rows, kb, m, B::Rows { ld: lds }, n, true).run(
+                &ops.k_t[k0..],
+                &dpt,
+                &mut dq_t[r0..],
+                None,
+            );
+        }
+    }
+}
+
+simd_fn! {
+    /// Turns the tiles `sᵀ` and `dpᵀ` (`kb` keys × `cols` queries, rows `lds` apart) into
+    /// `pᵀ = exp(sᵀ − lse)` and `dsᵀ = pᵀ ⊙ (dpᵀ − delta)`, with `lse` and `delta` per query
+    /// (column). `causal`: the block's first key and query; `p` is 0 for keys after the query.
+    fn probs_and_score_grads(
+        st: &mut [f32],
+        dpt: &mut [f32],
+        dims: (usize, usize, usize),
+        per_query: (&[f32], &[f32]),
+        causal: Option<(usize, usize)>,
+    ) {
+        let ((lds, kb, cols), (lse, delta)) = (dims, per_query);
+        for j in 0..kb {
+            let (s, dp) = (&mut st[j * lds..j * lds + cols], &mut dpt[j * lds..j * lds + cols]);
+            for i in 0..cols {
+                let p = super::exp(s[i] - lse[i]);
+                s[i] = p;
+                dp[i] = p * (dp[i] - delta[i]);
+            }
+            if let Some((k0, r0)) = causal {
+                // Key k0 + j is seen by queries from k0 + j on.
+                let hidden = (k0 + j).saturating_sub(r0).min(cols);
+                s[..hidden].fill(0.0);
+                dp[..hidden].fill(0.0);
+            }
+        }
+    }
+}
 
 /// The backward pass's formulas for each head in plain loops over its rows, the heads in
 /// parallel: `(dq, dk, dv)` from `[q, k, v, o, do]` (f32, `(heads, N|M, d|dv)`).
