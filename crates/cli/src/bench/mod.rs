@@ -72,7 +72,7 @@ pub struct BenchArgs {
     pub large: bool,
     /// Also time one LoRA training step of the SD 1.5 UNet (random weights, rank 4 on the
     /// attention projections, batch 1, as `diffuse train-lora` runs it) at 256x256 and 512x512
-    /// (the 512 line needs about 10 GiB; `--only "lora sd15 train step 256"` runs one). With
+    /// (the 512 line needs about 8 GiB; `--only "lora sd15 train step 256"` runs one). With
     /// `--dtype bf16`, the step of `train-lora --mixed-precision bf16` (CPU autocast).
     #[arg(long)]
     pub lora_train: bool,
