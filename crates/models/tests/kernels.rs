@@ -544,7 +544,7 @@ fn conv_gradients_under_bf16_autocast_stay_near_candle() -> Result<()> {
 /// Linear layers and attention under bf16 autocast (`--mixed-precision bf16`, LoRA training
 /// included): outputs and input gradients within 1e-2 of the f32 ones' largest value. On a
 /// CPU with bf16 dot products the products that run in bf16 (the outputs; the input gradient
-/// of a linear layer over 256 rows) are not the f32 ones; every other value, and everything
+/// of a linear layer over 256 rows; attention's gradients) are not the f32 ones; every other value, and everything
 /// on other CPUs, is equal bit for bit.
 #[test]
 fn linear_and_attention_under_bf16_autocast_stay_near_f32() -> Result<()> {
@@ -580,17 +580,20 @@ fn linear_and_attention_under_bf16_autocast_stay_near_f32() -> Result<()> {
         let what = format!("linear {rows}x{k} -> {n}");
         check(&what, [run(false)?, run(true)?], &[true, dx_in_bf16])?;
     }
-    let (q, k, v) = (
-        randn(&[2, 150, 40], 1.0)?,
-        randn(&[2, 90, 40], 1.0)?,
-        randn(&[2, 90, 24], 1.0)?,
-    );
+    // Heads big enough for the blocked backward pass: the output and the three gradients.
+    let q = Var::from_tensor(&randn(&[2, 300, 40], 1.0)?)?;
+    let k = Var::from_tensor(&randn(&[2, 200, 40], 1.0)?)?;
+    let v = Var::from_tensor(&randn(&[2, 200, 24], 1.0)?)?;
+    let weights = randn(&[2, 300, 24], 1.0)?;
     let run = |on| {
         autocast_if(on, || -> Result<Vec<Tensor>> {
-            Ok(vec![scaled_dot_product_attention(&q, &k, &v, 0.2)?])
+            let o = scaled_dot_product_attention(&q, &k, &v, 0.2)?;
+            let g = (&o * &weights)?.sum_all()?.backward()?;
+            let grad = |x: &Var| g.get(x).expect("gradient").clone();
+            Ok(vec![o, grad(&q), grad(&k), grad(&v)])
         })
     };
-    check("attention", [run(false)?, run(true)?], &[true])
+    check("attention", [run(false)?, run(true)?], &[true; 4])
 }
 
 /// Convolutions whose gradients the tests check, `(kernel, stride, n, cin, cout, h)`:

@@ -430,6 +430,9 @@ fn flash_grads(
     let (q, k, v, o, go) = (values(q)?, values(k)?, values(v)?, values(o)?, values(go)?);
     let heads = q.len().checked_div(n * d).unwrap_or(0);
     let scale = op.scale as f32;
+    // Under autocast the five products of tiles run in bf16, as the forward's two do (read
+    // here: the tasks run on other threads). The log-sum-exp pass stays f32.
+    let bf16 = super::autocast();
     let head = |x: &[f32], h: usize, len: usize| x[h * len..(h + 1) * len].to_vec();
     let packed: Vec<HeadOperands> = (0..heads)
         .into_par_iter()
@@ -501,7 +504,7 @@ fn flash_grads(
                 keys,
                 (dk_run, dv_run, &mut dq_t),
                 (n, m, d, dv),
-                op.causal,
+                (op.causal, bf16),
             );
             dq_t
         })
@@ -584,7 +587,7 @@ fn key_run_grads(
     keys: std::ops::Range<usize>,
     (dk, dv_out, dq_t): (&mut [f32], &mut [f32], &mut [f32]),
     (n, m, d, dv): (usize, usize, usize, usize),
-    causal: bool,
+    (causal, bf16): (bool, bool),
 ) {
     let lds = BWD_BLOCK_Q + NR;
     let mut st = vec![0f32; BWD_BLOCK_K * lds];
@@ -599,7 +602,7 @@ fn key_run_grads(
         cs_c: 1,
         accumulate,
         bias_per_col: false,
-        bf16: false,
+        bf16,
     };
     for k0 in keys.clone().step_by(BWD_BLOCK_K) {
         let kb = BWD_BLOCK_K.min(keys.end - k0);

@@ -123,7 +123,7 @@ thread_local! {
 /// `torch.autocast("cpu", dtype=torch.bfloat16)`: f32 tensors stay f32, but the GEMM
 /// convolutions (im2col, 1×1, stride 2: forward and input gradient), every convolution's
 /// weight gradient, the linear layers (forward, and the input gradient over 256 rows) and
-/// attention's two products (forward) multiply their operands rounded to bf16 on the
+/// attention's products (forward, and the blocked backward pass) multiply their operands rounded to bf16 on the
 /// AVX512-BF16 tiles, accumulating in f32 into an f32 output (PyTorch rounds that output to
 /// bf16 as well). Winograd convolutions stay f32: their products are of transformed tiles,
 /// sums of several inputs with weights up to 5, and in bf16 the outputs were off by 6–8% of
