@@ -269,7 +269,9 @@ def main():
             continue
         # As diffusers' train_text_to_image_lora.py: the UNet frozen, a PEFT adapter of rank 4
         # (gaussian init) on the attention projections, AdamW (lr 1e-4, weight decay 1e-2),
-        # gradients clipped at 1; one step on one image's latents.
+        # gradients clipped at 1; one step on one image's latents. The model stays f32; with
+        # --dtype bfloat16 the passes run under torch.autocast, as accelerate's
+        # --mixed_precision bf16 runs them on a CPU (and `diffuse train-lora --mixed-precision bf16`).
         from peft import LoraConfig
 
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(sd, "unet"))).to(dev)
@@ -278,13 +280,17 @@ def main():
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
         params = [p for p in unet.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-        lat, ctx = randn(1, 4, px // 8, px // 8), randn(1, 77, 768)
+        f32 = lambda *shape: torch.randn(*shape, device=dev)
+        lat, ctx = f32(1, 4, px // 8, px // 8), f32(1, 77, 768)
+        autocast = args.dtype == "bfloat16"
 
         def step():
             noise = torch.randn_like(lat)
             t = torch.randint(0, 1000, (1,), device=dev)
             noisy = 0.7 * lat + 0.7 * noise
-            loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=ctx).sample, noise)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                pred = unet(noisy, t, encoder_hidden_states=ctx).sample
+            loss = F.mse_loss(pred.float(), noise)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
