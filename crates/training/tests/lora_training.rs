@@ -3,6 +3,8 @@
 //! UNet (and text encoder) the trainer trained, files it wrote patch the models as diffusers
 //! patches them, and bad input is refused by name.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -163,13 +165,10 @@ fn training_lowers_the_loss_and_the_saved_lora_reloads_into_the_trained_unet() {
     }
 }
 
-/// bf16 mixed precision (CPU autocast) trains the adapters along nearly the f32 run's path:
-/// same images, noise and timesteps, losses and gradient norms within 2% at every step, but
-/// not equal where the CPU has bf16 dot products (the products did run in bf16); elsewhere
-/// autocast changes nothing and the runs are equal bit for bit. The adapters stay f32.
+/// bf16 mixed precision (CPU autocast) trains the adapters along nearly the f32 run's path
+/// ([`common::assert_mixed_follows_f32`]); the adapters stay f32.
 #[test]
 fn bf16_mixed_precision_follows_the_f32_lora_run() {
-    use diffuse_models::ops::{kernels, Kernels};
     use diffuse_training::MixedPrecision;
     let data = fixtures().join("data");
     let mut full = trainer(&data, config(6)).unwrap();
@@ -178,27 +177,11 @@ fn bf16_mixed_precision_follows_the_f32_lora_run() {
         ..config(6)
     };
     let mut mixed = trainer(&data, cfg).unwrap();
-    let mut differ = false;
-    for _ in 0..6 {
-        let (a, b) = (full.train_step().unwrap(), mixed.train_step().unwrap());
-        eprintln!(
-            "step {}: loss {} vs {}, gradient norm {} vs {}",
-            a.step, a.loss, b.loss, a.grad_norm, b.grad_norm
-        );
-        let close = |x: f64, y: f64| (x - y).abs() <= 0.02 * x.abs();
-        assert!(
-            close(a.loss, b.loss) && close(a.grad_norm, b.grad_norm),
-            "step {}: f32 {a:?}, bf16 {b:?}",
-            a.step
-        );
-        differ |= a.loss != b.loss;
-    }
-    assert_eq!(
-        differ,
-        kernels() == Kernels::Avx512Bf16,
-        "bf16 and f32 losses differ: {differ}, on the {} kernels",
-        kernels().name()
-    );
+    let figures = |t: &mut LoraTrainer| {
+        let s = t.train_step().unwrap();
+        (s.step, s.loss, s.grad_norm)
+    };
+    common::assert_mixed_follows_f32(6, || figures(&mut full), || figures(&mut mixed));
     let (tensors, _) = mixed.lora_tensors(LoraSaveFormat::Peft).unwrap();
     assert!(tensors.values().all(|t| t.dtype() == DType::F32));
 }

@@ -120,28 +120,15 @@ fn attend_block(
     let m_keys = causal.map_or(m_keys, |r0| m_keys.min(r0 + rows));
     for k0 in (0..m_keys).step_by(bk) {
         let kb = bk.min(m_keys - k0);
-        // s = q · (scale · k_block)ᵀ
-        let scores = Gemm {
-            m: rows,
-            n: kb,
-            k: d,
-            lda: d,
-            b: B::packed(d),
-            rs_c: lds,
-            cs_c: 1,
-            accumulate: false,
-            bias_per_col: false,
+        block_scores(
+            q,
+            &kt[k0 * d..],
+            &mut s,
+            (rows, d, lds),
+            (k0, kb),
+            causal,
             bf16,
-        };
-        scores.run(q, &kt[k0 * d..], &mut s, None);
-        if let Some(r0) = causal {
-            // Keys after each row's own position. Every row sees key 0 in the first block,
-            // so no row's running maximum stays −∞.
-            for (r, row) in s.chunks_exact_mut(lds).enumerate() {
-                let visible = (r0 + r + 1).saturating_sub(k0).min(kb);
-                row[visible..kb].fill(f32::NEG_INFINITY);
-            }
-        }
+        );
         softmax_step(&mut s, lds, kb, &mut m, &mut l, out, dv);
         // out += p · v_block
         let values = Gemm {
@@ -163,6 +150,41 @@ fn attend_block(
     for (row, l) in out.chunks_exact_mut(dv).zip(&l) {
         let inv = 1.0 / l;
         row.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// The scores of one key block for the online softmax: `s = q · (scale · k_block)ᵀ` for
+/// `rows` query rows (`kt`: the packed keys from the block's first, `k0`; rows of `s` `lds`
+/// apart), and with `causal` (the index of the first row) the keys after each row's own
+/// position set to −∞. Every row sees key 0 in the first block, so no row's running maximum
+/// stays −∞.
+fn block_scores(
+    q: &[f32],
+    kt: &[f32],
+    s: &mut [f32],
+    (rows, d, lds): (usize, usize, usize),
+    (k0, kb): (usize, usize),
+    causal: Option<usize>,
+    bf16: bool,
+) {
+    let scores = Gemm {
+        m: rows,
+        n: kb,
+        k: d,
+        lda: d,
+        b: B::packed(d),
+        rs_c: lds,
+        cs_c: 1,
+        accumulate: false,
+        bias_per_col: false,
+        bf16,
+    };
+    scores.run(q, kt, s, None);
+    if let Some(r0) = causal {
+        for (r, row) in s.chunks_exact_mut(lds).take(rows).enumerate() {
+            let visible = (r0 + r + 1).saturating_sub(k0).min(kb);
+            row[visible..kb].fill(f32::NEG_INFINITY);
+        }
     }
 }
 
@@ -422,13 +444,11 @@ struct HeadOperands {
 /// Tasks own runs of one head's keys (their `dk`, `dv` rows) and add into a `dqᵀ` of their own,
 /// summed per head at the end.
 fn flash_grads(
-    [q, k, v, o, go]: [&Tensor; 5],
+    operands: [&Tensor; 5],
     (n, m, d, dv): (usize, usize, usize, usize),
     op: &FlashAttention,
 ) -> Result<[Tensor; 3]> {
-    let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-    let (q, k, v, o, go) = (values(q)?, values(k)?, values(v)?, values(o)?, values(go)?);
-    let heads = q.len().checked_div(n * d).unwrap_or(0);
+    let ([q, k, v, o, go], heads) = flat_operands(operands, n * d)?;
     let scale = op.scale as f32;
     // Under autocast the five products of tiles run in bf16, as the forward's two do (read
     // here: the tasks run on other threads). The log-sum-exp pass stays f32.
@@ -522,11 +542,29 @@ fn flash_grads(
             dq.iter_mut().for_each(|x| *x *= scale);
         });
     dk.iter_mut().for_each(|x| *x *= scale);
+    head_grads_tensors([dq, dk, dv_out], heads, (n, m, d, dv))
+}
+
+/// A backward pass's operands `[q, k, v, o, do]` as f32 values, and how many heads of
+/// `n_d = N·d` query values they hold.
+fn flat_operands(ts: [&Tensor; 5], n_d: usize) -> Result<([Vec<f32>; 5], usize)> {
+    let [q, k, v, o, go] = ts.map(|t| t.flatten_all()?.to_vec1::<f32>());
+    let q = q?;
+    let heads = q.len().checked_div(n_d).unwrap_or(0);
+    Ok(([q, k?, v?, o?, go?], heads))
+}
+
+/// `[dq, dk, dv]` as `(heads, N|M, d|dv)` tensors.
+fn head_grads_tensors(
+    [dq, dk, dv]: [Vec<f32>; 3],
+    heads: usize,
+    (n, m, d, dv_width): (usize, usize, usize, usize),
+) -> Result<[Tensor; 3]> {
     let dev = &candle_core::Device::Cpu;
     Ok([
         Tensor::from_vec(dq, (heads, n, d), dev)?,
         Tensor::from_vec(dk, (heads, m, d), dev)?,
-        Tensor::from_vec(dv_out, (heads, m, dv), dev)?,
+        Tensor::from_vec(dv, (heads, m, dv_width), dev)?,
     ])
 }
 
@@ -552,25 +590,9 @@ fn row_logsumexp(
         let keys = if causal { m.min(r0 + rows) } else { m };
         for k0 in (0..keys).step_by(bk) {
             let kb = bk.min(keys - k0);
-            Gemm {
-                m: rows,
-                n: kb,
-                k: d,
-                lda: d,
-                b: B::packed(d),
-                rs_c: lds,
-                cs_c: 1,
-                accumulate: false,
-                bias_per_col: false,
-                bf16: false,
-            }
-            .run(&q[r0 * d..], &kt[k0 * d..], &mut s, None);
-            if causal {
-                for (r, row) in s.chunks_exact_mut(lds).take(rows).enumerate() {
-                    let visible = (r0 + r + 1).saturating_sub(k0).min(kb);
-                    row[visible..kb].fill(f32::NEG_INFINITY);
-                }
-            }
+            let (q, kt) = (&q[r0 * d..], &kt[k0 * d..]);
+            let causal = causal.then_some(r0);
+            block_scores(q, kt, &mut s, (rows, d, lds), (k0, kb), causal, false);
             softmax_step(&mut s[..rows * lds], lds, kb, &mut mx, &mut l, &mut [], 0);
         }
         for (i, (mx, l)) in mx.iter().zip(&l).enumerate() {
@@ -699,13 +721,11 @@ simd_fn! {
 /// The backward pass's formulas for each head in plain loops over its rows, the heads in
 /// parallel: `(dq, dk, dv)` from `[q, k, v, o, do]` (f32, `(heads, N|M, d|dv)`).
 fn small_head_grads(
-    [q, k, v, o, go]: [&Tensor; 5],
+    operands: [&Tensor; 5],
     (n, m, d, dv): (usize, usize, usize, usize),
     op: &FlashAttention,
 ) -> Result<[Tensor; 3]> {
-    let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-    let (q, k, v, o, go) = (values(q)?, values(k)?, values(v)?, values(o)?, values(go)?);
-    let heads = q.len().checked_div(n * d).unwrap_or(0);
+    let ([q, k, v, o, go], heads) = flat_operands(operands, n * d)?;
     let scale = op.scale as f32;
     let per_head: Vec<[Vec<f32>; 3]> = (0..heads)
         .into_par_iter()
@@ -724,11 +744,8 @@ fn small_head_grads(
             [dq, dk, dvv]
         })
         .collect();
-    let joined = |i: usize, rows: usize, w: usize| {
-        let flat: Vec<f32> = per_head.iter().flat_map(|g| g[i].iter().copied()).collect();
-        Tensor::from_vec(flat, (heads, rows, w), &candle_core::Device::Cpu)
-    };
-    Ok([joined(0, n, d)?, joined(1, m, d)?, joined(2, m, dv)?])
+    let joined = |i: usize| per_head.iter().flat_map(|g| g[i].iter().copied()).collect();
+    head_grads_tensors([joined(0), joined(1), joined(2)], heads, (n, m, d, dv))
 }
 
 simd_fn! {
