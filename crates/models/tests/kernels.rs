@@ -11,6 +11,7 @@ use diffuse_models::attention::{
     scaled_dot_product_attention_reference, softmax_attention,
 };
 use diffuse_models::normalization::{GroupNorm, LayerNorm};
+use diffuse_models::ops::autocast_bf16_if;
 use diffuse_models::ops::conv::Conv2d;
 
 /// Fails unless `|got − want| ≤ tol · max|want|` everywhere (for empty tensors, equal shapes).
@@ -574,7 +575,7 @@ fn linear_and_attention_under_bf16_autocast_stay_near_f32() -> Result<()> {
         let x = Var::from_tensor(&randn(&[rows, k], 1.0)?)?;
         let weights = randn(&[rows, n], 1.0)?;
         let run = |on| {
-            autocast_if(on, || -> Result<Vec<Tensor>> {
+            autocast_bf16_if(on, || -> Result<Vec<Tensor>> {
                 let y = layer.forward(&x)?;
                 let g = (&y * &weights)?.sum_all()?.backward()?;
                 Ok(vec![y, g.get(&x).expect("the input's gradient").clone()])
@@ -589,7 +590,7 @@ fn linear_and_attention_under_bf16_autocast_stay_near_f32() -> Result<()> {
     let v = Var::from_tensor(&randn(&[2, 200, 24], 1.0)?)?;
     let weights = randn(&[2, 300, 24], 1.0)?;
     let run = |on| {
-        autocast_if(on, || -> Result<Vec<Tensor>> {
+        autocast_bf16_if(on, || -> Result<Vec<Tensor>> {
             let o = scaled_dot_product_attention(&q, &k, &v, 0.2)?;
             let g = (&o * &weights)?.sum_all()?.backward()?;
             let grad = |x: &Var| g.get(x).expect("gradient").clone();
@@ -616,14 +617,6 @@ const CONV_GRADIENT_CASES: [(usize, usize, usize, usize, usize, usize); 10] = [
     (1, 1, 2, 3, 5, 7),
     (1, 1, 3, 12, 20, 9),
 ];
-
-/// `f()`, under [`diffuse_models::ops::autocast_bf16`] when `on`.
-fn autocast_if<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    match on {
-        true => diffuse_models::ops::autocast_bf16(f),
-        false => f(),
-    }
-}
 
 /// One random convolution and input of a case, run once per entry of `autocast` (f32, or
 /// under bf16 autocast): its output and gradients (input, weight, bias) are checked against
@@ -660,12 +653,12 @@ fn conv_gradients_case(
             false => (1e-4, ""),
         };
         let what = format!("conv{k}x{k}/{stride} {n}x{cin}x{h} -> {cout}{mode}");
-        let got = autocast_if(on, || outputs(conv.forward(&x)?))?;
+        let got = autocast_bf16_if(on, || outputs(conv.forward(&x)?))?;
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             check_close(&format!("{what}: output/gradient {i}"), g, w, tol)?;
         }
         // The first layer's input is data: no gradient for it, the same ones for the weights.
-        let g = autocast_if(on, || {
+        let g = autocast_bf16_if(on, || {
             (conv.forward(&data)? * &weights)?.sum_all()?.backward()
         })?;
         assert!(g.get(&data).is_none(), "data got a gradient");

@@ -525,15 +525,12 @@ impl LoraTrainer {
         let autocast = self.config.mixed_precision == MixedPrecision::Bf16;
         for _ in 0..accum {
             // The ops read the autocast setting as they run: it covers the backward pass too.
-            let mut pass = || -> Result<(f64, candle_core::backprop::GradStore)> {
+            let pass = || -> Result<(f64, candle_core::backprop::GradStore)> {
                 let loss = self.micro_batch_loss()?;
                 let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 Ok((value, (loss / accum as f64)?.backward()?))
             };
-            let (loss, grads) = match autocast {
-                true => diffuse_models::ops::autocast_bf16(pass)?,
-                false => pass()?,
-            };
+            let (loss, grads) = diffuse_models::ops::autocast_bf16_if(autocast, pass)?;
             loss_sum += loss;
             sum.add(&grads)?;
         }

@@ -487,17 +487,14 @@ impl Trainer {
         let autocast = self.cpu_autocast();
         for _ in 0..accum {
             // The ops read the autocast setting as they run, so it covers the backward pass.
-            let mut pass = || -> Result<_> {
+            let pass = || -> Result<_> {
                 let loss = self.micro_batch_loss()?;
                 Ok((
                     loss.to_scalar::<f32>()? as f64,
                     (loss / accum as f64)?.backward()?,
                 ))
             };
-            let (loss, grads) = match autocast {
-                true => diffuse_models::ops::autocast_bf16(pass)?,
-                false => pass()?,
-            };
+            let (loss, grads) = diffuse_models::ops::autocast_bf16_if(autocast, pass)?;
             loss_sum += loss;
             sum.add(&grads)?;
         }

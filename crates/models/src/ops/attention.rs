@@ -453,14 +453,10 @@ fn flash_grads(
     // Under autocast the five products of tiles run in bf16, as the forward's two do (read
     // here: the tasks run on other threads). The log-sum-exp pass stays f32.
     let bf16 = super::autocast();
-    let head = |x: &[f32], h: usize, len: usize| x[h * len..(h + 1) * len].to_vec();
     let packed: Vec<HeadOperands> = (0..heads)
         .into_par_iter()
         .map(|h| {
-            let (qh, kh) = (
-                &q[h * n * d..(h + 1) * n * d],
-                &k[h * m * d..(h + 1) * m * d],
-            );
+            let (qh, kh) = (head(&q, h, n * d), head(&k, h, m * d));
             let (oh, goh) = (head(&o, h, n * dv), head(&go, h, n * dv));
             let np = n.div_ceil(NR) * NR;
             let mut ops = HeadOperands {
@@ -477,9 +473,9 @@ fn flash_grads(
                     .collect(),
             };
             pack_kt(qh, (n, d, d), scale, &mut ops.q_t);
-            pack_kt(&goh, (n, dv, dv), 1.0, &mut ops.do_t);
+            pack_kt(goh, (n, dv, dv), 1.0, &mut ops.do_t);
             pack_rows(qh, d, n, d, &mut ops.q_rows);
-            pack_rows(&goh, dv, n, dv, &mut ops.do_rows);
+            pack_rows(goh, dv, n, dv, &mut ops.do_rows);
             super::microkernel::transpose(kh, (m, d, d), &mut ops.k_t);
             row_logsumexp(qh, kh, (n, m, d), scale, op.causal, &mut ops.lse);
             ops
@@ -502,8 +498,7 @@ fn flash_grads(
             let (h, r) = (t / runs, t % runs);
             let keys = r * run_len..((r + 1) * run_len).min(m);
             let mut dq_t = vec![0f32; d * n];
-            let kh = &k[h * m * d..(h + 1) * m * d];
-            let vh = &v[h * m * dv..(h + 1) * m * dv];
+            let (kh, vh) = (head(&k, h, m * d), head(&v, h, m * dv));
             // SAFETY: the task's keys are its own: rows `keys` of head `h` of `dk` and `dv`
             // are written by this task alone, and lie in the buffers.
             let (dk_run, dv_run) = unsafe {
@@ -552,6 +547,11 @@ fn flat_operands(ts: [&Tensor; 5], n_d: usize) -> Result<([Vec<f32>; 5], usize)>
     let q = q?;
     let heads = q.len().checked_div(n_d).unwrap_or(0);
     Ok(([q, k?, v?, o?, go?], heads))
+}
+
+/// Head `h` of flat values, `len` per head, borrowed.
+fn head(x: &[f32], h: usize, len: usize) -> &[f32] {
+    &x[h * len..(h + 1) * len]
 }
 
 /// `[dq, dk, dv]` as `(heads, N|M, d|dv)` tensors.
@@ -730,10 +730,6 @@ fn small_head_grads(
     let per_head: Vec<[Vec<f32>; 3]> = (0..heads)
         .into_par_iter()
         .map(|h| {
-            // This head's rows, borrowed.
-            fn head(x: &[f32], h: usize, len: usize) -> &[f32] {
-                &x[h * len..(h + 1) * len]
-            }
             let (q, k, v) = (head(&q, h, n * d), head(&k, h, m * d), head(&v, h, m * dv));
             let (o, go) = (head(&o, h, n * dv), head(&go, h, n * dv));
             let (mut dq, mut dk, mut dvv) =

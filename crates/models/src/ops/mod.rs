@@ -143,6 +143,14 @@ pub fn autocast_bf16<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// `f()`, under [`autocast_bf16`] when `on` (a training step under `--mixed-precision`).
+pub fn autocast_bf16_if<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    match on {
+        true => autocast_bf16(f),
+        false => f(),
+    }
+}
+
 /// Whether the products run in bf16 here ([`autocast_bf16`] on a CPU with bf16 dot products).
 pub(crate) fn autocast() -> bool {
     AUTOCAST_BF16.get() && has_bf16_dot()
