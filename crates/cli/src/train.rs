@@ -113,8 +113,9 @@ pub struct DataArgs {
     /// Convert folder images to one channel (IDX and JSON digits always are).
     #[arg(long)]
     pub grayscale: bool,
-    /// Random horizontal flips: true or false. Default: on, except for the digit sets
-    /// (mnist-idx, mnist-json), where a mirrored digit is another shape.
+    /// Random horizontal flips: true or false. Default: on for image folders; off for the IDX
+    /// and JSON sets, where a mirrored digit is another shape and Fashion-MNIST's shoes all
+    /// point left (a model trained on mirrored ones draws half its shoes facing right).
     #[arg(long)]
     pub random_flip: Option<bool>,
 }
@@ -634,10 +635,7 @@ fn train_config(
         power: args.ema.ema_power,
     });
     c.class_dropout = args.model.class_dropout;
-    c.random_flip = args.data.random_flip.unwrap_or(!matches!(
-        kind,
-        DatasetKind::MnistIdx | DatasetKind::MnistJson
-    ));
+    c.random_flip = args.data.random_flip.unwrap_or(kind.default_random_flip());
     c.seed = args.run.seed;
     c.checkpoint_every = args.run.checkpoint_every;
     c.checkpoints_total_limit = Some(args.run.checkpoints_total_limit.max(1));

