@@ -19,10 +19,12 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 cfg=models/fashion-mnist-ddpm/unet/config.json
 torch_device=${device%%:*}
-# The bundled model's architecture, as its README's training command gives it.
+# The bundled model's architecture, as its README's training command gives it; random flips on
+# both sides, as bench/torch_train.py does.
 "$bin" train --device "$device" --threads "$threads" --dataset fashion-mnist --data "$data" --max-images 24000 \
   --classes 10 --resolution 32 --channels 32,64,64 --layers-per-block 1 --attention lowest \
   --batch-size "$batch" --lr 5e-4 --warmup 200 --ema-decay 0.999 --seed 0 --mixed-precision "$precision" \
+  --random-flip true \
   --steps "$steps" --checkpoint-every 0 --num-samples 0 --output "$out/run" 2>&1 \
   | tr '\r' '\n' | grep "trained steps" | tee "$out/ours.txt"
 ours=$(sed -E 's/.*\(([0-9.]+) images\/s.*/\1/' "$out/ours.txt")
