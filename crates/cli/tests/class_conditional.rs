@@ -97,8 +97,8 @@ fn class_prompt_grid_and_errors() {
     assert!(ok, "{err}");
     let (color, w, h, text) = parameters(&one);
     assert_eq!((color, w, h), (png::ColorType::Grayscale, 8, 8));
-    // The default guidance of class-conditional models: 3 at timesteps 100 to 550.
-    let defaults = ["CFG scale: 3", "Guidance interval: 100-550"];
+    // The default guidance of class-conditional models: 5 at timesteps 100 to 550.
+    let defaults = ["CFG scale: 5", "Guidance interval: 100-550"];
     for want in ["Class: Rows", "Steps: 3", "Seed: 7"]
         .into_iter()
         .chain(defaults)

@@ -37,12 +37,11 @@ pub fn unconditional_steps(scheduler: &str) -> usize {
 }
 /// Default denoising steps of Stable Diffusion models.
 pub const SD_STEPS: usize = 25;
-/// Default guidance of class-conditional DDPM models: scale 3 at timesteps 100 to 550 (of the
-/// 1000 of training) only. For the bundled Fashion-MNIST model this gave the lowest Fréchet
-/// distance among the settings tried whose samples are classified as the class asked for at
-/// least 97% of the time on two seeds, lower than any scale guiding every step (see its
-/// README).
-pub const CLASS_GUIDANCE: f64 = 3.0;
+/// Default guidance of class-conditional DDPM models: scale 5 at timesteps 100 to 550 (of the
+/// 1000 of training) only. For the bundled Fashion-MNIST model this is the setting tried that
+/// has every class's samples classified as that class at least 90% of the time (its shirts are
+/// the hard case) with a Fréchet distance well under 20, on three seeds (see its README).
+pub const CLASS_GUIDANCE: f64 = 5.0;
 pub const CLASS_GUIDANCE_INTERVAL: (f64, f64) = (100.0, 550.0);
 /// Default guidance scale of Stable Diffusion models.
 pub const SD_GUIDANCE: f64 = 7.5;
@@ -947,7 +946,7 @@ mod tests {
         );
         assert!(out
             .infotext
-            .contains("Steps: 2, Sampler: DPMSolverMultistepScheduler, CFG scale: 3"));
+            .contains("Steps: 2, Sampler: DPMSolverMultistepScheduler, CFG scale: 5"));
         // No guidance, no interval.
         s.guidance_scale = Some(1.0);
         let out = run_task(&p, "fm", &s, None).unwrap();

@@ -191,11 +191,11 @@ async fn listings_options_and_model_switch() {
         .await;
     let (w, h, text) = png_info(&unb64(v["images"][0].as_str().unwrap()));
     assert_eq!((w, h), (32, 32));
-    // (With the class-conditional defaults: guidance 3 at timesteps 100 to 550.)
+    // (With the class-conditional defaults: guidance 5 at timesteps 100 to 550.)
     let text = text.unwrap();
     assert!(
         text.ends_with("Model: fashion-mnist-ddpm, Class: Trouser, Guidance interval: 100-550")
-            && text.contains("CFG scale: 3,"),
+            && text.contains("CFG scale: 5,"),
         "{text}"
     );
     // A request's own interval, and one out of order (refused by field).

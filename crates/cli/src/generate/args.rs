@@ -47,7 +47,7 @@ pub struct CommonArgs {
     #[arg(long)]
     pub steps: Option<usize>,
     /// Classifier-free guidance scale; 1 or less disables guidance (and halves the work).
-    /// Default: 3 for class-conditional DDPM models (at timesteps 100 to 550: see
+    /// Default: 5 for class-conditional DDPM models (at timesteps 100 to 550: see
     /// --guidance-interval), 7.5 for Stable Diffusion.
     #[arg(long, alias = "cfg-scale")]
     pub guidance_scale: Option<f64>,
