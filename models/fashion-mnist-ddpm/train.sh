@@ -2,7 +2,7 @@
 # How models/fashion-mnist-ddpm was trained: on a 2-core CPU (no GPU), all 60,000 Fashion-MNIST
 # training images (scripts/fetch-data.sh), 7,000 steps of batch 64 (about 7.5 epochs), v-prediction
 # with Min-SNR-5 loss weighting, bf16 autocast (f32 where the CPU has no bf16 dot products), and no
-# random flips: Fashion-MNIST's shoes all point the same way, and a mirrored one is off the data.
+# random flips: Fashion-MNIST's shoes point left, and a mirrored one is off the data.
 # Writes the diffusers folder plus train_config.json, metrics.jsonl, loss.png and the sample
 # grids to the output folder (default runs/fashion-mnist-ddpm).
 set -euo pipefail

@@ -114,8 +114,8 @@ pub struct DataArgs {
     #[arg(long)]
     pub grayscale: bool,
     /// Random horizontal flips: true or false. Default: on for image folders; off for the IDX
-    /// and JSON sets, where a mirrored digit is another shape and Fashion-MNIST's shoes all
-    /// point left (a model trained on mirrored ones draws half its shoes facing right).
+    /// and JSON sets, where a mirrored digit is another shape and Fashion-MNIST's shoes point
+    /// left (a model trained on mirrored ones draws them either way, off the data).
     #[arg(long)]
     pub random_flip: Option<bool>,
 }

@@ -38,9 +38,10 @@ pub fn unconditional_steps(scheduler: &str) -> usize {
 /// Default denoising steps of Stable Diffusion models.
 pub const SD_STEPS: usize = 25;
 /// Default guidance of class-conditional DDPM models: scale 5 at timesteps 100 to 550 (of the
-/// 1000 of training) only. For the bundled Fashion-MNIST model this is the setting tried that
-/// has every class's samples classified as that class at least 90% of the time (its shirts are
-/// the hard case) with a Fréchet distance well under 20, on three seeds (see its README).
+/// 1000 of training) only. For the bundled Fashion-MNIST model it has every class's samples
+/// classified as that class at least 90% of the time (shirts are the hard case) at a Fréchet
+/// distance of 13–14, on three seeds; guiding up to timestep 600 cost 4.8 more in FD for the
+/// same accuracy (see its README).
 pub const CLASS_GUIDANCE: f64 = 5.0;
 pub const CLASS_GUIDANCE_INTERVAL: (f64, f64) = (100.0, 550.0);
 /// Default guidance scale of Stable Diffusion models.
