@@ -120,18 +120,17 @@ thread_local! {
 }
 
 /// Runs `f` with the models' products in bf16 on this thread, after PyTorch's
-/// `torch.autocast("cpu", dtype=torch.bfloat16)`: f32 tensors stay f32, but the GEMM
-/// convolutions (im2col, 1×1, stride 2: forward and input gradient), every convolution's
-/// weight gradient, the linear layers (forward, and the input gradient over 256 rows) and
-/// attention's products (forward, and the blocked backward pass) multiply their operands rounded to bf16 on the
-/// AVX512-BF16 tiles, accumulating in f32 into an f32 output (PyTorch rounds that output to
-/// bf16 as well). Winograd convolutions stay f32: their products are of transformed tiles,
-/// sums of several inputs with weights up to 5, and in bf16 the outputs were off by 6–8% of
-/// their largest value. Normalisations, activations and the loss stay f32. On CPUs without bf16
-/// dot products it changes nothing: there bf16 could only be emulated, slower than the f32
-/// tiles. The ops read the setting on the thread that applies them (candle runs a backward
-/// pass on the thread that calls it), so a training step wraps its forward and backward passes
-/// in one call.
+/// `torch.autocast("cpu", dtype=torch.bfloat16)`: f32 tensors stay f32, but the GEMM convolutions
+/// (im2col, 1×1, stride 2: forward and input gradient), every convolution's weight gradient, the
+/// linear layers (forward, and the input gradient over 256 rows) and attention's products (forward,
+/// and the blocked backward pass) multiply their operands rounded to bf16 on the AVX512-BF16 tiles,
+/// accumulating in f32 into an f32 output (PyTorch rounds that output to bf16 as well). Winograd
+/// convolutions stay f32: their products are of transformed tiles, sums of several inputs with
+/// weights up to 5, and in bf16 the outputs were off by 6–8% of their largest value.
+/// Normalisations, activations and the loss stay f32. On CPUs without bf16 dot products it changes
+/// nothing: there bf16 could only be emulated, slower than the f32 tiles. The ops read the setting
+/// on the thread that applies them (candle runs a backward pass on the thread that calls it), so a
+/// training step wraps its forward and backward passes in one call.
 pub fn autocast_bf16<R>(f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {
