@@ -263,3 +263,39 @@ fn class_prompt_grid_and_errors() {
     assert!(err.to_string().contains("guidance interval 5,1"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `diffuse generate --model models/fashion-mnist-ddpm --prompt Sandal --seed 7`, as a user types
+/// it, against the image Python diffusers made (`fixtures/bundled_ddpm`, case `sandal_cli`):
+/// every 8-bit pixel within one level of diffusers' image rounded.
+#[test]
+fn bundled_sandal_matches_diffusers() {
+    let dir = diffuse_core::testing::fixture_subdir("bundled_ddpm");
+    let want = diffuse_core::testing::load_tensors(&dir.join("expected.safetensors")).unwrap();
+    let want = want["sandal_cli.image"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let root = std::env::temp_dir().join(format!("diffuse-cc-sandal-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let out = root.join("sandal.png");
+    let (ok, err) = diffuse_err(&[
+        "generate",
+        "--model",
+        &common::repo("models/fashion-mnist-ddpm"),
+        "--prompt",
+        "Sandal",
+        "--seed",
+        "7",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got = image::open(&out).unwrap().into_luma8().into_raw();
+    assert_eq!(got.len(), want.len());
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        let w = (w * 255.0).round();
+        assert!((g as f32 - w).abs() <= 1.0, "pixel {i}: {g}, diffusers {w}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
