@@ -31,7 +31,7 @@ use serde_json::json;
 use crate::dataset::{fit_image, BatchSampler, Fit};
 use crate::loss::{check_snr_gamma, min_snr_weights, per_image_mse, prediction_target};
 use crate::optimizer::{
-    check_and_clip, AdamW, AdamWConfig, GradientSum, LrSchedule, LrScheduleKind,
+    accumulate_gradients, check_and_clip, AdamW, AdamWConfig, LrSchedule, LrScheduleKind,
 };
 use crate::trainer::MixedPrecision;
 
@@ -519,23 +519,11 @@ impl LoraTrainer {
     /// One optimizer step over `grad_accum` micro-batches.
     pub fn train_step(&mut self) -> Result<LoraStepStats> {
         let vars = self.vars();
-        let accum = self.config.grad_accum;
-        let mut sum = GradientSum::new(&vars);
-        let mut loss_sum = 0.0;
         let autocast = self.config.mixed_precision == MixedPrecision::Bf16;
-        for _ in 0..accum {
-            // The ops read the autocast setting as they run: it covers the backward pass too.
-            let pass = || -> Result<(f64, candle_core::backprop::GradStore)> {
-                let loss = self.micro_batch_loss()?;
-                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                Ok((value, (loss / accum as f64)?.backward()?))
-            };
-            let (loss, grads) = diffuse_models::ops::autocast_bf16_if(autocast, pass)?;
-            loss_sum += loss;
-            sum.add(&grads)?;
-        }
-        let mut grads = sum.finish()?;
-        let loss = loss_sum / accum as f64;
+        let (mut grads, loss) =
+            accumulate_gradients(&vars, self.config.grad_accum, autocast, || {
+                self.micro_batch_loss()
+            })?;
         let norm = check_and_clip(loss, self.step + 1, &mut grads, self.config.clip_grad)?;
         let lr = self.lr.lr_at(self.step as usize);
         self.optimizer.step(&vars, &grads, lr)?;

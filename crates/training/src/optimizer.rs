@@ -4,7 +4,7 @@
 //! The optimizer is ours rather than candle-nn's so that its moments can be read out and
 //! restored for checkpoints.
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use diffuse_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -284,15 +284,40 @@ impl LrSchedule {
     }
 }
 
+/// The gradients of `vars` summed over `accum` micro-batches, and their mean loss: each call
+/// of `micro_batch_loss` returns one micro-batch's loss (a scalar), whose backward pass runs
+/// scaled by `1 / accum`. With `autocast`, both passes run under bf16 CPU autocast (the ops
+/// read the setting as they run, so it has to cover the backward pass too).
+pub fn accumulate_gradients(
+    vars: &[Var],
+    accum: usize,
+    autocast: bool,
+    mut micro_batch_loss: impl FnMut() -> Result<Tensor>,
+) -> Result<(Vec<Tensor>, f64)> {
+    let mut sum = GradientSum::new(vars);
+    let mut loss_sum = 0.0;
+    for _ in 0..accum {
+        let pass = || -> Result<_> {
+            let loss = micro_batch_loss()?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            Ok((value, (loss / accum as f64)?.backward()?))
+        };
+        let (loss, grads) = diffuse_models::ops::autocast_bf16_if(autocast, pass)?;
+        loss_sum += loss;
+        sum.add(&grads)?;
+    }
+    Ok((sum.finish()?, loss_sum / accum as f64))
+}
+
 /// The gradients of `vars` over micro-batches: each [`GradientSum::add`] takes the gradient
 /// store of one micro-batch's backward pass.
-pub struct GradientSum<'a> {
+struct GradientSum<'a> {
     vars: &'a [Var],
     sums: Vec<Option<Tensor>>,
 }
 
 impl<'a> GradientSum<'a> {
-    pub fn new(vars: &'a [Var]) -> Self {
+    fn new(vars: &'a [Var]) -> Self {
         Self {
             vars,
             sums: vec![None; vars.len()],
@@ -300,7 +325,7 @@ impl<'a> GradientSum<'a> {
     }
 
     /// Adds one backward pass's gradients.
-    pub fn add(&mut self, store: &candle_core::backprop::GradStore) -> Result<()> {
+    fn add(&mut self, store: &candle_core::backprop::GradStore) -> Result<()> {
         for (sum, var) in self.sums.iter_mut().zip(self.vars) {
             if let Some(g) = store.get(var.as_tensor()) {
                 // candle's gradients still reference this step's graph; detached, the
@@ -318,7 +343,7 @@ impl<'a> GradientSum<'a> {
 
     /// The sums, in the order of `vars`; a variable the loss never reached (an unused
     /// block) gets a zero gradient.
-    pub fn finish(self) -> Result<Vec<Tensor>> {
+    fn finish(self) -> Result<Vec<Tensor>> {
         Ok(self
             .sums
             .into_iter()

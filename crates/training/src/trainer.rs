@@ -25,7 +25,7 @@ use crate::dataset::{BatchSampler, Dataset};
 use crate::ema::{Ema, EmaConfig};
 use crate::loss::{check_snr_gamma, min_snr_weights, per_image_mse, prediction_target};
 use crate::optimizer::{
-    check_and_clip, AdamW, AdamWConfig, GradientSum, LrSchedule, LrScheduleKind,
+    accumulate_gradients, check_and_clip, AdamW, AdamWConfig, LrSchedule, LrScheduleKind,
 };
 use crate::sample::{grid_labels, sample, save_grid, SampleSettings};
 
@@ -482,27 +482,12 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepStats> {
         let accum = self.config.grad_accum;
         let vars = self.vars.clone();
-        let mut sum = GradientSum::new(&vars);
-        let mut loss_sum = 0.0;
         let autocast = self.cpu_autocast();
-        for _ in 0..accum {
-            // The ops read the autocast setting as they run, so it covers the backward pass.
-            let pass = || -> Result<_> {
-                let loss = self.micro_batch_loss()?;
-                Ok((
-                    loss.to_scalar::<f32>()? as f64,
-                    (loss / accum as f64)?.backward()?,
-                ))
-            };
-            let (loss, grads) = diffuse_models::ops::autocast_bf16_if(autocast, pass)?;
-            loss_sum += loss;
-            sum.add(&grads)?;
-        }
-        let mut grads = sum.finish()?;
+        let (mut grads, mut loss) =
+            accumulate_gradients(&vars, accum, autocast, || self.micro_batch_loss())?;
         if self.comm.size() > 1 {
-            self.average_over_ranks(&mut grads, &mut loss_sum)?;
+            self.average_over_ranks(&mut grads, &mut loss)?;
         }
-        let loss = loss_sum / accum as f64;
         let norm = check_and_clip(loss, self.step + 1, &mut grads, self.config.clip_grad)?;
         let lr = self.lr.lr_at(self.lr_step as usize);
         self.optimizer.step(&self.vars, &grads, lr)?;
@@ -525,16 +510,16 @@ impl Trainer {
         })
     }
 
-    /// Replaces each rank's gradients and loss sum by their means over the ranks (the shares
-    /// are equal, so these are the gradient and loss of the global batch), in one sum of a
-    /// flat buffer.
-    fn average_over_ranks(&self, grads: &mut [Tensor], loss_sum: &mut f64) -> Result<()> {
+    /// Replaces each rank's gradients and loss by their means over the ranks (the shares are
+    /// equal, so these are the gradient and loss of the global batch), in one sum of a flat
+    /// buffer.
+    fn average_over_ranks(&self, grads: &mut [Tensor], loss: &mut f64) -> Result<()> {
         let total: usize = grads.iter().map(Tensor::elem_count).sum();
         let mut flat = Vec::with_capacity(total + 1);
         for g in grads.iter() {
             flat.extend(g.flatten_all()?.to_vec1::<f32>()?);
         }
-        flat.push(*loss_sum as f32);
+        flat.push(*loss as f32);
         let what = format!("the gradient sum of step {}", self.step + 1);
         self.comm.all_reduce_sum(&what, &mut flat)?;
         let ranks = self.comm.size() as f32;
@@ -545,7 +530,7 @@ impl Trainer {
             *g = Tensor::from_slice(&flat[at..at + n], g.shape(), &self.device)?;
             at += n;
         }
-        *loss_sum = flat[total] as f64;
+        *loss = flat[total] as f64;
         Ok(())
     }
 
