@@ -12,7 +12,7 @@ use diffuse_models::t5::T5EncoderModel;
 use diffuse_models::t5_tokenizer::T5Tokenizer;
 use diffuse_models::{AutoencoderKL, AutoencoderKLConfig};
 
-use crate::stable_diffusion::ImageOutput;
+use crate::stable_diffusion::{token_ids, ImageOutput};
 use crate::{component_dir, LoadOptions, StepCallback, StepInfo, Timings, Trace};
 
 /// A model kept in memory, or loaded each time it is used and dropped right after
@@ -160,31 +160,6 @@ impl Vae {
     }
 }
 
-/// Token ids `(texts, max_len)` of a CLIP tokenizer, padded and truncated as diffusers'
-/// `padding="max_length", truncation=True`, with a warning for each truncated text.
-fn clip_ids(
-    tokenizer: &ClipTokenizer,
-    texts: &[String],
-    device: &Device,
-    warnings: &mut Vec<String>,
-) -> Result<Tensor> {
-    let max_len = tokenizer.max_length();
-    let mut rows = Vec::with_capacity(texts.len() * max_len);
-    for text in texts {
-        let (ids, truncated) = tokenizer.encode_padded(text, max_len)?;
-        if truncated {
-            let all = tokenizer.encode(text);
-            let removed = tokenizer.decode(&all[max_len - 1..all.len() - 1]);
-            warnings.push(format!(
-                "The following part of your input was truncated because CLIP can only handle \
-                 sequences up to {max_len} tokens: {removed}"
-            ));
-        }
-        rows.extend(ids.into_iter().map(i64::from));
-    }
-    Ok(Tensor::from_vec(rows, (texts.len(), max_len), device)?)
-}
-
 /// SD3's CLIP embeddings of `texts`: the penultimate layer's hidden states `(B, 77, hidden)`
 /// (before the final norm; `clip_skip` layers earlier still) and the projected pooled output
 /// `(B, projection_dim)`.
@@ -196,7 +171,7 @@ pub(crate) fn clip_projected_embeds(
     warnings: &mut Vec<String>,
 ) -> Result<(Tensor, Tensor)> {
     let device = encoder.text_model().device().clone();
-    let ids = clip_ids(tokenizer, texts, &device, warnings)?;
+    let ids = token_ids(tokenizer, texts, &device, warnings)?;
     let out = encoder.forward(&ids)?;
     let states = &out.text.hidden_states;
     let back = clip_skip.unwrap_or(0) + 2;
@@ -220,7 +195,7 @@ pub(crate) fn clip_pooled_embeds(
     texts: &[String],
     warnings: &mut Vec<String>,
 ) -> Result<Tensor> {
-    let ids = clip_ids(tokenizer, texts, encoder.device(), warnings)?;
+    let ids = token_ids(tokenizer, texts, encoder.device(), warnings)?;
     Ok(encoder.forward(&ids)?.pooler_output.to_dtype(DType::F32)?)
 }
 
