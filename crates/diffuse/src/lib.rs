@@ -59,6 +59,8 @@ pub use diffuse_models::transformer_dit::DiTTransformer2DModel;
 pub use diffuse_models::transformer_flux::FluxTransformer2DModel;
 pub use diffuse_models::transformer_sd3::SD3Transformer2DModel;
 pub use diffuse_models::{AutoencoderKL, ControlNetModel, UNet2DConditionModel, UNet2DModel};
+/// Brings `from_pretrained` / `from_pretrained_variant` of every model into scope.
+pub use diffuse_models::ModelMixin;
 
 // Schedulers, under diffusers' names.
 pub use diffuse_schedulers::ddim::DdimScheduler as DDIMScheduler;

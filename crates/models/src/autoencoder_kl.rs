@@ -1,7 +1,5 @@
 //! diffusers `AutoencoderKL`: the Stable Diffusion VAE.
 
-use std::path::Path;
-
 use crate::ops::conv::Conv2d;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -179,6 +177,18 @@ pub struct AutoencoderKL {
     slicing: bool,
 }
 
+impl crate::ModelMixin for AutoencoderKL {
+    type Config = AutoencoderKLConfig;
+
+    fn validate_config(config: &AutoencoderKLConfig) -> diffuse_core::Result<()> {
+        config.validate()
+    }
+
+    fn build(vb: VarBuilder, config: &AutoencoderKLConfig) -> Result<Self> {
+        Self::new(vb, config)
+    }
+}
+
 impl AutoencoderKL {
     pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
         let s = cfg.settings().map_err(to_candle)?;
@@ -201,33 +211,6 @@ impl AutoencoderKL {
             tiling: None,
             slicing: false,
         })
-    }
-
-    /// Loads `config.json` and the safetensors weights of a `vae/` folder (old checkpoints' `query`/`key`/`value`/`proj_attn` attention names are accepted).
-    pub fn from_pretrained(
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-    ) -> diffuse_core::Result<Self> {
-        Self::from_pretrained_variant(dir, None, dtype, device)
-    }
-
-    /// [`AutoencoderKL::from_pretrained`] with a weight variant (`fp16` picks
-    /// `diffusion_pytorch_model.fp16.safetensors`).
-    pub fn from_pretrained_variant(
-        dir: &Path,
-        variant: Option<&str>,
-        dtype: DType,
-        device: &Device,
-    ) -> diffuse_core::Result<Self> {
-        crate::config::from_pretrained(
-            dir,
-            variant,
-            dtype,
-            device,
-            AutoencoderKLConfig::validate,
-            |vb, cfg| Self::new(vb, cfg),
-        )
     }
 
     pub fn config(&self) -> &AutoencoderKLConfig {

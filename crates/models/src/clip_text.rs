@@ -217,6 +217,31 @@ pub struct ClipTextModel {
     config: ClipTextConfig,
 }
 
+impl crate::ModelMixin for ClipTextModel {
+    type Config = ClipTextConfig;
+
+    fn validate_config(config: &ClipTextConfig) -> Result<()> {
+        config.validate("config.json")
+    }
+
+    fn build(vb: VarBuilder, config: &ClipTextConfig) -> candle_core::Result<Self> {
+        Self::new(vb, config)
+    }
+}
+
+/// `CLIPTextModelWithProjection` loads from the same `config.json` (SDXL's `text_encoder_2/`).
+impl crate::ModelMixin for ClipTextModelWithProjection {
+    type Config = ClipTextConfig;
+
+    fn validate_config(config: &ClipTextConfig) -> Result<()> {
+        config.validate("config.json")
+    }
+
+    fn build(vb: VarBuilder, config: &ClipTextConfig) -> candle_core::Result<Self> {
+        Self::new(vb, config)
+    }
+}
+
 impl ClipTextModel {
     /// Builds the model; weights are read under `text_model.` (the loader also accepts files
     /// written without that prefix).
@@ -250,21 +275,6 @@ impl ClipTextModel {
             final_layer_norm,
             config: cfg.clone(),
         })
-    }
-
-    /// Loads `config.json` + safetensors weights of a `text_encoder/` folder
-    /// (`variant` e.g. `fp16` picks `model.fp16.safetensors`).
-    pub fn from_pretrained(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::from_pretrained_variant(dir, None, dtype, device)
-    }
-
-    pub fn from_pretrained_variant(
-        dir: &Path,
-        variant: Option<&str>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        load(dir, variant, dtype, device, Self::new)
     }
 
     pub fn config(&self) -> &ClipTextConfig {
@@ -379,19 +389,6 @@ impl ClipTextModel {
     }
 }
 
-/// Reads `config.json` and the weights of a text encoder folder and builds a model with them.
-fn load<M>(
-    dir: &Path,
-    variant: Option<&str>,
-    dtype: DType,
-    device: &Device,
-    build: fn(VarBuilder, &ClipTextConfig) -> candle_core::Result<M>,
-) -> Result<M> {
-    let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
-    let files = diffuse_loaders::component_weight_files(dir, variant)?;
-    diffuse_loaders::load_model(&files, dtype, device, |vb| build(vb, &cfg))
-}
-
 /// `transformers.CLIPTextModelWithProjection`: the CLIP text encoder plus `text_projection`
 /// (no bias) of the pooled output, SDXL's second text encoder.
 #[derive(Debug, Clone)]
@@ -423,16 +420,6 @@ impl ClipTextModelWithProjection {
             text_model,
             text_projection,
         })
-    }
-
-    /// Loads `config.json` + safetensors weights of a `text_encoder_2/` folder.
-    pub fn from_pretrained_variant(
-        dir: &Path,
-        variant: Option<&str>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        load(dir, variant, dtype, device, Self::new)
     }
 
     /// The text model without the projection.

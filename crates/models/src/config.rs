@@ -59,29 +59,6 @@ pub(crate) fn to_candle(e: diffuse_core::Error) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-/// Reads `dir/config.json`, checks it with `validate` and builds the model from the weights of
-/// `dir` (`variant` e.g. `fp16`), through the checked loader: the error names the file and
-/// field of a bad config, or lists every missing, unexpected and mis-shaped tensor.
-pub(crate) fn from_pretrained<C: serde::de::DeserializeOwned, M>(
-    dir: &std::path::Path,
-    variant: Option<&str>,
-    dtype: candle_core::DType,
-    device: &candle_core::Device,
-    validate: impl Fn(&C) -> diffuse_core::Result<()>,
-    build: impl FnOnce(candle_nn::VarBuilder, &C) -> candle_core::Result<M>,
-) -> diffuse_core::Result<M> {
-    let path = dir.join("config.json");
-    let cfg: C = diffuse_loaders::read_config(&path)?;
-    validate(&cfg).map_err(|e| match e {
-        diffuse_core::Error::Config { field, message, .. } => {
-            diffuse_core::Error::config(path.display().to_string(), field, message)
-        }
-        other => other,
-    })?;
-    let files = diffuse_loaders::component_weight_files(dir, variant)?;
-    diffuse_loaders::load_model(&files, dtype, device, |vb| build(vb, &cfg))
-}
-
 /// The option named `value`, or an error naming `field`, the value and the supported names.
 /// `what` says what the value is (`value`, `block type`).
 pub(crate) fn choose<T: Copy>(

@@ -10,10 +10,8 @@
 //! mid     = controlnet_mid_block(h) * scale
 //! ```
 
-use std::path::Path;
-
 use crate::ops::conv::Conv2d;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use diffuse_core::Error;
 use serde::{Deserialize, Serialize};
@@ -250,6 +248,18 @@ pub struct ControlNetModel {
     config: ControlNetConfig,
 }
 
+impl crate::ModelMixin for ControlNetModel {
+    type Config = ControlNetConfig;
+
+    fn validate_config(config: &ControlNetConfig) -> diffuse_core::Result<()> {
+        config.validate()
+    }
+
+    fn build(vb: VarBuilder, config: &ControlNetConfig) -> Result<Self> {
+        Self::new(vb, config)
+    }
+}
+
 impl ControlNetModel {
     pub fn new(vb: VarBuilder, cfg: &ControlNetConfig) -> Result<Self> {
         cfg.validate().map_err(to_candle)?;
@@ -302,23 +312,6 @@ impl ControlNetModel {
             dtype: vb.dtype(),
             config: cfg.clone(),
         })
-    }
-
-    /// Loads `config.json` and the safetensors weights of a ControlNet folder.
-    pub fn from_pretrained_variant(
-        dir: &Path,
-        variant: Option<&str>,
-        dtype: DType,
-        device: &Device,
-    ) -> diffuse_core::Result<Self> {
-        crate::config::from_pretrained(
-            dir,
-            variant,
-            dtype,
-            device,
-            ControlNetConfig::validate,
-            |vb, cfg| Self::new(vb, cfg),
-        )
     }
 
     pub fn config(&self) -> &ControlNetConfig {

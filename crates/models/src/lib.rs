@@ -9,6 +9,7 @@ pub mod clip_tokenizer;
 pub mod config;
 pub mod controlnet;
 pub mod embeddings;
+pub mod modeling_utils;
 pub mod normalization;
 pub mod ops;
 pub mod profile;
@@ -26,6 +27,7 @@ pub mod vae;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian, VaeTiling};
 pub use controlnet::{ControlInput, ControlNetConfig, ControlNetModel};
+pub use modeling_utils::ModelMixin;
 pub use unet_2d::{UNet2DConfig, UNet2DModel};
 pub use unet_2d_condition::{
     ControlResiduals, UNet2DConditionConfig, UNet2DConditionModel, UNetConditioning,

@@ -300,6 +300,18 @@ pub struct T5EncoderModel {
     config: T5Config,
 }
 
+impl crate::ModelMixin for T5EncoderModel {
+    type Config = T5Config;
+
+    fn validate_config(config: &T5Config) -> diffuse_core::Result<()> {
+        config.validate("config.json")
+    }
+
+    fn build(vb: VarBuilder, config: &T5Config) -> candle_core::Result<Self> {
+        Self::new(vb, config)
+    }
+}
+
 impl T5EncoderModel {
     /// Builds the encoder; the token embedding is `shared.weight` (the loader also accepts the
     /// tied copy `encoder.embed_tokens.weight`).
@@ -331,19 +343,6 @@ impl T5EncoderModel {
             final_layer_norm,
             config: cfg.clone(),
         })
-    }
-
-    /// Loads `config.json` + safetensors weights of a `text_encoder_3/` (SD3) or
-    /// `text_encoder_2/` (Flux) folder; `dtype` is the weights' dtype in memory.
-    pub fn from_pretrained(
-        dir: &Path,
-        variant: Option<&str>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let cfg = T5Config::from_file(&dir.join("config.json"))?;
-        let files = diffuse_loaders::component_weight_files(dir, variant)?;
-        diffuse_loaders::load_model(&files, dtype, device, |vb| Self::new(vb, &cfg))
     }
 
     pub fn config(&self) -> &T5Config {

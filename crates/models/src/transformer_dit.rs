@@ -13,9 +13,7 @@
 //! out = unpatchify(proj_out_2(layer_norm(x) · (1 + scale) + shift))
 //! ```
 
-use std::path::Path;
-
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -208,6 +206,18 @@ pub struct DiTTransformer2DModel {
     config: DiTTransformer2DConfig,
 }
 
+impl crate::ModelMixin for DiTTransformer2DModel {
+    type Config = DiTTransformer2DConfig;
+
+    fn validate_config(config: &DiTTransformer2DConfig) -> diffuse_core::Result<()> {
+        config.validate()
+    }
+
+    fn build(vb: VarBuilder, config: &DiTTransformer2DConfig) -> Result<Self> {
+        Self::new(vb, config)
+    }
+}
+
 impl DiTTransformer2DModel {
     pub fn new(vb: VarBuilder, cfg: &DiTTransformer2DConfig) -> Result<Self> {
         cfg.validate().map_err(crate::config::to_candle)?;
@@ -230,23 +240,6 @@ impl DiTTransformer2DModel {
             proj_out_2: linear(dim, p * p * cfg.out_channels(), vb.pp("proj_out_2"))?,
             config: cfg.clone(),
         })
-    }
-
-    /// Loads `config.json` + weights of a `transformer/` folder.
-    pub fn from_pretrained(
-        dir: &Path,
-        variant: Option<&str>,
-        dtype: DType,
-        device: &Device,
-    ) -> diffuse_core::Result<Self> {
-        crate::config::from_pretrained(
-            dir,
-            variant,
-            dtype,
-            device,
-            DiTTransformer2DConfig::validate,
-            |vb, cfg| Self::new(vb, cfg),
-        )
     }
 
     pub fn config(&self) -> &DiTTransformer2DConfig {

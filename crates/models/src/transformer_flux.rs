@@ -15,8 +15,6 @@
 //! out = proj_out(norm_out(h[text..], temb))
 //! ```
 
-use std::path::Path;
-
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -277,6 +275,18 @@ pub struct FluxTransformer2DModel {
     config: FluxTransformer2DConfig,
 }
 
+impl crate::ModelMixin for FluxTransformer2DModel {
+    type Config = FluxTransformer2DConfig;
+
+    fn validate_config(config: &FluxTransformer2DConfig) -> diffuse_core::Result<()> {
+        config.validate()
+    }
+
+    fn build(vb: VarBuilder, config: &FluxTransformer2DConfig) -> Result<Self> {
+        Self::new(vb, config)
+    }
+}
+
 impl FluxTransformer2DModel {
     pub fn new(vb: VarBuilder, cfg: &FluxTransformer2DConfig) -> Result<Self> {
         cfg.validate().map_err(crate::config::to_candle)?;
@@ -306,23 +316,6 @@ impl FluxTransformer2DModel {
             proj_out: linear(dim, p * p * cfg.out_channels(), vb.pp("proj_out"))?,
             config: cfg.clone(),
         })
-    }
-
-    /// Loads `config.json` + weights of a `transformer/` folder.
-    pub fn from_pretrained(
-        dir: &Path,
-        variant: Option<&str>,
-        dtype: DType,
-        device: &Device,
-    ) -> diffuse_core::Result<Self> {
-        crate::config::from_pretrained(
-            dir,
-            variant,
-            dtype,
-            device,
-            FluxTransformer2DConfig::validate,
-            |vb, cfg| Self::new(vb, cfg),
-        )
     }
 
     pub fn config(&self) -> &FluxTransformer2DConfig {

@@ -13,9 +13,7 @@
 //! out = unpatchify(proj_out(norm_out(x, temb)))
 //! ```
 
-use std::path::Path;
-
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -248,6 +246,18 @@ pub struct SD3Transformer2DModel {
     config: SD3Transformer2DConfig,
 }
 
+impl crate::ModelMixin for SD3Transformer2DModel {
+    type Config = SD3Transformer2DConfig;
+
+    fn validate_config(config: &SD3Transformer2DConfig) -> diffuse_core::Result<()> {
+        config.validate()
+    }
+
+    fn build(vb: VarBuilder, config: &SD3Transformer2DConfig) -> Result<Self> {
+        Self::new(vb, config)
+    }
+}
+
 impl SD3Transformer2DModel {
     pub fn new(vb: VarBuilder, cfg: &SD3Transformer2DConfig) -> Result<Self> {
         cfg.validate().map_err(crate::config::to_candle)?;
@@ -282,23 +292,6 @@ impl SD3Transformer2DModel {
             proj_out: linear(dim, p * p * cfg.out_channels, vb.pp("proj_out"))?,
             config: cfg.clone(),
         })
-    }
-
-    /// Loads `config.json` + weights of a `transformer/` folder.
-    pub fn from_pretrained(
-        dir: &Path,
-        variant: Option<&str>,
-        dtype: DType,
-        device: &Device,
-    ) -> diffuse_core::Result<Self> {
-        crate::config::from_pretrained(
-            dir,
-            variant,
-            dtype,
-            device,
-            SD3Transformer2DConfig::validate,
-            |vb, cfg| Self::new(vb, cfg),
-        )
     }
 
     pub fn config(&self) -> &SD3Transformer2DConfig {

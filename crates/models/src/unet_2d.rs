@@ -1,7 +1,5 @@
 //! diffusers `UNet2DModel`: the unconditional (optionally class-conditional) DDPM UNet.
 
-use std::path::Path;
-
 use crate::ops::conv::Conv2d;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -214,6 +212,18 @@ pub struct UNet2DModel {
     config: UNet2DConfig,
 }
 
+impl crate::ModelMixin for UNet2DModel {
+    type Config = UNet2DConfig;
+
+    fn validate_config(config: &UNet2DConfig) -> diffuse_core::Result<()> {
+        config.validate()
+    }
+
+    fn build(vb: VarBuilder, config: &UNet2DConfig) -> Result<Self> {
+        Self::new(vb, config)
+    }
+}
+
 impl UNet2DModel {
     pub fn new(vb: VarBuilder, cfg: &UNet2DConfig) -> Result<Self> {
         let r = cfg.resolve().map_err(to_candle)?;
@@ -353,33 +363,6 @@ impl UNet2DModel {
             dtype: vb.dtype(),
             config: cfg.clone(),
         })
-    }
-
-    /// Loads `config.json` and the safetensors weights of a `unet/`-style folder of a `UNet2DModel` (e.g. `google/ddpm-cat-256`).
-    pub fn from_pretrained(
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-    ) -> diffuse_core::Result<Self> {
-        Self::from_pretrained_variant(dir, None, dtype, device)
-    }
-
-    /// [`UNet2DModel::from_pretrained`] with a weight variant (`fp16` picks
-    /// `diffusion_pytorch_model.fp16.safetensors`).
-    pub fn from_pretrained_variant(
-        dir: &Path,
-        variant: Option<&str>,
-        dtype: DType,
-        device: &Device,
-    ) -> diffuse_core::Result<Self> {
-        crate::config::from_pretrained(
-            dir,
-            variant,
-            dtype,
-            device,
-            UNet2DConfig::validate,
-            |vb, cfg| Self::new(vb, cfg),
-        )
     }
 
     pub fn config(&self) -> &UNet2DConfig {

@@ -1,7 +1,5 @@
 //! diffusers `UNet2DConditionModel`: the text-conditioned UNet of Stable Diffusion.
 
-use std::path::Path;
-
 use crate::ops::conv::Conv2d;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -612,6 +610,18 @@ pub struct UNet2DConditionModel {
     config: UNet2DConditionConfig,
 }
 
+impl crate::ModelMixin for UNet2DConditionModel {
+    type Config = UNet2DConditionConfig;
+
+    fn validate_config(config: &UNet2DConditionConfig) -> diffuse_core::Result<()> {
+        config.validate()
+    }
+
+    fn build(vb: VarBuilder, config: &UNet2DConditionConfig) -> Result<Self> {
+        Self::new(vb, config)
+    }
+}
+
 impl UNet2DConditionModel {
     pub fn new(vb: VarBuilder, cfg: &UNet2DConditionConfig) -> Result<Self> {
         let r = cfg.resolve().map_err(to_candle)?;
@@ -650,33 +660,6 @@ impl UNet2DConditionModel {
             dtype: vb.dtype(),
             config: cfg.clone(),
         })
-    }
-
-    /// Loads `config.json` and the safetensors weights of a `unet/` folder of a Stable Diffusion checkpoint.
-    pub fn from_pretrained(
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-    ) -> diffuse_core::Result<Self> {
-        Self::from_pretrained_variant(dir, None, dtype, device)
-    }
-
-    /// [`UNet2DConditionModel::from_pretrained`] with a weight variant (`fp16` picks
-    /// `diffusion_pytorch_model.fp16.safetensors`).
-    pub fn from_pretrained_variant(
-        dir: &Path,
-        variant: Option<&str>,
-        dtype: DType,
-        device: &Device,
-    ) -> diffuse_core::Result<Self> {
-        crate::config::from_pretrained(
-            dir,
-            variant,
-            dtype,
-            device,
-            UNet2DConditionConfig::validate,
-            |vb, cfg| Self::new(vb, cfg),
-        )
     }
 
     pub fn config(&self) -> &UNet2DConditionConfig {

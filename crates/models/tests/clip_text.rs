@@ -2,6 +2,7 @@
 //! `clip_text` included): f16 and u32 ids, bad inputs, config keys, the real SD 1.5 / 2.1 text
 //! encoder architectures (names, shapes, parameter counts; no forward), gradients.
 
+use diffuse_models::ModelMixin;
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};

@@ -1,6 +1,7 @@
 //! Errors on bad configs and inputs, gradients (training), half precision and the VAE
 //! posterior sampling of the UNets and the VAE.
 
+use diffuse_models::ModelMixin;
 use std::path::PathBuf;
 
 use anyhow::{ensure, Context, Result};

@@ -12,6 +12,7 @@
 //! The models run on `DIFFUSE_DEVICE` (default the CPU; `cuda:0` in a CUDA build checks the
 //! GPU path against the same fixtures and tolerances).
 
+use diffuse_models::ModelMixin;
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -257,7 +258,7 @@ fn run_model(dir: &Path, io: &Io, dev: &Device) -> Result<()> {
             )
         }
         "SD3Transformer2DModel" => {
-            let model = SD3Transformer2DModel::from_pretrained(dir, None, DType::F32, dev)?;
+            let model = SD3Transformer2DModel::from_pretrained(dir, DType::F32, dev)?;
             run_unet_cases(io, |c| {
                 Ok(model.forward(
                     &t(format!("{c}_sample"))?,
@@ -268,7 +269,7 @@ fn run_model(dir: &Path, io: &Io, dev: &Device) -> Result<()> {
             })
         }
         "FluxTransformer2DModel" => {
-            let model = FluxTransformer2DModel::from_pretrained(dir, None, DType::F32, dev)?;
+            let model = FluxTransformer2DModel::from_pretrained(dir, DType::F32, dev)?;
             run_unet_cases(io, |c| {
                 let (ehs, pooled) = (
                     t(format!("{c}_encoder_hidden_states"))?,
@@ -322,7 +323,7 @@ fn run_model(dir: &Path, io: &Io, dev: &Device) -> Result<()> {
             Ok(())
         }
         "T5EncoderModel" => {
-            let model = T5EncoderModel::from_pretrained(dir, None, DType::F32, dev)?;
+            let model = T5EncoderModel::from_pretrained(dir, DType::F32, dev)?;
             for p in id_prefixes(io)? {
                 let out = model.forward(&t(format!("{p}input_ids"))?)?;
                 let key = format!("{p}last_hidden_state");

@@ -3,6 +3,7 @@
 //! tokenizers, and `T5EncoderModel` with bf16 weights and bad ids (its f32 parity run is
 //! `model_fixtures.rs`'s `t5_encoder` case).
 
+use diffuse_models::ModelMixin;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
@@ -61,7 +62,7 @@ fn t5_tokenizer_errors_are_clear() -> Result<()> {
 #[test]
 fn t5_encoder_refuses_bad_ids() -> Result<()> {
     let dir = fixtures_dir().join("cases/_models/tiny_flux/text_encoder_2");
-    let model = T5EncoderModel::from_pretrained(&dir, None, DType::F32, &Device::Cpu)?;
+    let model = T5EncoderModel::from_pretrained(&dir, DType::F32, &Device::Cpu)?;
     let bad = candle_core::Tensor::new(&[[5u32, 1000]], &Device::Cpu)?;
     let err = model
         .forward(&bad)
@@ -78,12 +79,8 @@ fn t5_encoder_refuses_bad_ids() -> Result<()> {
 fn t5_encoder_with_bf16_weights() -> Result<()> {
     let models = fixture_subdir("models");
     let io = load_tensors(&models.join("t5_encoder_io.safetensors"))?;
-    let model = T5EncoderModel::from_pretrained(
-        &models.join("t5_encoder"),
-        None,
-        DType::BF16,
-        &Device::Cpu,
-    )?;
+    let model =
+        T5EncoderModel::from_pretrained(&models.join("t5_encoder"), DType::BF16, &Device::Cpu)?;
     let out = model.forward(get(&io, "input_ids")?)?;
     ensure!(out.dtype() == DType::F32);
     assert_close(

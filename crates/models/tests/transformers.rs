@@ -4,6 +4,7 @@
 //! tiny model, with f32 weights at the case's tolerances and with bf16 weights (activations
 //! still f32) at bf16's precision.
 
+use diffuse_models::ModelMixin;
 use std::collections::HashMap;
 
 use anyhow::{ensure, Context, Result};
@@ -81,12 +82,8 @@ fn tiny_transformer(pipeline: &str) -> std::path::PathBuf {
 /// The DiT calls of `dit_class2img`: the guided batch `[labels, null × n]`.
 fn dit_calls(dtype: DType, calls: Option<usize>, tolerance: Option<(f64, f64)>) -> Result<()> {
     let case = Case::load("dit_class2img")?;
-    let model = DiTTransformer2DModel::from_pretrained(
-        &tiny_transformer("tiny_dit"),
-        None,
-        dtype,
-        &Device::Cpu,
-    )?;
+    let model =
+        DiTTransformer2DModel::from_pretrained(&tiny_transformer("tiny_dit"), dtype, &Device::Cpu)?;
     let labels: Vec<u32> = serde_json::from_value(case.json["args"]["class_labels"].clone())?;
     let null = model.config().num_classes() as u32;
     let mut all = labels.clone();
@@ -102,12 +99,8 @@ fn dit_calls(dtype: DType, calls: Option<usize>, tolerance: Option<(f64, f64)>) 
 /// The SD3 calls of `sd3_text2img_flowmatch`: the guided batch `[negative, prompt]`.
 fn sd3_calls(dtype: DType, calls: Option<usize>, tolerance: Option<(f64, f64)>) -> Result<()> {
     let case = Case::load("sd3_text2img_flowmatch")?;
-    let model = SD3Transformer2DModel::from_pretrained(
-        &tiny_transformer("tiny_sd3"),
-        None,
-        dtype,
-        &Device::Cpu,
-    )?;
+    let model =
+        SD3Transformer2DModel::from_pretrained(&tiny_transformer("tiny_sd3"), dtype, &Device::Cpu)?;
     let cat =
         |a: &str, b: &str| -> Result<Tensor> { Ok(Tensor::cat(&[case.get(a)?, case.get(b)?], 0)?) };
     let embeds = cat("negative_prompt_embeds", "prompt_embeds")?;
@@ -133,7 +126,6 @@ fn flux_calls(dtype: DType, calls: Option<usize>, tolerance: Option<(f64, f64)>)
     let case = Case::load("flux_text2img_flowmatch")?;
     let model = FluxTransformer2DModel::from_pretrained(
         &tiny_transformer("tiny_flux"),
-        None,
         dtype,
         &Device::Cpu,
     )?;
@@ -190,7 +182,6 @@ fn flux_schnell_refuses_guidance() -> Result<()> {
     let models = fixture_subdir("models");
     let model = FluxTransformer2DModel::from_pretrained(
         &models.join("tiny_flux_schnell"),
-        None,
         DType::F32,
         &Device::Cpu,
     )?;

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use diffuse_core::testing::{
     assert_close, fixture_subdir, get, load_tensors, max_abs_diff, read_json, to_vec_f64,
 };
+use diffuse_models::ModelMixin;
 use diffuse_models::{AutoencoderKL, VaeTiling};
 
 const ATOL: f64 = 1e-4;

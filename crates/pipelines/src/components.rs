@@ -10,6 +10,7 @@ use diffuse_models::clip_text::{ClipTextModel, ClipTextModelWithProjection};
 use diffuse_models::clip_tokenizer::ClipTokenizer;
 use diffuse_models::t5::T5EncoderModel;
 use diffuse_models::t5_tokenizer::T5Tokenizer;
+use diffuse_models::ModelMixin;
 use diffuse_models::{AutoencoderKL, AutoencoderKLConfig};
 
 use crate::stable_diffusion::{token_ids, ImageOutput};

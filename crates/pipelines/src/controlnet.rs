@@ -18,6 +18,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use diffuse_core::{Error, Result};
 use diffuse_models::embeddings::TimeConditioning;
+use diffuse_models::ModelMixin;
 use diffuse_models::{
     ControlInput, ControlNetModel, ControlResiduals, UNet2DConditionConfig, UNet2DConditionModel,
 };

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use diffuse_core::{BatchShard, Error, Generator, Result};
+use diffuse_models::ModelMixin;
 use diffuse_models::UNet2DModel;
 use diffuse_schedulers::Scheduler;
 use image::{GrayImage, RgbImage};

@@ -20,6 +20,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use diffuse_core::{BatchShard, Error, Generator, Result};
 use diffuse_models::transformer_dit::DiTTransformer2DModel;
+use diffuse_models::ModelMixin;
 use diffuse_schedulers::Scheduler;
 
 use crate::components::Vae;
@@ -104,7 +105,7 @@ impl DiTPipeline {
         opts: &LoadOptions,
     ) -> Result<Self> {
         let scheduler = load_scheduler(dir, opts)?;
-        let transformer = DiTTransformer2DModel::from_pretrained(
+        let transformer = DiTTransformer2DModel::from_pretrained_variant(
             &component_dir(dir, "transformer")?,
             opts.variant.as_deref(),
             opts.dtype,

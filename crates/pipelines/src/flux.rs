@@ -24,6 +24,7 @@ use diffuse_models::t5_tokenizer::T5Tokenizer;
 use diffuse_models::transformer_flux::{
     FluxConditioning, FluxTransformer2DConfig, FluxTransformer2DModel,
 };
+use diffuse_models::ModelMixin;
 use diffuse_schedulers::{Scheduler, TimestepsSpec};
 
 use crate::components::{self, Component, Vae};
@@ -104,13 +105,15 @@ impl FluxPipeline {
                 text_encoder: ClipTextModel::from_pretrained_variant(
                     &te, variant, o.dtype, &o.device,
                 )?,
-                text_encoder_2: T5EncoderModel::from_pretrained(&te2, variant, o.dtype, &o.device)?,
+                text_encoder_2: T5EncoderModel::from_pretrained_variant(
+                    &te2, variant, o.dtype, &o.device,
+                )?,
             })
         })?;
         let transformer = components::component(
             transformer_dir,
             opts,
-            FluxTransformer2DModel::from_pretrained,
+            FluxTransformer2DModel::from_pretrained_variant,
         )?;
         Ok(Self {
             class_name,

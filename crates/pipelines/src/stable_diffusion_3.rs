@@ -22,6 +22,7 @@ use diffuse_models::clip_tokenizer::ClipTokenizer;
 use diffuse_models::t5::T5EncoderModel;
 use diffuse_models::t5_tokenizer::T5Tokenizer;
 use diffuse_models::transformer_sd3::{SD3Transformer2DConfig, SD3Transformer2DModel};
+use diffuse_models::ModelMixin;
 use diffuse_schedulers::{Scheduler, TimestepsSpec};
 
 use crate::components::{self, Component, Vae};
@@ -158,14 +159,16 @@ impl StableDiffusion3Pipeline {
                 text_encoder_2: clip(&te2)?,
                 text_encoder_3: te3
                     .as_deref()
-                    .map(|d| T5EncoderModel::from_pretrained(d, variant, o.dtype, &o.device))
+                    .map(|d| {
+                        T5EncoderModel::from_pretrained_variant(d, variant, o.dtype, &o.device)
+                    })
                     .transpose()?,
             })
         })?;
         let transformer = components::component(
             transformer_dir,
             opts,
-            SD3Transformer2DModel::from_pretrained,
+            SD3Transformer2DModel::from_pretrained_variant,
         )?;
         Ok(Self {
             class_name,

@@ -3,6 +3,7 @@
 
 mod common;
 
+use diffuse_models::ModelMixin;
 use std::path::Path;
 
 use candle_core::{DType, Device};
