@@ -1,6 +1,8 @@
 //! The denoising loop written out, as in diffusers' "understanding pipelines" guide: the
-//! bundled Fashion-MNIST DDPM model (class-conditional, 28×28) with a scheduler of your
-//! choice, noise from the torch-compatible generator, classifier-free guidance by hand.
+//! bundled Fashion-MNIST DDPM model (class-conditional, 28×28 in a 32×32 frame) loaded
+//! component by component (`UNet2DModel::from_pretrained` on `unet/`, the scheduler of your
+//! choice, by diffusers class or A1111 name, on `scheduler/`'s config), noise from the
+//! torch-compatible generator, classifier-free guidance by hand.
 //!
 //! ```text
 //! cargo run --release --example custom_loop -- [scheduler] [class] [steps]
@@ -8,8 +10,10 @@
 //!
 //! e.g. `custom_loop DDIMScheduler 7 50` (class 7 is "Sneaker"); writes `custom_loop.png`.
 
+use std::path::Path;
+
 use diffuse::core::NoiseSource;
-use diffuse::{DiffusionPipeline, Generator, LoadOptions, Pipeline, Tensor};
+use diffuse::{DType, Device, Generator, ModelMixin, SchedulerConfig, Tensor, UNet2DModel};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -18,17 +22,15 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(50);
     let guidance = 3.0;
 
-    let model = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../models/fashion-mnist-ddpm"
-    );
-    let mut pipe = DiffusionPipeline::from_pretrained(model, &LoadOptions::default())?;
-    pipe.set_scheduler(scheduler_name)?;
-    let Pipeline::Unconditional(ddpm) = pipe.pipeline_mut() else {
-        anyhow::bail!("expected a DDPM pipeline");
-    };
-    let names = ddpm.class_names.clone();
-    let (unet, scheduler, device) = (&ddpm.unet, &mut ddpm.scheduler, &ddpm.device);
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fashion-mnist-ddpm");
+    let device = &Device::Cpu;
+    let unet = UNet2DModel::from_pretrained(&model.join("unet"), DType::F32, device)?;
+    let config = SchedulerConfig::from_file(&model.join("scheduler/scheduler_config.json"))?;
+    // A diffusers class name or an A1111 one ("DPM++ 2M Karras"), on the folder's config.
+    let mut scheduler = diffuse::schedulers::from_name(scheduler_name, &config)?;
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("model_index.json"))?)?;
+    let names: Vec<String> = serde_json::from_value(index["_class_names"].clone())?;
 
     let (h, w) = unet.config().sample_size.map_or((32, 32), |s| s.hw());
     let channels = unet.config().in_channels;

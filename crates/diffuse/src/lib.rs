@@ -58,9 +58,9 @@ pub use diffuse_models::t5::T5EncoderModel;
 pub use diffuse_models::transformer_dit::DiTTransformer2DModel;
 pub use diffuse_models::transformer_flux::FluxTransformer2DModel;
 pub use diffuse_models::transformer_sd3::SD3Transformer2DModel;
-pub use diffuse_models::{AutoencoderKL, ControlNetModel, UNet2DConditionModel, UNet2DModel};
 /// Brings `from_pretrained` / `from_pretrained_variant` of every model into scope.
 pub use diffuse_models::ModelMixin;
+pub use diffuse_models::{AutoencoderKL, ControlNetModel, UNet2DConditionModel, UNet2DModel};
 
 // Schedulers, under diffusers' names.
 pub use diffuse_schedulers::ddim::DdimScheduler as DDIMScheduler;
