@@ -384,10 +384,19 @@ fn train(args: TrainArgs, dist: &Dist) -> Result<()> {
     let config = train_config(&args, unet, &dataset, kind)?;
     let mut trainer = Trainer::new_distributed(config, dataset, &device, dist.comm())?;
     let params: usize = trainer.parameters().map(|(_, v)| v.elem_count()).sum();
+    let per = if dist.comm().size() > 1 {
+        " per process"
+    } else {
+        ""
+    };
+    let on = match device.is_cpu() {
+        true => format!("the CPU with {threads} threads{per}"),
+        false => format!("{device:?}"),
+    };
     lead_eprintln(
         lead,
         format_args!(
-            "model: UNet2DModel, {params} parameters ({:.1} MB in f32)",
+            "model: UNet2DModel, {params} parameters ({:.1} MB in f32), trained on {on}",
             params as f64 * 4.0 / 1e6
         ),
     );
@@ -395,7 +404,7 @@ fn train(args: TrainArgs, dist: &Dist) -> Result<()> {
     report(
         trainer.comm(),
         format_args!(
-            "images {}..{} of every global batch of {} ({threads} threads)",
+            "images {}..{} of every global batch of {}",
             shard.start,
             shard.end,
             trainer.config().batch_size

@@ -291,6 +291,14 @@ fn bundled_sandal_matches_diffusers() {
         out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
+    // A plain run of one process: no rank lines, and the loop's rate counts the 20 default
+    // steps it ran (not the unset --steps).
+    assert!(!err.contains("rank 0/1"), "{err}");
+    let rate: f64 = err
+        .split_once(" it/s)")
+        .and_then(|(before, _)| before.rsplit_once('(')?.1.parse().ok())
+        .unwrap_or_else(|| panic!("no it/s figure in {err}"));
+    assert!(rate > 0.0, "{err}");
     let got = image::open(&out).unwrap().into_luma8().into_raw();
     assert_eq!(got.len(), want.len());
     for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {

@@ -75,10 +75,13 @@ pub fn shard(total: usize, rank: usize, size: usize) -> Range<usize> {
     start..start + q + usize::from(rank < r)
 }
 
-/// Prints `rank R/N: <text>` on stderr (every rank, so that a launch that runs the whole job
-/// on every process shows N lines saying `rank 0/1`).
+/// Prints `rank R/N: <text>` on stderr, on every rank of a job of several processes or of one
+/// an MPI launcher started (a launch that runs the whole job on every process then shows N
+/// lines saying `rank 0/1`). A plain run of one process says nothing: its share is the job.
 pub fn report(comm: &dyn Comm, text: impl Display) {
-    eprint_line(format_args!("rank {}/{}: {text}", comm.rank(), comm.size()));
+    if comm.size() > 1 || LaunchEnv::from_env().launcher.is_some() {
+        eprint_line(format_args!("rank {}/{}: {text}", comm.rank(), comm.size()));
+    }
 }
 
 /// `eprintln!` in one write: the launcher merges the ranks' stderr, and a line written in

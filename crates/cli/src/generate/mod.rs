@@ -341,6 +341,8 @@ impl Session {
                 &settings,
                 Some(&mut step_callback(&bar)),
             )?;
+            // The steps the loop ran (the model's default, or fewer for img2img's strength).
+            let steps = bar.position() as usize;
             bar.finish_and_clear();
             if self.comm.rank() == 0 {
                 for w in &out.warnings {
@@ -354,7 +356,7 @@ impl Session {
                 .context("the pipeline returned more images than planned")?;
             output::save_all(&out.images, to, &infotext, self.args.force)?;
             made += out.images.len();
-            self.print_timings(&out.timings, settings.steps.unwrap_or(0));
+            self.print_timings(&out.timings, steps);
         }
         self.done(made)
     }
