@@ -50,6 +50,7 @@ pub fn describe(dir: &Path) -> Result<String> {
             out += &format!("  {name:<14} {comp_class:<32} {line}\n");
         }
         out += &format!("  total parameters: {}\n", thousands(total));
+        out += &classes_line(&v);
     } else if dir.join("config.json").is_file() {
         let (line, _) = component_line(dir)?;
         out += &format!("{}: {line}\n", dir.display());
@@ -67,6 +68,37 @@ pub fn describe(dir: &Path) -> Result<String> {
         );
     }
     Ok(out)
+}
+
+/// The classes a class-conditional folder names: `_class_names` (diffuse's DDPM models) or
+/// `id2label` (DiT), as `--prompt` takes them; empty for other folders.
+fn classes_line(index: &serde_json::Value) -> String {
+    let names: Vec<String> = match (&index["_class_names"], &index["id2label"]) {
+        (serde_json::Value::Array(names), _) => names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{i} {}", n.as_str().unwrap_or("?")))
+            .collect(),
+        (_, serde_json::Value::Object(labels)) => {
+            let mut ids: Vec<(u64, &str)> = labels
+                .iter()
+                .map(|(k, n)| (k.parse().unwrap_or(u64::MAX), n.as_str().unwrap_or("?")))
+                .collect();
+            ids.sort();
+            ids.iter().map(|(i, n)| format!("{i} {n}")).collect()
+        }
+        _ => return String::new(),
+    };
+    let shown = names.len().min(20);
+    let more = match names.len() - shown {
+        0 => String::new(),
+        n => format!(", ... ({n} more)"),
+    };
+    format!(
+        "  classes ({}): {}{more}\n",
+        names.len(),
+        names[..shown].join(", ")
+    )
 }
 
 /// "<params> params, <dtypes>, <files>" for one component, and its parameter count.
@@ -171,4 +203,28 @@ fn thousands(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::classes_line;
+    use serde_json::json;
+
+    #[test]
+    fn classes_from_dit_id2label_sorted_by_id_and_capped() {
+        let labels: serde_json::Map<String, serde_json::Value> = (0..25)
+            .rev()
+            .map(|i| (i.to_string(), json!(format!("c{i}"))))
+            .collect();
+        let line = classes_line(&json!({ "id2label": labels }));
+        assert!(
+            line.starts_with("  classes (25): 0 c0, 1 c1, 2 c2,"),
+            "{line}"
+        );
+        assert!(line.ends_with("19 c19, ... (5 more)\n"), "{line}");
+        assert_eq!(
+            classes_line(&json!({"_class_name": "StableDiffusionPipeline"})),
+            ""
+        );
+    }
 }

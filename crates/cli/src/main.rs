@@ -26,7 +26,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "diffuse",
     version,
-    about = "Diffusion models in Rust: run diffusers checkpoints (Stable Diffusion, DDPM) with schedulers at parity with Python diffusers"
+    about = "Diffusion models in Rust: run diffusers checkpoints and single files (Stable Diffusion 1.x/2.x/XL/3, Flux, DiT, DDPM) at parity with Python diffusers"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,7 +41,8 @@ enum Command {
     Info(info::InfoArgs),
     /// List the schedulers, or show the schedule one of them runs.
     Schedulers(schedulers_cmd::SchedulersArgs),
-    /// Text-to-image with a Stable Diffusion folder (or unconditional DDPM/DDIM sampling).
+    /// Text-to-image with Stable Diffusion (1.x, 2.x, XL, 3), Flux or DiT; class-conditional or
+    /// unconditional DDPM sampling.
     Generate(generate::GenerateArgs),
     /// Image-to-image: redraw an init image following a prompt.
     Img2img(generate::Img2ImgArgs),

@@ -51,6 +51,11 @@ fn info_reads_diffusers_scheduler_configs() {
         out.contains("DPMSolverMultistepScheduler") && out.contains("1000 training timesteps"),
         "{out}"
     );
+    // Its classes, numbered as `--prompt` takes them.
+    assert!(
+        out.contains("classes (10): 0 T-shirt/top, 1 Trouser,") && out.contains("9 Ankle boot\n"),
+        "{out}"
+    );
     let (ok, out, err) = diffuse(&["info", model.join("scheduler").to_str().unwrap()]);
     assert!(
         ok && out.contains("scheduler DPMSolverMultistepScheduler"),

@@ -27,8 +27,8 @@ pub struct CommonArgs {
     #[arg(long)]
     pub model: Option<String>,
     /// For a single-file --model: a diffusers folder whose component configs (and tokenizer,
-    /// scheduler) describe it. Without it the architecture (SD 1.x, 1.x inpainting, 2.x) is
-    /// recognised from the file and built-in configs are used.
+    /// scheduler) describe it. Without it the architecture (SD 1.x and 2.x and their inpainting
+    /// models, SDXL base and refiner) is recognised from the file and built-in configs are used.
     #[arg(long, value_name = "DIR")]
     pub config: Option<PathBuf>,
     /// What to draw. For a class-conditional DDPM model: a class name (any case) or index;
