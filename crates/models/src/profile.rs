@@ -1,5 +1,6 @@
-//! An opt-in per-layer profile of the forward passes: wall time, calls and FLOPs of each kind
-//! of layer at each shape (e.g. `conv3x3 winograd 320->320 64x64`), summed over a run.
+//! An opt-in per-layer profile of the forward passes (and of the custom ops' backward passes):
+//! wall time, calls and FLOPs of each kind of layer at each shape (e.g. `conv3x3 winograd
+//! 320->320 64x64`), summed over a run.
 //! `diffuse bench --profile` prints it, to show where a UNet step's time goes. On a GPU, whose
 //! work runs behind the host's, [`sync_with`] makes each timed layer wait for the device before
 //! and after it (the waits add a little to every layer).
@@ -15,6 +16,11 @@ use std::time::{Duration, Instant};
 
 /// The process-wide profiler the instrumented layers report to.
 static GLOBAL: Profiler = Profiler::new();
+
+thread_local! {
+    /// Whether this thread is inside a timed call (whose time then covers any nested one).
+    static INSIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// What one kind of layer at one shape cost over the profiled run.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -72,14 +78,26 @@ impl Profiler {
     }
 
     /// Runs `f`, and when recording adds its wall time under the name `name()` returns. The
-    /// name is only built when recording, so it may format shapes.
+    /// name is only built when recording, so it may format shapes. A timed call inside another
+    /// one on the same thread (a backward pass that runs a timed layer) is not recorded: the
+    /// outer row holds its time, and no time is counted twice.
     pub fn timed<T>(&self, name: impl FnOnce() -> String, flops: f64, f: impl FnOnce() -> T) -> T {
-        if !self.enabled.load(Ordering::Relaxed) {
+        if !self.enabled.load(Ordering::Relaxed) || INSIDE.get() {
             return f();
         }
         self.wait();
         let start = Instant::now();
+        INSIDE.set(true);
+        // Reset even if `f` panics: a test's panic must not silence this thread's later calls.
+        struct Leave;
+        impl Drop for Leave {
+            fn drop(&mut self) {
+                INSIDE.set(false);
+            }
+        }
+        let leave = Leave;
         let out = f();
+        drop(leave);
         self.wait();
         let time = start.elapsed();
         if let Some(table) = self
@@ -123,6 +141,13 @@ pub(crate) fn timed<T>(name: impl FnOnce() -> String, flops: f64, f: impl FnOnce
     GLOBAL.timed(name, flops, f)
 }
 
+/// The profile name of a custom op's backward pass: the op and the shape of the output
+/// gradient it takes (its forward output's), e.g. `conv2d-winograd backward [64, 64, 32, 32]`.
+/// The backward passes are timed in each op's `bwd` (training's `bench --profile` lines).
+pub(crate) fn backward_name(op: &str, grad: &candle_core::Tensor) -> String {
+    format!("{op} backward {:?}", grad.dims())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +175,19 @@ mod tests {
         assert!(rows[0].1.time >= Duration::from_millis(6));
         assert_eq!((rows[1].0.as_str(), rows[1].1.calls), ("b", 1));
         assert!(p.take().is_empty());
+    }
+
+    #[test]
+    fn a_timed_call_inside_another_is_not_counted_twice() {
+        let p = Profiler::new();
+        p.enable(true);
+        let inner = || p.timed(|| "inner".into(), 1.0, || 5);
+        assert_eq!(p.timed(|| "outer".into(), 2.0, || inner() + 1), 6);
+        // On its own again (the outer call has ended), the inner one is recorded.
+        assert_eq!(inner(), 5);
+        let rows: HashMap<String, Entry> = p.take().into_iter().collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows["outer"].calls, rows["outer"].flops), (1, 2.0));
+        assert_eq!((rows["inner"].calls, rows["inner"].flops), (1, 1.0));
     }
 }

@@ -10,6 +10,7 @@ mod large;
 mod lora;
 mod pipeline;
 mod torch;
+mod train;
 mod transformers;
 
 use std::collections::BTreeMap;
@@ -76,6 +77,12 @@ pub struct BenchArgs {
     /// `--dtype bf16`, the step of `train-lora --mixed-precision bf16` (CPU autocast).
     #[arg(long)]
     pub lora_train: bool,
+    /// Also time one optimizer step of the bundled Fashion-MNIST model's recipe (its
+    /// `train_config.json`: batch 64 at 32x32, v-prediction, Min-SNR-5, EMA) on random images;
+    /// with `--dtype bf16` the step of `--mixed-precision bf16`. With `--profile`, the backward
+    /// passes of the custom ops show as `... backward` rows.
+    #[arg(long)]
+    pub train: bool,
     /// Denoising steps of the --pipeline run (the peak memory does not depend on them).
     #[arg(long, default_value_t = 20)]
     pub pipeline_steps: usize,
@@ -466,6 +473,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         b.large()?;
         if args.lora_train {
             b.lora_train()?;
+        }
+        if args.train {
+            b.ddpm_train()?;
         }
         if args.pipeline {
             b.pipeline()?;

@@ -725,7 +725,9 @@ impl CustomOp3 for Winograd {
         };
         // Not for data (the first layer's input): its gradient would be thrown away.
         let grad_x = match x.track_op() {
-            true => Some(grad.apply_op3_no_bwd(&w.contiguous()?, &zero_bias, &flipped)?),
+            true => Some(timed_grad("dx winograd", x, w, 1, || {
+                grad.apply_op3_no_bwd(&w.contiguous()?, &zero_bias, &flipped)
+            })?),
             false => None,
         };
         if !w.track_op() && !b.track_op() {
@@ -733,7 +735,9 @@ impl CustomOp3 for Winograd {
             return Ok((grad_x, None, None));
         }
         let cols = Columns::Im2col { stride: 1 };
-        let dwb = x.apply_op2_no_bwd(&grad, &WeightGrad { cols })?;
+        let dwb = timed_grad("dw", x, w, 1, || {
+            x.apply_op2_no_bwd(&grad, &WeightGrad { cols })
+        })?;
         let grad_w = dwb.narrow(0, 0, cout * cin * 9)?.reshape(w.shape())?;
         let grad_b = dwb.narrow(0, cout * cin * 9, cout)?;
         Ok((grad_x, Some(grad_w), Some(grad_b)))
@@ -1090,23 +1094,49 @@ fn gemm_conv_grads(
     let (_, _, h, wd) = x.dims4()?;
     let (cout, cin, kh, kw) = w.dims4()?;
     let grad = grad.contiguous()?;
+    let stride = match cols {
+        Columns::Pointwise => 1,
+        Columns::Im2col { stride } => stride,
+    };
     let grad_x = match x.track_op() {
-        true => Some(
+        true => Some(timed_grad("dx", x, w, stride, || {
             w.contiguous()?
-                .apply_op2_no_bwd(&grad, &InputGrad { cols, h, w: wd })?,
-        ),
+                .apply_op2_no_bwd(&grad, &InputGrad { cols, h, w: wd })
+        })?),
         false => None,
     };
     if !w.track_op() && !b.track_op() {
         return Ok((grad_x, None, None));
     }
     let k = cin * kh * kw;
-    let dwb = x
-        .contiguous()?
-        .apply_op2_no_bwd(&grad, &WeightGrad { cols })?;
+    let dwb = timed_grad("dw", x, w, stride, || {
+        x.contiguous()?
+            .apply_op2_no_bwd(&grad, &WeightGrad { cols })
+    })?;
     let grad_w = dwb.narrow(0, 0, cout * k)?.reshape(w.shape())?;
     let grad_b = dwb.narrow(0, cout * k, cout)?;
     Ok((grad_x, Some(grad_w), Some(grad_b)))
+}
+
+/// Runs one half of a convolution's backward pass (`dx`, the input gradient, or `dw`, the
+/// weight and bias gradients) under the profile, named as the forward is (`conv3x3/1 dw
+/// 64->64 32x32`) and counted at the forward's FLOPs, which each half costs as well.
+fn timed_grad<T>(
+    half: &str,
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let (n, cin, h, wd) = x.dims4()?;
+    let (cout, _, kh, kw) = w.dims4()?;
+    let outputs = n * h.div_ceil(stride) * wd.div_ceil(stride);
+    let flops = 2.0 * (outputs * cout * cin * kh * kw) as f64;
+    crate::profile::timed(
+        || format!("conv{kh}x{kw}/{stride} {half} {cin}->{cout} {h}x{wd}"),
+        flops,
+        f,
+    )
 }
 
 /// A 3×3 padding-1 convolution (stride 1 or 2) as im2col and one multi-threaded GEMM per

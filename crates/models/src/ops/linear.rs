@@ -538,8 +538,14 @@ impl CustomOp2 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = linear_grads(x, w, None, grad)?;
-        Ok((dx, dw))
+        crate::profile::timed(
+            || crate::profile::backward_name(CustomOp2::name(self), grad),
+            0.0,
+            || {
+                let (dx, dw, _) = linear_grads(x, w, None, grad)?;
+                Ok((dx, dw))
+            },
+        )
     }
 }
 
@@ -568,7 +574,11 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        linear_grads(x, w, Some(b), grad)
+        crate::profile::timed(
+            || crate::profile::backward_name(CustomOp3::name(self), grad),
+            0.0,
+            || linear_grads(x, w, Some(b), grad),
+        )
     }
 }
 
