@@ -136,8 +136,9 @@ pub fn take() -> Vec<(String, Entry)> {
     GLOBAL.take()
 }
 
-/// [`Profiler::timed`] on the global profiler (what the layers call).
-pub(crate) fn timed<T>(name: impl FnOnce() -> String, flops: f64, f: impl FnOnce() -> T) -> T {
+/// [`Profiler::timed`] on the global profiler (what the layers call; other crates time their
+/// phases with it, e.g. a training step's optimizer update).
+pub fn timed<T>(name: impl FnOnce() -> String, flops: f64, f: impl FnOnce() -> T) -> T {
     GLOBAL.timed(name, flops, f)
 }
 

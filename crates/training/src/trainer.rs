@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use diffuse_core::{Error, Generator, Result};
 use diffuse_dist::{Comm, SingleProcess};
-use diffuse_models::{UNet2DConfig, UNet2DModel};
+use diffuse_models::{profile, UNet2DConfig, UNet2DModel};
 use diffuse_schedulers::common::PredictionType;
 use diffuse_schedulers::config::ConfigReader;
 use diffuse_schedulers::{Scheduler, SchedulerConfig};
@@ -387,66 +387,76 @@ impl Trainer {
     /// share, with its graph. Every random draw covers the whole global batch, in the order a
     /// single process makes them, and the share is cut out of it.
     fn micro_batch_loss(&mut self) -> Result<Tensor> {
-        let global = self.config.batch_size;
-        let mine = self.shard.clone();
-        let bs = mine.len();
-        let indices = self.sampler.next_batch(global);
-        let flips: Vec<bool> = if self.config.random_flip {
-            self.rng
-                .rand_vec(global)
-                .into_iter()
-                .map(|u| u < 0.5)
-                .collect()
-        } else {
-            vec![false; global]
-        };
-        let (x0, labels) =
-            self.dataset
-                .batch(&indices[mine.clone()], &flips[mine.clone()], &self.device)?;
-        let mut noise_shape = x0.dims().to_vec();
-        noise_shape[0] = global;
-        let noise = self
-            .rng
-            .randn(noise_shape, &self.device)?
-            .narrow(0, mine.start, bs)?;
-        let acp = self.scheduler.alphas_cumprod().ok_or_else(|| {
-            diffuse_core::Error::invalid(format!(
-                "training needs a scheduler with a discrete noise schedule, not {}",
-                self.scheduler.class_name()
-            ))
-        })?;
-        let n_train = acp.len() as u64;
-        // Uniform integer timesteps in [0, n_train) from the top bits (no modulo bias).
-        let timesteps: Vec<u64> = (0..global)
-            .map(|_| (self.rng.next_u32() as u64 * n_train) >> 32)
-            .collect::<Vec<_>>()[mine.clone()]
-        .to_vec();
-        let t_f64: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
-        let noisy = self.scheduler.add_noise(&x0, &noise, &t_f64)?;
-        let target = prediction_target(self.prediction, &x0, &noise, acp, &timesteps)?;
-        let weights = self
-            .config
-            .snr_gamma
-            .map(|g| min_snr_weights(self.prediction, acp, &timesteps, g))
-            .transpose()?;
-        let labels = match (labels, self.config.unet.num_class_embeds) {
-            (Some(l), Some(k)) => {
-                let null = (k - 1) as u32;
-                let drop = &self.rng.rand_vec(global)[mine.clone()];
-                let mut v: Vec<u32> = l.to_vec1()?;
-                for (label, &u) in v.iter_mut().zip(drop) {
-                    if (u as f64) < self.config.class_dropout {
-                        *label = null;
+        // Drawing the batch, its noise, timesteps and targets: a row of its own in the profile.
+        let (noisy, t, labels, target, weights) = profile::timed(
+            || "training: batch, noise and targets".into(),
+            0.0,
+            || -> Result<_> {
+                let global = self.config.batch_size;
+                let mine = self.shard.clone();
+                let bs = mine.len();
+                let indices = self.sampler.next_batch(global);
+                let flips: Vec<bool> = if self.config.random_flip {
+                    self.rng
+                        .rand_vec(global)
+                        .into_iter()
+                        .map(|u| u < 0.5)
+                        .collect()
+                } else {
+                    vec![false; global]
+                };
+                let (x0, labels) = self.dataset.batch(
+                    &indices[mine.clone()],
+                    &flips[mine.clone()],
+                    &self.device,
+                )?;
+                let mut noise_shape = x0.dims().to_vec();
+                noise_shape[0] = global;
+                let noise = self
+                    .rng
+                    .randn(noise_shape, &self.device)?
+                    .narrow(0, mine.start, bs)?;
+                let acp = self.scheduler.alphas_cumprod().ok_or_else(|| {
+                    diffuse_core::Error::invalid(format!(
+                        "training needs a scheduler with a discrete noise schedule, not {}",
+                        self.scheduler.class_name()
+                    ))
+                })?;
+                let n_train = acp.len() as u64;
+                // Uniform integer timesteps in [0, n_train) from the top bits (no modulo bias).
+                let timesteps: Vec<u64> = (0..global)
+                    .map(|_| (self.rng.next_u32() as u64 * n_train) >> 32)
+                    .collect::<Vec<_>>()[mine.clone()]
+                .to_vec();
+                let t_f64: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+                let noisy = self.scheduler.add_noise(&x0, &noise, &t_f64)?;
+                let target = prediction_target(self.prediction, &x0, &noise, acp, &timesteps)?;
+                let weights = self
+                    .config
+                    .snr_gamma
+                    .map(|g| min_snr_weights(self.prediction, acp, &timesteps, g))
+                    .transpose()?;
+                let labels = match (labels, self.config.unet.num_class_embeds) {
+                    (Some(l), Some(k)) => {
+                        let null = (k - 1) as u32;
+                        let drop = &self.rng.rand_vec(global)[mine.clone()];
+                        let mut v: Vec<u32> = l.to_vec1()?;
+                        for (label, &u) in v.iter_mut().zip(drop) {
+                            if (u as f64) < self.config.class_dropout {
+                                *label = null;
+                            }
+                        }
+                        Some(Tensor::from_vec(v, bs, &self.device)?)
                     }
-                }
-                Some(Tensor::from_vec(v, bs, &self.device)?)
-            }
-            _ => None,
-        };
-        let t = Tensor::from_vec(
-            timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
-            bs,
-            &self.device,
+                    _ => None,
+                };
+                let t = Tensor::from_vec(
+                    timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+                    bs,
+                    &self.device,
+                )?;
+                Ok((noisy, t, labels, target, weights))
+            },
         )?;
         let pred = match self.config.mixed_precision {
             MixedPrecision::Bf16 if !self.cpu_autocast() => self
@@ -490,10 +500,18 @@ impl Trainer {
         }
         let norm = check_and_clip(loss, self.step + 1, &mut grads, self.config.clip_grad)?;
         let lr = self.lr.lr_at(self.lr_step as usize);
-        self.optimizer.step(&self.vars, &grads, lr)?;
+        profile::timed(
+            || "training: AdamW update".into(),
+            0.0,
+            || self.optimizer.step(&self.vars, &grads, lr),
+        )?;
         self.lr_step += 1;
         let ema_decay = match &mut self.ema {
-            Some(e) => Some(e.step(&self.vars, &vec![true; self.vars.len()])?),
+            Some(e) => Some(profile::timed(
+                || "training: EMA update".into(),
+                0.0,
+                || e.step(&self.vars, &vec![true; self.vars.len()]),
+            )?),
             None => None,
         };
         self.step += 1;
