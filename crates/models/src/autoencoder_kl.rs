@@ -177,17 +177,7 @@ pub struct AutoencoderKL {
     slicing: bool,
 }
 
-impl crate::ModelMixin for AutoencoderKL {
-    type Config = AutoencoderKLConfig;
-
-    fn validate_config(config: &AutoencoderKLConfig) -> diffuse_core::Result<()> {
-        config.validate()
-    }
-
-    fn build(vb: VarBuilder, config: &AutoencoderKLConfig) -> Result<Self> {
-        Self::new(vb, config)
-    }
-}
+crate::model_mixin!(AutoencoderKL, AutoencoderKLConfig);
 
 impl AutoencoderKL {
     pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {

@@ -217,30 +217,15 @@ pub struct ClipTextModel {
     config: ClipTextConfig,
 }
 
-impl crate::ModelMixin for ClipTextModel {
-    type Config = ClipTextConfig;
+crate::model_mixin!(ClipTextModel, ClipTextConfig, |config: &ClipTextConfig| {
+    config.validate("config.json")
+});
 
-    fn validate_config(config: &ClipTextConfig) -> Result<()> {
-        config.validate("config.json")
-    }
-
-    fn build(vb: VarBuilder, config: &ClipTextConfig) -> candle_core::Result<Self> {
-        Self::new(vb, config)
-    }
-}
-
-/// `CLIPTextModelWithProjection` loads from the same `config.json` (SDXL's `text_encoder_2/`).
-impl crate::ModelMixin for ClipTextModelWithProjection {
-    type Config = ClipTextConfig;
-
-    fn validate_config(config: &ClipTextConfig) -> Result<()> {
-        config.validate("config.json")
-    }
-
-    fn build(vb: VarBuilder, config: &ClipTextConfig) -> candle_core::Result<Self> {
-        Self::new(vb, config)
-    }
-}
+crate::model_mixin!(
+    ClipTextModelWithProjection,
+    ClipTextConfig,
+    |config: &ClipTextConfig| config.validate("config.json")
+);
 
 impl ClipTextModel {
     /// Builds the model; weights are read under `text_model.` (the loader also accepts files

@@ -248,17 +248,7 @@ pub struct ControlNetModel {
     config: ControlNetConfig,
 }
 
-impl crate::ModelMixin for ControlNetModel {
-    type Config = ControlNetConfig;
-
-    fn validate_config(config: &ControlNetConfig) -> diffuse_core::Result<()> {
-        config.validate()
-    }
-
-    fn build(vb: VarBuilder, config: &ControlNetConfig) -> Result<Self> {
-        Self::new(vb, config)
-    }
-}
+crate::model_mixin!(ControlNetModel, ControlNetConfig);
 
 impl ControlNetModel {
     pub fn new(vb: VarBuilder, cfg: &ControlNetConfig) -> Result<Self> {

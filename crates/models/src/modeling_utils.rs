@@ -48,3 +48,26 @@ pub trait ModelMixin: Sized {
         diffuse_loaders::load_model(&files, dtype, device, |vb| Self::build(vb, &config))
     }
 }
+
+/// Implements [`ModelMixin`] for a model that `Model::new(vb, &config)` builds and whose config
+/// checks itself with `config.validate()` (or with the given `|config| ...` check).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! model_mixin {
+    ($model:ty, $config:ty) => {
+        $crate::model_mixin!($model, $config, |config: &$config| config.validate());
+    };
+    ($model:ty, $config:ty, $validate:expr) => {
+        impl $crate::ModelMixin for $model {
+            type Config = $config;
+
+            fn validate_config(config: &$config) -> diffuse_core::Result<()> {
+                ($validate)(config)
+            }
+
+            fn build(vb: candle_nn::VarBuilder, config: &$config) -> candle_core::Result<Self> {
+                <$model>::new(vb, config)
+            }
+        }
+    };
+}

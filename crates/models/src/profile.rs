@@ -142,11 +142,10 @@ pub fn timed<T>(name: impl FnOnce() -> String, flops: f64, f: impl FnOnce() -> T
     GLOBAL.timed(name, flops, f)
 }
 
-/// The profile name of a custom op's backward pass: the op and the shape of the output
-/// gradient it takes (its forward output's), e.g. `conv2d-winograd backward [64, 64, 32, 32]`.
-/// The backward passes are timed in each op's `bwd` (training's `bench --profile` lines).
-pub(crate) fn backward_name(op: &str, grad: &candle_core::Tensor) -> String {
-    format!("{op} backward {:?}", grad.dims())
+/// [`timed`] for a custom op's backward pass (`bwd`), named by the op and the shape of the
+/// output gradient it takes (its forward output's), e.g. `group-norm backward [64, 32, 32, 32]`.
+pub(crate) fn timed_backward<T>(op: &str, grad: &candle_core::Tensor, f: impl FnOnce() -> T) -> T {
+    timed(|| format!("{op} backward {:?}", grad.dims()), 0.0, f)
 }
 
 #[cfg(test)]

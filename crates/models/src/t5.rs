@@ -300,17 +300,8 @@ pub struct T5EncoderModel {
     config: T5Config,
 }
 
-impl crate::ModelMixin for T5EncoderModel {
-    type Config = T5Config;
-
-    fn validate_config(config: &T5Config) -> diffuse_core::Result<()> {
-        config.validate("config.json")
-    }
-
-    fn build(vb: VarBuilder, config: &T5Config) -> candle_core::Result<Self> {
-        Self::new(vb, config)
-    }
-}
+crate::model_mixin!(T5EncoderModel, T5Config, |config: &T5Config| config
+    .validate("config.json"));
 
 impl T5EncoderModel {
     /// Builds the encoder; the token embedding is `shared.weight` (the loader also accepts the

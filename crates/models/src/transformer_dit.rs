@@ -206,17 +206,7 @@ pub struct DiTTransformer2DModel {
     config: DiTTransformer2DConfig,
 }
 
-impl crate::ModelMixin for DiTTransformer2DModel {
-    type Config = DiTTransformer2DConfig;
-
-    fn validate_config(config: &DiTTransformer2DConfig) -> diffuse_core::Result<()> {
-        config.validate()
-    }
-
-    fn build(vb: VarBuilder, config: &DiTTransformer2DConfig) -> Result<Self> {
-        Self::new(vb, config)
-    }
-}
+crate::model_mixin!(DiTTransformer2DModel, DiTTransformer2DConfig);
 
 impl DiTTransformer2DModel {
     pub fn new(vb: VarBuilder, cfg: &DiTTransformer2DConfig) -> Result<Self> {

@@ -275,17 +275,7 @@ pub struct FluxTransformer2DModel {
     config: FluxTransformer2DConfig,
 }
 
-impl crate::ModelMixin for FluxTransformer2DModel {
-    type Config = FluxTransformer2DConfig;
-
-    fn validate_config(config: &FluxTransformer2DConfig) -> diffuse_core::Result<()> {
-        config.validate()
-    }
-
-    fn build(vb: VarBuilder, config: &FluxTransformer2DConfig) -> Result<Self> {
-        Self::new(vb, config)
-    }
-}
+crate::model_mixin!(FluxTransformer2DModel, FluxTransformer2DConfig);
 
 impl FluxTransformer2DModel {
     pub fn new(vb: VarBuilder, cfg: &FluxTransformer2DConfig) -> Result<Self> {

@@ -246,17 +246,7 @@ pub struct SD3Transformer2DModel {
     config: SD3Transformer2DConfig,
 }
 
-impl crate::ModelMixin for SD3Transformer2DModel {
-    type Config = SD3Transformer2DConfig;
-
-    fn validate_config(config: &SD3Transformer2DConfig) -> diffuse_core::Result<()> {
-        config.validate()
-    }
-
-    fn build(vb: VarBuilder, config: &SD3Transformer2DConfig) -> Result<Self> {
-        Self::new(vb, config)
-    }
-}
+crate::model_mixin!(SD3Transformer2DModel, SD3Transformer2DConfig);
 
 impl SD3Transformer2DModel {
     pub fn new(vb: VarBuilder, cfg: &SD3Transformer2DConfig) -> Result<Self> {

@@ -212,17 +212,7 @@ pub struct UNet2DModel {
     config: UNet2DConfig,
 }
 
-impl crate::ModelMixin for UNet2DModel {
-    type Config = UNet2DConfig;
-
-    fn validate_config(config: &UNet2DConfig) -> diffuse_core::Result<()> {
-        config.validate()
-    }
-
-    fn build(vb: VarBuilder, config: &UNet2DConfig) -> Result<Self> {
-        Self::new(vb, config)
-    }
-}
+crate::model_mixin!(UNet2DModel, UNet2DConfig);
 
 impl UNet2DModel {
     pub fn new(vb: VarBuilder, cfg: &UNet2DConfig) -> Result<Self> {

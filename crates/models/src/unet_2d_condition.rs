@@ -610,17 +610,7 @@ pub struct UNet2DConditionModel {
     config: UNet2DConditionConfig,
 }
 
-impl crate::ModelMixin for UNet2DConditionModel {
-    type Config = UNet2DConditionConfig;
-
-    fn validate_config(config: &UNet2DConditionConfig) -> diffuse_core::Result<()> {
-        config.validate()
-    }
-
-    fn build(vb: VarBuilder, config: &UNet2DConditionConfig) -> Result<Self> {
-        Self::new(vb, config)
-    }
-}
+crate::model_mixin!(UNet2DConditionModel, UNet2DConditionConfig);
 
 impl UNet2DConditionModel {
     pub fn new(vb: VarBuilder, cfg: &UNet2DConditionConfig) -> Result<Self> {

@@ -86,30 +86,26 @@ impl CustomOp1 for Unary {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        crate::profile::timed(
-            || crate::profile::backward_name(self.name(), grad),
-            0.0,
-            || {
-                let d = match self {
-                    // With s = sigmoid(αx): s + αx·s·(1 − s).
-                    Unary::QuickGelu => {
-                        let s = candle_nn::ops::sigmoid(&(x * QUICK_GELU_ALPHA as f64)?)?;
-                        let slope = ((x * QUICK_GELU_ALPHA as f64)? * (&s * (1.0 - &s)?)?)?;
-                        (s + slope)?
-                    }
-                    Unary::Gelu => gelu_grad(x)?,
-                    // With u = c·(x + a·x³), t = tanh(u): ½(1 + t) + ½·x·(1 − t²)·c·(1 + 3a·x²).
-                    Unary::GeluTanh => {
-                        let (c, a) = (SQRT_2_OVER_PI as f64, GELU_TANH_CUBIC as f64);
-                        let t = ((x + (x.powf(3.0)? * a)?)? * c)?.tanh()?;
-                        let du = ((x.sqr()? * (3.0 * a))? + 1.0)? * c;
-                        let slope = ((x * (1.0 - t.sqr()?)?)? * du?)?;
-                        (((t + 1.0)? + slope)? * 0.5)?
-                    }
-                };
-                Ok(Some((grad * d)?))
-            },
-        )
+        crate::profile::timed_backward(self.name(), grad, || {
+            let d = match self {
+                // With s = sigmoid(αx): s + αx·s·(1 − s).
+                Unary::QuickGelu => {
+                    let s = candle_nn::ops::sigmoid(&(x * QUICK_GELU_ALPHA as f64)?)?;
+                    let slope = ((x * QUICK_GELU_ALPHA as f64)? * (&s * (1.0 - &s)?)?)?;
+                    (s + slope)?
+                }
+                Unary::Gelu => gelu_grad(x)?,
+                // With u = c·(x + a·x³), t = tanh(u): ½(1 + t) + ½·x·(1 − t²)·c·(1 + 3a·x²).
+                Unary::GeluTanh => {
+                    let (c, a) = (SQRT_2_OVER_PI as f64, GELU_TANH_CUBIC as f64);
+                    let t = ((x + (x.powf(3.0)? * a)?)? * c)?.tanh()?;
+                    let du = ((x.sqr()? * (3.0 * a))? + 1.0)? * c;
+                    let slope = ((x * (1.0 - t.sqr()?)?)? * du?)?;
+                    (((t + 1.0)? + slope)? * 0.5)?
+                }
+            };
+            Ok(Some((grad * d)?))
+        })
     }
 }
 

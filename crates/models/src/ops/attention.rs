@@ -364,52 +364,48 @@ impl CustomOp3 for FlashAttention {
         o: &Tensor,
         grad_o: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        crate::profile::timed(
-            || crate::profile::backward_name(self.name(), grad_o),
-            0.0,
-            || {
-                if self.heads != 1 {
-                    candle_core::bail!("attention: no backward pass with the heads side by side")
-                }
-                let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
-                let (qf, kf, vf, of, gof) = (f32(q)?, f32(k)?, f32(v)?, f32(o)?, f32(grad_o)?);
-                let (n, d) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?);
-                let (m, dv) = (v.dim(D::Minus2)?, v.dim(D::Minus1)?);
-                if q.device().is_cpu() {
-                    let operands = [&qf, &kf, &vf, &of, &gof];
-                    let [dq, dk, dv] = match n * m * (d + dv) <= SMALL_HEAD_WORK || d * dv == 0 {
-                        true => small_head_grads(operands, (n, m, d, dv), self)?,
-                        false => flash_grads(operands, (n, m, d, dv), self)?,
-                    };
-                    return Ok((
-                        Some(dq.reshape(q.shape())?.to_dtype(q.dtype())?),
-                        Some(dk.reshape(k.shape())?.to_dtype(k.dtype())?),
-                        Some(dv.reshape(v.shape())?.to_dtype(v.dtype())?),
-                    ));
-                }
-                // Transposes are made contiguous: candle's CPU matmul mishandles some transposed batches.
-                let mut scores = (qf.matmul(&kf.t()?.contiguous()?)? * self.scale)?;
-                if self.causal {
-                    scores = scores.broadcast_add(&causal_mask(
-                        scores.dim(1)?,
-                        scores.dim(2)?,
-                        q.device(),
-                    )?)?;
-                }
-                let p = candle_nn::ops::softmax_last_dim(&scores)?;
-                let grad_v = p.t()?.contiguous()?.matmul(&gof)?;
-                let dp = gof.matmul(&vf.t()?.contiguous()?)?;
-                let delta = (&gof * &of)?.sum_keepdim(D::Minus1)?;
-                let ds = (&p * dp.broadcast_sub(&delta)?)?;
-                let grad_q = (ds.matmul(&kf)? * self.scale)?;
-                let grad_k = (ds.t()?.contiguous()?.matmul(&qf)? * self.scale)?;
-                Ok((
-                    Some(grad_q.to_dtype(q.dtype())?),
-                    Some(grad_k.to_dtype(k.dtype())?),
-                    Some(grad_v.to_dtype(v.dtype())?),
-                ))
-            },
-        )
+        crate::profile::timed_backward(self.name(), grad_o, || {
+            if self.heads != 1 {
+                candle_core::bail!("attention: no backward pass with the heads side by side")
+            }
+            let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+            let (qf, kf, vf, of, gof) = (f32(q)?, f32(k)?, f32(v)?, f32(o)?, f32(grad_o)?);
+            let (n, d) = (q.dim(D::Minus2)?, q.dim(D::Minus1)?);
+            let (m, dv) = (v.dim(D::Minus2)?, v.dim(D::Minus1)?);
+            if q.device().is_cpu() {
+                let operands = [&qf, &kf, &vf, &of, &gof];
+                let [dq, dk, dv] = match n * m * (d + dv) <= SMALL_HEAD_WORK || d * dv == 0 {
+                    true => small_head_grads(operands, (n, m, d, dv), self)?,
+                    false => flash_grads(operands, (n, m, d, dv), self)?,
+                };
+                return Ok((
+                    Some(dq.reshape(q.shape())?.to_dtype(q.dtype())?),
+                    Some(dk.reshape(k.shape())?.to_dtype(k.dtype())?),
+                    Some(dv.reshape(v.shape())?.to_dtype(v.dtype())?),
+                ));
+            }
+            // Transposes are made contiguous: candle's CPU matmul mishandles some transposed batches.
+            let mut scores = (qf.matmul(&kf.t()?.contiguous()?)? * self.scale)?;
+            if self.causal {
+                scores = scores.broadcast_add(&causal_mask(
+                    scores.dim(1)?,
+                    scores.dim(2)?,
+                    q.device(),
+                )?)?;
+            }
+            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            let grad_v = p.t()?.contiguous()?.matmul(&gof)?;
+            let dp = gof.matmul(&vf.t()?.contiguous()?)?;
+            let delta = (&gof * &of)?.sum_keepdim(D::Minus1)?;
+            let ds = (&p * dp.broadcast_sub(&delta)?)?;
+            let grad_q = (ds.matmul(&kf)? * self.scale)?;
+            let grad_k = (ds.t()?.contiguous()?.matmul(&qf)? * self.scale)?;
+            Ok((
+                Some(grad_q.to_dtype(q.dtype())?),
+                Some(grad_k.to_dtype(k.dtype())?),
+                Some(grad_v.to_dtype(v.dtype())?),
+            ))
+        })
     }
 }
 

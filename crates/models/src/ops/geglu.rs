@@ -71,16 +71,12 @@ impl CustomOp1 for Geglu {
 
     /// `da = dy·gelu(g)`, `dg = dy·a·gelu'(g)`, by generic ops.
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        crate::profile::timed(
-            || crate::profile::backward_name(self.name(), grad),
-            0.0,
-            || {
-                let (a, g) = halves(h)?;
-                let da = (grad * g.gelu_erf()?)?;
-                let dg = ((grad * a)? * gelu_grad(&g)?)?;
-                Ok(Some(Tensor::cat(&[da, dg], D::Minus1)?))
-            },
-        )
+        crate::profile::timed_backward(self.name(), grad, || {
+            let (a, g) = halves(h)?;
+            let da = (grad * g.gelu_erf()?)?;
+            let dg = ((grad * a)? * gelu_grad(&g)?)?;
+            Ok(Some(Tensor::cat(&[da, dg], D::Minus1)?))
+        })
     }
 }
 

@@ -131,34 +131,30 @@ impl CustomOp3 for GroupNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        crate::profile::timed(
-            || crate::profile::backward_name(self.name(), grad),
-            0.0,
-            || {
-                let (bsz, c) = (x.dim(0)?, x.dim(1)?);
-                let g = self.num_groups;
-                let op = GroupNormGrad {
-                    num_groups: g,
-                    eps: self.eps,
-                    silu: self.silu,
-                };
-                let wb = Tensor::stack(&[w, b], 0)?;
-                let out = x.apply_op3_no_bwd(&wb, &grad.contiguous()?, &op)?;
-                let n = x.elem_count();
-                let grad_x = out.narrow(0, 0, n)?.reshape(x.shape())?;
-                let dwb = out
-                    .narrow(0, n, 2 * bsz * c)?
-                    .reshape((bsz, g, 2, c / g))?
-                    .sum(0)?
-                    .transpose(0, 1)?
-                    .reshape((2, c))?;
-                Ok((
-                    Some(grad_x.to_dtype(x.dtype())?),
-                    Some(dwb.get(0)?.to_dtype(w.dtype())?),
-                    Some(dwb.get(1)?.to_dtype(b.dtype())?),
-                ))
-            },
-        )
+        crate::profile::timed_backward(self.name(), grad, || {
+            let (bsz, c) = (x.dim(0)?, x.dim(1)?);
+            let g = self.num_groups;
+            let op = GroupNormGrad {
+                num_groups: g,
+                eps: self.eps,
+                silu: self.silu,
+            };
+            let wb = Tensor::stack(&[w, b], 0)?;
+            let out = x.apply_op3_no_bwd(&wb, &grad.contiguous()?, &op)?;
+            let n = x.elem_count();
+            let grad_x = out.narrow(0, 0, n)?.reshape(x.shape())?;
+            let dwb = out
+                .narrow(0, n, 2 * bsz * c)?
+                .reshape((bsz, g, 2, c / g))?
+                .sum(0)?
+                .transpose(0, 1)?
+                .reshape((2, c))?;
+            Ok((
+                Some(grad_x.to_dtype(x.dtype())?),
+                Some(dwb.get(0)?.to_dtype(w.dtype())?),
+                Some(dwb.get(1)?.to_dtype(b.dtype())?),
+            ))
+        })
     }
 }
 

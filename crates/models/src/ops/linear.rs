@@ -538,14 +538,10 @@ impl CustomOp2 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        crate::profile::timed(
-            || crate::profile::backward_name(CustomOp2::name(self), grad),
-            0.0,
-            || {
-                let (dx, dw, _) = linear_grads(x, w, None, grad)?;
-                Ok((dx, dw))
-            },
-        )
+        crate::profile::timed_backward(CustomOp2::name(self), grad, || {
+            let (dx, dw, _) = linear_grads(x, w, None, grad)?;
+            Ok((dx, dw))
+        })
     }
 }
 
@@ -574,11 +570,9 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        crate::profile::timed(
-            || crate::profile::backward_name(CustomOp3::name(self), grad),
-            0.0,
-            || linear_grads(x, w, Some(b), grad),
-        )
+        crate::profile::timed_backward(CustomOp3::name(self), grad, || {
+            linear_grads(x, w, Some(b), grad)
+        })
     }
 }
 

@@ -46,11 +46,9 @@ impl CustomOp1 for Upsample2x {
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        crate::profile::timed(
-            || crate::profile::backward_name(self.name(), grad),
-            0.0,
-            || Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&BlockSum2x)?)),
-        )
+        crate::profile::timed_backward(self.name(), grad, || {
+            Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&BlockSum2x)?))
+        })
     }
 }
 
