@@ -434,4 +434,36 @@ mod tests {
         }
         Ok(())
     }
+
+    /// Over three micro-batches: the mean loss, and the gradient of the mean loss (each
+    /// backward pass scaled by 1/3) for the variables it reaches; zero for one it does not.
+    #[test]
+    fn accumulated_gradients_are_those_of_the_mean_loss() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let w = Var::from_slice(&[1f32, -2.0], 2, &dev)?;
+        let unused = Var::from_slice(&[5f32], 1, &dev)?;
+        let xs = [[1f32, 2.0], [3.0, 0.5], [-1.0, 4.0]];
+        let mut i = 0;
+        // loss_i = (w · x_i)², whose gradient is 2 (w · x_i) x_i.
+        let (grads, loss) = accumulate_gradients(&[w.clone(), unused], 3, false, || {
+            let x = Tensor::new(&xs[i], &dev)?;
+            i += 1;
+            Ok((w.as_tensor() * &x)?.sum_all()?.sqr()?)
+        })?;
+        let dots: Vec<f32> = xs.iter().map(|x| x[0] - 2.0 * x[1]).collect();
+        let want_loss = dots.iter().map(|d| (d * d) as f64).sum::<f64>() / 3.0;
+        assert!((loss - want_loss).abs() < 1e-9, "{loss} vs {want_loss}");
+        let got = grads[0].to_vec1::<f32>()?;
+        for c in 0..2 {
+            let want: f32 = xs
+                .iter()
+                .zip(&dots)
+                .map(|(x, d)| 2.0 * d * x[c])
+                .sum::<f32>()
+                / 3.0;
+            assert!((got[c] - want).abs() < 1e-5, "dw[{c}] {} vs {want}", got[c]);
+        }
+        assert_eq!(grads[1].to_vec1::<f32>()?, [0.0]);
+        Ok(())
+    }
 }
