@@ -312,7 +312,7 @@ fn make_class_images(
         };
         let out = run_task(pipeline, model_name, &task, None)?;
         let image = out.images.first().context("the pipeline made no image")?;
-        crate::generate::write_png(image, &path, &out.infotext, false)?;
+        crate::generate::write_image(image, &path, &out.infotext, false)?;
         bar.inc(1);
         k += 1;
     }

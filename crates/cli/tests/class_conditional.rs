@@ -264,9 +264,9 @@ fn class_prompt_grid_and_errors() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// `diffuse generate --model models/fashion-mnist-ddpm --prompt Sandal --seed 7`, as a user types
-/// it, against the image Python diffusers made (`fixtures/bundled_ddpm`, case `sandal_cli`):
-/// every 8-bit pixel within one level of diffusers' image rounded.
+/// `diffuse generate --prompt Sandal --seed 7` (the default model, `models/fashion-mnist-ddpm`),
+/// as a user types it, against the image Python diffusers made (`fixtures/bundled_ddpm`, case
+/// `sandal_cli`): every 8-bit pixel within one level of diffusers' image rounded.
 #[test]
 fn bundled_sandal_matches_diffusers() {
     let dir = diffuse_core::testing::fixture_subdir("bundled_ddpm");
@@ -281,8 +281,6 @@ fn bundled_sandal_matches_diffusers() {
     let out = root.join("sandal.png");
     let (ok, err) = diffuse_err(&[
         "generate",
-        "--model",
-        &common::repo("models/fashion-mnist-ddpm"),
         "--prompt",
         "Sandal",
         "--seed",
@@ -299,6 +297,9 @@ fn bundled_sandal_matches_diffusers() {
         .and_then(|(before, _)| before.rsplit_once('(')?.1.parse().ok())
         .unwrap_or_else(|| panic!("no it/s figure in {err}"));
     assert!(rate > 0.0, "{err}");
+    // The default model is named in the infotext by its folder.
+    let text = parameters(&out).3;
+    assert!(text.contains("Model: fashion-mnist-ddpm"), "{text}");
     let got = image::open(&out).unwrap().into_luma8().into_raw();
     assert_eq!(got.len(), want.len());
     for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {

@@ -263,3 +263,59 @@ fn a_prompts_file_makes_the_images_of_each_prompt_with_its_own_seed() {
         );
     }
 }
+
+/// `--output x.jpg` writes a JPEG (the parameters in EXIF); an extension diffuse does not write
+/// fails before any work, naming the ones it does, and leaves nothing behind.
+#[test]
+fn jpeg_output_and_an_unknown_extension() {
+    let dir = temp_dir("jpeg");
+    let model = tiny_sd();
+    let run = |out: &Path| {
+        diffuse(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo",
+            "--steps",
+            "2",
+            "--output",
+            out.to_str().unwrap(),
+        ])
+    };
+    let jpg = dir.join("out.JPG");
+    let ok = run(&jpg);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let bytes = std::fs::read(&jpg).unwrap();
+    assert_eq!(
+        image::guess_format(&bytes).unwrap(),
+        image::ImageFormat::Jpeg
+    );
+    let img = image::load_from_memory(&bytes).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+    // The EXIF UserComment holds the prompt, in UTF-16BE.
+    let prompt: Vec<u8> = "a photo"
+        .encode_utf16()
+        .flat_map(u16::to_be_bytes)
+        .collect();
+    assert!(bytes.windows(prompt.len()).any(|w| w == prompt));
+
+    let webp = dir.join("out.webp");
+    let bad = run(&webp);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains(".webp") && stderr.contains(".jpg"),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["out.JPG"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,6 +1,8 @@
 //! PNG files with AUTOMATIC1111 "infotext": the generation settings in a `parameters` text
 //! chunk, which A1111, ComfyUI and image viewers read back. The CLI and the server write their
-//! images through [`encode_png`], so the same settings give the same bytes from both.
+//! images through [`encode_png`], so the same settings give the same bytes from both. JPEG
+//! files ([`encode_jpeg`]) carry the infotext where A1111 writes and reads it in a JPEG: the
+//! EXIF `UserComment`.
 
 use diffuse_core::{Error, Result};
 use image::DynamicImage;
@@ -80,6 +82,79 @@ pub fn encode_png(img: &DynamicImage, parameters: Option<&str>) -> Result<Vec<u8
     Ok(bytes)
 }
 
+/// JPEG quality of [`encode_jpeg`] (A1111's default `jpeg_quality` is 80; 95 keeps the fine
+/// detail of a generated image).
+pub const JPEG_QUALITY: u8 = 95;
+
+/// An 8-bit grayscale or RGB image as JPEG bytes ([`JPEG_QUALITY`]), with `parameters` (the
+/// infotext) as A1111 saves it in a JPEG: an EXIF `UserComment` of `UNICODE\0` and the text in
+/// UTF-16BE (piexif's `UserComment.dump(text, encoding="unicode")`), in an APP1 segment after
+/// the JFIF header. A text too long for one segment (about 32,000 characters) is cut.
+pub fn encode_jpeg(img: &DynamicImage, parameters: Option<&str>) -> Result<Vec<u8>> {
+    if !matches!(
+        img,
+        DynamicImage::ImageLuma8(_) | DynamicImage::ImageRgb8(_)
+    ) {
+        return Err(Error::invalid(format!(
+            "cannot save a {:?} image as JPEG; only 8-bit gray and RGB",
+            img.color()
+        )));
+    }
+    let mut bytes = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, JPEG_QUALITY)
+        .encode_image(img)
+        .map_err(|e| Error::invalid(format!("JPEG encoding failed: {e}")))?;
+    if let Some(text) = parameters {
+        // After SOI and, when the encoder wrote one, the JFIF APP0 segment.
+        let at = match bytes.get(2..6) {
+            Some([0xFF, 0xE0, hi, lo]) => 4 + u16::from_be_bytes([*hi, *lo]) as usize,
+            _ => 2,
+        };
+        bytes.splice(at..at, exif_user_comment(text));
+    }
+    Ok(bytes)
+}
+
+/// An APP1 segment holding a big-endian TIFF structure with one IFD pointing to an EXIF IFD
+/// whose one entry is `UserComment` (`UNICODE\0` + UTF-16BE `text`).
+fn exif_user_comment(text: &str) -> Vec<u8> {
+    // Segment length (2) + "Exif\0\0" (6) + TIFF header and both IFDs (44) + the comment:
+    // at most u16::MAX, so the text stops at the last whole character that fits.
+    const FIXED: usize = 2 + 6 + 44;
+    let mut comment = b"UNICODE\0".to_vec();
+    for ch in text.chars() {
+        let mut units = [0u16; 2];
+        let units = ch.encode_utf16(&mut units);
+        if FIXED + comment.len() + 2 * units.len() > u16::MAX as usize {
+            break;
+        }
+        units.iter().for_each(|u| comment.extend(u.to_be_bytes()));
+    }
+    let tiff_len = 44 + comment.len();
+    let mut seg = vec![0xFF, 0xE1];
+    seg.extend(((2 + 6 + tiff_len) as u16).to_be_bytes());
+    seg.extend(b"Exif\0\0");
+    // TIFF header: big-endian, IFD0 at offset 8.
+    seg.extend(b"MM\0\x2A");
+    seg.extend(8u32.to_be_bytes());
+    // An IFD of one 12-byte entry: count, (tag, type, count, value or offset), next IFD = 0.
+    let ifd = |tag: u16, kind: u16, count: u32, value: u32| {
+        let mut v = 1u16.to_be_bytes().to_vec();
+        v.extend(tag.to_be_bytes());
+        v.extend(kind.to_be_bytes());
+        v.extend(count.to_be_bytes());
+        v.extend(value.to_be_bytes());
+        v.extend(0u32.to_be_bytes());
+        v
+    };
+    // IFD0 (offset 8, 18 bytes): ExifIFDPointer (LONG) to the EXIF IFD at 26.
+    seg.extend(ifd(0x8769, 4, 1, 26));
+    // EXIF IFD (offset 26, 18 bytes): UserComment (UNDEFINED) at 44.
+    seg.extend(ifd(0x9286, 7, comment.len() as u32, 44));
+    seg.extend(comment);
+    seg
+}
+
 /// The `parameters` text of a PNG written by [`encode_png`] (or by A1111), if it has one.
 pub fn read_parameters(png_bytes: &[u8]) -> Result<Option<String>> {
     let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
@@ -143,5 +218,68 @@ mod tests {
             read_parameters(&encode_png(&img, None).unwrap()).unwrap(),
             None
         );
+    }
+
+    /// The `UserComment` of a JPEG's EXIF segment, read by following the TIFF offsets as an
+    /// EXIF reader does (`UNICODE\0` + UTF-16BE, as piexif writes for A1111).
+    fn jpeg_user_comment(jpeg: &[u8]) -> Option<String> {
+        let be16 = |b: &[u8], at: usize| u16::from_be_bytes([b[at], b[at + 1]]) as usize;
+        let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+        let mut at = 2;
+        while jpeg[at] == 0xFF && jpeg[at + 1] != 0xDA {
+            let len = be16(jpeg, at + 2);
+            if jpeg[at + 1] == 0xE1 && &jpeg[at + 4..at + 10] == b"Exif\0\0" {
+                let tiff = &jpeg[at + 10..at + 2 + len];
+                assert_eq!(&tiff[..4], b"MM\0\x2A");
+                // The entry with `tag` of the IFD at `ifd`: (type, count, value or offset).
+                let find = |ifd: usize, tag: u16| {
+                    (0..be16(tiff, ifd))
+                        .map(|i| ifd + 2 + 12 * i)
+                        .find(|&e| be16(tiff, e) == tag as usize)
+                        .map(|e| (be16(tiff, e + 2), be32(tiff, e + 4), be32(tiff, e + 8)))
+                };
+                let (_, _, exif) = find(be32(tiff, 4) as usize, 0x8769)?;
+                let (kind, count, offset) = find(exif as usize, 0x9286)?;
+                assert_eq!(kind, 7);
+                let data = &tiff[offset as usize..(offset + count) as usize];
+                assert_eq!(&data[..8], b"UNICODE\0");
+                let units: Vec<u16> = data[8..]
+                    .chunks_exact(2)
+                    .map(|u| u16::from_be_bytes([u[0], u[1]]))
+                    .collect();
+                return Some(String::from_utf16(&units).unwrap());
+            }
+            at += 2 + len;
+        }
+        None
+    }
+
+    #[test]
+    fn jpeg_keeps_the_infotext_in_exif() {
+        let img = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+            16,
+            8,
+            image::Rgb([200, 40, 90]),
+        ));
+        let text = "a cat, 一只猫 🐈\nNegative prompt: blurry\nSteps: 20, Seed: 42";
+        let bytes = encode_jpeg(&img, Some(text)).unwrap();
+        assert_eq!(
+            image::guess_format(&bytes).unwrap(),
+            image::ImageFormat::Jpeg
+        );
+        assert_eq!(jpeg_user_comment(&bytes).as_deref(), Some(text));
+        let back = image::load_from_memory(&bytes).unwrap().to_rgb8();
+        assert_eq!(back.dimensions(), (16, 8));
+        for (a, b) in back.pixels().zip(img.to_rgb8().pixels()) {
+            for c in 0..3 {
+                assert!((a[c] as i32 - b[c] as i32).abs() <= 3, "{a:?} vs {b:?}");
+            }
+        }
+        assert_eq!(jpeg_user_comment(&encode_jpeg(&img, None).unwrap()), None);
+        // Gray images too; a text longer than one segment holds stops at a whole character.
+        let gray = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(8, 8, image::Luma([9])));
+        let long = "🐈".repeat(20_000);
+        let kept = jpeg_user_comment(&encode_jpeg(&gray, Some(&long)).unwrap()).unwrap();
+        assert!(long.starts_with(&kept) && kept.len() < long.len() && kept.len() > 50_000);
     }
 }

@@ -218,9 +218,9 @@ pub fn describe(dir: &Path) -> Result<PipelineInfo> {
 }
 
 /// The name a model is shown under (infotext `Model:`, server model lists): a hub id as given,
-/// a local folder by its own name.
+/// a local folder (or the default model, when `spec` is empty) by its own name.
 pub fn model_display_name(spec: &str, dir: &Path) -> String {
-    if Path::new(spec).is_dir() {
+    if spec.is_empty() || Path::new(spec).is_dir() {
         dir.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| dir.display().to_string())

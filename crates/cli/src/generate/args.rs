@@ -101,8 +101,9 @@ pub struct CommonArgs {
     /// for every run).
     #[arg(long)]
     pub load_on_demand: bool,
-    /// A PNG file, or an existing folder to write `diffuse-<seed>-<n>.png` into. With several
-    /// images a file name gets `-<n>` before its extension.
+    /// A PNG file (or .jpg/.jpeg for JPEG; both keep the generation parameters), or an existing
+    /// folder to write `diffuse-<seed>-<n>.png` into. With several images a file name gets
+    /// `-<n>` before its extension.
     #[arg(long, short, default_value = "output.png")]
     pub output: PathBuf,
     /// Overwrite existing output files.

@@ -33,7 +33,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 pub use args::{CommonArgs, GenerateArgs, Img2ImgArgs, InpaintArgs, PromptSyntaxArg};
 pub use diffuse_pipelines::task::{class_guidance_interval, unconditional_steps, CLASS_GUIDANCE};
-pub use output::{check_output_parent, write_png};
+pub use output::{check_output_parent, write_image};
 
 use crate::label_grid::labelled_grid;
 

@@ -1,4 +1,5 @@
-//! Where generated images go: file names checked before any work, PNGs written atomically.
+//! Where generated images go: file names and formats checked before any work, images written
+//! atomically (PNG, or JPEG by the `.jpg`/`.jpeg` extension, both with the infotext).
 
 use std::io::Write;
 use std::ops::Range;
@@ -50,11 +51,13 @@ pub fn output_paths(
     Ok(paths)
 }
 
-/// The folder the output goes into must exist (checked before the slow model load).
+/// The folder the output goes into must exist, and a file name must have an extension
+/// diffuse writes (checked before the slow model load).
 pub fn check_output_parent(out: &Path) -> Result<()> {
     if out.is_dir() {
         return Ok(());
     }
+    Format::of(out)?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -83,16 +86,43 @@ pub fn save_all(
         );
     }
     for (img, path) in images.iter().zip(paths) {
-        write_png(img, path, infotext, force)?;
+        write_image(img, path, infotext, force)?;
         println!("wrote {}", path.display());
     }
     Ok(())
 }
 
-/// Writes the PNG with its `parameters` chunk to a temp file, then renames it into place, so
-/// an interrupted run never leaves a partial PNG behind.
-pub fn write_png(img: &DynamicImage, path: &Path, infotext: &str, force: bool) -> Result<()> {
-    let bytes = diffuse_pipelines::png_info::encode_png(img, Some(infotext))?;
+/// The image formats `--output` writes, by the file's extension.
+enum Format {
+    Png,
+    Jpeg,
+}
+
+impl Format {
+    fn of(path: &Path) -> Result<Self> {
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        match ext.as_deref() {
+            None | Some("png") => Ok(Self::Png),
+            Some("jpg" | "jpeg") => Ok(Self::Jpeg),
+            Some(other) => bail!(
+                "{}: diffuse writes .png (with the generation parameters in a text chunk) or \
+                 .jpg/.jpeg (in EXIF), not .{other}",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// Writes the image with its infotext (PNG `parameters` chunk, or JPEG EXIF `UserComment`, by
+/// the path's extension) to a temp file, then renames it into place, so an interrupted run
+/// never leaves a partial image behind.
+pub fn write_image(img: &DynamicImage, path: &Path, infotext: &str, force: bool) -> Result<()> {
+    let bytes = match Format::of(path)? {
+        Format::Png => diffuse_pipelines::png_info::encode_png(img, Some(infotext))?,
+        Format::Jpeg => diffuse_pipelines::png_info::encode_jpeg(img, Some(infotext))?,
+    };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
