@@ -398,7 +398,8 @@ impl Session {
             let total: u64 = all.iter().sum();
             let secs = slowest.iter().copied().max().unwrap_or(0) as f64 / 1e6;
             eprint_line(format_args!(
-                "generated {total} images in {secs:.2}s ({:.2} images/s{})",
+                "generated {total} image{} in {secs:.2}s ({:.2} images/s{})",
+                if total == 1 { "" } else { "s" },
                 total as f64 / secs.max(1e-9),
                 match comm.size() {
                     1 => String::new(),
