@@ -9,8 +9,9 @@ use anyhow::{bail, Context, Result};
 
 #[derive(clap::Args, Debug)]
 pub struct InfoArgs {
-    /// A diffusers folder (with model_index.json), one component folder (with config.json), or a
-    /// Hugging Face hub id found in the local cache.
+    /// A diffusers folder (with model_index.json), one component folder (with config.json), a
+    /// single-file checkpoint (.safetensors or .ckpt), or a Hugging Face hub id found in the
+    /// local cache.
     pub model: String,
 }
 
@@ -54,6 +55,8 @@ pub fn describe(dir: &Path) -> Result<String> {
     } else if dir.join("config.json").is_file() {
         let (line, _) = component_line(dir)?;
         out += &format!("{}: {line}\n", dir.display());
+    } else if dir.is_file() {
+        out += &single_file_report(dir)?;
     } else if dir.join("scheduler_config.json").is_file() {
         let cfg = read_scheduler_config(dir)?;
         out += &format!(
@@ -63,7 +66,8 @@ pub fn describe(dir: &Path) -> Result<String> {
         );
     } else {
         bail!(
-            "{} holds neither model_index.json nor config.json: not a diffusers model folder",
+            "{} holds neither model_index.json nor config.json: not a diffusers model folder \
+             (nor a single-file checkpoint)",
             dir.display()
         );
     }
@@ -99,6 +103,72 @@ fn classes_line(index: &serde_json::Value) -> String {
         names.len(),
         names[..shown].join(", ")
     )
+}
+
+/// Key names of textual-inversion files: A1111's `.pt` (`string_to_param`), its safetensors
+/// (`emb_params`), SDXL's (`clip_l`, `clip_g`) and diffusers' `learned_embeds` (`<token>`).
+const EMBEDDING_KEYS: &[&str] = &["string_to_param", "emb_params", "clip_l", "clip_g", "<"];
+
+/// The components of a single-file checkpoint (`.safetensors` or `.ckpt` in the original
+/// Stable Diffusion layout), by the key prefixes they are stored under, with parameter counts,
+/// and the family `generate` recognises it as.
+fn single_file_report(path: &Path) -> Result<String> {
+    let file = diffuse_loaders::single_file::SingleFile::open(path)?;
+    // Lightning `.ckpt` files put everything under `state_dict.`.
+    let shapes = file.file.shapes();
+    let any_key = |f: &dyn Fn(&str) -> bool| shapes.iter().any(|(k, _)| f(k));
+    let kind = match file.family() {
+        Ok(f) => format!("single-file checkpoint, {}", f.name()),
+        Err(_) if any_key(&|k| k.contains("lora")) => {
+            "a LoRA adapter, not a whole model (use it with --lora)".into()
+        }
+        Err(_)
+            if shapes.len() <= 4 && any_key(&|k| EMBEDDING_KEYS.iter().any(|e| k.contains(e))) =>
+        {
+            "a textual-inversion embedding (use it with --embedding)".into()
+        }
+        Err(_) => "a tensor file, not a Stable Diffusion layout diffuse recognises".into(),
+    };
+    let parts: [(&str, &[&str]); 3] = [
+        ("unet", &["model.diffusion_model."]),
+        ("vae", &["first_stage_model."]),
+        (
+            "text encoders",
+            &["cond_stage_model.", "conditioner.embedders."],
+        ),
+    ];
+    let mut counts = [0u64; 4];
+    for (name, shape) in &shapes {
+        let name = name.strip_prefix("state_dict.").unwrap_or(name);
+        let part = parts
+            .iter()
+            .position(|(_, prefixes)| prefixes.iter().any(|p| name.starts_with(p)))
+            .unwrap_or(3);
+        counts[part] += shape.iter().map(|&d| d as u64).product::<u64>();
+    }
+    let mut out = format!("{}: {kind}\n", path.display());
+    let labels = parts.iter().map(|(l, _)| *l).chain(["other"]);
+    for (label, n) in labels.zip(counts).filter(|(_, n)| *n > 0) {
+        out += &format!("  {label:<14} {} params\n", thousands(n));
+    }
+    let dtypes = match path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
+        true => {
+            let mut d: Vec<String> = safetensors_header(path)?.into_iter().map(|t| t.1).collect();
+            d.sort();
+            d.dedup();
+            format!(", {}", d.join("/"))
+        }
+        false => String::new(),
+    };
+    out += &format!(
+        "  total parameters: {} in {} tensors{dtypes}\n",
+        thousands(counts.iter().sum()),
+        shapes.len()
+    );
+    Ok(out)
 }
 
 /// "<params> params, <dtypes>, <files>" for one component, and its parameter count.

@@ -37,7 +37,8 @@ struct Cli {
 enum Command {
     /// Convert a single-file checkpoint to a diffusers folder, or a folder to a single file.
     Convert(convert::ConvertArgs),
-    /// Show what a model folder holds: components, classes, parameter counts, dtypes.
+    /// Show what a model folder or single file holds: components, classes, parameter counts,
+    /// dtypes.
     Info(info::InfoArgs),
     /// List the schedulers, or show the schedule one of them runs.
     Schedulers(schedulers_cmd::SchedulersArgs),

@@ -107,3 +107,43 @@ fn schedulers_lists_every_class_with_its_a1111_names() {
         "{out}"
     );
 }
+
+/// Single files: a checkpoint in the original layout (safetensors and Lightning .ckpt) by
+/// family and component, with the parameter counts of its key prefixes; adapters by kind.
+#[test]
+fn info_on_single_files() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    for (file, dtype) in [
+        ("cases/_adapters/tiny_sd_single_file.safetensors", ", F32"),
+        ("adapters/tiny_sd_single_file_f16.ckpt", ""),
+    ] {
+        let (ok, out, err) = diffuse(&["info", fixtures.join(file).to_str().unwrap()]);
+        assert!(ok, "{err}");
+        for want in [
+            "single-file checkpoint, Stable Diffusion 1.x\n",
+            "  unet           2,446,788 params\n",
+            "  vae            354,391 params\n",
+            "  text encoders  1,597,162 params\n",
+        ] {
+            assert!(out.contains(want), "{want:?} missing from {out}");
+        }
+        let total = format!("total parameters: 4,398,341 in 964 tensors{dtype}\n");
+        assert!(out.ends_with(&total), "{out}");
+    }
+    for (file, kind) in [
+        ("cases/_adapters/lora_kohya.safetensors", "a LoRA adapter"),
+        (
+            "adapters/embedding_a1111.pt",
+            "a textual-inversion embedding",
+        ),
+    ] {
+        let (ok, out, err) = diffuse(&["info", fixtures.join(file).to_str().unwrap()]);
+        assert!(ok && out.contains(kind), "{out}{err}");
+    }
+    // A pickle that would run code is refused, as everywhere.
+    let (ok, _, err) = diffuse(&[
+        "info",
+        fixtures.join("adapters/runs_code.ckpt").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("would run code"), "{err}");
+}
