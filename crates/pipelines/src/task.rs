@@ -350,23 +350,42 @@ impl Default for TaskSettings {
     }
 }
 
-/// The images of one task, all with the same infotext.
+/// The images of one task and their infotext.
 pub struct TaskOutput {
     /// 8-bit grayscale (1-channel models) or RGB images.
     pub images: Vec<DynamicImage>,
-    /// The A1111 `parameters` text written into every PNG.
+    /// The A1111 `parameters` text the images share ([`TaskOutput::infotext_of`] adds which
+    /// image of the batch each is).
     pub infotext: String,
+    /// The images of the batch drawn from the seed (more than `images` in a sharded task).
+    pub batch_size: usize,
+    /// The place of `images[0]` in that batch.
+    pub first: usize,
     pub timings: Timings,
     /// Things the user should know (e.g. a truncated prompt).
     pub warnings: Vec<String>,
 }
 
 impl TaskOutput {
-    /// Every image as PNG bytes with the infotext.
+    /// The infotext of image `i`. With several images drawn from one seed the seed alone does
+    /// not tell them apart: A1111's `Batch size` and (0-based) `Batch pos` do.
+    pub fn infotext_of(&self, i: usize) -> String {
+        match self.batch_size {
+            0 | 1 => self.infotext.clone(),
+            n => format!(
+                "{}, Batch size: {n}, Batch pos: {}",
+                self.infotext,
+                self.first + i
+            ),
+        }
+    }
+
+    /// Every image as PNG bytes with its infotext.
     pub fn pngs(&self) -> Result<Vec<Vec<u8>>> {
         self.images
             .iter()
-            .map(|img| encode_png(img, Some(&self.infotext)))
+            .enumerate()
+            .map(|(i, img)| encode_png(img, Some(&self.infotext_of(i))))
             .collect()
     }
 }
@@ -550,6 +569,8 @@ pub fn run_task(
             Ok(TaskOutput {
                 images,
                 infotext: info(w, h, extra),
+                batch_size: planned,
+                first: rows.start,
                 timings: Timings {
                     denoise: out.denoise,
                     ..Default::default()
@@ -639,6 +660,8 @@ pub fn run_task(
             Ok(TaskOutput {
                 images: out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect(),
                 infotext: info(w, h, extra),
+                batch_size: planned,
+                first: rows.start,
                 timings: out.timings,
                 warnings: out.warnings,
             })
@@ -677,6 +700,8 @@ pub fn run_task(
             Ok(TaskOutput {
                 images: out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect(),
                 infotext: info(ow, oh, Vec::new()),
+                batch_size: planned,
+                first: rows.start,
                 timings: out.timings,
                 warnings: out.warnings,
             })
@@ -739,6 +764,8 @@ pub fn run_task(
             Ok(TaskOutput {
                 images: out.rgb.into_iter().map(DynamicImage::ImageRgb8).collect(),
                 infotext: info(side, side, vec![("Class".to_string(), text)]),
+                batch_size: planned,
+                first: rows.start,
                 timings: out.timings,
                 warnings: out.warnings,
             })
@@ -948,6 +975,29 @@ mod tests {
         assert!(out
             .infotext
             .contains("Steps: 2, Sampler: DPMSolverMultistepScheduler, CFG scale: 5"));
+        // Each image says where it is in the batch drawn from the seed; a shard keeps the
+        // whole batch's numbering, and its image is the batch's second bit for bit.
+        let tail = |i: usize| format!("Guidance interval: 100-550, Batch size: 2, Batch pos: {i}");
+        assert!(
+            out.infotext_of(1).ends_with(&tail(1)),
+            "{}",
+            out.infotext_of(1)
+        );
+        let second = TaskSettings {
+            shard: Some(1..2),
+            ..s.clone()
+        };
+        let shard = run_task(&p, "fm", &second, None).unwrap();
+        assert_eq!(shard.infotext_of(0), out.infotext_of(1));
+        assert_eq!(shard.images[0], out.images[1]);
+        assert_eq!(shard.pngs().unwrap()[0], out.pngs().unwrap()[1]);
+        // One image: no batch fields.
+        let one = TaskSettings {
+            num_images: 1,
+            ..s.clone()
+        };
+        let single = run_task(&p, "fm", &one, None).unwrap();
+        assert_eq!(single.infotext_of(0), single.infotext);
         // No guidance, no interval.
         s.guidance_scale = Some(1.0);
         let out = run_task(&p, "fm", &s, None).unwrap();

@@ -187,7 +187,7 @@ fn run_batches(pipeline: &Pipeline, job: &Job) -> diffuse_core::Result<JobResult
         result.pngs.extend(out.pngs()?);
         result
             .infotexts
-            .extend(std::iter::repeat_n(out.infotext.clone(), out.images.len()));
+            .extend((0..out.images.len()).map(|i| out.infotext_of(i)));
         result.warnings.extend(out.warnings);
     }
     Ok(result)

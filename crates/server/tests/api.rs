@@ -41,12 +41,13 @@ async fn a1111_txt2img_returns_png_with_infotext_and_seeds() {
         assert_eq!((w, h), (64, 48));
         let text = text.expect("PNG has a parameters chunk");
         assert_eq!(text, infotexts[k].as_str().unwrap());
-        let seed = [42, 42, 44, 44][k];
+        // Each iteration is one batch of 2 from its seed; the image's place in it is named.
+        let (seed, pos) = ([42, 42, 44, 44][k], k % 2);
         assert_eq!(
             text,
             format!(
                 "a red cube\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 7, \
-                 Seed: {seed}, Size: 64x48, Model: tiny_sd"
+                 Seed: {seed}, Size: 64x48, Model: tiny_sd, Batch size: 2, Batch pos: {pos}"
             )
         );
     }
@@ -280,10 +281,16 @@ async fn openai_image_generations() {
         .bytes()
         .await
         .unwrap();
+    // The first image of a batch of 2 is the one image of a batch of 1 from the same seed
+    // (the noise of a batch is drawn in one go); only the infotext says it was in a batch.
+    let first = unb64(data[0]["b64_json"].as_str().unwrap());
+    let pixels = |png: &[u8]| image::load_from_memory(png).unwrap().to_rgb8().into_raw();
+    assert_eq!(pixels(&png), pixels(&first), "same seed, same first image");
+    let (_, _, alone) = png_info(&png);
+    let (_, _, in_batch) = png_info(&first);
     assert_eq!(
-        &png[..],
-        &unb64(data[0]["b64_json"].as_str().unwrap())[..],
-        "same seed and settings, same bytes"
+        format!("{}, Batch size: 2, Batch pos: 0", alone.unwrap()),
+        in_batch.unwrap()
     );
 
     let cases = [

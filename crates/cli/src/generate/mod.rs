@@ -350,11 +350,16 @@ impl Session {
                 }
             }
             // The infotext keeps the prompt as typed, `<lora:...>` tags included (as A1111 does).
-            let infotext = out.infotext.replacen(&self.prompt, &self.args.prompt, 1);
+            let infotexts: Vec<String> = (0..out.images.len())
+                .map(|i| {
+                    out.infotext_of(i)
+                        .replacen(&self.prompt, &self.args.prompt, 1)
+                })
+                .collect();
             let to = paths
                 .get(made..made + out.images.len())
                 .context("the pipeline returned more images than planned")?;
-            output::save_all(&out.images, to, &infotext, self.args.force)?;
+            output::save_all(&out.images, to, &infotexts, self.args.force)?;
             made += out.images.len();
             self.print_timings(&out.timings, steps);
         }
@@ -477,7 +482,7 @@ fn class_grid(session: &Session, p: &UnconditionalPipeline) -> Result<()> {
             .collect(),
     }
     .to_string();
-    output::save_all(&[grid], &paths, &infotext, session.args.force)?;
+    output::save_all(&[grid], &paths, &[infotext], session.args.force)?;
     print_timings(
         &Timings {
             denoise: out.denoise,

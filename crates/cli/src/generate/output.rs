@@ -71,21 +71,22 @@ pub fn check_output_parent(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes every image with the infotext, each to its path.
+/// Writes every image with its infotext, each to its path.
 pub fn save_all(
     images: &[DynamicImage],
     paths: &[PathBuf],
-    infotext: &str,
+    infotexts: &[String],
     force: bool,
 ) -> Result<()> {
-    if images.len() != paths.len() {
+    if images.len() != paths.len() || infotexts.len() != paths.len() {
         bail!(
-            "the pipeline returned {} images, {} were expected",
+            "the pipeline returned {} images ({} infotexts), {} were expected",
             images.len(),
+            infotexts.len(),
             paths.len()
         );
     }
-    for (img, path) in images.iter().zip(paths) {
+    for ((img, path), infotext) in images.iter().zip(paths).zip(infotexts) {
         write_image(img, path, infotext, force)?;
         println!("wrote {}", path.display());
     }
