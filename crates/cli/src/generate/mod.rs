@@ -189,7 +189,7 @@ impl Session {
             bail!("--steps must be at least 1");
         }
         // Fail on a bad output path before the (slow) model load.
-        output::check_output_parent(&args.output)?;
+        output::check_image_output(&args.output)?;
         let device = crate::device::parse_device(&args.device)?;
         let path = match &args.model {
             Some(spec) if Path::new(spec).exists() => PathBuf::from(spec),

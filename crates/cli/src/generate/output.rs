@@ -20,7 +20,7 @@ pub fn output_paths(
     mine: Range<usize>,
     force: bool,
 ) -> Result<Vec<PathBuf>> {
-    check_output_parent(out)?;
+    check_image_output(out)?;
     let n = images.len();
     let paths: Vec<PathBuf> = if out.is_dir() {
         images
@@ -51,13 +51,21 @@ pub fn output_paths(
     Ok(paths)
 }
 
-/// The folder the output goes into must exist, and a file name must have an extension
-/// diffuse writes (checked before the slow model load).
+/// An image output: its folder must exist, and a file name must have an extension diffuse
+/// writes images in (checked before the slow model load).
+pub fn check_image_output(out: &Path) -> Result<()> {
+    check_output_parent(out)?;
+    match out.is_dir() {
+        true => Ok(()),
+        false => Format::of(out).map(|_| ()),
+    }
+}
+
+/// The folder the output goes into must exist (checked before the slow model load).
 pub fn check_output_parent(out: &Path) -> Result<()> {
     if out.is_dir() {
         return Ok(());
     }
-    Format::of(out)?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
