@@ -164,6 +164,10 @@ fn class_prompt_grid_and_errors() {
         grid.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
+    assert!(
+        err.contains("generated 6 images (3 per class, in one grid)"),
+        "{err}"
+    );
     let (color, w, h, _) = parameters(&grid);
     assert_eq!(color, png::ColorType::Grayscale);
     // Rows of 8-pixel tiles with 2-pixel gaps; labels ("Columns", 7 glyphs of 6 pixels) left.

@@ -490,6 +490,11 @@ fn class_grid(session: &Session, p: &UnconditionalPipeline) -> Result<()> {
         },
         steps,
     );
+    let (made, secs) = (images.len(), session.started.elapsed().as_secs_f64());
+    eprint_line(format_args!(
+        "generated {made} images ({n} per class, in one grid) in {secs:.2}s ({:.2} images/s)",
+        made as f64 / secs.max(1e-9)
+    ));
     // The class names parse as prompts (checked here so a typo in them shows up early).
     debug_assert!(p
         .class_names
