@@ -179,6 +179,164 @@ pub fn read_parameters(png_bytes: &[u8]) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// The infotext of a PNG (its `parameters` chunk) or a JPEG (its EXIF `UserComment`), as
+/// [`encode_png`], [`encode_jpeg`] and A1111 write them; `None` when the image has none.
+pub fn read_image_parameters(bytes: &[u8]) -> Result<Option<String>> {
+    match bytes {
+        [0x89, b'P', b'N', b'G', ..] => read_parameters(bytes),
+        [0xFF, 0xD8, ..] => Ok(jpeg_user_comment(bytes)),
+        _ => Err(Error::invalid("not a PNG or JPEG image")),
+    }
+}
+
+/// The `UserComment` of a JPEG's EXIF segment, found by following the TIFF offsets as EXIF
+/// readers do (either byte order): `UNICODE\0` + UTF-16 in the TIFF's byte order, as piexif
+/// writes it for A1111, or `ASCII\0\0\0` + text. `None` for a JPEG without one, or one
+/// whose segments do not hold together.
+fn jpeg_user_comment(jpeg: &[u8]) -> Option<String> {
+    let mut at = 2;
+    // Segments up to the image data (start of scan).
+    while *jpeg.get(at)? == 0xFF && *jpeg.get(at + 1)? != 0xDA {
+        let len = u16::from_be_bytes([*jpeg.get(at + 2)?, *jpeg.get(at + 3)?]) as usize;
+        let body = jpeg.get(at + 4..at + 2 + len)?;
+        if jpeg[at + 1] == 0xE1 && body.starts_with(b"Exif\0\0") {
+            return exif_user_comment_text(&body[6..]);
+        }
+        at += 2 + len;
+    }
+    None
+}
+
+/// [`jpeg_user_comment`] within the TIFF structure of an EXIF segment.
+fn exif_user_comment_text(tiff: &[u8]) -> Option<String> {
+    let big = match tiff.get(..2)? {
+        b"MM" => true,
+        b"II" => false,
+        _ => return None,
+    };
+    let u16_at = |at: usize| -> Option<usize> {
+        let b = [*tiff.get(at)?, *tiff.get(at + 1)?];
+        Some(if big {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        } as usize)
+    };
+    let u32_at = |at: usize| -> Option<usize> {
+        let b: [u8; 4] = tiff.get(at..at + 4)?.try_into().ok()?;
+        Some(if big {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        } as usize)
+    };
+    // The (count, value or offset) of the entry `tag` of the IFD at `ifd`.
+    let find = |ifd: usize, tag: usize| -> Option<(usize, usize)> {
+        (0..u16_at(ifd)?)
+            .map(|i| ifd + 2 + 12 * i)
+            .find(|&e| u16_at(e) == Some(tag))
+            .and_then(|e| Some((u32_at(e + 4)?, u32_at(e + 8)?)))
+    };
+    let (_, exif_ifd) = find(u32_at(4)?, 0x8769)?;
+    let (count, offset) = find(exif_ifd, 0x9286)?;
+    let data = tiff.get(offset..offset.checked_add(count)?)?;
+    let (code, text) = data.split_at_checked(8)?;
+    match code {
+        b"UNICODE\0" => {
+            let units: Vec<u16> = text
+                .chunks_exact(2)
+                .map(|u| match big {
+                    true => u16::from_be_bytes([u[0], u[1]]),
+                    false => u16::from_le_bytes([u[0], u[1]]),
+                })
+                .collect();
+            String::from_utf16(&units).ok()
+        }
+        _ => Some(
+            String::from_utf8_lossy(text)
+                .trim_end_matches('\0')
+                .to_string(),
+        ),
+    }
+}
+
+/// An infotext split as A1111's `parse_generation_parameters` splits it: `Prompt` (the lines
+/// before `Negative prompt:`), `Negative prompt`, then each `Key: value` of the last line
+/// (taken as settings when it has at least three), in order, a quoted value unquoted and a
+/// `WxH` value as `Key-1` and `Key-2` (`Size-1`, `Size-2`). Values stay text, as A1111's do.
+pub fn parse_infotext(text: &str) -> Vec<(String, String)> {
+    let mut lines: Vec<&str> = text.trim().split('\n').collect();
+    let last = lines.pop().unwrap_or_default();
+    let settings = split_settings(last);
+    let settings = if settings.len() >= 3 {
+        settings
+    } else {
+        lines.push(last);
+        Vec::new()
+    };
+    let (mut prompt, mut negative) = (Vec::new(), Vec::new());
+    for line in lines {
+        let line = line.trim();
+        match line.strip_prefix("Negative prompt:") {
+            Some(rest) => negative.push(rest.trim()),
+            None if !negative.is_empty() => negative.push(line),
+            None => prompt.push(line),
+        }
+    }
+    let mut out = vec![
+        ("Prompt".to_string(), prompt.join("\n")),
+        ("Negative prompt".to_string(), negative.join("\n")),
+    ];
+    for (key, value) in settings {
+        let size = value.split_once('x').filter(|(w, h)| {
+            [w, h]
+                .iter()
+                .all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        });
+        match size {
+            Some((w, h)) => {
+                out.push((format!("{key}-1"), w.to_string()));
+                out.push((format!("{key}-2"), h.to_string()));
+            }
+            None => out.push((key, value)),
+        }
+    }
+    out
+}
+
+/// The `Key: value` items of an infotext's settings line, split at commas outside quotes;
+/// a quoted value is unquoted (`\"` and `\\` unescaped). An item without `: ` is skipped.
+fn split_settings(line: &str) -> Vec<(String, String)> {
+    let mut items = Vec::new();
+    let (mut item, mut quoted, mut escaped) = (String::new(), false, false);
+    for c in line.chars().chain(std::iter::once(',')) {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                items.push(std::mem::take(&mut item));
+                continue;
+            }
+            _ => {}
+        }
+        item.push(c);
+    }
+    items
+        .iter()
+        .filter_map(|i| i.split_once(':'))
+        .filter(|(k, _)| !k.trim().is_empty())
+        .map(|(k, v)| {
+            let v = v.trim();
+            let v = match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                Some(inner) => inner.replace("\\\"", "\"").replace("\\\\", "\\"),
+                None => v.to_string(),
+            };
+            (k.trim().to_string(), v)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,38 +378,38 @@ mod tests {
         );
     }
 
-    /// The `UserComment` of a JPEG's EXIF segment, read by following the TIFF offsets as an
-    /// EXIF reader does (`UNICODE\0` + UTF-16BE, as piexif writes for A1111).
-    fn jpeg_user_comment(jpeg: &[u8]) -> Option<String> {
-        let be16 = |b: &[u8], at: usize| u16::from_be_bytes([b[at], b[at + 1]]) as usize;
-        let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
-        let mut at = 2;
-        while jpeg[at] == 0xFF && jpeg[at + 1] != 0xDA {
-            let len = be16(jpeg, at + 2);
-            if jpeg[at + 1] == 0xE1 && &jpeg[at + 4..at + 10] == b"Exif\0\0" {
-                let tiff = &jpeg[at + 10..at + 2 + len];
-                assert_eq!(&tiff[..4], b"MM\0\x2A");
-                // The entry with `tag` of the IFD at `ifd`: (type, count, value or offset).
-                let find = |ifd: usize, tag: u16| {
-                    (0..be16(tiff, ifd))
-                        .map(|i| ifd + 2 + 12 * i)
-                        .find(|&e| be16(tiff, e) == tag as usize)
-                        .map(|e| (be16(tiff, e + 2), be32(tiff, e + 4), be32(tiff, e + 8)))
-                };
-                let (_, _, exif) = find(be32(tiff, 4) as usize, 0x8769)?;
-                let (kind, count, offset) = find(exif as usize, 0x9286)?;
-                assert_eq!(kind, 7);
-                let data = &tiff[offset as usize..(offset + count) as usize];
-                assert_eq!(&data[..8], b"UNICODE\0");
-                let units: Vec<u16> = data[8..]
-                    .chunks_exact(2)
-                    .map(|u| u16::from_be_bytes([u[0], u[1]]))
-                    .collect();
-                return Some(String::from_utf16(&units).unwrap());
-            }
-            at += 2 + len;
-        }
-        None
+    /// A1111's own infotext, as its `parse_generation_parameters` splits it.
+    #[test]
+    fn infotext_parses_as_a1111_parses_it() {
+        let text = "a cat, (detailed:1.2)\nby the sea\nNegative prompt: blurry\nugly\n\
+                    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 42, \
+                    Size: 512x768, Model: sd15, Lora hashes: \"a: 1, b: \\\"x\\\"\", Batch pos: 1";
+        let got = parse_infotext(text);
+        let want = [
+            ("Prompt", "a cat, (detailed:1.2)\nby the sea"),
+            ("Negative prompt", "blurry\nugly"),
+            ("Steps", "20"),
+            ("Sampler", "DPM++ 2M"),
+            ("Schedule type", "Karras"),
+            ("CFG scale", "7"),
+            ("Seed", "42"),
+            ("Size-1", "512"),
+            ("Size-2", "768"),
+            ("Model", "sd15"),
+            ("Lora hashes", "a: 1, b: \"x\""),
+            ("Batch pos", "1"),
+        ];
+        let got: Vec<(&str, &str)> = got.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(got, want);
+        // A prompt alone (fewer than three settings on its last line) is all prompt.
+        assert_eq!(
+            parse_infotext("a dog\nSteps: 3"),
+            [
+                ("Prompt".to_string(), "a dog\nSteps: 3".to_string()),
+                ("Negative prompt".to_string(), String::new())
+            ]
+        );
+        assert!(read_image_parameters(b"GIF89a").is_err());
     }
 
     #[test]
@@ -267,7 +425,10 @@ mod tests {
             image::guess_format(&bytes).unwrap(),
             image::ImageFormat::Jpeg
         );
-        assert_eq!(jpeg_user_comment(&bytes).as_deref(), Some(text));
+        assert_eq!(
+            read_image_parameters(&bytes).unwrap().as_deref(),
+            Some(text)
+        );
         let back = image::load_from_memory(&bytes).unwrap().to_rgb8();
         assert_eq!(back.dimensions(), (16, 8));
         for (a, b) in back.pixels().zip(img.to_rgb8().pixels()) {
@@ -275,11 +436,16 @@ mod tests {
                 assert!((a[c] as i32 - b[c] as i32).abs() <= 3, "{a:?} vs {b:?}");
             }
         }
-        assert_eq!(jpeg_user_comment(&encode_jpeg(&img, None).unwrap()), None);
+        assert_eq!(
+            read_image_parameters(&encode_jpeg(&img, None).unwrap()).unwrap(),
+            None
+        );
         // Gray images too; a text longer than one segment holds stops at a whole character.
         let gray = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(8, 8, image::Luma([9])));
         let long = "🐈".repeat(20_000);
-        let kept = jpeg_user_comment(&encode_jpeg(&gray, Some(&long)).unwrap()).unwrap();
+        let kept = read_image_parameters(&encode_jpeg(&gray, Some(&long)).unwrap())
+            .unwrap()
+            .unwrap();
         assert!(long.starts_with(&kept) && kept.len() < long.len() && kept.len() > 50_000);
     }
 }

@@ -152,6 +152,33 @@ pub async fn interrupt(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "interrupted": job.map(|j| j.id.clone()) }))
 }
 
+/// The body of `POST /sdapi/v1/png-info`.
+#[derive(Deserialize)]
+pub struct PngInfoRequest {
+    /// A PNG or JPEG, base64 (a `data:` URL prefix is allowed).
+    image: String,
+}
+
+/// `POST /sdapi/v1/png-info` (A1111's PNG Info tab): an image's infotext (`info`, empty when it
+/// has none) and its fields as A1111 splits them (`parameters`: `Prompt`, `Negative prompt`,
+/// `Steps`, `Size-1`, ...). `items` (A1111's other text chunks) is always empty.
+pub async fn png_info(JsonBody(req): JsonBody<PngInfoRequest>) -> Result<Json<Value>, ApiError> {
+    let bytes = crate::request::decode_base64("image", &req.image)?;
+    let info = diffuse_pipelines::png_info::read_image_parameters(&bytes)
+        .map_err(|e| ApiError::field("image", format!("image: {e}")))?
+        .unwrap_or_default();
+    let parameters: Map<String, Value> = match info.is_empty() {
+        true => Map::new(),
+        false => diffuse_pipelines::png_info::parse_infotext(&info)
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect(),
+    };
+    Ok(Json(
+        json!({ "info": info, "items": {}, "parameters": parameters }),
+    ))
+}
+
 pub async fn samplers() -> Json<Value> {
     Json(Value::Array(sampler_list()))
 }

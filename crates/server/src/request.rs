@@ -86,21 +86,26 @@ fn float_in(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>
     }
 }
 
+/// The bytes of a base64 field (optionally a `data:` URL; padding optional).
+pub fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
+    let b64 = match text.split_once(";base64,") {
+        Some((prefix, rest)) if prefix.starts_with("data:") => rest,
+        _ => text,
+    };
+    let b64: String = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(&b64)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(&b64))
+        .map_err(|e| ApiError::field(field, format!("{field}: not base64: {e}")))
+}
+
 /// Decodes a base64 image (optionally a `data:` URL), refusing images larger than `max_side`.
 pub fn decode_image(
     field: &str,
     text: &str,
     max_side: usize,
 ) -> Result<image::DynamicImage, ApiError> {
-    let b64 = match text.split_once(";base64,") {
-        Some((prefix, rest)) if prefix.starts_with("data:") => rest,
-        _ => text,
-    };
-    let b64: String = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(&b64)
-        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(&b64))
-        .map_err(|e| ApiError::field(field, format!("{field}: not base64: {e}")))?;
+    let bytes = decode_base64(field, text)?;
     let mut reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ApiError::field(field, format!("{field}: {e}")))?;

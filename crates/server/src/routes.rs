@@ -23,6 +23,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sdapi/v1/progress", get(a1111::progress))
         .route("/sdapi/v1/interrupt", post(a1111::interrupt))
         .route("/sdapi/v1/samplers", get(a1111::samplers))
+        .route("/sdapi/v1/png-info", post(a1111::png_info))
         .route("/sdapi/v1/sd-models", get(a1111::sd_models))
         .route(
             "/sdapi/v1/options",

@@ -846,3 +846,52 @@ async fn transformer_models_over_a1111() {
     }
     s.stop().await.unwrap();
 }
+
+/// `/sdapi/v1/png-info` reads back what txt2img wrote: the infotext and A1111's split of it;
+/// an image without one gives an empty `info`, bytes that are no image a 422 on `image`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a1111_png_info_reads_the_infotext_back() {
+    let s = TestServer::start(config(vec![tiny_sd()])).await;
+    let body = json!({"prompt": "a red cube", "negative_prompt": "blurry", "steps": 2,
+                      "seed": 7, "width": 64, "height": 48});
+    let v = s.post_json("/sdapi/v1/txt2img", &body).await;
+    let image = v["images"][0].as_str().unwrap();
+    let info: Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
+    let r = s
+        .post_json(
+            "/sdapi/v1/png-info",
+            &json!({ "image": format!("data:image/png;base64,{image}") }),
+        )
+        .await;
+    assert_eq!(r["info"], info["infotexts"][0]);
+    let p = &r["parameters"];
+    for (k, want) in [
+        ("Prompt", "a red cube"),
+        ("Negative prompt", "blurry"),
+        ("Steps", "2"),
+        ("Seed", "7"),
+        ("Size-1", "64"),
+        ("Size-2", "48"),
+        ("Model", "tiny_sd"),
+    ] {
+        assert_eq!(p[k], want, "{k} in {r}");
+    }
+    let plain = s
+        .post_json(
+            "/sdapi/v1/png-info",
+            &json!({ "image": b64(&test_png(4, 4, false)) }),
+        )
+        .await;
+    assert_eq!(
+        (plain["info"].as_str(), &plain["parameters"]),
+        (Some(""), &json!({}))
+    );
+    let r = s
+        .post(
+            "/sdapi/v1/png-info",
+            &json!({ "image": b64(b"GIF89a....") }),
+        )
+        .await;
+    assert_error(r, 422, Some("image")).await;
+    s.stop().await.unwrap();
+}
