@@ -113,9 +113,9 @@ const EMBEDDING_KEYS: &[&str] = &["string_to_param", "emb_params", "clip_l", "cl
 /// Stable Diffusion layout), by the key prefixes they are stored under, with parameter counts,
 /// and the family `generate` recognises it as.
 fn single_file_report(path: &Path) -> Result<String> {
-    let file = diffuse_loaders::single_file::SingleFile::open(path)?;
-    // Lightning `.ckpt` files put everything under `state_dict.`.
-    let shapes = file.file.shapes();
+    use diffuse_loaders::single_file::{SingleFile, UNET_PREFIX, VAE_PREFIX};
+    let file = SingleFile::open(path)?;
+    let shapes: Vec<(&str, &[usize])> = file.tensors().collect();
     let any_key = |f: &dyn Fn(&str) -> bool| shapes.iter().any(|(k, _)| f(k));
     let kind = match file.family() {
         Ok(f) => format!("single-file checkpoint, {}", f.name()),
@@ -130,8 +130,8 @@ fn single_file_report(path: &Path) -> Result<String> {
         Err(_) => "a tensor file, not a Stable Diffusion layout diffuse recognises".into(),
     };
     let parts: [(&str, &[&str]); 3] = [
-        ("unet", &["model.diffusion_model."]),
-        ("vae", &["first_stage_model."]),
+        ("unet", &[UNET_PREFIX]),
+        ("vae", &[VAE_PREFIX]),
         (
             "text encoders",
             &["cond_stage_model.", "conditioner.embedders."],
@@ -139,7 +139,6 @@ fn single_file_report(path: &Path) -> Result<String> {
     ];
     let mut counts = [0u64; 4];
     for (name, shape) in &shapes {
-        let name = name.strip_prefix("state_dict.").unwrap_or(name);
         let part = parts
             .iter()
             .position(|(_, prefixes)| prefixes.iter().any(|p| name.starts_with(p)))

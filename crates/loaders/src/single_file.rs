@@ -108,6 +108,11 @@ impl SingleFile {
         &self.file.path
     }
 
+    /// Every tensor's (name, shape), names without the `state_dict.` root of Lightning files.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.shapes.iter().map(|(k, s)| (k.as_str(), s.as_slice()))
+    }
+
     pub fn shape(&self, key: &str) -> Option<&[usize]> {
         self.shapes.get(key).map(Vec::as_slice)
     }
