@@ -67,7 +67,7 @@ fn convolutions_give_an_image_the_same_values_in_any_batch() {
 fn linear_layers_give_a_row_the_same_values_in_any_batch() {
     let dev = Device::Cpu;
     let mut g = Generator::manual_seed(2);
-    // Row counts on both sides of the transposed (≤ 256 rows) and packed-weight products.
+    // Row counts on both sides of the transposed (≤ 512 rows in f32) and packed-weight products.
     for (m, k, n) in [
         (1usize, 32usize, 40usize),
         (2, 32, 128),

@@ -736,7 +736,7 @@ fn frozen_layers_give_the_input_gradient_of_candle() -> Result<()> {
 #[test]
 fn linear_gradients_match_reference() -> Result<()> {
     use diffuse_models::ops::linear::Linear;
-    // The packed product (over 256 rows) and the transposed one (few rows), with and
+    // The packed product (over 512 rows) and the transposed one (few rows), with and
     // without a bias.
     for (shape, out, bias) in [
         (vec![2, 300, 40], 33, true),

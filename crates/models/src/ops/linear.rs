@@ -2,11 +2,13 @@
 //!
 //! The weight (`out × in`) is packed into column panels on every call rather than kept packed:
 //! that costs one pass over the weight per call (about 1% of the product at the UNet's 64×64
-//! and 32×32 token counts) and no second copy of every linear weight in memory. Up to 256
-//! rows (the 8×8 level, cross-attention keys over 77 tokens, time embeddings, CLIP) packing
-//! the weight would cost about as much as the product, so those compute `yᵀ = w·xᵀ` instead
+//! and 32×32 token counts) and no second copy of every linear weight in memory. Up to 512
+//! rows (the 16×16 and 8×8 levels, cross-attention keys over 77 tokens, time embeddings, CLIP)
+//! packing the weight costs too much of the product, so those compute `yᵀ = w·xᵀ` instead
 //! (measured in one process, alternating: 128 × 1280 → 1280 3.7 vs 4.7 ms, 154 × 3072 → 768
-//! 6.9 vs 9.2 ms). Other devices take candle's matmul. In training the fast path has its own
+//! 6.9 vs 9.2 ms, 512 × 1280 → 10240 67 vs 74 ms; in a UNet step's profile the 16×16 level's
+//! layers went from 138–157 to 174–193 GFLOP/s, while the 32×32 level's 683-row chunks got
+//! slower, 133–145 against 160–170). Other devices take candle's matmul. In training the fast path has its own
 //! backward, which computes only the gradients of what is tracked (a frozen layer under a
 //! tracked input, adapter training, gets the input's alone).
 //!
@@ -31,8 +33,19 @@ use super::microkernel::{
 };
 use super::{f32_input, f32_output, has_avx2_fma, output_buffer};
 
-/// Most rows for [`LinearOp::transposed`]; more pack the weight.
+/// Most rows for [`LinearOp::transposed`] of bf16 products (and for autocast's input gradient
+/// on the bf16 tiles); more pack the weight.
 const TRANSPOSED_MAX_ROWS: usize = 256;
+
+/// Most rows for [`LinearOp::transposed`]: f32 products measured faster so up to 512 rows (module
+/// docs); bf16 ones were tuned at [`TRANSPOSED_MAX_ROWS`].
+fn transposed_max_rows(bf16: bool) -> usize {
+    if bf16 {
+        TRANSPOSED_MAX_ROWS
+    } else {
+        512
+    }
+}
 
 /// Most rows for which a half-precision weight is read as it is stored, one dot product per
 /// output ([`Weight::gemv`]): the adaptive norms' projections of a conditioning vector, whose
@@ -416,7 +429,7 @@ impl LinearOp {
                 Shape::from(dims),
             ));
         }
-        if m <= TRANSPOSED_MAX_ROWS {
+        if m <= transposed_max_rows(bf16) {
             let ws = weight.to_f32(0..n * k);
             let out = Self::transposed(&xs, &ws, bias.as_deref(), (m, n, k), bf16);
             return Ok((f32_output(out, dtype)?, Shape::from(dims)));
