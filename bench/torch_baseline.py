@@ -102,6 +102,11 @@ def main():
     out = {}
     sd = os.path.join(args.configs, "runwayml_stable_diffusion_v1_5")
 
+    def peak_rss(name):
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
+        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+        out[name + " peak_rss_mib"] = int(hwm[0].split()[1]) / 1024.0 if hwm else float("nan")
+
     def run(name, fn, runs=args.runs, warmup=args.warmup):
         if want(name):
             if gpu:
@@ -146,6 +151,8 @@ def main():
         ctx = randn(2, 77, 768)
         t = torch.tensor([999.0, 999.0], device=dev)
         run("unet sd15 step", lambda: unet(lat, t, encoder_hidden_states=ctx).sample)
+        # The process's peak so far: the step's own with `--only "unet sd15 step"`.
+        peak_rss("unet sd15 step")
         # The tuned configuration a PyTorch CPU user would try: NHWC weights and input.
         unet = unet.to(memory_format=torch.channels_last)
         lat_cl = lat.contiguous(memory_format=torch.channels_last)
@@ -203,11 +210,6 @@ def main():
                 del model
         hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
         out["transformers peak_rss_mib"] = int(hwm[0].split()[1]) / 1024.0 if hwm else float("nan")
-    def peak_rss(name):
-        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
-        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
-        out[name + " peak_rss_mib"] = int(hwm[0].split()[1]) / 1024.0 if hwm else float("nan")
-
     xl = os.path.join(args.configs, "stabilityai_stable_diffusion_xl_base_1_0")
     fixtures = args.fixtures or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
     if args.large and want("unet sdxl step"):

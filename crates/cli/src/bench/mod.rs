@@ -542,8 +542,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         "{:<34} {:>10.1} {:>10.1} {:>7.2}x   {range}",
                         l.name, o, tm, ratio
                     );
-                    // The large lines' peak RSS (their own when run alone with --only), or
-                    // on a GPU every line's peak device memory.
+                    // The SD 1.5 UNet step's and the large lines' peak RSS (each process's
+                    // peak so far: their own when run alone with --only), or on a GPU every
+                    // line's peak device memory.
                     let (key, label) = match gpu_memory {
                         Some(_) => ("peak_gpu_mib", "  peak GPU memory"),
                         None => ("peak_rss_mib", "  peak RSS"),
