@@ -86,30 +86,44 @@ fn generate_writes_a_png_with_its_parameters() {
 }
 
 #[test]
-fn bad_width_fails_and_writes_nothing() {
-    let dir = temp_dir("bad-width");
+fn bad_settings_fail_naming_them_and_write_nothing() {
+    let dir = temp_dir("bad-settings");
     let out = dir.join("out.png");
     let model = tiny_sd();
-    let run = diffuse(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "a photo",
-        "--seed",
-        "0",
-        "--steps",
-        "3",
-        "--width",
-        "65",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!run.status.success());
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(stderr.contains("multiple"), "{stderr}");
-    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-    assert!(left.is_empty(), "files left behind: {left:?}");
+    // A NaN guidance scale or eta would have run the whole loop to a NaN (black) image.
+    for (flag, value, says) in [
+        ("--width", "65", "multiple"),
+        (
+            "--guidance-scale",
+            "nan",
+            "guidance_scale must be a finite number, got NaN",
+        ),
+        ("--eta", "inf", "eta must be a finite number, got inf"),
+    ] {
+        let run = diffuse(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo",
+            "--seed",
+            "0",
+            "--steps",
+            "3",
+            flag,
+            value,
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert!(!run.status.success(), "{flag} {value} ran");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(stderr.contains(says), "{flag} {value}: {stderr}");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert!(
+            left.is_empty(),
+            "{flag} {value}: files left behind: {left:?}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

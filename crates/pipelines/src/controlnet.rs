@@ -170,6 +170,10 @@ impl PreparedControl {
         let mut units = Vec::with_capacity(req.units.len());
         for u in &req.units {
             check_fits(unet.config(), &u.model, &u.name)?;
+            crate::check_finite(&[(
+                &format!("ControlNet {}: conditioning scale", u.name),
+                u.scale,
+            )])?;
             if !(0.0..=1.0).contains(&u.guidance_start)
                 || !(0.0..=1.0).contains(&u.guidance_end)
                 || u.guidance_start >= u.guidance_end

@@ -21,7 +21,7 @@ use diffuse_models::UNet2DModel;
 use diffuse_schedulers::Scheduler;
 use image::{GrayImage, RgbImage};
 
-use crate::{check_steps, component_dir, fresh_scheduler, load_scheduler, LoadOptions};
+use crate::{check_sampling, component_dir, fresh_scheduler, load_scheduler, LoadOptions};
 use crate::{StepCallback, StepInfo};
 
 /// An unconditional pipeline (a DDPM- or DDIM-sampled `UNet2DModel`).
@@ -252,7 +252,10 @@ impl UnconditionalPipeline {
         req: &UnconditionalRequest,
         mut callback: Option<&mut StepCallback<'_>>,
     ) -> Result<UnconditionalOutput> {
-        check_steps(req.steps)?;
+        check_sampling(
+            req.steps,
+            &[("guidance_scale", req.guidance_scale), ("eta", req.eta)],
+        )?;
         if req.batch_size == 0 {
             return Err(diffuse_core::Error::invalid(
                 "batch size must be at least 1",

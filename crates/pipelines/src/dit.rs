@@ -25,7 +25,7 @@ use diffuse_schedulers::Scheduler;
 
 use crate::components::Vae;
 use crate::stable_diffusion::ImageOutput;
-use crate::{check_steps, component_dir, fresh_scheduler, load_scheduler, LoadOptions};
+use crate::{check_sampling, component_dir, fresh_scheduler, load_scheduler, LoadOptions};
 use crate::{StepCallback, Timings, Trace};
 
 /// The DiT components.
@@ -176,7 +176,7 @@ impl DiTPipeline {
         req: &ClassToImageRequest,
         mut callback: Option<&mut StepCallback<'_>>,
     ) -> Result<ImageOutput> {
-        check_steps(req.steps)?;
+        check_sampling(req.steps, &[("guidance_scale", req.guidance_scale)])?;
         let n = req.class_labels.len();
         let classes = self.num_classes();
         if n == 0 {

@@ -30,7 +30,7 @@ use diffuse_schedulers::{Scheduler, TimestepsSpec};
 use crate::components::{self, Component, Vae};
 use crate::stable_diffusion::{repeat_batch, ImageOutput};
 use crate::stable_diffusion_3::{dynamic_shift, FlowText2ImageRequest, TextEmbeds};
-use crate::{check_steps, component_dir, fresh_scheduler, load_scheduler, LoadOptions};
+use crate::{check_sampling, component_dir, fresh_scheduler, load_scheduler, LoadOptions};
 use crate::{StepCallback, Timings, Trace};
 
 /// Flux's text encoders: CLIP (pooled output only) and T5.
@@ -174,7 +174,7 @@ impl FluxPipeline {
         req: &FlowText2ImageRequest,
         mut callback: Option<&mut StepCallback<'_>>,
     ) -> Result<ImageOutput> {
-        check_steps(req.steps)?;
+        check_sampling(req.steps, &[("guidance_scale", req.guidance_scale)])?;
         if req.num_images_per_prompt == 0 {
             return Err(Error::invalid("num_images_per_prompt must be at least 1"));
         }

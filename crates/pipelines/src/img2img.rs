@@ -16,7 +16,7 @@ use image::RgbImage;
 
 use crate::image_processor::{default_size, preprocess_image};
 use crate::stable_diffusion::{GenerationParams, ImageOutput, StableDiffusionPipeline};
-use crate::{check_steps, fresh_scheduler, StepCallback, Timings, Trace};
+use crate::{check_sampling, fresh_scheduler, StepCallback, Timings, Trace};
 
 /// An image-to-image request.
 #[derive(Clone, Debug)]
@@ -61,7 +61,7 @@ impl StableDiffusionPipeline {
         callback: Option<&mut StepCallback<'_>>,
     ) -> Result<ImageOutput> {
         let p = &req.params;
-        check_steps(p.steps)?;
+        check_sampling(p.steps, &p.checked_numbers())?;
         let mut timings = Timings::default();
         let mut warnings = Vec::new();
 

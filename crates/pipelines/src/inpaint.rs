@@ -25,7 +25,7 @@ use crate::img2img::strength_timesteps;
 use crate::stable_diffusion::{
     EncodedPrompt, GenerationParams, ImageOutput, StableDiffusionPipeline,
 };
-use crate::{check_steps, fresh_scheduler, StepCallback, Timings, Trace};
+use crate::{check_sampling, fresh_scheduler, StepCallback, Timings, Trace};
 use diffuse_models::{AutoencoderKL, UNet2DConditionModel};
 use diffuse_schedulers::Scheduler;
 
@@ -53,7 +53,7 @@ impl StableDiffusionPipeline {
         callback: Option<&mut StepCallback<'_>>,
     ) -> Result<ImageOutput> {
         let p = &req.params;
-        check_steps(p.steps)?;
+        check_sampling(p.steps, &p.checked_numbers())?;
         check_inpaint_unet(&self.unet, &self.vae)?;
         let mut timings = Timings::default();
         let mut warnings = Vec::new();

@@ -420,10 +420,21 @@ pub(crate) fn check_image_size(height: usize, width: usize, f: usize) -> Result<
     Ok(())
 }
 
-/// `num_inference_steps` must be at least one.
-pub(crate) fn check_steps(steps: usize) -> Result<()> {
+/// What every sampling run checks first: at least one step, and the named settings (guidance
+/// scale, eta) finite numbers: a NaN or infinite one would run the whole loop to a NaN image.
+pub(crate) fn check_sampling(steps: usize, numbers: &[(&str, f64)]) -> Result<()> {
     if steps == 0 {
         return Err(Error::invalid("the number of steps must be at least 1"));
     }
-    Ok(())
+    check_finite(numbers)
+}
+
+/// Each named value must be a finite number.
+pub(crate) fn check_finite(numbers: &[(&str, f64)]) -> Result<()> {
+    match numbers.iter().find(|(_, v)| !v.is_finite()) {
+        Some((name, v)) => Err(Error::invalid(format!(
+            "{name} must be a finite number, got {v}"
+        ))),
+        None => Ok(()),
+    }
 }

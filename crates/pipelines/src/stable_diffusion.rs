@@ -27,7 +27,7 @@ use crate::controlnet::{ControlNetRequest, PreparedControl};
 use crate::denoise::{guidance_enabled, initial_noise, VaeView};
 use crate::prompt_weighting::{self, PromptSyntax};
 use crate::sources::{self, Adapters, Source};
-use crate::{check_steps, fresh_scheduler, LoadOptions};
+use crate::{check_sampling, fresh_scheduler, LoadOptions};
 use crate::{StepCallback, Timings, Trace};
 
 /// The Stable Diffusion components; one value serves text2img, img2img and inpainting.
@@ -90,6 +90,13 @@ pub struct GenerationParams {
     /// those images): one of several processes sharing the batch gets the same images, bit
     /// for bit, as the whole batch has. `None`: the whole batch.
     pub shard: Option<BatchShard>,
+}
+
+impl GenerationParams {
+    /// The settings [`crate::check_sampling`] checks to be finite.
+    pub(crate) fn checked_numbers(&self) -> [(&'static str, f64); 2] {
+        [("guidance_scale", self.guidance_scale), ("eta", self.eta)]
+    }
 }
 
 impl Default for GenerationParams {
@@ -259,7 +266,7 @@ impl StableDiffusionPipeline {
         callback: Option<&mut StepCallback<'_>>,
     ) -> Result<ImageOutput> {
         let p = &req.params;
-        check_steps(p.steps)?;
+        check_sampling(p.steps, &p.checked_numbers())?;
         let (dh, dw) = self.default_size_for(p)?;
         let (height, width) = (req.height.unwrap_or(dh), req.width.unwrap_or(dw));
         self.check_size(height, width)?;

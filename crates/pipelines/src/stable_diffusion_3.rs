@@ -27,7 +27,7 @@ use diffuse_schedulers::{Scheduler, TimestepsSpec};
 
 use crate::components::{self, Component, Vae};
 use crate::stable_diffusion::{repeat_batch, ImageOutput};
-use crate::{check_steps, component_dir, fresh_scheduler, load_scheduler, LoadOptions};
+use crate::{check_sampling, component_dir, fresh_scheduler, load_scheduler, LoadOptions};
 use crate::{StepCallback, Timings, Trace};
 
 /// Text embeddings of a flow-matching pipeline, one row per prompt (repeated
@@ -275,7 +275,7 @@ impl StableDiffusion3Pipeline {
         req: &FlowText2ImageRequest,
         mut callback: Option<&mut StepCallback<'_>>,
     ) -> Result<ImageOutput> {
-        check_steps(req.steps)?;
+        check_sampling(req.steps, &[("guidance_scale", req.guidance_scale)])?;
         if req.num_images_per_prompt == 0 {
             return Err(Error::invalid("num_images_per_prompt must be at least 1"));
         }

@@ -39,7 +39,7 @@ use crate::stable_diffusion::{
     embedding_token, embedding_tokens, expand_embedding_tokens, repeat_batch, token_ids,
     EncodedPrompt, GenerationParams, ImageOutput, Text2ImageRequest,
 };
-use crate::{check_steps, fresh_scheduler};
+use crate::{check_sampling, fresh_scheduler};
 use crate::{Img2ImgRequest, InpaintRequest, LoadOptions, StepCallback, Timings, Trace};
 
 /// The SDXL components; one value serves text-to-image and image-to-image.
@@ -642,7 +642,7 @@ impl StableDiffusionXLPipeline {
 
     /// The checks every task starts with, then the timed prompt encoding.
     fn begin(&self, p: &GenerationParams, opts: &SdxlOptions) -> Result<Begun> {
-        check_steps(p.steps)?;
+        check_sampling(p.steps, &p.checked_numbers())?;
         check_fraction("denoising_end", opts.denoising_end)?;
         let mut timings = Timings::default();
         let mut warnings = Vec::new();

@@ -80,6 +80,33 @@ fn an_sdxl_controlnet_on_an_sd_unet_is_an_error_naming_both() -> Result<()> {
 }
 
 #[test]
+fn a_non_finite_scale_or_a_bad_window_is_an_error_naming_the_controlnet() -> Result<()> {
+    let pipe = sd()?;
+    let net = controlnet("cases/_models/tiny_controlnet")?;
+    let unit = || -> Result<ControlNetUnit> {
+        Ok(ControlNetUnit::new(
+            net.clone(),
+            "canny-net",
+            control_image()?,
+        ))
+    };
+    let (mut nan, mut window) = (unit()?, unit()?);
+    nan.scale = f64::NAN;
+    (window.guidance_start, window.guidance_end) = (0.6, 0.4);
+    for (u, says) in [
+        (nan, "conditioning scale must be a finite number"),
+        (window, "0 <= start < end <= 1"),
+    ] {
+        let e = match run(&pipe, vec![u]) {
+            Ok(_) => bail!("ran with a bad ControlNet setting ({says})"),
+            Err(e) => e.to_string(),
+        };
+        ensure!(e.contains("canny-net") && e.contains(says), "{e}");
+    }
+    Ok(())
+}
+
+#[test]
 fn residuals_scale_linearly_and_windows_switch_them_off() -> Result<()> {
     let pipe = sd()?;
     let net = controlnet("cases/_models/tiny_controlnet")?;
