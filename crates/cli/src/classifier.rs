@@ -93,10 +93,10 @@ pub struct ClassifierArgs {
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// AdamW learning rate (constant).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 1e-3)]
     pub lr: f64,
     /// AdamW decoupled weight decay.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 1e-4)]
     pub weight_decay: f64,
     /// Random horizontal flips (true or false).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]

@@ -13,7 +13,7 @@ pub struct DistArgs {
     /// Seconds a rank waits for the others in a collective (the gradient sum of a training
     /// step, which also waits out rank 0's checkpoints and sample grids; the end of a run)
     /// before it ends the whole job as hung.
-    #[arg(long, default_value_t = 1800.0)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 1800.0)]
     pub comm_timeout: f64,
 }
 

@@ -40,7 +40,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub steps: Option<usize>,
     /// Classifier-free guidance scale (default as `generate`).
-    #[arg(long, default_value_t = CLASS_GUIDANCE)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = CLASS_GUIDANCE)]
     pub guidance_scale: f64,
     /// Guide only at the timesteps LO to HI (as `generate`; default 100,550; 0,1000 guides
     /// every step).
@@ -50,7 +50,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub scheduler: Option<String>,
     /// DDIM eta.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 0.0)]
     pub eta: f64,
     /// Seed of the first batch; batch k uses seed + k.
     #[arg(long, default_value_t = 0)]

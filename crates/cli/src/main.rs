@@ -84,6 +84,17 @@ fn tune_malloc() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_malloc() {}
 
+/// The value parser of every number flag: Rust's float parsing takes `nan`, `inf` and
+/// `1e999`, which would run (or silently switch a setting off, as `--clip-grad nan` did)
+/// instead of being refused here with the flag's name.
+fn finite_number(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() => Ok(x),
+        Ok(_) => Err("not a finite number".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn main() {
     tune_malloc();
     let cli = Cli::parse();

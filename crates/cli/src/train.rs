@@ -155,7 +155,7 @@ pub struct ModelArgs {
     pub classes: Option<usize>,
     /// Probability of training with the null class instead of the label (lets classifier-free
     /// guidance work at sampling time).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 0.1)]
     pub class_dropout: f64,
 }
 
@@ -178,7 +178,7 @@ pub struct NoiseArgs {
     /// Min-SNR-γ loss weighting, as diffusers' --snr_gamma (5 is the paper's choice): each
     /// timestep's loss is weighted by min(SNR, γ) over what the prediction already scales
     /// with, which lowers the weight of the nearly clean timesteps. Default: unweighted.
-    #[arg(long, value_name = "GAMMA")]
+    #[arg(value_parser = crate::finite_number, long, value_name = "GAMMA")]
     pub snr_gamma: Option<f64>,
 }
 
@@ -196,7 +196,7 @@ pub struct OptimArgs {
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 2e-4)]
     pub lr: f64,
     /// Linear warm-up steps.
     #[arg(long, default_value_t = 500)]
@@ -204,17 +204,17 @@ pub struct OptimArgs {
     /// Learning rate after warm-up.
     #[arg(long, value_enum, default_value = "cosine")]
     pub lr_schedule: LrScheduleArg,
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 0.95)]
     pub adam_beta1: f64,
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 0.999)]
     pub adam_beta2: f64,
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 1e-8)]
     pub adam_eps: f64,
     /// Decoupled (AdamW) weight decay.
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 1e-6)]
     pub weight_decay: f64,
     /// Clip the gradient norm to this; 0 disables clipping.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 1.0)]
     pub clip_grad: f64,
     /// Precision of the forward and backward passes; the weights, gradients, optimizer and EMA
     /// stay f32 either way. bf16 on the CPU is autocast: the convolutions' weight gradients,
@@ -246,13 +246,13 @@ impl From<MixedPrecisionArg> for MixedPrecision {
 #[command(next_help_heading = "EMA of the weights (diffusers EMAModel)")]
 pub struct EmaArgs {
     /// Maximum EMA decay; 0 disables EMA (the saved model is then the raw weights).
-    #[arg(long, default_value_t = 0.9999)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 0.9999)]
     pub ema_decay: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 0.0)]
     pub ema_min_decay: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 1.0)]
     pub ema_inv_gamma: f64,
-    #[arg(long, default_value_t = 0.75)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 0.75)]
     pub ema_power: f64,
     #[arg(long, default_value_t = 0)]
     pub ema_update_after_step: u64,
@@ -291,7 +291,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "ddim")]
     pub sample_scheduler: SamplerArg,
     /// Classifier-free guidance scale of the sample grids (class-conditional models).
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 3.0)]
     pub guidance_scale: f64,
     /// Append a line to metrics.jsonl every N steps.
     #[arg(long, default_value_t = 10)]

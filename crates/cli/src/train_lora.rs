@@ -54,7 +54,7 @@ pub struct TrainLoraArgs {
     #[arg(long, value_name = "PROMPT", requires = "class_data")]
     pub class_prompt: Option<String>,
     /// Weight of the class images' loss.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 1.0)]
     pub prior_loss_weight: f64,
     /// Top --class-data up to N images first, drawn by the model itself from --class-prompt
     /// (as diffusers' DreamBooth script does), saved there as `class-<k>.png` with seed
@@ -74,7 +74,7 @@ pub struct TrainLoraArgs {
     #[arg(long, default_value_t = 4)]
     pub rank: usize,
     /// The updates are scaled by alpha / rank. Default: the rank.
-    #[arg(long)]
+    #[arg(value_parser = crate::finite_number, long)]
     pub alpha: Option<f64>,
     /// The layers to adapt, by the last part of their module path, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "to_q,to_k,to_v,to_out.0")]
@@ -98,7 +98,7 @@ pub struct TrainLoraArgs {
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
     /// Learning rate.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 1e-4)]
     pub lr: f64,
     /// Linear warm-up steps.
     #[arg(long, default_value_t = 0)]
@@ -107,14 +107,14 @@ pub struct TrainLoraArgs {
     #[arg(long, value_enum, default_value = "constant")]
     pub lr_schedule: LrScheduleArg,
     /// AdamW weight decay.
-    #[arg(long, default_value_t = 1e-2)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 1e-2)]
     pub weight_decay: f64,
     /// Clip the gradient norm to this; 0 disables clipping.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 1.0)]
     pub clip_grad: f64,
     /// Min-SNR-γ loss weighting, as diffusers' --snr_gamma (5 is the paper's choice).
     /// Default: unweighted.
-    #[arg(long, value_name = "GAMMA")]
+    #[arg(value_parser = crate::finite_number, long, value_name = "GAMMA")]
     pub snr_gamma: Option<f64>,
     /// Mirror images at random (each is encoded both ways once).
     #[arg(long)]

@@ -86,7 +86,7 @@ fn bad_input_fails_naming_it() {
     let out = tmp.path().join("l.safetensors");
     let o = out.to_str().unwrap();
     let missing = tmp.path().join("nowhere");
-    let cases: [(Vec<&str>, &str); 4] = [
+    let cases: [(Vec<&str>, &str); 6] = [
         (
             vec![
                 "--model",
@@ -118,6 +118,23 @@ fn bad_input_fails_naming_it() {
                 o,
             ],
             "snr_gamma must be a positive number, not 0",
+        ),
+        (
+            vec!["--model", &sd, "--data", &sd, "--alpha", "0", "--output", o],
+            "LoRA alpha must be a positive number, not 0",
+        ),
+        (
+            vec![
+                "--model",
+                &sd,
+                "--data",
+                &sd,
+                "--clip-grad",
+                "nan",
+                "--output",
+                o,
+            ],
+            "'nan' for '--clip-grad",
         ),
     ];
     for (args, want) in cases {

@@ -80,6 +80,28 @@ fn zero_steps_is_rejected() {
 }
 
 #[test]
+fn a_nan_or_infinite_guidance_scale_or_eta_is_rejected() {
+    let pipe = load_sd();
+    for (guidance_scale, eta, says) in [
+        (
+            f64::NAN,
+            0.0,
+            "guidance_scale must be a finite number, got NaN",
+        ),
+        (7.5, f64::INFINITY, "eta must be a finite number, got inf"),
+    ] {
+        let mut req = request(3, 64);
+        (req.params.guidance_scale, req.params.eta) = (guidance_scale, eta);
+        let err = pipe
+            .text_to_image(&req, None)
+            .err()
+            .expect("a non-finite setting must fail")
+            .to_string();
+        assert!(err.contains(says), "{err}");
+    }
+}
+
+#[test]
 fn missing_component_folder_is_named() {
     let dir = temp_copy("missing-vae", "vae");
     let err = load_pipeline(&dir, &LoadOptions::default())

@@ -50,10 +50,12 @@ impl EmaConfig {
     pub fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.decay)
             || !(0.0..=1.0).contains(&self.min_decay)
-            || self.inv_gamma <= 0.0
+            || !(self.inv_gamma.is_finite() && self.inv_gamma > 0.0)
+            || !self.power.is_finite()
         {
             return Err(Error::invalid(format!(
-                "invalid EMA settings {self:?}: decays must be in [0, 1] and inv_gamma positive"
+                "invalid EMA settings {self:?}: decays must be in [0, 1], inv_gamma positive and \
+                 power a finite number"
             )));
         }
         Ok(())

@@ -31,7 +31,8 @@ use serde_json::json;
 use crate::dataset::{fit_image, BatchSampler, Fit};
 use crate::loss::{check_snr_gamma, min_snr_weights, per_image_mse, prediction_target};
 use crate::optimizer::{
-    accumulate_gradients, check_and_clip, AdamW, AdamWConfig, LrSchedule, LrScheduleKind,
+    accumulate_gradients, check_and_clip, check_clip_grad, AdamW, AdamWConfig, LrSchedule,
+    LrScheduleKind,
 };
 use crate::trainer::MixedPrecision;
 
@@ -139,6 +140,13 @@ impl LoraTrainConfig {
             return Err(Error::invalid("no target modules given"));
         }
         check_snr_gamma(self.snr_gamma)?;
+        check_clip_grad(self.clip_grad)?;
+        if !(self.alpha().is_finite() && self.alpha() > 0.0) {
+            return Err(Error::invalid(format!(
+                "the LoRA alpha must be a positive number, not {}",
+                self.alpha()
+            )));
+        }
         if let Some(p) = &self.prior {
             if !(p.weight.is_finite() && p.weight >= 0.0) {
                 return Err(Error::invalid(format!(

@@ -33,7 +33,11 @@ impl Default for AdamWConfig {
 
 impl AdamWConfig {
     pub fn validate(&self) -> Result<()> {
-        let ok = self.lr >= 0.0
+        let finite = [self.lr, self.eps, self.weight_decay]
+            .iter()
+            .all(|x| x.is_finite());
+        let ok = finite
+            && self.lr >= 0.0
             && (0.0..1.0).contains(&self.beta1)
             && (0.0..1.0).contains(&self.beta2)
             && self.eps > 0.0
@@ -42,7 +46,7 @@ impl AdamWConfig {
             Ok(())
         } else {
             Err(Error::invalid(format!(
-                "invalid AdamW settings {self:?}: need lr >= 0, betas in [0, 1), eps > 0, weight decay >= 0"
+                "invalid AdamW settings {self:?}: need finite numbers, lr >= 0, betas in [0, 1), eps > 0, weight decay >= 0"
             )))
         }
     }
@@ -370,6 +374,16 @@ pub fn check_and_clip(
     match max_norm {
         Some(max) => clip_grad_norm(grads, max),
         None => grad_norm(grads),
+    }
+}
+
+/// Refuses a gradient clipping norm that is not a positive number (a NaN one clipped nothing).
+pub fn check_clip_grad(max_norm: Option<f64>) -> Result<()> {
+    match max_norm {
+        Some(m) if !(m.is_finite() && m > 0.0) => Err(Error::invalid(format!(
+            "gradient clipping norm {m} must be a positive number"
+        ))),
+        _ => Ok(()),
     }
 }
 

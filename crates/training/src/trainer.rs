@@ -25,7 +25,8 @@ use crate::dataset::{BatchSampler, Dataset};
 use crate::ema::{Ema, EmaConfig};
 use crate::loss::{check_snr_gamma, min_snr_weights, per_image_mse, prediction_target};
 use crate::optimizer::{
-    accumulate_gradients, check_and_clip, AdamW, AdamWConfig, LrSchedule, LrScheduleKind,
+    accumulate_gradients, check_and_clip, check_clip_grad, AdamW, AdamWConfig, LrSchedule,
+    LrScheduleKind,
 };
 use crate::sample::{grid_labels, sample, save_grid, SampleSettings};
 
@@ -896,11 +897,7 @@ fn check_config(c: &TrainConfig, ds: &Dataset) -> Result<()> {
             c.class_dropout
         ));
     }
-    if let Some(m) = c.clip_grad {
-        if m.is_nan() || m <= 0.0 {
-            return fail(format!("gradient clipping norm {m} must be positive"));
-        }
-    }
+    check_clip_grad(c.clip_grad)?;
     check_snr_gamma(c.snr_gamma)?;
     let u = &c.unet;
     u.validate()?;

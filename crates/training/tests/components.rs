@@ -8,7 +8,9 @@ use candle_core::{Device, Tensor, Var};
 use diffuse_core::Generator;
 use diffuse_training::dataset::BatchSampler;
 use diffuse_training::ema::EmaConfig;
-use diffuse_training::optimizer::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, LrScheduleKind};
+use diffuse_training::optimizer::{
+    check_clip_grad, clip_grad_norm, AdamW, AdamWConfig, LrSchedule, LrScheduleKind,
+};
 use diffuse_training::trainer::build_trainable_unet;
 use diffuse_training::{Dataset, DatasetKind, DatasetOptions};
 
@@ -179,6 +181,60 @@ fn batch_sampler_covers_epochs_and_resumes() {
     assert_eq!(s.next_batch(4), resumed.next_batch(4));
     assert_eq!(a.len(), 3);
     assert!(BatchSampler::new(0, 1).is_err());
+}
+
+/// Settings that are NaN or infinite are refused (a NaN clipping norm clipped nothing, an
+/// infinite weight decay ran until the loss became NaN).
+#[test]
+fn non_finite_optimizer_and_ema_settings_are_refused() {
+    let adam = AdamWConfig::default();
+    assert!(adam.validate().is_ok());
+    for bad in [
+        AdamWConfig {
+            lr: f64::INFINITY,
+            ..adam
+        },
+        AdamWConfig {
+            eps: f64::NAN,
+            ..adam
+        },
+        AdamWConfig {
+            weight_decay: f64::INFINITY,
+            ..adam
+        },
+        AdamWConfig {
+            beta1: f64::NAN,
+            ..adam
+        },
+    ] {
+        let e = bad
+            .validate()
+            .expect_err("a non-finite AdamW setting")
+            .to_string();
+        assert!(e.contains("finite"), "{e}");
+    }
+    let ema = EmaConfig::default();
+    assert!(ema.validate().is_ok());
+    for bad in [
+        EmaConfig {
+            decay: f64::NAN,
+            ..ema
+        },
+        EmaConfig {
+            inv_gamma: f64::INFINITY,
+            ..ema
+        },
+        EmaConfig {
+            power: f64::NAN,
+            ..ema
+        },
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+    }
+    assert!(check_clip_grad(Some(1.0)).is_ok() && check_clip_grad(None).is_ok());
+    for bad in [f64::NAN, f64::INFINITY, 0.0, -1.0] {
+        assert!(check_clip_grad(Some(bad)).is_err(), "{bad}");
+    }
 }
 
 #[test]

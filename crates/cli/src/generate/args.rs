@@ -49,7 +49,7 @@ pub struct CommonArgs {
     /// Classifier-free guidance scale; 1 or less disables guidance (and halves the work).
     /// Default: 5 for class-conditional DDPM models (at timesteps 100 to 550: see
     /// --guidance-interval), 7.5 for Stable Diffusion.
-    #[arg(long, alias = "cfg-scale")]
+    #[arg(value_parser = crate::finite_number, long, alias = "cfg-scale")]
     pub guidance_scale: Option<f64>,
     /// Class-conditional DDPM models: guide only at the timesteps LO to HI (of the 1000 of
     /// training); the other steps take the class's prediction alone, one UNet pass instead of
@@ -69,7 +69,7 @@ pub struct CommonArgs {
     #[arg(long)]
     pub num_images: Option<usize>,
     /// DDIM eta: 0 is deterministic, 1 adds DDPM-like noise. Other schedulers ignore it.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 0.0)]
     pub eta: f64,
     /// A1111's clip skip: 1 uses the text encoder's last layer, 2 the one before it, ...
     #[arg(long, value_name = "N")]
@@ -132,14 +132,14 @@ pub struct ControlArgs {
     #[arg(long = "control-image", alias = "control", value_name = "PNG")]
     pub control_images: Vec<String>,
     /// Conditioning scale: one for every ControlNet or one per ControlNet. Default 1.
-    #[arg(long = "controlnet-scale", value_name = "C")]
+    #[arg(value_parser = crate::finite_number, long = "controlnet-scale", value_name = "C")]
     pub scales: Vec<f64>,
     /// Share of the steps after which each ControlNet starts acting (one, or one per
     /// ControlNet). Default 0.
-    #[arg(long = "control-guidance-start", value_name = "F")]
+    #[arg(value_parser = crate::finite_number, long = "control-guidance-start", value_name = "F")]
     pub guidance_start: Vec<f64>,
     /// Share of the steps after which each ControlNet stops acting. Default 1.
-    #[arg(long = "control-guidance-end", value_name = "F")]
+    #[arg(value_parser = crate::finite_number, long = "control-guidance-end", value_name = "F")]
     pub guidance_end: Vec<f64>,
     /// Guess mode: the ControlNets steer without the prompt's help (scaled from 0.1 at the
     /// shallowest residual to 1 at the bottleneck; only the conditional half of guidance).
@@ -184,7 +184,7 @@ pub struct Img2ImgArgs {
     #[arg(long)]
     pub init_image: PathBuf,
     /// How much to change it, in (0, 1]: the share of the schedule that runs.
-    #[arg(long, default_value_t = 0.75)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 0.75)]
     pub strength: f64,
     /// Output width (the init image is resized to it). Default: the init image's.
     #[arg(long)]
@@ -206,7 +206,7 @@ pub struct InpaintArgs {
     #[arg(long)]
     pub mask: PathBuf,
     /// 1 starts from pure noise under the mask; lower keeps more of the original.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = crate::finite_number, long, default_value_t = 1.0)]
     pub strength: f64,
     /// Output width (a multiple of 8; the image and mask are resized to it). Default: the
     /// image's width.
