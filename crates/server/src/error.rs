@@ -88,7 +88,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A JSON request body. Any content type is accepted (some clients send none).
+/// A JSON request body: an object (every endpoint's body is one; serde would also read a
+/// struct from an array of its fields in order). Any content type is accepted (some clients
+/// send none).
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
@@ -99,6 +101,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::new(e.status(), "invalid_request_error", e.body_text()))?;
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            // Malformed JSON stays a 400; well-formed JSON of another kind is a 422.
+            let kind = match parse_json::<serde_json::Value>(&bytes)? {
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Bool(_) => "a boolean",
+                _ => "null",
+            };
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                format!("the request body must be a JSON object, got {kind}"),
+            ));
+        }
         parse_json(&bytes).map(JsonBody)
     }
 }

@@ -341,6 +341,27 @@ async fn bad_input_gets_clear_error_codes() {
             .unwrap();
         assert_error(r, 400, None).await;
     }
+    // Well-formed JSON that is no object: 422 saying what it is (serde alone would read the
+    // request from an array of its fields in order), on every endpoint family.
+    for (path, raw, kind) in [
+        ("/sdapi/v1/txt2img", "[\"a cat\"]", "an array"),
+        ("/v1/images/generations", " \"a cat\"", "a string"),
+        ("/v1/jobs", "null", "null"),
+    ] {
+        let r = s
+            .client
+            .post(s.url(path))
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        let msg = assert_error(r, 422, None).await;
+        assert!(
+            msg.contains(&format!("must be a JSON object, got {kind}")),
+            "{path}: {msg}"
+        );
+    }
     // Well-formed JSON with a bad field: 422 naming it.
     let cases = [
         (json!({"steps": "ten"}), "steps"),
