@@ -11,24 +11,43 @@ use diffuse_core::testing::fixtures_dir;
 fn an_unreadable_control_image_is_an_error_naming_it() {
     let root = fixtures_dir();
     let tmp = tempfile::tempdir().unwrap();
-    let args = [
-        "generate".to_string(),
-        "--model".into(),
-        root.join("pipelines/tiny_sd").display().to_string(),
-        "--controlnet".into(),
-        root.join("cases/_models/tiny_controlnet")
-            .display()
-            .to_string(),
-        "--control-image".into(),
-        "no/such/control.png".into(),
-        "--steps".into(),
-        "1".into(),
-        "--output".into(),
-        tmp.path().join("o.png").display().to_string(),
-    ];
-    let (ok, _, err) = diffuse(&args);
-    assert!(!ok && err.contains("no/such/control.png"), "{err}");
-    assert!(!tmp.path().join("o.png").exists());
+    let not_png = tmp.path().join("notes.png");
+    std::fs::write(&not_png, "not a picture").unwrap();
+    for (image, says) in [
+        (
+            "no/such/control.png".to_string(),
+            "No such file".to_string(),
+        ),
+        (
+            not_png.display().to_string(),
+            // Once: the decoder's text had been printed twice, as message and as source.
+            "signature.".to_string(),
+        ),
+    ] {
+        let args = [
+            "generate".to_string(),
+            "--model".into(),
+            root.join("pipelines/tiny_sd").display().to_string(),
+            "--controlnet".into(),
+            root.join("cases/_models/tiny_controlnet")
+                .display()
+                .to_string(),
+            "--control-image".into(),
+            image.clone(),
+            "--steps".into(),
+            "1".into(),
+            "--output".into(),
+            tmp.path().join("o.png").display().to_string(),
+        ];
+        let (ok, _, err) = diffuse(&args);
+        assert!(!ok, "{image} ran");
+        assert!(
+            err.contains(&format!("reading control image {image}: ")),
+            "{err}"
+        );
+        assert_eq!(err.matches(&says).count(), 1, "{err}");
+        assert!(!tmp.path().join("o.png").exists());
+    }
 }
 
 /// `--control canny:PHOTO` feeds the photo's edges to the ControlNet (the image differs from

@@ -48,11 +48,12 @@ impl EmaConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if !(0.0..=1.0).contains(&self.decay)
-            || !(0.0..=1.0).contains(&self.min_decay)
-            || !(self.inv_gamma.is_finite() && self.inv_gamma > 0.0)
-            || !self.power.is_finite()
-        {
+        let ok = (0.0..=1.0).contains(&self.decay)
+            && (0.0..=1.0).contains(&self.min_decay)
+            && self.inv_gamma.is_finite()
+            && self.inv_gamma > 0.0
+            && self.power.is_finite();
+        if !ok {
             return Err(Error::invalid(format!(
                 "invalid EMA settings {self:?}: decays must be in [0, 1], inv_gamma positive and \
                  power a finite number"

@@ -29,9 +29,7 @@ fn read_control_image(spec: &str) -> Result<image::RgbImage> {
         Some(p) => (true, p),
         None => (false, spec),
     };
-    let img = image::open(path)
-        .with_context(|| format!("reading control image {path}"))?
-        .to_rgb8();
+    let img = super::read_image(std::path::Path::new(path), "control image")?.to_rgb8();
     Ok(if edges {
         canny(&img, CANNY_LOW, CANNY_HIGH)
     } else {

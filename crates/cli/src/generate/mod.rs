@@ -127,7 +127,7 @@ pub fn run_img2img(args: Img2ImgArgs) -> Result<()> {
 
 fn img2img(args: &Img2ImgArgs, dist: &Dist) -> Result<()> {
     let session = Session::open(&args.common, true, dist)?;
-    let image = read_image(&args.init_image)?.to_rgb8();
+    let image = read_image(&args.init_image, "init image")?.to_rgb8();
     session.run(&[TaskSettings {
         width: args.width,
         height: args.height,
@@ -146,8 +146,8 @@ pub fn run_inpaint(args: InpaintArgs) -> Result<()> {
 
 fn inpaint(args: &InpaintArgs, dist: &Dist) -> Result<()> {
     let session = Session::open(&args.common, true, dist)?;
-    let image = read_image(&args.init_image)?.to_rgb8();
-    let mask = read_image(&args.mask)?.to_luma8();
+    let image = read_image(&args.init_image, "init image")?.to_rgb8();
+    let mask = read_image(&args.mask, "mask")?.to_luma8();
     session.run(&[TaskSettings {
         width: args.width,
         height: args.height,
@@ -588,8 +588,11 @@ fn default_model(image_task: bool) -> PathBuf {
     }
 }
 
-fn read_image(path: &Path) -> Result<DynamicImage> {
-    image::open(path).with_context(|| format!("reading image {}", path.display()))
+/// Opens an image, naming it as `what` in the error. The decoder's error is flattened into
+/// the message: as a context's source it printed its text twice ("Invalid PNG signature.:
+/// Invalid PNG signature.").
+fn read_image(path: &Path, what: &str) -> Result<DynamicImage> {
+    image::open(path).map_err(|e| anyhow::anyhow!("reading {what} {}: {e}", path.display()))
 }
 
 pub(crate) fn progress_bar(what: &str) -> ProgressBar {
