@@ -9,7 +9,7 @@ use crate::common::{NoiseSchedule, X0Clip};
 use crate::config::{ConfigReader, SchedulerConfig};
 use crate::multistep::{
     multistep_order, multistep_update, solver_initial, Algorithm, DpmConversion, DpmSolverFields,
-    SigmaKind, SolverOptions, SolverPrediction, SolverSchedule,
+    DpmSolverTail, SigmaKind, SolverOptions, SolverPrediction, SolverSchedule,
 };
 use crate::scheduler::{Scheduler, StepOutput, TimestepsSpec};
 use crate::sigma_schedule::SigmaState;
@@ -63,40 +63,21 @@ impl DpmSolverMultistepScheduler {
                 spacing: true,
             },
         )?;
-        let lambda_min_clipped = r.f64("lambda_min_clipped", f64::NEG_INFINITY)?;
-        let variance = r.choice(
-            "variance_type",
-            "none",
-            &["none", "learned", "learned_range"],
-        );
-        let learned_variance = matches!(variance.as_deref(), Ok("learned" | "learned_range"));
-        let final_sigma_min =
-            r.choice("final_sigmas_type", "zero", &["zero", "sigma_min"])? == "sigma_min";
-        r.ensure(
-            algo.data_prediction() || final_sigma_min,
-            "final_sigmas_type",
-            "zero is not supported with algorithm_type dpmsolver / sde-dpmsolver; use sigma_min",
-        )?;
         r.ensure(
             !(algo == Algorithm::Sde && solver_order == 3),
             "solver_order",
             "3 is not supported with algorithm_type sde-dpmsolver",
         )?;
-        r.ensure(
-            prediction != SolverPrediction::Flow || algo.data_prediction(),
-            "prediction_type",
-            "flow_prediction needs algorithm_type dpmsolver++ or sde-dpmsolver++",
-        )?;
+        let DpmSolverTail {
+            conv,
+            final_sigma_min,
+            lambda_min_clipped,
+        } = DpmSolverTail::read(&mut r, algo, prediction, clip)?;
         let (ts, sig) = solver_initial(&sched.noise);
         Ok(Self {
             config: r.finish(),
             sched,
-            conv: DpmConversion {
-                prediction,
-                algo,
-                clip,
-                learned_variance,
-            },
+            conv,
             algo,
             solver_order,
             heun,

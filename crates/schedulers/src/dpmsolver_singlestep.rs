@@ -8,8 +8,8 @@ use diffuse_core::{Error, NoiseSource, Result};
 use crate::common::{div_s, mul_s, NoiseSchedule, X0Clip};
 use crate::config::{ConfigReader, SchedulerConfig};
 use crate::multistep::{
-    solver_initial, Algorithm, DpmConversion, DpmSolverFields, SigmaKind, SolverOptions,
-    SolverPrediction, SolverSchedule, UpdateCoefficients,
+    solver_initial, Algorithm, DpmConversion, DpmSolverFields, DpmSolverTail, SigmaKind,
+    SolverOptions, SolverPrediction, SolverSchedule, UpdateCoefficients,
 };
 use crate::scheduler::{Scheduler, StepOutput, TimestepsSpec};
 use crate::sigma_schedule::{with_final, SigmaState};
@@ -56,35 +56,16 @@ impl DpmSolverSinglestepScheduler {
                 spacing: false,
             },
         )?;
-        let final_sigma_min =
-            r.choice("final_sigmas_type", "zero", &["zero", "sigma_min"])? == "sigma_min";
-        let lambda_min_clipped = r.f64("lambda_min_clipped", f64::NEG_INFINITY)?;
-        let variance = r.choice(
-            "variance_type",
-            "none",
-            &["none", "learned", "learned_range"],
-        );
-        let learned_variance = matches!(variance.as_deref(), Ok("learned" | "learned_range"));
-        r.ensure(
-            algo.data_prediction() || final_sigma_min,
-            "final_sigmas_type",
-            "zero is not supported with algorithm_type dpmsolver; use sigma_min",
-        )?;
-        r.ensure(
-            prediction != SolverPrediction::Flow || algo.data_prediction(),
-            "prediction_type",
-            "flow_prediction needs algorithm_type dpmsolver++ or sde-dpmsolver++",
-        )?;
+        let DpmSolverTail {
+            conv,
+            final_sigma_min,
+            lambda_min_clipped,
+        } = DpmSolverTail::read(&mut r, algo, prediction, clip)?;
         let (ts, sig) = solver_initial(&sched.noise);
         Ok(Self {
             config: r.finish(),
             sched,
-            conv: DpmConversion {
-                prediction,
-                algo,
-                clip,
-                learned_variance,
-            },
+            conv,
             algo,
             solver_order,
             heun,

@@ -381,6 +381,58 @@ impl DpmSolverFields {
     }
 }
 
+/// The fields both DPM-Solver classes read after their schedule: `lambda_min_clipped`,
+/// `variance_type` and `final_sigmas_type`, checked against the algorithm and prediction
+/// (`zero` needs a data-prediction algorithm, as does flow prediction), and the model output
+/// conversion they make.
+pub(crate) struct DpmSolverTail {
+    pub conv: DpmConversion,
+    pub final_sigma_min: bool,
+    pub lambda_min_clipped: f64,
+}
+
+impl DpmSolverTail {
+    pub fn read(
+        r: &mut ConfigReader,
+        algo: Algorithm,
+        prediction: SolverPrediction,
+        clip: X0Clip,
+    ) -> Result<Self> {
+        let lambda_min_clipped = r.f64("lambda_min_clipped", f64::NEG_INFINITY)?;
+        let variance = r.choice(
+            "variance_type",
+            "none",
+            &["none", "learned", "learned_range"],
+        );
+        let learned_variance = matches!(variance.as_deref(), Ok("learned" | "learned_range"));
+        let final_sigma_min =
+            r.choice("final_sigmas_type", "zero", &["zero", "sigma_min"])? == "sigma_min";
+        r.ensure(
+            algo.data_prediction() || final_sigma_min,
+            "final_sigmas_type",
+            &format!(
+                "zero is not supported with algorithm_type {}; use sigma_min",
+                algo.name()
+            ),
+        )?;
+        r.ensure(
+            prediction != SolverPrediction::Flow || algo.data_prediction(),
+            "prediction_type",
+            "flow_prediction needs algorithm_type dpmsolver++ or sde-dpmsolver++",
+        )?;
+        Ok(Self {
+            conv: DpmConversion {
+                prediction,
+                algo,
+                clip,
+                learned_variance,
+            },
+            final_sigma_min,
+            lambda_min_clipped,
+        })
+    }
+}
+
 /// The order of a multistep update: lower while the history fills up (`warmed_up` previous
 /// outputs) and for the last steps when asked.
 pub(crate) fn multistep_order(
