@@ -16,7 +16,7 @@ use image::RgbImage;
 
 use crate::image_processor::{default_size, preprocess_image};
 use crate::stable_diffusion::{GenerationParams, ImageOutput, StableDiffusionPipeline};
-use crate::{check_sampling, fresh_scheduler, StepCallback, Timings, Trace};
+use crate::{check_sampling, StepCallback, Timings, Trace};
 
 /// An image-to-image request.
 #[derive(Clone, Debug)]
@@ -77,9 +77,7 @@ impl StableDiffusionPipeline {
         )?;
         let image = preprocess_image(&req.image, height, width, &self.device)?;
 
-        let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
-        scheduler.set_eta(p.eta);
-        scheduler.set_timesteps(p.steps)?;
+        let mut scheduler = p.fresh_scheduler(self.scheduler.as_ref())?;
         let timesteps = strength_timesteps(scheduler.as_mut(), p.steps, req.strength)?;
 
         let mut generator = Generator::manual_seed(p.seed).with_shard(p.shard);

@@ -25,7 +25,7 @@ use crate::img2img::strength_timesteps;
 use crate::stable_diffusion::{
     EncodedPrompt, GenerationParams, ImageOutput, StableDiffusionPipeline,
 };
-use crate::{check_sampling, fresh_scheduler, StepCallback, Timings, Trace};
+use crate::{check_sampling, StepCallback, Timings, Trace};
 use diffuse_models::{AutoencoderKL, UNet2DConditionModel};
 use diffuse_schedulers::Scheduler;
 
@@ -148,9 +148,7 @@ pub(crate) fn prepare_inpaint(
     let image = preprocess_image(&req.image, height, width, device)?;
     let mask = preprocess_mask(&req.mask, height, width, device)?;
 
-    let mut scheduler = fresh_scheduler(m.scheduler)?;
-    scheduler.set_eta(p.eta);
-    scheduler.set_timesteps(p.steps)?;
+    let mut scheduler = p.fresh_scheduler(m.scheduler)?;
     let mut timesteps = strength_timesteps(scheduler.as_mut(), p.steps, req.strength)?;
     if let Some(end) = denoising_end {
         let cutoff = crate::denoise::timestep_cutoff(scheduler.as_ref(), end);

@@ -93,6 +93,15 @@ pub struct GenerationParams {
 }
 
 impl GenerationParams {
+    /// A fresh copy of `template` (no state left from an earlier run) set for these
+    /// settings: DDIM's eta, then the step count.
+    pub(crate) fn fresh_scheduler(&self, template: &dyn Scheduler) -> Result<Box<dyn Scheduler>> {
+        let mut scheduler = fresh_scheduler(template)?;
+        scheduler.set_eta(self.eta);
+        scheduler.set_timesteps(self.steps)?;
+        Ok(scheduler)
+    }
+
     /// The settings [`crate::check_sampling`] checks to be finite.
     pub(crate) fn checked_numbers(&self) -> [(&'static str, f64); 2] {
         [("guidance_scale", self.guidance_scale), ("eta", self.eta)]
@@ -277,9 +286,7 @@ impl StableDiffusionPipeline {
         let prompt = self.encode_prompt(p, &mut warnings)?;
         timings.text_encode = t0.elapsed();
 
-        let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
-        scheduler.set_eta(p.eta);
-        scheduler.set_timesteps(p.steps)?;
+        let mut scheduler = p.fresh_scheduler(self.scheduler.as_ref())?;
         let mut generator = Generator::manual_seed(p.seed).with_shard(p.shard);
         let f = self.vae_scale_factor();
         let shape = (

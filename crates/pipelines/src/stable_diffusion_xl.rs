@@ -27,6 +27,7 @@ use diffuse_models::{AutoencoderKL, UNet2DConditionConfig, UNet2DConditionModel}
 use diffuse_schedulers::Scheduler;
 use image::RgbImage;
 
+use crate::check_sampling;
 use crate::controlnet::PreparedControl;
 use crate::denoise::{
     denoise, guidance_enabled, initial_noise, timestep_cutoff, LoopExtras, VaeView,
@@ -39,7 +40,6 @@ use crate::stable_diffusion::{
     embedding_token, embedding_tokens, expand_embedding_tokens, repeat_batch, token_ids,
     EncodedPrompt, GenerationParams, ImageOutput, Text2ImageRequest,
 };
-use crate::{check_sampling, fresh_scheduler};
 use crate::{Img2ImgRequest, InpaintRequest, LoadOptions, StepCallback, Timings, Trace};
 
 /// The SDXL components; one value serves text-to-image and image-to-image.
@@ -677,9 +677,7 @@ impl StableDiffusionXLPipeline {
             warnings,
         } = self.begin(p, opts)?;
 
-        let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
-        scheduler.set_eta(p.eta);
-        scheduler.set_timesteps(p.steps)?;
+        let scheduler = p.fresh_scheduler(self.scheduler.as_ref())?;
         let mut generator = Generator::manual_seed(p.seed).with_shard(p.shard);
         let f = self.vae_scale_factor();
         let shape = (
@@ -807,9 +805,7 @@ impl StableDiffusionXLPipeline {
         } = self.begin(p, opts)?;
 
         let t1 = Instant::now();
-        let mut scheduler = fresh_scheduler(self.scheduler.as_ref())?;
-        scheduler.set_eta(p.eta);
-        scheduler.set_timesteps(p.steps)?;
+        let mut scheduler = p.fresh_scheduler(self.scheduler.as_ref())?;
         let timesteps = match opts.denoising_start {
             None => strength_timesteps(scheduler.as_mut(), p.steps, strength)?,
             Some(start) => {
