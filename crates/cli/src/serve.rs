@@ -16,6 +16,11 @@ pub struct ServeArgs {
     /// Fashion-MNIST model.
     #[arg(long = "model", value_name = "MODEL")]
     pub models: Vec<String>,
+    /// Where the `<lora:name:weight>` tags of Stable Diffusion prompts find `name.safetensors`
+    /// (listed by GET /sdapi/v1/loras). A job with other LoRAs than the last one loads the
+    /// model afresh with them fused in (seconds); without this folder a tag is refused.
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<std::path::PathBuf>,
     /// Address to listen on. Only loopback unless you say otherwise.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -55,6 +60,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if args.max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1");
     }
+    if let Some(dir) = args.lora_dir.as_ref().filter(|d| !d.is_dir()) {
+        anyhow::bail!("--lora-dir {}: no such folder", dir.display());
+    }
     let config = ServerConfig {
         models: args.models.clone(),
         api_key: args
@@ -71,6 +79,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             ..Limits::default()
         },
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        lora_dir: args.lora_dir.clone(),
         ..ServerConfig::default()
     };
     if !args.host.is_loopback() && config.api_key.is_none() {

@@ -248,4 +248,10 @@ fn serve_refuses_bad_settings() {
     let (ok, _, err) = common::diffuse(&["serve", "--port", "0", "--max-queue", "0"]);
     assert!(!ok);
     assert!(err.contains("--max-queue"), "{err}");
+    let (ok, _, err) = common::diffuse(&["serve", "--port", "0", "--lora-dir", "/no/loras"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--lora-dir /no/loras: no such folder"),
+        "{err}"
+    );
 }

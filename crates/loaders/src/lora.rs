@@ -23,10 +23,41 @@ use diffuse_core::{Error, Result};
 use crate::WeightDelta;
 
 /// A LoRA file and the strength to apply it with.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LoraSpec {
     pub path: PathBuf,
     pub scale: f64,
+}
+
+/// The file an A1111 `<lora:name>` tag means in the LoRA folder `dir`: `name` itself, else
+/// `name.safetensors`. A name is a file name, never a path (a request cannot reach outside
+/// the folder).
+pub fn find_lora(dir: &Path, name: &str) -> Result<PathBuf> {
+    if name.contains(['/', '\\']) || name.starts_with("..") {
+        return Err(Error::invalid(format!("<lora:{name}>: a name, not a path")));
+    }
+    [dir.join(name), dir.join(format!("{name}.safetensors"))]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "<lora:{name}>: no {name}.safetensors in {}",
+                dir.display()
+            ))
+        })
+}
+
+/// The LoRA files of the folder `dir` (`*.safetensors`), by name (the file stem), sorted.
+pub fn list_loras(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::invalid(format!("reading the LoRA folder {}: {e}", dir.display())))?;
+    let mut out: Vec<(String, PathBuf)> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|p| Some((p.file_stem()?.to_str()?.to_string(), p)))
+        .collect();
+    out.sort();
+    Ok(out)
 }
 
 /// How the file names its modules.

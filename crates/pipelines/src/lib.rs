@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use diffuse_core::{Error, Result};
-pub use diffuse_loaders::lora::LoraSpec;
+pub use diffuse_loaders::lora::{find_lora, list_loras, LoraSpec};
 use diffuse_models::AutoencoderKL;
 use diffuse_schedulers::{Scheduler, SchedulerConfig};
 

@@ -380,6 +380,14 @@ impl TaskOutput {
         }
     }
 
+    /// Shows the prompt as the user wrote it (`written`) in the infotext, where the task ran it
+    /// without its `<lora:...>` tags (`ran`): A1111 keeps the tags there.
+    pub fn show_prompt_as_written(&mut self, ran: &str, written: &str) {
+        if let Some(rest) = self.infotext.strip_prefix(ran) {
+            self.infotext = format!("{written}{rest}");
+        }
+    }
+
     /// Every image as PNG bytes with its infotext.
     pub fn pngs(&self) -> Result<Vec<Vec<u8>>> {
         self.images

@@ -32,8 +32,8 @@ fn info_json(spec: &JobSpec, job: &Job) -> String {
     let s = &spec.settings;
     let n = spec.n_iter * s.num_images;
     json!({
-        "prompt": s.prompt,
-        "all_prompts": vec![&s.prompt; n],
+        "prompt": spec.written_prompt,
+        "all_prompts": vec![&spec.written_prompt; n],
         "negative_prompt": s.negative_prompt,
         "all_negative_prompts": vec![&s.negative_prompt; n],
         "seed": s.seed,
@@ -181,6 +181,26 @@ pub async fn png_info(JsonBody(req): JsonBody<PngInfoRequest>) -> Result<Json<Va
 
 pub async fn samplers() -> Json<Value> {
     Json(Value::Array(sampler_list()))
+}
+
+/// `GET /sdapi/v1/loras`: the LoRAs `<lora:name:weight>` tags may name (the `*.safetensors`
+/// files of `--lora-dir`; none without one), as A1111 lists them. `path` is the file name
+/// alone: a client need not learn where the server keeps its files.
+pub async fn loras(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let Some(dir) = &state.config.lora_dir else {
+        return Ok(Json(json!([])));
+    };
+    let found =
+        diffuse_pipelines::list_loras(dir).map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(
+        found
+            .into_iter()
+            .map(|(name, path)| {
+                let file = path.file_name().map(|f| f.to_string_lossy().into_owned());
+                json!({ "name": name, "alias": name, "path": file, "metadata": {} })
+            })
+            .collect(),
+    ))
 }
 
 pub async fn sd_models(State(state): State<AppState>) -> Json<Value> {

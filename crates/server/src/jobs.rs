@@ -10,6 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use diffuse_pipelines::task::TaskSettings;
+use diffuse_pipelines::LoraSpec;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
@@ -25,6 +26,12 @@ pub struct JobSpec {
     pub n_iter: usize,
     /// `txt2img`, `img2img` or `inpaint`.
     pub task: &'static str,
+    /// The LoRAs of the prompt's `<lora:...>` tags, fused into the model for this job (the
+    /// worker keeps the model so loaded while the next job asks for the same ones).
+    pub loras: Vec<LoraSpec>,
+    /// The prompt as the request wrote it, tags included, for the infotext (`settings.prompt`
+    /// is what the model reads, without them).
+    pub written_prompt: String,
 }
 
 impl JobSpec {

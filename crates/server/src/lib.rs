@@ -1,7 +1,8 @@
 //! `diffuse serve`: an HTTP server for the diffuse pipelines.
 //!
 //! * AUTOMATIC1111's API (`/sdapi/v1/txt2img`, `img2img`, `progress`, `interrupt`, `samplers`,
-//!   `sd-models`, `options`) and OpenAI's (`/v1/images/generations`, `/v1/models`);
+//!   `sd-models`, `options`, `png-info`, `loras`; `<lora:name:weight>` prompt tags) and
+//!   OpenAI's (`/v1/images/generations`, `/v1/models`);
 //! * jobs (`/v1/jobs`): queue, follow with Server-Sent Events, fetch images, cancel;
 //! * a web page at `/` (one static file compiled into the binary).
 //!
@@ -75,6 +76,9 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// On shutdown the running job gets this long to finish before it is cancelled.
     pub shutdown_grace: Duration,
+    /// Where the `<lora:name:weight>` tags of Stable Diffusion prompts find `name.safetensors`
+    /// (also listed by `/sdapi/v1/loras`); `None`: a tag is refused.
+    pub lora_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +90,7 @@ impl Default for ServerConfig {
             keep_jobs: 64,
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(30),
+            lora_dir: None,
         }
     }
 }

@@ -94,7 +94,7 @@ pub async fn generations(
         ..Default::default()
     };
     let spec = gen
-        .to_spec(Endpoint::Txt2Img, &state.models, &state.config.limits)
+        .to_spec(Endpoint::Txt2Img, &state.models, &state.config)
         .map_err(|mut e| {
             // Name OpenAI's fields, not A1111's.
             e.field = e.field.map(|f| match f.as_str() {

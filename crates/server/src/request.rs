@@ -3,16 +3,18 @@
 //! problem is a 422 naming its field.
 
 use std::io::Cursor;
+use std::path::Path;
 
 use base64::Engine;
-use diffuse_pipelines::prompt_weighting::PromptSyntax;
+use diffuse_pipelines::prompt_weighting::{extract_lora_tags, PromptSyntax};
 use diffuse_pipelines::task::{parse_class, random_seed, InitImage, PipelineKind, TaskSettings};
+use diffuse_pipelines::{find_lora, LoraSpec};
 use serde::Deserialize;
 
 use crate::error::ApiError;
 use crate::jobs::JobSpec;
-use crate::models::Models;
-use crate::Limits;
+use crate::models::{ModelEntry, Models};
+use crate::ServerConfig;
 
 /// `override_settings` of an A1111 request.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -127,10 +129,10 @@ impl GenerateRequest {
         state: &crate::AppState,
     ) -> Result<JobSpec, ApiError> {
         if self.init_images.is_none() && self.mask.is_none() {
-            return self.to_spec(endpoint, &state.models, &state.config.limits);
+            return self.to_spec(endpoint, &state.models, &state.config);
         }
         let (models, config) = (state.models.clone(), state.config.clone());
-        tokio::task::spawn_blocking(move || self.to_spec(endpoint, &models, &config.limits))
+        tokio::task::spawn_blocking(move || self.to_spec(endpoint, &models, &config))
             .await
             .map_err(|e| ApiError::internal(format!("checking the request: {e}")))?
     }
@@ -140,8 +142,9 @@ impl GenerateRequest {
         &self,
         endpoint: Endpoint,
         models: &Models,
-        limits: &Limits,
+        config: &ServerConfig,
     ) -> Result<JobSpec, ApiError> {
+        let limits = &config.limits;
         let (model_field, model) = match (&self.model, &self.override_settings) {
             (Some(m), _) => ("model", m.clone()),
             (
@@ -190,6 +193,8 @@ impl GenerateRequest {
             parse_class(&info.class_names, &prompt)
                 .map_err(|e| ApiError::field("prompt", e.to_string()))?;
         }
+        let written_prompt = prompt.clone();
+        let (prompt, loras) = prompt_loras(&prompt, entry, config.lora_dir.as_deref())?;
 
         let steps = int_in("steps", self.steps, 1, limits.max_steps)?;
         let guidance = float_in("cfg_scale", self.cfg_scale, 0.0, 50.0)?
@@ -393,6 +398,53 @@ impl GenerateRequest {
             },
             n_iter,
             task,
+            loras,
+            written_prompt,
         })
     }
+}
+
+/// The prompt without its A1111 `<lora:name:weight>` tags, and the LoRA files they name in the
+/// server's LoRA folder (Stable Diffusion models only); a prompt without tags is unchanged.
+fn prompt_loras(
+    prompt: &str,
+    entry: &ModelEntry,
+    lora_dir: Option<&Path>,
+) -> Result<(String, Vec<LoraSpec>), ApiError> {
+    let bad = |message: String| ApiError::field("prompt", message);
+    let (clean, tags) = extract_lora_tags(prompt).map_err(|e| bad(e.to_string()))?;
+    if tags.is_empty() {
+        return Ok((prompt.to_string(), Vec::new()));
+    }
+    if entry.info.kind != PipelineKind::StableDiffusion {
+        return Err(bad(format!(
+            "<lora:...> tags are for Stable Diffusion models, not `{}`",
+            entry.name
+        )));
+    }
+    let Some(dir) = lora_dir else {
+        return Err(bad(
+            "this server has no LoRA folder (diffuse serve --lora-dir DIR): remove the \
+             <lora:...> tags"
+                .into(),
+        ));
+    };
+    let loras = tags
+        .into_iter()
+        .map(|(name, scale)| {
+            if !scale.is_finite() {
+                return Err(bad(format!(
+                    "<lora:{name}:{scale}>: the weight must be a number"
+                )));
+            }
+            // Not the folder's path: a client need not learn where the server keeps files.
+            let path = find_lora(dir, &name).map_err(|_| {
+                bad(format!(
+                    "<lora:{name}>: no such LoRA on this server (GET /sdapi/v1/loras lists them)"
+                ))
+            })?;
+            Ok(LoraSpec { path, scale })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok((clean, loras))
 }

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 use diffuse_core::Error;
 use diffuse_pipelines::task::run_task;
-use diffuse_pipelines::{load_pipeline, named_scheduler, LoadOptions, Pipeline, StepInfo};
+use diffuse_pipelines::{
+    load_pipeline, named_scheduler, LoadOptions, LoraSpec, Pipeline, StepInfo,
+};
 use image::DynamicImage;
 
 use crate::jobs::{FailureKind, Job, JobQueue, JobResult, Work};
@@ -31,7 +33,7 @@ pub fn spawn(queue: Arc<JobQueue>, models: Arc<Models>) -> std::io::Result<JoinH
             while let Some(work) = queue.next() {
                 match work {
                     Work::Load { model, reply } => {
-                        let r = worker.ensure_loaded(&model).map(|_| ());
+                        let r = worker.ensure_loaded(&model, &[]).map(|_| ());
                         let _ = reply.send(r.map_err(|e| e.to_string()));
                     }
                     Work::Job(job) => {
@@ -49,25 +51,47 @@ pub fn spawn(queue: Arc<JobQueue>, models: Arc<Models>) -> std::io::Result<JoinH
 
 struct Worker {
     models: Arc<Models>,
-    /// One model at a time (as A1111): switching drops the previous one.
-    loaded: Option<(String, Pipeline)>,
+    /// One model at a time (as A1111), with the LoRAs fused into it: switching either loads
+    /// it afresh and drops the previous one.
+    loaded: Option<Loaded>,
+}
+
+struct Loaded {
+    model: String,
+    loras: Vec<LoraSpec>,
+    pipeline: Pipeline,
 }
 
 impl Worker {
-    fn ensure_loaded(&mut self, name: &str) -> diffuse_core::Result<&mut Pipeline> {
-        if self.loaded.as_ref().is_none_or(|(n, _)| n != name) {
+    fn ensure_loaded(
+        &mut self,
+        name: &str,
+        loras: &[LoraSpec],
+    ) -> diffuse_core::Result<&mut Pipeline> {
+        if self
+            .loaded
+            .as_ref()
+            .is_none_or(|l| l.model != name || l.loras != loras)
+        {
             let entry = self
                 .models
                 .get(name)
                 .ok_or_else(|| Error::invalid(format!("unknown model `{name}`")))?;
             // Free the old model before loading the new one: both may not fit.
             self.loaded = None;
-            let p = load_pipeline(&entry.dir, &LoadOptions::default())
+            let opts = LoadOptions {
+                loras: loras.to_vec(),
+                ..LoadOptions::default()
+            };
+            let pipeline = load_pipeline(&entry.dir, &opts)
                 .map_err(|e| Error::invalid(format!("loading model `{name}`: {e}")))?;
-            self.loaded = Some((name.to_string(), p));
+            self.loaded = Some(Loaded {
+                model: name.to_string(),
+                loras: loras.to_vec(),
+                pipeline,
+            });
         }
-        let (_, p) = self.loaded.as_mut().expect("loaded above");
-        Ok(p)
+        Ok(&mut self.loaded.as_mut().expect("loaded above").pipeline)
     }
 
     fn run(&mut self, job: &Arc<Job>) -> End {
@@ -113,7 +137,15 @@ impl Worker {
             Some(name) => Some(named_scheduler(&dir, name).map_err(Failure::Run)?),
             None => None,
         };
-        let pipeline = self.ensure_loaded(&spec.model).map_err(Failure::Load)?;
+        let pipeline = self.ensure_loaded(&spec.model, &spec.loras).map_err(|e| {
+            match spec.loras.is_empty() {
+                true => Failure::Load(e),
+                // A LoRA the model cannot take is the request's choice, not a server fault.
+                false => Failure::Run(Error::invalid(format!(
+                    "{e} (with the LoRAs of the prompt)"
+                ))),
+            }
+        })?;
         let own = sampler.map(|s| pipeline.replace_scheduler(s));
         let result = run_batches(pipeline, job);
         if let Some(own) = own {
@@ -183,7 +215,8 @@ fn run_batches(pipeline: &Pipeline, job: &Job) -> diffuse_core::Result<JobResult
             );
             Ok(())
         };
-        let out = run_task(pipeline, &spec.model, &settings, Some(&mut callback))?;
+        let mut out = run_task(pipeline, &spec.model, &settings, Some(&mut callback))?;
+        out.show_prompt_as_written(&settings.prompt, &spec.written_prompt);
         result.pngs.extend(out.pngs()?);
         result
             .infotexts

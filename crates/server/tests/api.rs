@@ -916,3 +916,88 @@ async fn a1111_png_info_reads_the_infotext_back() {
     assert_error(r, 422, Some("image")).await;
     s.stop().await.unwrap();
 }
+
+/// `<lora:name:weight>` tags in a Stable Diffusion prompt load `name.safetensors` from the LoRA
+/// folder: the image is the library's with that LoRA fused in (and not the plain one), the
+/// infotext keeps the tag, `/sdapi/v1/loras` lists the folder; an unknown LoRA, or a tag on a
+/// server without a folder, is a 422 on `prompt`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_tags_in_the_prompt_load_the_lora() {
+    use diffuse_pipelines::prompt_weighting::PromptSyntax;
+    use diffuse_pipelines::task::{run_task, TaskSettings};
+    use diffuse_pipelines::{load_pipeline, LoadOptions, LoraSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let ink = dir.path().join("ink.safetensors");
+    std::fs::copy(
+        fixtures().join("cases/_adapters/lora_kohya.safetensors"),
+        &ink,
+    )
+    .unwrap();
+    let s = TestServer::start(ServerConfig {
+        lora_dir: Some(dir.path().to_path_buf()),
+        ..config(vec![tiny_sd()])
+    })
+    .await;
+    assert_eq!(
+        s.get_json("/sdapi/v1/loras").await,
+        json!([{"name": "ink", "alias": "ink", "path": "ink.safetensors", "metadata": {}}])
+    );
+    let image = |v: &Value| {
+        let bytes = unb64(v["images"][0].as_str().unwrap());
+        image::load_from_memory(&bytes).unwrap().to_rgb8()
+    };
+    let ask = |prompt: &str| json!({"prompt": prompt, "steps": 3, "seed": 5, "cfg_scale": 7, "width": 64, "height": 64});
+    let tagged = s
+        .post_json("/sdapi/v1/txt2img", &ask("a lighthouse <lora:ink:0.8>"))
+        .await;
+    let plain = s
+        .post_json("/sdapi/v1/txt2img", &ask("a lighthouse "))
+        .await;
+    assert_ne!(image(&tagged), image(&plain), "the LoRA changed nothing");
+    let (_, _, text) = png_info(&unb64(tagged["images"][0].as_str().unwrap()));
+    assert!(
+        text.unwrap().starts_with("a lighthouse <lora:ink:0.8>\n"),
+        "the infotext keeps the tag"
+    );
+    let info: Value = serde_json::from_str(tagged["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["prompt"], "a lighthouse <lora:ink:0.8>");
+
+    let opts = LoadOptions {
+        loras: vec![LoraSpec {
+            path: ink.clone(),
+            scale: 0.8,
+        }],
+        ..LoadOptions::default()
+    };
+    let pipeline = load_pipeline(std::path::Path::new(&tiny_sd()), &opts).unwrap();
+    let settings = TaskSettings {
+        prompt: "a lighthouse ".into(),
+        steps: Some(3),
+        guidance_scale: Some(7.0),
+        seed: 5,
+        width: Some(64),
+        height: Some(64),
+        prompt_syntax: PromptSyntax::A1111,
+        ..TaskSettings::default()
+    };
+    let out = run_task(&pipeline, "tiny_sd", &settings, None).unwrap();
+    assert_eq!(
+        image(&tagged),
+        out.images[0].to_rgb8(),
+        "not the library's LoRA image"
+    );
+
+    let r = s
+        .post("/sdapi/v1/txt2img", &ask("a lighthouse <lora:nope>"))
+        .await;
+    let msg = assert_error(r, 422, Some("prompt")).await;
+    assert!(msg.contains("<lora:nope>: no such LoRA"), "{msg}");
+    s.stop().await.unwrap();
+
+    let s = TestServer::start(config(vec![tiny_sd()])).await;
+    assert_eq!(s.get_json("/sdapi/v1/loras").await, json!([]));
+    let r = s.post("/sdapi/v1/txt2img", &ask("a <lora:ink>")).await;
+    let msg = assert_error(r, 422, Some("prompt")).await;
+    assert!(msg.contains("no LoRA folder"), "{msg}");
+    s.stop().await.unwrap();
+}

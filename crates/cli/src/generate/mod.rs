@@ -25,8 +25,8 @@ use diffuse_pipelines::task::{
     InitImage, TaskSettings,
 };
 use diffuse_pipelines::{
-    load_pipeline, ControlNetRequest, EmbeddingSpec, LoadOptions, LoraSpec, Pipeline, StepInfo,
-    Timings, UnconditionalPipeline, UnconditionalRequest,
+    find_lora, load_pipeline, ControlNetRequest, EmbeddingSpec, LoadOptions, LoraSpec, Pipeline,
+    StepInfo, Timings, UnconditionalPipeline, UnconditionalRequest,
 };
 use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -207,7 +207,7 @@ impl Session {
                 format!("the prompt names <lora:{name}>; say where LoRAs are with --lora-dir")
             })?;
             loras.push(LoraSpec {
-                path: find_in_dir(dir, &name, &["safetensors"])?,
+                path: find_lora(dir, &name)?,
                 scale,
             });
         }
@@ -335,7 +335,7 @@ impl Session {
                 ..task.clone()
             };
             let bar = self.progress_bar();
-            let out = run_task(
+            let mut out = run_task(
                 &self.pipeline,
                 &self.model_name,
                 &settings,
@@ -349,13 +349,9 @@ impl Session {
                     eprintln!("warning: {w}");
                 }
             }
-            // The infotext keeps the prompt as typed, `<lora:...>` tags included (as A1111 does).
-            let infotexts: Vec<String> = (0..out.images.len())
-                .map(|i| {
-                    out.infotext_of(i)
-                        .replacen(&self.prompt, &self.args.prompt, 1)
-                })
-                .collect();
+            out.show_prompt_as_written(&self.prompt, &self.args.prompt);
+            let infotexts: Vec<String> =
+                (0..out.images.len()).map(|i| out.infotext_of(i)).collect();
             let to = paths
                 .get(made..made + out.images.len())
                 .context("the pipeline returned more images than planned")?;
@@ -550,23 +546,6 @@ fn embeddings_in(dir: &Path) -> Result<Vec<EmbeddingSpec>> {
 }
 
 /// `dir/name`, or `dir/name.<ext>` for one of `exts`.
-fn find_in_dir(dir: &Path, name: &str, exts: &[&str]) -> Result<PathBuf> {
-    if name.contains('/') || name.contains('\\') || name.starts_with("..") {
-        bail!("<lora:{name}>: a name, not a path");
-    }
-    let direct = dir.join(name);
-    if direct.is_file() {
-        return Ok(direct);
-    }
-    for ext in exts {
-        let p = dir.join(format!("{name}.{ext}"));
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!("<lora:{name}>: no {name}.safetensors in {}", dir.display())
-}
-
 /// The bundled models (`models/...` in the repository).
 pub fn bundled(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
