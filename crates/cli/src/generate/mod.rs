@@ -545,7 +545,6 @@ fn embeddings_in(dir: &Path) -> Result<Vec<EmbeddingSpec>> {
         .collect())
 }
 
-/// `dir/name`, or `dir/name.<ext>` for one of `exts`.
 /// The bundled models (`models/...` in the repository).
 pub fn bundled(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
