@@ -21,6 +21,11 @@ pub struct ServeArgs {
     /// model afresh with them fused in (seconds); without this folder a tag is refused.
     #[arg(long, value_name = "DIR")]
     pub lora_dir: Option<std::path::PathBuf>,
+    /// Textual-inversion embeddings (.pt, .safetensors, .bin) added to every Stable Diffusion
+    /// model as it loads, each under its token (the file's own, else its stem); files that do
+    /// not fit the model are skipped with a warning. GET /sdapi/v1/embeddings lists them.
+    #[arg(long, value_name = "DIR")]
+    pub embedding_dir: Option<std::path::PathBuf>,
     /// Address to listen on. Only loopback unless you say otherwise.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -60,8 +65,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if args.max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1");
     }
-    if let Some(dir) = args.lora_dir.as_ref().filter(|d| !d.is_dir()) {
-        anyhow::bail!("--lora-dir {}: no such folder", dir.display());
+    for (flag, dir) in [
+        ("--lora-dir", &args.lora_dir),
+        ("--embedding-dir", &args.embedding_dir),
+    ] {
+        if let Some(dir) = dir.as_ref().filter(|d| !d.is_dir()) {
+            anyhow::bail!("{flag} {}: no such folder", dir.display());
+        }
     }
     let config = ServerConfig {
         models: args.models.clone(),
@@ -80,6 +90,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         },
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         lora_dir: args.lora_dir.clone(),
+        embedding_dir: args.embedding_dir.clone(),
         ..ServerConfig::default()
     };
     if !args.host.is_loopback() && config.api_key.is_none() {

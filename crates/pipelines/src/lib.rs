@@ -102,6 +102,32 @@ pub struct EmbeddingSpec {
     pub token: Option<String>,
 }
 
+impl EmbeddingSpec {
+    /// Every embedding file of `dir` (`.pt`, `.safetensors`, `.bin`), each under its own token,
+    /// in file name order.
+    pub fn all_in(dir: &Path) -> Result<Vec<Self>> {
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            Error::invalid(format!(
+                "reading the embedding folder {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| ["pt", "safetensors", "bin"].contains(&e))
+            })
+            .collect();
+        files.sort();
+        Ok(files
+            .into_iter()
+            .map(|path| EmbeddingSpec { path, token: None })
+            .collect())
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
@@ -174,6 +200,21 @@ pub enum Pipeline {
 }
 
 impl Pipeline {
+    /// Adds a textual-inversion embedding (Stable Diffusion 1.x/2.x and XL) under `token`
+    /// (default: the file's own token, else its stem); returns the token. A file that does not
+    /// fit the model is an error that leaves the pipeline as it was.
+    pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<String> {
+        match self {
+            Pipeline::StableDiffusion(p) => p.load_textual_inversion(path, token),
+            Pipeline::StableDiffusionXL(p) => p.load_textual_inversion(path, token),
+            other => Err(Error::invalid(format!(
+                "{}: textual-inversion embeddings are for Stable Diffusion pipelines, not {}",
+                path.display(),
+                other.class_name()
+            ))),
+        }
+    }
+
     /// The VAE, for settings such as tiling; `None` for pixel-space models.
     pub fn vae_mut(&mut self) -> Option<&mut AutoencoderKL> {
         match self {

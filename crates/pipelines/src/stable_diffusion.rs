@@ -215,7 +215,7 @@ impl StableDiffusionPipeline {
     /// Adds a textual-inversion embedding (diffusers' `load_textual_inversion`): its vectors
     /// become new rows of the text encoder's token table, under `token` (default: the token
     /// the file names, else the file stem) and, for n vectors, `token_1 .. token_{n-1}`.
-    pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<()> {
+    pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<String> {
         let ti = diffuse_loaders::textual_inversion::TextualInversion::load(path)?;
         let token = embedding_token(path, token, &ti)?;
         let [vectors] = ti.vectors.as_slice() else {
@@ -241,9 +241,9 @@ impl StableDiffusionPipeline {
         self.tokenizer = tokenizer;
         self.text_encoder = encoder;
         if n > 1 {
-            self.multi_vector_tokens.push((token, n));
+            self.multi_vector_tokens.push((token.clone(), n));
         }
-        Ok(())
+        Ok(token)
     }
 
     /// diffusers' `maybe_convert_prompt`: every multi-vector token the tokenizer finds in

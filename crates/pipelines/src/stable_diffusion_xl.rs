@@ -287,7 +287,7 @@ impl StableDiffusionXLPipeline {
     /// `token` (default: the file's own token, else its stem; `token_1` ... for further
     /// vectors) to both tokenizers and its vectors to the matching encoders (the refiner,
     /// which has only the second encoder, takes `clip_g`).
-    pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<()> {
+    pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<String> {
         let ti = diffuse_loaders::textual_inversion::TextualInversion::load(path)?;
         let token = embedding_token(path, token, &ti)?;
         let [clip_l, clip_g] = ti.vectors.as_slice() else {
@@ -333,9 +333,9 @@ impl StableDiffusionXLPipeline {
         self.text_encoder_2 = te2;
         self.tokenizer_2 = tok2;
         if n > 1 {
-            self.multi_vector_tokens.push((token, n));
+            self.multi_vector_tokens.push((token.clone(), n));
         }
-        Ok(())
+        Ok(token)
     }
 
     /// `2 ** (len(vae.block_out_channels) - 1)`.

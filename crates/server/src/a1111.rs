@@ -203,6 +203,12 @@ pub async fn loras(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
     ))
 }
 
+/// `GET /sdapi/v1/embeddings`: the textual-inversion embeddings the loaded model took from
+/// `--embedding-dir` (by token) and those it skipped (by file stem), as A1111 lists them.
+pub async fn embeddings(State(state): State<AppState>) -> Json<Value> {
+    Json(state.embeddings.report())
+}
+
 pub async fn sd_models(State(state): State<AppState>) -> Json<Value> {
     Json(state.models.entries().iter().map(|e| e.to_json()).collect())
 }

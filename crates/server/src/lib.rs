@@ -1,7 +1,8 @@
 //! `diffuse serve`: an HTTP server for the diffuse pipelines.
 //!
 //! * AUTOMATIC1111's API (`/sdapi/v1/txt2img`, `img2img`, `progress`, `interrupt`, `samplers`,
-//!   `sd-models`, `options`, `png-info`, `loras`; `<lora:name:weight>` prompt tags) and
+//!   `sd-models`, `options`, `png-info`, `loras`, `embeddings`; `<lora:name:weight>` prompt
+//!   tags) and
 //!   OpenAI's (`/v1/images/generations`, `/v1/models`);
 //! * jobs (`/v1/jobs`): queue, follow with Server-Sent Events, fetch images, cancel;
 //! * a web page at `/` (one static file compiled into the binary).
@@ -79,6 +80,10 @@ pub struct ServerConfig {
     /// Where the `<lora:name:weight>` tags of Stable Diffusion prompts find `name.safetensors`
     /// (also listed by `/sdapi/v1/loras`); `None`: a tag is refused.
     pub lora_dir: Option<std::path::PathBuf>,
+    /// Textual-inversion embeddings (`.pt`, `.safetensors`, `.bin`) added to every Stable
+    /// Diffusion model as it loads, each under its token (A1111's `embeddings` folder); files
+    /// that do not fit the model are skipped.
+    pub embedding_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -91,6 +96,7 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(30),
             lora_dir: None,
+            embedding_dir: None,
         }
     }
 }
@@ -101,6 +107,8 @@ pub struct AppState {
     pub queue: Arc<JobQueue>,
     pub models: Arc<Models>,
     pub config: Arc<ServerConfig>,
+    /// The embeddings the loaded model took and skipped (`/sdapi/v1/embeddings`).
+    pub embeddings: Arc<worker::Embeddings>,
 }
 
 /// A started server: the worker runs and the default model is loaded.
@@ -118,7 +126,8 @@ impl Server {
         }
         let models = Arc::new(Models::from_specs(&config.models)?);
         let queue = Arc::new(JobQueue::new(config.max_queue, config.keep_jobs.max(1)));
-        let worker = worker::spawn(queue.clone(), models.clone())
+        let embeddings = Arc::new(worker::Embeddings::new(config.embedding_dir.clone()));
+        let worker = worker::spawn(queue.clone(), models.clone(), embeddings.clone())
             .map_err(|e| Error::invalid(format!("starting the worker thread: {e}")))?;
         let loaded = queue
             .load(models.default_name())
@@ -128,6 +137,7 @@ impl Server {
             queue,
             models,
             config: Arc::new(config),
+            embeddings,
         };
         let server = Self { state, worker };
         match loaded {

@@ -26,6 +26,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sdapi/v1/png-info", post(a1111::png_info))
         .route("/sdapi/v1/sd-models", get(a1111::sd_models))
         .route("/sdapi/v1/loras", get(a1111::loras))
+        .route("/sdapi/v1/embeddings", get(a1111::embeddings))
         // The folder is read on every request: there is nothing to refresh.
         .route("/sdapi/v1/refresh-loras", post(|| async { axum::Json(()) }))
         .route(

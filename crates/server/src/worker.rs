@@ -3,17 +3,20 @@
 //! goes on with the next one.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
 use diffuse_core::Error;
+use diffuse_loaders::textual_inversion::TextualInversion;
 use diffuse_pipelines::task::run_task;
 use diffuse_pipelines::{
-    load_pipeline, named_scheduler, LoadOptions, LoraSpec, Pipeline, StepInfo,
+    load_pipeline, named_scheduler, EmbeddingSpec, LoadOptions, LoraSpec, Pipeline, StepInfo,
 };
 use image::DynamicImage;
+use serde_json::{json, Map, Value};
 
 use crate::jobs::{FailureKind, Job, JobQueue, JobResult, Work};
 use crate::models::Models;
@@ -22,12 +25,17 @@ use crate::models::Models;
 const PREVIEW_EVERY: Duration = Duration::from_millis(200);
 
 /// Starts the worker; it ends when the queue is closed and empty.
-pub fn spawn(queue: Arc<JobQueue>, models: Arc<Models>) -> std::io::Result<JoinHandle<()>> {
+pub fn spawn(
+    queue: Arc<JobQueue>,
+    models: Arc<Models>,
+    embeddings: Arc<Embeddings>,
+) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("diffuse-worker".into())
         .spawn(move || {
             let mut worker = Worker {
                 models,
+                embeddings,
                 loaded: None,
             };
             while let Some(work) = queue.next() {
@@ -49,8 +57,80 @@ pub fn spawn(queue: Arc<JobQueue>, models: Arc<Models>) -> std::io::Result<JoinH
         })
 }
 
+/// The textual-inversion folder, and what the model loaded last took from it: A1111's
+/// `/sdapi/v1/embeddings` (`loaded`, `skipped`).
+pub struct Embeddings {
+    dir: Option<PathBuf>,
+    report: Mutex<Value>,
+}
+
+impl Embeddings {
+    pub fn new(dir: Option<PathBuf>) -> Self {
+        Self {
+            dir,
+            report: Mutex::new(json!({ "loaded": {}, "skipped": {} })),
+        }
+    }
+
+    /// The report of the model loaded last.
+    pub fn report(&self) -> Value {
+        self.report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Adds every embedding of the folder to a Stable Diffusion pipeline, each under its
+    /// token; one that does not fit (another text encoder width, an SDXL file on SD 1.5) is
+    /// skipped with a warning, as A1111 skips it. Other pipelines take none.
+    fn add_to(&self, pipeline: &mut Pipeline) {
+        let (mut loaded, mut skipped) = (Map::new(), Map::new());
+        let sd = matches!(
+            pipeline,
+            Pipeline::StableDiffusion(_) | Pipeline::StableDiffusionXL(_)
+        );
+        if let (Some(dir), true) = (&self.dir, sd) {
+            let files = EmbeddingSpec::all_in(dir).unwrap_or_else(|e| {
+                eprintln!("warning: {e}");
+                Vec::new()
+            });
+            for f in files {
+                let stem = f.path.file_stem().map(|s| s.to_string_lossy().into_owned());
+                let stem = stem.unwrap_or_default();
+                match pipeline.load_textual_inversion(&f.path, None) {
+                    Ok(token) => {
+                        let shape = TextualInversion::load(&f.path)
+                            .ok()
+                            .and_then(|t| t.vectors.first().map(|v| v.dims().to_vec()));
+                        let (vectors, dim) = match shape.as_deref() {
+                            Some(&[n, d]) => (json!(n), json!(d)),
+                            _ => (Value::Null, Value::Null),
+                        };
+                        loaded.insert(
+                            token,
+                            json!({ "step": null, "sd_checkpoint": null,
+                                    "sd_checkpoint_name": null, "shape": dim, "vectors": vectors }),
+                        );
+                    }
+                    Err(e) => {
+                        eprintln!("warning: embedding {stem} skipped: {e}");
+                        skipped.insert(
+                            stem,
+                            json!({ "step": null, "sd_checkpoint": null,
+                                    "sd_checkpoint_name": null, "shape": null, "vectors": null }),
+                        );
+                    }
+                }
+            }
+        }
+        *self.report.lock().unwrap_or_else(|e| e.into_inner()) =
+            json!({ "loaded": loaded, "skipped": skipped });
+    }
+}
+
 struct Worker {
     models: Arc<Models>,
+    embeddings: Arc<Embeddings>,
     /// One model at a time (as A1111), with the LoRAs fused into it: switching either loads
     /// it afresh and drops the previous one.
     loaded: Option<Loaded>,
@@ -83,8 +163,9 @@ impl Worker {
                 loras: loras.to_vec(),
                 ..LoadOptions::default()
             };
-            let pipeline = load_pipeline(&entry.dir, &opts)
+            let mut pipeline = load_pipeline(&entry.dir, &opts)
                 .map_err(|e| Error::invalid(format!("loading model `{name}`: {e}")))?;
+            self.embeddings.add_to(&mut pipeline);
             self.loaded = Some(Loaded {
                 model: name.to_string(),
                 loras: loras.to_vec(),

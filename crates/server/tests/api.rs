@@ -1001,3 +1001,72 @@ async fn lora_tags_in_the_prompt_load_the_lora() {
     assert!(msg.contains("no LoRA folder"), "{msg}");
     s.stop().await.unwrap();
 }
+
+/// `--embedding-dir`: every embedding of the folder is added to the Stable Diffusion model as
+/// it loads (the image of a prompt with its token is the library's with that embedding), a
+/// file that is no embedding for this model is skipped, and `/sdapi/v1/embeddings` says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedding_folder_adds_its_tokens() {
+    use diffuse_pipelines::prompt_weighting::PromptSyntax;
+    use diffuse_pipelines::task::{run_task, TaskSettings};
+    use diffuse_pipelines::{load_pipeline, EmbeddingSpec, LoadOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let style = dir.path().join("my-style.safetensors");
+    std::fs::copy(
+        fixtures().join("cases/_adapters/embedding_a1111.safetensors"),
+        &style,
+    )
+    .unwrap();
+    std::fs::copy(
+        fixtures().join("cases/_adapters/lora_kohya.safetensors"),
+        dir.path().join("not-an-embedding.safetensors"),
+    )
+    .unwrap();
+    let s = TestServer::start(ServerConfig {
+        embedding_dir: Some(dir.path().to_path_buf()),
+        ..config(vec![tiny_sd()])
+    })
+    .await;
+    let report = s.get_json("/sdapi/v1/embeddings").await;
+    let loaded = report["loaded"].as_object().unwrap();
+    assert_eq!(loaded.keys().collect::<Vec<_>>(), ["my-style"], "{report}");
+    assert!(loaded["my-style"]["vectors"].as_u64().is_some(), "{report}");
+    let skipped = report["skipped"].as_object().unwrap();
+    assert_eq!(skipped.keys().collect::<Vec<_>>(), ["not-an-embedding"]);
+
+    let prompt = "a lighthouse in my-style";
+    let v = s
+        .post_json(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": prompt, "steps": 2, "seed": 3, "cfg_scale": 7, "width": 64, "height": 64}),
+        )
+        .await;
+    let served = image::load_from_memory(&unb64(v["images"][0].as_str().unwrap()))
+        .unwrap()
+        .to_rgb8();
+    let settings = TaskSettings {
+        prompt: prompt.into(),
+        steps: Some(2),
+        guidance_scale: Some(7.0),
+        seed: 3,
+        width: Some(64),
+        height: Some(64),
+        prompt_syntax: PromptSyntax::A1111,
+        ..TaskSettings::default()
+    };
+    let run = |textual_inversions: Vec<EmbeddingSpec>| {
+        let opts = LoadOptions {
+            textual_inversions,
+            ..LoadOptions::default()
+        };
+        let p = load_pipeline(std::path::Path::new(&tiny_sd()), &opts).unwrap();
+        run_task(&p, "tiny_sd", &settings, None).unwrap().images[0].to_rgb8()
+    };
+    let with = run(vec![EmbeddingSpec {
+        path: style,
+        token: None,
+    }]);
+    assert_eq!(served, with, "not the library's image with the embedding");
+    assert_ne!(served, run(Vec::new()), "the embedding changed nothing");
+    s.stop().await.unwrap();
+}

@@ -217,7 +217,10 @@ impl Session {
             .map(|s| parse_embedding(s))
             .collect::<Result<Vec<_>>>()?;
         if let Some(dir) = &args.embedding_dir {
-            textual_inversions.extend(embeddings_in(dir)?);
+            textual_inversions.extend(
+                EmbeddingSpec::all_in(dir)
+                    .with_context(|| format!("--embedding-dir {}", dir.display()))?,
+            );
         }
         let opts = LoadOptions {
             dtype: args.dtype.into(),
@@ -525,24 +528,6 @@ fn parse_embedding(spec: &str) -> Result<EmbeddingSpec> {
         bail!("--embedding {spec}: no such file {}", path.display());
     }
     Ok(EmbeddingSpec { path, token })
-}
-
-/// Every embedding file in a folder, under its file stem (sorted, for a stable order).
-fn embeddings_in(dir: &Path) -> Result<Vec<EmbeddingSpec>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("--embedding-dir {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| ["pt", "safetensors", "bin"].contains(&e))
-        })
-        .collect();
-    files.sort();
-    Ok(files
-        .into_iter()
-        .map(|path| EmbeddingSpec { path, token: None })
-        .collect())
 }
 
 /// The bundled models (`models/...` in the repository).
