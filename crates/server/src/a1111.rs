@@ -183,6 +183,30 @@ pub async fn samplers() -> Json<Value> {
     Json(Value::Array(sampler_list()))
 }
 
+/// `GET /sdapi/v1/schedulers` (A1111 1.9+): the sigma schedules a request's `scheduler` may
+/// name next to its sampler: the sampler's own (`Automatic`) or Karras's.
+pub async fn schedulers() -> Json<Value> {
+    Json(json!([
+        { "name": "automatic", "label": "Automatic", "aliases": null, "default_rho": -1,
+          "need_inner_model": false },
+        { "name": "karras", "label": "Karras", "aliases": null, "default_rho": 7.0,
+          "need_inner_model": false },
+    ]))
+}
+
+/// `GET /sdapi/v1/upscalers`: this server upscales nothing (no hires fix), which A1111 lists
+/// as its `None` upscaler.
+pub async fn upscalers() -> Json<Value> {
+    Json(json!([
+        { "name": "None", "model_name": null, "model_path": null, "model_url": null, "scale": 4 }
+    ]))
+}
+
+/// `GET /sdapi/v1/sd-vae`: no separate VAE files; every model decodes with its own.
+pub async fn sd_vae() -> Json<Value> {
+    Json(json!([]))
+}
+
 /// `GET /sdapi/v1/loras`: the LoRAs `<lora:name:weight>` tags may name (the `*.safetensors`
 /// files of `--lora-dir`; none without one), as A1111 lists them. `path` is the file name
 /// alone: a client need not learn where the server keeps its files.

@@ -1,8 +1,8 @@
 //! `diffuse serve`: an HTTP server for the diffuse pipelines.
 //!
 //! * AUTOMATIC1111's API (`/sdapi/v1/txt2img`, `img2img`, `progress`, `interrupt`, `samplers`,
-//!   `sd-models`, `options`, `png-info`, `loras`, `embeddings`; `<lora:name:weight>` prompt
-//!   tags) and
+//!   `schedulers`, `sd-models`, `options`, `png-info`, `loras`, `embeddings`, `upscalers`,
+//!   `sd-vae`; `<lora:name:weight>` prompt tags) and
 //!   OpenAI's (`/v1/images/generations`, `/v1/models`);
 //! * jobs (`/v1/jobs`): queue, follow with Server-Sent Events, fetch images, cancel;
 //! * a web page at `/` (one static file compiled into the binary).

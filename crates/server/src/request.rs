@@ -230,8 +230,14 @@ impl GenerateRequest {
                 Some(name.to_string())
             }
         };
-        let sampler = match (sampler, self.scheduler.as_deref().map(str::trim)) {
-            (s, None | Some("") | Some("Automatic")) => s,
+        // A1111's names and labels: `automatic`/`Automatic` is the sampler's own schedule.
+        let schedule = self
+            .scheduler
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty() && !k.eq_ignore_ascii_case("automatic"));
+        let sampler = match (sampler, schedule) {
+            (s, None) => s,
             (Some(name), Some(kind)) if name.to_lowercase().ends_with(&kind.to_lowercase()) => {
                 Some(name)
             }

@@ -154,6 +154,20 @@ async fn listings_options_and_model_switch() {
             "{n} listed but unknown"
         );
     }
+    // Every listed sigma schedule, by name or label, goes with a sampler that has it.
+    let schedules = s.get_json("/sdapi/v1/schedulers").await;
+    let schedules = schedules.as_array().unwrap();
+    assert_eq!(schedules.len(), 2);
+    for sch in schedules {
+        for key in ["name", "label"] {
+            let body = json!({"prompt": "x", "steps": 1, "seed": 1, "sampler_name": "DPM++ 2M",
+                              "scheduler": sch[key]});
+            let r = s.post("/sdapi/v1/txt2img", &body).await;
+            assert_eq!(r.status(), 200, "{body}");
+        }
+    }
+    assert_eq!(s.get_json("/sdapi/v1/upscalers").await[0]["name"], "None");
+    assert_eq!(s.get_json("/sdapi/v1/sd-vae").await, json!([]));
     let models = s.get_json("/sdapi/v1/sd-models").await;
     let titles: Vec<&str> = models
         .as_array()
