@@ -20,6 +20,9 @@ use crate::ServerConfig;
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct OverrideSettings {
     pub sd_model_checkpoint: Option<String>,
+    /// A1111's clip skip: 1 reads the text encoder's last layer, 2 the one before it, ...
+    #[serde(rename = "CLIP_stop_at_last_layers")]
+    pub clip_stop_at_last_layers: Option<i64>,
 }
 
 /// The fields of `/sdapi/v1/txt2img`, `/sdapi/v1/img2img` and `POST /v1/jobs` (unknown
@@ -145,14 +148,10 @@ impl GenerateRequest {
         config: &ServerConfig,
     ) -> Result<JobSpec, ApiError> {
         let limits = &config.limits;
-        let (model_field, model) = match (&self.model, &self.override_settings) {
+        let overrides = self.override_settings.clone().unwrap_or_default();
+        let (model_field, model) = match (&self.model, &overrides.sd_model_checkpoint) {
             (Some(m), _) => ("model", m.clone()),
-            (
-                None,
-                Some(OverrideSettings {
-                    sd_model_checkpoint: Some(m),
-                }),
-            ) => ("override_settings.sd_model_checkpoint", m.clone()),
+            (None, Some(m)) => ("override_settings.sd_model_checkpoint", m.clone()),
             _ => ("model", models.default_name()),
         };
         let entry = models.get(&model).ok_or_else(|| {
@@ -192,6 +191,23 @@ impl GenerateRequest {
             }
             parse_class(&info.class_names, &prompt)
                 .map_err(|e| ApiError::field("prompt", e.to_string()))?;
+        }
+        let clip_field = "override_settings.CLIP_stop_at_last_layers";
+        let clip_skip = int_in(clip_field, overrides.clip_stop_at_last_layers, 1, 12)?
+            .and_then(|k| k.checked_sub(1))
+            .filter(|&k| k > 0);
+        let text_encoded = matches!(
+            info.kind,
+            PipelineKind::StableDiffusion | PipelineKind::StableDiffusion3
+        );
+        if clip_skip.is_some() && !text_encoded {
+            return Err(ApiError::field(
+                clip_field,
+                format!(
+                    "{clip_field}: clip skip is for Stable Diffusion models, not `{}`",
+                    entry.name
+                ),
+            ));
         }
         let written_prompt = prompt.clone();
         let (prompt, loras) = prompt_loras(&prompt, entry, config.lora_dir.as_deref())?;
@@ -399,7 +415,7 @@ impl GenerateRequest {
                 init,
                 // What A1111 clients write: weights, escapes, long prompts.
                 prompt_syntax: PromptSyntax::A1111,
-                clip_skip: None,
+                clip_skip,
                 ..Default::default()
             },
             n_iter,

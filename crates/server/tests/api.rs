@@ -64,6 +64,18 @@ async fn a1111_txt2img_returns_png_with_infotext_and_seeds() {
         .await;
     let (_, _, text) = png_info(&unb64(v["images"][0].as_str().unwrap()));
     assert!(text.unwrap().contains("Sampler: DPM++ 2M Karras,"));
+    // A1111's clip skip comes in override_settings: 2 reads the layer before the last.
+    let ask = |clip: Value| {
+        json!({"prompt": "a red cube", "steps": 2, "seed": 9,
+               "override_settings": {"CLIP_stop_at_last_layers": clip}})
+    };
+    let skipped = s.post_json("/sdapi/v1/txt2img", &ask(json!(2))).await;
+    let (_, _, text) = png_info(&unb64(skipped["images"][0].as_str().unwrap()));
+    assert!(text.unwrap().ends_with(", Clip skip: 2"));
+    let last = s.post_json("/sdapi/v1/txt2img", &ask(json!(1))).await;
+    let (_, _, text) = png_info(&unb64(last["images"][0].as_str().unwrap()));
+    assert!(!text.unwrap().contains("Clip skip"));
+    assert_ne!(skipped["images"], last["images"]);
     // seed -1 draws a seed, reported in info.
     let r: Value = s
         .post_json(
@@ -398,6 +410,15 @@ async fn bad_input_gets_clear_error_codes() {
         (
             json!({"override_settings": {"sd_model_checkpoint": 5}}),
             "override_settings.sd_model_checkpoint",
+        ),
+        (
+            json!({"override_settings": {"CLIP_stop_at_last_layers": 13}}),
+            "override_settings.CLIP_stop_at_last_layers",
+        ),
+        (
+            json!({"model": "fashion-mnist-ddpm", "prompt": "bag",
+                   "override_settings": {"CLIP_stop_at_last_layers": 2}}),
+            "override_settings.CLIP_stop_at_last_layers",
         ),
         (json!({"model": "fashion-mnist-ddpm"}), "prompt"),
         (
