@@ -345,11 +345,8 @@ pub fn load_pipeline(path: &Path, opts: &LoadOptions) -> Result<Pipeline> {
             | "StableDiffusionInpaintPipeline"
     );
     if sd {
-        let mut p = StableDiffusionPipeline::load_from(&src, class, opts)?;
-        for e in &opts.textual_inversions {
-            p.load_textual_inversion(&e.path, e.token.as_deref())?;
-        }
-        return Ok(Pipeline::StableDiffusion(Box::new(p)));
+        let p = StableDiffusionPipeline::load_from(&src, class, opts)?;
+        return with_embeddings(Pipeline::StableDiffusion(Box::new(p)), opts);
     }
     if class.starts_with("StableDiffusionXL") {
         let flags = match &src {
@@ -366,11 +363,8 @@ pub fn load_pipeline(path: &Path, opts: &LoadOptions) -> Result<Pipeline> {
                 *family == diffuse_loaders::single_file::Family::SdxlRefiner,
             ),
         };
-        let mut p = StableDiffusionXLPipeline::load_from(&src, class, flags, opts)?;
-        for e in &opts.textual_inversions {
-            p.load_textual_inversion(&e.path, e.token.as_deref())?;
-        }
-        return Ok(Pipeline::StableDiffusionXL(Box::new(p)));
+        let p = StableDiffusionXLPipeline::load_from(&src, class, flags, opts)?;
+        return with_embeddings(Pipeline::StableDiffusionXL(Box::new(p)), opts);
     }
     let sources::Source::Folder(dir) = &src else {
         return Err(Error::invalid(format!(
@@ -449,6 +443,14 @@ pub fn named_scheduler(dir: &Path, name: &str) -> Result<Box<dyn Scheduler>> {
 /// A fresh copy of a scheduler (no state left from an earlier run, e.g. PNDM's history).
 pub(crate) fn fresh_scheduler(s: &dyn Scheduler) -> Result<Box<dyn Scheduler>> {
     diffuse_schedulers::from_config(s.class_name(), s.config())
+}
+
+/// `pipeline` with the textual-inversion embeddings of `opts` added.
+fn with_embeddings(mut pipeline: Pipeline, opts: &LoadOptions) -> Result<Pipeline> {
+    for e in &opts.textual_inversions {
+        pipeline.load_textual_inversion(&e.path, e.token.as_deref())?;
+    }
+    Ok(pipeline)
 }
 
 /// Output sizes must be positive multiples of the VAE's scale factor `f`.

@@ -2,8 +2,8 @@
 //!
 //! * AUTOMATIC1111's API (`/sdapi/v1/txt2img`, `img2img`, `progress`, `interrupt`, `samplers`,
 //!   `schedulers`, `sd-models`, `options`, `png-info`, `loras`, `embeddings`, `upscalers`,
-//!   `sd-vae`; `<lora:name:weight>` prompt tags) and
-//!   OpenAI's (`/v1/images/generations`, `/v1/models`);
+//!   `sd-vae`; `<lora:name:weight>` prompt tags, clip skip) and OpenAI's
+//!   (`/v1/images/generations`, `/v1/models`);
 //! * jobs (`/v1/jobs`): queue, follow with Server-Sent Events, fetch images, cancel;
 //! * a web page at `/` (one static file compiled into the binary).
 //!
