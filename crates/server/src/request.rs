@@ -25,8 +25,9 @@ pub struct OverrideSettings {
     pub clip_stop_at_last_layers: Option<i64>,
 }
 
-/// The fields of `/sdapi/v1/txt2img`, `/sdapi/v1/img2img` and `POST /v1/jobs` (unknown
-/// fields, such as A1111's `restore_faces`, are ignored).
+/// The fields of `/sdapi/v1/txt2img`, `/sdapi/v1/img2img` and `POST /v1/jobs`. Unknown fields
+/// are ignored; the A1111 features this server does not have are refused when a request turns
+/// them on ([`GenerateRequest::check_unsupported`]), not answered without them.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct GenerateRequest {
     pub prompt: Option<String>,
@@ -57,6 +58,11 @@ pub struct GenerateRequest {
     /// Inpainting: base64 mask, white = repaint.
     pub mask: Option<String>,
     pub denoising_strength: Option<f64>,
+    pub enable_hr: Option<bool>,
+    pub restore_faces: Option<bool>,
+    pub tiling: Option<bool>,
+    pub subseed_strength: Option<f64>,
+    pub refiner_checkpoint: Option<String>,
 }
 
 /// Which endpoint a request came to.
@@ -140,6 +146,36 @@ impl GenerateRequest {
             .map_err(|e| ApiError::internal(format!("checking the request: {e}")))?
     }
 
+    /// Refuses a request that turns on an A1111 feature this server does not have (clients
+    /// send most of these switches off by default).
+    fn check_unsupported(&self) -> Result<(), ApiError> {
+        let on = |flag: Option<bool>| flag == Some(true);
+        let asked = [
+            ("enable_hr", on(self.enable_hr), "hires fix"),
+            ("restore_faces", on(self.restore_faces), "face restoration"),
+            ("tiling", on(self.tiling), "seamless tiling"),
+            (
+                "subseed_strength",
+                self.subseed_strength.is_some_and(|s| s != 0.0),
+                "variation seeds",
+            ),
+            (
+                "refiner_checkpoint",
+                self.refiner_checkpoint
+                    .as_deref()
+                    .is_some_and(|s| !s.trim().is_empty() && s != "None"),
+                "refiner switch",
+            ),
+        ];
+        match asked.into_iter().find(|(_, on, _)| *on) {
+            Some((field, _, what)) => Err(ApiError::field(
+                field,
+                format!("{field}: this server has no {what}; leave it out or turn it off"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The job this request asks for, or the first problem with it.
     pub fn to_spec(
         &self,
@@ -147,6 +183,7 @@ impl GenerateRequest {
         models: &Models,
         config: &ServerConfig,
     ) -> Result<JobSpec, ApiError> {
+        self.check_unsupported()?;
         let limits = &config.limits;
         let overrides = self.override_settings.clone().unwrap_or_default();
         let (model_field, model) = match (&self.model, &overrides.sd_model_checkpoint) {

@@ -23,7 +23,10 @@ async fn a1111_txt2img_returns_png_with_infotext_and_seeds() {
     let body = json!({
         "prompt": "a red cube", "negative_prompt": "blurry", "steps": 2, "seed": 42,
         "sampler_name": "Euler a", "cfg_scale": 7, "width": 64, "height": 48,
-        "batch_size": 2, "n_iter": 2, "restore_faces": false
+        "batch_size": 2, "n_iter": 2,
+        // The A1111 switches clients send off by default are accepted off.
+        "restore_faces": false, "enable_hr": false, "tiling": false, "subseed": -1,
+        "subseed_strength": 0, "refiner_checkpoint": ""
     });
     let r = s.post("/sdapi/v1/txt2img", &body).await;
     assert_eq!(r.status(), 200);
@@ -419,6 +422,18 @@ async fn bad_input_gets_clear_error_codes() {
             json!({"model": "fashion-mnist-ddpm", "prompt": "bag",
                    "override_settings": {"CLIP_stop_at_last_layers": 2}}),
             "override_settings.CLIP_stop_at_last_layers",
+        ),
+        // A1111 features this server does not have, turned on.
+        (json!({"enable_hr": true, "hr_scale": 2}), "enable_hr"),
+        (json!({"restore_faces": true}), "restore_faces"),
+        (json!({"tiling": true}), "tiling"),
+        (
+            json!({"subseed": 3, "subseed_strength": 0.5}),
+            "subseed_strength",
+        ),
+        (
+            json!({"refiner_checkpoint": "sdxl_refiner"}),
+            "refiner_checkpoint",
         ),
         (json!({"model": "fashion-mnist-ddpm"}), "prompt"),
         (
