@@ -330,3 +330,42 @@ fn jpeg_output_and_an_unknown_extension() {
     assert_eq!(left, ["out.JPG"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn hires_fix_draws_a_second_larger_pass() {
+    let dir = temp_dir("hires");
+    let out = dir.join("out.png");
+    let model = tiny_sd();
+    let run = diffuse(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a photo",
+        "--seed",
+        "0",
+        "--steps",
+        "3",
+        "--hires-scale",
+        "2",
+        "--hires-strength",
+        "0.5",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let (w, h, text) = png_parameters(&out);
+    assert_eq!((w, h), (128, 128));
+    assert!(
+        text.ends_with(
+            "Size: 64x64, Model: tiny_sd, Denoising strength: 0.5, Hires upscale: 2, \
+             Hires upscaler: Lanczos"
+        ),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -287,6 +287,47 @@ pub struct InitImage {
     pub strength: f64,
 }
 
+/// A1111's hires fix for Stable Diffusion text-to-image: each image is upscaled (Lanczos) by
+/// `scale`, to the VAE factor below, and drawn again by img2img at `strength` with `steps`
+/// (default: the first pass's). The second pass of image `i` of a batch draws its noise as
+/// image `i` of a batch from the task's seed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HiresFix {
+    pub scale: f64,
+    pub steps: Option<usize>,
+    pub strength: f64,
+}
+
+impl HiresFix {
+    /// The upscaler A1111's infotext names (the only one there is here).
+    pub const UPSCALER: &'static str = "Lanczos";
+
+    /// The second pass's `(width, height)` after a first pass of `width × height`.
+    pub fn size(&self, (width, height): (usize, usize), factor: usize) -> Result<(usize, usize)> {
+        if !(self.scale.is_finite() && (1.0..=8.0).contains(&self.scale)) {
+            return Err(Error::invalid(format!(
+                "the hires scale must be between 1 and 8, got {}",
+                self.scale
+            )));
+        }
+        let side = |x: usize| (x as f64 * self.scale) as usize / factor * factor;
+        Ok((side(width), side(height)))
+    }
+
+    /// The infotext entries A1111 writes for it.
+    fn infotext(&self) -> Vec<(String, String)> {
+        let mut extra = vec![
+            ("Denoising strength".to_string(), self.strength.to_string()),
+            ("Hires upscale".to_string(), self.scale.to_string()),
+        ];
+        if let Some(n) = self.steps {
+            extra.push(("Hires steps".to_string(), n.to_string()));
+        }
+        extra.push(("Hires upscaler".to_string(), Self::UPSCALER.to_string()));
+        extra
+    }
+}
+
 /// The settings of one task; `None` takes the pipeline's default.
 #[derive(Clone, Debug)]
 pub struct TaskSettings {
@@ -323,6 +364,8 @@ pub struct TaskSettings {
     pub class_labels: Vec<String>,
     /// ControlNets steering a Stable Diffusion task.
     pub controlnet: Option<ControlNetRequest>,
+    /// Stable Diffusion text-to-image: a second, larger pass.
+    pub hires: Option<HiresFix>,
 }
 
 impl Default for TaskSettings {
@@ -346,6 +389,7 @@ impl Default for TaskSettings {
             max_sequence_length: None,
             class_labels: Vec::new(),
             controlnet: None,
+            hires: None,
         }
     }
 }
@@ -489,6 +533,15 @@ pub fn run_task(
             pipeline.class_name()
         )));
     }
+    if s.hires.is_some() && (kind != PipelineKind::StableDiffusion || s.init.is_some()) {
+        return Err(Error::invalid(format!(
+            "the hires fix is for Stable Diffusion text-to-image, not {}",
+            match s.init {
+                Some(_) => "img2img or inpainting".to_string(),
+                None => pipeline.class_name().to_string(),
+            }
+        )));
+    }
     if !s.class_labels.is_empty() && kind != PipelineKind::DiT {
         return Err(Error::invalid(format!(
             "class labels are for DiT models, not {}",
@@ -612,7 +665,23 @@ pub fn run_task(
                         width: Some(w),
                         latents: None,
                     };
-                    (p.text_to_image(&req, callback)?, (w, h), Vec::new())
+                    match &s.hires {
+                        None => (p.text_to_image(&req, callback)?, (w, h), Vec::new()),
+                        Some(hr) => {
+                            let mut callback = callback;
+                            let first = p.text_to_image(&req, callback.as_deref_mut())?;
+                            let size = hr.size((w, h), p.vae_scale_factor())?;
+                            let shard = |i: usize| BatchShard {
+                                batch: planned,
+                                start: rows.start + i,
+                                len: 1,
+                            };
+                            let out =
+                                p.hires_pass(first, &req.params, hr, size, shard, callback)?;
+                            // A1111 writes the first pass's size and the upscale.
+                            (out, (w, h), hr.infotext())
+                        }
+                    }
                 }
                 Some(init) => {
                     let f = p.vae_scale_factor();
@@ -846,6 +915,60 @@ impl<'a> SdFamily<'a> {
         }
     }
 
+    /// The hires fix's second pass over `first`: each image upscaled to `(width, height)` and
+    /// redrawn by img2img, with the noise of its place in the batch (`shard(i)`).
+    fn hires_pass(
+        &self,
+        first: ImageOutput,
+        params: &GenerationParams,
+        hr: &HiresFix,
+        (width, height): (usize, usize),
+        shard: impl Fn(usize) -> BatchShard,
+        mut cb: Option<&mut StepCallback<'_>>,
+    ) -> Result<ImageOutput> {
+        crate::check_image_size(height, width, self.vae_scale_factor())?;
+        let (mut timings, mut warnings) = (first.timings, first.warnings);
+        let (mut images, mut rgb) = (Vec::new(), Vec::new());
+        for (i, img) in first.rgb.iter().enumerate() {
+            let image = image::imageops::resize(
+                img,
+                width as u32,
+                height as u32,
+                image::imageops::FilterType::Lanczos3,
+            );
+            let req = Img2ImgRequest {
+                params: GenerationParams {
+                    num_images_per_prompt: 1,
+                    steps: hr.steps.unwrap_or(params.steps),
+                    shard: Some(shard(i)),
+                    ..params.clone()
+                },
+                image,
+                strength: hr.strength,
+            };
+            let out = self.img2img(&req, cb.as_deref_mut())?;
+            timings.text_encode += out.timings.text_encode;
+            timings.image_encode += out.timings.image_encode;
+            timings.denoise += out.timings.denoise;
+            timings.decode += out.timings.decode;
+            // (The same prompt warns the same way in every pass.)
+            for w in out.warnings {
+                if !warnings.contains(&w) {
+                    warnings.push(w);
+                }
+            }
+            images.push(out.images);
+            rgb.extend(out.rgb);
+        }
+        Ok(ImageOutput {
+            images: candle_core::Tensor::cat(&images, 0)?,
+            rgb,
+            timings,
+            warnings,
+            trace: None,
+        })
+    }
+
     fn inpaint(
         &self,
         req: &InpaintRequest,
@@ -943,6 +1066,105 @@ mod tests {
             strength: 1.0,
         });
         assert_eq!(run_task(&p, "tiny", &s, None).unwrap().images.len(), 1);
+    }
+
+    /// The hires fix is text-to-image, then each image upscaled (Lanczos, to a multiple of 8
+    /// below) and redrawn by img2img with the noise of its place in the batch: the same
+    /// pixels as those steps run one by one through the pipeline.
+    #[test]
+    fn hires_fix_is_txt2img_then_img2img_of_each_image() {
+        let p =
+            load_pipeline(&repo("fixtures/pipelines/tiny_sd"), &LoadOptions::default()).unwrap();
+        let Pipeline::StableDiffusion(sd) = &p else {
+            panic!("tiny_sd is an SD pipeline")
+        };
+        let hr = HiresFix {
+            scale: 1.6,
+            steps: Some(3),
+            strength: 0.6,
+        };
+        let s = TaskSettings {
+            prompt: "a lighthouse".into(),
+            steps: Some(2),
+            seed: 11,
+            num_images: 2,
+            width: Some(64),
+            height: Some(48),
+            hires: Some(hr.clone()),
+            ..Default::default()
+        };
+        let out = run_task(&p, "tiny", &s, None).unwrap();
+        assert!(
+            out.infotext.ends_with(
+                "Size: 64x48, Model: tiny, Denoising strength: 0.6, Hires upscale: 1.6, \
+                 Hires steps: 3, Hires upscaler: Lanczos"
+            ),
+            "{}",
+            out.infotext
+        );
+        let params = GenerationParams {
+            prompts: vec!["a lighthouse".into()],
+            negative_prompts: vec![String::new()],
+            guidance_scale: 7.5,
+            num_images_per_prompt: 2,
+            steps: 2,
+            seed: 11,
+            ..Default::default()
+        };
+        let first = sd
+            .text_to_image(
+                &Text2ImageRequest {
+                    params: params.clone(),
+                    height: Some(48),
+                    width: Some(64),
+                    latents: None,
+                },
+                None,
+            )
+            .unwrap();
+        assert_eq!(out.images.len(), 2);
+        for (i, img) in first.rgb.iter().enumerate() {
+            // 64 × 1.6 = 102.4 → 96, 48 × 1.6 = 76.8 → 72.
+            let image = image::imageops::resize(img, 96, 72, image::imageops::FilterType::Lanczos3);
+            let req = Img2ImgRequest {
+                params: GenerationParams {
+                    num_images_per_prompt: 1,
+                    steps: 3,
+                    shard: Some(BatchShard {
+                        batch: 2,
+                        start: i,
+                        len: 1,
+                    }),
+                    ..params.clone()
+                },
+                image,
+                strength: 0.6,
+            };
+            let want = &sd.img2img(&req, None).unwrap().rgb[0];
+            assert_eq!(&out.images[i].to_rgb8(), want, "image {i}");
+        }
+        // Not for img2img, nor for other families.
+        let with_init = TaskSettings {
+            init: Some(InitImage {
+                image: first.rgb[0].clone(),
+                mask: None,
+                strength: 0.5,
+            }),
+            ..s.clone()
+        };
+        assert!(run_task(&p, "tiny", &with_init, None).is_err());
+        let ddpm =
+            load_pipeline(&repo("models/fashion-mnist-ddpm"), &LoadOptions::default()).unwrap();
+        let sandal = TaskSettings {
+            prompt: "Sandal".into(),
+            hires: Some(hr),
+            ..Default::default()
+        };
+        let e = run_task(&ddpm, "fashion", &sandal, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("hires fix is for Stable Diffusion"), "{e}");
     }
 
     #[test]

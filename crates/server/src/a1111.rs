@@ -4,6 +4,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use base64::Engine;
+use diffuse_pipelines::task::HiresFix;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -194,12 +195,11 @@ pub async fn schedulers() -> Json<Value> {
     ]))
 }
 
-/// `GET /sdapi/v1/upscalers`: this server upscales nothing (no hires fix), which A1111 lists
-/// as its `None` upscaler.
+/// `GET /sdapi/v1/upscalers`: the hires fix's one upscaler, Lanczos (A1111's `None`, a plain
+/// resize, is the same here); no model upscalers.
 pub async fn upscalers() -> Json<Value> {
-    Json(json!([
-        { "name": "None", "model_name": null, "model_path": null, "model_url": null, "scale": 4 }
-    ]))
+    let entry = |name: &str| json!({ "name": name, "model_name": null, "model_path": null, "model_url": null, "scale": 4 });
+    Json(json!([entry("None"), entry(HiresFix::UPSCALER)]))
 }
 
 /// `GET /sdapi/v1/sd-vae`: no separate VAE files; every model decodes with its own.

@@ -7,14 +7,16 @@ use std::path::Path;
 
 use base64::Engine;
 use diffuse_pipelines::prompt_weighting::{extract_lora_tags, PromptSyntax};
-use diffuse_pipelines::task::{parse_class, random_seed, InitImage, PipelineKind, TaskSettings};
+use diffuse_pipelines::task::{
+    parse_class, random_seed, HiresFix, InitImage, PipelineKind, TaskSettings,
+};
 use diffuse_pipelines::{find_lora, LoraSpec};
 use serde::Deserialize;
 
 use crate::error::ApiError;
 use crate::jobs::JobSpec;
 use crate::models::{ModelEntry, Models};
-use crate::ServerConfig;
+use crate::{Limits, ServerConfig};
 
 /// `override_settings` of an A1111 request.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -58,7 +60,15 @@ pub struct GenerateRequest {
     /// Inpainting: base64 mask, white = repaint.
     pub mask: Option<String>,
     pub denoising_strength: Option<f64>,
+    /// Hires fix (Stable Diffusion txt2img): a second pass at `hr_scale` times the size, by
+    /// img2img at `denoising_strength` (default 0.7) with `hr_second_pass_steps` (0: `steps`).
     pub enable_hr: Option<bool>,
+    pub hr_scale: Option<f64>,
+    pub hr_second_pass_steps: Option<i64>,
+    /// `Lanczos`, or `None` (A1111's plain resize, also Lanczos); no model upscalers.
+    pub hr_upscaler: Option<String>,
+    pub hr_resize_x: Option<i64>,
+    pub hr_resize_y: Option<i64>,
     pub restore_faces: Option<bool>,
     pub tiling: Option<bool>,
     pub subseed_strength: Option<f64>,
@@ -151,7 +161,12 @@ impl GenerateRequest {
     fn check_unsupported(&self) -> Result<(), ApiError> {
         let on = |flag: Option<bool>| flag == Some(true);
         let asked = [
-            ("enable_hr", on(self.enable_hr), "hires fix"),
+            (
+                "hr_resize_x",
+                self.hr_resize_x.is_some_and(|x| x != 0)
+                    || self.hr_resize_y.is_some_and(|y| y != 0),
+                "hires target size (give hr_scale)",
+            ),
             ("restore_faces", on(self.restore_faces), "face restoration"),
             ("tiling", on(self.tiling), "seamless tiling"),
             (
@@ -174,6 +189,84 @@ impl GenerateRequest {
             )),
             None => Ok(()),
         }
+    }
+
+    /// The hires fix the request asks for: Stable Diffusion text-to-image only, its second pass
+    /// within the size limit.
+    fn hires(
+        &self,
+        entry: &ModelEntry,
+        image_task: bool,
+        ([width, height], first_steps): ([usize; 2], usize),
+        limits: &Limits,
+    ) -> Result<Option<HiresFix>, ApiError> {
+        if self.enable_hr != Some(true) {
+            return Ok(None);
+        }
+        let field = "enable_hr";
+        if entry.info.kind != PipelineKind::StableDiffusion || image_task {
+            return Err(ApiError::field(
+                field,
+                format!(
+                    "enable_hr: the hires fix is for Stable Diffusion txt2img, not {}",
+                    if image_task {
+                        "img2img".to_string()
+                    } else {
+                        format!("`{}`", entry.name)
+                    }
+                ),
+            ));
+        }
+        match self.hr_upscaler.as_deref().map(str::trim) {
+            None | Some("" | "None" | HiresFix::UPSCALER) => {}
+            Some(other) => {
+                return Err(ApiError::field(
+                    "hr_upscaler",
+                    format!(
+                        "hr_upscaler: no `{other}` upscaler here; use {} (GET /sdapi/v1/upscalers)",
+                        HiresFix::UPSCALER
+                    ),
+                ))
+            }
+        }
+        let scale = float_in("hr_scale", self.hr_scale, 1.0, 8.0)?.unwrap_or(2.0);
+        let steps = int_in(
+            "hr_second_pass_steps",
+            self.hr_second_pass_steps,
+            0,
+            limits.max_steps,
+        )?
+        .filter(|&n| n > 0);
+        let strength =
+            float_in("denoising_strength", self.denoising_strength, 0.0, 1.0)?.unwrap_or(0.7);
+        let second = steps.unwrap_or(first_steps);
+        if ((second as f64 * strength) as usize) < 1 {
+            return Err(ApiError::field(
+                "denoising_strength",
+                format!(
+                    "denoising_strength {strength} with {second} hires steps leaves no denoising step; raise either"
+                ),
+            ));
+        }
+        let hr = HiresFix {
+            scale,
+            steps,
+            strength,
+        };
+        let factor = entry.info.size_multiple.unwrap_or(8);
+        let (w, h) = hr
+            .size((width, height), factor)
+            .map_err(|e| ApiError::field("hr_scale", e.to_string()))?;
+        if w.max(h) > limits.max_size {
+            return Err(ApiError::field(
+                "hr_scale",
+                format!(
+                    "hr_scale: the hires pass would be {w}x{h}; at most {} pixels a side",
+                    limits.max_size
+                ),
+            ));
+        }
+        Ok(Some(hr))
     }
 
     /// The job this request asks for, or the first problem with it.
@@ -429,6 +522,7 @@ impl GenerateRequest {
                 "the init image is smaller than the model's size multiple",
             ));
         }
+        let hires = self.hires(entry, init.is_some(), (size, steps), limits)?;
         let task = match &init {
             None => "txt2img",
             Some(InitImage { mask: None, .. }) => "img2img",
@@ -453,6 +547,7 @@ impl GenerateRequest {
                 // What A1111 clients write: weights, escapes, long prompts.
                 prompt_syntax: PromptSyntax::A1111,
                 clip_skip,
+                hires,
                 ..Default::default()
             },
             n_iter,

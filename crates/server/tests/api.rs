@@ -79,6 +79,24 @@ async fn a1111_txt2img_returns_png_with_infotext_and_seeds() {
     let (_, _, text) = png_info(&unb64(last["images"][0].as_str().unwrap()));
     assert!(!text.unwrap().contains("Clip skip"));
     assert_ne!(skipped["images"], last["images"]);
+    // The hires fix: a second pass at twice the size, named in the infotext as A1111 does.
+    let v = s
+        .post_json(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "a red cube", "steps": 3, "seed": 9, "width": 64, "height": 48,
+                    "enable_hr": true, "hr_scale": 2, "hr_second_pass_steps": 2,
+                    "denoising_strength": 0.6, "hr_upscaler": "Lanczos"}),
+        )
+        .await;
+    let (w, h, text) = png_info(&unb64(v["images"][0].as_str().unwrap()));
+    assert_eq!((w, h), (128, 96));
+    assert!(
+        text.unwrap().ends_with(
+            "Size: 64x48, Model: tiny_sd, Denoising strength: 0.6, Hires upscale: 2, \
+             Hires steps: 2, Hires upscaler: Lanczos"
+        ),
+        "hires infotext"
+    );
     // seed -1 draws a seed, reported in info.
     let r: Value = s
         .post_json(
@@ -424,7 +442,23 @@ async fn bad_input_gets_clear_error_codes() {
             "override_settings.CLIP_stop_at_last_layers",
         ),
         // A1111 features this server does not have, turned on.
-        (json!({"enable_hr": true, "hr_scale": 2}), "enable_hr"),
+        (
+            json!({"enable_hr": true, "hr_upscaler": "Latent"}),
+            "hr_upscaler",
+        ),
+        (json!({"enable_hr": true, "hr_scale": 40}), "hr_scale"),
+        (
+            json!({"enable_hr": true, "hr_resize_x": 1024}),
+            "hr_resize_x",
+        ),
+        (
+            json!({"enable_hr": true, "steps": 2, "denoising_strength": 0.3}),
+            "denoising_strength",
+        ),
+        (
+            json!({"model": "fashion-mnist-ddpm", "prompt": "bag", "enable_hr": true}),
+            "enable_hr",
+        ),
         (json!({"restore_faces": true}), "restore_faces"),
         (json!({"tiling": true}), "tiling"),
         (

@@ -173,6 +173,16 @@ pub struct GenerateArgs {
     /// images of all the prompts.
     #[arg(long, value_name = "FILE", conflicts_with = "prompt")]
     pub prompts_file: Option<PathBuf>,
+    /// Stable Diffusion: A1111's hires fix. Each image is upscaled by this factor (Lanczos, to
+    /// a multiple of 8 below) and drawn again by img2img at --hires-strength.
+    #[arg(long, value_name = "F", value_parser = crate::finite_number)]
+    pub hires_scale: Option<f64>,
+    /// Steps of the hires pass (default: --steps).
+    #[arg(long, value_name = "N", requires = "hires_scale")]
+    pub hires_steps: Option<usize>,
+    /// How much the hires pass redraws, in (0, 1].
+    #[arg(long, value_name = "F", default_value_t = 0.7, value_parser = crate::finite_number)]
+    pub hires_strength: f64,
 }
 
 /// `diffuse img2img`: redraw an image following a prompt.

@@ -22,7 +22,7 @@ use diffuse_pipelines::png_info::InfoText;
 use diffuse_pipelines::prompt_weighting::{extract_lora_tags, PromptSyntax};
 use diffuse_pipelines::task::{
     interval_info, model_display_name, parse_class, planned_images, random_seed, run_task,
-    InitImage, TaskSettings,
+    HiresFix, InitImage, TaskSettings,
 };
 use diffuse_pipelines::{
     find_lora, load_pipeline, ControlNetRequest, EmbeddingSpec, LoadOptions, LoraSpec, Pipeline,
@@ -72,11 +72,17 @@ fn generate(args: &GenerateArgs, dist: &Dist) -> Result<()> {
         .map(|l| l.trim().to_string())
         .filter(|l| !l.is_empty())
         .collect();
+    let hires = args.hires_scale.map(|scale| HiresFix {
+        scale,
+        steps: args.hires_steps,
+        strength: args.hires_strength,
+    });
     let task = TaskSettings {
         width: args.width,
         height: args.height,
         max_sequence_length: args.max_sequence_length,
         class_labels,
+        hires,
         ..session.settings()
     };
     match prompts {
