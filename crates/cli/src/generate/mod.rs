@@ -11,6 +11,7 @@ pub(crate) mod args;
 mod control;
 mod output;
 
+use std::cell::Cell;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -344,14 +345,16 @@ impl Session {
                 ..task.clone()
             };
             let bar = self.progress_bar();
+            let steps_run = Cell::new(0);
             let mut out = run_task(
                 &self.pipeline,
                 &self.model_name,
                 &settings,
-                Some(&mut step_callback(&bar)),
+                Some(&mut step_callback(&bar, &steps_run)),
             )?;
-            // The steps the loop ran (the model's default, or fewer for img2img's strength).
-            let steps = bar.position() as usize;
+            // The steps the loops ran (the model's default, or fewer for img2img's strength;
+            // both passes of a hires fix).
+            let steps = steps_run.get();
             bar.finish_and_clear();
             if self.comm.rank() == 0 {
                 for w in &out.warnings {
@@ -460,7 +463,7 @@ fn class_grid(session: &Session, p: &UnconditionalPipeline) -> Result<()> {
         shard: None,
     };
     let bar = progress_bar("denoising");
-    let out = p.generate(&req, Some(&mut step_callback(&bar)))?;
+    let out = p.generate(&req, Some(&mut step_callback(&bar, &Cell::new(0))))?;
     bar.finish_and_clear();
     let images: Vec<DynamicImage> = if c == 1 {
         out.gray.into_iter().map(DynamicImage::ImageLuma8).collect()
@@ -575,10 +578,15 @@ pub(crate) fn progress_bar(what: &str) -> ProgressBar {
 }
 
 /// Advances the bar once per denoising step.
-fn step_callback(bar: &ProgressBar) -> impl FnMut(StepInfo<'_>) -> diffuse_core::Result<()> + '_ {
+/// Shows each denoising loop's progress on `bar` and counts the steps of all of them.
+fn step_callback<'a>(
+    bar: &'a ProgressBar,
+    steps_run: &'a Cell<usize>,
+) -> impl FnMut(StepInfo<'_>) -> diffuse_core::Result<()> + 'a {
     move |info| {
         bar.set_length(info.num_steps as u64);
         bar.set_position(info.step as u64 + 1);
+        steps_run.set(steps_run.get() + 1);
         Ok(())
     }
 }
