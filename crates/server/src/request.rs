@@ -28,8 +28,9 @@ pub struct OverrideSettings {
 }
 
 /// The fields of `/sdapi/v1/txt2img`, `/sdapi/v1/img2img` and `POST /v1/jobs`. Unknown fields
-/// are ignored; the A1111 features this server does not have are refused when a request turns
-/// them on ([`GenerateRequest::check_unsupported`]), not answered without them.
+/// are ignored; the A1111 features this server does not have (face restoration, tiling,
+/// variation seeds, a refiner switch, a hires target size) are refused when a request turns
+/// them on, not answered without them.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct GenerateRequest {
     pub prompt: Option<String>,
