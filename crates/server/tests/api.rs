@@ -1001,15 +1001,47 @@ async fn a1111_png_info_reads_the_infotext_back() {
     s.stop().await.unwrap();
 }
 
+/// A 64×64 txt2img request of `prompt` (CFG 7, seed 5, 3 steps) on the tiny SD model.
+fn small_txt2img(prompt: &str) -> Value {
+    json!({"prompt": prompt, "steps": 3, "seed": 5, "cfg_scale": 7, "width": 64, "height": 64})
+}
+
+/// The first image of an A1111 answer.
+fn first_image(answer: &Value) -> image::RgbImage {
+    let bytes = unb64(answer["images"][0].as_str().unwrap());
+    image::load_from_memory(&bytes).unwrap().to_rgb8()
+}
+
+/// What [`small_txt2img`] of `prompt` gives through the library on the tiny SD model loaded
+/// with `opts` (the server reads prompts with A1111's syntax).
+fn library_image(opts: &diffuse_pipelines::LoadOptions, prompt: &str) -> image::RgbImage {
+    use diffuse_pipelines::prompt_weighting::PromptSyntax;
+    use diffuse_pipelines::task::{run_task, TaskSettings};
+    let pipeline =
+        diffuse_pipelines::load_pipeline(std::path::Path::new(&tiny_sd()), opts).unwrap();
+    let settings = TaskSettings {
+        prompt: prompt.into(),
+        steps: Some(3),
+        guidance_scale: Some(7.0),
+        seed: 5,
+        width: Some(64),
+        height: Some(64),
+        prompt_syntax: PromptSyntax::A1111,
+        ..TaskSettings::default()
+    };
+    run_task(&pipeline, "tiny_sd", &settings, None)
+        .unwrap()
+        .images[0]
+        .to_rgb8()
+}
+
 /// `<lora:name:weight>` tags in a Stable Diffusion prompt load `name.safetensors` from the LoRA
 /// folder: the image is the library's with that LoRA fused in (and not the plain one), the
 /// infotext keeps the tag, `/sdapi/v1/loras` lists the folder; an unknown LoRA, or a tag on a
 /// server without a folder, is a 422 on `prompt`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lora_tags_in_the_prompt_load_the_lora() {
-    use diffuse_pipelines::prompt_weighting::PromptSyntax;
-    use diffuse_pipelines::task::{run_task, TaskSettings};
-    use diffuse_pipelines::{load_pipeline, LoadOptions, LoraSpec};
+    use diffuse_pipelines::{LoadOptions, LoraSpec};
     let dir = tempfile::tempdir().unwrap();
     let ink = dir.path().join("ink.safetensors");
     std::fs::copy(
@@ -1026,18 +1058,20 @@ async fn lora_tags_in_the_prompt_load_the_lora() {
         s.get_json("/sdapi/v1/loras").await,
         json!([{"name": "ink", "alias": "ink", "path": "ink.safetensors", "metadata": {}}])
     );
-    let image = |v: &Value| {
-        let bytes = unb64(v["images"][0].as_str().unwrap());
-        image::load_from_memory(&bytes).unwrap().to_rgb8()
-    };
-    let ask = |prompt: &str| json!({"prompt": prompt, "steps": 3, "seed": 5, "cfg_scale": 7, "width": 64, "height": 64});
     let tagged = s
-        .post_json("/sdapi/v1/txt2img", &ask("a lighthouse <lora:ink:0.8>"))
+        .post_json(
+            "/sdapi/v1/txt2img",
+            &small_txt2img("a lighthouse <lora:ink:0.8>"),
+        )
         .await;
     let plain = s
-        .post_json("/sdapi/v1/txt2img", &ask("a lighthouse "))
+        .post_json("/sdapi/v1/txt2img", &small_txt2img("a lighthouse "))
         .await;
-    assert_ne!(image(&tagged), image(&plain), "the LoRA changed nothing");
+    assert_ne!(
+        first_image(&tagged),
+        first_image(&plain),
+        "the LoRA changed nothing"
+    );
     let (_, _, text) = png_info(&unb64(tagged["images"][0].as_str().unwrap()));
     assert!(
         text.unwrap().starts_with("a lighthouse <lora:ink:0.8>\n"),
@@ -1053,26 +1087,17 @@ async fn lora_tags_in_the_prompt_load_the_lora() {
         }],
         ..LoadOptions::default()
     };
-    let pipeline = load_pipeline(std::path::Path::new(&tiny_sd()), &opts).unwrap();
-    let settings = TaskSettings {
-        prompt: "a lighthouse ".into(),
-        steps: Some(3),
-        guidance_scale: Some(7.0),
-        seed: 5,
-        width: Some(64),
-        height: Some(64),
-        prompt_syntax: PromptSyntax::A1111,
-        ..TaskSettings::default()
-    };
-    let out = run_task(&pipeline, "tiny_sd", &settings, None).unwrap();
     assert_eq!(
-        image(&tagged),
-        out.images[0].to_rgb8(),
+        first_image(&tagged),
+        library_image(&opts, "a lighthouse "),
         "not the library's LoRA image"
     );
 
     let r = s
-        .post("/sdapi/v1/txt2img", &ask("a lighthouse <lora:nope>"))
+        .post(
+            "/sdapi/v1/txt2img",
+            &small_txt2img("a lighthouse <lora:nope>"),
+        )
         .await;
     let msg = assert_error(r, 422, Some("prompt")).await;
     assert!(msg.contains("<lora:nope>: no such LoRA"), "{msg}");
@@ -1080,7 +1105,9 @@ async fn lora_tags_in_the_prompt_load_the_lora() {
 
     let s = TestServer::start(config(vec![tiny_sd()])).await;
     assert_eq!(s.get_json("/sdapi/v1/loras").await, json!([]));
-    let r = s.post("/sdapi/v1/txt2img", &ask("a <lora:ink>")).await;
+    let r = s
+        .post("/sdapi/v1/txt2img", &small_txt2img("a <lora:ink>"))
+        .await;
     let msg = assert_error(r, 422, Some("prompt")).await;
     assert!(msg.contains("no LoRA folder"), "{msg}");
     s.stop().await.unwrap();
@@ -1091,9 +1118,7 @@ async fn lora_tags_in_the_prompt_load_the_lora() {
 /// file that is no embedding for this model is skipped, and `/sdapi/v1/embeddings` says which.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_embedding_folder_adds_its_tokens() {
-    use diffuse_pipelines::prompt_weighting::PromptSyntax;
-    use diffuse_pipelines::task::{run_task, TaskSettings};
-    use diffuse_pipelines::{load_pipeline, EmbeddingSpec, LoadOptions};
+    use diffuse_pipelines::{EmbeddingSpec, LoadOptions};
     let dir = tempfile::tempdir().unwrap();
     let style = dir.path().join("my-style.safetensors");
     std::fs::copy(
@@ -1119,38 +1144,26 @@ async fn an_embedding_folder_adds_its_tokens() {
     assert_eq!(skipped.keys().collect::<Vec<_>>(), ["not-an-embedding"]);
 
     let prompt = "a lighthouse in my-style";
-    let v = s
-        .post_json(
-            "/sdapi/v1/txt2img",
-            &json!({"prompt": prompt, "steps": 2, "seed": 3, "cfg_scale": 7, "width": 64, "height": 64}),
-        )
-        .await;
-    let served = image::load_from_memory(&unb64(v["images"][0].as_str().unwrap()))
-        .unwrap()
-        .to_rgb8();
-    let settings = TaskSettings {
-        prompt: prompt.into(),
-        steps: Some(2),
-        guidance_scale: Some(7.0),
-        seed: 3,
-        width: Some(64),
-        height: Some(64),
-        prompt_syntax: PromptSyntax::A1111,
-        ..TaskSettings::default()
+    let served = first_image(
+        &s.post_json("/sdapi/v1/txt2img", &small_txt2img(prompt))
+            .await,
+    );
+    let with = LoadOptions {
+        textual_inversions: vec![EmbeddingSpec {
+            path: style,
+            token: None,
+        }],
+        ..LoadOptions::default()
     };
-    let run = |textual_inversions: Vec<EmbeddingSpec>| {
-        let opts = LoadOptions {
-            textual_inversions,
-            ..LoadOptions::default()
-        };
-        let p = load_pipeline(std::path::Path::new(&tiny_sd()), &opts).unwrap();
-        run_task(&p, "tiny_sd", &settings, None).unwrap().images[0].to_rgb8()
-    };
-    let with = run(vec![EmbeddingSpec {
-        path: style,
-        token: None,
-    }]);
-    assert_eq!(served, with, "not the library's image with the embedding");
-    assert_ne!(served, run(Vec::new()), "the embedding changed nothing");
+    assert_eq!(
+        served,
+        library_image(&with, prompt),
+        "not the library's image with the embedding"
+    );
+    assert_ne!(
+        served,
+        library_image(&LoadOptions::default(), prompt),
+        "the embedding changed nothing"
+    );
     s.stop().await.unwrap();
 }
