@@ -181,7 +181,13 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "N", requires = "hires_scale")]
     pub hires_steps: Option<usize>,
     /// How much the hires pass redraws, in (0, 1].
-    #[arg(long, value_name = "F", default_value_t = 0.7, value_parser = crate::finite_number)]
+    #[arg(
+        long,
+        value_name = "F",
+        default_value_t = 0.7,
+        value_parser = crate::finite_number,
+        requires = "hires_scale"
+    )]
     pub hires_strength: f64,
 }
 
