@@ -272,15 +272,16 @@ fn run_batches(pipeline: &Pipeline, job: &Job) -> diffuse_core::Result<JobResult
         ..Default::default()
     };
     let mut last_preview: Option<Instant> = None;
+    let mut progress = Progress::new(spec);
+    let started = Instant::now();
     for k in 0..spec.n_iter {
         let mut settings = spec.settings.clone();
         settings.seed = spec.settings.seed + (k * settings.num_images) as u64;
-        let started = Instant::now();
         let mut callback = |info: StepInfo<'_>| -> diffuse_core::Result<()> {
             if job.cancel_requested() {
                 return Err(Error::invalid("cancelled"));
             }
-            let done = info.step + 1;
+            let (done, total) = progress.step(&info);
             let preview = if last_preview.is_none_or(|t| t.elapsed() >= PREVIEW_EVERY) {
                 last_preview = Some(Instant::now());
                 // A preview is a nicety: one that fails to render is left out.
@@ -288,12 +289,8 @@ fn run_batches(pipeline: &Pipeline, job: &Job) -> diffuse_core::Result<JobResult
             } else {
                 None
             };
-            job.step(
-                k * info.num_steps + done,
-                spec.n_iter * info.num_steps,
-                done as f64 / started.elapsed().as_secs_f64().max(1e-9),
-                preview,
-            );
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            job.step(done, total, rate, preview);
             Ok(())
         };
         let mut out = run_task(pipeline, &spec.model, &settings, Some(&mut callback))?;
@@ -305,6 +302,47 @@ fn run_batches(pipeline: &Pipeline, job: &Job) -> diffuse_core::Result<JobResult
         result.warnings.extend(out.warnings);
     }
     Ok(result)
+}
+
+/// A job's steps over all its denoising loops: one per batch, and with a hires fix one more
+/// per image of the batch. The loops to come are counted at the running one's length (a
+/// hires pass runs fewer steps than the first), so the total is exact once the last starts.
+struct Progress {
+    loops: usize,
+    started: usize,
+    /// Steps of the loops before the running one, and the running one's.
+    done_before: usize,
+    running: usize,
+}
+
+impl Progress {
+    fn new(spec: &crate::jobs::JobSpec) -> Self {
+        let hires = spec
+            .settings
+            .hires
+            .as_ref()
+            .map_or(0, |_| spec.settings.num_images);
+        Self {
+            loops: spec.n_iter * (1 + hires),
+            started: 0,
+            done_before: 0,
+            running: 0,
+        }
+    }
+
+    /// `(steps done, steps in all)` after this step.
+    fn step(&mut self, info: &StepInfo<'_>) -> (usize, usize) {
+        if info.step == 0 {
+            self.started += 1;
+            self.done_before += self.running;
+            self.running = info.num_steps;
+        }
+        let to_come = self.loops.saturating_sub(self.started) * self.running;
+        (
+            self.done_before + info.step + 1,
+            self.done_before + self.running + to_come,
+        )
+    }
 }
 
 /// A picture of the first image's latents after a step: the noisy image itself for pixel-space

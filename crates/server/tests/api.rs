@@ -652,6 +652,27 @@ async fn job_events_arrive_in_order() {
         None,
     )
     .await;
+    // A hires fix's second passes (3 × 0.5 steps each, for 2 images) count on after the
+    // first: progress never goes back, and ends at the exact total.
+    let r = s
+        .post(
+            "/v1/jobs",
+            &json!({"prompt": "p", "steps": 4, "seed": 9, "sampler_name": "Euler", "batch_size": 2,
+                    "enable_hr": true, "hr_scale": 1.5, "hr_second_pass_steps": 3,
+                    "denoising_strength": 0.5}),
+        )
+        .await;
+    let hires: Value = r.json().await.unwrap();
+    let hires_events = s.events(hires["id"].as_str().unwrap()).await;
+    let progress: Vec<(u64, u64)> = hires_events
+        .iter()
+        .filter(|(n, _)| n == "step")
+        .map(|(_, d)| (d["step"].as_u64().unwrap(), d["steps"].as_u64().unwrap()))
+        .collect();
+    let done_steps: Vec<u64> = progress.iter().map(|p| p.0).collect();
+    assert_eq!(done_steps, (1..=6).collect::<Vec<u64>>(), "4 + 2 × 1 steps");
+    assert_eq!(progress.last().unwrap().1, 6, "{progress:?}");
+    assert!(progress.iter().all(|(d, t)| d <= t), "{progress:?}");
     s.stop().await.unwrap();
 }
 
