@@ -29,8 +29,9 @@ pub struct OverrideSettings {
 
 /// The fields of `/sdapi/v1/txt2img`, `/sdapi/v1/img2img` and `POST /v1/jobs`. Unknown fields
 /// are ignored; the A1111 features this server does not have (face restoration, tiling,
-/// variation seeds, a refiner switch, a hires target size) are refused when a request turns
-/// them on, not answered without them.
+/// variation seeds, a refiner switch, a hires target size, "only masked" inpainting, resize
+/// modes but "just resize") are refused when a request turns them on, not answered without
+/// them.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct GenerateRequest {
     pub prompt: Option<String>,
@@ -60,6 +61,12 @@ pub struct GenerateRequest {
     pub init_images: Option<Vec<String>>,
     /// Inpainting: base64 mask, white = repaint.
     pub mask: Option<String>,
+    /// Inpainting: 1 repaints the black part of the mask instead.
+    pub inpainting_mask_invert: Option<i64>,
+    /// Inpainting "only masked" (a crop around the mask, redrawn at full size): refused.
+    pub inpaint_full_res: Option<bool>,
+    /// img2img: how the init image meets the output size; only 0 (just resize) is here.
+    pub resize_mode: Option<i64>,
     pub denoising_strength: Option<f64>,
     /// Hires fix (Stable Diffusion txt2img): a second pass at `hr_scale` times the size, by
     /// img2img at `denoising_strength` (default 0.7) with `hr_second_pass_steps` (0: `steps`).
@@ -169,6 +176,16 @@ impl GenerateRequest {
                 "hires target size (give hr_scale)",
             ),
             ("restore_faces", on(self.restore_faces), "face restoration"),
+            (
+                "inpaint_full_res",
+                on(self.inpaint_full_res),
+                "\"only masked\" inpainting",
+            ),
+            (
+                "resize_mode",
+                self.resize_mode.is_some_and(|m| m != 0),
+                "resize mode but 0 (just resize)",
+            ),
             ("tiling", on(self.tiling), "seamless tiling"),
             (
                 "subseed_strength",
@@ -461,7 +478,15 @@ impl GenerateRequest {
                 let image = decode_image("init_images", first, limits.max_size)?.to_rgb8();
                 let mask = match &self.mask {
                     None => None,
-                    Some(m) => Some(decode_image("mask", m, limits.max_size)?.to_luma8()),
+                    Some(m) => {
+                        let mut mask = decode_image("mask", m, limits.max_size)?.to_luma8();
+                        let invert =
+                            int_in("inpainting_mask_invert", self.inpainting_mask_invert, 0, 1)?;
+                        if invert == Some(1) {
+                            image::imageops::invert(&mut mask);
+                        }
+                        Some(mask)
+                    }
                 };
                 let strength = float_in("denoising_strength", self.denoising_strength, 0.0, 1.0)?
                     .unwrap_or(0.75);

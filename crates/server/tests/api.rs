@@ -134,6 +134,45 @@ async fn a1111_img2img_and_inpainting() {
     let v: Value = r.json().await.unwrap();
     let (w, h, _) = png_info(&unb64(v["images"][0].as_str().unwrap()));
     assert_eq!((w, h), (32, 32));
+    // inpainting_mask_invert 1 repaints the black part: as the inverted mask does.
+    let mask = image::load_from_memory(&test_png(64, 64, true))
+        .unwrap()
+        .to_luma8();
+    let mut inverted = mask.clone();
+    image::imageops::invert(&mut inverted);
+    let mut inverted_png = Vec::new();
+    image::DynamicImage::ImageLuma8(inverted)
+        .write_to(
+            &mut std::io::Cursor::new(&mut inverted_png),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    let ask = |mask: &[u8], invert: i64| {
+        json!({"prompt": "p", "steps": 2, "seed": 1, "denoising_strength": 1.0,
+               "init_images": [init], "mask": b64(mask), "inpainting_mask_invert": invert})
+    };
+    let flipped = s
+        .post_json("/sdapi/v1/img2img", &ask(&test_png(64, 64, true), 1))
+        .await;
+    let given = s
+        .post_json("/sdapi/v1/img2img", &ask(&inverted_png, 0))
+        .await;
+    assert_eq!(flipped["images"], given["images"]);
+    assert_ne!(
+        flipped["images"],
+        s.post_json("/sdapi/v1/img2img", &ask(&test_png(64, 64, true), 0))
+            .await["images"]
+    );
+    for (field, value) in [
+        ("inpainting_mask_invert", json!(2)),
+        ("inpaint_full_res", json!(true)),
+        ("resize_mode", json!(1)),
+    ] {
+        let mut body = ask(&test_png(64, 64, true), 0);
+        body[field] = value;
+        let r = s.post("/sdapi/v1/img2img", &body).await;
+        assert_error(r, 422, Some(field)).await;
+    }
 
     let r = s.post("/sdapi/v1/img2img", &json!({"prompt": "p"})).await;
     assert_error(r, 422, Some("init_images")).await;
