@@ -46,8 +46,8 @@ pub use img2img::Img2ImgRequest;
 pub use inpaint::InpaintRequest;
 pub use sources::{text_encoder_weights, unet_weights};
 pub use stable_diffusion::{
-    EncodedPrompt, GenerationParams, ImageOutput, PromptEmbeds, StableDiffusionPipeline,
-    Text2ImageRequest,
+    AddedEmbedding, EncodedPrompt, GenerationParams, ImageOutput, PromptEmbeds,
+    StableDiffusionPipeline, Text2ImageRequest,
 };
 pub use stable_diffusion_3::{FlowText2ImageRequest, StableDiffusion3Pipeline, TextEmbeds};
 pub use stable_diffusion_xl::{
@@ -201,9 +201,13 @@ pub enum Pipeline {
 
 impl Pipeline {
     /// Adds a textual-inversion embedding (Stable Diffusion 1.x/2.x and XL) under `token`
-    /// (default: the file's own token, else its stem); returns the token. A file that does not
-    /// fit the model is an error that leaves the pipeline as it was.
-    pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<String> {
+    /// (default: the file's own token, else its stem) and says what it added. A file that does
+    /// not fit the model is an error that leaves the pipeline as it was.
+    pub fn load_textual_inversion(
+        &mut self,
+        path: &Path,
+        token: Option<&str>,
+    ) -> Result<AddedEmbedding> {
         match self {
             Pipeline::StableDiffusion(p) => p.load_textual_inversion(path, token),
             Pipeline::StableDiffusionXL(p) => p.load_textual_inversion(path, token),

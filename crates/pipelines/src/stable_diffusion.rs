@@ -215,7 +215,11 @@ impl StableDiffusionPipeline {
     /// Adds a textual-inversion embedding (diffusers' `load_textual_inversion`): its vectors
     /// become new rows of the text encoder's token table, under `token` (default: the token
     /// the file names, else the file stem) and, for n vectors, `token_1 .. token_{n-1}`.
-    pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<String> {
+    pub fn load_textual_inversion(
+        &mut self,
+        path: &Path,
+        token: Option<&str>,
+    ) -> Result<AddedEmbedding> {
         let ti = diffuse_loaders::textual_inversion::TextualInversion::load(path)?;
         let token = embedding_token(path, token, &ti)?;
         let [vectors] = ti.vectors.as_slice() else {
@@ -243,7 +247,11 @@ impl StableDiffusionPipeline {
         if n > 1 {
             self.multi_vector_tokens.push((token.clone(), n));
         }
-        Ok(token)
+        Ok(AddedEmbedding {
+            token,
+            vectors: n,
+            width: vectors.dim(1)?,
+        })
     }
 
     /// diffusers' `maybe_convert_prompt`: every multi-vector token the tokenizer finds in
@@ -616,6 +624,15 @@ pub(crate) fn repeat_batch(t: &Tensor, n: usize) -> Result<Tensor> {
         .map(|i| t.i(i..i + 1))
         .collect::<candle_core::Result<_>>()?;
     Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// What a textual-inversion file added to a pipeline: its token, its vector count and their
+/// width (the first text encoder's, for SDXL files).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AddedEmbedding {
+    pub token: String,
+    pub vectors: usize,
+    pub width: usize,
 }
 
 /// The token an embedding file is added under: `token` if given, else the token the file names,

@@ -38,7 +38,7 @@ use crate::inpaint::{check_inpaint_unet, prepare_inpaint, InpaintModels};
 use crate::sources::{self, Adapters, Source};
 use crate::stable_diffusion::{
     embedding_token, embedding_tokens, expand_embedding_tokens, repeat_batch, token_ids,
-    EncodedPrompt, GenerationParams, ImageOutput, Text2ImageRequest,
+    AddedEmbedding, EncodedPrompt, GenerationParams, ImageOutput, Text2ImageRequest,
 };
 use crate::{Img2ImgRequest, InpaintRequest, LoadOptions, StepCallback, Timings, Trace};
 
@@ -287,7 +287,11 @@ impl StableDiffusionXLPipeline {
     /// `token` (default: the file's own token, else its stem; `token_1` ... for further
     /// vectors) to both tokenizers and its vectors to the matching encoders (the refiner,
     /// which has only the second encoder, takes `clip_g`).
-    pub fn load_textual_inversion(&mut self, path: &Path, token: Option<&str>) -> Result<String> {
+    pub fn load_textual_inversion(
+        &mut self,
+        path: &Path,
+        token: Option<&str>,
+    ) -> Result<AddedEmbedding> {
         let ti = diffuse_loaders::textual_inversion::TextualInversion::load(path)?;
         let token = embedding_token(path, token, &ti)?;
         let [clip_l, clip_g] = ti.vectors.as_slice() else {
@@ -335,7 +339,11 @@ impl StableDiffusionXLPipeline {
         if n > 1 {
             self.multi_vector_tokens.push((token.clone(), n));
         }
-        Ok(token)
+        Ok(AddedEmbedding {
+            token,
+            vectors: n,
+            width: clip_l.dim(1)?,
+        })
     }
 
     /// `2 ** (len(vae.block_out_channels) - 1)`.

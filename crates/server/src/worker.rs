@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
 use diffuse_core::Error;
-use diffuse_loaders::textual_inversion::TextualInversion;
 use diffuse_pipelines::task::run_task;
 use diffuse_pipelines::{
     load_pipeline, named_scheduler, EmbeddingSpec, LoadOptions, LoraSpec, Pipeline, StepInfo,
@@ -98,18 +97,12 @@ impl Embeddings {
                 let stem = f.path.file_stem().map(|s| s.to_string_lossy().into_owned());
                 let stem = stem.unwrap_or_default();
                 match pipeline.load_textual_inversion(&f.path, None) {
-                    Ok(token) => {
-                        let shape = TextualInversion::load(&f.path)
-                            .ok()
-                            .and_then(|t| t.vectors.first().map(|v| v.dims().to_vec()));
-                        let (vectors, dim) = match shape.as_deref() {
-                            Some(&[n, d]) => (json!(n), json!(d)),
-                            _ => (Value::Null, Value::Null),
-                        };
+                    Ok(added) => {
                         loaded.insert(
-                            token,
+                            added.token,
                             json!({ "step": null, "sd_checkpoint": null,
-                                    "sd_checkpoint_name": null, "shape": dim, "vectors": vectors }),
+                                    "sd_checkpoint_name": null, "shape": added.width,
+                                    "vectors": added.vectors }),
                         );
                     }
                     Err(e) => {
