@@ -21,6 +21,26 @@ fn diffuse(args: &[&str]) -> std::process::Output {
         .expect("running diffuse")
 }
 
+/// `diffuse generate` of "a photo" on the tiny SD pipeline (seed 0, 3 steps) into `out`, with
+/// `extra` flags.
+fn generate_photo(out: &Path, extra: &[&str]) -> std::process::Output {
+    let model = tiny_sd();
+    let base = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a photo",
+        "--seed",
+        "0",
+        "--steps",
+        "3",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    diffuse(&[&base[..], extra].concat())
+}
+
 /// The `parameters` text of a PNG (tEXt or iTXt).
 fn png_parameters(path: &Path) -> (u32, u32, String) {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
@@ -45,21 +65,7 @@ fn png_parameters(path: &Path) -> (u32, u32, String) {
 fn generate_writes_a_png_with_its_parameters() {
     let dir = temp_dir("generate");
     let out = dir.join("out.png");
-    let model = tiny_sd();
-    let args = [
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "a photo",
-        "--seed",
-        "0",
-        "--steps",
-        "3",
-        "--output",
-        out.to_str().unwrap(),
-    ];
-    let run = diffuse(&args);
+    let run = generate_photo(&out, &[]);
     assert!(
         run.status.success(),
         "diffuse failed: {}",
@@ -75,12 +81,10 @@ fn generate_writes_a_png_with_its_parameters() {
     assert!(text.contains("Size: 64x64"), "{text}");
 
     // Same seed again: refused without --force, identical pixels with it.
-    let again = diffuse(&args);
+    let again = generate_photo(&out, &[]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
-    let mut forced = args.to_vec();
-    forced.push("--force");
-    assert!(diffuse(&forced).status.success());
+    assert!(generate_photo(&out, &["--force"]).status.success());
     assert_eq!(image::open(&out).unwrap().to_rgb8(), img.to_rgb8());
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -89,7 +93,6 @@ fn generate_writes_a_png_with_its_parameters() {
 fn bad_settings_fail_naming_them_and_write_nothing() {
     let dir = temp_dir("bad-settings");
     let out = dir.join("out.png");
-    let model = tiny_sd();
     // A NaN guidance scale or eta would have run the whole loop to a broken image; the flags
     // refuse numbers that are not finite by name.
     for (flag, value, says) in [
@@ -97,21 +100,7 @@ fn bad_settings_fail_naming_them_and_write_nothing() {
         ("--guidance-scale", "nan", "'nan' for '--guidance-scale"),
         ("--eta", "1e999", "'1e999' for '--eta"),
     ] {
-        let run = diffuse(&[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "a photo",
-            "--seed",
-            "0",
-            "--steps",
-            "3",
-            flag,
-            value,
-            "--output",
-            out.to_str().unwrap(),
-        ]);
+        let run = generate_photo(&out, &[flag, value]);
         assert!(!run.status.success(), "{flag} {value} ran");
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert!(stderr.contains(says), "{flag} {value}: {stderr}");
@@ -335,24 +324,7 @@ fn jpeg_output_and_an_unknown_extension() {
 fn hires_fix_draws_a_second_larger_pass() {
     let dir = temp_dir("hires");
     let out = dir.join("out.png");
-    let model = tiny_sd();
-    let run = diffuse(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "a photo",
-        "--seed",
-        "0",
-        "--steps",
-        "3",
-        "--hires-scale",
-        "2",
-        "--hires-strength",
-        "0.5",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let run = generate_photo(&out, &["--hires-scale", "2", "--hires-strength", "0.5"]);
     assert!(
         run.status.success(),
         "{}",
