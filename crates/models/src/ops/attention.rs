@@ -41,15 +41,27 @@ simd_fn! {
     /// `lds`) into probabilities relative to the updated running maxima, and rescales the
     /// running sums and output rows by how much each maximum moved.
     fn softmax_step(s: &mut [f32], lds: usize, kb: usize, m: &mut [f32], l: &mut [f32], acc: &mut [f32], dv: usize) {
-        for (r, row) in s.chunks_exact_mut(lds).enumerate() {
-            let row = &mut row[..kb];
-            let m_new = m[r].max(max(row));
-            let corr = exp(m[r] - m_new);
-            let sum = exp_shifted_sum(row, m_new);
-            l[r] = l[r] * corr + sum;
-            m[r] = m_new;
-            if corr != 1.0 {
-                acc[r * dv..(r + 1) * dv].iter_mut().for_each(|o| *o *= corr);
+        // Sixteen rows at a time: their maxima first, then the factors by which their old
+        // maxima moved as one vector `exp` (one scalar `exp` per row, a chain of dependent
+        // operations between two rows' exponentials, took 5% of the op at d = 40).
+        const ROWS: usize = 16;
+        for (c, rows) in s.chunks_mut(ROWS * lds).enumerate() {
+            let r0 = c * ROWS;
+            let n = m.len().min(r0 + ROWS) - r0;
+            let (mut m_new, mut moved) = ([0f32; ROWS], [0f32; ROWS]);
+            for (i, row) in rows.chunks_mut(lds).take(n).enumerate() {
+                m_new[i] = m[r0 + i].max(max(&row[..kb]));
+                moved[i] = m[r0 + i] - m_new[i];
+            }
+            let corr = moved.map(exp);
+            for (i, row) in rows.chunks_mut(lds).take(n).enumerate() {
+                let r = r0 + i;
+                let sum = exp_shifted_sum(&mut row[..kb], m_new[i]);
+                l[r] = l[r] * corr[i] + sum;
+                m[r] = m_new[i];
+                if corr[i] != 1.0 {
+                    acc[r * dv..(r + 1) * dv].iter_mut().for_each(|o| *o *= corr[i]);
+                }
             }
         }
     }
