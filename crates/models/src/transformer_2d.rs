@@ -3,6 +3,7 @@
 
 use crate::ops::conv::Conv2d;
 use crate::ops::linear::Linear;
+use crate::ops::transpose::batch_transpose;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -86,14 +87,10 @@ impl Transformer2DModel {
 
     pub fn forward(&self, xs: &Tensor, encoder_hidden_states: Option<&Tensor>) -> Result<Tensor> {
         let (b, _, h, w) = xs.dims4()?;
-        let to_tokens = |t: &Tensor| -> Result<Tensor> {
-            let c = t.dim(1)?;
-            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
-        };
-        let to_map = |t: &Tensor| -> Result<Tensor> {
-            let c = t.dim(2)?;
-            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
-        };
+        let to_tokens =
+            |t: &Tensor| -> Result<Tensor> { batch_transpose(&t.reshape((b, t.dim(1)?, h * w))?) };
+        let to_map =
+            |t: &Tensor| -> Result<Tensor> { batch_transpose(t)?.reshape((b, t.dim(2)?, h, w)) };
         let normed = self.norm.forward(xs)?;
         let mut tokens = if self.use_linear_projection {
             self.proj_in.forward(&to_tokens(&normed)?)?
