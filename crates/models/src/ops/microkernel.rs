@@ -1071,7 +1071,8 @@ pub(crate) mod avx2 {
 
 /// The AVX-512 tiles: 8 rows of `a` by one 16-column zmm register of `b`, whose 8
 /// accumulators hide the FMA latency; each `a` value is broadcast straight from memory into
-/// its FMA. Every element of `c` gets the same FMAs in the same order as in the AVX2 tiles
+/// its FMA. A last panel of at most 8 columns runs on the AVX2 tiles' single ymm register
+/// (8 rows). Every element of `c` gets the same FMAs in the same order as in the AVX2 tiles
 /// (and the same final additions), so both give the same bits.
 #[cfg(x86_simd)]
 pub(crate) mod avx512 {
