@@ -288,7 +288,8 @@ impl<T> SendPtr<T> {
 /// tests, fill it with NaN instead, so that an element a kernel fails to write shows up in its
 /// test.
 pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
-    /// Values per task of the parallel fill (256 KiB), and the fewest filled in parallel.
+    /// Values per task of the parallel fill (256 KiB); buffers of fewer than four of them
+    /// (1 MiB) are filled on this thread.
     const FILL_CHUNK: usize = 1 << 16;
     let fill = if cfg!(debug_assertions) {
         f32::NAN
