@@ -7,9 +7,24 @@ use anyhow::{ensure, Result};
 use common::diffuse;
 use diffuse_core::testing::fixtures_dir;
 
+/// `--model` the tiny SD pipeline with `--controlnet` the tiny ControlNet, then `flag VALUE`
+/// (the control image).
+fn tiny_sd_controlnet(flag: &str, value: String) -> Vec<String> {
+    let root = fixtures_dir();
+    vec![
+        "--model".into(),
+        root.join("pipelines/tiny_sd").display().to_string(),
+        "--controlnet".into(),
+        root.join("cases/_models/tiny_controlnet")
+            .display()
+            .to_string(),
+        flag.into(),
+        value,
+    ]
+}
+
 #[test]
 fn an_unreadable_control_image_is_an_error_naming_it() {
-    let root = fixtures_dir();
     let tmp = tempfile::tempdir().unwrap();
     let not_png = tmp.path().join("notes.png");
     std::fs::write(&not_png, "not a picture").unwrap();
@@ -24,21 +39,14 @@ fn an_unreadable_control_image_is_an_error_naming_it() {
             "signature.".to_string(),
         ),
     ] {
-        let args = [
-            "generate".to_string(),
-            "--model".into(),
-            root.join("pipelines/tiny_sd").display().to_string(),
-            "--controlnet".into(),
-            root.join("cases/_models/tiny_controlnet")
-                .display()
-                .to_string(),
-            "--control-image".into(),
-            image.clone(),
+        let mut args = vec!["generate".to_string()];
+        args.extend(tiny_sd_controlnet("--control-image", image.clone()));
+        args.extend([
             "--steps".into(),
             "1".into(),
             "--output".into(),
             tmp.path().join("o.png").display().to_string(),
-        ];
+        ]);
         let (ok, _, err) = diffuse(&args);
         assert!(!ok, "{image} ran");
         assert!(
@@ -70,18 +78,7 @@ fn canny_control_and_vae_tiling() -> Result<()> {
         ensure!(ok, "diffuse {} failed:\n{err}", args.join(" "));
         Ok(image::open(&path)?.to_rgb8())
     };
-    let sd = |control: String| -> Vec<String> {
-        vec![
-            "--model".into(),
-            root.join("pipelines/tiny_sd").display().to_string(),
-            "--controlnet".into(),
-            root.join("cases/_models/tiny_controlnet")
-                .display()
-                .to_string(),
-            "--control".into(),
-            control,
-        ]
-    };
+    let sd = |control: String| tiny_sd_controlnet("--control", control);
     let edges = run(&sd(format!("canny:{}", photo.display())), "canny.png")?;
     let raw = run(&sd(photo.display().to_string()), "raw.png")?;
     ensure!(
