@@ -414,20 +414,12 @@ impl Block {
     }
 }
 
-/// Calls `f` on every core with blocks of `g` (rows × whole panels of `width` columns) of
-/// about equal size, at least `4 ×` as many as threads when the product is big enough; a
-/// small product is one block, on this thread.
-fn for_each_block(g: &Gemm, width: usize, f: impl Fn(Block) + Sync) {
-    if g.m == 0 || g.n == 0 {
-        return;
-    }
+/// How [`for_each_block`] splits `g` into blocks of rows × whole panels of `width` columns:
+/// `(rows, panels)` per block and `(row_blocks, col_blocks)`; `None` for a product too small to
+/// split (one block, on the calling thread).
+fn blocking(g: &Gemm, width: usize) -> Option<((usize, usize), (usize, usize))> {
     if g.m * g.n * g.k < 1 << 16 {
-        // Too small to split.
-        return f(Block {
-            sub: *g,
-            r0: 0,
-            n0: 0,
-        });
+        return None;
     }
     // Blocks of at least 48 rows × 64 columns (enough work per task to hide its startup),
     // at most 192 × 256 (a's K-block slice in L2).
@@ -439,7 +431,23 @@ fn for_each_block(g: &Gemm, width: usize, f: impl Fn(Block) + Sync) {
         .max(want.div_ceil(row_blocks).min(panels.div_ceil(64 / width)));
     let rows = g.m.div_ceil(row_blocks).next_multiple_of(ROW_ALIGN);
     let pb = panels.div_ceil(col_blocks);
-    let (row_blocks, col_blocks) = (g.m.div_ceil(rows), panels.div_ceil(pb));
+    Some(((rows, pb), (g.m.div_ceil(rows), panels.div_ceil(pb))))
+}
+
+/// Calls `f` on every core with blocks of `g` (rows × whole panels of `width` columns) of
+/// about equal size, at least `4 ×` as many as threads when the product is big enough; a
+/// small product is one block, on this thread.
+fn for_each_block(g: &Gemm, width: usize, f: impl Fn(Block) + Sync) {
+    if g.m == 0 || g.n == 0 {
+        return;
+    }
+    let Some(((rows, pb), (row_blocks, col_blocks))) = blocking(g, width) else {
+        return f(Block {
+            sub: *g,
+            r0: 0,
+            n0: 0,
+        });
+    };
     // Consecutive tasks (one thread's share of the range) walk along the bigger operand, so
     // that the smaller one is what they re-read from cache: row-block-major when `a` is the
     // bigger (column-block-major made both threads stream all of an 8192-token activation
@@ -462,9 +470,46 @@ fn for_each_block(g: &Gemm, width: usize, f: impl Fn(Block) + Sync) {
     });
 }
 
+/// Most values of a row-major `b` that [`gemm_parallel`] packs once for all of its row blocks
+/// (32 MiB, kept by the calling thread from call to call): the images and im2col matrices of
+/// the UNet's convolutions, not a VAE's at 512² (whose blocks pack their own slices).
+const SHARED_PACK_MAX: usize = 8 << 20;
+
 /// Runs `g` on every core ([`for_each_block`]).
+///
+/// A row-major `b` split over several row blocks is packed into panels once, on every core,
+/// before the product: each block would otherwise pack its columns again. (The 1×1 and im2col
+/// convolutions, `W · image`, have 3 to 8 row blocks of output channels.)
 pub(crate) fn gemm_parallel(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias: Option<&[f32]>) {
     g.check((a.len(), b.len(), c.len()), bias);
+    if let (B::Rows { ld }, Some((_, (row_blocks, _)))) = (g.b, blocking(g, NR)) {
+        let len = g.n.div_ceil(NR) * NR * g.k;
+        if row_blocks > 1 && len <= SHARED_PACK_MAX {
+            thread_local! {
+                static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            let mut packed = PACKED.take();
+            packed.resize(packed.len().max(len), 0.0);
+            // Panels of all K rows (`B::packed`), a few panels per task; `pack_rows` writes
+            // every value of its panels, zero padding included.
+            let per_task = 4;
+            packed[..len]
+                .par_chunks_mut(per_task * NR * g.k)
+                .enumerate()
+                .for_each(|(t, out)| {
+                    let n0 = t * per_task * NR;
+                    let n = (per_task * NR).min(g.n - n0);
+                    pack_rows(&b[n0..], ld, g.k, n, out);
+                });
+            let packed_g = Gemm {
+                b: B::packed(g.k),
+                ..*g
+            };
+            gemm_parallel(&packed_g, a, &packed[..len], c, bias);
+            PACKED.set(packed);
+            return;
+        }
+    }
     let c_ptr = SendPtr(c.as_mut_ptr());
     for_each_block(g, NR, |blk| {
         let bias = bias.map_or(std::ptr::null(), |x| x[blk.bias_at()..].as_ptr());
@@ -1745,6 +1790,9 @@ mod tests {
             (100, 8, 0),
             (200, 300, 64),
             (50, 70, 900),
+            // Several row blocks over several K-blocks: `gemm_parallel` packs a row-major
+            // `b` once for all of them.
+            (150, 45, 700),
             (20, 8, 50),
             (17, 24, 390),
             (8, 3, 9),
