@@ -435,8 +435,8 @@ fn random_conv_strided(
 fn conv_matches_candle() -> Result<()> {
     // 3×3 maps large enough for cached-kernel Winograd (partial edge tiles, one channel,
     // channel counts off the 8-lane and 16-column multiples, twice through the cache), small
-    // maps (per-call kernel transform, more input channels than one block, none at all), tiny ones
-    // (im2col + GEMM), stride 2 (even and odd sizes; im2col + GEMM when frozen, candle's path
+    // maps (per-call kernel transform, more input channels than one block, none at all; down
+    // to SD's 8×8 level, 4 tiles per image), tiny ones (im2col + GEMM), stride 2 (even and odd sizes; im2col + GEMM when frozen, candle's path
     // when trainable), 1×1 convolutions.
     for &(n, cin, cout, h, w, k, frozen, stride) in &[
         (2, 8, 12, 63, 61, 3, true, 1),
@@ -446,6 +446,8 @@ fn conv_matches_candle() -> Result<()> {
         (2, 4, 6, 10, 10, 3, true, 1),
         (1, 130, 20, 12, 11, 3, true, 1),
         (1, 130, 131, 12, 11, 3, true, 1),
+        (2, 130, 131, 8, 7, 3, true, 1),
+        (1, 130, 131, 4, 4, 3, true, 1),
         (2, 0, 5, 9, 9, 3, true, 1),
         (1, 0, 3, 48, 48, 3, true, 1),
         (1, 3, 4, 6, 6, 3, true, 1),

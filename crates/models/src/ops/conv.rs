@@ -49,9 +49,14 @@ const CHEAP_TILES: usize = 48;
 /// 950 MiB of a UNet step's peak memory (4,782 → 3,830 MiB).
 const MIN_TILES: usize = 256;
 /// Below this many tiles per image transforming the kernels costs more than the 4× fewer
-/// multiplications save, and the direct (im2col) convolution is faster (8 tiles, SD's 8×8
-/// level with guidance, measured about even; 4 per image).
-const MIN_SMALL_TILES: usize = 8;
+/// multiplications save, and the direct (im2col) convolution is faster. Measured at 1280 →
+/// 1280 channels: SD's 8×8 level (4 tiles per image) with guidance took 12.3 against 20.0 ms
+/// by im2col, and 10.0–10.4 against 9.7–10.0 ms for one image; 4×4 maps (1 tile) 9.8
+/// against 2.6 ms.
+const MIN_SMALL_TILES: usize = 4;
+/// [`MIN_SMALL_TILES`] for layers with cheap kernels ([`cheap_kernels`], the training-sized
+/// models'), which take the cached-kernel path: their 8×8 maps stay on im2col.
+const MIN_CHEAP_TILES: usize = 8;
 /// Most `Cin·Cout` for which the kernels are transformed whole even on small maps (64 KiB per
 /// point): the training-sized models' layers, whose batches have thousands of tiles that
 /// [`convolve_small`] would stream through memory on one thread (a 32 → 32 layer at 32×32,
@@ -1623,9 +1628,8 @@ impl Conv2d {
         // sharing a batch each run a part of it).
         match fused_ok {
             true => match Grid::new(h, wd).tiles_per_image {
-                t if t >= MIN_TILES || (t >= MIN_SMALL_TILES && cheap_kernels(cin, cout)) => {
-                    Path::Winograd { small: false }
-                }
+                t if cheap_kernels(cin, cout) && t < MIN_CHEAP_TILES => Path::Im2col { stride: 1 },
+                t if t >= MIN_TILES || cheap_kernels(cin, cout) => Path::Winograd { small: false },
                 t if t >= MIN_SMALL_TILES => Path::Winograd { small: true },
                 _ => Path::Im2col { stride: 1 },
             },
