@@ -1162,8 +1162,9 @@ fn timed_grad<T>(
 
 /// A 3×3 padding-1 convolution (stride 1 or 2) as im2col and one multi-threaded GEMM per
 /// image, `out (Cout × Ho·Wo) = W (Cout × Cin·9) · col + b`, written straight into NCHW: for
-/// maps of fewer than [`MIN_SMALL_TILES`] tiles, where transforming the kernels would cost more
-/// than Winograd saves, and for the downsamplers. candle's own path (im2col in NHWC order, a
+/// maps of fewer than [`MIN_SMALL_TILES`] tiles per image ([`MIN_CHEAP_TILES`] for cheap
+/// kernels), where transforming the kernels would cost more than Winograd saves, and for the
+/// downsamplers. candle's own path (im2col in NHWC order, a
 /// batched matmul, then a transpose copy) ran at half the speed here.
 struct Im2colConv {
     stride: usize,
