@@ -26,8 +26,8 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
 use super::microkernel::{
-    gemm_parallel, gemm_parallel_bf16, pack_kt, pack_pairs, transpose, transpose_rows8, BfA, BfB,
-    BfOut, Gemm, B, NR,
+    even_split, gemm_parallel, gemm_parallel_bf16, pack_kt, pack_pairs, transpose, transpose_rows8,
+    BfA, BfB, BfOut, Gemm, B, NR,
 };
 use super::{f32_input, f32_output, kernel_dtype, output_buffer, simd_fn, SendPtr, LANES};
 
@@ -574,7 +574,7 @@ fn convolve_small(
         let o0 = panel * NR;
         let mut scratch = SCRATCH.take();
         // Equal blocks: no thin last one paying a whole pass over the products.
-        let block = cin.div_ceil(cin.div_ceil(SMALL_CIN_BLOCK).max(1)).max(1);
+        let block = even_split(cin, SMALL_CIN_BLOCK);
         scratch.resize(
             scratch.len().max(kernel_panels(block) + POINTS * NR * nt),
             0.0,

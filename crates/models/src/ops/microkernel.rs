@@ -89,9 +89,9 @@ pub(crate) fn pack_rows(b: &[f32], ld: usize, kc: usize, n: usize, out: &mut [f3
     }
 }
 
-/// `len` split into equal parts of at most `max`: the part size (≥ 1).
-#[cfg_attr(not(x86_simd), allow(dead_code))] // (used by the AVX2 GEMM only)
-fn even_split(len: usize, max: usize) -> usize {
+/// `len` split into equal parts of at most `max`: the part size (≥ 1). (The GEMMs' K-blocks,
+/// and the input-channel blocks of the per-call Winograd.)
+pub(crate) fn even_split(len: usize, max: usize) -> usize {
     len.div_ceil(len.div_ceil(max).max(1)).max(1)
 }
 
