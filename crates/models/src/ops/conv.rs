@@ -1322,24 +1322,12 @@ fn weight_times_image(
 const SCRATCH_MAX: usize = 4 << 20;
 
 /// Runs `f` on `len` values of a buffer this thread keeps from call to call, instead of
-/// allocating and zeroing one per image: the values are whatever its last user left, so `f`
-/// must write every element it reads.
+/// allocating and zeroing one per image ([`super::with_kept_buffer`], up to [`SCRATCH_MAX`]).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     thread_local! {
         static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    if len > SCRATCH_MAX {
-        return f(&mut vec![0f32; len]);
-    }
-    let mut buf = SCRATCH.take();
-    buf.resize(buf.len().max(len), 0.0);
-    if cfg!(debug_assertions) {
-        // As `output_buffer`: an element `f` reads before writing shows up in the tests.
-        buf[..len].fill(f32::NAN);
-    }
-    let r = f(&mut buf[..len]);
-    SCRATCH.set(buf);
-    r
+    super::with_kept_buffer(&SCRATCH, len, SCRATCH_MAX, f)
 }
 
 /// `g` on every core (`parallel`) or on this thread: the same values either way, since

@@ -488,26 +488,24 @@ pub(crate) fn gemm_parallel(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias:
             thread_local! {
                 static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
             }
-            let mut packed = PACKED.take();
-            packed.resize(packed.len().max(len), 0.0);
-            // Panels of all K rows (`B::packed`), a few panels per task; `pack_rows` writes
-            // every value of its panels, zero padding included.
-            let per_task = 4;
-            packed[..len]
-                .par_chunks_mut(per_task * NR * g.k)
-                .enumerate()
-                .for_each(|(t, out)| {
-                    let n0 = t * per_task * NR;
-                    let n = (per_task * NR).min(g.n - n0);
-                    pack_rows(&b[n0..], ld, g.k, n, out);
-                });
-            let packed_g = Gemm {
-                b: B::packed(g.k),
-                ..*g
-            };
-            gemm_parallel(&packed_g, a, &packed[..len], c, bias);
-            PACKED.set(packed);
-            return;
+            return super::with_kept_buffer(&PACKED, len, SHARED_PACK_MAX, |packed| {
+                // Panels of all K rows (`B::packed`), a few panels per task; `pack_rows`
+                // writes every value of its panels, zero padding included.
+                let per_task = 4;
+                packed
+                    .par_chunks_mut(per_task * NR * g.k)
+                    .enumerate()
+                    .for_each(|(t, out)| {
+                        let n0 = t * per_task * NR;
+                        let n = (per_task * NR).min(g.n - n0);
+                        pack_rows(&b[n0..], ld, g.k, n, out);
+                    });
+                let packed_g = Gemm {
+                    b: B::packed(g.k),
+                    ..*g
+                };
+                gemm_parallel(&packed_g, a, packed, c, bias);
+            });
         }
     }
     let c_ptr = SendPtr(c.as_mut_ptr());

@@ -259,6 +259,33 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// A thread's buffer that a kernel keeps from call to call ([`with_kept_buffer`]).
+pub(crate) type KeptBuffer = std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>;
+
+/// Runs `f` on `len` values of the buffer `key` (one per thread), instead of allocating and
+/// zeroing one per call; over `max` values, on a fresh buffer that is not kept (it would stay
+/// allocated after the layer). The values are whatever the last user left, so `f` must write
+/// every element it reads: debug builds, and so the tests, fill them with NaN first, as
+/// [`output_buffer`] does. A nested call on the same key gets a fresh buffer.
+pub(crate) fn with_kept_buffer<R>(
+    key: &'static KeptBuffer,
+    len: usize,
+    max: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    if len > max {
+        return f(&mut vec![0f32; len]);
+    }
+    let mut buf = key.take();
+    buf.resize(buf.len().max(len), 0.0);
+    if cfg!(debug_assertions) {
+        buf[..len].fill(f32::NAN);
+    }
+    let r = f(&mut buf[..len]);
+    key.set(buf);
+    r
+}
+
 /// A raw pointer into a kernel's output that parallel tasks share, each writing elements no
 /// other task writes.
 pub(crate) struct SendPtr<T = f32>(pub *mut T);
