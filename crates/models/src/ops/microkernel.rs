@@ -482,8 +482,9 @@ const SHARED_PACK_MAX: usize = 8 << 20;
 /// convolutions, `W · image`, have 3 to 8 row blocks of output channels.)
 pub(crate) fn gemm_parallel(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], bias: Option<&[f32]>) {
     g.check((a.len(), b.len(), c.len()), bias);
-    if let (B::Rows { ld }, Some((_, (row_blocks, _)))) = (g.b, blocking(g, NR)) {
+    if let B::Rows { ld } = g.b {
         let len = g.n.div_ceil(NR) * NR * g.k;
+        let row_blocks = blocking(g, NR).map_or(1, |(_, (row_blocks, _))| row_blocks);
         if row_blocks > 1 && len <= SHARED_PACK_MAX {
             thread_local! {
                 static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
