@@ -211,20 +211,29 @@ pub(crate) fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
-/// Largest element (−∞ for an empty slice), in lanes so that it vectorises.
+/// Largest element (−∞ for an empty slice), in lanes so that it vectorises; NaN is skipped.
+/// Four registers of running maxima: with one, each comparison waits for the one before (an
+/// attention score row took 2 cycles per 8 values so).
 #[inline(always)]
 pub(crate) fn max(xs: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
+    const WIDE: usize = 4 * LANES;
+    let bigger = |a: f32, b: f32| if b > a { b } else { a };
+    let mut acc = [f32::NEG_INFINITY; WIDE];
+    let mut chunks = xs.chunks_exact(WIDE);
     for c in &mut chunks {
-        for i in 0..LANES {
-            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        for i in 0..WIDE {
+            acc[i] = bigger(acc[i], c[i]);
         }
     }
-    let tail = chunks.remainder().iter().copied();
-    acc.into_iter()
-        .chain(tail)
-        .fold(f32::NEG_INFINITY, f32::max)
+    // Halved in place down to one lane: a tree of vector maxima, not a scalar chain.
+    let mut width = WIDE;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] = bigger(acc[i], acc[i + width]);
+        }
+    }
+    chunks.remainder().iter().fold(acc[0], |m, &x| bigger(m, x))
 }
 
 /// Sum of the elements, in lanes so that it vectorises.
@@ -454,6 +463,22 @@ pub(crate) fn fused_on(inputs: &[&candle_core::Tensor]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// `max` finds the largest value wherever it sits (every lane of the running maxima, the
+    /// tree that halves them, the tail), skips NaN, and gives −∞ with nothing else.
+    #[test]
+    fn max_finds_the_largest_anywhere() {
+        assert_eq!(super::max(&[]), f32::NEG_INFINITY);
+        assert_eq!(super::max(&[f32::NAN; 40]), f32::NEG_INFINITY);
+        for len in 1..=80 {
+            for at in 0..len {
+                let mut xs: Vec<f32> = (0..len).map(|i| (i as f32 * 0.7).sin() - 2.0).collect();
+                xs[at] = 5.0;
+                xs[(at + 1) % len] = if len > 1 { f32::NAN } else { 5.0 };
+                assert_eq!(super::max(&xs), 5.0, "length {len}, largest at {at}");
+            }
+        }
+    }
+
     /// The vectorised conversions against `half`'s, on every kind of value: both signs, ties
     /// that round to even up and down, values that carry into the exponent, the largest finite
     /// values (which round to infinity), infinities, NaNs, subnormals and zeros.
