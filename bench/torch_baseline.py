@@ -145,18 +145,24 @@ def main():
     # Models.
     from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 
-    if want("unet sd15 step"):
+    if want("unet sd15 step") or want("unet sd15 guided step"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(sd, "unet"))).eval().to(dev, dt)
         lat = randn(2, 4, 64, 64)
         ctx = randn(2, 77, 768)
         t = torch.tensor([999.0, 999.0], device=dev)
         run("unet sd15 step", lambda: unet(lat, t, encoder_hidden_states=ctx).sample)
         # The process's peak so far: the step's own with `--only "unet sd15 step"`.
-        peak_rss("unet sd15 step")
+        if want("unet sd15 step"):
+            peak_rss("unet sd15 step")
+        # The batch a guided pipeline runs: one latent twice, two texts.
+        lat_guided = torch.cat([lat[:1], lat[:1]])
+        run("unet sd15 guided step", lambda: unet(lat_guided, t, encoder_hidden_states=ctx).sample)
         # The tuned configuration a PyTorch CPU user would try: NHWC weights and input.
         unet = unet.to(memory_format=torch.channels_last)
         lat_cl = lat.contiguous(memory_format=torch.channels_last)
         run("unet sd15 step channels_last", lambda: unet(lat_cl, t, encoder_hidden_states=ctx).sample)
+        lat_guided_cl = lat_guided.contiguous(memory_format=torch.channels_last)
+        run("unet sd15 guided step channels_last", lambda: unet(lat_guided_cl, t, encoder_hidden_states=ctx).sample)
         del unet
     if want("vae sd15 decode"):
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(sd, "vae"))).eval().to(dev, dt)

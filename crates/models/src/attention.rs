@@ -590,10 +590,18 @@ impl BasicTransformerBlock {
         } else {
             None
         };
-        let xs = (self
-            .attn1
-            .forward(&self.norm1.forward(xs)?, attn1_context)?
-            + xs)?;
+        let self_attention =
+            |xs: &Tensor| self.attn1.forward(&self.norm1.forward(xs)?, attn1_context);
+        // The self-attention reads one sample at a time: with both halves of a guided batch
+        // still equal (the first block, before any text), one half's result serves both; the
+        // kernels give a sample the same bits in any batch, so nothing else changes.
+        let attended = if attn1_context.is_none() && crate::ops::halves_identical(xs) {
+            let half = self_attention(&xs.narrow(0, 0, xs.dim(0)? / 2)?)?;
+            Tensor::cat(&[&half, &half], 0)?
+        } else {
+            self_attention(xs)?
+        };
+        let xs = (attended + xs)?;
         let xs = match &self.cross {
             Some((norm2, attn2)) => {
                 (attn2.forward(&norm2.forward(&xs)?, encoder_hidden_states)? + xs)?

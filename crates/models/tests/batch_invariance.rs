@@ -95,3 +95,67 @@ fn linear_layers_give_a_row_the_same_values_in_any_batch() {
         );
     }
 }
+
+/// A guided batch repeats its latents: the transformer block then runs its self-attention on
+/// one half only and gives it to both. Each sample must still get what it gets alone, bit for
+/// bit, with the halves equal (the shortcut) and with them different (no shortcut), while
+/// the cross-attention reads each half's own text.
+#[test]
+fn transformer_blocks_give_each_sample_its_own_values_with_repeated_halves() {
+    use candle_nn::VarBuilder;
+    use diffuse_models::attention::BasicTransformerBlock;
+    let dev = Device::Cpu;
+    let mut g = Generator::manual_seed(3);
+    let (dim, heads, dim_head, ctx_dim) = (64, 2, 32, 24);
+    let mut ws = std::collections::HashMap::new();
+    let mut add = |name: &str, shape: &[usize], g: &mut Generator| {
+        let t = (g.randn(shape, &dev).unwrap() * 0.2).unwrap();
+        ws.insert(name.to_string(), t);
+    };
+    for norm in ["norm1", "norm2", "norm3"] {
+        add(&format!("{norm}.weight"), &[dim], &mut g);
+        add(&format!("{norm}.bias"), &[dim], &mut g);
+    }
+    for (attn, kv) in [("attn1", dim), ("attn2", ctx_dim)] {
+        add(&format!("{attn}.to_q.weight"), &[dim, dim], &mut g);
+        add(&format!("{attn}.to_k.weight"), &[dim, kv], &mut g);
+        add(&format!("{attn}.to_v.weight"), &[dim, kv], &mut g);
+        add(&format!("{attn}.to_out.0.weight"), &[dim, dim], &mut g);
+        add(&format!("{attn}.to_out.0.bias"), &[dim], &mut g);
+    }
+    add("ff.net.0.proj.weight", &[8 * dim, dim], &mut g);
+    add("ff.net.0.proj.bias", &[8 * dim], &mut g);
+    add("ff.net.2.weight", &[dim, 4 * dim], &mut g);
+    add("ff.net.2.bias", &[dim], &mut g);
+    let vb = VarBuilder::from_tensors(ws, candle_core::DType::F32, &dev);
+    let block =
+        BasicTransformerBlock::new(vb, dim, heads, dim_head, Some(ctx_dim), false, false).unwrap();
+    let tokens = 300;
+    let (x, y) = (
+        g.randn((1, tokens, dim), &dev).unwrap(),
+        g.randn((1, tokens, dim), &dev).unwrap(),
+    );
+    let ctx = g.randn((2, 7, ctx_dim), &dev).unwrap();
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let alone = |s: &Tensor, i: usize| {
+        values(
+            &block
+                .forward(s, Some(&ctx.narrow(0, i, 1).unwrap()))
+                .unwrap(),
+        )
+    };
+    for (name, second) in [("equal", &x), ("different", &y)] {
+        let batch = Tensor::cat(&[&x, second], 0).unwrap();
+        let got = block.forward(&batch, Some(&ctx)).unwrap();
+        assert_eq!(
+            values(&got.narrow(0, 0, 1).unwrap()),
+            alone(&x, 0),
+            "{name} halves: first sample"
+        );
+        assert_eq!(
+            values(&got.narrow(0, 1, 1).unwrap()),
+            alone(second, 1),
+            "{name} halves: second sample"
+        );
+    }
+}

@@ -391,12 +391,22 @@ impl Bench<'_> {
         let dev = self.device.clone();
         let sd = self.args.configs.join("runwayml_stable_diffusion_v1_5");
         let cfg_path = |p: &Path| p.join("config.json");
-        if self.wanted("unet sd15 step") {
+        if self.wanted("unet sd15 step") || self.wanted("unet sd15 guided step") {
             let cfg: UNet2DConditionConfig = read_config(&cfg_path(&sd.join("unet")))?;
             let unet = UNet2DConditionModel::new(self.vb(), &cfg)?;
             let (lat, ctx) = (self.randn((2, 4, 64, 64))?, self.randn((2, 77, 768))?);
             let t = Tensor::new(&[999f32, 999.0], &dev)?;
-            self.time("unet sd15 step", None, || Ok(unet.forward(&lat, &t, &ctx)?))?;
+            if self.wanted("unet sd15 step") {
+                self.time("unet sd15 step", None, || Ok(unet.forward(&lat, &t, &ctx)?))?;
+            }
+            // The batch a guided pipeline runs: one latent twice, two texts.
+            if self.wanted("unet sd15 guided step") {
+                let one = lat.narrow(0, 0, 1)?;
+                let lat = Tensor::cat(&[&one, &one], 0)?;
+                self.time("unet sd15 guided step", None, || {
+                    Ok(unet.forward(&lat, &t, &ctx)?)
+                })?;
+            }
         }
         if self.wanted("vae sd15 decode") {
             let cfg: AutoencoderKLConfig = read_config(&cfg_path(&sd.join("vae")))?;
