@@ -96,66 +96,119 @@ fn linear_layers_give_a_row_the_same_values_in_any_batch() {
     }
 }
 
+/// Plain random tensors (not variables, so that the layers take their inference paths) of
+/// these names and shapes.
+fn random_weights(
+    specs: &[(String, Vec<usize>)],
+    g: &mut Generator,
+) -> candle_nn::VarBuilder<'static> {
+    let dev = Device::Cpu;
+    let ws = specs
+        .iter()
+        .map(|(name, shape)| {
+            (
+                name.clone(),
+                (g.randn(&shape[..], &dev).unwrap() * 0.2).unwrap(),
+            )
+        })
+        .collect();
+    candle_nn::VarBuilder::from_tensors(ws, candle_core::DType::F32, &dev)
+}
+
+/// `forward` on a batch of two samples `[first, second]` (and per-sample side inputs `i`)
+/// gives each sample what it gets alone, bit for bit.
+fn each_sample_as_alone(
+    what: &str,
+    first: &Tensor,
+    second: &Tensor,
+    forward: impl Fn(&Tensor, Option<usize>) -> Tensor,
+) {
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let got = forward(&Tensor::cat(&[first, second], 0).unwrap(), None);
+    for (i, sample) in [first, second].into_iter().enumerate() {
+        assert_eq!(
+            values(&got.narrow(0, i, 1).unwrap()),
+            values(&forward(sample, Some(i))),
+            "{what}: sample {i}"
+        );
+    }
+}
+
 /// A guided batch repeats its latents: the transformer block then runs its self-attention on
 /// one half only and gives it to both. Each sample must still get what it gets alone, bit for
 /// bit, with the halves equal (the shortcut) and with them different (no shortcut), while
 /// the cross-attention reads each half's own text.
 #[test]
 fn transformer_blocks_give_each_sample_its_own_values_with_repeated_halves() {
-    use candle_nn::VarBuilder;
     use diffuse_models::attention::BasicTransformerBlock;
     let dev = Device::Cpu;
     let mut g = Generator::manual_seed(3);
     let (dim, heads, dim_head, ctx_dim) = (64, 2, 32, 24);
-    let mut ws = std::collections::HashMap::new();
-    let mut add = |name: &str, shape: &[usize], g: &mut Generator| {
-        let t = (g.randn(shape, &dev).unwrap() * 0.2).unwrap();
-        ws.insert(name.to_string(), t);
-    };
+    let mut specs = vec![];
     for norm in ["norm1", "norm2", "norm3"] {
-        add(&format!("{norm}.weight"), &[dim], &mut g);
-        add(&format!("{norm}.bias"), &[dim], &mut g);
+        specs.push((format!("{norm}.weight"), vec![dim]));
+        specs.push((format!("{norm}.bias"), vec![dim]));
     }
     for (attn, kv) in [("attn1", dim), ("attn2", ctx_dim)] {
-        add(&format!("{attn}.to_q.weight"), &[dim, dim], &mut g);
-        add(&format!("{attn}.to_k.weight"), &[dim, kv], &mut g);
-        add(&format!("{attn}.to_v.weight"), &[dim, kv], &mut g);
-        add(&format!("{attn}.to_out.0.weight"), &[dim, dim], &mut g);
-        add(&format!("{attn}.to_out.0.bias"), &[dim], &mut g);
+        specs.push((format!("{attn}.to_q.weight"), vec![dim, dim]));
+        specs.push((format!("{attn}.to_k.weight"), vec![dim, kv]));
+        specs.push((format!("{attn}.to_v.weight"), vec![dim, kv]));
+        specs.push((format!("{attn}.to_out.0.weight"), vec![dim, dim]));
+        specs.push((format!("{attn}.to_out.0.bias"), vec![dim]));
     }
-    add("ff.net.0.proj.weight", &[8 * dim, dim], &mut g);
-    add("ff.net.0.proj.bias", &[8 * dim], &mut g);
-    add("ff.net.2.weight", &[dim, 4 * dim], &mut g);
-    add("ff.net.2.bias", &[dim], &mut g);
-    let vb = VarBuilder::from_tensors(ws, candle_core::DType::F32, &dev);
+    specs.push(("ff.net.0.proj.weight".into(), vec![8 * dim, dim]));
+    specs.push(("ff.net.0.proj.bias".into(), vec![8 * dim]));
+    specs.push(("ff.net.2.weight".into(), vec![dim, 4 * dim]));
+    specs.push(("ff.net.2.bias".into(), vec![dim]));
+    let vb = random_weights(&specs, &mut g);
     let block =
         BasicTransformerBlock::new(vb, dim, heads, dim_head, Some(ctx_dim), false, false).unwrap();
-    let tokens = 300;
-    let (x, y) = (
-        g.randn((1, tokens, dim), &dev).unwrap(),
-        g.randn((1, tokens, dim), &dev).unwrap(),
-    );
+    let x = g.randn((1, 300, dim), &dev).unwrap();
+    let y = g.randn((1, 300, dim), &dev).unwrap();
     let ctx = g.randn((2, 7, ctx_dim), &dev).unwrap();
-    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let alone = |s: &Tensor, i: usize| {
-        values(
-            &block
-                .forward(s, Some(&ctx.narrow(0, i, 1).unwrap()))
-                .unwrap(),
-        )
-    };
-    for (name, second) in [("equal", &x), ("different", &y)] {
-        let batch = Tensor::cat(&[&x, second], 0).unwrap();
-        let got = block.forward(&batch, Some(&ctx)).unwrap();
-        assert_eq!(
-            values(&got.narrow(0, 0, 1).unwrap()),
-            alone(&x, 0),
-            "{name} halves: first sample"
-        );
-        assert_eq!(
-            values(&got.narrow(0, 1, 1).unwrap()),
-            alone(second, 1),
-            "{name} halves: second sample"
-        );
+    for (what, second) in [("equal halves", &x), ("different halves", &y)] {
+        each_sample_as_alone(what, &x, second, |s, i| {
+            let ctx = i.map_or(ctx.clone(), |i| ctx.narrow(0, i, 1).unwrap());
+            block.forward(s, Some(&ctx)).unwrap()
+        });
+    }
+}
+
+/// The same for a ResNet block: the shortcut takes equal images with equal time embeddings
+/// only (SDXL's guided halves differ in theirs, which carry the pooled text).
+#[test]
+fn resnet_blocks_give_each_sample_its_own_values_with_repeated_halves() {
+    use diffuse_models::activations::Activation;
+    use diffuse_models::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+    let dev = Device::Cpu;
+    let mut g = Generator::manual_seed(4);
+    let (c, t) = (32, 16);
+    let mut specs = vec![];
+    for (name, shape) in [
+        ("norm1", vec![c]),
+        ("norm2", vec![c]),
+        ("conv1", vec![c, c, 3, 3]),
+        ("conv2", vec![c, c, 3, 3]),
+        ("time_emb_proj", vec![c, t]),
+    ] {
+        specs.push((format!("{name}.weight"), shape));
+        specs.push((format!("{name}.bias"), vec![c]));
+    }
+    let cfg = ResnetBlock2DConfig::new(c, c, Some(t), 8, 1e-5, Activation::Silu);
+    let block = ResnetBlock2D::new(random_weights(&specs, &mut g), &cfg).unwrap();
+    let x = g.randn((1, c, 12, 10), &dev).unwrap();
+    let y = g.randn((1, c, 12, 10), &dev).unwrap();
+    let same_t = g.randn((1, t), &dev).unwrap();
+    let other_t = g.randn((1, t), &dev).unwrap();
+    for (what, second, t2) in [
+        ("equal halves", &x, &same_t),
+        ("different images", &y, &same_t),
+        ("different time embeddings", &x, &other_t),
+    ] {
+        let temb = Tensor::cat(&[&same_t, t2], 0).unwrap();
+        each_sample_as_alone(what, &x, second, |s, i| {
+            let temb = i.map_or(temb.clone(), |i| temb.narrow(0, i, 1).unwrap());
+            block.forward(s, Some(&temb)).unwrap()
+        });
     }
 }
