@@ -592,14 +592,11 @@ impl BasicTransformerBlock {
         };
         let self_attention =
             |xs: &Tensor| self.attn1.forward(&self.norm1.forward(xs)?, attn1_context);
-        // The self-attention reads one sample at a time: with both halves of a guided batch
-        // still equal (the first block, before any text), one half's result serves both; the
-        // kernels give a sample the same bits in any batch, so nothing else changes.
-        let attended = if attn1_context.is_none() && crate::ops::halves_identical(xs) {
-            let half = self_attention(&xs.narrow(0, 0, xs.dim(0)? / 2)?)?;
-            Tensor::cat(&[&half, &half], 0)?
-        } else {
-            self_attention(xs)?
+        // A self-attention reads one sample at a time: once for both halves of a guided batch
+        // that are still equal (the first block, before any text).
+        let attended = match attn1_context {
+            None => crate::ops::once_for_equal_halves(xs, None, |xs, _| self_attention(xs))?,
+            Some(_) => self_attention(xs)?,
         };
         let xs = (attended + xs)?;
         let xs = match &self.cross {

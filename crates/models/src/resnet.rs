@@ -265,16 +265,9 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        // Each sample is its own: with both halves of the batch equal, input and time
-        // embedding (a guided step's first block), one half's result serves both, the same
-        // bits (the kernels are batch-invariant).
-        if crate::ops::halves_identical(xs) && temb.is_none_or(crate::ops::halves_identical) {
-            let half = |t: &Tensor| t.narrow(0, 0, t.dim(0)? / 2);
-            let temb = temb.map(half).transpose()?;
-            let out = self.forward_samples(&half(xs)?, temb.as_ref())?;
-            return Tensor::cat(&[&out, &out], 0);
-        }
-        self.forward_samples(xs, temb)
+        // Once for both halves of a guided step's first block (one latent twice, one time
+        // embedding); SDXL's halves differ in their time embeddings, which carry the text.
+        crate::ops::once_for_equal_halves(xs, temb, |xs, temb| self.forward_samples(xs, temb))
     }
 
     fn forward_samples(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {

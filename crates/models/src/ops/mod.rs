@@ -488,6 +488,24 @@ pub(crate) fn halves_identical(x: &candle_core::Tensor) -> bool {
     })
 }
 
+/// `f` over a batch `xs` (with a per-sample side input `side`, such as a time embedding), where
+/// `f` treats each sample on its own: when both halves of `xs` and of `side` are equal
+/// ([`halves_identical`]), `f` runs on the first halves only and its result is repeated, the
+/// same bits as the kernels give a sample the same values in any batch.
+pub(crate) fn once_for_equal_halves(
+    xs: &candle_core::Tensor,
+    side: Option<&candle_core::Tensor>,
+    f: impl Fn(&candle_core::Tensor, Option<&candle_core::Tensor>) -> Result<candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
+    if !halves_identical(xs) || !side.is_none_or(halves_identical) {
+        return f(xs, side);
+    }
+    let half = |t: &candle_core::Tensor| t.narrow(0, 0, t.dim(0)? / 2);
+    let side = side.map(half).transpose()?;
+    let out = f(&half(xs)?, side.as_ref())?;
+    candle_core::Tensor::cat(&[&out, &out], 0)
+}
+
 #[cfg(test)]
 mod tests {
     /// `max` finds the largest value wherever it sits (every lane of the running maxima, the
