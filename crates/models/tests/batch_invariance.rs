@@ -1,7 +1,8 @@
 //! An image comes out of the CPU kernels the same, bit for bit, whatever batch it is in: the
 //! convolution and linear paths are chosen by the size of one image, not of the batch, so that
 //! processes sharing a batch (`mpirun -np N diffuse generate`) write the files one process
-//! writes. Each layer runs on a batch and on its first image alone.
+//! writes. Each layer runs on a batch and on its first image alone; the ResNet and transformer
+//! blocks, which run once for the equal halves of a guided batch, on each of two samples alone.
 
 use candle_core::{Device, Module, Tensor};
 use diffuse_core::Generator;
@@ -166,6 +167,20 @@ fn transformer_blocks_give_each_sample_its_own_values_with_repeated_halves() {
     let x = g.randn((1, 300, dim), &dev).unwrap();
     let y = g.randn((1, 300, dim), &dev).unwrap();
     let ctx = g.randn((2, 7, ctx_dim), &dev).unwrap();
+    // The shortcut is taken: the self-attention over 300 keys runs on one sample's two heads.
+    // (No other test of this file runs an attention, so the global profile holds only this.)
+    diffuse_models::profile::enable(true);
+    block
+        .forward(&Tensor::cat(&[&x, &x], 0).unwrap(), Some(&ctx))
+        .unwrap();
+    let rows = diffuse_models::profile::take();
+    diffuse_models::profile::enable(false);
+    let selfs: Vec<&str> = rows
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .filter(|name| name.starts_with("attention") && name.ends_with("over 300 keys"))
+        .collect();
+    assert_eq!(selfs, ["attention 2x300x32 over 300 keys"], "{rows:?}");
     for (what, second) in [("equal halves", &x), ("different halves", &y)] {
         each_sample_as_alone(what, &x, second, |s, i| {
             let ctx = i.map_or(ctx.clone(), |i| ctx.narrow(0, i, 1).unwrap());

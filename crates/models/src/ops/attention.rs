@@ -203,7 +203,7 @@ fn block_scores(
 
 /// Packs every one of `count` heads: `pack(i, dst)` writes every one of head `i`'s `dst_len`
 /// values of a new buffer ([`output_buffer`]: filled on every core, where a `vec!` of zeros
-/// was one thread's `memset` of 25 MiB per 4096-token attention, the other core idle).
+/// was one thread's `memset` of 22 MiB per 4096-token attention, the other core idle).
 fn pack_heads(count: usize, dst_len: usize, pack: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let mut out = output_buffer(count * dst_len);
     if dst_len > 0 {
