@@ -257,15 +257,6 @@ impl CustomOp1 for ScaledSoftmax {
 /// The largest head size of the CUDA flash-attention kernel (f16/bf16, no causal mask).
 pub(crate) const CUDA_FLASH_MAX_HEAD: usize = 128;
 
-impl FlashAttention {
-    /// The score scale in log₂ units, `scale · log₂e`: every softmax of the CPU kernels (the
-    /// forward's, the backward's log-sum-exp, the small heads') runs on `2^(s − max)`
-    /// ([`exp2_shifted_sum`]).
-    fn log2_scale(&self) -> f32 {
-        (self.scale * std::f64::consts::LOG2_E) as f32
-    }
-}
-
 impl CustomOp3 for FlashAttention {
     fn name(&self) -> &'static str {
         "flash-attention"
@@ -320,7 +311,8 @@ impl CustomOp3 for FlashAttention {
         // Every element is written: every (head, query block) task writes all of its rows.
         let mut out = output_buffer(b * n * cv);
         if n * cv > 0 {
-            let scale = self.log2_scale();
+            // Scores in log₂ units, for `exp2_shifted_sum`.
+            let scale = (self.scale * std::f64::consts::LOG2_E) as f32;
             // Keys packed once per (batch, head), shared by all of its query blocks; values too
             // (packing each key block's values for every query block cost about 4% of the op).
             // Head `i` of batch `j` starts `i·d` (`i·dv`) into the rows of batch `j`.
@@ -508,7 +500,7 @@ fn flash_grads(
             pack_rows(qh, d, n, d, &mut ops.q_rows);
             pack_rows(goh, dv, n, dv, &mut ops.do_rows);
             super::microkernel::transpose(kh, (m, d, d), &mut ops.k_t);
-            row_logsumexp(qh, kh, (n, m, d), op.log2_scale(), op.causal, &mut ops.lse);
+            row_logsumexp(qh, kh, (n, m, d), scale, op.causal, &mut ops.lse);
             ops
         })
         .collect();
@@ -600,19 +592,18 @@ fn head_grads_tensors(
 }
 
 /// `lse[i] = log Σⱼ exp(scale · qᵢ·kⱼ)` over the keys query `i` sees, by the forward pass's
-/// online softmax over blocks of keys (scores of [`BLOCK_Q`] queries at a time), with the keys
-/// scaled by `log2_scale` ([`FlashAttention::log2_scale`]).
+/// online softmax over blocks of keys (scores of [`BLOCK_Q`] queries at a time).
 fn row_logsumexp(
     q: &[f32],
     k: &[f32],
     (n, m, d): (usize, usize, usize),
-    log2_scale: f32,
+    scale: f32,
     causal: bool,
     lse: &mut [f32],
 ) {
     let mut kt = vec![0f32; m.div_ceil(NR) * NR * d];
-    // Scores in log₂ units: `lse = ln2 · max + ln Σ 2^(s − max)`.
-    pack_kt(k, (m, d, d), log2_scale, &mut kt);
+    // Scores in log₂ units (`exp2_shifted_sum`): `lse = ln2 · max + ln Σ 2^(s − max)`.
+    pack_kt(k, (m, d, d), scale * std::f32::consts::LOG2_E, &mut kt);
     let bk = BLOCK_K.min(m.next_multiple_of(NR));
     let lds = bk + NR;
     let mut s = vec![0f32; BLOCK_Q * lds];
@@ -769,8 +760,7 @@ fn small_head_grads(
                 (vec![0f32; n * d], vec![0f32; m * d], vec![0f32; m * dv]);
             let operands = [q, k, v, o, go];
             let grads = [&mut dq[..], &mut dk[..], &mut dvv[..]];
-            let scales = [scale, op.log2_scale()];
-            head_grads(operands, grads, [n, m, d, dv], scales, op.causal);
+            head_grads(operands, grads, [n, m, d, dv], scale, op.causal);
             [dq, dk, dvv]
         })
         .collect();
@@ -783,9 +773,7 @@ simd_fn! {
     /// row with every inner loop running over the keys: `kᵀ` and `vᵀ` are copied once, so the
     /// scores, `do·vᵀ` and the `dk`/`dv` updates are `d` (or `dv`) scaled additions of rows of
     /// `m` values, where a loop over keys of width-8 dot products ran at a third of the speed.
-    fn head_grads(x: [&[f32]; 5], grads: [&mut [f32]; 3], dims: [usize; 4], scales: [f32; 2], causal: bool) {
-        // The natural scale (the gradients) and the log₂ one (the softmax).
-        let [scale, log2_scale] = scales;
+    fn head_grads(x: [&[f32]; 5], grads: [&mut [f32]; 3], dims: [usize; 4], scale: f32, causal: bool) {
         let [q, k, v, o, go] = x;
         let [dq, dk, dv_out] = grads;
         let [n, m, d, dv] = dims;
@@ -812,7 +800,9 @@ simd_fn! {
             for (c, &x) in qi.iter().enumerate() {
                 axpy(p, x, &kt[c * m..c * m + keys]);
             }
-            p.iter_mut().for_each(|s| *s *= log2_scale);
+            // (In log₂ units for `exp2_shifted_sum`.)
+            p.iter_mut()
+                .for_each(|s| *s *= scale * std::f32::consts::LOG2_E);
             let top = max(p);
             let total = exp2_shifted_sum(p, top);
             let inv = 1.0 / total;
