@@ -108,8 +108,8 @@ fn exp2_shifted_sum_portable(row: &mut [f32], m: f32) -> f32 {
 }
 
 /// Attention of one block of query rows `q` (rows × d) over the `m_keys` keys of one head,
-/// packed as `scale · log₂e · kᵀ` by [`pack_kt`] (scores in log₂ units), with values `v`
-/// (M × dv) packed by [`pack_rows`], written to `out` (rows × dv).
+/// packed as `scale · log₂e · kᵀ` by [`pack_kt`] (scores in log₂ units), with values `v` (M × dv) packed by [`pack_rows`],
+/// written to `out` (rows × dv).
 /// `causal`: the index of the block's first row in its head, whose row `i` sees keys `0..=i`.
 /// `bf16`: bf16 inputs, whose two products are bf16 ones ([`Gemm::bf16`]; the probabilities
 /// are rounded to bf16 for the second, as PyTorch's bf16 attention rounds them).
