@@ -828,28 +828,32 @@ unsafe fn store_row_scalar(
     }
 }
 
-// The vector `2^t` of the softmax rows (`avx2::exp2_shifted_sum`, `avx512::exp2_shifted_sum`),
-// whose scores come in log₂ units (the keys are packed times `scale · log₂e`), so that the
-// reduction `t = n + f` is exact and needs no `ln 2` in two parts: arguments raised to
-// `EXP2_MIN` (`2ⁿ` stays a normal number), and the degree-6 Taylor coefficients of
-// `2^f = e^(f·ln2)`, highest first. Both instruction sets use them in the same order, so they
-// give the same bits.
+// The vector `exp` of the softmax rows (`avx2::exp_shifted_sum`, `avx512::exp_shifted_sum`):
+// arguments clamped to `[EXP_MIN, EXP_MAX]`, `ln2` in two parts for the reduction, and the
+// degree-6 Taylor coefficients of `e^f`, highest first. Both instruction sets use them in the
+// same order, so they give the same bits.
 #[cfg(x86_simd)]
-const EXP2_MIN: f32 = -126.0;
+const EXP_MIN: f32 = -87.0;
 #[cfg(x86_simd)]
-const EXP2_POLY: [f32; 7] = [
-    1.540_353e-4,
-    1.333_355_8e-3,
-    9.618_129e-3,
-    5.550_411e-2,
-    2.402_265e-1,
-    std::f32::consts::LN_2,
+const EXP_MAX: f32 = 88.0;
+#[cfg(x86_simd)]
+const LN2_HI: f32 = 0.693_145_75;
+#[cfg(x86_simd)]
+const LN2_LO: f32 = 1.428_606_8e-6;
+#[cfg(x86_simd)]
+const EXP_POLY: [f32; 7] = [
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
     1.0,
 ];
 
 #[cfg(x86_simd)]
 pub(crate) mod avx2 {
-    use super::{Gemm, EXP2_MIN, EXP2_POLY, MR, NR};
+    use super::{Gemm, EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, MR, NR};
     use std::arch::x86_64::*;
 
     /// Calls `$tile::<R, ..>` with `R = $rows` (1..=MR).
@@ -1018,18 +1022,22 @@ pub(crate) mod avx2 {
         super::drive::<Avx2>(g, a, b, c, bias)
     }
 
-    /// `2^t` of 8 lanes, to about 1 ulp, for `t ≤ 128` (smaller than `2^-126` below −126; NaN
-    /// stays NaN): `t = n + f` with `|f| ≤ ½` exactly, a degree-6 polynomial for `2^f`, `2ⁿ`
-    /// from bits.
+    /// `exp(x)` of 8 lanes, to about 1 ulp, 0 below −87: `x = n·ln2 + f` with the reduction in
+    /// two parts (Cody–Waite), a degree-6 polynomial for `e^f` on |f| ≤ ln2/2, `2^n` from bits.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn exp2_ps(t: __m256) -> __m256 {
-        // (`max` returns its second operand for a NaN.)
-        let t = _mm256_max_ps(_mm256_set1_ps(EXP2_MIN), t);
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-        let f = _mm256_sub_ps(t, n);
-        let mut p = _mm256_set1_ps(EXP2_POLY[0]);
-        for c in &EXP2_POLY[1..] {
+    fn exp_ps(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(
+            _mm256_min_ps(x, _mm256_set1_ps(EXP_MAX)),
+            _mm256_set1_ps(EXP_MIN),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), f);
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
             p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(*c));
         }
         let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
@@ -1078,16 +1086,16 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// `row[i] = 2^(row[i] − m)`; returns their sum.
+    /// `row[i] = exp(row[i] − m)`; returns their sum.
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA (checked by the caller).
     #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn exp2_shifted_sum(row: &mut [f32], m: f32) -> f32 {
+    pub(crate) unsafe fn exp_shifted_sum(row: &mut [f32], m: f32) -> f32 {
         let (mv, mut sum) = (_mm256_set1_ps(m), _mm256_setzero_ps());
         let mut chunks = row.chunks_exact_mut(8);
         for c in &mut chunks {
-            let e = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
+            let e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
             _mm256_storeu_ps(c.as_mut_ptr(), e);
             sum = _mm256_add_ps(sum, e);
         }
@@ -1097,7 +1105,7 @@ pub(crate) mod avx2 {
             .into_remainder()
             .iter_mut()
             .map(|x| {
-                *x = crate::ops::exp2(*x - m);
+                *x = crate::ops::exp(*x - m);
                 *x
             })
             .sum();
@@ -1112,7 +1120,7 @@ pub(crate) mod avx2 {
 /// (and the same final additions), so both give the same bits.
 #[cfg(x86_simd)]
 pub(crate) mod avx512 {
-    use super::{Gemm, EXP2_MIN, EXP2_POLY, NR};
+    use super::{Gemm, EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, NR};
     use std::arch::x86_64::*;
 
     /// Rows per tile.
@@ -1273,16 +1281,22 @@ pub(crate) mod avx512 {
         super::drive::<Avx512>(g, a, b, c, bias)
     }
 
-    /// `2^t` of 16 lanes: the AVX2 `exp2_ps`'s steps, with `p · 2ⁿ` by `vscalefps` (exact
-    /// for `n ≥ −126`, as the AVX2 multiplication by the assembled `2ⁿ` is).
+    /// `exp(x)` of 16 lanes: the AVX2 `exp_ps`'s steps, with `p · 2ⁿ` by `vscalefps` (exact
+    /// for the clamped range, as the AVX2 multiplication by the assembled `2ⁿ` is).
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    fn exp2_ps(t: __m512) -> __m512 {
-        let t = _mm512_max_ps(_mm512_set1_ps(EXP2_MIN), t);
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-        let f = _mm512_sub_ps(t, n);
-        let mut p = _mm512_set1_ps(EXP2_POLY[0]);
-        for c in &EXP2_POLY[1..] {
+    fn exp_ps(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(
+            _mm512_min_ps(x, _mm512_set1_ps(EXP_MAX)),
+            _mm512_set1_ps(EXP_MIN),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), f);
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
             p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
         }
         _mm512_scalef_ps(p, n)
@@ -1295,18 +1309,18 @@ pub(crate) mod avx512 {
         _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
     }
 
-    /// `row[i] = 2^(row[i] − m)`; returns their sum: the AVX2 kernel's values and sum, bit
+    /// `row[i] = exp(row[i] − m)`; returns their sum: the AVX2 kernel's values and sum, bit
     /// for bit, at twice the width. Each 16 values are added to the 8 running sums as two
     /// halves, in the AVX2 kernel's order; a last 8 take a masked vector, fewer the scalar tail.
     ///
     /// # Safety
     /// The CPU has AVX-512F, AVX2 and FMA (checked by the caller).
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(crate) unsafe fn exp2_shifted_sum(row: &mut [f32], m: f32) -> f32 {
+    pub(crate) unsafe fn exp_shifted_sum(row: &mut [f32], m: f32) -> f32 {
         let (mv, mut sum) = (_mm512_set1_ps(m), _mm256_setzero_ps());
         let mut chunks = row.chunks_exact_mut(16);
         for c in &mut chunks {
-            let e = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), mv));
+            let e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), mv));
             _mm512_storeu_ps(c.as_mut_ptr(), e);
             sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
             sum = _mm256_add_ps(sum, high_half(e));
@@ -1314,7 +1328,7 @@ pub(crate) mod avx512 {
         let rest = chunks.into_remainder();
         let (eight, tail) = rest.split_at_mut(rest.len() / 8 * 8);
         if !eight.is_empty() {
-            let e = exp2_ps(_mm512_sub_ps(
+            let e = exp_ps(_mm512_sub_ps(
                 _mm512_maskz_loadu_ps(0xff, eight.as_ptr()),
                 mv,
             ));
@@ -1326,7 +1340,7 @@ pub(crate) mod avx512 {
         let tail: f32 = tail
             .iter_mut()
             .map(|x| {
-                *x = crate::ops::exp2(*x - m);
+                *x = crate::ops::exp(*x - m);
                 *x
             })
             .sum();

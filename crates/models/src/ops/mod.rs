@@ -195,33 +195,12 @@ pub(crate) fn exp(x: f32) -> f32 {
     let r = t + MAGIC;
     let n = r - MAGIC;
     let f = (t - n) * LN2;
-    let p = exp_taylor(f);
-    // r's low mantissa bits hold round(t) as an integer offset from MAGIC's bits.
-    let bits = r.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23;
-    p * f32::from_bits(bits)
-}
-
-/// `e^f` for `|f| ≤ ln2/2`: the degree-6 Taylor polynomial.
-#[inline(always)]
-fn exp_taylor(f: f32) -> f32 {
-    1.0 + f
-        * (1.0
+    // exp(f) for |f| ≤ ln2/2.
+    let p = 1.0
+        + f * (1.0
             + f * (0.5
-                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))))
-}
-
-/// `2^x` for `x ≤ 128` (the softmax rows' scalar tails and rescaling factors, their scores in
-/// log₂ units): `x = n + f` with `|f| ≤ ½` exactly (rounding by the 1.5·2²³ trick), the
-/// degree-6 Taylor polynomial of `2^f`, `2ⁿ` from integer bits; below −126, `2^-126`-sized
-/// (as the vector kernels); NaN stays NaN.
-#[inline(always)]
-pub(crate) fn exp2(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-                                     // (A comparison, not `f32::max`, so that NaN stays NaN.)
-    let x = if x < -126.0 { -126.0 } else { x };
-    let r = x + MAGIC;
-    let f = x - (r - MAGIC);
-    let p = exp_taylor(f * std::f32::consts::LN_2);
+                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
+    // r's low mantissa bits hold round(t) as an integer offset from MAGIC's bits.
     let bits = r.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23;
     p * f32::from_bits(bits)
 }
