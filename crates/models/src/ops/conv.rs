@@ -168,17 +168,34 @@ impl Transform1d<M> for OutputTransform {
     }
 }
 
-/// `G·g` for one column (or row) of a 3×3 kernel.
+/// `G'·g` for one column (or row) of a 3×3 kernel. Winograd's `G` is `S·G'`: `G'` has the
+/// small integer rows (1, 0, 0), (1, 1, 1), (1, −1, 1), (1, 2, 4), (1, −2, 4), (0, 0, 1) and
+/// [`KERNEL_SCALE`] is `S`'s diagonal. So `G·g·Gᵀ = S·(G'·g·G'ᵀ)·S`: the kernels are
+/// transformed by `G'` alone, 8 operations per 1-d transform instead of 17, and the point
+/// `(i, j)` of the transform is scaled by `sᵢ·sⱼ` afterwards, once per transformed kernel where
+/// the kernels are cached, or once per product tile ([`transform_outputs`]), since a point's
+/// scale factors out of its sum over the input channels, where they are not.
 #[inline(always)]
 fn kernel_1d<T: Num>(g: [T; 3]) -> [T; A] {
-    [
-        g[0] * (1.0 / 4.0),
-        (g[0] + g[1] + g[2]) * (-1.0 / 6.0),
-        (g[0] - g[1] + g[2]) * (-1.0 / 6.0),
-        g[0] * (1.0 / 24.0) + g[1] * (1.0 / 12.0) + g[2] * (1.0 / 6.0),
-        g[0] * (1.0 / 24.0) - g[1] * (1.0 / 12.0) + g[2] * (1.0 / 6.0),
-        g[2],
-    ]
+    let outer = g[0] + g[2];
+    let far = g[0] + g[2] * 4.0;
+    let mid = g[1] * 2.0;
+    [g[0], outer + g[1], outer - g[1], far + mid, far - mid, g[2]]
+}
+
+/// The diagonal of `S` in `G = S·G'` ([`kernel_1d`]).
+const KERNEL_SCALE: [f32; A] = [
+    1.0 / 4.0,
+    -1.0 / 6.0,
+    -1.0 / 6.0,
+    1.0 / 24.0,
+    1.0 / 24.0,
+    1.0,
+];
+
+/// `sᵢ·sⱼ`: the scale of transformed point `(i, j)`.
+fn point_scale(p: usize) -> f32 {
+    KERNEL_SCALE[p / A] * KERNEL_SCALE[p % A]
 }
 
 /// Applies a 1-d transform to the columns, then to the rows, of a row-major tile.
@@ -230,12 +247,12 @@ fn lanes_at(row: &[f32], at: usize) -> Lanes {
 const KERNEL_BLOCK: usize = 32;
 
 simd_fn! {
-    /// The transformed kernels `G·g·Gᵀ` of output channels `o0..o0 + NR` (those past `cout`
-    /// zero) and input channels `c0..c0 + nb`: point `p`'s packed `nb × NR` panel (output
-    /// channel fastest) at `dst[p · point_stride(nb)..]`. A block of input channels is first
-    /// regrouped (`taps[ci][tap][j]`, 8 × 8 transposes), so that the transform runs on whole
-    /// vectors of output channels (gathering lane by lane into vectors stalled on store
-    /// forwarding). `flipped`: `w` is stored `(Cin, Cout, 3, 3)` and the kernel is its
+    /// The transformed kernels `G'·g·G'ᵀ` (unscaled: [`kernel_1d`]) of output channels
+    /// `o0..o0 + NR` (those past `cout` zero) and input channels `c0..c0 + nb`: point `p`'s
+    /// packed `nb × NR` panel (output channel fastest) at `dst[p · point_stride(nb)..]`. A
+    /// block of input channels is first regrouped (`taps[ci][tap][j]`, 8 × 8 transposes), so
+    /// that the transform runs on whole vectors of output channels (gathering lane by lane
+    /// into vectors stalled on store forwarding). `flipped`: `w` is stored `(Cin, Cout, 3, 3)` and the kernel is its
     /// transpose rotated by 180° (a backward pass's `dx`), read so without a copy of `w`.
     #[allow(clippy::too_many_arguments)]
     fn transform_kernel_panel(w: &[f32], cout: usize, cin: usize, o0: usize, c0: usize, nb: usize, flipped: bool, dst: &mut [f32]) {
@@ -300,7 +317,12 @@ fn transform_kernels(w: &[f32], cout: usize, cin: usize, flipped: bool) -> Vec<f
     u.par_chunks_mut(kernel_panels(cin).max(1))
         .enumerate()
         .for_each(|(panel, dst)| {
-            transform_kernel_panel(w, cout, cin, panel * NR, 0, cin, flipped, dst)
+            transform_kernel_panel(w, cout, cin, panel * NR, 0, cin, flipped, dst);
+            // Kept, so scaled once here ([`kernel_1d`]).
+            for (p, point) in dst.chunks_exact_mut(point_stride(cin)).enumerate() {
+                let scale = point_scale(p);
+                point.iter_mut().for_each(|x| *x *= scale);
+            }
         });
     u
 }
@@ -448,8 +470,10 @@ struct Chunk {
 simd_fn! {
     /// Inverse transform of the products `[point][tile][ld]` of a chunk of tiles for output
     /// channels `couts` (column `c − couts.start` of each row), plus the bias, into the
-    /// `(N, Cout, H, W)` output (`Cout` = `bias.len()`).
-    fn transform_outputs(m: &[f32], ld: usize, couts: std::ops::Range<usize>, out: SendPtr, bias: &[f32], grid: Grid, chunk: Chunk) {
+    /// `(N, Cout, H, W)` output (`Cout` = `bias.len()`). `unscaled`: the products are of
+    /// kernels transformed by `G'` alone, each point still to be scaled ([`kernel_1d`]).
+    #[allow(clippy::too_many_arguments)]
+    fn transform_outputs(m: &[f32], ld: usize, couts: std::ops::Range<usize>, out: SendPtr, bias: &[f32], grid: Grid, chunk: Chunk, unscaled: bool) {
         let Chunk { t0, nt } = chunk;
         let cout = bias.len();
         let plane = grid.h * grid.w;
@@ -460,6 +484,9 @@ simd_fn! {
                 for (p, val) in tile.iter_mut().flatten().enumerate() {
                     let at = (p * nt + t) * ld + c0 - couts.start;
                     copy_lanes(&mut val.0, &m[at..], lanes);
+                    if unscaled {
+                        *val = *val * point_scale(p);
+                    }
                 }
                 let y = transform_2d::<OutputTransform, _, M>(&tile);
                 let (n, y0, x0) = grid.locate(t0 + t);
@@ -524,7 +551,7 @@ fn convolve_tiles(
             None,
         );
     }
-    transform_outputs(m, cout, 0..cout, out, bias, grid, chunk);
+    transform_outputs(m, cout, 0..cout, out, bias, grid, chunk, false);
     SCRATCH.set(scratch);
 }
 
@@ -625,7 +652,7 @@ fn convolve_small(
             }
         }
         let couts = o0..(o0 + NR).min(cout);
-        transform_outputs(m, NR, couts, out, bias, grid, chunk);
+        transform_outputs(m, NR, couts, out, bias, grid, chunk, true);
         SCRATCH.set(scratch);
     });
     TILES_SCRATCH.set(v);
