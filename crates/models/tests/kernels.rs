@@ -113,6 +113,53 @@ fn attention_matches_reference_f32() -> Result<()> {
     Ok(())
 }
 
+/// A NaN score makes its row NaN, as in PyTorch (and the reference): the exponential's range
+/// clamp must not turn it into a finite weight. A NaN query value: its row; a NaN key value:
+/// every row of its head. The other rows still match the reference.
+#[test]
+fn attention_spreads_a_nan_score_to_its_rows() -> Result<()> {
+    let (bh, n, m, d) = (2usize, 150usize, 140usize, 40usize);
+    let nan_at = |t: &Tensor, (h, r): (usize, usize)| -> Result<Tensor> {
+        let mut v = t.flatten_all()?.to_vec1::<f32>()?;
+        v[(h * t.dim(1)? + r) * d + 3] = f32::NAN;
+        Ok(Tensor::new(v, &Device::Cpu)?.reshape(t.shape())?)
+    };
+    let (q, k, v) = (
+        randn(&[bh, n, d], 1.0)?,
+        randn(&[bh, m, d], 1.0)?,
+        randn(&[bh, m, d], 1.0)?,
+    );
+    let scale = 1.0 / (d as f64).sqrt();
+    for (what, q, k, nan_rows) in [
+        ("query", nan_at(&q, (1, 130))?, k.clone(), vec![(1, 130)]),
+        (
+            "key",
+            q.clone(),
+            nan_at(&k, (0, 135))?,
+            (0..n).map(|r| (0, r)).collect(),
+        ),
+    ] {
+        let got = scaled_dot_product_attention(&q, &k, &v, scale)?;
+        let want = scaled_dot_product_attention_reference(&q, &k, &v, scale)?;
+        let (g, w) = (got.to_vec3::<f32>()?, want.to_vec3::<f32>()?);
+        for h in 0..bh {
+            for r in 0..n {
+                let nan_row = nan_rows.contains(&(h, r));
+                for j in 0..d {
+                    let (g, w) = (g[h][r][j], w[h][r][j]);
+                    assert_eq!(w.is_nan(), nan_row, "{what}: reference at {h},{r},{j}");
+                    if nan_row {
+                        assert!(g.is_nan(), "{what}: {h},{r},{j} is {g}, expected NaN");
+                    } else {
+                        assert!((g - w).abs() <= 1e-5, "{what}: {h},{r},{j}: {g} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn causal_attention_matches_reference() -> Result<()> {
     // CLIP's 77 tokens; several query and key blocks (rows past the first key block).

@@ -1027,9 +1027,11 @@ pub(crate) mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn exp_ps(x: __m256) -> __m256 {
+        // `min`/`max` return their second operand when either is NaN: `x` second, so that a
+        // NaN stays NaN (first, it became `exp(88)`, a finite weight for a NaN score).
         let x = _mm256_max_ps(
-            _mm256_min_ps(x, _mm256_set1_ps(EXP_MAX)),
             _mm256_set1_ps(EXP_MIN),
+            _mm256_min_ps(_mm256_set1_ps(EXP_MAX), x),
         );
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
@@ -1286,9 +1288,10 @@ pub(crate) mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
     fn exp_ps(x: __m512) -> __m512 {
+        // (`x` the second operand: a NaN stays NaN, as in the AVX2 `exp_ps`.)
         let x = _mm512_max_ps(
-            _mm512_min_ps(x, _mm512_set1_ps(EXP_MAX)),
             _mm512_set1_ps(EXP_MIN),
+            _mm512_min_ps(_mm512_set1_ps(EXP_MAX), x),
         );
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
