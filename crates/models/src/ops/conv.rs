@@ -477,9 +477,14 @@ simd_fn! {
         let Chunk { t0, nt } = chunk;
         let cout = bias.len();
         let plane = grid.h * grid.w;
-        for c0 in couts.clone().step_by(LANES) {
-            let lanes = LANES.min(couts.end - c0);
-            for t in 0..nt {
+        // Tiles outer: a tile's products of consecutive channels are consecutive, so each
+        // point's row is read in order (channels outer read half a cache line per point and
+        // tile, in chunks of the cached-kernel path too big for L2: 4.4 MiB at 320 channels,
+        // and took 11.75% of a 2 × 320 × 64² convolution by perf, nearly all waiting on loads).
+        for t in 0..nt {
+            let (n, y0, x0) = grid.locate(t0 + t);
+            for c0 in couts.clone().step_by(LANES) {
+                let lanes = LANES.min(couts.end - c0);
                 let mut tile = [[Lanes::ZERO; A]; A];
                 for (p, val) in tile.iter_mut().flatten().enumerate() {
                     let at = (p * nt + t) * ld + c0 - couts.start;
@@ -489,7 +494,6 @@ simd_fn! {
                     }
                 }
                 let y = transform_2d::<OutputTransform, _, M>(&tile);
-                let (n, y0, x0) = grid.locate(t0 + t);
                 for (l, &b) in bias[c0..c0 + lanes].iter().enumerate() {
                     let base = (n * cout + c0 + l) * plane;
                     for (r, row) in y.iter().enumerate().take(grid.h - y0) {
