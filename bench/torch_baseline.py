@@ -131,6 +131,8 @@ def main():
         run(f"op conv3x3 2x{c}x{h}x{h}", lambda xs=xs, ws=ws: F.conv2d(xs, ws, padding=1))
     xd, wd = randn(2, 640, 32, 32), randn(640, 640, 3, 3) * 0.02
     run("op conv3x3/2 2x640x32x32", lambda: F.conv2d(xd, wd, stride=2, padding=1))
+    xe, we = randn(1, 128, 512, 512), randn(128, 128, 3, 3) * 0.02
+    run("op conv3x3/2 1x128x512x512", lambda: F.conv2d(xe, we, stride=2, padding=1))
     for tokens, heads, d in [(4096, 16, 40), (1024, 16, 80)]:
         q, k, v = (randn(1, heads, tokens, d) for _ in range(3))
         run(f"op attention {heads}x{tokens}x{d}", lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))

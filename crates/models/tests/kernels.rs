@@ -507,6 +507,9 @@ fn conv_matches_candle() -> Result<()> {
         (2, 0, 5, 6, 7, 1, true, 1),
         (2, 3, 0, 6, 7, 1, true, 1),
         (2, 3, 0, 9, 9, 3, true, 2),
+        // Stride 2 over enough output pixels that the packed im2col columns come in two
+        // blocks (64 channels: 3,632 pixels per block of 2 Mi values; 4,096 here).
+        (1, 64, 5, 128, 128, 3, true, 2),
     ] {
         let (conv, _) = random_conv_strided(cin, cout, k, k / 2, stride, frozen)?;
         for _ in 0..2 {

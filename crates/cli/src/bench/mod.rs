@@ -308,8 +308,8 @@ impl Bench<'_> {
         // warm-up run would leave the transform in the first timed run: each layer is called
         // once before the warm-up, and the timed runs all use the cache (as a model's layers
         // do from the second denoising step on).
-        // The UNet's levels at 64², 32², 16² and 8² (batch 2), the VAE decoder's 256², and a
-        // stride-2 downsampler.
+        // The UNet's levels at 64², 32², 16² and 8² (batch 2), the VAE decoder's 256², and
+        // stride-2 downsamplers: the UNet's at 32² and a 512² image's first in the VAE encoder.
         for (n, c, h, stride) in [
             (2usize, 320usize, 64usize, 1usize),
             (1, 128, 256, 1),
@@ -317,6 +317,7 @@ impl Bench<'_> {
             (2, 1280, 16, 1),
             (2, 1280, 8, 1),
             (2, 640, 32, 2),
+            (1, 128, 512, 2),
         ] {
             let name = match stride {
                 1 => format!("op conv3x3 {n}x{c}x{h}x{h}"),
