@@ -252,8 +252,9 @@ simd_fn! {
     /// packed `nb × NR` panel (output channel fastest) at `dst[p · point_stride(nb)..]`. A
     /// block of input channels is first regrouped (`taps[ci][tap][j]`, 8 × 8 transposes), so
     /// that the transform runs on whole vectors of output channels (gathering lane by lane
-    /// into vectors stalled on store forwarding). `flipped`: `w` is stored `(Cin, Cout, 3, 3)` and the kernel is its
-    /// transpose rotated by 180° (a backward pass's `dx`), read so without a copy of `w`.
+    /// into vectors stalled on store forwarding). `flipped`: `w` is stored `(Cin, Cout, 3, 3)`
+    /// and the kernel is its transpose rotated by 180° (a backward pass's `dx`), read so
+    /// without a copy of `w`.
     #[allow(clippy::too_many_arguments)]
     fn transform_kernel_panel(w: &[f32], cout: usize, cin: usize, o0: usize, c0: usize, nb: usize, flipped: bool, dst: &mut [f32]) {
         let cols = NR.min(cout - o0);
@@ -1200,8 +1201,10 @@ fn timed_grad<T>(
 /// image, `out (Cout × Ho·Wo) = W (Cout × Cin·9) · col + b`, written straight into NCHW: for
 /// maps of fewer than [`MIN_SMALL_TILES`] tiles per image ([`MIN_CHEAP_TILES`] for cheap
 /// kernels), where transforming the kernels would cost more than Winograd saves, and for the
-/// downsamplers. candle's own path (im2col in NHWC order, a
-/// batched matmul, then a transpose copy) ran at half the speed here.
+/// downsamplers. In f32 the columns are built in the GEMM's panels, a block of output pixels
+/// at a time ([`packed_im2col_conv`]); bf16 products take the whole row-major matrix. candle's
+/// own path (im2col in NHWC order, a batched matmul, then a transpose copy) ran at half the
+/// speed here.
 struct Im2colConv {
     stride: usize,
 }
