@@ -16,6 +16,9 @@ use rayon::prelude::*;
 use super::microkernel::{pack_kt, pack_rows, Gemm, B, NR};
 use super::{exp, f32_input, f32_output, max, output_buffer, simd_fn, SendPtr};
 
+#[cfg(x86_simd)]
+mod avx512;
+
 /// Query rows per task: enough rows to amortise streaming the head's keys and values, few
 /// enough that a 4096-token head splits into many tasks for both cores.
 const BLOCK_Q: usize = 128;
@@ -119,6 +122,34 @@ fn attend_block(
     causal: Option<usize>,
     bf16: bool,
 ) {
+    #[cfg(x86_simd)]
+    if causal.is_none() && !bf16 && d <= super::microkernel::KC && super::kernels() >= super::Kernels::Avx512 {
+        let rows = out.len() / dv;
+        let padded = rows.next_multiple_of(avx512::ROWS);
+        if padded == rows {
+            return attend_block_fused(q, (kt, v), m_keys, out, (d, dv));
+        }
+        // A last tile of fewer rows: zero query rows make it whole.
+        let mut qp = q[..rows * d].to_vec();
+        qp.resize(padded * d, 0.0);
+        let mut op = vec![0f32; padded * dv];
+        attend_block_fused(&qp, (kt, v), m_keys, &mut op, (d, dv));
+        out.copy_from_slice(&op[..rows * dv]);
+        return;
+    }
+    attend_block_gemm(q, (kt, v), m_keys, out, (d, dv), causal, bf16)
+}
+
+/// [`attend_block`] on [`Gemm`] products over the whole block of rows: every CPU, every case.
+fn attend_block_gemm(
+    q: &[f32],
+    (kt, v): (&[f32], &[f32]),
+    m_keys: usize,
+    out: &mut [f32],
+    (d, dv): (usize, usize),
+    causal: Option<usize>,
+    bf16: bool,
+) {
     let rows = out.len() / dv;
     let bk = BLOCK_K.min(m_keys.next_multiple_of(NR));
     // Rows one panel longer than the block: 2 KiB-strided rows would share L1 sets.
@@ -159,6 +190,56 @@ fn attend_block(
             bf16,
         };
         values.run(&s, &v[k0 * NR..], out, None);
+    }
+    for (row, l) in out.chunks_exact_mut(dv).zip(&l) {
+        let inv = 1.0 / l;
+        row.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// [`attend_block`] on the AVX-512 tiles of [`avx512`], for whole tiles of query rows
+/// (`out.len() / dv` a multiple of [`avx512::ROWS`]), without a causal mask, in f32, and with
+/// `d` in one K-block of the GEMM (whose bits it reproduces): for each key block and each
+/// tile of rows, the scores (their maxima from the registers), the online-softmax step of
+/// [`softmax_step`] on those rows, and the values, while the tile's scores are in L1.
+#[cfg(x86_simd)]
+fn attend_block_fused(
+    q: &[f32],
+    (kt, v): (&[f32], &[f32]),
+    m_keys: usize,
+    out: &mut [f32],
+    (d, dv): (usize, usize),
+) {
+    use avx512::ROWS;
+    let rows = out.len() / dv;
+    let bk = BLOCK_K.min(m_keys.next_multiple_of(NR));
+    let lds = bk + NR;
+    let mut s = [0f32; ROWS * (BLOCK_K + NR)];
+    let mut m = vec![f32::NEG_INFINITY; rows];
+    let mut l = vec![0f32; rows];
+    out.fill(0.0);
+    for k0 in (0..m_keys).step_by(bk) {
+        let kb = bk.min(m_keys - k0);
+        for r0 in (0..rows).step_by(ROWS) {
+            let tile = r0..r0 + ROWS;
+            let acc = &mut out[r0 * dv..(r0 + ROWS) * dv];
+            // SAFETY (both): the CPU has AVX-512 (checked by the caller).
+            let best = unsafe { avx512::scores(&q[r0 * d..], d, &kt[k0 * d..], kb, &mut s, lds) };
+            let (m, l) = (&mut m[tile.clone()], &mut l[tile]);
+            let m_new: [f32; ROWS] = std::array::from_fn(|i| m[i].max(best[i]));
+            let corr = std::array::from_fn::<f32, ROWS, _>(|i| m[i] - m_new[i]).map(exp);
+            for i in 0..ROWS {
+                let sum = exp_shifted_sum(&mut s[i * lds..i * lds + kb], m_new[i]);
+                l[i] = l[i] * corr[i] + sum;
+                m[i] = m_new[i];
+                if corr[i] != 1.0 {
+                    acc[i * dv..(i + 1) * dv]
+                        .iter_mut()
+                        .for_each(|o| *o *= corr[i]);
+                }
+            }
+            unsafe { avx512::add_values(&s, lds, kb, &v[k0 * NR..], m_keys * NR, acc, dv) };
+        }
     }
     for (row, l) in out.chunks_exact_mut(dv).zip(&l) {
         let inv = 1.0 / l;
@@ -908,6 +989,49 @@ mod tests {
             assert_eq!(sa.to_bits(), sb.to_bits(), "sum of {len}");
             for (i, (x, y)) in a.iter().zip(&b).enumerate() {
                 assert_eq!(x.to_bits(), y.to_bits(), "element {i} of {len}: {x} vs {y}");
+            }
+        }
+    }
+
+    /// The fused AVX-512 block gives the GEMM path's bits: scores, maxima, exponentials, sums
+    /// and values, over head widths of every column-group shape (whole zmm panels, a ymm
+    /// tail of 8 or fewer, a part panel over 8), key counts with part panels and a part last
+    /// block, and rows that leave a part tile; scores large enough to move the maxima often.
+    #[cfg(x86_simd)]
+    #[test]
+    fn fused_block_equals_gemm_block_bits() {
+        if super::super::kernels() < super::super::Kernels::Avx512 {
+            eprintln!("no AVX-512 on this CPU: nothing to compare");
+            return;
+        }
+        let value =
+            |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 2003) as f32 / 2003.0 - 0.5;
+        for &(rows, m, d, dv) in &[
+            (128, 300, 40, 40),
+            (16, 77, 64, 64),
+            (13, 129, 80, 80),
+            (8, 17, 8, 24),
+            (24, 260, 160, 160),
+            (8, 33, 16, 5),
+            (9, 48, 32, 60),
+            (8, 1, 40, 12),
+        ] {
+            let q: Vec<f32> = (0..rows * d).map(|i| 8.0 * value(i, 1)).collect();
+            let k: Vec<f32> = (0..m * d).map(|i| value(i, 2)).collect();
+            let v: Vec<f32> = (0..m * dv).map(|i| value(i, 3)).collect();
+            let mut kt = vec![0f32; m.div_ceil(NR) * NR * d];
+            pack_kt(&k, (m, d, d), 0.3, &mut kt);
+            let mut vp = vec![0f32; dv.div_ceil(NR) * NR * m];
+            pack_rows(&v, dv, m, dv, &mut vp);
+            let (mut fused, mut gemm) = (vec![0f32; rows * dv], vec![0f32; rows * dv]);
+            attend_block(&q, (&kt, &vp), m, &mut fused, (d, dv), None, false);
+            attend_block_gemm(&q, (&kt, &vp), m, &mut gemm, (d, dv), None, false);
+            for (i, (a, b)) in fused.iter().zip(&gemm).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{rows}x{m}x{d}x{dv} element {i}: {a} vs {b}"
+                );
             }
         }
     }

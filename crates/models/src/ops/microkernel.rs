@@ -33,7 +33,7 @@ const ROW_ALIGN: usize = 24;
 /// panel slices of `b` (24 KiB each) in L2 across a row block. K is split into equal blocks
 /// so that no thin last block pays a full pass of loads and stores of `c`.
 #[cfg_attr(not(x86_simd), allow(dead_code))] // (the AVX2 GEMM's)
-const KC: usize = 384;
+pub(crate) const KC: usize = 384;
 
 /// Packs `scale · kᵀ` (`k`: m rows of d values, `ld` apart) into panels of [`NR`] rows of
 /// `k`, each panel `d × NR` (row index fastest), the rows past `m` zero. `out` holds
