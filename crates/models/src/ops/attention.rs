@@ -123,7 +123,11 @@ fn attend_block(
     bf16: bool,
 ) {
     #[cfg(x86_simd)]
-    if causal.is_none() && !bf16 && d <= super::microkernel::KC && super::kernels() >= super::Kernels::Avx512 {
+    if causal.is_none()
+        && !bf16
+        && d <= super::microkernel::KC
+        && super::kernels() >= super::Kernels::Avx512
+    {
         let rows = out.len() / dv;
         let padded = rows.next_multiple_of(avx512::ROWS);
         if padded == rows {

@@ -340,16 +340,8 @@ pub(crate) fn transpose_rows8(rows: [&[f32]; 8], len: usize, dst: &mut [f32], ld
     #[cfg(x86_simd)]
     if super::has_avx2_fma() {
         done = len / 8 * 8;
-        for e0 in (0..done).step_by(8) {
-            // SAFETY: the CPU has AVX2; the asserts bound the 8 × 8 block read and written.
-            unsafe {
-                avx2::transpose8x8(
-                    std::array::from_fn(|j| rows[j].as_ptr().add(e0)),
-                    dst.as_mut_ptr().add(e0 * ld),
-                    ld,
-                )
-            }
-        }
+        // SAFETY: the CPU has AVX2; the asserts bound the 8 × 8 blocks read and written.
+        unsafe { avx2::transpose_blocks8(rows.map(|r| r.as_ptr()), len / 8, dst.as_mut_ptr(), ld) }
     }
     for e in done..len {
         for (j, row) in rows.iter().enumerate() {
@@ -1049,11 +1041,33 @@ pub(crate) mod avx2 {
         _mm256_mul_ps(p, _mm256_castsi256_ps(two_n))
     }
 
+    /// `blocks` 8 × 8 transposes along eight rows: block `b` of rows `src[j] + 8b` to the
+    /// eight rows of `dst` from `8b · ld`. One call for a run of blocks, each inlined (a call
+    /// per block passed its eight pointers through the stack).
+    ///
+    /// # Safety
+    /// The CPU has AVX2; each `src[j]` is readable for `8 · blocks` floats, `dst` writable
+    /// for `8 · blocks` rows of `ld`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn transpose_blocks8(
+        src: [*const f32; 8],
+        blocks: usize,
+        dst: *mut f32,
+        ld: usize,
+    ) {
+        for b in 0..blocks {
+            let e0 = b * 8;
+            // SAFETY: within the bounds the caller gives.
+            unsafe { transpose8x8(src.map(|r| r.add(e0)), dst.add(e0 * ld), ld) }
+        }
+    }
+
     /// Reads an 8 × 8 block (row `j` at `src[j]`) and writes its transpose, row `i` at
     /// `dst + i · ld`.
     ///
     /// # Safety
     /// The CPU has AVX2; each `src[j]` is readable for 8 floats, `dst` writable for 8 rows.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn transpose8x8(src: [*const f32; 8], dst: *mut f32, ld: usize) {
         let r: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(src[j]));
