@@ -821,13 +821,12 @@ unsafe fn store_row_scalar(
 }
 
 // The vector `exp` of the softmax rows (`avx2::exp_shifted_sum`, `avx512::exp_shifted_sum`):
-// arguments clamped to `[EXP_MIN, EXP_MAX]`, `ln2` in two parts for the reduction, and the
+// arguments `x − m ≤ 0` (`m` the row's maximum, or more) clamped to `EXP_MIN` from below (no
+// clamp above: none exceeds 0), `ln2` in two parts for the reduction, and the
 // degree-6 Taylor coefficients of `e^f`, highest first. Both instruction sets use them in the
 // same order, so they give the same bits.
 #[cfg(x86_simd)]
 const EXP_MIN: f32 = -87.0;
-#[cfg(x86_simd)]
-const EXP_MAX: f32 = 88.0;
 #[cfg(x86_simd)]
 const LN2_HI: f32 = 0.693_145_75;
 #[cfg(x86_simd)]
@@ -845,7 +844,7 @@ const EXP_POLY: [f32; 7] = [
 
 #[cfg(x86_simd)]
 pub(crate) mod avx2 {
-    use super::{Gemm, EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, MR, NR};
+    use super::{Gemm, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, MR, NR};
     use std::arch::x86_64::*;
 
     /// Calls `$tile::<R, ..>` with `R = $rows` (1..=MR).
@@ -1014,17 +1013,15 @@ pub(crate) mod avx2 {
         super::drive::<Avx2>(g, a, b, c, bias)
     }
 
-    /// `exp(x)` of 8 lanes, to about 1 ulp, 0 below −87: `x = n·ln2 + f` with the reduction in
-    /// two parts (Cody–Waite), a degree-6 polynomial for `e^f` on |f| ≤ ln2/2, `2^n` from bits.
+    /// `exp(x)` of 8 lanes for `x ≤ 0`, to about 1 ulp, 0 below −87: `x = n·ln2 + f` with the
+    /// reduction in two parts (Cody–Waite), a degree-6 polynomial for `e^f` on |f| ≤ ln2/2,
+    /// `2^n` from bits.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn exp_ps(x: __m256) -> __m256 {
-        // `min`/`max` return their second operand when either is NaN: `x` second, so that a
-        // NaN stays NaN (first, it became `exp(88)`, a finite weight for a NaN score).
-        let x = _mm256_max_ps(
-            _mm256_set1_ps(EXP_MIN),
-            _mm256_min_ps(_mm256_set1_ps(EXP_MAX), x),
-        );
+        // `max` returns its second operand when either is NaN: `x` second, so that a NaN
+        // stays NaN (first, it became a finite weight for a NaN score).
+        let x = _mm256_max_ps(_mm256_set1_ps(EXP_MIN), x);
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         );
@@ -1102,23 +1099,35 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// `row[i] = exp(row[i] − m)`; returns their sum.
+    /// `row[i] = exp(row[i] − m)` for `m` at least every `row[i]`; returns their sum. Two
+    /// running sums, of the first and of the second 8 values of each 16 (the AVX-512 kernel's
+    /// two halves of one register); a last 8 go to the first, fewer to the scalar tail.
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA (checked by the caller).
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn exp_shifted_sum(row: &mut [f32], m: f32) -> f32 {
-        let (mv, mut sum) = (_mm256_set1_ps(m), _mm256_setzero_ps());
-        let mut chunks = row.chunks_exact_mut(8);
+        let mv = _mm256_set1_ps(m);
+        let (mut first, mut second) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let exp8 = |at: &mut [f32]| {
+            let e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(at.as_ptr()), mv));
+            _mm256_storeu_ps(at.as_mut_ptr(), e);
+            e
+        };
+        let mut chunks = row.chunks_exact_mut(16);
         for c in &mut chunks {
-            let e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
-            _mm256_storeu_ps(c.as_mut_ptr(), e);
-            sum = _mm256_add_ps(sum, e);
+            let (lo, hi) = c.split_at_mut(8);
+            first = _mm256_add_ps(first, exp8(lo));
+            second = _mm256_add_ps(second, exp8(hi));
+        }
+        let rest = chunks.into_remainder();
+        let (eight, tail) = rest.split_at_mut(rest.len() / 8 * 8);
+        if !eight.is_empty() {
+            first = _mm256_add_ps(first, exp8(eight));
         }
         let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-        let tail: f32 = chunks
-            .into_remainder()
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(first, second));
+        let tail: f32 = tail
             .iter_mut()
             .map(|x| {
                 *x = crate::ops::exp(*x - m);
@@ -1136,7 +1145,7 @@ pub(crate) mod avx2 {
 /// (and the same final additions), so both give the same bits.
 #[cfg(x86_simd)]
 pub(crate) mod avx512 {
-    use super::{Gemm, EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, NR};
+    use super::{Gemm, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, NR};
     use std::arch::x86_64::*;
 
     /// Rows per tile.
@@ -1303,10 +1312,7 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f,avx2,fma")]
     fn exp_ps(x: __m512) -> __m512 {
         // (`x` the second operand: a NaN stays NaN, as in the AVX2 `exp_ps`.)
-        let x = _mm512_max_ps(
-            _mm512_set1_ps(EXP_MIN),
-            _mm512_min_ps(_mm512_set1_ps(EXP_MAX), x),
-        );
+        let x = _mm512_max_ps(_mm512_set1_ps(EXP_MIN), x);
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
@@ -1326,21 +1332,21 @@ pub(crate) mod avx512 {
         _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
     }
 
-    /// `row[i] = exp(row[i] − m)`; returns their sum: the AVX2 kernel's values and sum, bit
-    /// for bit, at twice the width. Each 16 values are added to the 8 running sums as two
-    /// halves, in the AVX2 kernel's order; a last 8 take a masked vector, fewer the scalar tail.
+    /// `row[i] = exp(row[i] − m)` for `m` at least every `row[i]`; returns their sum: the
+    /// AVX2 kernel's values and sum, bit for bit, at twice the width. One running sum of 16
+    /// lanes, whose halves are the AVX2 kernel's two; a last 8 take a masked vector added to
+    /// the first half, fewer the scalar tail.
     ///
     /// # Safety
     /// The CPU has AVX-512F, AVX2 and FMA (checked by the caller).
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(crate) unsafe fn exp_shifted_sum(row: &mut [f32], m: f32) -> f32 {
-        let (mv, mut sum) = (_mm512_set1_ps(m), _mm256_setzero_ps());
+        let (mv, mut acc) = (_mm512_set1_ps(m), _mm512_setzero_ps());
         let mut chunks = row.chunks_exact_mut(16);
         for c in &mut chunks {
             let e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), mv));
             _mm512_storeu_ps(c.as_mut_ptr(), e);
-            sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
-            sum = _mm256_add_ps(sum, high_half(e));
+            acc = _mm512_add_ps(acc, e);
         }
         let rest = chunks.into_remainder();
         let (eight, tail) = rest.split_at_mut(rest.len() / 8 * 8);
@@ -1350,9 +1356,10 @@ pub(crate) mod avx512 {
                 mv,
             ));
             _mm512_mask_storeu_ps(eight.as_mut_ptr(), 0xff, e);
-            sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
+            acc = _mm512_mask_add_ps(acc, 0xff, acc, e);
         }
         let mut lanes = [0f32; 8];
+        let sum = _mm256_add_ps(_mm512_castps512_ps256(acc), high_half(acc));
         _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
         let tail: f32 = tail
             .iter_mut()
