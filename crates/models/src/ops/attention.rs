@@ -122,38 +122,6 @@ fn attend_block(
     causal: Option<usize>,
     bf16: bool,
 ) {
-    #[cfg(x86_simd)]
-    if causal.is_none()
-        && !bf16
-        && d <= super::microkernel::KC
-        && super::kernels() >= super::Kernels::Avx512
-    {
-        let rows = out.len() / dv;
-        let padded = rows.next_multiple_of(avx512::ROWS);
-        if padded == rows {
-            return attend_block_fused(q, (kt, v), m_keys, out, (d, dv));
-        }
-        // A last tile of fewer rows: zero query rows make it whole.
-        let mut qp = q[..rows * d].to_vec();
-        qp.resize(padded * d, 0.0);
-        let mut op = vec![0f32; padded * dv];
-        attend_block_fused(&qp, (kt, v), m_keys, &mut op, (d, dv));
-        out.copy_from_slice(&op[..rows * dv]);
-        return;
-    }
-    attend_block_gemm(q, (kt, v), m_keys, out, (d, dv), causal, bf16)
-}
-
-/// [`attend_block`] on [`Gemm`] products over the whole block of rows: every CPU, every case.
-fn attend_block_gemm(
-    q: &[f32],
-    (kt, v): (&[f32], &[f32]),
-    m_keys: usize,
-    out: &mut [f32],
-    (d, dv): (usize, usize),
-    causal: Option<usize>,
-    bf16: bool,
-) {
     let rows = out.len() / dv;
     let bk = BLOCK_K.min(m_keys.next_multiple_of(NR));
     // Rows one panel longer than the block: 2 KiB-strided rows would share L1 sets.
@@ -201,11 +169,20 @@ fn attend_block_gemm(
     }
 }
 
-/// [`attend_block`] on the AVX-512 tiles of [`avx512`], for whole tiles of query rows
-/// (`out.len() / dv` a multiple of [`avx512::ROWS`]), without a causal mask, in f32, and with
-/// `d` in one K-block of the GEMM (whose bits it reproduces): for each key block and each
-/// tile of rows, the scores (their maxima from the registers), the online-softmax step of
-/// [`softmax_step`] on those rows, and the values, while the tile's scores are in L1.
+/// Whether [`attend_block_fused`] takes a block: on AVX-512, without a causal mask, in f32,
+/// and with `d` in one K-block of the GEMM (whose bits it reproduces).
+fn fused_fits(causal: bool, bf16: bool, d: usize) -> bool {
+    cfg!(x86_simd)
+        && !causal
+        && !bf16
+        && d <= super::microkernel::KC
+        && super::kernels() >= super::Kernels::Avx512
+}
+
+/// [`attend_block`] on the AVX-512 tiles of [`avx512`] where [`fused_fits`]: for each key
+/// block and each tile of query rows, the scores (their maxima from the registers), the
+/// online-softmax step of [`softmax_step`] on those rows, and the values, while the tile's
+/// scores are in L1.
 #[cfg(x86_simd)]
 fn attend_block_fused(
     q: &[f32],
@@ -216,6 +193,16 @@ fn attend_block_fused(
 ) {
     use avx512::ROWS;
     let rows = out.len() / dv;
+    if !rows.is_multiple_of(ROWS) {
+        // A last tile of fewer rows: zero query rows make it whole.
+        let padded = rows.next_multiple_of(ROWS);
+        let mut qp = q[..rows * d].to_vec();
+        qp.resize(padded * d, 0.0);
+        let mut op = vec![0f32; padded * dv];
+        attend_block_fused(&qp, (kt, v), m_keys, &mut op, (d, dv));
+        out.copy_from_slice(&op[..rows * dv]);
+        return;
+    }
     let bk = BLOCK_K.min(m_keys.next_multiple_of(NR));
     let lds = bk + NR;
     let mut s = [0f32; ROWS * (BLOCK_K + NR)];
@@ -425,18 +412,19 @@ impl CustomOp3 for FlashAttention {
                         let at = (j * n + t0 + r) * cq + i * d;
                         qb.extend_from_slice(&q[at..at + d]);
                     }
-                    attend_block(
-                        &qb,
-                        (
-                            &kt[head * per_head..(head + 1) * per_head],
-                            &vp[head * v_per_head..(head + 1) * v_per_head],
-                        ),
-                        m,
-                        &mut ob,
-                        (d, dv),
-                        self.causal.then_some(t0),
-                        bf16,
+                    let kv = (
+                        &kt[head * per_head..(head + 1) * per_head],
+                        &vp[head * v_per_head..(head + 1) * v_per_head],
                     );
+                    let fused = fused_fits(self.causal, bf16, d);
+                    #[cfg(x86_simd)]
+                    if fused {
+                        attend_block_fused(&qb, kv, m, &mut ob, (d, dv));
+                    }
+                    if !fused {
+                        let causal = self.causal.then_some(t0);
+                        attend_block(&qb, kv, m, &mut ob, (d, dv), causal, bf16);
+                    }
                 }
                 for (r, row) in ob.chunks_exact(dv).enumerate() {
                     let at = (j * n + t0 + r) * cv + i * dv;
@@ -1028,8 +1016,9 @@ mod tests {
             let mut vp = vec![0f32; dv.div_ceil(NR) * NR * m];
             pack_rows(&v, dv, m, dv, &mut vp);
             let (mut fused, mut gemm) = (vec![0f32; rows * dv], vec![0f32; rows * dv]);
-            attend_block(&q, (&kt, &vp), m, &mut fused, (d, dv), None, false);
-            attend_block_gemm(&q, (&kt, &vp), m, &mut gemm, (d, dv), None, false);
+            assert!(fused_fits(false, false, d));
+            attend_block_fused(&q, (&kt, &vp), m, &mut fused, (d, dv));
+            attend_block(&q, (&kt, &vp), m, &mut gemm, (d, dv), None, false);
             for (i, (a, b)) in fused.iter().zip(&gemm).enumerate() {
                 assert_eq!(
                     a.to_bits(),

@@ -40,33 +40,16 @@ pub(super) unsafe fn scores(
     let (q, kt, s) = (q.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
     // Two panels at a time: each broadcast query value feeds two FMAs.
     let mut p = 0;
-    while p + 2 <= panels {
-        // SAFETY (both): panels `p..p + 2` (`p + 1`) of `kt` and their columns of `s` are in
-        // bounds (asserted above).
-        unsafe {
-            score_panels::<2>(
-                q,
-                d,
-                kt.add(p * NR * d),
-                s.add(p * NR),
-                lds,
-                kb - p * NR,
-                &mut best,
-            )
-        };
-        p += 2;
-    }
-    if p < panels {
-        unsafe {
-            score_panels::<1>(
-                q,
-                d,
-                kt.add(p * NR * d),
-                s.add(p * NR),
-                lds,
-                kb - p * NR,
-                &mut best,
-            )
+    while p < panels {
+        // SAFETY (all): panel `p` (and `p + 1` when taken) of `kt` and its columns of `s` are
+        // in bounds (asserted above).
+        let (kt, s, valid) = unsafe { (kt.add(p * NR * d), s.add(p * NR), kb - p * NR) };
+        p += if p + 2 <= panels {
+            unsafe { score_panels::<2>(q, d, kt, s, lds, valid, &mut best) };
+            2
+        } else {
+            unsafe { score_panels::<1>(q, d, kt, s, lds, valid, &mut best) };
+            1
         };
     }
     let mut out = [0f32; ROWS];
