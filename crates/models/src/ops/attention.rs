@@ -3,7 +3,9 @@
 //! blocks, and keeps a running max and sum per row (online softmax), so memory is
 //! `O(block_q × (block_k + d))` per thread. The keys are packed (and scaled) once per head; the
 //! two block products run on the register tiles of `microkernel` (the `gemm` crate on
-//! CPUs without AVX2), and the exponentials on AVX2 or AVX-512 (with the same bits). The heads
+//! CPUs without AVX2), and the exponentials on AVX2 or AVX-512 (with the same bits). On
+//! AVX-512 the usual case (f32, no causal mask) runs fused, 8 query rows at a time
+//! (`attention/avx512.rs`), with the same bits again. The heads
 //! may also sit side by side in the last dimension, as the q/k/v projections produce them
 //! (`FlashAttention::heads`): the kernel then reads and writes them in place, with no copies to
 //! split and merge them. The backward pass is blocked the same way (`flash_grads`): the score
@@ -192,6 +194,8 @@ fn attend_block_fused(
     (d, dv): (usize, usize),
 ) {
     use avx512::ROWS;
+    // The tiles' own safety condition, whoever calls.
+    assert!(super::kernels() >= super::Kernels::Avx512);
     let rows = out.len() / dv;
     if !rows.is_multiple_of(ROWS) {
         // A last tile of fewer rows: zero query rows make it whole.
@@ -214,7 +218,7 @@ fn attend_block_fused(
         for r0 in (0..rows).step_by(ROWS) {
             let tile = r0..r0 + ROWS;
             let acc = &mut out[r0 * dv..(r0 + ROWS) * dv];
-            // SAFETY (both): the CPU has AVX-512 (checked by the caller).
+            // SAFETY (both): the CPU has AVX-512 (asserted above).
             let best = unsafe { avx512::scores(&q[r0 * d..], d, &kt[k0 * d..], kb, &mut s, lds) };
             let (m, l) = (&mut m[tile.clone()], &mut l[tile]);
             let m_new: [f32; ROWS] = std::array::from_fn(|i| m[i].max(best[i]));
