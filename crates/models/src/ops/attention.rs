@@ -50,25 +50,50 @@ simd_fn! {
         // maxima moved as one vector `exp`. (With one scalar `exp` per row, a chain of
         // dependent operations between two rows' exponentials, this function took 7.5% of
         // the op at d = 40 by perf; 4.2% so.)
-        const ROWS: usize = 16;
-        for (c, rows) in s.chunks_mut(ROWS * lds).enumerate() {
-            let r0 = c * ROWS;
-            let n = m.len().min(r0 + ROWS) - r0;
-            let (mut m_new, mut moved) = ([0f32; ROWS], [0f32; ROWS]);
-            for (i, row) in rows.chunks_mut(lds).take(n).enumerate() {
-                m_new[i] = m[r0 + i].max(max(&row[..kb]));
-                moved[i] = m[r0 + i] - m_new[i];
+        for (c, rows) in s.chunks_mut(UPDATE_ROWS * lds).enumerate() {
+            let r0 = c * UPDATE_ROWS;
+            let n = m.len().min(r0 + UPDATE_ROWS) - r0;
+            let mut best = [0f32; UPDATE_ROWS];
+            for (b, row) in best.iter_mut().zip(rows.chunks(lds)).take(n) {
+                *b = max(&row[..kb]);
             }
-            let corr = moved.map(exp);
-            for (i, row) in rows.chunks_mut(lds).take(n).enumerate() {
-                let r = r0 + i;
-                let sum = exp_shifted_sum(&mut row[..kb], m_new[i]);
-                l[r] = l[r] * corr[i] + sum;
-                m[r] = m_new[i];
-                if corr[i] != 1.0 {
-                    acc[r * dv..(r + 1) * dv].iter_mut().for_each(|o| *o *= corr[i]);
-                }
-            }
+            let tile = r0..r0 + n;
+            let acc = &mut acc[r0 * dv..(r0 + n) * dv];
+            update_rows(rows, (lds, kb), &best[..n], (&mut m[tile.clone()], &mut l[tile]), acc);
+        }
+    }
+}
+
+/// Most rows of one [`update_rows`].
+const UPDATE_ROWS: usize = 16;
+
+/// The online-softmax update of up to [`UPDATE_ROWS`] rows of scores `s` (`kb` each, `lds`
+/// apart) whose block maxima are `best`: the scores become probabilities relative to the
+/// updated running maxima `m`, and the running sums `l` and output rows `acc` (`m.len()` rows)
+/// are rescaled by how much each maximum moved, those factors as one vector `exp`.
+#[inline(always)]
+fn update_rows(
+    s: &mut [f32],
+    (lds, kb): (usize, usize),
+    best: &[f32],
+    (m, l): (&mut [f32], &mut [f32]),
+    acc: &mut [f32],
+) {
+    let dv = acc.len() / best.len().max(1);
+    let (mut m_new, mut moved) = ([0f32; UPDATE_ROWS], [0f32; UPDATE_ROWS]);
+    for (i, &b) in best.iter().enumerate() {
+        m_new[i] = m[i].max(b);
+        moved[i] = m[i] - m_new[i];
+    }
+    let corr = moved.map(exp);
+    for (i, row) in s.chunks_mut(lds).take(best.len()).enumerate() {
+        let sum = exp_shifted_sum(&mut row[..kb], m_new[i]);
+        l[i] = l[i] * corr[i] + sum;
+        m[i] = m_new[i];
+        if corr[i] != 1.0 {
+            acc[i * dv..(i + 1) * dv]
+                .iter_mut()
+                .for_each(|o| *o *= corr[i]);
         }
     }
 }
@@ -183,7 +208,7 @@ fn fused_fits(causal: bool, bf16: bool, d: usize) -> bool {
 
 /// [`attend_block`] on the AVX-512 tiles of [`avx512`] where [`fused_fits`]: for each key
 /// block and each tile of query rows, the scores (their maxima from the registers), the
-/// online-softmax step of [`softmax_step`] on those rows, and the values, while the tile's
+/// online-softmax update of [`update_rows`] on those rows, and the values, while the tile's
 /// scores are in L1.
 #[cfg(x86_simd)]
 fn attend_block_fused(
@@ -220,19 +245,13 @@ fn attend_block_fused(
             let acc = &mut out[r0 * dv..(r0 + ROWS) * dv];
             // SAFETY (both): the CPU has AVX-512 (asserted above).
             let best = unsafe { avx512::scores(&q[r0 * d..], d, &kt[k0 * d..], kb, &mut s, lds) };
-            let (m, l) = (&mut m[tile.clone()], &mut l[tile]);
-            let m_new: [f32; ROWS] = std::array::from_fn(|i| m[i].max(best[i]));
-            let corr = std::array::from_fn::<f32, ROWS, _>(|i| m[i] - m_new[i]).map(exp);
-            for i in 0..ROWS {
-                let sum = exp_shifted_sum(&mut s[i * lds..i * lds + kb], m_new[i]);
-                l[i] = l[i] * corr[i] + sum;
-                m[i] = m_new[i];
-                if corr[i] != 1.0 {
-                    acc[i * dv..(i + 1) * dv]
-                        .iter_mut()
-                        .for_each(|o| *o *= corr[i]);
-                }
-            }
+            update_rows(
+                &mut s,
+                (lds, kb),
+                &best,
+                (&mut m[tile.clone()], &mut l[tile]),
+                acc,
+            );
             unsafe { avx512::add_values(&s, lds, kb, &v[k0 * NR..], m_keys * NR, acc, dv) };
         }
     }
