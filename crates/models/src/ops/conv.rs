@@ -287,22 +287,90 @@ simd_fn! {
                     }
                 }
             }
-            for (ci, ci_taps) in block.iter().enumerate() {
-                for half in 0..NR / LANES {
-                    let at = half * LANES;
-                    // Plain calls, not closures: a closure is a function of its own, not
-                    // compiled into this AVX2 copy unless inlined.
-                    let [c0s, c1s, c2s] = [
-                        kernel_col(ci_taps, 0, at),
-                        kernel_col(ci_taps, 1, at),
-                        kernel_col(ci_taps, 2, at),
-                    ];
-                    let base = (b0 - c0 + ci) * NR + at;
-                    for (r, ((&x0, &x1), &x2)) in c0s.iter().zip(&c1s).zip(&c2s).enumerate() {
-                        for (k, val) in kernel_1d([x0, x1, x2]).iter().enumerate() {
-                            let at = (r * A + k) * point_stride(nb) + base;
-                            dst[at..at + LANES].copy_from_slice(&val.0);
-                        }
+            transform_taps(block, dst, (b0 - c0) * NR, point_stride(nb));
+        }
+    }
+}
+
+/// `G'·g·G'ᵀ` of the regrouped taps of a block of input channels ([`transform_kernel_panel`]):
+/// input channel `ci`'s point `p` at `dst[p · ps + base + ci · NR..][..NR]`.
+#[inline(always)]
+fn transform_taps(block: &[[[f32; NR]; 9]], dst: &mut [f32], base: usize, ps: usize) {
+    if block.is_empty() {
+        return;
+    }
+    assert!((POINTS - 1) * ps + base + block.len() * NR <= dst.len());
+    #[cfg(x86_simd)]
+    if super::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA; the assert bounds every store.
+        unsafe { avx2::transform_taps(block, dst.as_mut_ptr().add(base), ps) };
+        return;
+    }
+    for (ci, ci_taps) in block.iter().enumerate() {
+        for half in 0..NR / LANES {
+            let at = half * LANES;
+            // Plain calls, not closures: a closure is a function of its own, not
+            // compiled into an AVX2 copy unless inlined.
+            let [c0s, c1s, c2s] = [
+                kernel_col(ci_taps, 0, at),
+                kernel_col(ci_taps, 1, at),
+                kernel_col(ci_taps, 2, at),
+            ];
+            let base = base + ci * NR + at;
+            for (r, ((&x0, &x1), &x2)) in c0s.iter().zip(&c1s).zip(&c2s).enumerate() {
+                for (k, val) in kernel_1d([x0, x1, x2]).iter().enumerate() {
+                    let at = (r * A + k) * ps + base;
+                    dst[at..at + LANES].copy_from_slice(&val.0);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(x86_simd)]
+mod avx2 {
+    use super::{A, LANES, NR};
+    use std::arch::x86_64::*;
+
+    /// [`super::kernel_1d`] on eight lanes. `g0 + 4·g2` and `2·g1` are exact products, so
+    /// the fused multiply-add rounds as the separate operations do: the same bits.
+    #[inline(always)]
+    unsafe fn kernel_1d(g: [__m256; 3]) -> [__m256; A] {
+        let outer = _mm256_add_ps(g[0], g[2]);
+        let far = _mm256_fmadd_ps(g[2], _mm256_set1_ps(4.0), g[0]);
+        let mid = _mm256_add_ps(g[1], g[1]);
+        [
+            g[0],
+            _mm256_add_ps(outer, g[1]),
+            _mm256_sub_ps(outer, g[1]),
+            _mm256_add_ps(far, mid),
+            _mm256_sub_ps(far, mid),
+            g[2],
+        ]
+    }
+
+    /// [`super::transform_taps`] in registers: the generic code kept its 6 × 6 tiles and
+    /// store offsets on the stack (bounds-checked index arithmetic and spills were most of
+    /// its time), here each lane group's 36 points go straight from registers to `dst`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `dst` is writable at `p · ps + ci · NR..+ NR` for every
+    /// point `p < 36` and `ci < block.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transform_taps(block: &[[[f32; NR]; 9]], dst: *mut f32, ps: usize) {
+        for (ci, taps) in block.iter().enumerate() {
+            for at in (0..NR).step_by(LANES) {
+                let g: [__m256; 9] =
+                    std::array::from_fn(|t| _mm256_loadu_ps(taps[t][at..].as_ptr()));
+                let cols: [[__m256; A]; 3] =
+                    std::array::from_fn(|c| kernel_1d([g[c], g[3 + c], g[6 + c]]));
+                let out = dst.add(ci * NR + at);
+                for r in 0..A {
+                    let row = kernel_1d([cols[0][r], cols[1][r], cols[2][r]]);
+                    for (k, val) in row.into_iter().enumerate() {
+                        // SAFETY: point r · 6 + k of this channel and lane group, in bounds
+                        // by the caller's contract.
+                        _mm256_storeu_ps(out.add((r * A + k) * ps), val);
                     }
                 }
             }
