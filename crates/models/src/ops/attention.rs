@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::microkernel::{pack_kt, pack_rows, Gemm, B, NR};
-use super::{exp, f32_input, f32_output, max, output_buffer, simd_fn, SendPtr};
+use super::{exp, f32_input, f32_output, max, output_buffer, simd_fn, with_kept_buffer, SendPtr};
 
 #[cfg(x86_simd)]
 mod avx512;
@@ -296,18 +296,25 @@ fn block_scores(
     }
 }
 
-/// Packs every one of `count` heads: `pack(i, dst)` writes every one of head `i`'s `dst_len`
-/// values of a new buffer ([`output_buffer`]: filled on every core, where a `vec!` of zeros
-/// was one thread's `memset` of 22 MiB per 4096-token attention, the other core idle).
-fn pack_heads(count: usize, dst_len: usize, pack: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let mut out = output_buffer(count * dst_len);
+/// Packs every head on every core: `pack(i, dst)` writes every one of head `i`'s `dst_len`
+/// values of `out`.
+fn pack_heads(out: &mut [f32], dst_len: usize, pack: impl Fn(usize, &mut [f32]) + Sync) {
     if dst_len > 0 {
         out.par_chunks_mut(dst_len)
             .enumerate()
             .for_each(|(i, dst)| pack(i, dst));
     }
-    out
 }
+
+thread_local! {
+    // The packed keys and values of one call, overwritten in full on every call
+    // ([`with_kept_buffer`]): a fresh buffer per call was 23 MiB to zero per 4096-token
+    // attention.
+    static PACKED_KV: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Largest [`PACKED_KV`] kept between calls (32 MiB): SD's largest is 23 MiB.
+const PACKED_KV_MAX: usize = 8 << 20;
 
 /// `softmax(scale · x)` over the last dimension: the attention softmax with the score scale
 /// folded in, one pass in the input's dtype. The CUDA attention path runs it between its two
@@ -408,55 +415,60 @@ impl CustomOp3 for FlashAttention {
             // (packing each key block's values for every query block cost about 4% of the op).
             // Head `i` of batch `j` starts `i·d` (`i·dv`) into the rows of batch `j`.
             let per_head = m.div_ceil(NR) * NR * d;
-            let kt = pack_heads(b * h, per_head, |i, kt| {
-                let at = i / h * m * ck + i % h * d;
-                pack_kt(&k[at..], (m, d, ck), scale, kt)
-            });
             let v_per_head = dv.div_ceil(NR) * NR * m;
-            let vp = &pack_heads(b * h, v_per_head, |i, vp| {
-                let at = i / h * m * cv + i % h * dv;
-                pack_rows(&v[at..], cv, m, dv, vp)
-            });
-            // Tasks: every (batch·head, query block) pair, so that both cores stay busy even
-            // for one head, and consecutive tasks share a head's keys and values. A task
-            // gathers its query rows and writes its output rows through contiguous buffers:
-            // the kernel ran 15% slower on rows a whole `heads·d` apart.
-            let blocks = n.div_ceil(BLOCK_Q);
-            let out_ptr = SendPtr(out.as_mut_ptr());
-            (0..b * h * blocks).into_par_iter().for_each(|t| {
-                let (head, blk) = (t / blocks, t % blocks);
-                let (j, i) = (head / h, head % h);
-                let (t0, rows) = (blk * BLOCK_Q, BLOCK_Q.min(n - blk * BLOCK_Q));
-                let mut ob = vec![f32::NAN; rows * dv];
-                // torch gives NaN (0/0) for attention over no keys.
-                if m > 0 {
-                    let mut qb = Vec::with_capacity(rows * d);
-                    for r in 0..rows {
-                        let at = (j * n + t0 + r) * cq + i * d;
-                        qb.extend_from_slice(&q[at..at + d]);
+            let len = b * h * (per_head + v_per_head);
+            with_kept_buffer(&PACKED_KV, len, PACKED_KV_MAX, |kv| {
+                let (kt, vp) = kv.split_at_mut(b * h * per_head);
+                pack_heads(kt, per_head, |i, kt| {
+                    let at = i / h * m * ck + i % h * d;
+                    pack_kt(&k[at..], (m, d, ck), scale, kt)
+                });
+                pack_heads(vp, v_per_head, |i, vp| {
+                    let at = i / h * m * cv + i % h * dv;
+                    pack_rows(&v[at..], cv, m, dv, vp)
+                });
+                let (kt, vp) = (&*kt, &*vp);
+                // Tasks: every (batch·head, query block) pair, so that both cores stay busy even
+                // for one head, and consecutive tasks share a head's keys and values. A task
+                // gathers its query rows and writes its output rows through contiguous buffers:
+                // the kernel ran 15% slower on rows a whole `heads·d` apart.
+                let blocks = n.div_ceil(BLOCK_Q);
+                let out_ptr = SendPtr(out.as_mut_ptr());
+                (0..b * h * blocks).into_par_iter().for_each(|t| {
+                    let (head, blk) = (t / blocks, t % blocks);
+                    let (j, i) = (head / h, head % h);
+                    let (t0, rows) = (blk * BLOCK_Q, BLOCK_Q.min(n - blk * BLOCK_Q));
+                    let mut ob = vec![f32::NAN; rows * dv];
+                    // torch gives NaN (0/0) for attention over no keys.
+                    if m > 0 {
+                        let mut qb = Vec::with_capacity(rows * d);
+                        for r in 0..rows {
+                            let at = (j * n + t0 + r) * cq + i * d;
+                            qb.extend_from_slice(&q[at..at + d]);
+                        }
+                        let kv = (
+                            &kt[head * per_head..(head + 1) * per_head],
+                            &vp[head * v_per_head..(head + 1) * v_per_head],
+                        );
+                        let fused = fused_fits(self.causal, bf16, d);
+                        #[cfg(x86_simd)]
+                        if fused {
+                            attend_block_fused(&qb, kv, m, &mut ob, (d, dv));
+                        }
+                        if !fused {
+                            let causal = self.causal.then_some(t0);
+                            attend_block(&qb, kv, m, &mut ob, (d, dv), causal, bf16);
+                        }
                     }
-                    let kv = (
-                        &kt[head * per_head..(head + 1) * per_head],
-                        &vp[head * v_per_head..(head + 1) * v_per_head],
-                    );
-                    let fused = fused_fits(self.causal, bf16, d);
-                    #[cfg(x86_simd)]
-                    if fused {
-                        attend_block_fused(&qb, kv, m, &mut ob, (d, dv));
+                    for (r, row) in ob.chunks_exact(dv).enumerate() {
+                        let at = (j * n + t0 + r) * cv + i * dv;
+                        // SAFETY: `at..at + dv` lies in `out` (row `t0 + r` of batch `j`, head
+                        // `i`'s columns), and no other task writes it.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.get().add(at), dv)
+                        };
                     }
-                    if !fused {
-                        let causal = self.causal.then_some(t0);
-                        attend_block(&qb, kv, m, &mut ob, (d, dv), causal, bf16);
-                    }
-                }
-                for (r, row) in ob.chunks_exact(dv).enumerate() {
-                    let at = (j * n + t0 + r) * cv + i * dv;
-                    // SAFETY: `at..at + dv` lies in `out` (row `t0 + r` of batch `j`, head
-                    // `i`'s columns), and no other task writes it.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.get().add(at), dv)
-                    };
-                }
+                });
             });
         }
         Ok((f32_output(out, sq.dtype())?, Shape::from((b, n, cv))))

@@ -31,7 +31,22 @@ use super::microkernel::{
     gemm_parallel, gemm_parallel_bf16, pack_kt, pack_pairs, pack_pairs_bf16_rows, transpose, BfA,
     BfB, BfOut, Gemm, B, NR,
 };
-use super::{f32_input, f32_output, has_avx2_fma, output_buffer};
+use super::{f32_input, f32_output, has_avx2_fma, output_buffer, with_kept_buffer};
+
+thread_local! {
+    // Buffers overwritten in full on every call ([`with_kept_buffer`]): the packed weight
+    // panels, and the transposed path's packed rows and product. Allocating them per call
+    // made a fresh buffer to zero each time: 0.7 of the 4.3 GB an SD 1.5 UNet step zeroed.
+    static PACKED_WEIGHT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PACKED_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PRODUCT_T: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Largest packed weight kept between calls (64 MiB): SD's widest, 1280 → 10240, is 52 MiB.
+const PACKED_WEIGHT_MAX: usize = 16 << 20;
+/// Largest buffer of the transposed path kept between calls (32 MiB): SD's largest product
+/// is 10240 × 512 (20 MiB).
+const KEPT_MAX: usize = 8 << 20;
 
 /// Most rows for [`LinearOp::transposed`] of bf16 products (and for autocast's input gradient
 /// on the bf16 tiles); more pack the weight.
@@ -456,33 +471,36 @@ impl LinearOp {
         // padding included, and the GEMMs (K > 0, not accumulating) and the transpose every
         // output value.
         let panels = if pairs.is_some() { 0 } else { n.div_ceil(NR) };
-        let mut wt = output_buffer(panels * NR * k);
-        if k > 0 {
-            wt.par_chunks_mut(NR * k)
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    let rows = p * NR..((p + 1) * NR).min(n);
-                    // (A half-precision weight is widened one panel at a time.)
-                    let ws = weight.to_f32(rows.start * k..rows.end * k);
-                    pack_kt(&ws, (rows.len(), k, k), 1.0, panel)
-                });
-        }
-        if bf16 {
-            let pairs = pairs.or_else(|| pack_pairs(&g, &wt));
-            let a = bf16_x.map_or(BfA::F32(&xs), BfA::Bf16);
-            let b = pairs.as_ref().map_or(BfB::F32(&wt), BfB::Pairs);
-            if !bf16_out {
-                let mut out = output_buffer(m * n);
-                gemm_parallel_bf16(&g, a, b, BfOut::F32(&mut out), bias.as_deref());
-                return Ok((CpuStorage::F32(out), Shape::from(dims)));
+        let out = with_kept_buffer(&PACKED_WEIGHT, panels * NR * k, PACKED_WEIGHT_MAX, |wt| {
+            if k > 0 {
+                wt.par_chunks_mut(NR * k)
+                    .enumerate()
+                    .for_each(|(p, panel)| {
+                        let rows = p * NR..((p + 1) * NR).min(n);
+                        // (A half-precision weight is widened one panel at a time.)
+                        let ws = weight.to_f32(rows.start * k..rows.end * k);
+                        pack_kt(&ws, (rows.len(), k, k), 1.0, panel)
+                    });
             }
-            let mut out = vec![half::bf16::ZERO; m * n];
-            gemm_parallel_bf16(&g, a, b, BfOut::Bf16(&mut out), bias.as_deref());
-            return Ok((CpuStorage::BF16(out), Shape::from(dims)));
-        }
-        let mut out = output_buffer(m * n);
-        gemm_parallel(&g, &xs, &wt, &mut out, bias.as_deref());
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+            let wt = &*wt;
+            if bf16 {
+                let pairs = pairs.or_else(|| pack_pairs(&g, wt));
+                let a = bf16_x.map_or(BfA::F32(&xs), BfA::Bf16);
+                let b = pairs.as_ref().map_or(BfB::F32(wt), BfB::Pairs);
+                if !bf16_out {
+                    let mut out = output_buffer(m * n);
+                    gemm_parallel_bf16(&g, a, b, BfOut::F32(&mut out), bias.as_deref());
+                    return CpuStorage::F32(out);
+                }
+                let mut out = vec![half::bf16::ZERO; m * n];
+                gemm_parallel_bf16(&g, a, b, BfOut::Bf16(&mut out), bias.as_deref());
+                return CpuStorage::BF16(out);
+            }
+            let mut out = output_buffer(m * n);
+            gemm_parallel(&g, &xs, wt, &mut out, bias.as_deref());
+            CpuStorage::F32(out)
+        });
+        Ok((out, Shape::from(dims)))
     }
 
     /// `y = x·wᵀ + b` for few rows, computed as `yᵀ = w·xᵀ + b`: the weight is read as it is
@@ -499,8 +517,21 @@ impl LinearOp {
         (m, n, k): (usize, usize, usize),
         bf16: bool,
     ) -> Vec<f32> {
-        let mut xt = output_buffer(m.div_ceil(NR) * NR * k);
-        pack_kt(xs, (m, k, k), 1.0, &mut xt);
+        with_kept_buffer(&PACKED_ROWS, m.div_ceil(NR) * NR * k, KEPT_MAX, |xt| {
+            Self::transposed_packed(xt, xs, ws, bias, (m, n, k), bf16)
+        })
+    }
+
+    /// [`Self::transposed`] with `xt`, the buffer for the packed rows of `x`.
+    fn transposed_packed(
+        xt: &mut [f32],
+        xs: &[f32],
+        ws: &[f32],
+        bias: Option<&[f32]>,
+        (m, n, k): (usize, usize, usize),
+        bf16: bool,
+    ) -> Vec<f32> {
+        pack_kt(xs, (m, k, k), 1.0, xt);
         // All of `xt`'s columns, its zero padding included, when that adds little: every tile
         // is then a whole one. Alternating in one process, 154 rows (9·16 + 10) took 2.5–7%
         // less time so (154 × 3072 → 768 6.1 vs 6.6 ms); 2 rows (a time embedding) 23% more.
@@ -509,23 +540,24 @@ impl LinearOp {
         } else {
             m
         };
-        let mut yt = output_buffer(n * mp);
-        let g = Gemm {
-            m: n,
-            n: mp,
-            k,
-            lda: k,
-            b: B::packed(k),
-            rs_c: mp,
-            cs_c: 1,
-            accumulate: false,
-            bias_per_col: false,
-            bf16,
-        };
-        gemm_parallel(&g, ws, &xt, &mut yt, bias);
-        let mut out = output_buffer(m * n);
-        transpose(&yt, (n, m, mp), &mut out);
-        out
+        with_kept_buffer(&PRODUCT_T, n * mp, KEPT_MAX, |yt| {
+            let g = Gemm {
+                m: n,
+                n: mp,
+                k,
+                lda: k,
+                b: B::packed(k),
+                rs_c: mp,
+                cs_c: 1,
+                accumulate: false,
+                bias_per_col: false,
+                bf16,
+            };
+            gemm_parallel(&g, ws, xt, yt, bias);
+            let mut out = output_buffer(m * n);
+            transpose(yt, (n, m, mp), &mut out);
+            out
+        })
     }
 }
 
