@@ -365,8 +365,9 @@ mod avx2 {
                 let cols: [[__m256; A]; 3] =
                     std::array::from_fn(|c| kernel_1d([g[c], g[3 + c], g[6 + c]]));
                 let out = dst.add(ci * NR + at);
-                for r in 0..A {
-                    let row = kernel_1d([cols[0][r], cols[1][r], cols[2][r]]);
+                let rows: [[__m256; 3]; A] = std::array::from_fn(|r| cols.map(|c| c[r]));
+                for (r, taps) in rows.into_iter().enumerate() {
+                    let row = kernel_1d(taps);
                     for (k, val) in row.into_iter().enumerate() {
                         // SAFETY: point r · 6 + k of this channel and lane group, in bounds
                         // by the caller's contract.
