@@ -517,46 +517,36 @@ impl LinearOp {
         (m, n, k): (usize, usize, usize),
         bf16: bool,
     ) -> Vec<f32> {
+        // The kept buffer for the packed rows of `x`.
         with_kept_buffer(&PACKED_ROWS, m.div_ceil(NR) * NR * k, KEPT_MAX, |xt| {
-            Self::transposed_packed(xt, xs, ws, bias, (m, n, k), bf16)
-        })
-    }
-
-    /// [`Self::transposed`] with `xt`, the buffer for the packed rows of `x`.
-    fn transposed_packed(
-        xt: &mut [f32],
-        xs: &[f32],
-        ws: &[f32],
-        bias: Option<&[f32]>,
-        (m, n, k): (usize, usize, usize),
-        bf16: bool,
-    ) -> Vec<f32> {
-        pack_kt(xs, (m, k, k), 1.0, xt);
-        // All of `xt`'s columns, its zero padding included, when that adds little: every tile
-        // is then a whole one. Alternating in one process, 154 rows (9·16 + 10) took 2.5–7%
-        // less time so (154 × 3072 → 768 6.1 vs 6.6 ms); 2 rows (a time embedding) 23% more.
-        let mp = if m >= 4 * NR {
-            m.next_multiple_of(NR)
-        } else {
-            m
-        };
-        with_kept_buffer(&PRODUCT_T, n * mp, KEPT_MAX, |yt| {
-            let g = Gemm {
-                m: n,
-                n: mp,
-                k,
-                lda: k,
-                b: B::packed(k),
-                rs_c: mp,
-                cs_c: 1,
-                accumulate: false,
-                bias_per_col: false,
-                bf16,
+            pack_kt(xs, (m, k, k), 1.0, xt);
+            // All of `xt`'s columns, its zero padding included, when that adds little: every
+            // tile is then a whole one. Alternating in one process, 154 rows (9·16 + 10) took
+            // 2.5–7% less time so (154 × 3072 → 768 6.1 vs 6.6 ms); 2 rows (a time embedding)
+            // 23% more.
+            let mp = if m >= 4 * NR {
+                m.next_multiple_of(NR)
+            } else {
+                m
             };
-            gemm_parallel(&g, ws, xt, yt, bias);
-            let mut out = output_buffer(m * n);
-            transpose(yt, (n, m, mp), &mut out);
-            out
+            with_kept_buffer(&PRODUCT_T, n * mp, KEPT_MAX, |yt| {
+                let g = Gemm {
+                    m: n,
+                    n: mp,
+                    k,
+                    lda: k,
+                    b: B::packed(k),
+                    rs_c: mp,
+                    cs_c: 1,
+                    accumulate: false,
+                    bias_per_col: false,
+                    bf16,
+                };
+                gemm_parallel(&g, ws, xt, yt, bias);
+                let mut out = output_buffer(m * n);
+                transpose(yt, (n, m, mp), &mut out);
+                out
+            })
         })
     }
 }
