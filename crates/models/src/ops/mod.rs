@@ -273,9 +273,10 @@ pub(crate) type KeptBuffer = std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>
 
 /// Runs `f` on `len` values of the buffer `key` (one per thread), instead of allocating and
 /// zeroing one per call; over `max` values, on a fresh buffer that is not kept (it would stay
-/// allocated after the layer), filled on every core ([`output_buffer`]). The values are whatever the last user left, so `f` must write
-/// every element it reads: debug builds, and so the tests, fill them with NaN first, as
-/// [`output_buffer`] does. A nested call on the same key gets a fresh buffer.
+/// allocated after the layer), filled on every core ([`output_buffer`]). The values are
+/// whatever the last user left, so `f` must write every element it reads: debug builds, and so
+/// the tests, fill them with NaN first, as [`output_buffer`] does. A nested call on the same
+/// key gets a fresh buffer.
 pub(crate) fn with_kept_buffer<R>(
     key: &'static KeptBuffer,
     len: usize,
