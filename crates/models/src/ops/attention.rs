@@ -3,9 +3,9 @@
 //! blocks, and keeps a running max and sum per row (online softmax), so memory is
 //! `O(block_q × (block_k + d))` per thread. The keys are packed (and scaled) once per head; the
 //! two block products run on the register tiles of `microkernel` (the `gemm` crate on
-//! CPUs without AVX2), and the exponentials on AVX2 or AVX-512 (with the same bits). On
-//! AVX-512 the usual case (f32, no causal mask) runs fused, 8 query rows at a time
-//! (`attention/avx512.rs`), with the same bits again. The heads
+//! CPUs without AVX2), and the exponentials on AVX2 or AVX-512 (with the same bits). The
+//! usual case (f32, no causal mask) runs fused, 6 query rows at a time on AVX2
+//! (`attention/avx2.rs`), 8 on AVX-512 (`attention/avx512.rs`), with the same bits again. The heads
 //! may also sit side by side in the last dimension, as the q/k/v projections produce them
 //! (`FlashAttention::heads`): the kernel then reads and writes them in place, with no copies to
 //! split and merge them. The backward pass is blocked the same way (`flash_grads`): the score
@@ -18,6 +18,8 @@ use rayon::prelude::*;
 use super::microkernel::{pack_kt, pack_rows, Gemm, B, NR};
 use super::{exp, f32_input, f32_output, max, output_buffer, simd_fn, with_kept_buffer, SendPtr};
 
+#[cfg(x86_simd)]
+mod avx2;
 #[cfg(x86_simd)]
 mod avx512;
 
@@ -196,63 +198,203 @@ fn attend_block(
     }
 }
 
-/// Whether [`attend_block_fused`] takes a block: on AVX-512, without a causal mask, in f32,
-/// and with `d` in one K-block of the GEMM (whose bits it reproduces).
+/// Whether [`attend_block_fused`] takes a block: with AVX2 or AVX-512, without a causal
+/// mask, in f32, and with `d` in one K-block of the GEMM (whose bits it reproduces).
 fn fused_fits(causal: bool, bf16: bool, d: usize) -> bool {
     cfg!(x86_simd)
         && !causal
         && !bf16
         && d <= super::microkernel::KC
-        && super::kernels() >= super::Kernels::Avx512
+        && super::kernels() >= super::Kernels::Avx2
 }
 
-/// [`attend_block`] on the AVX-512 tiles of [`avx512`] where [`fused_fits`]: for each key
-/// block and each tile of query rows, the scores (their maxima from the registers), the
-/// online-softmax update of [`update_rows`] on those rows, and the values, while the tile's
-/// scores are in L1.
+/// [`attend_block`] on the register tiles of the CPU's instruction set where [`fused_fits`]:
+/// for each key block and each tile of query rows, the scores (their maxima from the
+/// registers), the online-softmax update of [`update_rows`] on those rows, and the values,
+/// while the tile's scores are in L1.
 #[cfg(x86_simd)]
 fn attend_block_fused(
+    q: &[f32],
+    kv: (&[f32], &[f32]),
+    m_keys: usize,
+    out: &mut [f32],
+    dims: (usize, usize),
+) {
+    match super::kernels() {
+        // SAFETY (both): the CPU has the tiles' instruction set.
+        super::Kernels::Avx512 | super::Kernels::Avx512Bf16 => unsafe {
+            fused_tiles::<Avx512Tiles>(q, kv, m_keys, out, dims)
+        },
+        super::Kernels::Avx2 => unsafe { fused_tiles::<Avx2Tiles>(q, kv, m_keys, out, dims) },
+        super::Kernels::Portable => attend_block(q, kv, m_keys, out, dims, None, false),
+    }
+}
+
+/// The register tiles of one instruction set for [`attend_block_fused`] (`attention/avx2.rs`,
+/// `attention/avx512.rs`).
+#[cfg(x86_simd)]
+trait FusedTiles {
+    /// Most query rows per tile.
+    const ROWS: usize;
+    /// Whether every tile has all [`Self::ROWS`] rows (the block is then padded with zero
+    /// query rows); else the last tile may have fewer.
+    const WHOLE: bool;
+
+    /// The scores of `best.len()` query rows over a key block, and each row's largest.
+    ///
+    /// # Safety
+    /// The CPU has the instruction set.
+    unsafe fn scores(
+        q: &[f32],
+        d: usize,
+        kt: &[f32],
+        kb: usize,
+        s: &mut [f32],
+        lds: usize,
+        best: &mut [f32],
+    );
+
+    /// `out += p · v` for the tile's rows of probabilities in `s`.
+    ///
+    /// # Safety
+    /// The CPU has the instruction set.
+    unsafe fn add_values(
+        s: &[f32],
+        lds: usize,
+        kb: usize,
+        v: &[f32],
+        panel_stride: usize,
+        out: &mut [f32],
+        dv: usize,
+    );
+}
+
+/// Most rows of any [`FusedTiles`].
+#[cfg(x86_simd)]
+const MOST_TILE_ROWS: usize = 8;
+
+#[cfg(x86_simd)]
+struct Avx2Tiles;
+
+#[cfg(x86_simd)]
+impl FusedTiles for Avx2Tiles {
+    const ROWS: usize = avx2::ROWS;
+    const WHOLE: bool = false;
+
+    #[inline(always)]
+    unsafe fn scores(
+        q: &[f32],
+        d: usize,
+        kt: &[f32],
+        kb: usize,
+        s: &mut [f32],
+        lds: usize,
+        best: &mut [f32],
+    ) {
+        // SAFETY: as the caller promises.
+        unsafe { avx2::scores(q, d, kt, kb, s, lds, best) }
+    }
+
+    #[inline(always)]
+    unsafe fn add_values(
+        s: &[f32],
+        lds: usize,
+        kb: usize,
+        v: &[f32],
+        panel_stride: usize,
+        out: &mut [f32],
+        dv: usize,
+    ) {
+        // SAFETY: as the caller promises.
+        unsafe { avx2::add_values(s, lds, kb, v, panel_stride, out, dv) }
+    }
+}
+
+#[cfg(x86_simd)]
+struct Avx512Tiles;
+
+#[cfg(x86_simd)]
+impl FusedTiles for Avx512Tiles {
+    const ROWS: usize = avx512::ROWS;
+    const WHOLE: bool = true;
+
+    #[inline(always)]
+    unsafe fn scores(
+        q: &[f32],
+        d: usize,
+        kt: &[f32],
+        kb: usize,
+        s: &mut [f32],
+        lds: usize,
+        best: &mut [f32],
+    ) {
+        // SAFETY: as the caller promises.
+        best.copy_from_slice(&unsafe { avx512::scores(q, d, kt, kb, s, lds) });
+    }
+
+    #[inline(always)]
+    unsafe fn add_values(
+        s: &[f32],
+        lds: usize,
+        kb: usize,
+        v: &[f32],
+        panel_stride: usize,
+        out: &mut [f32],
+        dv: usize,
+    ) {
+        // SAFETY: as the caller promises.
+        unsafe { avx512::add_values(s, lds, kb, v, panel_stride, out, dv) }
+    }
+}
+
+/// [`attend_block_fused`] on the tiles `T`.
+///
+/// # Safety
+/// The CPU has `T`'s instruction set.
+#[cfg(x86_simd)]
+unsafe fn fused_tiles<T: FusedTiles>(
     q: &[f32],
     (kt, v): (&[f32], &[f32]),
     m_keys: usize,
     out: &mut [f32],
     (d, dv): (usize, usize),
 ) {
-    use avx512::ROWS;
-    // The tiles' own safety condition, whoever calls.
-    assert!(super::kernels() >= super::Kernels::Avx512);
+    const { assert!(T::ROWS <= MOST_TILE_ROWS) };
     let rows = out.len() / dv;
-    if !rows.is_multiple_of(ROWS) {
+    if T::WHOLE && !rows.is_multiple_of(T::ROWS) {
         // A last tile of fewer rows: zero query rows make it whole.
-        let padded = rows.next_multiple_of(ROWS);
+        let padded = rows.next_multiple_of(T::ROWS);
         let mut qp = q[..rows * d].to_vec();
         qp.resize(padded * d, 0.0);
         let mut op = vec![0f32; padded * dv];
-        attend_block_fused(&qp, (kt, v), m_keys, &mut op, (d, dv));
+        // SAFETY: as the caller promises.
+        unsafe { fused_tiles::<T>(&qp, (kt, v), m_keys, &mut op, (d, dv)) };
         out.copy_from_slice(&op[..rows * dv]);
         return;
     }
     let bk = BLOCK_K.min(m_keys.next_multiple_of(NR));
     let lds = bk + NR;
-    let mut s = [0f32; ROWS * (BLOCK_K + NR)];
+    let mut s = [0f32; MOST_TILE_ROWS * (BLOCK_K + NR)];
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0f32; rows];
     out.fill(0.0);
     for k0 in (0..m_keys).step_by(bk) {
         let kb = bk.min(m_keys - k0);
-        for r0 in (0..rows).step_by(ROWS) {
-            let tile = r0..r0 + ROWS;
-            let acc = &mut out[r0 * dv..(r0 + ROWS) * dv];
-            // SAFETY (both): the CPU has AVX-512 (asserted above).
-            let best = unsafe { avx512::scores(&q[r0 * d..], d, &kt[k0 * d..], kb, &mut s, lds) };
+        for r0 in (0..rows).step_by(T::ROWS) {
+            let tile = r0..(r0 + T::ROWS).min(rows);
+            let mut best = [0f32; MOST_TILE_ROWS];
+            let best = &mut best[..tile.len()];
+            let acc = &mut out[tile.start * dv..tile.end * dv];
+            // SAFETY (both): as the caller promises.
+            unsafe { T::scores(&q[r0 * d..], d, &kt[k0 * d..], kb, &mut s, lds, best) };
             update_rows(
                 &mut s,
                 (lds, kb),
-                &best,
+                best,
                 (&mut m[tile.clone()], &mut l[tile]),
                 acc,
             );
-            unsafe { avx512::add_values(&s, lds, kb, &v[k0 * NR..], m_keys * NR, acc, dv) };
+            unsafe { T::add_values(&s, lds, kb, &v[k0 * NR..], m_keys * NR, acc, dv) };
         }
     }
     for (row, l) in out.chunks_exact_mut(dv).zip(&l) {
@@ -1020,17 +1162,29 @@ mod tests {
         }
     }
 
-    /// The fused AVX-512 block gives the GEMM path's bits: scores, maxima, exponentials, sums
-    /// and values, over head widths of every column-group shape (whole zmm panels, a ymm
-    /// tail of 8 or fewer, a part panel over 8), key counts with part panels and a part last
-    /// block, and rows that leave a part tile; scores large enough to move the maxima often.
+    /// The fused blocks, on the AVX2 tiles and (where the CPU has it) the AVX-512 ones, give
+    /// the GEMM path's bits: scores, maxima, exponentials, sums and values, over head widths
+    /// of every column-group shape (whole panels, a last 8 or fewer, a part panel over 8),
+    /// key counts with part panels and a part last block, and rows that leave a part tile
+    /// of either size; scores large enough to move the maxima often.
     #[cfg(x86_simd)]
     #[test]
     fn fused_block_equals_gemm_block_bits() {
-        if super::super::kernels() < super::super::Kernels::Avx512 {
-            eprintln!("no AVX-512 on this CPU: nothing to compare");
-            return;
+        type Block = fn(&[f32], (&[f32], &[f32]), usize, &mut [f32], (usize, usize));
+        let mut tiles: Vec<(&str, Block)> = Vec::new();
+        if super::super::kernels() >= super::super::Kernels::Avx2 {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            tiles.push(("avx2", |q, kv, m, o, dims| unsafe {
+                fused_tiles::<Avx2Tiles>(q, kv, m, o, dims)
+            }));
         }
+        if super::super::kernels() >= super::super::Kernels::Avx512 {
+            // SAFETY: the CPU has AVX-512 (checked just above).
+            tiles.push(("avx512", |q, kv, m, o, dims| unsafe {
+                fused_tiles::<Avx512Tiles>(q, kv, m, o, dims)
+            }));
+        }
+        assert!(!tiles.is_empty(), "no AVX2 on this CPU: nothing to compare");
         let value =
             |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 2003) as f32 / 2003.0 - 0.5;
         for &(rows, m, d, dv) in &[
@@ -1042,6 +1196,7 @@ mod tests {
             (8, 33, 16, 5),
             (9, 48, 32, 60),
             (8, 1, 40, 12),
+            (5, 40, 24, 8),
         ] {
             let q: Vec<f32> = (0..rows * d).map(|i| 8.0 * value(i, 1)).collect();
             let k: Vec<f32> = (0..m * d).map(|i| value(i, 2)).collect();
@@ -1050,16 +1205,19 @@ mod tests {
             pack_kt(&k, (m, d, d), 0.3, &mut kt);
             let mut vp = vec![0f32; dv.div_ceil(NR) * NR * m];
             pack_rows(&v, dv, m, dv, &mut vp);
-            let (mut fused, mut gemm) = (vec![0f32; rows * dv], vec![0f32; rows * dv]);
             assert!(fused_fits(false, false, d));
-            attend_block_fused(&q, (&kt, &vp), m, &mut fused, (d, dv));
+            let mut gemm = vec![0f32; rows * dv];
             attend_block(&q, (&kt, &vp), m, &mut gemm, (d, dv), None, false);
-            for (i, (a, b)) in fused.iter().zip(&gemm).enumerate() {
-                assert_eq!(
-                    a.to_bits(),
-                    b.to_bits(),
-                    "{rows}x{m}x{d}x{dv} element {i}: {a} vs {b}"
-                );
+            for &(name, block) in &tiles {
+                let mut fused = vec![0f32; rows * dv];
+                block(&q, (&kt, &vp), m, &mut fused, (d, dv));
+                for (i, (a, b)) in fused.iter().zip(&gemm).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{name} {rows}x{m}x{d}x{dv} element {i}: {a} vs {b}"
+                    );
+                }
             }
         }
     }
