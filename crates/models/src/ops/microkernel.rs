@@ -820,11 +820,13 @@ unsafe fn store_row_scalar(
     }
 }
 
-// The vector `exp` of the softmax rows (`avx2::exp_shifted_sum`, `avx512::exp_shifted_sum`):
+// The vector `exp` of the softmax rows (`avx2::exp_shifted_sum`, `avx512::exp_shifted_sum`),
+// both instruction sets' steps written once in `exp_steps!` so that they give the same bits:
 // arguments `x − m ≤ 0` (`m` the row's maximum, or more) clamped to `EXP_MIN` from below (no
-// clamp above: none exceeds 0), `ln2` in two parts for the reduction, and the
-// degree-6 Taylor coefficients of `e^f`, highest first. Both instruction sets use them in the
-// same order, so they give the same bits.
+// clamp above: none exceeds 0), `x = n·ln2 + f` with `ln2` in two parts for the reduction,
+// and `e^f ≈ 1 + f·p(f)` on |f| ≤ ln2/2 with `p` of degree 4, highest coefficient first (a fit
+// of the relative error, `scripts/exp_poly.py`: 1.6e-7 at most in f32 over the clamped range,
+// where the degree-6 Taylor polynomial it replaced took two more FMAs and a rounding).
 #[cfg(x86_simd)]
 const EXP_MIN: f32 = -87.0;
 #[cfg(x86_simd)]
@@ -832,19 +834,47 @@ const LN2_HI: f32 = 0.693_145_75;
 #[cfg(x86_simd)]
 const LN2_LO: f32 = 1.428_606_8e-6;
 #[cfg(x86_simd)]
-const EXP_POLY: [f32; 7] = [
-    1.0 / 720.0,
-    1.0 / 120.0,
-    1.0 / 24.0,
-    1.0 / 6.0,
-    0.5,
-    1.0,
-    1.0,
+const EXP_POLY: [f32; 5] = [
+    0.008_290_312,
+    0.041_897_93,
+    0.166_676_36,
+    0.499_991_5,
+    0.999_999_7,
 ];
+/// `1.5·2²³ + 127`: `x·log2e` plus this, rounded to an integer by the addition itself, holds
+/// `n + 127` in its low mantissa bits, which shifted into the exponent field are `2ⁿ`.
+#[cfg(x86_simd)]
+const EXP_SHIFT: f32 = 12_583_039.0;
+
+/// `exp(x)` of one register for `x ≤ 0`, 0 below −87 (see [`EXP_POLY`]), from the instruction
+/// set's intrinsics (`set1`, `max`, `fmadd`, `fnmadd`, `sub`, `mul`, the casts between
+/// float and integer lanes, the shift left by 23 of integer lanes).
+#[cfg(x86_simd)]
+macro_rules! exp_steps {
+    ($x:expr, $set1:ident, $max:ident, $fmadd:ident, $fnmadd:ident, $sub:ident, $mul:ident,
+     $to_int:ident, $to_float:ident, $shl23:expr) => {{
+        use super::{EXP_MIN, EXP_POLY, EXP_SHIFT, LN2_HI, LN2_LO};
+        // `max` returns its second operand when either is NaN: `x` second, so that a NaN
+        // stays NaN (first, it became a finite weight for a NaN score).
+        let x = $max($set1(EXP_MIN), $x);
+        let r = $fmadd(x, $set1(std::f32::consts::LOG2_E), $set1(EXP_SHIFT));
+        // (`n + 127` is 1..=127 for the clamped range; the bits above it shift out.)
+        let two_n = $to_float($shl23($to_int(r)));
+        let n = $sub(r, $set1(EXP_SHIFT));
+        let f = $fnmadd(n, $set1(LN2_HI), x);
+        let f = $fnmadd(n, $set1(LN2_LO), f);
+        let mut p = $set1(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = $fmadd(p, f, $set1(*c));
+        }
+        // 2ⁿ·e^f = 2ⁿ + (f·2ⁿ)·p(f)
+        $fmadd($mul(f, two_n), p, two_n)
+    }};
+}
 
 #[cfg(x86_simd)]
 pub(crate) mod avx2 {
-    use super::{Gemm, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, MR, NR};
+    use super::{Gemm, MR, NR};
     use std::arch::x86_64::*;
 
     /// Calls `$tile::<R, ..>` with `R = $rows` (1..=MR).
@@ -1013,29 +1043,22 @@ pub(crate) mod avx2 {
         super::drive::<Avx2>(g, a, b, c, bias)
     }
 
-    /// `exp(x)` of 8 lanes for `x ≤ 0`, to about 1 ulp, 0 below −87: `x = n·ln2 + f` with the
-    /// reduction in two parts (Cody–Waite), a degree-6 polynomial for `e^f` on |f| ≤ ln2/2,
-    /// `2^n` from bits.
+    /// `exp(x)` of 8 lanes for `x ≤ 0`, to about 1 ulp, 0 below −87 ([`exp_steps`]).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn exp_ps(x: __m256) -> __m256 {
-        // `max` returns its second operand when either is NaN: `x` second, so that a NaN
-        // stays NaN (first, it became a finite weight for a NaN score).
-        let x = _mm256_max_ps(_mm256_set1_ps(EXP_MIN), x);
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
-        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), f);
-        let mut p = _mm256_set1_ps(EXP_POLY[0]);
-        for c in &EXP_POLY[1..] {
-            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(*c));
-        }
-        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        _mm256_mul_ps(p, _mm256_castsi256_ps(two_n))
+        exp_steps!(
+            x,
+            _mm256_set1_ps,
+            _mm256_max_ps,
+            _mm256_fmadd_ps,
+            _mm256_fnmadd_ps,
+            _mm256_sub_ps,
+            _mm256_mul_ps,
+            _mm256_castps_si256,
+            _mm256_castsi256_ps,
+            _mm256_slli_epi32::<23>
+        )
     }
 
     /// `blocks` 8 × 8 transposes along eight rows: block `b` of rows `src[j] + 8b` to the
@@ -1145,7 +1168,7 @@ pub(crate) mod avx2 {
 /// (and the same final additions), so both give the same bits.
 #[cfg(x86_simd)]
 pub(crate) mod avx512 {
-    use super::{Gemm, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, NR};
+    use super::{Gemm, NR};
     use std::arch::x86_64::*;
 
     /// Rows per tile.
@@ -1306,23 +1329,22 @@ pub(crate) mod avx512 {
         super::drive::<Avx512>(g, a, b, c, bias)
     }
 
-    /// `exp(x)` of 16 lanes: the AVX2 `exp_ps`'s steps, with `p · 2ⁿ` by `vscalefps` (exact
-    /// for the clamped range, as the AVX2 multiplication by the assembled `2ⁿ` is).
+    /// `exp(x)` of 16 lanes: the AVX2 `exp_ps`'s steps ([`exp_steps`]), on zmm registers.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
     fn exp_ps(x: __m512) -> __m512 {
-        // (`x` the second operand: a NaN stays NaN, as in the AVX2 `exp_ps`.)
-        let x = _mm512_max_ps(_mm512_set1_ps(EXP_MIN), x);
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-        let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), f);
-        let mut p = _mm512_set1_ps(EXP_POLY[0]);
-        for c in &EXP_POLY[1..] {
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
-        }
-        _mm512_scalef_ps(p, n)
+        exp_steps!(
+            x,
+            _mm512_set1_ps,
+            _mm512_max_ps,
+            _mm512_fmadd_ps,
+            _mm512_fnmadd_ps,
+            _mm512_sub_ps,
+            _mm512_mul_ps,
+            _mm512_castps_si512,
+            _mm512_castsi512_ps,
+            _mm512_slli_epi32::<23>
+        )
     }
 
     /// Lanes 8..16 (AVX-512F has no `vextractf32x8`; the 64-bit extract moves the same bits).
