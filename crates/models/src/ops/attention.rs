@@ -223,9 +223,9 @@ fn attend_block_fused(
     match super::kernels() {
         // SAFETY (both): the CPU has the tiles' instruction set.
         super::Kernels::Avx512 | super::Kernels::Avx512Bf16 => unsafe {
-            fused_tiles::<Avx512Tiles>(q, kv, m_keys, out, dims)
+            fused_tiles(&AVX512_TILES, q, kv, m_keys, out, dims)
         },
-        super::Kernels::Avx2 => unsafe { fused_tiles::<Avx2Tiles>(q, kv, m_keys, out, dims) },
+        super::Kernels::Avx2 => unsafe { fused_tiles(&AVX2_TILES, q, kv, m_keys, out, dims) },
         super::Kernels::Portable => attend_block(q, kv, m_keys, out, dims, None, false),
     }
 }
@@ -233,40 +233,19 @@ fn attend_block_fused(
 /// The register tiles of one instruction set for [`attend_block_fused`] (`attention/avx2.rs`,
 /// `attention/avx512.rs`).
 #[cfg(x86_simd)]
-trait FusedTiles {
-    /// Most query rows per tile.
-    const ROWS: usize;
-    /// Whether every tile has all [`Self::ROWS`] rows (the block is then padded with zero
-    /// query rows); else the last tile may have fewer.
-    const WHOLE: bool;
-
-    /// The scores of `best.len()` query rows over a key block, and each row's largest.
-    ///
-    /// # Safety
-    /// The CPU has the instruction set.
-    unsafe fn scores(
-        q: &[f32],
-        d: usize,
-        kt: &[f32],
-        kb: usize,
-        s: &mut [f32],
-        lds: usize,
-        best: &mut [f32],
-    );
-
-    /// `out += p · v` for the tile's rows of probabilities in `s`.
-    ///
-    /// # Safety
-    /// The CPU has the instruction set.
-    unsafe fn add_values(
-        s: &[f32],
-        lds: usize,
-        kb: usize,
-        v: &[f32],
-        panel_stride: usize,
-        out: &mut [f32],
-        dv: usize,
-    );
+#[allow(clippy::type_complexity)] // (the tiles' own signatures)
+struct FusedTiles {
+    /// Most query rows per tile (at most [`MOST_TILE_ROWS`]).
+    rows: usize,
+    /// Whether every tile has all `rows` rows (the block is then padded with zero query
+    /// rows); else the last tile may have fewer.
+    whole: bool,
+    /// `(q, d, kt, kb, s, lds, best)`: the scores of `best.len()` query rows over a key
+    /// block, and each row's largest.
+    scores: unsafe fn(&[f32], usize, &[f32], usize, &mut [f32], usize, &mut [f32]),
+    /// `(s, lds, kb, v, panel_stride, out, dv)`: `out += p · v` for the tile's rows of
+    /// probabilities in `s`.
+    add_values: unsafe fn(&[f32], usize, usize, &[f32], usize, &mut [f32], usize),
 }
 
 /// Most rows of any [`FusedTiles`].
@@ -274,101 +253,46 @@ trait FusedTiles {
 const MOST_TILE_ROWS: usize = 8;
 
 #[cfg(x86_simd)]
-struct Avx2Tiles;
+const AVX2_TILES: FusedTiles = FusedTiles {
+    rows: avx2::ROWS,
+    whole: false,
+    scores: avx2::scores,
+    add_values: avx2::add_values,
+};
 
 #[cfg(x86_simd)]
-impl FusedTiles for Avx2Tiles {
-    const ROWS: usize = avx2::ROWS;
-    const WHOLE: bool = false;
-
-    #[inline(always)]
-    unsafe fn scores(
-        q: &[f32],
-        d: usize,
-        kt: &[f32],
-        kb: usize,
-        s: &mut [f32],
-        lds: usize,
-        best: &mut [f32],
-    ) {
-        // SAFETY: as the caller promises.
-        unsafe { avx2::scores(q, d, kt, kb, s, lds, best) }
-    }
-
-    #[inline(always)]
-    unsafe fn add_values(
-        s: &[f32],
-        lds: usize,
-        kb: usize,
-        v: &[f32],
-        panel_stride: usize,
-        out: &mut [f32],
-        dv: usize,
-    ) {
-        // SAFETY: as the caller promises.
-        unsafe { avx2::add_values(s, lds, kb, v, panel_stride, out, dv) }
-    }
-}
+const AVX512_TILES: FusedTiles = FusedTiles {
+    rows: avx512::ROWS,
+    whole: true,
+    scores: avx512::scores,
+    add_values: avx512::add_values,
+};
 
 #[cfg(x86_simd)]
-struct Avx512Tiles;
+const _: () = assert!(AVX2_TILES.rows <= MOST_TILE_ROWS && AVX512_TILES.rows <= MOST_TILE_ROWS);
 
-#[cfg(x86_simd)]
-impl FusedTiles for Avx512Tiles {
-    const ROWS: usize = avx512::ROWS;
-    const WHOLE: bool = true;
-
-    #[inline(always)]
-    unsafe fn scores(
-        q: &[f32],
-        d: usize,
-        kt: &[f32],
-        kb: usize,
-        s: &mut [f32],
-        lds: usize,
-        best: &mut [f32],
-    ) {
-        // SAFETY: as the caller promises.
-        best.copy_from_slice(&unsafe { avx512::scores(q, d, kt, kb, s, lds) });
-    }
-
-    #[inline(always)]
-    unsafe fn add_values(
-        s: &[f32],
-        lds: usize,
-        kb: usize,
-        v: &[f32],
-        panel_stride: usize,
-        out: &mut [f32],
-        dv: usize,
-    ) {
-        // SAFETY: as the caller promises.
-        unsafe { avx512::add_values(s, lds, kb, v, panel_stride, out, dv) }
-    }
-}
-
-/// [`attend_block_fused`] on the tiles `T`.
+/// [`attend_block_fused`] on the tiles `t`.
 ///
 /// # Safety
-/// The CPU has `T`'s instruction set.
+/// The CPU has the tiles' instruction set.
 #[cfg(x86_simd)]
-unsafe fn fused_tiles<T: FusedTiles>(
+unsafe fn fused_tiles(
+    t: &FusedTiles,
     q: &[f32],
     (kt, v): (&[f32], &[f32]),
     m_keys: usize,
     out: &mut [f32],
     (d, dv): (usize, usize),
 ) {
-    const { assert!(T::ROWS <= MOST_TILE_ROWS) };
     let rows = out.len() / dv;
-    if T::WHOLE && !rows.is_multiple_of(T::ROWS) {
+    if t.whole && !rows.is_multiple_of(t.rows) {
         // A last tile of fewer rows: zero query rows make it whole.
-        let padded = rows.next_multiple_of(T::ROWS);
+        let padded = rows.next_multiple_of(t.rows);
         let mut qp = q[..rows * d].to_vec();
         qp.resize(padded * d, 0.0);
         let mut op = vec![0f32; padded * dv];
         // SAFETY: as the caller promises.
-        unsafe { fused_tiles::<T>(&qp, (kt, v), m_keys, &mut op, (d, dv)) };
+        unsafe { fused_tiles(t, &qp, (kt, v), m_keys, &mut op, (d, dv)) };
         out.copy_from_slice(&op[..rows * dv]);
         return;
     }
@@ -380,13 +304,13 @@ unsafe fn fused_tiles<T: FusedTiles>(
     out.fill(0.0);
     for k0 in (0..m_keys).step_by(bk) {
         let kb = bk.min(m_keys - k0);
-        for r0 in (0..rows).step_by(T::ROWS) {
-            let tile = r0..(r0 + T::ROWS).min(rows);
+        for r0 in (0..rows).step_by(t.rows) {
+            let tile = r0..(r0 + t.rows).min(rows);
             let mut best = [0f32; MOST_TILE_ROWS];
             let best = &mut best[..tile.len()];
             let acc = &mut out[tile.start * dv..tile.end * dv];
             // SAFETY (both): as the caller promises.
-            unsafe { T::scores(&q[r0 * d..], d, &kt[k0 * d..], kb, &mut s, lds, best) };
+            unsafe { (t.scores)(&q[r0 * d..], d, &kt[k0 * d..], kb, &mut s, lds, best) };
             update_rows(
                 &mut s,
                 (lds, kb),
@@ -394,7 +318,7 @@ unsafe fn fused_tiles<T: FusedTiles>(
                 (&mut m[tile.clone()], &mut l[tile]),
                 acc,
             );
-            unsafe { T::add_values(&s, lds, kb, &v[k0 * NR..], m_keys * NR, acc, dv) };
+            unsafe { (t.add_values)(&s, lds, kb, &v[k0 * NR..], m_keys * NR, acc, dv) };
         }
     }
     for (row, l) in out.chunks_exact_mut(dv).zip(&l) {
@@ -1175,13 +1099,13 @@ mod tests {
         if super::super::kernels() >= super::super::Kernels::Avx2 {
             // SAFETY: the CPU has AVX2 and FMA (checked just above).
             tiles.push(("avx2", |q, kv, m, o, dims| unsafe {
-                fused_tiles::<Avx2Tiles>(q, kv, m, o, dims)
+                fused_tiles(&AVX2_TILES, q, kv, m, o, dims)
             }));
         }
         if super::super::kernels() >= super::super::Kernels::Avx512 {
             // SAFETY: the CPU has AVX-512 (checked just above).
             tiles.push(("avx512", |q, kv, m, o, dims| unsafe {
-                fused_tiles::<Avx512Tiles>(q, kv, m, o, dims)
+                fused_tiles(&AVX512_TILES, q, kv, m, o, dims)
             }));
         }
         assert!(!tiles.is_empty(), "no AVX2 on this CPU: nothing to compare");

@@ -188,9 +188,10 @@ unsafe fn value_group<const R: usize, const V: usize>(
 }
 
 /// `dst[..cols] += acc` (`cols ≤ 8`), with the GEMM epilogue's order of additions:
-/// `(acc + 0) + c` for a whole register, `(c + acc) + 0` for part of one.
+/// `(acc + 0) + c` for a whole register, `(c + acc) + 0` for part of one. (Also the AVX-512
+/// tiles' ymm tail.)
 #[inline(always)]
-unsafe fn add_row(dst: *mut f32, acc: __m256, cols: usize) {
+pub(super) unsafe fn add_row(dst: *mut f32, acc: __m256, cols: usize) {
     if cols == 8 {
         let c = unsafe { _mm256_loadu_ps(dst) };
         let x = _mm256_add_ps(_mm256_add_ps(acc, _mm256_setzero_ps()), c);

@@ -11,6 +11,7 @@
 
 use std::arch::x86_64::*;
 
+use super::avx2::add_row as add_row8;
 use super::NR;
 
 /// Query rows per tile.
@@ -19,8 +20,8 @@ pub(super) const ROWS: usize = 8;
 /// `s[r][j] = q[r] · kt[j]` for the [`ROWS`] rows of `q` (`d` values each, contiguous) and
 /// the `kb` keys of a block, packed as `pack_kt` lays them (panels of [`NR`] keys, each
 /// `d × NR`); the rows of `s` are `lds` apart and get whole panels (the columns past `kb`
-/// hold the zero keys' scores). Returns each row's largest score among its first `kb` (a NaN
-/// score is passed over, as `ops::max` does).
+/// hold the zero keys' scores). `best[r]` (`best.len() ==` [`ROWS`]): row `r`'s largest score
+/// among its first `kb` (a NaN score is passed over, as `ops::max` does).
 ///
 /// # Safety
 /// The CPU has AVX-512F, AVX2 and FMA.
@@ -32,8 +33,10 @@ pub(super) unsafe fn scores(
     kb: usize,
     s: &mut [f32],
     lds: usize,
-) -> [f32; ROWS] {
+    best_out: &mut [f32],
+) {
     let panels = kb.div_ceil(NR);
+    assert_eq!(best_out.len(), ROWS);
     assert!(q.len() >= ROWS * d && kt.len() >= panels * NR * d);
     assert!(lds >= panels * NR && s.len() >= (ROWS - 1) * lds + panels * NR);
     let mut best = [_mm512_set1_ps(f32::NEG_INFINITY); ROWS];
@@ -52,11 +55,9 @@ pub(super) unsafe fn scores(
             1
         };
     }
-    let mut out = [0f32; ROWS];
-    for (o, b) in out.iter_mut().zip(best) {
+    for (o, b) in best_out.iter_mut().zip(best) {
         *o = _mm512_reduce_max_ps(b);
     }
-    out
 }
 
 /// `P` panels of [`scores`], whose first `valid` columns (or all) are keys of the block.
@@ -222,20 +223,4 @@ unsafe fn add_row(dst: *mut f32, acc: __m512, cols: usize) {
         false => _mm512_add_ps(_mm512_add_ps(c, acc), zero),
     };
     unsafe { _mm512_mask_storeu_ps(dst, mask, x) };
-}
-
-/// [`add_row`] for the ymm tail (`cols ≤ 8`).
-#[inline(always)]
-unsafe fn add_row8(dst: *mut f32, acc: __m256, cols: usize) {
-    if cols == 8 {
-        let c = unsafe { _mm256_loadu_ps(dst) };
-        let x = _mm256_add_ps(_mm256_add_ps(acc, _mm256_setzero_ps()), c);
-        unsafe { _mm256_storeu_ps(dst, x) };
-    } else {
-        let mut lanes = [0f32; 8];
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-        for (i, &a) in lanes.iter().enumerate().take(cols) {
-            unsafe { *dst.add(i) = (*dst.add(i) + a) + 0.0 };
-        }
-    }
 }
