@@ -846,9 +846,9 @@ const EXP_POLY: [f32; 5] = [
 #[cfg(x86_simd)]
 const EXP_SHIFT: f32 = 12_583_039.0;
 
-/// `exp(x)` of one register for `x ≤ 0`, 0 below −87 (see [`EXP_POLY`]), from the instruction
-/// set's intrinsics (`set1`, `max`, `fmadd`, `fnmadd`, `sub`, `mul`, the casts between
-/// float and integer lanes, the shift left by 23 of integer lanes).
+/// `exp(x)` of one register for `x ≤ 0` (e^−87 for any `x` below −87; see [`EXP_POLY`]),
+/// from the instruction set's intrinsics (`set1`, `max`, `fmadd`, `fnmadd`, `sub`, `mul`, the
+/// casts between float and integer lanes, the shift left by 23 of integer lanes).
 #[cfg(x86_simd)]
 macro_rules! exp_steps {
     ($x:expr, $set1:ident, $max:ident, $fmadd:ident, $fnmadd:ident, $sub:ident, $mul:ident,
@@ -1043,7 +1043,7 @@ pub(crate) mod avx2 {
         super::drive::<Avx2>(g, a, b, c, bias)
     }
 
-    /// `exp(x)` of 8 lanes for `x ≤ 0`, to about 1 ulp, 0 below −87 ([`exp_steps`]).
+    /// `exp(x)` of 8 lanes for `x ≤ 0`, to about 1 ulp (e^−87 below −87; [`exp_steps`]).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn exp_ps(x: __m256) -> __m256 {
