@@ -52,5 +52,6 @@ if __name__ == "__main__":
     coef, err = fit()
     high_first = [np.float32(c) for c in coef[::-1]]
     print("relative error of the fit (f64):", err)
-    print("EXP_POLY (highest first):", [np.format_float_positional(c, unique=True) for c in high_first])
+    shortest = [np.format_float_positional(c, unique=True) for c in high_first]
+    print("EXP_POLY (highest first):", shortest)
     print("largest relative error of the f32 evaluation over [-87, 0]:", replay(high_first))

@@ -5,11 +5,11 @@
 //! two block products run on the register tiles of `microkernel` (the `gemm` crate on
 //! CPUs without AVX2), and the exponentials on AVX2 or AVX-512 (with the same bits). The
 //! usual case (f32, no causal mask) runs fused, 6 query rows at a time on AVX2
-//! (`attention/avx2.rs`), 8 on AVX-512 (`attention/avx512.rs`), with the same bits again. The heads
-//! may also sit side by side in the last dimension, as the q/k/v projections produce them
-//! (`FlashAttention::heads`): the kernel then reads and writes them in place, with no copies to
-//! split and merge them. The backward pass is blocked the same way (`flash_grads`): the score
-//! matrix is recomputed tile by tile, never stored.
+//! (`attention/avx2.rs`), 8 on AVX-512 (`attention/avx512.rs`), with the same bits again.
+//! The heads may also sit side by side in the last dimension, as the q/k/v projections
+//! produce them (`FlashAttention::heads`): the kernel then reads and writes them in place,
+//! with no copies to split and merge them. The backward pass is blocked the same way
+//! (`flash_grads`): the score matrix is recomputed tile by tile, never stored.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};

@@ -156,7 +156,8 @@ pub(super) unsafe fn add_values(
     }
 }
 
-/// One column group of [`add_values`]: `V` registers a row, of which the first `cols` columns are the group's.
+/// One column group of [`add_values`]: `V` registers a row, of which the first `cols`
+/// columns are the group's.
 ///
 /// # Safety
 /// As [`add_values`], with its bounds.
