@@ -875,21 +875,8 @@ macro_rules! exp_steps {
 #[cfg(x86_simd)]
 pub(crate) mod avx2 {
     use super::{Gemm, MR, NR};
+    use crate::ops::with_rows;
     use std::arch::x86_64::*;
-
-    /// Calls `$tile::<R, ..>` with `R = $rows` (1..=MR).
-    macro_rules! with_rows {
-        ($rows:expr, $tile:ident, [$($c:tt)*], $($arg:expr),*) => {
-            match $rows {
-                1 => $tile::<1, $($c)*>($($arg),*),
-                2 => $tile::<2, $($c)*>($($arg),*),
-                3 => $tile::<3, $($c)*>($($arg),*),
-                4 => $tile::<4, $($c)*>($($arg),*),
-                5 => $tile::<5, $($c)*>($($arg),*),
-                _ => $tile::<MR, $($c)*>($($arg),*),
-            }
-        };
-    }
 
     /// Lane masks for the first `cols` columns of a `V`-register row.
     #[inline]
@@ -1002,10 +989,14 @@ pub(crate) mod avx2 {
         flags: (bool, *const f32),
     ) {
         match cols {
-            NR => with_rows!(rows, tile, [2, false], g, a, b, NR, kc, c, NR, flags),
-            8 => with_rows!(rows, tile, [1, false], g, a, b, NR, kc, c, 8, flags),
-            1..8 => with_rows!(rows, tile, [1, true], g, a, b, NR, kc, c, cols, flags),
-            _ => with_rows!(rows, tile, [2, true], g, a, b, NR, kc, c, cols, flags),
+            NR => with_rows!(rows, [1, 2, 3, 4, 5] or MR:
+                tile::<R, 2, false>(g, a, b, NR, kc, c, NR, flags)),
+            8 => with_rows!(rows, [1, 2, 3, 4, 5] or MR:
+                tile::<R, 1, false>(g, a, b, NR, kc, c, 8, flags)),
+            1..8 => with_rows!(rows, [1, 2, 3, 4, 5] or MR:
+                tile::<R, 1, true>(g, a, b, NR, kc, c, cols, flags)),
+            _ => with_rows!(rows, [1, 2, 3, 4, 5] or MR:
+                tile::<R, 2, true>(g, a, b, NR, kc, c, cols, flags)),
         }
     }
 
@@ -1169,26 +1160,11 @@ pub(crate) mod avx2 {
 #[cfg(x86_simd)]
 pub(crate) mod avx512 {
     use super::{Gemm, NR};
+    use crate::ops::with_rows;
     use std::arch::x86_64::*;
 
     /// Rows per tile.
     const MR: usize = 8;
-
-    /// Calls `$tile::<R, ..>` with `R = $rows` (1..=MR).
-    macro_rules! with_rows {
-        ($rows:expr, $tile:ident, [$($c:tt)*], $($arg:expr),*) => {
-            match $rows {
-                1 => $tile::<1, $($c)*>($($arg),*),
-                2 => $tile::<2, $($c)*>($($arg),*),
-                3 => $tile::<3, $($c)*>($($arg),*),
-                4 => $tile::<4, $($c)*>($($arg),*),
-                5 => $tile::<5, $($c)*>($($arg),*),
-                6 => $tile::<6, $($c)*>($($arg),*),
-                7 => $tile::<7, $($c)*>($($arg),*),
-                _ => $tile::<MR, $($c)*>($($arg),*),
-            }
-        };
-    }
 
     /// One step of the K loop: `acc[r] += a[r][kk] · b[kk]`.
     #[inline(always)]
@@ -1304,12 +1280,16 @@ pub(crate) mod avx512 {
         ) {
             use super::avx2::tile as ymm;
             match cols {
-                NR => with_rows!(rows, tile, [false], g, a, b, NR, kc, c, NR, flags),
+                NR => with_rows!(rows, [1, 2, 3, 4, 5, 6, 7] or MR:
+                    tile::<R, false>(g, a, b, NR, kc, c, NR, flags)),
                 // A tail of up to 8 columns on ymm registers: half the cost of a masked zmm
                 // FMA on CPUs that split 512-bit FMAs in two (AMD Zen 4).
-                8 => with_rows!(rows, ymm, [1, false], g, a, b, NR, kc, c, cols, flags),
-                1..8 => with_rows!(rows, ymm, [1, true], g, a, b, NR, kc, c, cols, flags),
-                _ => with_rows!(rows, tile, [true], g, a, b, NR, kc, c, cols, flags),
+                8 => with_rows!(rows, [1, 2, 3, 4, 5, 6, 7] or MR:
+                    ymm::<R, 1, false>(g, a, b, NR, kc, c, cols, flags)),
+                1..8 => with_rows!(rows, [1, 2, 3, 4, 5, 6, 7] or MR:
+                    ymm::<R, 1, true>(g, a, b, NR, kc, c, cols, flags)),
+                _ => with_rows!(rows, [1, 2, 3, 4, 5, 6, 7] or MR:
+                    tile::<R, true>(g, a, b, NR, kc, c, cols, flags)),
             }
         }
     }
@@ -1403,6 +1383,7 @@ pub(crate) mod avx512 {
 #[cfg(x86_simd)]
 pub(crate) mod avx512bf16 {
     use super::{even_split, Gemm, B, KC, NR};
+    use crate::ops::with_rows;
     use std::arch::x86_64::*;
 
     /// Columns per tile and per converted panel: two zmm registers per row.
@@ -1597,22 +1578,6 @@ pub(crate) mod avx512bf16 {
         }
     }
 
-    /// Calls `tile::<R, W>` with `R = rows` (1..=MB).
-    macro_rules! with_rows {
-        ($rows:expr, $w:literal, $($arg:expr),*) => {
-            match $rows {
-                1 => tile::<1, $w>($($arg),*),
-                2 => tile::<2, $w>($($arg),*),
-                3 => tile::<3, $w>($($arg),*),
-                4 => tile::<4, $w>($($arg),*),
-                5 => tile::<5, $w>($($arg),*),
-                6 => tile::<6, $w>($($arg),*),
-                7 => tile::<7, $w>($($arg),*),
-                _ => tile::<MB, $w>($($arg),*),
-            }
-        };
-    }
-
     /// Runs the product `g` on this thread: per K-block (of even length but the last), `a`
     /// and `b` converted unless they are read in place, then column panels (a panel's K-block,
     /// at most 24 KiB, stays in L1), then row tiles.
@@ -1675,9 +1640,11 @@ pub(crate) mod avx512bf16 {
                     let c = c.add(r0 * g.rs_c + p * NB * g.cs_c);
                     let rows = MB.min(m - r0);
                     if cols > NR {
-                        with_rows!(rows, 2, g, a, kp, b, c, cols, (load_c, bias));
+                        with_rows!(rows, [1, 2, 3, 4, 5, 6, 7] or MB:
+                            tile::<R, 2>(g, a, kp, b, c, cols, (load_c, bias)));
                     } else {
-                        with_rows!(rows, 1, g, a, kp, b, c, cols, (load_c, bias));
+                        with_rows!(rows, [1, 2, 3, 4, 5, 6, 7] or MB:
+                            tile::<R, 1>(g, a, kp, b, c, cols, (load_c, bias)));
                     }
                 }
             }

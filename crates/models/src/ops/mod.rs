@@ -179,6 +179,29 @@ macro_rules! simd_fn {
 }
 pub(crate) use simd_fn;
 
+/// `with_rows!(rows, [1, 2, ..] or MOST: f::<R, c..>(args..))` calls `f::<R, c..>(args..)` with
+/// the const `R = rows`: each row count listed gets its own copy of the register tile `f`, any
+/// other count (the tile's full height) the copy for `MOST`. Shared by the GEMM and attention
+/// tiles of every instruction set.
+#[cfg(x86_simd)]
+macro_rules! with_rows {
+    ($rows:expr, [$($r:literal),*] or $most:tt: $f:ident::<R $(, $c:tt)*>($($arg:expr),*)) => {
+        // The call as one token tree, so that it can repeat once per row count.
+        $crate::ops::with_rows!(@match $rows, [$($r),*], $most, ($f, [$(, $c)*], ($($arg),*)))
+    };
+    (@match $rows:expr, [$($r:literal),*], $most:tt, $call:tt) => {
+        match $rows {
+            $($r => $crate::ops::with_rows!(@call $r, $call),)*
+            _ => $crate::ops::with_rows!(@call $most, $call),
+        }
+    };
+    (@call $r:tt, ($f:ident, [$($c:tt)*], ($($arg:expr),*))) => {
+        $f::<$r $($c)*>($($arg),*)
+    };
+}
+#[cfg(x86_simd)]
+pub(crate) use with_rows;
+
 /// Lanes of the manual reductions: wide enough for one AVX2 register (the compiler does not
 /// reorder float sums by itself).
 pub(crate) const LANES: usize = 8;

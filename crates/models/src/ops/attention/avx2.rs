@@ -12,25 +12,11 @@
 use std::arch::x86_64::*;
 
 use super::NR;
+use crate::ops::with_rows;
 
 /// Most query rows per tile (as the AVX2 GEMM's tiles): 12 accumulators, two key vectors and
 /// a broadcast fill 15 of the 16 ymm registers.
 pub(super) const ROWS: usize = 6;
-
-/// Calls `$f::<R, ..>` with `R = $rows` (1..=[`ROWS`]).
-macro_rules! with_rows {
-    ($rows:expr, $f:ident, [$($c:tt)*], $($arg:expr),*) => {
-        match $rows {
-            1 => $f::<1, $($c)*>($($arg),*),
-            2 => $f::<2, $($c)*>($($arg),*),
-            3 => $f::<3, $($c)*>($($arg),*),
-            4 => $f::<4, $($c)*>($($arg),*),
-            5 => $f::<5, $($c)*>($($arg),*),
-            ROWS => $f::<ROWS, $($c)*>($($arg),*),
-            r => unreachable!("{r} rows in an AVX2 attention tile"),
-        }
-    };
-}
 
 /// `s[r][j] = q[r] · kt[j]` for the `best.len() ≤` [`ROWS`] rows of `q` (`d` values each,
 /// contiguous) and the `kb` keys of a block, packed as `pack_kt` lays them (panels of [`NR`]
@@ -51,11 +37,13 @@ pub(super) unsafe fn scores(
     best: &mut [f32],
 ) {
     let (rows, panels) = (best.len(), kb.div_ceil(NR));
-    assert!(rows > 0 && q.len() >= rows * d && kt.len() >= panels * NR * d);
+    assert!(rows > 0 && rows <= ROWS && q.len() >= rows * d && kt.len() >= panels * NR * d);
     assert!(lds >= panels * NR && s.len() >= (rows - 1) * lds + panels * NR);
     let (q, kt, s) = (q.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
     // SAFETY: the rows, panels and their columns of `s` are in bounds (asserted above).
-    unsafe { with_rows!(rows, score_rows, [], q, d, kt, kb, s, lds, best) }
+    unsafe {
+        with_rows!(rows, [1, 2, 3, 4, 5] or ROWS: score_rows::<R>(q, d, kt, kb, s, lds, best))
+    }
 }
 
 /// [`scores`] of `R` rows.
@@ -149,8 +137,8 @@ pub(super) unsafe fn add_values(
         let args = (s, lds, kb, v, out, dv, cols);
         unsafe {
             match cols > 8 {
-                true => with_rows!(rows, value_group, [2], args),
-                false => with_rows!(rows, value_group, [1], args),
+                true => with_rows!(rows, [1, 2, 3, 4, 5] or ROWS: value_group::<R, 2>(args)),
+                false => with_rows!(rows, [1, 2, 3, 4, 5] or ROWS: value_group::<R, 1>(args)),
             }
         }
     }
