@@ -304,8 +304,9 @@ unsafe fn fused_tiles(
     out.fill(0.0);
     for k0 in (0..m_keys).step_by(bk) {
         let kb = bk.min(m_keys - k0);
-        for r0 in (0..rows).step_by(t.rows) {
-            let tile = r0..(r0 + t.rows).min(rows);
+        // (Whole tiles are all `t.rows` rows: the block was padded to a multiple.)
+        for (r0, n) in super::microkernel::balanced_parts(rows, t.rows) {
+            let tile = r0..r0 + n;
             let mut best = [0f32; MOST_TILE_ROWS];
             let best = &mut best[..tile.len()];
             let acc = &mut out[tile.start * dv..tile.end * dv];

@@ -95,6 +95,16 @@ pub(crate) fn even_split(len: usize, max: usize) -> usize {
     len.div_ceil(len.div_ceil(max).max(1)).max(1)
 }
 
+/// `0..len` in as few parts of at most `max` as it takes, whose sizes differ by at most one:
+/// `(start, size)` of each. The row tiles of a product: 32 rows as 6, 6, 5, 5, 5, 5 rather than
+/// five 6s and a 2, whose 4 accumulators (AVX2) cannot hide the FMA latency.
+#[cfg(x86_simd)]
+pub(crate) fn balanced_parts(len: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    let parts = len.div_ceil(max.max(1));
+    let (size, longer) = (len / parts.max(1), len % parts.max(1));
+    (0..parts).map(move |i| (i * size + i.min(longer), size + usize::from(i < longer)))
+}
+
 /// The `b` operand (`k × n`) of a [`Gemm`]: where column panel `p` starts and how far apart
 /// its rows are.
 #[derive(Clone, Copy, Debug)]
@@ -755,7 +765,7 @@ unsafe fn drive<T: TileKernels>(
         // tile passes over it, and `a` streams from L2 (a tile's rows at a time).
         for p in 0..panels {
             let cols = NR.min(n - p * NR);
-            for r0 in (0..m).step_by(T::MR) {
+            for (r0, rows) in balanced_parts(m, T::MR) {
                 let bias = match (bias.is_null() || k0 > 0, g.bias_per_col) {
                     (true, _) => std::ptr::null(),
                     (false, true) => bias.add(p * NR),
@@ -763,7 +773,7 @@ unsafe fn drive<T: TileKernels>(
                 };
                 T::tile_at(
                     g,
-                    (T::MR.min(m - r0), cols, kc),
+                    (rows, cols, kc),
                     a.add(r0 * g.lda + k0),
                     bk.add(p * panel_stride),
                     c.add(r0 * g.rs_c + p * NR * g.cs_c),
@@ -1756,6 +1766,33 @@ mod tests {
                     assert_eq!(dst[e * ld + j], row[e], "len {len} element {e} row {j}");
                 }
                 assert!(dst[e * ld + 8].is_nan(), "wrote past the eight columns");
+            }
+        }
+    }
+
+    /// The parts cover `0..len` in order, as few as `max` allows, no longer than `max`, and
+    /// within one of each other.
+    #[cfg(x86_simd)]
+    #[test]
+    fn balanced_parts_cover_evenly() {
+        let sizes = |len, max| balanced_parts(len, max).map(|(_, n)| n).collect::<Vec<_>>();
+        assert_eq!(sizes(32, 6), [6, 6, 5, 5, 5, 5]);
+        assert_eq!(sizes(8, 6), [4, 4]);
+        assert_eq!(sizes(0, 6), Vec::<usize>::new());
+        for max in 1..10 {
+            for len in 0..60 {
+                let parts: Vec<_> = balanced_parts(len, max).collect();
+                assert_eq!(parts.len(), len.div_ceil(max), "{len} by {max}");
+                let mut next = 0;
+                for &(start, n) in &parts {
+                    let fits = start == next && (1..=max).contains(&n);
+                    assert!(fits, "{len} by {max}: {parts:?}");
+                    next += n;
+                }
+                assert_eq!(next, len, "{len} by {max}: {parts:?}");
+                let n = || parts.iter().map(|p| p.1);
+                let spread = n().max().unwrap_or(0) - n().min().unwrap_or(0);
+                assert!(spread <= 1, "{len} by {max}: {parts:?}");
             }
         }
     }
