@@ -87,7 +87,11 @@ fn update_rows(
         m_new[i] = m[i].max(b);
         moved[i] = m[i] - m_new[i];
     }
-    let corr = moved.map(exp);
+    // (A fixed-length loop that vectorises; `moved.map(exp)` made a call per element.)
+    let mut corr = [0f32; UPDATE_ROWS];
+    for (c, &x) in corr.iter_mut().zip(&moved) {
+        *c = exp(x);
+    }
     for (i, row) in s.chunks_mut(lds).take(best.len()).enumerate() {
         let sum = exp_shifted_sum(&mut row[..kb], m_new[i]);
         l[i] = l[i] * corr[i] + sum;
