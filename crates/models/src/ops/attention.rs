@@ -1,7 +1,8 @@
 //! Flash-attention style CPU kernel: `softmax(q·kᵀ·scale)·v` over `(B*heads, N, d)` without the
 //! `N × M` score matrix. Each task owns one block of query rows, streams the keys/values in
 //! blocks, and keeps a running max and sum per row (online softmax), so memory is
-//! `O(block_q × (block_k + d))` per thread. The keys are packed (and scaled) once per head; the
+//! `O(block_q × (block_k + d))` per thread. The keys are packed once per head, scaled so that
+//! the scores come out in eighths of an octave (`softmax_exp`, no multiplication before it); the
 //! two block products run on the register tiles of `microkernel` (the `gemm` crate on
 //! CPUs without AVX2), and the exponentials on AVX2 or AVX-512 (with the same bits). The
 //! usual case (f32, no causal mask) runs fused, 6 query rows at a time on AVX2
@@ -15,7 +16,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::microkernel::{pack_kt, pack_rows, Gemm, B, NR};
+use super::microkernel::{pack_kt, pack_rows, softmax_exp, Gemm, B, NR, SOFTMAX_UNIT};
 use super::{exp, f32_input, f32_output, max, output_buffer, simd_fn, with_kept_buffer, SendPtr};
 
 #[cfg(x86_simd)]
@@ -87,11 +88,10 @@ fn update_rows(
         m_new[i] = m[i].max(b);
         moved[i] = m[i] - m_new[i];
     }
-    // (A fixed-length loop that vectorises; `moved.map(exp)` made a call per element.)
-    let mut corr = [0f32; UPDATE_ROWS];
-    for (c, &x) in corr.iter_mut().zip(&moved) {
-        *c = exp(x);
-    }
+    // Through the row kernel: the same bits as `softmax_exp` lane by lane, without a call to
+    // `fmaf` per lane where this code is not compiled for FMA.
+    let mut corr = moved;
+    exp_shifted_sum(&mut corr, 0.0);
     for (i, row) in s.chunks_mut(lds).take(best.len()).enumerate() {
         let sum = exp_shifted_sum(&mut row[..kb], m_new[i]);
         l[i] = l[i] * corr[i] + sum;
@@ -104,7 +104,7 @@ fn update_rows(
     }
 }
 
-/// `row[i] = exp(row[i] − m)`; returns their sum.
+/// `row[i] = softmax_exp(row[i] − m)` (scores in [`SOFTMAX_UNIT`]s); returns their sum.
 fn exp_shifted_sum(row: &mut [f32], m: f32) -> f32 {
     #[cfg(x86_simd)]
     match super::kernels() {
@@ -125,7 +125,7 @@ fn exp_shifted_sum_portable(row: &mut [f32], m: f32) -> f32 {
     let mut chunks = row.chunks_exact_mut(super::LANES);
     for c in &mut chunks {
         for i in 0..super::LANES {
-            c[i] = exp(c[i] - m);
+            c[i] = softmax_exp(c[i] - m);
             sums[i] += c[i];
         }
     }
@@ -133,7 +133,7 @@ fn exp_shifted_sum_portable(row: &mut [f32], m: f32) -> f32 {
         .into_remainder()
         .iter_mut()
         .map(|x| {
-            *x = exp(*x - m);
+            *x = softmax_exp(*x - m);
             *x
         })
         .sum();
@@ -141,8 +141,9 @@ fn exp_shifted_sum_portable(row: &mut [f32], m: f32) -> f32 {
 }
 
 /// Attention of one block of query rows `q` (rows × d) over the `m_keys` keys of one head,
-/// packed as `scale · kᵀ` by [`pack_kt`], with values `v` (M × dv) packed by [`pack_rows`],
-/// written to `out` (rows × dv).
+/// packed as `scale · SOFTMAX_UNIT · kᵀ` by [`pack_kt`] (scores in the units of
+/// [`softmax_exp`]), with values `v` (M × dv) packed by [`pack_rows`], written to `out`
+/// (rows × dv).
 /// `causal`: the index of the block's first row in its head, whose row `i` sees keys `0..=i`.
 /// `bf16`: bf16 inputs, whose two products are bf16 ones ([`Gemm::bf16`]; the probabilities
 /// are rounded to bf16 for the second, as PyTorch's bf16 attention rounds them).
@@ -332,11 +333,11 @@ unsafe fn fused_tiles(
     }
 }
 
-/// The scores of one key block for the online softmax: `s = q · (scale · k_block)ᵀ` for
-/// `rows` query rows (`kt`: the packed keys from the block's first, `k0`; rows of `s` `lds`
-/// apart), and with `causal` (the index of the first row) the keys after each row's own
-/// position set to −∞. Every row sees key 0 in the first block, so no row's running maximum
-/// stays −∞.
+/// The scores of one key block for the online softmax: `s = q · k_blockᵀ` (the keys packed
+/// scaled, so in [`SOFTMAX_UNIT`]s) for `rows` query rows (`kt`: the packed keys from the
+/// block's first, `k0`; rows of `s` `lds` apart), and with `causal` (the index of the first
+/// row) the keys after each row's own position set to −∞. Every row sees key 0 in the first
+/// block, so no row's running maximum stays −∞.
 fn block_scores(
     q: &[f32],
     kt: &[f32],
@@ -492,7 +493,7 @@ impl CustomOp3 for FlashAttention {
                 let (kt, vp) = kv.split_at_mut(b * h * per_head);
                 pack_heads(kt, per_head, |i, kt| {
                     let at = i / h * m * ck + i % h * d;
-                    pack_kt(&k[at..], (m, d, ck), scale, kt)
+                    pack_kt(&k[at..], (m, d, ck), scale * SOFTMAX_UNIT, kt)
                 });
                 pack_heads(vp, v_per_head, |i, vp| {
                     let at = i / h * m * cv + i % h * dv;
@@ -777,7 +778,7 @@ fn row_logsumexp(
     lse: &mut [f32],
 ) {
     let mut kt = vec![0f32; m.div_ceil(NR) * NR * d];
-    pack_kt(k, (m, d, d), scale, &mut kt);
+    pack_kt(k, (m, d, d), scale * SOFTMAX_UNIT, &mut kt);
     let bk = BLOCK_K.min(m.next_multiple_of(NR));
     let lds = bk + NR;
     let mut s = vec![0f32; BLOCK_Q * lds];
@@ -794,7 +795,8 @@ fn row_logsumexp(
             softmax_step(&mut s[..rows * lds], lds, kb, &mut mx, &mut l, &mut [], 0);
         }
         for (i, (mx, l)) in mx.iter().zip(&l).enumerate() {
-            lse[r0 + i] = mx + l.ln();
+            // (The maxima are in SOFTMAX_UNITs.)
+            lse[r0 + i] = mx / SOFTMAX_UNIT + l.ln();
         }
     }
 }
@@ -974,7 +976,7 @@ simd_fn! {
             for (c, &x) in qi.iter().enumerate() {
                 axpy(p, x, &kt[c * m..c * m + keys]);
             }
-            p.iter_mut().for_each(|s| *s *= scale);
+            p.iter_mut().for_each(|s| *s *= scale * SOFTMAX_UNIT);
             let top = max(p);
             let total = exp_shifted_sum(p, top);
             let inv = 1.0 / total;
@@ -1016,16 +1018,16 @@ pub(crate) fn causal_mask(n: usize, m: usize, device: &candle_core::Device) -> R
 mod tests {
     use super::*;
 
-    /// Both `exp(x − m)` row kernels against f64, over the whole range softmax feeds them
-    /// (down to the flush to zero), with a tail that is not a multiple of 8. Relative error
-    /// 4e-7, growing with |x − m| because the portable range reduction `x·log2e` loses the
-    /// low bits of large arguments (harmless: those probabilities are tiny), and below −87
-    /// both give 0 or e^−87 (1e-37 absolute).
+    /// Every `softmax_exp(x − m)` row kernel against f64, over the whole range softmax feeds
+    /// them (scores in SOFTMAX_UNITs, down past the clamp at −1000), with a tail that is not
+    /// a multiple of 8: relative error 1.2e-7 (`scripts/exp_poly.py` replays 1.12e-7), and
+    /// 2^−125 below the clamp. The vector kernels give the portable one's values bit for bit
+    /// (the same steps: a tail lane or a row on another CPU weighs the same).
     #[test]
     fn exp_shifted_sum_matches_f64() {
-        let xs: Vec<f32> = (0..1003).map(|i| -95.0 + i as f32 * 0.0973).collect();
+        let xs: Vec<f32> = (0..1003).map(|i| -1100.0 + i as f32 * 1.0997).collect();
         let m = 2.5f32;
-        let want: Vec<f64> = xs.iter().map(|&x| (x as f64 - m as f64).exp()).collect();
+        let want: Vec<f64> = xs.iter().map(|&x| ((x - m) as f64 / 8.0).exp2()).collect();
         let want_sum: f64 = want.iter().sum();
         type Kernel = fn(&mut [f32], f32) -> f32;
         #[allow(unused_mut)] // (one kernel without the x86 code)
@@ -1044,20 +1046,29 @@ mod tests {
                 super::super::microkernel::avx512::exp_shifted_sum(r, m)
             }));
         }
+        let mut portable = xs.clone();
+        exp_shifted_sum_portable(&mut portable, m);
         for (name, f) in kernels {
             let mut row = xs.clone();
             let sum = f(&mut row, m);
-            for (x, (&got, &want)) in xs.iter().zip(row.iter().zip(&want)) {
+            for (i, (x, (&got, &want))) in xs.iter().zip(row.iter().zip(&want)).enumerate() {
                 let err = (got as f64 - want).abs();
                 assert!(
-                    err <= 1e-7 * (4.0 + (x - m).abs() as f64) * want + 1e-37,
-                    "{name} exp({x} - {m}): {got} vs {want}"
+                    err <= 1.2e-7 * want + 3e-38,
+                    "{name} softmax_exp({x} - {m}): {got} vs {want}"
                 );
+                assert_eq!(got.to_bits(), portable[i].to_bits(), "{name} at {x}");
             }
             assert!(
                 (sum as f64 - want_sum).abs() <= 1e-6 * want_sum,
                 "{name} sum"
             );
+        }
+        // NaN stays NaN; the table's entries are 2^(j/8) rounded.
+        assert!(softmax_exp(f32::NAN).is_nan());
+        for j in 0..8 {
+            let got = softmax_exp(-(j as f32));
+            assert_eq!(got, (-(j as f64) / 8.0).exp2() as f32, "2^(-{j}/8)");
         }
     }
 

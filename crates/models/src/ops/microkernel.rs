@@ -830,55 +830,81 @@ unsafe fn store_row_scalar(
     }
 }
 
-// The vector `exp` of the softmax rows (`avx2::exp_shifted_sum`, `avx512::exp_shifted_sum`),
-// both instruction sets' steps written once in `exp_steps!` so that they give the same bits:
-// arguments `x − m ≤ 0` (`m` the row's maximum, or more) clamped to `EXP_MIN` from below (no
-// clamp above: none exceeds 0), `e^x = 2^t` with `t = x·log2e` rounded once, `t = n + f` (`n`
-// the nearest integer, `f` exact), and `2^f ≈ 1 + f·p(f)` on |f| ≤ ½ with `p` of degree 4,
-// highest coefficient first (a fit of the relative error, `scripts/exp_poly.py`). Rounding `t`
-// costs a relative error of about |x|·6e-8 (5e-6 at −87) on values that small; the absolute
-// error stays under 1.3e-7 (an ulp of 1), which is what the softmax's sums and weights see.
-// Against `x = n·ln2 + f` with `ln2` in two parts (two FMAs, 1.6e-7 relative everywhere) the
-// reduction is three additions and a multiplication: the FMA units, the kernel's bottleneck,
-// do two fewer operations per vector.
-#[cfg(x86_simd)]
-const EXP_MIN: f32 = -87.0;
-#[cfg(x86_simd)]
-#[allow(clippy::approx_constant)] // (the fit's last coefficient is near ln2, not ln2)
-const EXP_POLY: [f32; 5] = [
-    0.001_326_472_3,
-    0.009_671_513,
-    0.055_507_336,
-    0.240_222_42,
-    0.693_147,
-];
-/// `1.5·2²³ + 127`: `t` plus this, rounded to an integer by the addition itself, holds
-/// `n + 127` in its low mantissa bits, which shifted into the exponent field are `2ⁿ`.
-#[cfg(x86_simd)]
-const EXP_SHIFT: f32 = 12_583_039.0;
+// The softmax's exponential (`softmax_exp`, and the vector rows of `avx2::exp_shifted_sum`
+// and `avx512::exp_shifted_sum`, whose steps `exp_steps!` writes once for both instruction
+// sets, so that all three give the same bits). The attention packs its keys times
+// `scale · SOFTMAX_UNIT`, so the scores arrive in eighths of an octave and `e^s = 2^(t/8)`
+// needs no multiplication first. `t ≤ 0` (a score minus its row's maximum, or more) is
+// clamped to `EXP_MIN` from below (no clamp above: none exceeds 0) and rounded to the nearest
+// integer `n` by adding `EXP_SHIFT`, which leaves `n` in the low mantissa bits; `t = n + g`
+// with `g` exact, and `2^(t/8) = 2^⌊n/8⌋ · 2^((n mod 8)/8) · 2^(g/8)`: the middle factor from
+// `EXP_TABLE` (one permute of a register, indexed by those low bits), the power of two added
+// to its exponent field, and `2^(g/8) ≈ 1 + g·q(g)` on |g| ≤ ½ with `q` of degree 2, highest
+// coefficient first (a fit of the relative error, `scripts/exp_poly.py`, which also replays
+// the f32 steps: relative error under 1.2e-7 over [−1000, 0]). Against `e^x` from natural
+// units (a multiplication by log2e and a degree-4 polynomial on the FMA units, the kernel's
+// bottleneck) this is four FMA-unit operations per vector instead of seven.
 
-/// `exp(x)` of one register for `x ≤ 0` (e^−87 for any `x` below −87; see [`EXP_POLY`]),
-/// from the instruction set's intrinsics (`set1`, `max`, `fmadd`, `add`, `sub`, `mul`, the
-/// casts between float and integer lanes, the shift left by 23 of integer lanes).
+/// How many [`softmax_exp`] units make one natural unit: `8·log2e`, eighths of an octave.
+pub(crate) const SOFTMAX_UNIT: f32 = 8.0 * std::f32::consts::LOG2_E;
+/// Smallest argument: `2^(−1000/8) = 2^−125`, still a normal number.
+const EXP_MIN: f32 = -1000.0;
+const EXP_POLY: [f32; 3] = [0.000_108_391_054, 0.003_754_025_3, 0.086_643_405];
+/// `2^(j/8)` rounded to f32, `j = 0..8`.
+const EXP_TABLE: [f32; 8] = [
+    1.0,
+    1.090_507_7,
+    1.189_207_1,
+    1.296_839_6,
+    std::f32::consts::SQRT_2,
+    1.542_210_8,
+    1.681_792_9,
+    1.834_008_1,
+];
+/// `1.5·2²³`: `t` plus this, rounded to an integer by the addition itself, holds `n` (two's
+/// complement) in its low mantissa bits.
+const EXP_SHIFT: f32 = 12_582_912.0;
+/// The exponent field of `2^⌊n/8⌋` from the bits of `t + EXP_SHIFT`: `n·2²⁰` with its low 23
+/// bits cleared (the shifter's high bits shift out).
+const EXP_POWER_MASK: u32 = 0xFF80_0000;
+
+/// `2^(t/8)` for `t ≤ 0` (`2^−125` below −1000; NaN stays NaN): the softmax's exponential of
+/// scores in [`SOFTMAX_UNIT`]s, the vector kernels' steps one lane at a time (the same bits).
+#[inline(always)]
+pub(crate) fn softmax_exp(t: f32) -> f32 {
+    // (Not `max`, which turns NaN into the bound.)
+    let t = if t < EXP_MIN { EXP_MIN } else { t };
+    let r = t + EXP_SHIFT;
+    let bits = r.to_bits();
+    let power = (bits << 20) & EXP_POWER_MASK;
+    let scaled = f32::from_bits(EXP_TABLE[(bits & 7) as usize].to_bits().wrapping_add(power));
+    let g = t - (r - EXP_SHIFT);
+    let q = EXP_POLY[0].mul_add(g, EXP_POLY[1]).mul_add(g, EXP_POLY[2]);
+    (scaled * g).mul_add(q, scaled)
+}
+
+/// [`softmax_exp`] of one register, from the instruction set's intrinsics (`set1`, `max`,
+/// `fmadd`, `add`, `sub`, `mul`, the casts between float and integer lanes, and those of
+/// integer lanes: `set1`, the shift left by 20, `and`, `add`) and `lookup`, [`EXP_TABLE`]'s
+/// values at the low three bits of each lane.
 #[cfg(x86_simd)]
 macro_rules! exp_steps {
-    ($x:expr, $set1:ident, $max:ident, $fmadd:ident, $add:ident, $sub:ident, $mul:ident,
-     $to_int:ident, $to_float:ident, $shl23:expr) => {{
-        use super::{EXP_MIN, EXP_POLY, EXP_SHIFT};
-        // `max` returns its second operand when either is NaN: `x` second, so that a NaN
+    ($t:expr, $set1:ident, $max:ident, $fmadd:ident, $add:ident, $sub:ident, $mul:ident,
+     $to_int:ident, $to_float:ident,
+     $set1_int:ident, $shl20:expr, $and:ident, $add_int:ident, $lookup:expr) => {{
+        use super::{EXP_MIN, EXP_POLY, EXP_POWER_MASK, EXP_SHIFT};
+        // `max` returns its second operand when either is NaN: `t` second, so that a NaN
         // stays NaN (first, it became a finite weight for a NaN score).
-        let x = $max($set1(EXP_MIN), $x);
-        let t = $mul(x, $set1(std::f32::consts::LOG2_E));
+        let t = $max($set1(EXP_MIN), $t);
         let r = $add(t, $set1(EXP_SHIFT));
-        // (`n + 127` is 1..=127 for the clamped range; the bits above it shift out.)
-        let two_n = $to_float($shl23($to_int(r)));
-        let f = $sub(t, $sub(r, $set1(EXP_SHIFT)));
-        let mut p = $set1(EXP_POLY[0]);
-        for c in &EXP_POLY[1..] {
-            p = $fmadd(p, f, $set1(*c));
-        }
-        // 2ⁿ·2^f = 2ⁿ + (f·2ⁿ)·p(f)
-        $fmadd($mul(f, two_n), p, two_n)
+        let bits = $to_int(r);
+        let power = $and($shl20(bits), $set1_int(EXP_POWER_MASK as i32));
+        let scaled = $to_float($add_int($to_int($lookup(bits)), power));
+        let g = $sub(t, $sub(r, $set1(EXP_SHIFT)));
+        let q = $fmadd($set1(EXP_POLY[0]), g, $set1(EXP_POLY[1]));
+        let q = $fmadd(q, g, $set1(EXP_POLY[2]));
+        // 2^(t/8) = s + (s·g)·q(g), s = 2^(n/8)
+        $fmadd($mul(scaled, g), q, scaled)
     }};
 }
 
@@ -1044,12 +1070,14 @@ pub(crate) mod avx2 {
         super::drive::<Avx2>(g, a, b, c, bias)
     }
 
-    /// `exp(x)` of 8 lanes for `x ≤ 0`, within 1.3e-7 (e^−87 below −87; [`exp_steps`]).
+    /// [`super::softmax_exp`] of 8 lanes ([`exp_steps`]).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn exp_ps(x: __m256) -> __m256 {
+    fn exp_ps(t: __m256) -> __m256 {
+        // SAFETY: EXP_TABLE holds 8 values.
+        let table = unsafe { _mm256_loadu_ps(super::EXP_TABLE.as_ptr()) };
         exp_steps!(
-            x,
+            t,
             _mm256_set1_ps,
             _mm256_max_ps,
             _mm256_fmadd_ps,
@@ -1058,7 +1086,11 @@ pub(crate) mod avx2 {
             _mm256_mul_ps,
             _mm256_castps_si256,
             _mm256_castsi256_ps,
-            _mm256_slli_epi32::<23>
+            _mm256_set1_epi32,
+            _mm256_slli_epi32::<20>,
+            _mm256_and_si256,
+            _mm256_add_epi32,
+            |bits| _mm256_permutevar8x32_ps(table, bits)
         )
     }
 
@@ -1123,7 +1155,8 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// `row[i] = exp(row[i] − m)` for `m` at least every `row[i]`; returns their sum. Two
+    /// `row[i] = softmax_exp(row[i] − m)` for `m` at least every `row[i]` (scores in
+    /// [`super::SOFTMAX_UNIT`]s); returns their sum. Two
     /// running sums, of the first and of the second 8 values of each 16 (the AVX-512 kernel's
     /// two halves of one register); a last 8 go to the first, fewer to the scalar tail.
     ///
@@ -1154,7 +1187,7 @@ pub(crate) mod avx2 {
         let tail: f32 = tail
             .iter_mut()
             .map(|x| {
-                *x = crate::ops::exp(*x - m);
+                *x = super::softmax_exp(*x - m);
                 *x
             })
             .sum();
@@ -1319,12 +1352,24 @@ pub(crate) mod avx512 {
         super::drive::<Avx512>(g, a, b, c, bias)
     }
 
-    /// `exp(x)` of 16 lanes: the AVX2 `exp_ps`'s steps ([`exp_steps`]), on zmm registers.
+    /// [`super::softmax_exp`] of 16 lanes: the AVX2 `exp_ps`'s steps ([`exp_steps`]).
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    fn exp_ps(x: __m512) -> __m512 {
+    fn exp_ps(t: __m512) -> __m512 {
+        // The permute reads the low four bits: the table twice.
+        const TABLE: [f32; 16] = {
+            let mut table = [0f32; 16];
+            let mut i = 0;
+            while i < 16 {
+                table[i] = super::EXP_TABLE[i % 8];
+                i += 1;
+            }
+            table
+        };
+        // SAFETY: TABLE holds 16 values.
+        let table = unsafe { _mm512_loadu_ps(TABLE.as_ptr()) };
         exp_steps!(
-            x,
+            t,
             _mm512_set1_ps,
             _mm512_max_ps,
             _mm512_fmadd_ps,
@@ -1333,7 +1378,11 @@ pub(crate) mod avx512 {
             _mm512_mul_ps,
             _mm512_castps_si512,
             _mm512_castsi512_ps,
-            _mm512_slli_epi32::<23>
+            _mm512_set1_epi32,
+            _mm512_slli_epi32::<20>,
+            _mm512_and_si512,
+            _mm512_add_epi32,
+            |bits| _mm512_permutexvar_ps(bits, table)
         )
     }
 
@@ -1344,7 +1393,7 @@ pub(crate) mod avx512 {
         _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
     }
 
-    /// `row[i] = exp(row[i] − m)` for `m` at least every `row[i]`; returns their sum: the
+    /// `row[i] = softmax_exp(row[i] − m)` for `m` at least every `row[i]`; returns their sum: the
     /// AVX2 kernel's values and sum, bit for bit, at twice the width. One running sum of 16
     /// lanes, whose halves are the AVX2 kernel's two; a last 8 take a masked vector added to
     /// the first half, fewer the scalar tail.
@@ -1376,7 +1425,7 @@ pub(crate) mod avx512 {
         let tail: f32 = tail
             .iter_mut()
             .map(|x| {
-                *x = crate::ops::exp(*x - m);
+                *x = super::softmax_exp(*x - m);
                 *x
             })
             .sum();
