@@ -1156,9 +1156,9 @@ pub(crate) mod avx2 {
     }
 
     /// `row[i] = softmax_exp(row[i] − m)` for `m` at least every `row[i]` (scores in
-    /// [`super::SOFTMAX_UNIT`]s); returns their sum. Two
-    /// running sums, of the first and of the second 8 values of each 16 (the AVX-512 kernel's
-    /// two halves of one register); a last 8 go to the first, fewer to the scalar tail.
+    /// [`super::SOFTMAX_UNIT`]s); returns their sum. Two running sums, of the first and of the
+    /// second 8 values of each 16 (the AVX-512 kernel's two halves of one register); a last 8
+    /// go to the first, fewer to the scalar tail.
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA (checked by the caller).
