@@ -14,6 +14,30 @@ use std::arch::x86_64::*;
 use super::NR;
 use crate::ops::with_rows;
 
+/// `unrolled!(len, k => body)` runs `body` for `k` in `0..len`, in order, four to a loop turn:
+/// the K loops of the tiles, so that the loop's own instructions (and the rows' address
+/// arithmetic) do not crowd a step's FMAs out of the CPU's issue width, as in the GEMM tiles.
+/// (A macro, not a closure: a closure is a function of its own, not compiled for AVX2 unless
+/// inlined, and its intrinsics then turn into calls.)
+macro_rules! unrolled {
+    ($len:expr, $k:ident => $body:block) => {{
+        let len = $len;
+        let mut k0 = 0;
+        while k0 + 4 <= len {
+            for u in 0..4 {
+                let $k = k0 + u;
+                $body
+            }
+            k0 += 4;
+        }
+        while k0 < len {
+            let $k = k0;
+            $body
+            k0 += 1;
+        }
+    }};
+}
+
 /// Most query rows per tile (as the AVX2 GEMM's tiles): 12 accumulators, two key vectors and
 /// a broadcast fill 15 of the 16 ymm registers.
 pub(super) const ROWS: usize = 6;
@@ -66,7 +90,7 @@ unsafe fn score_rows<const R: usize>(
         // SAFETY (all): panel `p` of `kt` and its columns of `s` are in bounds.
         let (kt, s) = unsafe { (kt.add(p * NR * d), s.add(p * NR)) };
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for k in 0..d {
+        unrolled!(d, k => {
             let b = unsafe {
                 [
                     _mm256_loadu_ps(kt.add(k * NR)),
@@ -78,7 +102,7 @@ unsafe fn score_rows<const R: usize>(
                 acc[0] = _mm256_fmadd_ps(a, b[0], acc[0]);
                 acc[1] = _mm256_fmadd_ps(a, b[1], acc[1]);
             }
-        }
+        });
         let valid = kb - p * NR;
         for h in 0..2 {
             // The lanes of keys in the block (all but in a last part panel).
@@ -155,7 +179,7 @@ unsafe fn value_group<const R: usize, const V: usize>(
     (s, lds, kb, v, out, ldo, cols): (*const f32, usize, usize, *const f32, *mut f32, usize, usize),
 ) {
     let mut acc = [[_mm256_setzero_ps(); V]; R];
-    for k in 0..kb {
+    unrolled!(kb, k => {
         let mut b = [_mm256_setzero_ps(); V];
         for (j, b) in b.iter_mut().enumerate() {
             // Whole registers: the panel's columns past `dv` are zeros.
@@ -167,7 +191,7 @@ unsafe fn value_group<const R: usize, const V: usize>(
                 *acc = _mm256_fmadd_ps(a, b, *acc);
             }
         }
-    }
+    });
     for (r, acc) in acc.iter().enumerate() {
         for (j, &acc) in acc.iter().enumerate() {
             let dst = unsafe { out.add(r * ldo + 8 * j) };
