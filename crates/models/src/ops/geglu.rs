@@ -6,17 +6,23 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{exp, f32_input, f32_output, output_buffer, simd_fn};
+use super::{exp_fused, f32_input, f32_output, madd, output_buffer, simd_fn};
 
-/// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7 in exact arithmetic).
+/// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7 in exact arithmetic), its polynomials
+/// in fused multiply-adds: for `simd_fn!` bodies, compiled for FMA.
 #[inline(always)]
 pub(crate) fn erf(x: f32) -> f32 {
+    const A: [f32; 5] = [
+        1.061_405_4,
+        -1.453_152,
+        1.421_413_7,
+        -0.284_496_74,
+        0.254_829_6,
+    ];
     let ax = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * ax);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
-    (1.0 - poly * exp(-ax * ax)).copysign(x)
+    let t = 1.0 / madd::<true>(0.327_591_1, ax, 1.0);
+    let poly = t * A[1..].iter().fold(A[0], |p, &c| madd::<true>(p, t, c));
+    madd::<true>(-poly, exp_fused(-ax * ax), 1.0).copysign(x)
 }
 
 /// The exact (erf) GELU, torch's default.
