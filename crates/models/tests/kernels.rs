@@ -5,6 +5,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarMap;
 use diffuse_core::testing::to_vec_f64;
+use diffuse_core::Generator;
 use diffuse_models::activations::Activation;
 use diffuse_models::attention::{
     causal_attention, causal_attention_reference, scaled_dot_product_attention,
@@ -79,21 +80,33 @@ fn comparison_sees_nan_anywhere() -> Result<()> {
     check_close("equal", &want, &want, 0.0)
 }
 
+thread_local! {
+    // One generator per test (each test runs on its own thread), seeded the same every run:
+    // the inputs, and so the results, repeat from run to run (candle's CPU `randn` cannot be
+    // seeded; with it the large-score attention case below failed in about 1 run of 20).
+    static GENERATOR: std::cell::RefCell<Generator> =
+        std::cell::RefCell::new(Generator::manual_seed(20));
+}
+
 fn randn(shape: &[usize], std: f32) -> Result<Tensor> {
-    Ok(Tensor::randn(0f32, std, shape, &Device::Cpu)?)
+    let x = GENERATOR.with(|g| g.borrow_mut().randn(shape, &Device::Cpu))?;
+    Ok((x * std as f64)?)
 }
 
 #[test]
 fn attention_matches_reference_f32() -> Result<()> {
-    // (batch·heads, query tokens, key tokens, head dim, value dim, score magnitude): blocks
-    // with remainders, cross-attention over 77 tokens, one query, one key, large scores
-    // (online-softmax rescaling), value width ≠ key width.
-    for &(bh, n, m, d, dv, std) in &[
-        (3, 130, 130, 40, 40, 1.0),
-        (2, 300, 77, 64, 64, 1.0),
-        (4, 1, 517, 80, 80, 1.0),
-        (2, 65, 1, 8, 8, 1.0),
-        (2, 200, 600, 16, 24, 6.0),
+    // (batch·heads, query tokens, key tokens, head dim, value dim, score magnitude,
+    // tolerance): blocks with remainders, cross-attention over 77 tokens, one query, one key,
+    // large scores (online-softmax rescaling), value width ≠ key width. The large scores
+    // (about 36 standard deviations, the largest of a row over 100) are each rounded to about
+    // 1e-5 in f32, by the kernel and by the reference alike, which moves their weights by as
+    // much: 3e-5 there (measured: up to 1.4e-5 over 80 unseeded runs).
+    for &(bh, n, m, d, dv, std, tol) in &[
+        (3, 130, 130, 40, 40, 1.0, 1e-5),
+        (2, 300, 77, 64, 64, 1.0, 1e-5),
+        (4, 1, 517, 80, 80, 1.0, 1e-5),
+        (2, 65, 1, 8, 8, 1.0, 1e-5),
+        (2, 200, 600, 16, 24, 6.0, 3e-5),
     ] {
         let (q, k, v) = (
             randn(&[bh, n, d], std)?,
@@ -107,7 +120,7 @@ fn attention_matches_reference_f32() -> Result<()> {
             &format!("attention {bh}x{n}x{m}x{d}x{dv}"),
             &got,
             &want,
-            1e-5,
+            tol,
         )?;
     }
     Ok(())
