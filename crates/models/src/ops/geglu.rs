@@ -6,7 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{exp_fused, f32_input, f32_output, madd, output_buffer, simd_fn};
+use super::{exp_fused, f32_input, f32_output, output_buffer, simd_fn};
 
 /// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7 in exact arithmetic), its polynomials
 /// in fused multiply-adds: for `simd_fn!` bodies, compiled for FMA.
@@ -20,9 +20,9 @@ pub(crate) fn erf(x: f32) -> f32 {
         0.254_829_6,
     ];
     let ax = x.abs();
-    let t = 1.0 / madd::<true>(0.327_591_1, ax, 1.0);
-    let poly = t * A[1..].iter().fold(A[0], |p, &c| madd::<true>(p, t, c));
-    madd::<true>(-poly, exp_fused(-ax * ax), 1.0).copysign(x)
+    let t = 1.0 / 0.327_591_1f32.mul_add(ax, 1.0);
+    let poly = t * A[1..].iter().fold(A[0], |p, &c| p.mul_add(t, c));
+    (-poly).mul_add(exp_fused(-ax * ax), 1.0).copysign(x)
 }
 
 /// The exact (erf) GELU, torch's default.

@@ -202,6 +202,34 @@ macro_rules! with_rows {
 #[cfg(x86_simd)]
 pub(crate) use with_rows;
 
+#[cfg(x86_simd)]
+/// `unrolled!(len, k => body)` runs `body` for `k` in `0..len`, in order, four to a loop turn:
+/// the K loops of the GEMM and attention tiles, so that the loop's own instructions (and the
+/// rows' address arithmetic) do not crowd a step's FMAs out of the CPU's issue width
+/// (measured ~73 → ~80–85 GFLOP/s on one core for the GEMM tile). A macro, not a closure: a
+/// closure is a function of its own, not compiled for AVX2 unless inlined, and its
+/// intrinsics then turn into calls.
+macro_rules! unrolled {
+    ($len:expr, $k:ident => $body:block) => {{
+        let len = $len;
+        let mut k0 = 0;
+        while k0 + 4 <= len {
+            for u in 0..4 {
+                let $k = k0 + u;
+                $body
+            }
+            k0 += 4;
+        }
+        while k0 < len {
+            let $k = k0;
+            $body
+            k0 += 1;
+        }
+    }};
+}
+#[cfg(x86_simd)]
+pub(crate) use unrolled;
+
 /// Lanes of the manual reductions: wide enough for one AVX2 register (the compiler does not
 /// reorder float sums by itself).
 pub(crate) const LANES: usize = 8;
@@ -224,7 +252,7 @@ pub(crate) fn exp_fused(x: f32) -> f32 {
 
 /// `a·b + c`, in one rounding when `FUSED`.
 #[inline(always)]
-pub(crate) fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FUSED {
         a.mul_add(b, c)
     } else {

@@ -12,31 +12,7 @@
 use std::arch::x86_64::*;
 
 use super::NR;
-use crate::ops::with_rows;
-
-/// `unrolled!(len, k => body)` runs `body` for `k` in `0..len`, in order, four to a loop turn:
-/// the K loops of the tiles, so that the loop's own instructions (and the rows' address
-/// arithmetic) do not crowd a step's FMAs out of the CPU's issue width, as in the GEMM tiles.
-/// (A macro, not a closure: a closure is a function of its own, not compiled for AVX2 unless
-/// inlined, and its intrinsics then turn into calls.)
-macro_rules! unrolled {
-    ($len:expr, $k:ident => $body:block) => {{
-        let len = $len;
-        let mut k0 = 0;
-        while k0 + 4 <= len {
-            for u in 0..4 {
-                let $k = k0 + u;
-                $body
-            }
-            k0 += 4;
-        }
-        while k0 < len {
-            let $k = k0;
-            $body
-            k0 += 1;
-        }
-    }};
-}
+use crate::ops::{unrolled, with_rows};
 
 /// Most query rows per tile (as the AVX2 GEMM's tiles): 12 accumulators, two key vectors and
 /// a broadcast fill 15 of the 16 ymm registers.
