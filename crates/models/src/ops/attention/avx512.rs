@@ -13,6 +13,7 @@ use std::arch::x86_64::*;
 
 use super::avx2::add_row as add_row8;
 use super::NR;
+use crate::ops::unrolled;
 
 /// Query rows per tile.
 pub(super) const ROWS: usize = 8;
@@ -75,7 +76,7 @@ unsafe fn score_panels<const P: usize>(
     best: &mut [__m512; ROWS],
 ) {
     let mut acc = [[_mm512_setzero_ps(); P]; ROWS];
-    for k in 0..d {
+    unrolled!(d, k => {
         let mut b = [_mm512_setzero_ps(); P];
         for (j, b) in b.iter_mut().enumerate() {
             *b = unsafe { _mm512_loadu_ps(kt.add(j * NR * d + k * NR)) };
@@ -86,7 +87,7 @@ unsafe fn score_panels<const P: usize>(
                 *acc = _mm512_fmadd_ps(a, b, *acc);
             }
         }
-    }
+    });
     for j in 0..P {
         let cols = valid.saturating_sub(j * NR).min(NR);
         let mask = column_mask(cols);
@@ -178,7 +179,7 @@ unsafe fn value_group<const Z: usize, const Y: bool>(
 ) {
     let mut acc = [[_mm512_setzero_ps(); Z]; ROWS];
     let mut tail = [_mm256_setzero_ps(); ROWS];
-    for k in 0..kb {
+    unrolled!(kb, k => {
         let mut b = [_mm512_setzero_ps(); Z];
         for (z, b) in b.iter_mut().enumerate() {
             *b = unsafe { _mm512_loadu_ps(v.add(z * panel_stride + k * NR)) };
@@ -197,7 +198,7 @@ unsafe fn value_group<const Z: usize, const Y: bool>(
                 tail[r] = _mm256_fmadd_ps(_mm256_set1_ps(p), bt, tail[r]);
             }
         }
-    }
+    });
     for r in 0..ROWS {
         let row = unsafe { out.add(r * ldo) };
         for (z, &acc) in acc[r].iter().enumerate() {
