@@ -22,7 +22,8 @@ fn convolutions_give_an_image_the_same_values_in_any_batch() {
     let dev = Device::Cpu;
     let mut g = Generator::manual_seed(1);
     // Maps of 1 (im2col), 4 (im2col; Winograd by the batch's 12 tiles before), 16 (Winograd
-    // with kernels transformed whole; per block with many channels) and 256 tiles (Winograd
+    // with kernels transformed whole; per block with many channels, by wider tasks in a
+    // batch of 80 tiles) and 256 tiles (Winograd
     // with cached kernels), 3×3 stride 1 and 2, and 1×1; batches of 3, and of 9 (an image per
     // task on two cores, as this test runs them on any machine).
     let two_cores = rayon::ThreadPoolBuilder::new()
@@ -35,6 +36,7 @@ fn convolutions_give_an_image_the_same_values_in_any_batch() {
         (16, 8, 9),
         (16, 16, 3),
         (130, 16, 3),
+        (130, 16, 5),
         (8, 64, 3),
         (8, 16, 9),
     ] {

@@ -495,8 +495,8 @@ fn random_conv_strided(
 fn conv_matches_candle() -> Result<()> {
     // 3×3 maps large enough for cached-kernel Winograd (partial edge tiles, one channel,
     // channel counts off the 8-lane and 16-column multiples, twice through the cache), small
-    // maps (per-call kernel transform, more input channels than one block, none at all; down
-    // to SD's 8×8 level, 4 tiles per image), tiny ones (im2col + GEMM), stride 2 (even and odd sizes; im2col + GEMM when frozen, candle's path
+    // maps (per-call kernel transform, more input channels than one block, none at all, wide
+    // tasks; down to SD's 8×8 level, 4 tiles per image), tiny ones (im2col + GEMM), stride 2 (even and odd sizes; im2col + GEMM when frozen, candle's path
     // when trainable), 1×1 convolutions.
     for &(n, cin, cout, h, w, k, frozen, stride) in &[
         (2, 8, 12, 63, 61, 3, true, 1),
@@ -508,6 +508,9 @@ fn conv_matches_candle() -> Result<()> {
         (1, 130, 131, 12, 11, 3, true, 1),
         (2, 130, 131, 8, 7, 3, true, 1),
         (1, 400, 41, 8, 8, 3, true, 1),
+        // Enough tiles (70) for four panels of output channels per task: two blocks of input
+        // channels, a last task of three channels.
+        (2, 400, 131, 20, 28, 3, true, 1),
         (1, 130, 131, 4, 4, 3, true, 1),
         (2, 0, 5, 9, 9, 3, true, 1),
         (1, 0, 3, 48, 48, 3, true, 1),

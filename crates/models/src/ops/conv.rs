@@ -226,6 +226,16 @@ fn transform_2d<F: Transform1d<O>, T: Num, const O: usize>(tile: &[[T; A]; A]) -
 /// 24.5–28.4 ms, 2 × 1280 at 16×16 25.9–27.2 against 26.9–29.1 ms, and the Winograd-small
 /// layers of a UNet step 942 and 928 against 977 and 970 ms.
 const SMALL_CIN_BLOCK: usize = 384;
+/// Panels of [`NR`] output channels per task of `convolve_small` from [`WIDE_MIN_TILES`]
+/// tiles in the batch on. Each task streams every transformed tile once per block; at SD's
+/// 32×32 level those (12 MiB at 2 × 640 channels) outgrow the L3 and came from memory once
+/// per 16 output channels. Four panels read them a quarter as often: 2 × 640 at 32×32 took
+/// 66.2–67.6 against 72.8–74.7 ms on two threads (1 thread, 4 alternating pairs: median
+/// ratio 0.859). With fewer tiles the four panels' kernels (3.5 MiB) outgrow the L2 instead:
+/// 2 × 1280 at 8×8 (8 tiles) took 1.08× as long, at 16×16 (32 tiles) about the same.
+const WIDE_PANELS: usize = 4;
+/// See [`WIDE_PANELS`].
+const WIDE_MIN_TILES: usize = 64;
 /// `G·g` for kernel column `c` of eight output channels (lanes from column `at` of `taps`).
 #[inline(always)]
 fn kernel_col(taps: &[[f32; NR]; 9], c: usize, at: usize) -> [Lanes; A] {
@@ -631,9 +641,9 @@ fn convolve_tiles(
 
 /// Winograd convolution of a small map (few tiles, e.g. SD's 32×32, 16×16 and 8×8 levels), with
 /// no cached kernels: the input tiles of the whole batch are transformed once, then each task
-/// takes [`NR`] output channels and, per block of [`SMALL_CIN_BLOCK`] input channels,
-/// transforms their kernels (36 panels, in L2) and adds the block's 36 GEMMs
-/// `(tiles × block)·(block × NR)`, then runs the output transform. Caching the transformed
+/// takes [`NR`] output channels ([`WIDE_PANELS`] times that on many tiles) and, per block of
+/// [`SMALL_CIN_BLOCK`] input channels, transforms their kernels (36 panels each) and adds the
+/// block's 36 GEMMs `(tiles × block)·(block × channels)`, then runs the output transform. Caching the transformed
 /// kernels of these 1,280-channel layers would take gigabytes, and writing a whole panel's
 /// transform out to memory before its GEMMs cost more than the GEMMs at 8×8.
 fn convolve_small(
@@ -671,18 +681,21 @@ fn convolve_small(
             };
             transform_inputs(x, v, grid, cin, part, (cin, ts));
         });
-    (0..cout.div_ceil(NR)).into_par_iter().for_each(|panel| {
-        let o0 = panel * NR;
+    let panels = match nt >= WIDE_MIN_TILES {
+        true => WIDE_PANELS,
+        false => 1,
+    };
+    let width = panels * NR;
+    (0..cout.div_ceil(width)).into_par_iter().for_each(|task| {
+        let o0 = task * width;
+        let cols = width.min(cout - o0);
         let mut scratch = SCRATCH.take();
         // Equal blocks: no thin last one paying a whole pass over the products.
         let block = even_split(cin, SMALL_CIN_BLOCK);
-        scratch.resize(
-            scratch.len().max(kernel_panels(block) + POINTS * NR * nt),
-            0.0,
-        );
+        let panels_len = panels * kernel_panels(block);
+        scratch.resize(scratch.len().max(panels_len + POINTS * width * nt), 0.0);
         // A bf16 weight as stored: this task's output channels widened (one contiguous run
         // of the weight), not all of it for every call.
-        let cols = NR.min(cout - o0);
         let widened: Vec<f32>;
         let (wk, wk_cout, wk_o0) = match w {
             GemmWeight::F32(w) => (&w[..], cout, o0),
@@ -696,21 +709,28 @@ fn convolve_small(
                 (&widened[..], cols, 0)
             }
         };
-        let (u, m) = scratch.split_at_mut(kernel_panels(block));
+        let (u, m) = scratch.split_at_mut(panels_len);
         if cin == 0 {
             // No GEMM writes the products: the output is the bias alone.
             m.fill(0.0);
         }
         for c0 in (0..cin).step_by(block) {
             let nb = block.min(cin - c0);
-            transform_kernel_panel(wk, wk_cout, cin, wk_o0, c0, nb, flipped, u);
+            let panel_stride = kernel_panels(nb);
+            for (q, u) in u
+                .chunks_exact_mut(panel_stride)
+                .take(cols.div_ceil(NR))
+                .enumerate()
+            {
+                transform_kernel_panel(wk, wk_cout, cin, wk_o0 + q * NR, c0, nb, flipped, u);
+            }
             let g = Gemm {
                 m: nt,
-                n: NR,
+                n: cols,
                 k: nb,
                 lda: ts,
-                b: B::packed(nb),
-                rs_c: NR,
+                b: B::Packed { panel_stride },
+                rs_c: width,
                 cs_c: 1,
                 accumulate: c0 > 0,
                 bias_per_col: false,
@@ -719,14 +739,13 @@ fn convolve_small(
             for p in 0..POINTS {
                 g.run(
                     &v[p * cin + c0..],
-                    &u[p * point_stride(nb)..][..NR * nb],
-                    &mut m[p * nt * NR..][..nt * NR],
+                    &u[p * point_stride(nb)..],
+                    &mut m[p * nt * width..][..nt * width],
                     None,
                 );
             }
         }
-        let couts = o0..(o0 + NR).min(cout);
-        transform_outputs(m, NR, couts, out, bias, grid, chunk, true);
+        transform_outputs(m, width, o0..o0 + cols, out, bias, grid, chunk, true);
         SCRATCH.set(scratch);
     });
     TILES_SCRATCH.set(v);
