@@ -29,7 +29,9 @@ use super::microkernel::{
     even_split, gemm_parallel, gemm_parallel_bf16, pack_kt, pack_pairs, transpose, transpose_rows8,
     BfA, BfB, BfOut, Gemm, B, NR,
 };
-use super::{f32_input, f32_output, kernel_dtype, output_buffer, simd_fn, SendPtr, LANES};
+use super::{
+    f32_input, f32_output, kernel_dtype, output_buffer, prefetch, simd_fn, SendPtr, LANES,
+};
 
 /// Output tile side, input tile side (m + r − 1) and transformed points per tile.
 const M: usize = 4;
@@ -548,7 +550,7 @@ struct Chunk {
 }
 
 simd_fn! {
-    /// Inverse transform of the products `[point][tile][ld]` of a chunk of tiles for output
+    /// Inverse transform of the products `[tile][point][ld]` of a chunk of tiles for output
     /// channels `couts` (column `c − couts.start` of each row), plus the bias, into the
     /// `(N, Cout, H, W)` output (`Cout` = `bias.len()`). `unscaled`: the products are of
     /// kernels transformed by `G'` alone, each point still to be scaled ([`kernel_1d`]).
@@ -557,23 +559,46 @@ simd_fn! {
         let Chunk { t0, nt } = chunk;
         let cout = bias.len();
         let plane = grid.h * grid.w;
-        // Tiles outer: a tile's products of consecutive channels are consecutive, so each
-        // point's row is read in order (channels outer read half a cache line per point and
+        // Tiles outer: a tile's products are one run of memory (its points' rows one after
+        // the other), read in order (channels outer read half a cache line per point and
         // tile, in chunks of the cached-kernel path too big for L2: 4.4 MiB at 320 channels,
-        // and took 11.75% of a 2 × 320 × 64² convolution by perf, nearly all waiting on loads).
+        // and took 11.75% of a 2 × 320 × 64² convolution by perf, nearly all waiting on
+        // loads). The next tile's lines are asked for while this one is transformed: its 36
+        // rows are more streams than the hardware prefetcher follows.
         for t in 0..nt {
             let (n, y0, x0) = grid.locate(t0 + t);
             for c0 in couts.clone().step_by(LANES) {
                 let lanes = LANES.min(couts.end - c0);
                 let mut tile = [[Lanes::ZERO; A]; A];
+                let line_start = (c0 - couts.start).is_multiple_of(2 * LANES);
                 for (p, val) in tile.iter_mut().flatten().enumerate() {
-                    let at = (p * nt + t) * ld + c0 - couts.start;
+                    let at = (t * POINTS + p) * ld + c0 - couts.start;
+                    if line_start {
+                        prefetch(m.as_ptr().wrapping_add(at + POINTS * ld));
+                    }
                     copy_lanes(&mut val.0, &m[at..], lanes);
                     if unscaled {
                         *val = *val * point_scale(p);
                     }
                 }
                 let y = transform_2d::<OutputTransform, _, M>(&tile);
+                if lanes == LANES && y0 + M <= grid.h && x0 + M <= grid.w {
+                    // A whole tile: each channel's row of M pixels in one store (element by
+                    // element, the stores and lane extracts took most of this function).
+                    let mut b = Lanes::ZERO;
+                    b.0.copy_from_slice(&bias[c0..c0 + LANES]);
+                    for (r, row) in y.iter().enumerate() {
+                        let row = row.map(|v| v + b);
+                        for l in 0..LANES {
+                            let px: [f32; M] = std::array::from_fn(|k| row[k].0[l]);
+                            let at = (n * cout + c0 + l) * plane + (y0 + r) * grid.w + x0;
+                            // SAFETY: in bounds (a whole tile inside the image); these tiles
+                            // and channels belong to this task alone.
+                            unsafe { std::ptr::copy_nonoverlapping(px.as_ptr(), out.get().add(at), M) };
+                        }
+                    }
+                    continue;
+                }
                 for (l, &b) in bias[c0..c0 + lanes].iter().enumerate() {
                     let base = (n * cout + c0 + l) * plane;
                     for (r, row) in y.iter().enumerate().take(grid.h - y0) {
@@ -621,7 +646,7 @@ fn convolve_tiles(
         b: B::Packed {
             panel_stride: kernel_panels(cin),
         },
-        rs_c: cout,
+        rs_c: POINTS * cout,
         cs_c: 1,
         accumulate: false,
         bias_per_col: false,
@@ -631,7 +656,7 @@ fn convolve_tiles(
         g.run(
             &v[p * cin * nt..][..cin * nt],
             &u[p * point_stride(cin)..],
-            &mut m[p * cout * nt..][..cout * nt],
+            &mut m[p * cout..],
             None,
         );
     }
@@ -730,7 +755,7 @@ fn convolve_small(
                 k: nb,
                 lda: ts,
                 b: B::Packed { panel_stride },
-                rs_c: width,
+                rs_c: POINTS * width,
                 cs_c: 1,
                 accumulate: c0 > 0,
                 bias_per_col: false,
@@ -740,7 +765,7 @@ fn convolve_small(
                 g.run(
                     &v[p * cin + c0..],
                     &u[p * point_stride(nb)..],
-                    &mut m[p * nt * width..][..nt * width],
+                    &mut m[p * width..],
                     None,
                 );
             }

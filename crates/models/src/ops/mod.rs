@@ -230,6 +230,20 @@ macro_rules! unrolled {
 #[cfg(x86_simd)]
 pub(crate) use unrolled;
 
+/// Asks for the cache line at `p` ahead of its use (a hint: any address, nothing happens off
+/// x86).
+#[inline(always)]
+pub(crate) fn prefetch(p: *const f32) {
+    #[cfg(x86_simd)]
+    // SAFETY: a prefetch reads nothing architecturally and never faults, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+    }
+    #[cfg(not(x86_simd))]
+    let _ = p;
+}
+
 /// Lanes of the manual reductions: wide enough for one AVX2 register (the compiler does not
 /// reorder float sums by itself).
 pub(crate) const LANES: usize = 8;
