@@ -496,8 +496,9 @@ fn conv_matches_candle() -> Result<()> {
     // 3×3 maps large enough for cached-kernel Winograd (partial edge tiles, one channel,
     // channel counts off the 8-lane and 16-column multiples, twice through the cache), small
     // maps (per-call kernel transform, more input channels than one block, none at all, wide
-    // tasks; down to SD's 8×8 level, 4 tiles per image), tiny ones (im2col + GEMM), stride 2 (even and odd sizes; im2col + GEMM when frozen, candle's path
-    // when trainable), 1×1 convolutions.
+    // tasks; down to SD's 8×8 level, 4 tiles per image), tiny ones (im2col + GEMM), stride 2
+    // (even and odd sizes; im2col + GEMM when frozen, candle's path when trainable), 1×1
+    // convolutions.
     for &(n, cin, cout, h, w, k, frozen, stride) in &[
         (2, 8, 12, 63, 61, 3, true, 1),
         (2, 19, 36, 65, 64, 3, true, 1),

@@ -592,9 +592,10 @@ simd_fn! {
                         for l in 0..LANES {
                             let px: [f32; M] = std::array::from_fn(|k| row[k].0[l]);
                             let at = (n * cout + c0 + l) * plane + (y0 + r) * grid.w + x0;
+                            let dst = out.get().wrapping_add(at);
                             // SAFETY: in bounds (a whole tile inside the image); these tiles
                             // and channels belong to this task alone.
-                            unsafe { std::ptr::copy_nonoverlapping(px.as_ptr(), out.get().add(at), M) };
+                            unsafe { std::ptr::copy_nonoverlapping(px.as_ptr(), dst, M) };
                         }
                     }
                     continue;
@@ -668,9 +669,10 @@ fn convolve_tiles(
 /// no cached kernels: the input tiles of the whole batch are transformed once, then each task
 /// takes [`NR`] output channels ([`WIDE_PANELS`] times that on many tiles) and, per block of
 /// [`SMALL_CIN_BLOCK`] input channels, transforms their kernels (36 panels each) and adds the
-/// block's 36 GEMMs `(tiles × block)·(block × channels)`, then runs the output transform. Caching the transformed
-/// kernels of these 1,280-channel layers would take gigabytes, and writing a whole panel's
-/// transform out to memory before its GEMMs cost more than the GEMMs at 8×8.
+/// block's 36 GEMMs `(tiles × block)·(block × channels)`, then runs the output transform.
+/// Caching the transformed kernels of these 1,280-channel layers would take gigabytes, and
+/// writing a whole panel's transform out to memory before its GEMMs cost more than the GEMMs
+/// at 8×8.
 fn convolve_small(
     x: &[f32],
     w: &GemmWeight<'_>,
