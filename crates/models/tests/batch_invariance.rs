@@ -23,9 +23,9 @@ fn convolutions_give_an_image_the_same_values_in_any_batch() {
     let mut g = Generator::manual_seed(1);
     // Maps of 1 (im2col), 4 (im2col; Winograd by the batch's 12 tiles before), 16 (Winograd
     // with kernels transformed whole; per block with many channels, by wider tasks in a
-    // batch of 80 tiles) and 256 tiles (Winograd
-    // with cached kernels), 3×3 stride 1 and 2, and 1×1; batches of 3, and of 9 (an image per
-    // task on two cores, as this test runs them on any machine).
+    // batch of 80 tiles) and 256 tiles (Winograd with cached kernels), 3×3 stride 1 and 2,
+    // and 1×1; batches of 3, and of 9 (an image per task on two cores, as this test runs them
+    // on any machine).
     let two_cores = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()

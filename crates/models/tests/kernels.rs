@@ -673,14 +673,16 @@ fn linear_and_attention_under_bf16_autocast_stay_near_f32() -> Result<()> {
 /// Convolutions whose gradients the tests check, `(kernel, stride, n, cin, cout, h)`:
 /// Winograd with its own backward (partial edge tiles, one input channel, more inputs than
 /// outputs; a map of over 256 tiles, whose kernels are transformed whole; a small map with
-/// many channels, whose kernels are transformed per block), a tiny map (im2col + GEMM, the same
-/// backward), stride 2 (odd and even sizes; im2col + GEMM and its adjoint), 1×1.
-const CONV_GRADIENT_CASES: [(usize, usize, usize, usize, usize, usize); 10] = [
+/// many channels, whose kernels are transformed per block, by tasks of four panels on 84
+/// tiles), a tiny map (im2col + GEMM, the same backward), stride 2 (odd and even sizes; im2col
+/// + GEMM and its adjoint), 1×1.
+const CONV_GRADIENT_CASES: [(usize, usize, usize, usize, usize, usize); 11] = [
     (3, 1, 1, 3, 17, 64),
     (3, 1, 2, 3, 5, 48),
     (3, 1, 3, 1, 4, 37),
     (3, 1, 2, 9, 2, 30),
     (3, 1, 1, 400, 390, 12),
+    (3, 1, 2, 130, 131, 24),
     (3, 1, 2, 3, 5, 6),
     (3, 2, 2, 6, 5, 11),
     (3, 2, 1, 3, 4, 8),
