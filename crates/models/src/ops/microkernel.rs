@@ -1754,7 +1754,7 @@ mod tests {
             rel: f64,
             what: &str,
         ) {
-            self.assert_close(g, c, &self.product(g, ops), rel, what);
+            Self::assert_close(g, c, &self.product(g, ops), rel, what);
         }
 
         /// `g`'s product of these operands (each passed through `op_a`, `op_b` first) in f64,
@@ -1790,7 +1790,7 @@ mod tests {
 
         /// Asserts that `c` holds `want` ([`Self::product`]) to within `1e-5·√(k+1)` plus `rel`
         /// of its size.
-        fn assert_close(&self, g: &Gemm, c: &[f32], want: &[f64], rel: f64, what: &str) {
+        fn assert_close(g: &Gemm, c: &[f32], want: &[f64], rel: f64, what: &str) {
             let (m, n, k) = (g.m, g.n, g.k);
             for i in 0..m {
                 for j in 0..n {
@@ -1971,7 +1971,7 @@ mod tests {
                                 by_isa.push(c.clone());
                             }
                             let what = format!("packed {packed} transposed {transposed} accumulate {accumulate} {how}");
-                            ops.assert_close(&g, &c, &want, 0.0, &what);
+                            Operands::assert_close(&g, &c, &want, 0.0, &what);
                         }
                         if let [avx2, avx512] = &by_isa[..] {
                             let same = avx2
