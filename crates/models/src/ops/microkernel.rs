@@ -1587,9 +1587,15 @@ pub(crate) mod avx512bf16 {
         let mut acc = [[_mm512_setzero_ps(); W]; R];
         for pair in 0..kp / 2 {
             let bv: [__m512bh; W] = std::array::from_fn(|w| {
-                bf16x32(_mm512_loadu_si512(
-                    b.add(pair * 2 * NB + w * 2 * NR) as *const _
-                ))
+                #[allow(unused_mut)]
+                let mut v = _mm512_loadu_si512(b.add(pair * 2 * NB + w * 2 * NR) as *const _);
+                // Bochs 3.0 reads `vdpbf16ps`'s memory operand from the wrong address when its
+                // displacement is compressed (disp8·64), the form a load used once (one-row
+                // tiles) is folded into: under emulation `v` stays in a register. SAFETY: the
+                // template is empty: no instruction, no memory access.
+                #[cfg(feature = "avx512-emulation")]
+                std::arch::asm!("/* {0} */", inout(zmm_reg) v, options(pure, nomem, nostack));
+                bf16x32(v)
             });
             for (acc, &row) in acc.iter_mut().zip(&rows) {
                 let two = (row.add(2 * pair) as *const i32).read_unaligned();
