@@ -1750,19 +1750,6 @@ mod tests {
             }
         }
 
-        /// Asserts that `c` holds `g`'s product of these operands (each passed through `op_a`,
-        /// `op_b` first), computed in f64, to within `1e-5·√(k+1)` plus `rel` of its size.
-        fn assert_product(
-            &self,
-            g: &Gemm,
-            c: &[f32],
-            ops: (impl Fn(f32) -> f32, impl Fn(f32) -> f32),
-            rel: f64,
-            what: &str,
-        ) {
-            Self::assert_close(g, c, &self.product(g, ops), rel, what);
-        }
-
         /// `g`'s product of these operands (each passed through `op_a`, `op_b` first) in f64,
         /// bias and accumulated `c` included: element `(i, j)` at `i · n + j`.
         fn product(
@@ -2043,6 +2030,10 @@ mod tests {
                 };
                 let b = if packed { &b_packed } else { &b_rows };
                 let op = |x: f32| if rounds { round(x) } else { x };
+                // The f64 products, once per case: `a` as given, and `a` rounded to bf16 (where
+                // it is passed in bf16, the expectation rounds it whatever the CPU).
+                let want = ops.product(&g, (op, op));
+                let want_a_rounded = ops.product(&g, (round, op));
                 // The operands as the layers hold them: `a` in bf16 (read in place), `b` packed
                 // into pairs once (where the CPU has bf16 dot products), a bf16 output.
                 let a_bf16: Vec<half::bf16> = a.iter().map(|&x| half::bf16::from_f32(x)).collect();
@@ -2051,8 +2042,6 @@ mod tests {
                 let bf16_out = !transposed && !accumulate;
                 for how in ["one thread", "parallel", "in place", "bf16 output"] {
                     let mut c = c0.clone();
-                    // Where `a` is given in bf16, the expectation rounds it whatever the CPU.
-                    let a_rounded = matches!(how, "in place" | "bf16 output");
                     let b_src = pairs.as_ref().map_or(BfB::F32(b), BfB::Pairs);
                     match how {
                         "one thread" => g.run(a, b, &mut c, Some(bias)),
@@ -2069,7 +2058,6 @@ mod tests {
                             c = out.iter().map(|x| x.to_f32()).collect();
                         }
                     }
-                    let op_a = |x: f32| if a_rounded { round(x) } else { op(x) };
                     // A bf16 output is rounded once more (2⁻⁹ relative at most).
                     let rel = if how == "bf16 output" {
                         1.0 / 256.0
@@ -2079,7 +2067,11 @@ mod tests {
                     let what = format!(
                         "packed {packed} transposed {transposed} accumulate {accumulate} {how}"
                     );
-                    ops.assert_product(&g, &c, (op_a, op), rel, &what);
+                    let want = match how {
+                        "in place" | "bf16 output" => &want_a_rounded,
+                        _ => &want,
+                    };
+                    Operands::assert_close(&g, &c, want, rel, &what);
                 }
             }
         }
