@@ -5,8 +5,8 @@
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use diffuse_pipelines::{
-    load_controlnet, load_pipeline, ControlNetRequest, ControlNetUnit, LoadOptions, Pipeline,
-    SdxlOptions, Text2ImageRequest,
+    load_controlnet, load_pipeline, ControlNetRequest, ControlNetUnit, Pipeline, SdxlOptions,
+    Text2ImageRequest,
 };
 
 use crate::harness::{trace_tensors, Case, Produced};
@@ -33,10 +33,7 @@ fn nth_f64(v: &serde_json::Value, i: usize, default: f64) -> Result<f64> {
 }
 
 pub fn run(case: &Case) -> Result<Produced> {
-    let opts = LoadOptions {
-        scheduler: case.opt_str("scheduler"),
-        ..Default::default()
-    };
+    let opts = case.load_options()?;
     let folders = list(&case.json["controlnet"]);
     let images = list(&case.args["control_image"]);
     if folders.is_empty() || folders.len() != images.len() {

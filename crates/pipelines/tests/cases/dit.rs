@@ -1,7 +1,7 @@
 //! `DiTPipeline` cases: class-conditional generation.
 
 use anyhow::{bail, Context, Result};
-use diffuse_pipelines::{load_pipeline, ClassToImageRequest, LoadOptions, Pipeline};
+use diffuse_pipelines::{load_pipeline, ClassToImageRequest, Pipeline};
 
 use crate::harness::{trace_tensors, Case, Produced};
 
@@ -18,10 +18,7 @@ pub fn run(case: &Case) -> Result<Produced> {
     if case.task != "class2img" {
         bail!("task {} is not handled by the DiT runner", case.task);
     }
-    let opts = LoadOptions {
-        scheduler: case.opt_str("scheduler"),
-        ..Default::default()
-    };
+    let opts = case.load_options()?;
     let Pipeline::DiT(pipe) = load_pipeline(&case.pipeline_path()?, &opts)? else {
         bail!("expected a DiT pipeline");
     };

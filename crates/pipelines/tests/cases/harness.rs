@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use diffuse_core::testing::{assert_close, load_tensors, max_abs_diff, read_json, to_vec_f64};
-use diffuse_pipelines::Trace;
+use diffuse_core::testing::{
+    assert_close, load_tensors, max_abs_diff, read_json, test_device, to_vec_f64,
+};
+use diffuse_pipelines::{LoadOptions, Trace};
 
 /// Every tensor a runner computed, by the case's names (`image`, `denoiser_input`, ...).
 pub type Produced = HashMap<String, Tensor>;
@@ -60,6 +62,17 @@ impl Case {
                 .as_str()
                 .context("case.json: `pipeline` missing")?,
         ))
+    }
+
+    /// How every runner loads the case's models: on the test device (`DIFFUSE_DEVICE`, so a
+    /// CUDA build checks the pipelines on a GPU), in f32, with the case's `scheduler` swapped
+    /// in when it names one.
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
+            device: test_device()?,
+            scheduler: self.opt_str("scheduler"),
+            ..Default::default()
+        })
     }
 
     /// An optional top-level path entry (`config`, `controlnet`).

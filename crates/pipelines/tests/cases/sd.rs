@@ -44,11 +44,10 @@ fn options(case: &Case) -> Result<LoadOptions> {
         }
     }
     Ok(LoadOptions {
-        scheduler: case.opt_str("scheduler"),
         textual_inversions,
         loras,
         config: case.opt_path("config"),
-        ..Default::default()
+        ..case.load_options()?
     })
 }
 

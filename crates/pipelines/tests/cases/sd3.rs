@@ -1,7 +1,7 @@
 //! `StableDiffusion3Pipeline` cases: text-to-image with two CLIP encoders and T5.
 
 use anyhow::{bail, Context, Result};
-use diffuse_pipelines::{load_pipeline, FlowText2ImageRequest, LoadOptions, Pipeline};
+use diffuse_pipelines::{load_pipeline, FlowText2ImageRequest, Pipeline};
 
 use crate::harness::{trace_tensors, Case, Produced};
 
@@ -42,11 +42,10 @@ pub fn load(case: &Case) -> Result<Pipeline> {
             case.class
         );
     }
-    let opts = LoadOptions {
-        scheduler: case.opt_str("scheduler"),
-        ..Default::default()
-    };
-    Ok(load_pipeline(&case.pipeline_path()?, &opts)?)
+    Ok(load_pipeline(
+        &case.pipeline_path()?,
+        &case.load_options()?,
+    )?)
 }
 
 pub fn run(case: &Case) -> Result<Produced> {

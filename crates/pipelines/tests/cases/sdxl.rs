@@ -2,18 +2,15 @@
 
 use anyhow::{bail, Context, Result};
 use diffuse_pipelines::{
-    load_pipeline, GenerationParams, Img2ImgRequest, InpaintRequest, LoadOptions, Pipeline,
-    SdxlOptions, StableDiffusionXLPipeline, Text2ImageRequest,
+    load_pipeline, GenerationParams, Img2ImgRequest, InpaintRequest, Pipeline, SdxlOptions,
+    StableDiffusionXLPipeline, Text2ImageRequest,
 };
 
 use crate::harness::{trace_tensors, Case, Produced};
 
 pub fn load(case: &Case) -> Result<StableDiffusionXLPipeline> {
     let dir = case.pipeline_path()?;
-    let opts = LoadOptions {
-        scheduler: case.opt_str("scheduler"),
-        ..Default::default()
-    };
+    let opts = case.load_options()?;
     match load_pipeline(&dir, &opts)? {
         Pipeline::StableDiffusionXL(p) => Ok(*p),
         other => bail!("expected an SDXL pipeline, got {}", other.class_name()),
