@@ -2,9 +2,10 @@
 # Prepares bench/gpu-run.sh's one run on a GPU machine, here (no GPU needed): the CUDA build of
 # diffuse and of the GPU test binaries (scripts/build-cuda.sh with CUDA_TESTS=1), packed with xz
 # into .gpu-bin/, and the wheels PyTorch's baseline needs there (diffusers and what the GPU
-# image lacks) into .whl/. Both folders are for the device tool's `carry`; keep them out of git
-# (`printf '/.gpu-bin/\n/.whl/\n' >> .git/info/exclude`). The rest of the working tree must fit
-# the tool's 64 MiB too: bench/gpu-sparse.txt says how.
+# image lacks) into .whl/, and the pipeline cases split into fixtures roots of at most 46 MiB
+# (.gpu-cases/N, bench/gpu-cases.py). All three are git-ignored, for the device tool's `carry`;
+# what each call carries, and the sparse checkout that keeps the rest of the working tree under
+# the tool's 64 MiB, are in bench/gpu-run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CUDA_TESTS=1 scripts/build-cuda.sh
@@ -18,4 +19,6 @@ done < target-cuda/test-binaries
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
     diffusers==0.42.1 importlib_metadata==10.2.0
+# The room a cases call has: 64 MiB less the sparse tree (about 6 MiB) and cases.xz (about 9).
+bench/gpu-cases.py --budget-mib 46
 ls -la .gpu-bin .whl

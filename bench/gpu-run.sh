@@ -9,7 +9,15 @@
 #    UNet step, whole SD 1.5 (512², 20 steps) and SDXL (1024², 20 steps) images, each line with
 #    its peak GPU memory. SKIP_TESTS / SKIP_BENCH leave a part out; ONLY picks bench lines;
 #    PROFILE (line names) adds a per-layer profile of those lines; VARIANTS and VARIANT_LINES
-#    run lines again under other settings (see below).
+#    run lines again under other settings (see below);
+# 3. with CASES=.gpu-cases/N (then also SKIP_TESTS=1 SKIP_BENCH=1), the whole-pipeline parity
+#    cases of that root on cuda:0, in f32 at each case's tolerance (CASES_DEVICE=cpu rehearses
+#    the call on a machine without a GPU).
+# The device tool's calls (one working tree of at most 64 MiB each; sparse checkouts drop the
+# fixtures a call does not read, `git sparse-checkout disable` after):
+#   tests and bench: sparse bench/gpu-sparse.txt; carry .gpu-bin/diffuse-cuda.xz,
+#     .gpu-bin/cuda_kernels.xz, .gpu-bin/model_fixtures.xz and .whl
+#   each cases root: sparse bench/gpu-sparse-cases.txt; carry .gpu-bin/cases.xz and .gpu-cases/N
 set -uo pipefail
 . "$(dirname "$0")/gpu-env.sh"
 export DIFFUSE_TORCH_PYTHON=python3 DIFFUSE_FIXTURES=$PWD/fixtures
@@ -25,6 +33,13 @@ fi
     --runs "${RUNS:-10}" --warmup 2 --compare-torch --pipeline --large \
     --only "${ONLY:-op,unet sd15,unet sdxl,vae sd15 decode,clip,pipeline}" \
     --json "$out/bench-cuda.json" 2>&1 | tee "$out/bench-cuda.log"
+if [ -n "${CASES:-}" ] && unpack cases; then
+    log=$out/test-cases-$(basename "$CASES").log
+    DIFFUSE_DEVICE=${CASES_DEVICE:-cuda:0} DIFFUSE_FIXTURES="$PWD/$CASES" timeout 300 /tmp/cases \
+        --nocapture > "$log" 2>&1
+    echo "cases $CASES: exit $?"
+    grep -E ": ok \(|cases (passed|failed)|^  [a-z0-9_]+: |test result" "$log" | cut -c1-400 | tail -40
+fi
 # The lines in $VARIANT_LINES again under each setting of $VARIANTS, in the same run: e.g.
 # "DIFFUSE_CUDA_CONV=cudnn DIFFUSE_CUDA_ATTENTION=materialized" (candle's cuDNN convolutions;
 # attention through the score matrix).

@@ -6,7 +6,7 @@
 # the CUDA 13 libraries and cuDNN 9 (e.g. those of a PyTorch cu13x install); cuDNN's wheel here
 # is only linked against (its soname, libcudnn.so.9, is what the binary asks for). With
 # CUDA_TESTS=1 it also builds the GPU test binaries (diffuse-models' cuda_kernels and
-# model_fixtures) and lists their paths in target-cuda/test-binaries.
+# model_fixtures, diffuse-pipelines' cases) and lists their paths in target-cuda/test-binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${CUDA_VENV:-$PWD/.cuda-venv}
@@ -31,8 +31,9 @@ export LIBRARY_PATH="$LINK:$CU/lib:${LIBRARY_PATH:-}" RUSTFLAGS="-L $LINK ${RUST
 # load (a multi-GPU cluster that has them: --features cuda,mpi).
 cargo build --release -p diffuse-cli --no-default-features --features cuda --target-dir target-cuda
 if [ -n "${CUDA_TESTS:-}" ]; then
-    cargo test --release -p diffuse-models --features cuda --target-dir target-cuda --no-run \
-        --test cuda_kernels --test model_fixtures --message-format=json \
+    cargo test --release -p diffuse-models -p diffuse-pipelines --features diffuse-models/cuda \
+        --target-dir target-cuda --no-run --test cuda_kernels --test model_fixtures --test cases \
+        --message-format=json \
         | python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
