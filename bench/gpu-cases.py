@@ -4,11 +4,13 @@ call each: all of them together are over 100 MiB, and a call carries at most 64 
 
 Each root, .gpu-cases/<n>/, holds some case folders and every file their case.json names (the
 pipeline folder or single file, a `config` folder, ControlNets, LoRA and embedding files: any
-string in case.json that is a path under the fixtures root), hard-linked, so the harness of
-diffuse-pipelines' `cases` test finds each case complete there (DIFFUSE_FIXTURES=.gpu-cases/<n>);
-a case is never split from what it needs. Prints one line a root: its size and cases.
+string in case.json that is a path under the fixtures root), hard-linked with symbolic links
+resolved, so that diffuse-pipelines' `cases` test finds each case complete there
+(DIFFUSE_FIXTURES=.gpu-cases/<n>); a case is never split from what it needs. The default
+budget is a call's 64 MiB less the sparse working tree (about 6 MiB) and cases.xz (about 9).
+Prints one line a root: its size and cases.
 
-    bench/gpu-cases.py [--budget-mib 44] [--fixtures fixtures] [--out .gpu-cases]
+    bench/gpu-cases.py [--budget-mib 46] [--fixtures fixtures] [--out .gpu-cases]
 """
 import argparse
 import json
@@ -18,17 +20,18 @@ import shutil
 from pathlib import Path
 
 
-def entries(path: Path):
-    """`path` and everything below it, symbolic links not followed."""
-    yield path
-    if path.is_dir() and not path.is_symlink():
-        for parent, dirs, files in os.walk(path):
-            for name in dirs + files:
-                yield Path(parent) / name
+def files(path: Path):
+    """The files of `path` (itself when it is one), through symbolic links: a root holds what a
+    link points at as files of its own, since links may not survive the trip."""
+    if path.is_file():
+        yield path
+    for parent, _, names in os.walk(path, followlinks=True):
+        for name in names:
+            yield Path(parent) / name
 
 
 def size(path: Path) -> int:
-    return sum(p.stat().st_size for p in entries(path) if p.is_file() and not p.is_symlink())
+    return sum(f.stat().st_size for f in files(path))
 
 
 def strings(value):
@@ -49,24 +52,13 @@ def needs(root: Path, case: Path) -> set:
     for s in strings({k: v for k, v in spec.items() if k != "expected"}):
         if s and not os.path.isabs(s) and ".." not in Path(s).parts and (root / s).exists():
             paths.add(Path(s).as_posix())
-    # What symbolic links point at comes too (a model folder that borrows another's
-    # components), and a path inside another one that is already there adds nothing.
-    todo = list(paths)
-    while todo:
-        for e in entries(root / todo.pop()):
-            if e.is_symlink():
-                target = os.path.relpath(os.path.realpath(e), os.path.realpath(root))
-                if target.split(os.sep)[0] == "..":
-                    raise SystemExit(f"{e} points outside {root}")
-                if target not in paths:
-                    paths.add(target)
-                    todo.append(target)
+    # A path inside another one that is already there adds nothing.
     return {p for p in paths if not any(p != q and p.startswith(q + "/") for q in paths)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget-mib", type=float, default=44)
+    ap.add_argument("--budget-mib", type=float, default=46)
     ap.add_argument("--fixtures", default="fixtures")
     ap.add_argument("--out", default=".gpu-cases")
     args = ap.parse_args()
@@ -114,19 +106,13 @@ def main():
     for i, (paths, names) in enumerate(groups):
         dest = out / str(i)
         for p in sorted(paths):
-            for f in entries(root / p):
+            for f in files(root / p):
                 target = dest / f.relative_to(root)
-                if f.is_symlink():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.symlink(os.readlink(f), target)
-                elif f.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        os.link(f, target)
-                    except OSError:
-                        shutil.copy2(f, target)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(f, target)
+                except OSError:
+                    shutil.copy2(f, target)
         mib = sum(sizes[p] for p in paths) / 2**20
         print(f"{dest}: {mib:.1f} MiB, {len(names)} cases: {' '.join(sorted(names))}")
 
