@@ -38,7 +38,8 @@ if [ -n "${CASES:-}" ] && unpack cases; then
     DIFFUSE_DEVICE=${CASES_DEVICE:-cuda:0} DIFFUSE_FIXTURES="$PWD/$CASES" timeout 300 /tmp/cases \
         --nocapture > "$log" 2>&1
     echo "cases $CASES: exit $?"
-    grep -E ": ok \(|cases (passed|failed)|^  [a-z0-9_]+: |test result" "$log" | cut -c1-400 | tail -40
+    grep -E ": ok \(|cases (passed|failed)|^  [a-z][a-z0-9_]*: |test result" "$log" \
+        | cut -c1-400 | tail -40
 fi
 # The lines in $VARIANT_LINES again under each setting of $VARIANTS, in the same run: e.g.
 # "DIFFUSE_CUDA_CONV=cudnn DIFFUSE_CUDA_ATTENTION=materialized" (candle's cuDNN convolutions;
