@@ -11,8 +11,8 @@
 #    PROFILE (line names) adds a per-layer profile of those lines; VARIANTS and VARIANT_LINES
 #    run lines again under other settings (see below);
 # 3. with CASES=.gpu-cases/N (then also SKIP_TESTS=1 SKIP_BENCH=1), the whole-pipeline parity
-#    cases of that root on cuda:0, in f32 at each case's tolerance (CASES_DEVICE=cpu rehearses
-#    the call on a machine without a GPU).
+#    cases of that root on cuda:0: in f32 at each case's tolerance, then in f16 at 16 unit
+#    roundoffs of each tensor's largest value (CASES_DEVICE=cpu rehearses the call here).
 # The device tool's calls (one working tree of at most 64 MiB each; sparse checkouts drop the
 # fixtures a call does not read, `git sparse-checkout disable` after):
 #   tests and bench: sparse bench/gpu-sparse.txt; carry .gpu-bin/diffuse-cuda.xz,
@@ -34,12 +34,14 @@ fi
     --only "${ONLY:-op,unet sd15,unet sdxl,vae sd15 decode,clip,pipeline}" \
     --json "$out/bench-cuda.json" 2>&1 | tee "$out/bench-cuda.log"
 if [ -n "${CASES:-}" ] && unpack cases; then
-    log=$out/test-cases-$(basename "$CASES").log
-    DIFFUSE_DEVICE=${CASES_DEVICE:-cuda:0} DIFFUSE_FIXTURES="$PWD/$CASES" timeout 300 /tmp/cases \
-        --nocapture > "$log" 2>&1
-    echo "cases $CASES: exit $?"
-    grep -E ": ok \(|cases (passed|failed)|^  [a-z][a-z0-9_]*: |test result" "$log" \
-        | cut -c1-400 | tail -40
+    for dtype in f32 f16; do
+        log=$out/test-cases-$(basename "$CASES")-$dtype.log
+        DIFFUSE_DEVICE=${CASES_DEVICE:-cuda:0} DIFFUSE_DTYPE=$dtype DIFFUSE_FIXTURES="$PWD/$CASES" \
+            timeout 300 /tmp/cases --nocapture > "$log" 2>&1
+        echo "cases $CASES in $dtype: exit $?"
+        grep -E ": ok \(|cases (passed|failed)|^  [a-z][a-z0-9_]*: |test result" "$log" \
+            | cut -c1-400 | tail -40
+    done
 fi
 # The lines in $VARIANT_LINES again under each setting of $VARIANTS, in the same run: e.g.
 # "DIFFUSE_CUDA_CONV=cudnn DIFFUSE_CUDA_ATTENTION=materialized" (candle's cuDNN convolutions;

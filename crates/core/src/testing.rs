@@ -29,6 +29,31 @@ pub fn test_device() -> Result<Device> {
     crate::device::parse_device(spec).context("DIFFUSE_DEVICE")
 }
 
+/// The dtype the device-aware pipeline parity tests load their models in: `DIFFUSE_DTYPE`
+/// (`f32`, the default, at each case's own tolerance; `f16` or `bf16`, against the same f32
+/// references at [`reduced_precision_tolerance`]).
+pub fn test_dtype() -> Result<DType> {
+    match std::env::var("DIFFUSE_DTYPE").unwrap_or_default().trim() {
+        "" | "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => bail!("DIFFUSE_DTYPE: {other:?} is not f32, f16 or bf16"),
+    }
+}
+
+/// How far a run in `dtype` may land from an f32 reference, as a fraction of the reference
+/// tensor's largest magnitude: 16 unit roundoffs of the dtype (f16: 2⁻¹¹·16 ≈ 0.78%; bf16:
+/// 2⁻⁸·16 = 6.25%), about three times the worst the CPU shows over the pipeline cases (5 and 6
+/// unit roundoffs). `None` for f32, whose runs keep each fixture's own tolerance.
+pub fn reduced_precision_tolerance(dtype: DType) -> Option<f64> {
+    let unit_roundoff = match dtype {
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+        _ => return None,
+    };
+    Some(16.0 * unit_roundoff)
+}
+
 /// A sub-folder of the fixtures directory; its absence is an error, not a skip.
 pub fn fixture_subdir(name: &str) -> PathBuf {
     let d = fixtures_dir().join(name);

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use diffuse_core::testing::{
-    assert_close, load_tensors, max_abs_diff, read_json, test_device, to_vec_f64,
+    assert_close, load_tensors, max_abs_diff, read_json, reduced_precision_tolerance, test_device,
+    test_dtype, to_vec_f64,
 };
 use diffuse_pipelines::{LoadOptions, Trace};
 
@@ -65,11 +66,12 @@ impl Case {
     }
 
     /// How every runner loads the case's models: on the test device (`DIFFUSE_DEVICE`, so a
-    /// CUDA build checks the pipelines on a GPU), in f32, with the case's `scheduler` swapped
-    /// in when it names one.
+    /// CUDA build checks the pipelines on a GPU), in the test dtype (`DIFFUSE_DTYPE`, f32 by
+    /// default), with the case's `scheduler` swapped in when it names one.
     pub fn load_options(&self) -> Result<LoadOptions> {
         Ok(LoadOptions {
             device: test_device()?,
+            dtype: test_dtype()?,
             scheduler: self.opt_str("scheduler"),
             ..Default::default()
         })
@@ -136,7 +138,8 @@ impl Case {
     }
 
     /// Compares `got` with `expected.safetensors`: every expected tensor must be produced, with
-    /// the recorded shape, within the case's tolerance. Returns one summary line.
+    /// the recorded shape, within the case's tolerance (in f16 or bf16: within
+    /// [`reduced_precision_tolerance`] of the tensor's largest value). Returns one summary line.
     pub fn compare(&self, got: &Produced) -> Result<String> {
         let expected = load_tensors(&self.dir.join("expected.safetensors"))?;
         let shapes = self.json["expected"]
@@ -153,6 +156,7 @@ impl Case {
             self.tolerance("tensor_atol")?,
             self.tolerance("tensor_rtol")?,
         );
+        let reduced = reduced_precision_tolerance(test_dtype()?);
         let mut summary = Vec::new();
         for name in names {
             let want = &expected[name];
@@ -160,10 +164,13 @@ impl Case {
                 .get(name)
                 .with_context(|| format!("the runner produced no `{name}`"))?;
             let ours = ours.to_dtype(want.dtype())?;
-            let (a, r) = if name == "image" {
-                (image_atol, 0.0)
-            } else {
-                (atol, rtol)
+            let (a, r) = match reduced {
+                Some(fraction) => (
+                    fraction * to_vec_f64(want)?.iter().fold(0.0, |m, x| x.abs().max(m)),
+                    0.0,
+                ),
+                None if name == "image" => (image_atol, 0.0),
+                None => (atol, rtol),
             };
             if want.dtype() == DType::I64 || want.dtype() == DType::U32 {
                 let (o, w) = (to_vec_f64(&ours)?, to_vec_f64(want)?);
