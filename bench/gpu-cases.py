@@ -50,7 +50,8 @@ def needs(root: Path, case: Path) -> set:
     spec = json.loads((case / "case.json").read_text())
     paths = {case.relative_to(root).as_posix()}
     for s in strings({k: v for k, v in spec.items() if k != "expected"}):
-        if s and not os.path.isabs(s) and ".." not in Path(s).parts and (root / s).exists():
+        parts = Path(s).parts  # none for "" or "."
+        if parts and not os.path.isabs(s) and ".." not in parts and (root / s).exists():
             paths.add(Path(s).as_posix())
     # A path inside another one that is already there adds nothing.
     return {p for p in paths if not any(p != q and p.startswith(q + "/") for q in paths)}
@@ -72,6 +73,7 @@ def main():
         wanted[case.name] = needs(root, case)
         for p in wanted[case.name]:
             sizes[p] = size(root / p)
+
     def total(paths):
         return sum(sizes[p] for p in paths)
 
@@ -113,8 +115,7 @@ def main():
                     os.link(f, target)
                 except OSError:
                     shutil.copy2(f, target)
-        mib = sum(sizes[p] for p in paths) / 2**20
-        print(f"{dest}: {mib:.1f} MiB, {len(names)} cases: {' '.join(sorted(names))}")
+        print(f"{dest}: {total(paths) / 2**20:.1f} MiB, {len(names)} cases: {' '.join(sorted(names))}")
 
 
 if __name__ == "__main__":
