@@ -164,26 +164,20 @@ impl Case {
                 .get(name)
                 .with_context(|| format!("the runner produced no `{name}`"))?;
             let ours = ours.to_dtype(want.dtype())?;
+            let (o, w) = (to_vec_f64(&ours)?, to_vec_f64(want)?);
             if want.dtype() == DType::I64 || want.dtype() == DType::U32 {
-                let (o, w) = (to_vec_f64(&ours)?, to_vec_f64(want)?);
                 if ours.dims() != want.dims() || o != w {
                     bail!("{name}: {o:?} != expected {w:?}");
                 }
                 continue;
             }
             let (a, r) = match reduced {
-                Some(fraction) => (
-                    fraction * to_vec_f64(want)?.iter().fold(0.0, |m, x| x.abs().max(m)),
-                    0.0,
-                ),
+                Some(fraction) => (fraction * w.iter().fold(0.0, |m, x| x.abs().max(m)), 0.0),
                 None if name == "image" => (image_atol, 0.0),
                 None => (atol, rtol),
             };
             assert_close(name, &ours, want, a, r)?;
-            summary.push(format!(
-                "{name} {:.1e}",
-                max_abs_diff(&to_vec_f64(&ours)?, &to_vec_f64(want)?)
-            ));
+            summary.push(format!("{name} {:.1e}", max_abs_diff(&o, &w)));
         }
         Ok(summary.join(", "))
     }
